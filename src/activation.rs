@@ -1,0 +1,335 @@
+//! The activation family: ReLU, Leaky ReLU and PReLU (shared or per channel),
+//! and the [`PReLU`] layer with its slope options.
+//!
+//! Like PyTorch, the slope parameter is called `weight`, has 1 or C values and
+//! starts at 0.25 by default.
+
+use std::fmt;
+use std::str::FromStr;
+
+use candle_core::{bail, DType, Device, Result, Tensor, Var};
+use candle_nn::VarMap;
+use serde::{Deserialize, Serialize};
+
+use crate::ops::{self, SlopeAxis};
+
+/// PyTorch's default initial slope for `nn.PReLU`.
+pub const DEFAULT_SLOPE: f64 = 0.25;
+/// PyTorch's default negative slope for `nn.LeakyReLU`.
+pub const DEFAULT_LEAKY_SLOPE: f64 = 0.01;
+
+/// An activation chosen for a network.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Activation {
+    /// `max(0, x)`.
+    Relu,
+    /// `x > 0 ? x : a x` with a fixed slope `a`.
+    LeakyRelu(f64),
+    /// `x > 0 ? x : a x` with a learnable slope, one for the layer (`shared`) or
+    /// one per channel.
+    PRelu { shared: bool },
+}
+
+impl Activation {
+    /// The negative-side slope the activation starts with: 0 for ReLU, `a` for
+    /// Leaky ReLU and `alpha_init` for PReLU. He/Kaiming init needs exactly this.
+    pub fn initial_slope(&self, alpha_init: f64) -> f64 {
+        match self {
+            Activation::Relu => 0.0,
+            Activation::LeakyRelu(a) => *a,
+            Activation::PRelu { .. } => alpha_init,
+        }
+    }
+
+    /// Whether the activation has learnable parameters.
+    pub fn is_learnable(&self) -> bool {
+        matches!(self, Activation::PRelu { .. })
+    }
+}
+
+impl fmt::Display for Activation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Activation::Relu => write!(f, "relu"),
+            Activation::LeakyRelu(a) => write!(f, "leaky:{a}"),
+            Activation::PRelu { shared: false } => write!(f, "prelu"),
+            Activation::PRelu { shared: true } => write!(f, "prelu-shared"),
+        }
+    }
+}
+
+impl FromStr for Activation {
+    type Err = String;
+
+    /// Parses `relu`, `leaky`, `leaky:A`, `prelu` (per channel), `prelu-shared`.
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        let s = s.trim().to_ascii_lowercase();
+        match s.as_str() {
+            "relu" => Ok(Activation::Relu),
+            "leaky" | "leaky-relu" | "leakyrelu" => Ok(Activation::LeakyRelu(DEFAULT_LEAKY_SLOPE)),
+            "prelu" => Ok(Activation::PRelu { shared: false }),
+            "prelu-shared" => Ok(Activation::PRelu { shared: true }),
+            _ => {
+                if let Some(a) = s.strip_prefix("leaky:") {
+                    let a: f64 = a.parse().map_err(|_| format!("leaky slope `{a}` is not a number"))?;
+                    if !a.is_finite() {
+                        return Err(format!("leaky slope must be finite, got {a}"));
+                    }
+                    Ok(Activation::LeakyRelu(a))
+                } else {
+                    Err(format!(
+                        "unknown activation `{s}`; expected relu, leaky, leaky:A, prelu or prelu-shared"
+                    ))
+                }
+            }
+        }
+    }
+}
+
+/// A constraint on learnable slopes.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum SlopeConstraint {
+    /// Slopes may take any value (PyTorch's behaviour).
+    #[default]
+    None,
+    /// After each optimiser step the slopes are clamped to `[lo, hi]`
+    /// ([`PReLU::project`]).
+    Clamp { lo: f64, hi: f64 },
+    /// Slopes are `softplus(r)` of an unconstrained parameter `r`, so `a > 0`
+    /// always holds and the layer stays invertible.
+    Positive,
+}
+
+/// Options of a [`PReLU`] layer.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PReLUConfig {
+    /// Where the slopes sit against the input's axes.
+    pub axis: SlopeAxis,
+    /// Initial slope value (PyTorch: 0.25).
+    pub init: f64,
+    /// Constraint on the slopes.
+    pub constraint: SlopeConstraint,
+    /// Exempt the slopes from weight decay (default: yes; decaying slopes pulls
+    /// PReLU towards ReLU, which is not what weight decay is for).
+    pub no_weight_decay: bool,
+}
+
+impl Default for PReLUConfig {
+    fn default() -> Self {
+        Self {
+            axis: SlopeAxis::ChannelFirst,
+            init: DEFAULT_SLOPE,
+            constraint: SlopeConstraint::None,
+            no_weight_decay: true,
+        }
+    }
+}
+
+fn softplus(r: &Tensor) -> Result<Tensor> {
+    // Stable: softplus(r) = max(r, 0) + ln(1 + exp(-|r|)).
+    r.relu()? + ((r.abs()?.neg()?.exp()? + 1.0)?.log()?)
+}
+
+fn softplus_inverse(a: f64) -> f64 {
+    // r = ln(exp(a) - 1) = a + ln(1 - exp(-a)), stable for large a.
+    a + (-(-a).exp()).ln_1p()
+}
+
+/// A PReLU layer: `y = x > 0 ? x : a x` with learnable `a` (`weight`).
+#[derive(Clone, Debug)]
+pub struct PReLU {
+    /// The stored parameter: the slopes themselves, or `r` with
+    /// `a = softplus(r)` under [`SlopeConstraint::Positive`].
+    param: Var,
+    cfg: PReLUConfig,
+}
+
+impl PReLU {
+    /// A layer with `len` slopes (1 for shared, C per channel, or the number of
+    /// elements of a sample for [`SlopeAxis::Elementwise`]) set to `cfg.init`.
+    pub fn new(len: usize, cfg: PReLUConfig, dtype: DType, device: &Device) -> Result<Self> {
+        Self::from_slopes(&Tensor::full(cfg.init, len, device)?.to_dtype(dtype)?, cfg)
+    }
+
+    /// A layer whose slopes take the given values (copied).
+    pub fn from_slopes(slopes: &Tensor, cfg: PReLUConfig) -> Result<Self> {
+        if slopes.rank() == 0 {
+            bail!("PReLU slopes must be a tensor of rank >= 1, got a scalar");
+        }
+        if cfg.axis == SlopeAxis::Shared && slopes.elem_count() != 1 {
+            bail!("a shared PReLU has exactly one slope, got {}", slopes.elem_count());
+        }
+        let stored = match cfg.constraint {
+            SlopeConstraint::Positive => {
+                let v = slopes.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+                if let Some(bad) = v.iter().find(|&&a| !(a > 0.0)) {
+                    bail!("the positive slope constraint needs slopes > 0, got {bad}");
+                }
+                let r: Vec<f64> = v.iter().map(|&a| softplus_inverse(a)).collect();
+                Tensor::from_vec(r, slopes.shape(), slopes.device())?.to_dtype(slopes.dtype())?
+            }
+            SlopeConstraint::Clamp { lo, hi } => {
+                if !(lo <= hi) {
+                    bail!("slope clamp needs lo <= hi, got [{lo}, {hi}]");
+                }
+                slopes.clamp(lo, hi)?
+            }
+            SlopeConstraint::None => slopes.clone(),
+        };
+        Ok(Self {
+            param: Var::from_tensor(&stored)?,
+            cfg,
+        })
+    }
+
+    /// Creates the layer and registers its parameter in `varmap` under
+    /// `name` (PyTorch style, e.g. `act.0.weight`), so optimisers built from the
+    /// var map train it.
+    pub fn register(
+        len: usize,
+        cfg: PReLUConfig,
+        varmap: &VarMap,
+        name: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let layer = Self::new(len, cfg, dtype, device)?;
+        let mut data = varmap
+            .data()
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("var map lock poisoned".into()))?;
+        if data.contains_key(name) {
+            bail!("a parameter named `{name}` is already registered");
+        }
+        data.insert(name.to_string(), layer.param.clone());
+        Ok(layer)
+    }
+
+    /// The slopes `a` the layer applies (through the reparametrisation if any);
+    /// differentiable with respect to [`PReLU::param`].
+    pub fn slope(&self) -> Result<Tensor> {
+        match self.cfg.constraint {
+            SlopeConstraint::Positive => softplus(self.param.as_tensor()),
+            _ => Ok(self.param.as_tensor().clone()),
+        }
+    }
+
+    /// The stored trainable parameter (the slopes, or `r` under `Positive`).
+    pub fn param(&self) -> &Var {
+        &self.param
+    }
+
+    /// The layer's options.
+    pub fn config(&self) -> &PReLUConfig {
+        &self.cfg
+    }
+
+    /// Whether the optimiser must skip weight decay for this layer's parameter.
+    pub fn no_weight_decay(&self) -> bool {
+        self.cfg.no_weight_decay
+    }
+
+    /// Applies a [`SlopeConstraint::Clamp`] in place; call after each optimiser
+    /// step. A no-op for the other constraints.
+    pub fn project(&self) -> Result<()> {
+        if let SlopeConstraint::Clamp { lo, hi } = self.cfg.constraint {
+            let clamped = self.param.as_tensor().clamp(lo, hi)?;
+            self.param.set(&clamped)?;
+        }
+        Ok(())
+    }
+}
+
+impl candle_core::Module for PReLU {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        ops::prelu(xs, &self.slope()?, self.cfg.axis)
+    }
+}
+
+/// An activation layer built from an [`Activation`]: stateless for ReLU and
+/// Leaky ReLU, a [`PReLU`] for PReLU.
+#[derive(Clone, Debug)]
+pub enum ActivationLayer {
+    Relu,
+    LeakyRelu(f64),
+    PRelu(PReLU),
+}
+
+impl ActivationLayer {
+    /// Builds the layer for `channels` channels; PReLU slopes are registered in
+    /// `varmap` under `name`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        act: Activation,
+        channels: usize,
+        alpha_init: f64,
+        cfg: PReLUConfig,
+        varmap: &VarMap,
+        name: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        Ok(match act {
+            Activation::Relu => ActivationLayer::Relu,
+            Activation::LeakyRelu(a) => ActivationLayer::LeakyRelu(a),
+            Activation::PRelu { shared } => {
+                let cfg = PReLUConfig {
+                    axis: if shared { SlopeAxis::Shared } else { cfg.axis },
+                    init: alpha_init,
+                    ..cfg
+                };
+                let len = if shared { 1 } else { channels };
+                ActivationLayer::PRelu(PReLU::register(len, cfg, varmap, name, dtype, device)?)
+            }
+        })
+    }
+}
+
+impl candle_core::Module for ActivationLayer {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            // candle's relu is exact for -inf (gives 0), where a*x with a = 0
+            // would give NaN; ReLU is not a PReLU with a = 0 at infinity.
+            ActivationLayer::Relu => xs.relu(),
+            ActivationLayer::LeakyRelu(a) => ops::leaky_relu(xs, *a),
+            ActivationLayer::PRelu(p) => p.forward(xs),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_names() {
+        assert_eq!("relu".parse::<Activation>().unwrap(), Activation::Relu);
+        assert_eq!("leaky:0.2".parse::<Activation>().unwrap(), Activation::LeakyRelu(0.2));
+        assert_eq!("leaky".parse::<Activation>().unwrap(), Activation::LeakyRelu(0.01));
+        assert_eq!(
+            "prelu".parse::<Activation>().unwrap(),
+            Activation::PRelu { shared: false }
+        );
+        assert_eq!(
+            "PReLU-shared".parse::<Activation>().unwrap(),
+            Activation::PRelu { shared: true }
+        );
+        assert!("gelu".parse::<Activation>().unwrap_err().contains("unknown activation"));
+        assert!("leaky:x".parse::<Activation>().is_err());
+        for a in ["relu", "leaky:0.1", "prelu", "prelu-shared"] {
+            assert_eq!(a.parse::<Activation>().unwrap().to_string(), a);
+        }
+    }
+
+    #[test]
+    fn softplus_inverse_round_trip() {
+        let dev = Device::Cpu;
+        for a in [1e-4, 0.01, 0.25, 1.0, 5.0, 40.0] {
+            let r = Tensor::new(&[softplus_inverse(a)], &dev).unwrap();
+            let back = softplus(&r).unwrap().to_vec1::<f64>().unwrap()[0];
+            assert!((back - a).abs() <= 1e-12 * a.max(1.0), "{a} -> {back}");
+        }
+    }
+}

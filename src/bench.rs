@@ -1,0 +1,230 @@
+//! `prelu bench kernels`: bandwidth of the fused PReLU kernels against a plain
+//! copy of the same bytes and against candle-nn's composed PReLU, all measured
+//! in the same run.
+//!
+//! Byte accounting (f32 = 4 bytes per element, `B = 4 * numel`):
+//! * copy: read x, write y: `2B`;
+//! * forward: read x, write y: `2B`;
+//! * forward+backward: forward `2B` plus backward read x, read dy, write dx:
+//!   `5B` in all (the slope and its gradient are negligible).
+//!
+//! Two levels are reported:
+//! * **kernel**: our kernels on preallocated, already-touched buffers, against a
+//!   parallel copy into a preallocated buffer. This is how close the kernels get
+//!   to the memory-bandwidth limit.
+//! * **tensor**: the candle ops as a user calls them, with fresh output tensors
+//!   (allocation and first-touch page faults included) and, for
+//!   forward+backward, candle's autograd (`y.backward()`, which seeds `dy` with
+//!   ones): our fused op against candle-nn's composed `max(x,0) + a*min(x,0)`.
+//!
+//! Every number is the median over the repetitions.
+
+use std::time::Instant;
+
+use candle_core::{Device, Result, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::kernels::{self, SlopeGeometry};
+use crate::ops::{self, SlopeAxis};
+
+/// What to measure.
+#[derive(Clone, Debug)]
+pub struct KernelBenchOptions {
+    /// Input shapes (channel-first, per-channel slopes).
+    pub shapes: Vec<Vec<usize>>,
+    /// Repetitions per measurement (the median is reported).
+    pub reps: usize,
+    /// Repetitions for the slow candle composed path.
+    pub candle_reps: usize,
+    /// Seed of the input data.
+    pub seed: u64,
+}
+
+impl Default for KernelBenchOptions {
+    fn default() -> Self {
+        Self {
+            shapes: vec![vec![256, 64, 56, 56], vec![128, 512]],
+            reps: 11,
+            candle_reps: 5,
+            seed: 0,
+        }
+    }
+}
+
+/// Results for one shape. Bandwidths in GB/s (10^9 bytes per second), times in
+/// milliseconds, all medians.
+#[derive(Clone, Debug, Serialize)]
+pub struct KernelBenchRow {
+    pub shape: Vec<usize>,
+    pub elements: usize,
+    pub copy_ms: f64,
+    pub copy_gbps: f64,
+    pub fwd_ms: f64,
+    pub fwd_gbps: f64,
+    pub fwdbwd_ms: f64,
+    pub fwdbwd_gbps: f64,
+    /// `fwd_gbps / copy_gbps`.
+    pub fwd_vs_copy: f64,
+    /// `fwdbwd_gbps / copy_gbps`.
+    pub fwdbwd_vs_copy: f64,
+    pub op_fwd_ms: f64,
+    pub op_fwd_gbps: f64,
+    pub op_fwdbwd_ms: f64,
+    pub op_fwdbwd_gbps: f64,
+    pub candle_fwd_ms: f64,
+    pub candle_fwd_gbps: f64,
+    pub candle_fwdbwd_ms: f64,
+    pub candle_fwdbwd_gbps: f64,
+    /// `op_fwdbwd_gbps / candle_fwdbwd_gbps`: our op against candle-nn's, both
+    /// through autograd with fresh tensors.
+    pub fwdbwd_vs_candle: f64,
+}
+
+/// The whole report; the top-level fields repeat the first (large) shape's.
+#[derive(Clone, Debug, Serialize)]
+pub struct KernelBenchReport {
+    pub threads: usize,
+    pub fwd_gbps: f64,
+    pub fwdbwd_gbps: f64,
+    pub copy_gbps: f64,
+    pub candle_fwdbwd_gbps: f64,
+    pub op_fwdbwd_gbps: f64,
+    pub rows: Vec<KernelBenchRow>,
+}
+
+/// Median of `reps` timings of `f`, in seconds, after one warm-up call.
+pub fn median_secs(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let mut t = Vec::with_capacity(reps.max(1));
+    for _ in 0..reps.max(1) {
+        let s = Instant::now();
+        f()?;
+        t.push(s.elapsed().as_secs_f64());
+    }
+    t.sort_by(|a, b| a.total_cmp(b));
+    Ok(t[t.len() / 2])
+}
+
+fn gbps(bytes: f64, secs: f64) -> f64 {
+    bytes / secs / 1e9
+}
+
+fn bench_shape(shape: &[usize], o: &KernelBenchOptions, mut progress: impl FnMut(&str)) -> Result<KernelBenchRow> {
+    let numel: usize = shape.iter().product();
+    let bytes = (numel * 4) as f64;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(o.seed);
+    let x: Vec<f32> = (0..numel).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    let dy: Vec<f32> = (0..numel).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    let c = if shape.len() >= 2 { shape[1] } else { 1 };
+    let slope: Vec<f32> = (0..c).map(|i| 0.1 + 0.2 * (i as f32 / c as f32)).collect();
+    let g = ops::slope_geometry(shape, &[c], SlopeAxis::ChannelFirst)?;
+    let g = if shape.len() >= 2 {
+        g
+    } else {
+        SlopeGeometry::shared(numel)
+    };
+
+    // Kernel level: preallocated, touched buffers.
+    let mut y = vec![1.0f32; numel];
+    let mut dx = vec![1.0f32; numel];
+    let mut ds = vec![0.0f32; c];
+    progress("copy");
+    let copy = median_secs(o.reps, || {
+        y.par_chunks_mut(kernels::CHUNK)
+            .zip(x.par_chunks(kernels::CHUNK))
+            .for_each(|(d, s)| d.copy_from_slice(s));
+        Ok(())
+    })?;
+    progress("fused forward");
+    let fwd = median_secs(o.reps, || {
+        kernels::forward(&x, &slope, g, &mut y);
+        Ok(())
+    })?;
+    progress("fused forward+backward");
+    let fwdbwd = median_secs(o.reps, || {
+        kernels::forward(&x, &slope, g, &mut y);
+        kernels::backward(&x, &dy, &slope, g, &mut dx, &mut ds);
+        Ok(())
+    })?;
+    drop((y, dx, dy));
+
+    // Tensor level: fresh tensors, candle autograd.
+    let dev = Device::Cpu;
+    let xt = Tensor::from_vec(x, shape, &dev)?;
+    let xv = Var::from_tensor(&xt)?;
+    let sv = Var::from_tensor(&Tensor::from_vec(slope, c, &dev)?)?;
+    let axis = if shape.len() >= 2 {
+        SlopeAxis::ChannelFirst
+    } else {
+        SlopeAxis::Shared
+    };
+    progress("op forward");
+    let op_fwd = median_secs(o.reps, || ops::prelu(&xt, &sv, axis).map(drop))?;
+    progress("op forward+backward (autograd)");
+    let op_fwdbwd = median_secs(o.reps, || {
+        let y = ops::prelu(xv.as_tensor(), sv.as_tensor(), axis)?;
+        y.backward().map(drop)
+    })?;
+    progress("candle composed forward");
+    let candle_fwd = median_secs(o.candle_reps, || ops::prelu_composed(&xt, &sv, axis).map(drop))?;
+    progress("candle composed forward+backward (autograd)");
+    let candle_fwdbwd = median_secs(o.candle_reps, || {
+        let y = ops::prelu_composed(xv.as_tensor(), sv.as_tensor(), axis)?;
+        y.backward().map(drop)
+    })?;
+
+    let copy_gbps = gbps(2.0 * bytes, copy);
+    let fwd_gbps = gbps(2.0 * bytes, fwd);
+    let fwdbwd_gbps = gbps(5.0 * bytes, fwdbwd);
+    let op_fwdbwd_gbps = gbps(5.0 * bytes, op_fwdbwd);
+    let candle_fwdbwd_gbps = gbps(5.0 * bytes, candle_fwdbwd);
+    Ok(KernelBenchRow {
+        shape: shape.to_vec(),
+        elements: numel,
+        copy_ms: copy * 1e3,
+        copy_gbps,
+        fwd_ms: fwd * 1e3,
+        fwd_gbps,
+        fwdbwd_ms: fwdbwd * 1e3,
+        fwdbwd_gbps,
+        fwd_vs_copy: fwd_gbps / copy_gbps,
+        fwdbwd_vs_copy: fwdbwd_gbps / copy_gbps,
+        op_fwd_ms: op_fwd * 1e3,
+        op_fwd_gbps: gbps(2.0 * bytes, op_fwd),
+        op_fwdbwd_ms: op_fwdbwd * 1e3,
+        op_fwdbwd_gbps,
+        candle_fwd_ms: candle_fwd * 1e3,
+        candle_fwd_gbps: gbps(2.0 * bytes, candle_fwd),
+        candle_fwdbwd_ms: candle_fwdbwd * 1e3,
+        candle_fwdbwd_gbps,
+        fwdbwd_vs_candle: op_fwdbwd_gbps / candle_fwdbwd_gbps,
+    })
+}
+
+/// Runs the kernel benchmark on the current rayon pool. `progress` is told
+/// what is being measured (shape, step).
+pub fn kernels(o: &KernelBenchOptions, mut progress: impl FnMut(&str)) -> Result<KernelBenchReport> {
+    if o.shapes.is_empty() {
+        candle_core::bail!("bench kernels: no shapes to measure");
+    }
+    let mut rows = Vec::new();
+    for shape in &o.shapes {
+        if shape.is_empty() || shape.contains(&0) {
+            candle_core::bail!("bench kernels: shape {shape:?} must have rank >= 1 and no zero dims");
+        }
+        let label = format!("{shape:?}");
+        rows.push(bench_shape(shape, o, |step| progress(&format!("{label}: {step}")))?);
+    }
+    let r0 = &rows[0];
+    Ok(KernelBenchReport {
+        threads: rayon::current_num_threads(),
+        fwd_gbps: r0.fwd_gbps,
+        fwdbwd_gbps: r0.fwdbwd_gbps,
+        copy_gbps: r0.copy_gbps,
+        candle_fwdbwd_gbps: r0.candle_fwdbwd_gbps,
+        op_fwdbwd_gbps: r0.op_fwdbwd_gbps,
+        rows,
+    })
+}

@@ -1,0 +1,493 @@
+//! Hand-written CPU kernels for PReLU on flat, contiguous slices.
+//!
+//! These are the part of `prelu` that is our own value: a forward pass that runs
+//! at memory bandwidth and a backward pass that reads `(x, dy)` once and writes
+//! `dx` and the slope gradient together, with no full-size temporary.
+//!
+//! Every kernel sees the input as a flat slice and a [`SlopeGeometry`] that says
+//! which slope each element uses: element `i` uses `slope[(i / inner) % channels]`.
+//! That one rule covers all the layouts we support:
+//!
+//! | layout                      | `channels`            | `inner`              |
+//! |-----------------------------|-----------------------|----------------------|
+//! | shared (one slope)          | 1                     | `numel`              |
+//! | channel-first `[N, C, ...]` | `C`                   | product of `...`     |
+//! | channel-last `[..., C]`     | `C`                   | 1                    |
+//! | per element `[N, ...]`      | product of `...`      | 1                    |
+//!
+//! Semantics (identical to PyTorch's `prelu` and its autograd formula):
+//! * forward: `y = x > 0 ? x : a * x`;
+//! * backward: `dx = x > 0 ? dy : a * dy` and
+//!   `d_slope[c] += x > 0 ? 0 : x * dy`.
+//!
+//! At `x == 0` this gives `dx = a * dy` and a slope contribution of `0 * dy = 0`,
+//! PyTorch's choice. NaN and infinities go through the same formulas, so they
+//! propagate exactly as the reference does (`x = NaN` gives `y = NaN`; `x = -inf`
+//! with `a = 0` gives `NaN`, as `0 * -inf` does).
+//!
+//! Parallelism and determinism: work is cut into fixed chunks of [`CHUNK`]
+//! elements, independent of the thread count. The slope gradient is summed per
+//! chunk (each rayon task owns its partial sums) and the partials are then added
+//! in chunk order, so results are bit-identical for any number of threads. When
+//! `channels` is so large that per-chunk partials would cost too much memory,
+//! the backward pass parallelises over channel groups instead, each group owning
+//! its slope entries outright (also deterministic).
+
+use rayon::prelude::*;
+
+/// Elements per work unit. 32 Ki elements (128 KiB of f32) keeps a chunk of `x`,
+/// `dy` and `dx` inside L2 while giving rayon enough units to balance.
+pub const CHUNK: usize = 32 * 1024;
+
+/// Above this many partial-sum entries (`chunks * channels`) the backward pass
+/// switches to channel-group parallelism.
+const MAX_PARTIALS: usize = 1 << 22;
+
+/// Floating-point element types the kernels run on (f32 and f64).
+pub trait Float:
+    Copy
+    + Send
+    + Sync
+    + PartialOrd
+    + std::ops::Add<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::AddAssign
+    + 'static
+{
+    const ZERO: Self;
+    /// `if x > 0 { pos } else { neg }`, written with bit masks so that it
+    /// compiles to a blend, never to a branch (signs of real data are random).
+    fn if_pos(x: Self, pos: Self, neg: Self) -> Self;
+}
+
+impl Float for f32 {
+    const ZERO: Self = 0.0;
+    #[inline(always)]
+    fn if_pos(x: f32, pos: f32, neg: f32) -> f32 {
+        let m = ((x > 0.0) as u32).wrapping_neg();
+        f32::from_bits((pos.to_bits() & m) | (neg.to_bits() & !m))
+    }
+}
+
+impl Float for f64 {
+    const ZERO: Self = 0.0;
+    #[inline(always)]
+    fn if_pos(x: f64, pos: f64, neg: f64) -> f64 {
+        let m = ((x > 0.0) as u64).wrapping_neg();
+        f64::from_bits((pos.to_bits() & m) | (neg.to_bits() & !m))
+    }
+}
+
+/// Which slope each element of a flat tensor uses: `slope[(i / inner) % channels]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlopeGeometry {
+    /// Number of distinct slopes.
+    pub channels: usize,
+    /// Run length of one slope in the flat layout (1 for channel-last).
+    pub inner: usize,
+}
+
+impl SlopeGeometry {
+    /// One slope for every element of a tensor of `numel` elements.
+    pub fn shared(numel: usize) -> Self {
+        Self {
+            channels: 1,
+            inner: numel.max(1),
+        }
+    }
+
+    /// Slope index of flat element `i`.
+    #[inline]
+    pub fn index(&self, i: usize) -> usize {
+        (i / self.inner) % self.channels
+    }
+}
+
+#[inline(always)]
+fn select<T: Float>(x: T, a: T) -> T {
+    if x > T::ZERO {
+        x
+    } else {
+        a * x
+    }
+}
+
+#[inline(always)]
+fn slope_term<T: Float>(x: T, dy: T) -> T {
+    if x > T::ZERO {
+        T::ZERO
+    } else {
+        x * dy
+    }
+}
+
+/// The maximal runs of a range `[start, start + n)` of flat indices in which
+/// the slope index is either constant (`constant = true`: one slope
+/// `slope_start`) or rises by one per element (`constant = false`: the
+/// channel-last rows, slopes `slope_start..slope_start + len`).
+struct Runs {
+    g: SlopeGeometry,
+    start: usize,
+    n: usize,
+    i: usize,
+}
+
+/// One run: local offset, length, first slope index, whether the slope is constant.
+struct Run {
+    off: usize,
+    len: usize,
+    c: usize,
+    constant: bool,
+}
+
+impl Runs {
+    #[inline(always)]
+    fn new(g: SlopeGeometry, start: usize, n: usize) -> Self {
+        Self { g, start, n, i: 0 }
+    }
+}
+
+impl Iterator for Runs {
+    type Item = Run;
+    #[inline(always)]
+    fn next(&mut self) -> Option<Run> {
+        if self.i >= self.n {
+            return None;
+        }
+        let gi = self.start + self.i;
+        let run = if self.g.inner == 1 {
+            let c = gi % self.g.channels;
+            Run {
+                off: self.i,
+                len: (self.g.channels - c).min(self.n - self.i),
+                c,
+                constant: false,
+            }
+        } else {
+            let c = (gi / self.g.inner) % self.g.channels;
+            Run {
+                off: self.i,
+                len: (self.g.inner - gi % self.g.inner).min(self.n - self.i),
+                c,
+                constant: true,
+            }
+        };
+        self.i += run.len;
+        Some(run)
+    }
+}
+
+/// Lanes of the slope-gradient accumulator: independent partial sums so the
+/// reduction vectorises without reassociating; their order is fixed, so the
+/// result is deterministic.
+const LANES: usize = 16;
+
+/// Elements per tile of a constant-slope backward run: `dx` is written in one
+/// loop and the slope gradient summed in a second loop over the same tile
+/// while it is still in L1, so memory is read once but each loop stays simple
+/// enough for the compiler to vectorise.
+const TILE: usize = 1024;
+
+/// Backward over a run with one slope `a`; returns the run's slope gradient.
+#[inline(always)]
+fn backward_const_run<T: Float>(x: &[T], dy: &[T], dx: &mut [T], a: T) -> T {
+    let n = x.len();
+    let (dy, dx) = (&dy[..n], &mut dx[..n]);
+    let mut lanes = [T::ZERO; LANES];
+    for ((xt, dt), ot) in x.chunks(TILE).zip(dy.chunks(TILE)).zip(dx.chunks_mut(TILE)) {
+        for ((o, &xv), &dv) in ot.iter_mut().zip(xt).zip(dt) {
+            *o = T::if_pos(xv, dv, a * dv);
+        }
+        let mut xc = xt.chunks_exact(LANES);
+        let mut dc = dt.chunks_exact(LANES);
+        for (xb, db) in (&mut xc).zip(&mut dc) {
+            for k in 0..LANES {
+                lanes[k] += T::if_pos(xb[k], T::ZERO, xb[k] * db[k]);
+            }
+        }
+        for (k, (&xv, &dv)) in xc.remainder().iter().zip(dc.remainder()).enumerate() {
+            lanes[k] += T::if_pos(xv, T::ZERO, xv * dv);
+        }
+    }
+    let mut w = LANES;
+    while w > 1 {
+        w /= 2;
+        for k in 0..w {
+            lanes[k] += lanes[k + w];
+        }
+    }
+    lanes[0]
+}
+
+/// Backward over a channel-last run: slope `a[k]` for element `k`; adds the
+/// slope gradient into `acc[k]`.
+#[inline(always)]
+fn backward_row_run<T: Float>(x: &[T], dy: &[T], dx: &mut [T], a: &[T], acc: &mut [T]) {
+    let n = x.len();
+    let (dy, dx, a, acc) = (&dy[..n], &mut dx[..n], &a[..n], &mut acc[..n]);
+    for k in 0..n {
+        let (xv, dv) = (x[k], dy[k]);
+        dx[k] = T::if_pos(xv, dv, a[k] * dv);
+        acc[k] += T::if_pos(xv, T::ZERO, xv * dv);
+    }
+}
+
+#[inline(always)]
+fn forward_generic<T: Float>(x: &[T], slope: &[T], g: SlopeGeometry, start: usize, y: &mut [T]) {
+    for r in Runs::new(g, start, x.len()) {
+        let xs = &x[r.off..r.off + r.len];
+        let ys = &mut y[r.off..r.off + r.len];
+        if r.constant {
+            let a = slope[r.c];
+            for (yv, &xv) in ys.iter_mut().zip(xs) {
+                *yv = T::if_pos(xv, xv, a * xv);
+            }
+        } else {
+            for ((yv, &xv), &a) in ys.iter_mut().zip(xs).zip(&slope[r.c..r.c + r.len]) {
+                *yv = T::if_pos(xv, xv, a * xv);
+            }
+        }
+    }
+}
+
+/// Backward over one chunk; adds the slope gradient of the chunk into `acc`
+/// (indexed by channel).
+#[inline(always)]
+fn backward_generic<T: Float>(
+    x: &[T],
+    dy: &[T],
+    slope: &[T],
+    g: SlopeGeometry,
+    start: usize,
+    dx: &mut [T],
+    acc: &mut [T],
+) {
+    for r in Runs::new(g, start, x.len()) {
+        let (xs, dys, dxs) = (
+            &x[r.off..r.off + r.len],
+            &dy[r.off..r.off + r.len],
+            &mut dx[r.off..r.off + r.len],
+        );
+        if r.constant {
+            acc[r.c] += backward_const_run(xs, dys, dxs, slope[r.c]);
+        } else {
+            backward_row_run(xs, dys, dxs, &slope[r.c..r.c + r.len], &mut acc[r.c..r.c + r.len]);
+        }
+    }
+}
+
+// Runtime dispatch: the same generic loops compiled once for the baseline
+// x86-64 target (SSE2) and once with AVX2 enabled, chosen per call from what
+// the CPU has. The arithmetic is identical, so results are the same bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn forward_avx2<T: Float>(x: &[T], slope: &[T], g: SlopeGeometry, start: usize, y: &mut [T]) {
+    forward_generic(x, slope, g, start, y)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn backward_avx2<T: Float>(
+    x: &[T],
+    dy: &[T],
+    slope: &[T],
+    g: SlopeGeometry,
+    start: usize,
+    dx: &mut [T],
+    acc: &mut [T],
+) {
+    backward_generic(x, dy, slope, g, start, dx, acc)
+}
+
+#[inline]
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+fn forward_serial<T: Float>(x: &[T], slope: &[T], g: SlopeGeometry, start: usize, y: &mut [T]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports AVX2 (checked just above).
+        return unsafe { forward_avx2(x, slope, g, start, y) };
+    }
+    forward_generic(x, slope, g, start, y)
+}
+
+fn backward_serial<T: Float>(
+    x: &[T],
+    dy: &[T],
+    slope: &[T],
+    g: SlopeGeometry,
+    start: usize,
+    dx: &mut [T],
+    acc: &mut [T],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports AVX2 (checked just above).
+        return unsafe { backward_avx2(x, dy, slope, g, start, dx, acc) };
+    }
+    backward_generic(x, dy, slope, g, start, dx, acc)
+}
+
+fn check_geometry<T>(n: usize, slope: &[T], g: SlopeGeometry) {
+    assert!(g.channels >= 1 && g.inner >= 1, "invalid slope geometry {g:?}");
+    assert_eq!(slope.len(), g.channels, "slope length does not match geometry");
+    if n > 0 {
+        assert_eq!(
+            n % (g.channels * g.inner),
+            0,
+            "tensor size {n} is not a multiple of channels*inner in {g:?}"
+        );
+    }
+}
+
+/// Fused PReLU forward: `y[i] = x[i] > 0 ? x[i] : slope[c(i)] * x[i]`.
+///
+/// Panics if the slices disagree in length or with `g` (the candle op checks
+/// shapes and reports errors before calling this).
+pub fn forward<T: Float>(x: &[T], slope: &[T], g: SlopeGeometry, y: &mut [T]) {
+    assert_eq!(x.len(), y.len(), "x and y differ in length");
+    check_geometry(x.len(), slope, g);
+    if x.len() <= CHUNK {
+        forward_serial(x, slope, g, 0, y);
+        return;
+    }
+    y.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .enumerate()
+        .for_each(|(k, (yc, xc))| forward_serial(xc, slope, g, k * CHUNK, yc));
+}
+
+/// Raw pointer that may be shared between rayon tasks writing disjoint ranges.
+#[derive(Clone, Copy)]
+struct SharedMut<T>(*mut T);
+unsafe impl<T: Send> Send for SharedMut<T> {}
+unsafe impl<T: Send> Sync for SharedMut<T> {}
+
+/// Fused one-pass PReLU backward. Writes `dx` (same length as `x`) and
+/// overwrites `dslope` (length `g.channels`) with
+/// `sum over i with c(i) = c of (x[i] > 0 ? 0 : x[i] * dy[i])`.
+pub fn backward<T: Float>(x: &[T], dy: &[T], slope: &[T], g: SlopeGeometry, dx: &mut [T], dslope: &mut [T]) {
+    let n = x.len();
+    assert_eq!(n, dy.len(), "x and dy differ in length");
+    assert_eq!(n, dx.len(), "x and dx differ in length");
+    assert_eq!(dslope.len(), g.channels, "dslope length does not match geometry");
+    check_geometry(n, slope, g);
+    dslope.fill(T::ZERO);
+    if n == 0 {
+        return;
+    }
+    let chunks = n.div_ceil(CHUNK);
+    if chunks == 1 {
+        backward_serial(x, dy, slope, g, 0, dx, dslope);
+        return;
+    }
+    if chunks.saturating_mul(g.channels) <= MAX_PARTIALS {
+        // Chunk-parallel: each task owns a row of partial sums.
+        let c = g.channels;
+        let mut partials = vec![T::ZERO; chunks * c];
+        dx.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .zip(dy.par_chunks(CHUNK))
+            .zip(partials.par_chunks_mut(c))
+            .enumerate()
+            .for_each(|(k, (((dxc, xc), dyc), acc))| backward_serial(xc, dyc, slope, g, k * CHUNK, dxc, acc));
+        for row in partials.chunks_exact(c) {
+            for (s, &p) in dslope.iter_mut().zip(row) {
+                *s += p;
+            }
+        }
+        return;
+    }
+    // Channel-group parallel: rows of `channels * inner` elements; a task takes
+    // a contiguous group of channels and walks all rows, so it owns both its
+    // slope entries and the (disjoint) parts of dx it writes.
+    let row = g.channels * g.inner;
+    let outer = n / row;
+    let group = (CHUNK / (outer * g.inner).max(1)).clamp(1, g.channels);
+    let dx_ptr = SharedMut(dx.as_mut_ptr());
+    dslope.par_chunks_mut(group).enumerate().for_each(|(k, ds)| {
+        let c0 = k * group;
+        let len = ds.len() * g.inner;
+        for o in 0..outer {
+            let s = o * row + c0 * g.inner;
+            let ptr = dx_ptr;
+            // SAFETY: groups cover disjoint channel ranges, so the ranges
+            // [s, s + len) written by different tasks never overlap, and all lie
+            // inside dx (s + len <= outer * row = n).
+            let dxs = unsafe { std::slice::from_raw_parts_mut(ptr.0.add(s), len) };
+            let local = SlopeGeometry {
+                channels: ds.len(),
+                inner: g.inner,
+            };
+            backward_serial(
+                &x[s..s + len],
+                &dy[s..s + len],
+                &slope[c0..c0 + ds.len()],
+                local,
+                0,
+                dxs,
+                ds,
+            );
+        }
+    });
+}
+
+/// Plain element-by-element forward, the reference the fused kernel is tested
+/// against.
+pub fn forward_reference<T: Float>(x: &[T], slope: &[T], g: SlopeGeometry) -> Vec<T> {
+    x.iter()
+        .enumerate()
+        .map(|(i, &v)| select(v, slope[g.index(i)]))
+        .collect()
+}
+
+/// Plain element-by-element backward: `(dx, dslope)`.
+pub fn backward_reference<T: Float>(x: &[T], dy: &[T], slope: &[T], g: SlopeGeometry) -> (Vec<T>, Vec<T>) {
+    let mut ds = vec![T::ZERO; g.channels];
+    let dx = x
+        .iter()
+        .zip(dy)
+        .enumerate()
+        .map(|(i, (&v, &d))| {
+            let c = g.index(i);
+            ds[c] += slope_term(v, d);
+            if v > T::ZERO {
+                d
+            } else {
+                slope[c] * d
+            }
+        })
+        .collect();
+    (dx, ds)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn geometry_index_rule() {
+        let g = SlopeGeometry { channels: 3, inner: 2 };
+        let idx: Vec<usize> = (0..12).map(|i| g.index(i)).collect();
+        assert_eq!(idx, vec![0, 0, 1, 1, 2, 2, 0, 0, 1, 1, 2, 2]);
+    }
+
+    #[test]
+    fn empty_is_fine() {
+        let g = SlopeGeometry { channels: 4, inner: 1 };
+        let mut y: Vec<f32> = vec![];
+        forward(&[], &[0.1, 0.2, 0.3, 0.4], g, &mut y);
+        let mut ds = vec![1.0f32; 4];
+        backward(&[], &[], &[0.1, 0.2, 0.3, 0.4], g, &mut [], &mut ds);
+        assert_eq!(ds, vec![0.0; 4]);
+    }
+}

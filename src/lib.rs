@@ -1,0 +1,47 @@
+//! # prelu
+//!
+//! The Parametric ReLU as a first-class part of neural-network work, on top of
+//! [candle](https://github.com/huggingface/candle).
+//!
+//! `PReLU_a(x) = x` for `x > 0`, `a x` otherwise, with a learnable slope `a`
+//! (one per layer or one per channel); equivalently `x + (a - 1) min(0, x)`.
+//!
+//! The modules follow the idea they implement:
+//! * [`kernels`]: fused CPU kernels on slices (forward; one-pass backward);
+//! * [`ops`]: those kernels as a candle op with autograd, `prelu(x, slope, axis)`;
+//! * [`activation`]: ReLU / Leaky ReLU / PReLU, the [`PReLU`] layer and its
+//!   slope options (constraints, weight-decay exemption);
+//! * [`init`]: He/Kaiming init for PReLU, `Var(W) = 2 / (fan (1 + a0^2))`;
+//! * [`invert`]: the inverse and log-determinant, with an error for `a <= 0`;
+//! * [`bench`]: the kernel benchmark behind `prelu bench kernels`.
+
+// `!(a > 0.0)` is deliberate throughout: it is true for NaN, which must count
+// as "not positive".
+#![allow(clippy::neg_cmp_op_on_partial_ord)]
+
+pub mod activation;
+pub mod bench;
+pub mod init;
+pub mod invert;
+pub mod kernels;
+pub mod memory;
+pub mod ops;
+
+pub use activation::{Activation, ActivationLayer, PReLU, PReLUConfig, SlopeConstraint};
+pub use init::{gain, FanMode, InitScheme};
+pub use invert::{log_abs_det_jacobian, prelu_inverse, InvertError};
+pub use ops::{prelu, prelu_backward, SlopeAxis};
+
+/// Sets the number of worker threads for our kernels and for candle (both use
+/// rayon's global pool; candle also reads `RAYON_NUM_THREADS`). Call once, before
+/// any tensor work; `0` keeps the default (all cores).
+pub fn set_threads(n: usize) -> anyhow::Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+        .map_err(|e| anyhow::anyhow!("could not set {n} threads: {e}"))
+}
