@@ -258,16 +258,13 @@ pub enum ActivationLayer {
 }
 
 impl ActivationLayer {
-    /// Builds the layer for `channels` channels; PReLU slopes are registered in
-    /// `varmap` under `name`.
-    #[allow(clippy::too_many_arguments)]
+    /// Builds the layer for `channels` channels (`cfg.axis` and `cfg.init` are
+    /// overridden by `act` and `alpha_init`).
     pub fn new(
         act: Activation,
         channels: usize,
         alpha_init: f64,
         cfg: PReLUConfig,
-        varmap: &VarMap,
-        name: &str,
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
@@ -281,9 +278,17 @@ impl ActivationLayer {
                     ..cfg
                 };
                 let len = if shared { 1 } else { channels };
-                ActivationLayer::PRelu(PReLU::register(len, cfg, varmap, name, dtype, device)?)
+                ActivationLayer::PRelu(PReLU::new(len, cfg, dtype, device)?)
             }
         })
+    }
+
+    /// The PReLU layer, if this is one.
+    pub fn prelu(&self) -> Option<&PReLU> {
+        match self {
+            ActivationLayer::PRelu(p) => Some(p),
+            _ => None,
+        }
     }
 }
 

@@ -228,3 +228,84 @@ pub fn kernels(o: &KernelBenchOptions, mut progress: impl FnMut(&str)) -> Result
         rows,
     })
 }
+
+/// What `prelu bench train` measures.
+#[derive(Clone, Debug)]
+pub struct TrainBenchOptions {
+    /// Timed steps per model (after 3 warm-up steps); the median is reported.
+    pub steps: usize,
+    pub mlp_batch: usize,
+    pub cnn_batch: usize,
+}
+
+impl Default for TrainBenchOptions {
+    fn default() -> Self {
+        Self {
+            steps: 20,
+            mlp_batch: 128,
+            cnn_batch: 64,
+        }
+    }
+}
+
+/// Medians of one SGD step (forward, cross-entropy, backward, update), ms.
+#[derive(Clone, Debug, Serialize)]
+pub struct TrainBenchReport {
+    pub threads: usize,
+    /// MLP 784-512-512-10, per-channel PReLU, batch `mlp_batch`.
+    pub mlp_step_ms: f64,
+    /// conv 1-32 3x3, conv 32-64 3x3, pool, linear 9216-128-10, PReLU after each, batch `cnn_batch`.
+    pub cnn_step_ms: f64,
+    pub mlp_batch: usize,
+    pub cnn_batch: usize,
+    pub steps: usize,
+}
+
+fn step_time(arch: crate::model::Arch, batch: usize, steps: usize) -> Result<f64> {
+    use crate::model::{Model, ModelSpec};
+    use crate::optim::{Optimizer, OptimizerKind};
+    let dev = Device::Cpu;
+    let spec = ModelSpec {
+        arch,
+        act: crate::Activation::PRelu { shared: false },
+        alpha_init: 0.25,
+        slope_constraint: crate::SlopeConstraint::None,
+        batch_norm: false,
+        init: crate::InitScheme::HePrelu,
+        input: [1, 28, 28],
+        classes: 10,
+        input_mean: 0.13,
+        input_std: 0.31,
+    };
+    let model = Model::new(&spec, 0, &dev)?;
+    let mut opt = Optimizer::new(OptimizerKind::Sgd { momentum: 0.9 }, 0.0, model.params(), false)?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let x: Vec<f32> = (0..batch * 784).map(|_| rng.random_range(0.0f32..1.0)).collect();
+    let y: Vec<u32> = (0..batch).map(|_| rng.random_range(0..10u32)).collect();
+    let x = Tensor::from_vec(x, (batch, 784), &dev)?;
+    let y = Tensor::from_vec(y, batch, &dev)?;
+    median_secs(steps, || {
+        let loss = candle_nn::loss::cross_entropy(&model.forward_t(&x, true)?, &y)?;
+        let g = loss.backward()?;
+        opt.step(&g, 0.01)
+    })
+}
+
+/// Times training steps of the reference MLP and CNN on the current pool.
+pub fn train(o: &TrainBenchOptions, mut progress: impl FnMut(&str)) -> Result<TrainBenchReport> {
+    if o.steps == 0 || o.mlp_batch == 0 || o.cnn_batch == 0 {
+        candle_core::bail!("bench train: steps and batch sizes must be at least 1");
+    }
+    progress("MLP 784-512-512-10 steps");
+    let mlp = step_time(crate::model::Arch::mlp_default(), o.mlp_batch, o.steps)?;
+    progress("CNN (conv 32, conv 64, pool, 9216-128-10) steps");
+    let cnn = step_time(crate::model::Arch::cnn_reference(), o.cnn_batch, o.steps)?;
+    Ok(TrainBenchReport {
+        threads: rayon::current_num_threads(),
+        mlp_step_ms: mlp * 1e3,
+        cnn_step_ms: cnn * 1e3,
+        mlp_batch: o.mlp_batch,
+        cnn_batch: o.cnn_batch,
+        steps: o.steps,
+    })
+}

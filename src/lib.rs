@@ -13,7 +13,12 @@
 //!   slope options (constraints, weight-decay exemption);
 //! * [`init`]: He/Kaiming init for PReLU, `Var(W) = 2 / (fan (1 + a0^2))`;
 //! * [`invert`]: the inverse and log-determinant, with an error for `a <= 0`;
-//! * [`bench`]: the kernel benchmark behind `prelu bench kernels`.
+//! * [`data`]: IDX reader, named data sets, the built-in MNIST subset;
+//! * [`model`]: MLP and CNN with PyTorch parameter names, BatchNorm;
+//! * [`optim`]: SGD/AdamW with weight-decay groups (slopes never decayed), LR schedules;
+//! * [`train`]: the training loop, run folders, resume, `compare`;
+//! * [`io`]: atomic writes, safetensors checkpoints;
+//! * [`bench`]: the benchmarks behind `prelu bench`.
 
 // `!(a > 0.0)` is deliberate throughout: it is true for NaN, which must count
 // as "not positive".
@@ -21,11 +26,17 @@
 
 pub mod activation;
 pub mod bench;
+pub mod conv;
+pub mod data;
 pub mod init;
 pub mod invert;
+pub mod io;
 pub mod kernels;
 pub mod memory;
+pub mod model;
 pub mod ops;
+pub mod optim;
+pub mod train;
 
 pub use activation::{Activation, ActivationLayer, PReLU, PReLUConfig, SlopeConstraint};
 pub use init::{gain, FanMode, InitScheme};

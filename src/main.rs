@@ -1,10 +1,13 @@
-//! The `prelu` command line: a thin layer over the library.
+//! The `prelu` command line: a thin layer over the library. Every command has
+//! `--json` (one JSON object on stdout at the end) and shows progress on stderr.
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use prelu::train::{self, Event, TrainConfig, TrainSummary};
 
 #[global_allocator]
 static ALLOC: prelu::memory::HugePageAlloc = prelu::memory::HugePageAlloc;
@@ -25,6 +28,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train ReLU and PReLU side by side on the built-in MNIST subset (< 2 min).
+    Demo(DemoArgs),
+    /// Train one network on real data; writes a run folder.
+    Train(TrainArgs),
+    /// Train the same config with several activations and seeds; one table.
+    Compare(CompareArgs),
     /// Measure speed.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -34,6 +43,166 @@ enum Command {
 enum BenchCommand {
     /// Bandwidth of the fused PReLU kernels vs a plain copy and candle-nn's composed PReLU.
     Kernels(KernelsArgs),
+    /// Time of one training step of the reference MLP and CNN.
+    Train(BenchTrainArgs),
+}
+
+/// Options shared by train, compare and demo; each overrides the config file.
+#[derive(Args, Clone, Default)]
+struct ConfigArgs {
+    /// A TOML run config (keys as in a run folder's config.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Data set: mnist, fashion-mnist, mnist-small (built in) or a folder of IDX files.
+    #[arg(long)]
+    data: Option<String>,
+    /// Folder to look for named data sets in first.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// mlp, cnn or cnn-reference.
+    #[arg(long)]
+    model: Option<String>,
+    /// MLP hidden widths, e.g. 512,512.
+    #[arg(long, value_delimiter = ',')]
+    hidden: Option<Vec<usize>>,
+    /// CNN conv channels, e.g. 32,64.
+    #[arg(long, value_delimiter = ',')]
+    channels: Option<Vec<usize>>,
+    /// Initial PReLU slope.
+    #[arg(long)]
+    alpha_init: Option<f64>,
+    /// Slope constraint: none, positive, clamp:LO:HI.
+    #[arg(long)]
+    slope_constraint: Option<String>,
+    /// Init: he-prelu, he-relu, xavier, std:S.
+    #[arg(long)]
+    init: Option<String>,
+    /// BatchNorm after each conv/linear (before the activation).
+    #[arg(long)]
+    batch_norm: bool,
+    /// sgd or adamw.
+    #[arg(long)]
+    optimizer: Option<String>,
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long)]
+    momentum: Option<f64>,
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// Decay BatchNorm gamma/beta too.
+    #[arg(long)]
+    decay_bn: bool,
+    /// constant, cosine, step[:EVERY[:GAMMA]].
+    #[arg(long)]
+    schedule: Option<String>,
+    #[arg(long)]
+    epochs: Option<usize>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Use only the first N training examples.
+    #[arg(long)]
+    train_limit: Option<usize>,
+    /// Use only the first N test examples.
+    #[arg(long)]
+    test_limit: Option<usize>,
+    /// Write a step line to metrics.jsonl every N steps (0 = never).
+    #[arg(long)]
+    log_every: Option<usize>,
+    /// Testing aid: make the loss NaN at this global step.
+    #[arg(long, hide = true)]
+    fault_nan_step: Option<u64>,
+}
+
+impl ConfigArgs {
+    fn resolve(&self, act: Option<&String>) -> Result<TrainConfig> {
+        let mut c = match &self.config {
+            Some(p) => TrainConfig::from_toml_file(p)?,
+            None => TrainConfig::default(),
+        };
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = &self.$f { c.$f = v.clone().into(); } )* };
+        }
+        set!(
+            data,
+            model,
+            hidden,
+            channels,
+            alpha_init,
+            slope_constraint,
+            init,
+            optimizer,
+            lr,
+            momentum
+        );
+        set!(weight_decay, schedule, epochs, batch_size, seed, log_every);
+        if let Some(d) = &self.data_dir {
+            c.data_dir = Some(d.clone());
+        }
+        if let Some(a) = act {
+            c.act = a.clone();
+        }
+        if self.train_limit.is_some() {
+            c.train_limit = self.train_limit;
+        }
+        if self.test_limit.is_some() {
+            c.test_limit = self.test_limit;
+        }
+        if self.fault_nan_step.is_some() {
+            c.fault_nan_step = self.fault_nan_step;
+        }
+        c.batch_norm |= self.batch_norm;
+        c.decay_bn |= self.decay_bn;
+        c.resolve()?;
+        Ok(c)
+    }
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    #[command(flatten)]
+    cfg: ConfigArgs,
+    /// relu, leaky[:A], prelu (per channel) or prelu-shared.
+    #[arg(long)]
+    act: Option<String>,
+    /// Run folder (default: runs/<data>-<model>-<act>-seed<seed>, made unique).
+    #[arg(long, short)]
+    out: Option<PathBuf>,
+    /// Continue the run in --out from its last checkpoint.
+    #[arg(long)]
+    resume: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct CompareArgs {
+    #[command(flatten)]
+    cfg: ConfigArgs,
+    /// Activations to compare.
+    #[arg(long, value_delimiter = ',', default_value = "relu,prelu")]
+    acts: Vec<String>,
+    /// Seeds per activation (seed, seed+1, ...).
+    #[arg(long, default_value_t = 3)]
+    seeds: usize,
+    /// Folder for the run folders (default: runs/compare-<data>-<model>).
+    #[arg(long, short)]
+    out: Option<PathBuf>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Folder for the run folders.
+    #[arg(long, short, default_value = "runs/demo")]
+    out: PathBuf,
+    /// Epochs per run.
+    #[arg(long, default_value_t = 8)]
+    epochs: usize,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -47,7 +216,15 @@ struct KernelsArgs {
     /// Repetitions for candle's slow composed path.
     #[arg(long, default_value_t = 5)]
     candle_reps: usize,
-    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct BenchTrainArgs {
+    /// Timed steps per model (median reported).
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
     #[arg(long)]
     json: bool,
 }
@@ -72,6 +249,186 @@ fn spinner() -> ProgressBar {
     pb.set_style(ProgressStyle::with_template("{spinner} {elapsed:>4} {msg}").expect("static template"));
     pb.enable_steady_tick(std::time::Duration::from_millis(120));
     pb
+}
+
+/// Renders training events as a progress bar per epoch on stderr.
+struct TrainProgress {
+    pb: ProgressBar,
+    label: String,
+}
+
+impl TrainProgress {
+    fn new(label: &str) -> Self {
+        Self {
+            pb: ProgressBar::hidden(),
+            label: label.to_string(),
+        }
+    }
+
+    fn on(&mut self, e: Event) {
+        match e {
+            Event::EpochStart { epoch, epochs, steps } => {
+                self.pb = ProgressBar::new(steps as u64);
+                self.pb.set_style(
+                    ProgressStyle::with_template("{prefix} [{bar:25}] {pos}/{len} {msg}")
+                        .expect("static template")
+                        .progress_chars("=> "),
+                );
+                self.pb.set_prefix(format!("{} epoch {epoch}/{epochs}", self.label));
+            }
+            Event::Step {
+                done,
+                loss,
+                acc,
+                samples_per_s,
+            } => {
+                self.pb.set_position(done as u64);
+                self.pb
+                    .set_message(format!("loss {loss:.4} acc {acc:.4} {samples_per_s:.0}/s"));
+            }
+            Event::EpochEnd(m) => {
+                self.pb.finish_and_clear();
+                let slopes = m
+                    .slopes
+                    .iter()
+                    .map(|s| format!("{}={:.3}", s.layer, s.mean))
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                eprintln!(
+                    "{} epoch {:>2}: train loss {:.4} acc {:.4} | test loss {:.4} acc {:.4} | {:.1}s {:.0}/s {}",
+                    self.label,
+                    m.epoch,
+                    m.train_loss,
+                    m.train_acc,
+                    m.test_loss,
+                    m.test_acc,
+                    m.seconds,
+                    m.samples_per_s,
+                    slopes
+                );
+            }
+            Event::Message(s) => eprintln!("{s}"),
+        }
+    }
+}
+
+fn print_summary(s: &TrainSummary) {
+    println!(
+        "{} on {}: test accuracy {:.4} (best {:.4}), test loss {:.4}, {} epochs in {:.1}s ({:.0} samples/s), {} parameters",
+        s.act,
+        s.data,
+        s.test_acc,
+        s.best_test_acc,
+        s.test_loss,
+        s.epochs,
+        s.seconds,
+        s.samples_per_s,
+        s.params
+    );
+    println!("run folder: {}", s.run_dir.display());
+}
+
+fn cmd_train(a: &TrainArgs) -> Result<()> {
+    let cfg = a.cfg.resolve(a.act.as_ref())?;
+    let dir = match (&a.out, a.resume) {
+        (Some(d), _) => d.clone(),
+        (None, true) => anyhow::bail!("--resume needs --out RUN_FOLDER"),
+        (None, false) => {
+            let base = format!(
+                "{}-{}-{}-seed{}",
+                cfg.data.replace('/', "_"),
+                cfg.model,
+                cfg.act.replace(':', "_"),
+                cfg.seed
+            );
+            train::fresh_run_dir(Path::new("runs"), &base)
+        }
+    };
+    let mut p = TrainProgress::new(&cfg.act);
+    let s = train::train(&cfg, &dir, a.resume, &mut |e| p.on(e))?;
+    if a.json {
+        println!("{}", serde_json::to_string(&s)?);
+    } else {
+        print_summary(&s);
+    }
+    Ok(())
+}
+
+fn print_compare(rows: &[train::CompareRow]) {
+    println!(
+        "{:<14} {:>6} {:>18} {:>18} {:>10}",
+        "activation", "seeds", "final acc", "best acc", "time/run"
+    );
+    for r in rows {
+        println!(
+            "{:<14} {:>6} {:>10.4} ± {:.4} {:>10.4} ± {:.4} {:>9.1}s",
+            r.act,
+            r.seeds.len(),
+            r.final_mean,
+            r.final_std,
+            r.best_mean,
+            r.best_std,
+            r.seconds_mean
+        );
+    }
+}
+
+fn cmd_compare(a: &CompareArgs) -> Result<()> {
+    let cfg = a.cfg.resolve(None)?;
+    let root = a
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("runs/compare-{}-{}", cfg.data.replace('/', "_"), cfg.model)));
+    let mut bars: Option<(String, TrainProgress)> = None;
+    let rows = train::compare(&cfg, &a.acts, a.seeds, &root, &mut |label, e| {
+        if bars.as_ref().map(|(l, _)| l != label).unwrap_or(true) {
+            bars = Some((label.to_string(), TrainProgress::new(label)));
+        }
+        if let Some((_, p)) = bars.as_mut() {
+            p.on(e)
+        }
+    })?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({ "data": cfg.data, "model": cfg.model, "epochs": cfg.epochs, "rows": rows })
+        );
+    } else {
+        println!(
+            "{} on {}, {} epochs, {} seed(s) each:",
+            cfg.model, cfg.data, cfg.epochs, a.seeds
+        );
+        print_compare(&rows);
+        println!("run folders under {}", root.display());
+    }
+    Ok(())
+}
+
+fn cmd_demo(a: &DemoArgs) -> Result<()> {
+    let cfg = TrainConfig {
+        epochs: a.epochs,
+        hidden: vec![256, 256],
+        ..TrainConfig::default()
+    };
+    eprintln!("prelu demo: MLP 784-256-256-10 on the built-in MNIST subset (10,000 train / 2,000 test), ReLU vs PReLU");
+    let mut p: Option<(String, TrainProgress)> = None;
+    let rows = train::compare(&cfg, &["relu".into(), "prelu".into()], 1, &a.out, &mut |label, e| {
+        if p.as_ref().map(|(l, _)| l != label).unwrap_or(true) {
+            p = Some((label.to_string(), TrainProgress::new(label)));
+        }
+        if let Some((_, b)) = p.as_mut() {
+            b.on(e)
+        }
+    })?;
+    if a.json {
+        println!("{}", serde_json::json!({ "rows": rows }));
+        return Ok(());
+    }
+    print_compare(&rows);
+    for r in &rows {
+        println!("{:<6} run folder: {}", r.act, r.run_dirs[0].display());
+    }
+    Ok(())
 }
 
 fn bench_kernels(a: &KernelsArgs) -> Result<()> {
@@ -119,14 +476,48 @@ fn bench_kernels(a: &KernelsArgs) -> Result<()> {
     Ok(())
 }
 
+fn bench_train(a: &BenchTrainArgs) -> Result<()> {
+    let pb = spinner();
+    let r = prelu::bench::train(
+        &prelu::bench::TrainBenchOptions {
+            steps: a.steps,
+            ..Default::default()
+        },
+        |m| pb.set_message(m.to_string()),
+    )?;
+    pb.finish_and_clear();
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "one SGD step (forward, cross-entropy, backward, update), median of {} steps, {} thread(s):",
+            r.steps, r.threads
+        );
+        println!(
+            "  MLP 784-512-512-10 PReLU, batch {}: {:.2} ms",
+            r.mlp_batch, r.mlp_step_ms
+        );
+        println!(
+            "  CNN conv32-conv64-pool-9216-128-10 PReLU, batch {}: {:.2} ms",
+            r.cnn_batch, r.cnn_step_ms
+        );
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     prelu::set_threads(cli.threads)?;
     match &cli.command {
+        Command::Demo(a) => cmd_demo(a),
+        Command::Train(a) => cmd_train(a),
+        Command::Compare(a) => cmd_compare(a),
         Command::Bench(BenchCommand::Kernels(a)) => bench_kernels(a),
+        Command::Bench(BenchCommand::Train(a)) => bench_train(a),
     }
 }
 
 fn main() -> ExitCode {
+    prelu::memory::tune_malloc();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -234,17 +234,15 @@ fn layer_defaults_and_pytorch_name() {
         4,
         0.25,
         PReLUConfig::default(),
-        &vm,
-        "act.0.weight",
         DType::F32,
         &dev,
     )
     .unwrap();
-    let names: Vec<String> = vm.data().lock().unwrap().keys().cloned().collect();
-    assert_eq!(names, vec!["act.0.weight".to_string()]);
-    let ActivationLayer::PRelu(p) = &layer else {
-        panic!("expected a PReLU layer")
-    };
+    let p = layer.prelu().expect("a PReLU layer");
+    vm.data()
+        .lock()
+        .unwrap()
+        .insert("act.0.weight".into(), p.param().clone());
     assert_eq!(p.slope().unwrap().to_vec1::<f32>().unwrap(), vec![0.25; 4]);
     assert!(p.no_weight_decay());
     // Duplicate names are refused.

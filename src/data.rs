@@ -1,0 +1,403 @@
+//! Image classification data: an IDX reader (raw or gzip) for MNIST-format
+//! sets, named sets found on their standard paths, and a compact real MNIST
+//! subset built into the binary so the main job runs with no download.
+//!
+//! Look-up order for a named set (`mnist`, `fashion-mnist`):
+//! 1. `--data-dir DIR` (the files in `DIR` or in `DIR/<name>/`);
+//! 2. the environment variable `PRELU_DATA` (same rule);
+//! 3. `/usr/share/datasets/<name>` (Debian's `dataset-fashion-mnist` installs
+//!    Fashion-MNIST there);
+//! 4. the project's `data/<name>/` folder (current directory, then the source
+//!    tree the binary was built from).
+//!
+//! The set `mnist-small` (10,000 train / 2,000 test MNIST images, made by
+//! `scripts/make_mnist_small.py`) is embedded and always available.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+/// Largest decompressed IDX file accepted (a resource bound against hostile
+/// or corrupt input; the largest real file, MNIST's train images, is 47 MB).
+pub const MAX_IDX_BYTES: u64 = 1 << 30;
+
+/// What went wrong reading a data set; every variant names the file.
+#[derive(Debug, Error)]
+pub enum DataError {
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("{path}: not an IDX file (magic {magic:#010x}; expected 0x00000801 for labels or 0x00000803 for images)")]
+    BadMagic { path: String, magic: u32 },
+    #[error("{path}: unsupported IDX element type {code:#04x} (only unsigned bytes, 0x08, are supported)")]
+    BadType { path: String, code: u8 },
+    #[error("{path}: truncated: {what}")]
+    Truncated { path: String, what: String },
+    #[error("{path}: {what}")]
+    Invalid { path: String, what: String },
+    #[error("images ({images}) and labels ({labels}) disagree: {what}")]
+    Mismatch {
+        images: String,
+        labels: String,
+        what: String,
+    },
+    #[error("data set `{name}` not found; looked in: {looked}. Pass --data-dir DIR, set PRELU_DATA, or use `mnist-small` (built in){hint}")]
+    NotFound { name: String, looked: String, hint: String },
+    #[error("unknown data set `{0}`; expected mnist, fashion-mnist or mnist-small")]
+    UnknownSet(String),
+}
+
+/// A decoded IDX array of unsigned bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Idx {
+    pub dims: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+fn invalid(path: &str, what: impl Into<String>) -> DataError {
+    DataError::Invalid {
+        path: path.to_string(),
+        what: what.into(),
+    }
+}
+
+/// Decompresses gzip input (recognised by its magic bytes) with a size cap;
+/// raw input is returned as is.
+fn maybe_gunzip<'a>(bytes: &'a [u8], path: &str) -> Result<std::borrow::Cow<'a, [u8]>, DataError> {
+    if bytes.len() >= 2 && bytes[0] == 0x1f && bytes[1] == 0x8b {
+        let mut out = Vec::new();
+        let mut dec = flate2::read::GzDecoder::new(bytes).take(MAX_IDX_BYTES + 1);
+        dec.read_to_end(&mut out)
+            .map_err(|e| invalid(path, format!("bad gzip data: {e}")))?;
+        if out.len() as u64 > MAX_IDX_BYTES {
+            return Err(invalid(
+                path,
+                format!("decompresses to more than {MAX_IDX_BYTES} bytes"),
+            ));
+        }
+        Ok(std::borrow::Cow::Owned(out))
+    } else {
+        Ok(std::borrow::Cow::Borrowed(bytes))
+    }
+}
+
+/// Parses IDX bytes (raw or gzip). `path` only labels errors.
+pub fn parse_idx(bytes: &[u8], path: &str) -> Result<Idx, DataError> {
+    let bytes = maybe_gunzip(bytes, path)?;
+    if bytes.len() < 4 {
+        return Err(DataError::Truncated {
+            path: path.into(),
+            what: format!("{} bytes, shorter than the 4-byte header", bytes.len()),
+        });
+    }
+    let magic = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+    if bytes[0] != 0 || bytes[1] != 0 || bytes[3] == 0 || bytes[3] > 4 {
+        return Err(DataError::BadMagic {
+            path: path.into(),
+            magic,
+        });
+    }
+    if bytes[2] != 0x08 {
+        return Err(DataError::BadType {
+            path: path.into(),
+            code: bytes[2],
+        });
+    }
+    let rank = bytes[3] as usize;
+    let header = 4 + 4 * rank;
+    if bytes.len() < header {
+        return Err(DataError::Truncated {
+            path: path.into(),
+            what: format!(
+                "header declares {rank} dimensions but the file has {} bytes",
+                bytes.len()
+            ),
+        });
+    }
+    let dims: Vec<usize> = (0..rank)
+        .map(|d| {
+            let o = 4 + 4 * d;
+            u32::from_be_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]) as usize
+        })
+        .collect();
+    let declared = dims
+        .iter()
+        .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
+        .filter(|&n| n <= MAX_IDX_BYTES);
+    let Some(declared) = declared else {
+        return Err(invalid(
+            path,
+            format!("declared size {dims:?} exceeds the {MAX_IDX_BYTES}-byte limit"),
+        ));
+    };
+    let body = bytes.len() - header;
+    if (body as u64) < declared {
+        return Err(DataError::Truncated {
+            path: path.into(),
+            what: format!("dimensions {dims:?} need {declared} data bytes, the file has {body}"),
+        });
+    }
+    if body as u64 > declared {
+        return Err(invalid(
+            path,
+            format!(
+                "{} bytes of trailing data after the declared {dims:?} array",
+                body as u64 - declared
+            ),
+        ));
+    }
+    Ok(Idx {
+        dims,
+        data: bytes[header..].to_vec(),
+    })
+}
+
+/// Reads an IDX file (raw or gzip).
+pub fn read_idx(path: &Path) -> Result<Idx, DataError> {
+    let p = path.display().to_string();
+    let meta = std::fs::metadata(path).map_err(|e| DataError::Io {
+        path: p.clone(),
+        source: e,
+    })?;
+    if meta.len() > MAX_IDX_BYTES {
+        return Err(invalid(
+            &p,
+            format!("file is {} bytes, over the {MAX_IDX_BYTES}-byte limit", meta.len()),
+        ));
+    }
+    let bytes = std::fs::read(path).map_err(|e| DataError::Io {
+        path: p.clone(),
+        source: e,
+    })?;
+    parse_idx(&bytes, &p)
+}
+
+/// Images as `f32` in `[0, 1]`, row-major `[n, rows * cols]`, and labels.
+#[derive(Clone, Debug)]
+pub struct Dataset {
+    pub images: Vec<f32>,
+    pub labels: Vec<u8>,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+/// Number of classes of every set we read (labels are 0..=9).
+pub const CLASSES: usize = 10;
+
+impl Dataset {
+    /// Builds a data set from decoded image (`[n, rows, cols]`) and label (`[n]`) arrays.
+    pub fn from_idx(images: Idx, labels: Idx, images_path: &str, labels_path: &str) -> Result<Self, DataError> {
+        if images.dims.len() != 3 {
+            return Err(invalid(
+                images_path,
+                format!("images must have 3 dimensions [n, rows, cols], got {:?}", images.dims),
+            ));
+        }
+        if labels.dims.len() != 1 {
+            return Err(invalid(
+                labels_path,
+                format!("labels must have 1 dimension [n], got {:?}", labels.dims),
+            ));
+        }
+        let (n, rows, cols) = (images.dims[0], images.dims[1], images.dims[2]);
+        if rows == 0 || cols == 0 {
+            return Err(invalid(images_path, format!("images of size {rows}x{cols}")));
+        }
+        if labels.dims[0] != n {
+            return Err(DataError::Mismatch {
+                images: images_path.into(),
+                labels: labels_path.into(),
+                what: format!("{n} images but {} labels", labels.dims[0]),
+            });
+        }
+        if let Some((i, &l)) = labels.data.iter().enumerate().find(|&(_, &l)| l as usize >= CLASSES) {
+            return Err(invalid(
+                labels_path,
+                format!("label {l} at index {i} is outside 0..{CLASSES}"),
+            ));
+        }
+        Ok(Self {
+            images: images.data.iter().map(|&p| p as f32 / 255.0).collect(),
+            labels: labels.data,
+            rows,
+            cols,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// Pixels per image.
+    pub fn features(&self) -> usize {
+        self.rows * self.cols
+    }
+
+    /// The first `n` examples (all if `n >= len`).
+    pub fn take(&self, n: usize) -> Self {
+        let n = n.min(self.len());
+        Self {
+            images: self.images[..n * self.features()].to_vec(),
+            labels: self.labels[..n].to_vec(),
+            rows: self.rows,
+            cols: self.cols,
+        }
+    }
+
+    /// Mean and standard deviation over all pixels.
+    pub fn pixel_stats(&self) -> (f32, f32) {
+        let n = self.images.len().max(1) as f64;
+        let mean = self.images.iter().map(|&v| v as f64).sum::<f64>() / n;
+        let var = self.images.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+        (mean as f32, var.sqrt().max(1e-6) as f32)
+    }
+}
+
+/// A train/test pair and where it came from.
+#[derive(Clone, Debug)]
+pub struct Split {
+    pub name: String,
+    pub source: String,
+    pub train: Dataset,
+    pub test: Dataset,
+}
+
+const FILES: [&str; 4] = [
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+];
+
+/// Finds `stem` or `stem.gz` in `dir`.
+fn find_file(dir: &Path, stem: &str) -> Option<PathBuf> {
+    [format!("{stem}.gz"), stem.to_string()]
+        .into_iter()
+        .map(|f| dir.join(f))
+        .find(|p| p.is_file())
+}
+
+fn has_set(dir: &Path) -> bool {
+    FILES.iter().all(|f| find_file(dir, f).is_some())
+}
+
+/// Loads the four IDX files of an MNIST-format set from `dir`.
+pub fn load_dir(dir: &Path, name: &str) -> Result<Split, DataError> {
+    let path = |stem: &str| {
+        find_file(dir, stem).ok_or_else(|| DataError::Io {
+            path: dir.join(stem).display().to_string(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "file not found (also tried .gz)"),
+        })
+    };
+    let [tri, trl, tei, tel] = FILES.map(path);
+    let (tri, trl, tei, tel) = (tri?, trl?, tei?, tel?);
+    let load = |i: &Path, l: &Path| -> Result<Dataset, DataError> {
+        Dataset::from_idx(
+            read_idx(i)?,
+            read_idx(l)?,
+            &i.display().to_string(),
+            &l.display().to_string(),
+        )
+    };
+    let train = load(&tri, &trl)?;
+    let test = load(&tei, &tel)?;
+    if (train.rows, train.cols) != (test.rows, test.cols) {
+        return Err(invalid(
+            &tei.display().to_string(),
+            format!(
+                "test images are {}x{} but train images are {}x{}",
+                test.rows, test.cols, train.rows, train.cols
+            ),
+        ));
+    }
+    Ok(Split {
+        name: name.to_string(),
+        source: dir.display().to_string(),
+        train,
+        test,
+    })
+}
+
+/// The built-in 10,000/2,000 MNIST subset.
+pub fn mnist_small() -> Result<Split, DataError> {
+    const TRI: &[u8] = include_bytes!("../data/mnist-small/train-images-idx3-ubyte.gz");
+    const TRL: &[u8] = include_bytes!("../data/mnist-small/train-labels-idx1-ubyte.gz");
+    const TEI: &[u8] = include_bytes!("../data/mnist-small/t10k-images-idx3-ubyte.gz");
+    const TEL: &[u8] = include_bytes!("../data/mnist-small/t10k-labels-idx1-ubyte.gz");
+    let ds = |i: &[u8], l: &[u8], what: &str| {
+        let (ip, lp) = (
+            format!("<built-in mnist-small {what} images>"),
+            format!("<built-in mnist-small {what} labels>"),
+        );
+        Dataset::from_idx(parse_idx(i, &ip)?, parse_idx(l, &lp)?, &ip, &lp)
+    };
+    Ok(Split {
+        name: "mnist-small".into(),
+        source: "built in (MNIST subset)".into(),
+        train: ds(TRI, TRL, "train")?,
+        test: ds(TEI, TEL, "test")?,
+    })
+}
+
+/// Where a named set is looked for, in order.
+pub fn candidate_dirs(name: &str, data_dir: Option<&Path>) -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    let mut add_root = |root: PathBuf| {
+        dirs.push(root.join(name));
+        dirs.push(root);
+    };
+    if let Some(d) = data_dir {
+        add_root(d.to_path_buf());
+    }
+    if let Some(d) = std::env::var_os("PRELU_DATA") {
+        add_root(PathBuf::from(d));
+    }
+    dirs.push(PathBuf::from("/usr/share/datasets").join(name));
+    dirs.push(PathBuf::from("data").join(name));
+    dirs.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("data").join(name));
+    dirs
+}
+
+/// Loads a named set: `mnist`, `fashion-mnist` or `mnist-small` (built in). A
+/// path to a folder with the four IDX files also works.
+pub fn load(name: &str, data_dir: Option<&Path>) -> Result<Split, DataError> {
+    match name {
+        "mnist-small" => mnist_small(),
+        "mnist" | "fashion-mnist" => {
+            let dirs = candidate_dirs(name, data_dir);
+            match dirs.iter().find(|d| has_set(d)) {
+                Some(d) => load_dir(d, name),
+                None => Err(DataError::NotFound {
+                    name: name.into(),
+                    looked: dirs
+                        .iter()
+                        .map(|d| d.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    hint: if name == "fashion-mnist" {
+                        "; on Debian, `apt-get install dataset-fashion-mnist` installs it".into()
+                    } else {
+                        String::new()
+                    },
+                }),
+            }
+        }
+        other => {
+            let p = Path::new(other);
+            if p.is_dir() {
+                if has_set(p) {
+                    return load_dir(p, other);
+                }
+                return Err(invalid(
+                    other,
+                    format!("folder lacks the four IDX files {FILES:?} (raw or .gz)"),
+                ));
+            }
+            Err(DataError::UnknownSet(other.into()))
+        }
+    }
+}

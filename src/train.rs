@@ -1,0 +1,673 @@
+//! Training on real data: the run configuration, the training loop, run
+//! folders (resolved config, `metrics.jsonl`, atomic checkpoints), exact
+//! resume, and `compare` over activations and seeds.
+//!
+//! Reproducibility: weights come from `seed`, the order of epoch `e` from
+//! `seed` and `e` alone, so the same seed and thread count give the same
+//! numbers bit for bit, and a resumed run continues exactly where the last
+//! checkpoint left it.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+
+use crate::activation::{Activation, SlopeConstraint};
+use crate::data::{self, Dataset, Split};
+use crate::init::InitScheme;
+use crate::io;
+use crate::model::{Arch, Model, ModelSpec};
+use crate::optim::{Optimizer, OptimizerKind, Schedule};
+
+/// A training run, as written to `config.toml` in the run folder. Every field
+/// has a default; a TOML file or flags override them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// `mnist`, `fashion-mnist`, `mnist-small` (built in) or a folder of IDX files.
+    pub data: String,
+    /// Where to look for named sets first.
+    pub data_dir: Option<PathBuf>,
+    /// `mlp`, `cnn` or `cnn-reference` (PyTorch's MNIST example net).
+    pub model: String,
+    /// MLP hidden widths.
+    pub hidden: Vec<usize>,
+    /// CNN conv channels.
+    pub channels: Vec<usize>,
+    /// `relu`, `leaky[:A]`, `prelu` (per channel) or `prelu-shared`.
+    pub act: String,
+    /// Initial PReLU slope.
+    pub alpha_init: f64,
+    /// `none`, `clamp:LO:HI` or `positive`.
+    pub slope_constraint: String,
+    /// `he-prelu`, `he-relu`, `xavier` or `std:S`.
+    pub init: String,
+    pub batch_norm: bool,
+    /// `sgd` or `adamw`.
+    pub optimizer: String,
+    pub lr: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    /// Apply weight decay to BatchNorm's gamma and beta too.
+    pub decay_bn: bool,
+    /// `constant`, `cosine` or `step[:EVERY[:GAMMA]]`.
+    pub schedule: String,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub seed: u64,
+    /// Use only the first N training / test examples.
+    pub train_limit: Option<usize>,
+    pub test_limit: Option<usize>,
+    /// Write a `step` line to metrics.jsonl every N steps (0: never).
+    pub log_every: usize,
+    /// Testing aid: make the loss NaN at this global step.
+    pub fault_nan_step: Option<u64>,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            data: "mnist-small".into(),
+            data_dir: None,
+            model: "mlp".into(),
+            hidden: vec![512, 512],
+            channels: vec![32, 64],
+            act: "prelu".into(),
+            alpha_init: crate::activation::DEFAULT_SLOPE,
+            slope_constraint: "none".into(),
+            init: "he-prelu".into(),
+            batch_norm: false,
+            optimizer: "adamw".into(),
+            lr: 1e-3,
+            momentum: 0.9,
+            weight_decay: 1e-4,
+            decay_bn: false,
+            schedule: "cosine".into(),
+            epochs: 10,
+            batch_size: 128,
+            seed: 0,
+            train_limit: None,
+            test_limit: None,
+            log_every: 50,
+            fault_nan_step: None,
+        }
+    }
+}
+
+/// Parses `none`, `clamp:LO:HI` or `positive`.
+pub fn parse_constraint(s: &str) -> std::result::Result<SlopeConstraint, String> {
+    let s = s.to_ascii_lowercase();
+    match s.as_str() {
+        "none" => Ok(SlopeConstraint::None),
+        "positive" => Ok(SlopeConstraint::Positive),
+        _ => {
+            let p: Vec<&str> = s.split(':').collect();
+            if p.len() == 3 && p[0] == "clamp" {
+                let lo: f64 = p[1].parse().map_err(|_| format!("bad lower bound in `{s}`"))?;
+                let hi: f64 = p[2].parse().map_err(|_| format!("bad upper bound in `{s}`"))?;
+                if !(lo <= hi) || !lo.is_finite() || !hi.is_finite() {
+                    return Err(format!("`{s}`: need finite bounds with lo <= hi"));
+                }
+                Ok(SlopeConstraint::Clamp { lo, hi })
+            } else {
+                Err(format!(
+                    "unknown slope constraint `{s}`; expected none, positive or clamp:LO:HI"
+                ))
+            }
+        }
+    }
+}
+
+/// A config turned into typed parts, every value checked.
+pub struct Resolved {
+    pub act: Activation,
+    pub init: InitScheme,
+    pub constraint: SlopeConstraint,
+    pub optimizer: OptimizerKind,
+    pub schedule: Schedule,
+    pub arch: Arch,
+}
+
+impl TrainConfig {
+    /// Reads a TOML config file (unknown keys are an error).
+    pub fn from_toml_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("{}: invalid run config", path.display()))
+    }
+
+    /// Checks every value and parses the string-valued options.
+    pub fn resolve(&self) -> Result<Resolved> {
+        let e = |m: String| anyhow::anyhow!(m);
+        if self.epochs == 0 {
+            bail!("epochs must be at least 1");
+        }
+        if self.batch_size == 0 {
+            bail!("batch size must be at least 1");
+        }
+        if !(self.lr > 0.0) || !self.lr.is_finite() {
+            bail!("learning rate must be a finite number > 0, got {}", self.lr);
+        }
+        if !(0.0..1.0).contains(&self.momentum) {
+            bail!("momentum must be in [0, 1), got {}", self.momentum);
+        }
+        if !(self.weight_decay >= 0.0) || !self.weight_decay.is_finite() {
+            bail!("weight decay must be a finite number >= 0, got {}", self.weight_decay);
+        }
+        if !self.alpha_init.is_finite() {
+            bail!("alpha-init must be finite, got {}", self.alpha_init);
+        }
+        if self.train_limit == Some(0) || self.test_limit == Some(0) {
+            bail!("train/test limits must be at least 1");
+        }
+        let arch = match self.model.as_str() {
+            "mlp" => {
+                if self.hidden.is_empty() || self.hidden.contains(&0) {
+                    bail!(
+                        "MLP hidden widths must be a non-empty list of sizes > 0, got {:?}",
+                        self.hidden
+                    );
+                }
+                Arch::Mlp {
+                    hidden: self.hidden.clone(),
+                }
+            }
+            "cnn" => {
+                if self.channels.is_empty() || self.channels.contains(&0) {
+                    bail!(
+                        "CNN channels must be a non-empty list of sizes > 0, got {:?}",
+                        self.channels
+                    );
+                }
+                let mut a = Arch::cnn_default();
+                if let Arch::Cnn {
+                    channels, pool_after, ..
+                } = &mut a
+                {
+                    *channels = self.channels.clone();
+                    *pool_after = (0..self.channels.len().min(2)).collect();
+                }
+                a
+            }
+            "cnn-reference" => Arch::cnn_reference(),
+            o => bail!("unknown model `{o}`; expected mlp, cnn or cnn-reference"),
+        };
+        Ok(Resolved {
+            act: self.act.parse().map_err(e)?,
+            init: self.init.parse().map_err(e)?,
+            constraint: parse_constraint(&self.slope_constraint).map_err(e)?,
+            optimizer: OptimizerKind::parse(&self.optimizer, self.momentum).map_err(e)?,
+            schedule: Schedule::parse(&self.schedule).map_err(e)?,
+            arch,
+        })
+    }
+
+    /// The model spec this config trains, for a data set.
+    pub fn model_spec(&self, r: &Resolved, train: &Dataset) -> ModelSpec {
+        let (mean, std) = train.pixel_stats();
+        ModelSpec {
+            arch: r.arch.clone(),
+            act: r.act,
+            alpha_init: self.alpha_init,
+            slope_constraint: r.constraint,
+            batch_norm: self.batch_norm,
+            init: r.init,
+            input: [1, train.rows, train.cols],
+            classes: data::CLASSES,
+            input_mean: mean,
+            input_std: std,
+        }
+    }
+
+    /// Loads the data set with the configured limits.
+    pub fn load_data(&self) -> Result<Split> {
+        let mut s = data::load(&self.data, self.data_dir.as_deref())?;
+        if let Some(n) = self.train_limit {
+            s.train = s.train.take(n);
+        }
+        if let Some(n) = self.test_limit {
+            s.test = s.test.take(n);
+        }
+        if s.train.is_empty() || s.test.is_empty() {
+            bail!("data set `{}` has an empty train or test split", self.data);
+        }
+        if self.batch_size > s.train.len() {
+            bail!(
+                "batch size {} is larger than the training set ({} examples)",
+                self.batch_size,
+                s.train.len()
+            );
+        }
+        Ok(s)
+    }
+}
+
+/// Min, mean and max of one activation layer's slopes.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct SlopeSummary {
+    pub layer: String,
+    pub mean: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum MetricsLine {
+    Step {
+        epoch: usize,
+        step: u64,
+        loss: f64,
+        lr: f64,
+    },
+    Epoch(EpochMetrics),
+}
+
+/// Per-epoch metrics.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct EpochMetrics {
+    /// 1-based epoch number.
+    pub epoch: usize,
+    pub step: u64,
+    pub lr: f64,
+    pub train_loss: f64,
+    pub train_acc: f64,
+    pub test_loss: f64,
+    pub test_acc: f64,
+    pub seconds: f64,
+    pub samples_per_s: f64,
+    pub slopes: Vec<SlopeSummary>,
+}
+
+/// What a finished run reports (`prelu train --json`).
+#[derive(Clone, Debug, Serialize)]
+pub struct TrainSummary {
+    pub run_dir: PathBuf,
+    pub data: String,
+    pub act: String,
+    pub seed: u64,
+    pub epochs: usize,
+    pub test_acc: f64,
+    pub test_loss: f64,
+    pub best_test_acc: f64,
+    pub train_loss: f64,
+    pub seconds: f64,
+    pub samples_per_s: f64,
+    pub params: usize,
+}
+
+/// Progress events for a front end (progress bar).
+pub enum Event<'a> {
+    EpochStart {
+        epoch: usize,
+        epochs: usize,
+        steps: usize,
+    },
+    Step {
+        done: usize,
+        loss: f64,
+        acc: f64,
+        samples_per_s: f64,
+    },
+    EpochEnd(&'a EpochMetrics),
+    Message(String),
+}
+
+/// Progress of a training checkpoint, stored in its metadata.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct CheckpointProgress {
+    epoch: usize,
+    step: u64,
+    optimizer_steps: u64,
+    best_test_acc: f64,
+}
+
+/// Loss and accuracy of a model over a data set (evaluation mode).
+pub fn evaluate(model: &Model, ds: &Dataset, batch: usize) -> Result<(f64, f64)> {
+    let dev = Device::Cpu;
+    let f = ds.features();
+    let mut loss_sum = 0.0;
+    let mut correct = 0usize;
+    for start in (0..ds.len()).step_by(batch.max(1)) {
+        let end = (start + batch).min(ds.len());
+        let x = Tensor::from_slice(&ds.images[start * f..end * f], (end - start, f), &dev)?;
+        let y = Tensor::from_iter(ds.labels[start..end].iter().map(|&l| l as u32), &dev)?;
+        let logits = model.forward_t(&x, false)?;
+        loss_sum += candle_nn::loss::cross_entropy(&logits, &y)?.to_scalar::<f32>()? as f64 * (end - start) as f64;
+        correct += logits
+            .argmax(1)?
+            .eq(&y)?
+            .to_dtype(DType::U32)?
+            .sum_all()?
+            .to_scalar::<u32>()? as usize;
+    }
+    Ok((loss_sum / ds.len() as f64, correct as f64 / ds.len() as f64))
+}
+
+fn slope_summaries(model: &Model) -> Result<Vec<SlopeSummary>> {
+    let mut out = Vec::new();
+    for (i, a) in model.activations().iter().enumerate() {
+        if let Some(p) = a.prelu() {
+            let v = p.slope()?.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+            out.push(SlopeSummary {
+                layer: format!("act.{i}"),
+                mean: v.iter().sum::<f64>() / v.len() as f64,
+                min: v.iter().cloned().fold(f64::INFINITY, f64::min),
+                max: v.iter().cloned().fold(f64::NEG_INFINITY, f64::max),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// The order of epoch `epoch` (0-based): depends on the seed and the epoch only.
+pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..n).collect();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ (epoch as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    idx.shuffle(&mut rng);
+    idx
+}
+
+/// Picks a fresh run folder name under `runs/`: `runs/<base>`, or `<base>-2`, ...
+pub fn fresh_run_dir(root: &Path, base: &str) -> PathBuf {
+    let first = root.join(base);
+    if !first.exists() {
+        return first;
+    }
+    (2..)
+        .map(|k| root.join(format!("{base}-{k}")))
+        .find(|p| !p.exists())
+        .expect("an unused name exists")
+}
+
+/// Reads `metrics.jsonl` (skipping a torn last line, as a crash can leave).
+pub fn read_metrics(run_dir: &Path) -> Result<Vec<MetricsLine>> {
+    let path = run_dir.join("metrics.jsonl");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    Ok(text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect())
+}
+
+fn rewrite_metrics(run_dir: &Path, keep: &[MetricsLine]) -> Result<()> {
+    let mut s = String::new();
+    for l in keep {
+        s.push_str(&serde_json::to_string(l)?);
+        s.push('\n');
+    }
+    io::write_atomic(&run_dir.join("metrics.jsonl"), s.as_bytes())
+}
+
+/// Trains per `cfg` in `run_dir`. With `resume`, continues from the run
+/// folder's checkpoint and config (the given `cfg` may only raise `epochs`).
+pub fn train(cfg: &TrainConfig, run_dir: &Path, resume: bool, on: &mut dyn FnMut(Event)) -> Result<TrainSummary> {
+    let cfg = if resume {
+        let mut saved = TrainConfig::from_toml_file(&run_dir.join("config.toml"))
+            .with_context(|| format!("cannot resume: {} has no readable config.toml", run_dir.display()))?;
+        saved.epochs = saved.epochs.max(cfg.epochs);
+        saved.fault_nan_step = cfg.fault_nan_step;
+        saved
+    } else {
+        cfg.clone()
+    };
+    let r = cfg.resolve()?;
+    let split = cfg.load_data()?;
+    let spec = cfg.model_spec(&r, &split.train);
+    let dev = Device::Cpu;
+    let model = Model::new(&spec, cfg.seed, &dev)?;
+    let mut opt = Optimizer::new(r.optimizer, cfg.weight_decay, model.params(), cfg.decay_bn)?;
+    let ckpt_path = run_dir.join("checkpoint.safetensors");
+    let mut start_epoch = 0;
+    let mut step: u64 = 0;
+    let mut best = 0.0f64;
+    if resume && ckpt_path.exists() {
+        let (tensors, meta) = io::load_safetensors(&ckpt_path)?;
+        model
+            .load_state_dict(&tensors)
+            .with_context(|| format!("{}: does not fit the run's config", ckpt_path.display()))?;
+        let prog: CheckpointProgress = serde_json::from_str(
+            meta.get(io::PROGRESS_KEY)
+                .with_context(|| format!("{}: no training progress in header", ckpt_path.display()))?,
+        )?;
+        opt.load_state(&tensors, prog.optimizer_steps)?;
+        start_epoch = prog.epoch;
+        step = prog.step;
+        best = prog.best_test_acc;
+        // Keep exactly the metrics of the checkpointed epochs.
+        let keep: Vec<MetricsLine> = read_metrics(run_dir)?
+            .into_iter()
+            .filter(|l| match l {
+                MetricsLine::Step { epoch, .. } => *epoch <= start_epoch,
+                MetricsLine::Epoch(m) => m.epoch <= start_epoch,
+            })
+            .collect();
+        rewrite_metrics(run_dir, &keep)?;
+        on(Event::Message(format!(
+            "resuming {} after epoch {start_epoch}",
+            run_dir.display()
+        )));
+    } else {
+        if resume {
+            on(Event::Message(format!(
+                "no checkpoint in {}: starting from scratch",
+                run_dir.display()
+            )));
+        }
+        std::fs::create_dir_all(run_dir).with_context(|| format!("cannot create run folder {}", run_dir.display()))?;
+        rewrite_metrics(run_dir, &[])?;
+    }
+    io::write_atomic(&run_dir.join("config.toml"), toml::to_string(&cfg)?.as_bytes())?;
+    let mut metrics = std::fs::OpenOptions::new()
+        .append(true)
+        .open(run_dir.join("metrics.jsonl"))
+        .with_context(|| format!("cannot open {}/metrics.jsonl", run_dir.display()))?;
+
+    let train = &split.train;
+    let f = train.features();
+    let steps_per_epoch = train.len().div_ceil(cfg.batch_size);
+    let t_run = Instant::now();
+    let mut last: Option<EpochMetrics> = None;
+    let mut samples_total = 0usize;
+    for epoch in start_epoch..cfg.epochs {
+        on(Event::EpochStart {
+            epoch: epoch + 1,
+            epochs: cfg.epochs,
+            steps: steps_per_epoch,
+        });
+        let t0 = Instant::now();
+        let order = epoch_order(train.len(), cfg.seed, epoch);
+        let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
+        let mut lr = cfg.lr;
+        let mut xb = Vec::with_capacity(cfg.batch_size * f);
+        for (bi, batch) in order.chunks(cfg.batch_size).enumerate() {
+            xb.clear();
+            for &i in batch {
+                xb.extend_from_slice(&train.images[i * f..(i + 1) * f]);
+            }
+            let x = Tensor::from_slice(&xb, (batch.len(), f), &dev)?;
+            let y = Tensor::from_iter(batch.iter().map(|&i| train.labels[i] as u32), &dev)?;
+            let logits = model.forward_t(&x, true)?;
+            let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
+            let mut lv = loss.to_scalar::<f32>()? as f64;
+            if cfg.fault_nan_step == Some(step) {
+                lv = f64::NAN;
+            }
+            if !lv.is_finite() {
+                bail!(
+                    "loss became {lv} at epoch {} step {step}; training stopped. The last good checkpoint ({}) is kept; \
+                     try a lower learning rate",
+                    epoch + 1,
+                    if start_epoch > 0 || epoch > 0 { ckpt_path.display().to_string() } else { "none yet".into() }
+                );
+            }
+            lr = r.schedule.lr(cfg.lr, epoch, step as usize, steps_per_epoch, cfg.epochs);
+            let grads = loss.backward()?;
+            opt.step(&grads, lr)?;
+            model.project()?;
+            step += 1;
+            loss_sum += lv * batch.len() as f64;
+            correct += logits
+                .argmax(1)?
+                .eq(&y)?
+                .to_dtype(DType::U32)?
+                .sum_all()?
+                .to_scalar::<u32>()? as usize;
+            seen += batch.len();
+            if cfg.log_every > 0 && step % cfg.log_every as u64 == 0 {
+                let line = MetricsLine::Step {
+                    epoch: epoch + 1,
+                    step,
+                    loss: lv,
+                    lr,
+                };
+                writeln!(metrics, "{}", serde_json::to_string(&line)?)?;
+            }
+            on(Event::Step {
+                done: bi + 1,
+                loss: loss_sum / seen as f64,
+                acc: correct as f64 / seen as f64,
+                samples_per_s: seen as f64 / t0.elapsed().as_secs_f64(),
+            });
+        }
+        let train_secs = t0.elapsed().as_secs_f64();
+        samples_total += seen;
+        let (test_loss, test_acc) = evaluate(&model, &split.test, 1000)?;
+        best = best.max(test_acc);
+        let m = EpochMetrics {
+            epoch: epoch + 1,
+            step,
+            lr,
+            train_loss: loss_sum / seen as f64,
+            train_acc: correct as f64 / seen as f64,
+            test_loss,
+            test_acc,
+            seconds: train_secs,
+            samples_per_s: seen as f64 / train_secs,
+            slopes: slope_summaries(&model)?,
+        };
+        writeln!(metrics, "{}", serde_json::to_string(&MetricsLine::Epoch(m.clone()))?)?;
+        metrics.flush()?;
+        let (extra, optimizer_steps) = opt.state();
+        let prog = CheckpointProgress {
+            epoch: epoch + 1,
+            step,
+            optimizer_steps,
+            best_test_acc: best,
+        };
+        let meta = HashMap::from([(io::PROGRESS_KEY.to_string(), serde_json::to_string(&prog)?)]);
+        io::save_model(&ckpt_path, &model, extra, meta)
+            .context("could not write the checkpoint (the previous one is kept)")?;
+        on(Event::EpochEnd(&m));
+        last = Some(m);
+    }
+    let secs = t_run.elapsed().as_secs_f64();
+    let (test_loss, test_acc, train_loss) = match &last {
+        Some(m) => (m.test_loss, m.test_acc, m.train_loss),
+        None => {
+            let (l, a) = evaluate(&model, &split.test, 1000)?;
+            (l, a, f64::NAN)
+        }
+    };
+    Ok(TrainSummary {
+        run_dir: run_dir.to_path_buf(),
+        data: split.name.clone(),
+        act: cfg.act.clone(),
+        seed: cfg.seed,
+        epochs: cfg.epochs,
+        test_acc,
+        test_loss,
+        best_test_acc: best,
+        train_loss,
+        seconds: secs,
+        samples_per_s: if secs > 0.0 { samples_total as f64 / secs } else { 0.0 },
+        params: model.num_params(),
+    })
+}
+
+/// One row of `prelu compare`.
+#[derive(Clone, Debug, Serialize)]
+pub struct CompareRow {
+    pub act: String,
+    pub seeds: Vec<u64>,
+    pub final_acc: Vec<f64>,
+    pub best_acc: Vec<f64>,
+    pub final_mean: f64,
+    pub final_std: f64,
+    pub best_mean: f64,
+    pub best_std: f64,
+    pub seconds_mean: f64,
+    pub run_dirs: Vec<PathBuf>,
+}
+
+/// Mean and sample standard deviation.
+pub fn mean_std(v: &[f64]) -> (f64, f64) {
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n.max(1.0);
+    let var = if v.len() > 1 {
+        v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
+    (mean, var.sqrt())
+}
+
+/// Trains `cfg` once per activation and seed (seeds `cfg.seed..cfg.seed+seeds`)
+/// into `root/<act>-seed<k>` and summarises.
+pub fn compare(
+    cfg: &TrainConfig,
+    acts: &[String],
+    seeds: usize,
+    root: &Path,
+    on: &mut dyn FnMut(&str, Event),
+) -> Result<Vec<CompareRow>> {
+    if acts.is_empty() || seeds == 0 {
+        bail!("compare needs at least one activation and one seed");
+    }
+    for a in acts {
+        a.parse::<Activation>().map_err(|e| anyhow::anyhow!(e))?;
+    }
+    let mut rows = Vec::new();
+    for act in acts {
+        let mut row = CompareRow {
+            act: act.clone(),
+            seeds: vec![],
+            final_acc: vec![],
+            best_acc: vec![],
+            final_mean: 0.0,
+            final_std: 0.0,
+            best_mean: 0.0,
+            best_std: 0.0,
+            seconds_mean: 0.0,
+            run_dirs: vec![],
+        };
+        let mut secs = vec![];
+        for k in 0..seeds as u64 {
+            let c = TrainConfig {
+                act: act.clone(),
+                seed: cfg.seed + k,
+                ..cfg.clone()
+            };
+            let dir = fresh_run_dir(root, &format!("{}-seed{}", act.replace(':', "_"), c.seed));
+            let label = format!("{act} seed {}", c.seed);
+            let s = train(&c, &dir, false, &mut |e| on(&label, e))?;
+            row.seeds.push(c.seed);
+            row.final_acc.push(s.test_acc);
+            row.best_acc.push(s.best_test_acc);
+            row.run_dirs.push(dir);
+            secs.push(s.seconds);
+        }
+        (row.final_mean, row.final_std) = mean_std(&row.final_acc);
+        (row.best_mean, row.best_std) = mean_std(&row.best_acc);
+        row.seconds_mean = mean_std(&secs).0;
+        rows.push(row);
+    }
+    Ok(rows)
+}
