@@ -55,6 +55,7 @@ pub trait Float:
     + 'static
 {
     const ZERO: Self;
+    fn to_f64(self) -> f64;
     /// `if x > 0 { pos } else { neg }`, written with bit masks so that it
     /// compiles to a blend, never to a branch (signs of real data are random).
     fn if_pos(x: Self, pos: Self, neg: Self) -> Self;
@@ -62,6 +63,10 @@ pub trait Float:
 
 impl Float for f32 {
     const ZERO: Self = 0.0;
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
     #[inline(always)]
     fn if_pos(x: f32, pos: f32, neg: f32) -> f32 {
         let m = ((x > 0.0) as u32).wrapping_neg();
@@ -71,6 +76,10 @@ impl Float for f32 {
 
 impl Float for f64 {
     const ZERO: Self = 0.0;
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self
+    }
     #[inline(always)]
     fn if_pos(x: f64, pos: f64, neg: f64) -> f64 {
         let m = ((x > 0.0) as u64).wrapping_neg();
@@ -364,6 +373,126 @@ pub fn forward<T: Float>(x: &[T], slope: &[T], g: SlopeGeometry, y: &mut [T]) {
         .zip(x.par_chunks(CHUNK))
         .enumerate()
         .for_each(|(k, (yc, xc))| forward_serial(xc, slope, g, k * CHUNK, yc));
+}
+
+/// Per-channel sign counts of the input and moments of the output, gathered
+/// by [`forward_counting`] while the forward pass runs (the diagnostic
+/// sentinel's raw material).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ForwardStats {
+    /// Inputs `x < 0` per channel.
+    pub negative: Vec<u64>,
+    /// Inputs `x > 0` per channel.
+    pub positive: Vec<u64>,
+    /// Elements seen (all channels).
+    pub count: u64,
+    /// Sum and sum of squares of the outputs (NaN-propagating).
+    pub sum: f64,
+    pub sum_sq: f64,
+}
+
+impl ForwardStats {
+    pub fn new(channels: usize) -> Self {
+        Self {
+            negative: vec![0; channels],
+            positive: vec![0; channels],
+            ..Default::default()
+        }
+    }
+
+    /// Adds another batch's statistics (same channel count).
+    pub fn merge(&mut self, o: &ForwardStats) {
+        for (a, b) in self.negative.iter_mut().zip(&o.negative) {
+            *a += b;
+        }
+        for (a, b) in self.positive.iter_mut().zip(&o.positive) {
+            *a += b;
+        }
+        self.count += o.count;
+        self.sum += o.sum;
+        self.sum_sq += o.sum_sq;
+    }
+}
+
+/// Counts signs of one chunk (already in cache from the forward pass) into
+/// `neg`/`pos` and returns the sum and sum of squares of its outputs.
+fn count_chunk<T: Float>(
+    x: &[T],
+    y: &[T],
+    g: SlopeGeometry,
+    start: usize,
+    neg: &mut [u64],
+    pos: &mut [u64],
+) -> (f64, f64) {
+    for r in Runs::new(g, start, x.len()) {
+        let xs = &x[r.off..r.off + r.len];
+        if r.constant {
+            neg[r.c] += xs.iter().filter(|&&v| v < T::ZERO).count() as u64;
+            pos[r.c] += xs.iter().filter(|&&v| v > T::ZERO).count() as u64;
+        } else {
+            for (k, &v) in xs.iter().enumerate() {
+                neg[r.c + k] += (v < T::ZERO) as u64;
+                pos[r.c + k] += (v > T::ZERO) as u64;
+            }
+        }
+    }
+    let (mut s, mut q) = (0.0f64, 0.0f64);
+    for &v in y {
+        let v = v.to_f64();
+        s += v;
+        q += v * v;
+    }
+    (s, q)
+}
+
+/// [`forward`] that also adds per-channel sign counts of `x` and the output
+/// moments into `stats`. Each chunk is counted right after it is computed,
+/// while it is still in cache, so memory is read once. Deterministic for any
+/// thread count.
+pub fn forward_counting<T: Float>(x: &[T], slope: &[T], g: SlopeGeometry, y: &mut [T], stats: &mut ForwardStats) {
+    assert_eq!(x.len(), y.len(), "x and y differ in length");
+    assert_eq!(stats.negative.len(), g.channels, "stats have the wrong channel count");
+    check_geometry(x.len(), slope, g);
+    let c = g.channels;
+    let chunks = x.len().div_ceil(CHUNK);
+    stats.count += x.len() as u64;
+    if chunks <= 1 || chunks.saturating_mul(c) > MAX_PARTIALS {
+        for (k, (yc, xc)) in y.chunks_mut(CHUNK).zip(x.chunks(CHUNK)).enumerate() {
+            forward_serial(xc, slope, g, k * CHUNK, yc);
+            let (s, q) = count_chunk(xc, yc, g, k * CHUNK, &mut stats.negative, &mut stats.positive);
+            stats.sum += s;
+            stats.sum_sq += q;
+        }
+        return;
+    }
+    let mut neg = vec![0u64; chunks * c];
+    let mut pos = vec![0u64; chunks * c];
+    let mut moments = vec![(0.0f64, 0.0f64); chunks];
+    y.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .zip(neg.par_chunks_mut(c))
+        .zip(pos.par_chunks_mut(c))
+        .zip(moments.par_iter_mut())
+        .enumerate()
+        .for_each(|(k, ((((yc, xc), nc), pc), m))| {
+            forward_serial(xc, slope, g, k * CHUNK, yc);
+            *m = count_chunk(xc, yc, g, k * CHUNK, nc, pc);
+        });
+    for (row_n, row_p) in neg.chunks_exact(c).zip(pos.chunks_exact(c)) {
+        for ((a, b), (p, q)) in stats
+            .negative
+            .iter_mut()
+            .zip(row_n)
+            .zip(stats.positive.iter_mut().zip(row_p))
+        {
+            *a += b;
+            *p += q;
+        }
+    }
+    for (s, q) in moments {
+        stats.sum += s;
+        stats.sum_sq += q;
+    }
 }
 
 /// Raw pointer that may be shared between rayon tasks writing disjoint ranges.

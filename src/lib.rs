@@ -17,6 +17,7 @@
 //! * [`model`]: MLP and CNN with PyTorch parameter names, BatchNorm;
 //! * [`optim`]: SGD/AdamW with weight-decay groups (slopes never decayed), LR schedules;
 //! * [`train`]: the training loop, run folders, resume, `compare`;
+//! * [`stability`]: negative-path gain, optimal slope, variance propagation by depth;
 //! * [`io`]: atomic writes, safetensors checkpoints;
 //! * [`bench`]: the benchmarks behind `prelu bench`.
 
@@ -36,6 +37,7 @@ pub mod memory;
 pub mod model;
 pub mod ops;
 pub mod optim;
+pub mod stability;
 pub mod train;
 
 pub use activation::{Activation, ActivationLayer, PReLU, PReLUConfig, SlopeConstraint};

@@ -34,9 +34,57 @@ enum Command {
     Train(TrainArgs),
     /// Train the same config with several activations and seeds; one table.
     Compare(CompareArgs),
+    /// Depth stability: negative-path gain, optimal slope, signal and gradient variance by depth.
+    Stability(StabilityArgs),
     /// Measure speed.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Args)]
+struct StabilityArgs {
+    /// Depth of the chain and of the deep MLP.
+    #[arg(long, default_value_t = 100)]
+    depth: usize,
+    /// Width of the deep MLP.
+    #[arg(long, default_value_t = 512)]
+    width: usize,
+    /// Activations to propagate through.
+    #[arg(long, value_delimiter = ',', default_value = "prelu")]
+    act: Vec<String>,
+    /// Init schemes to compare.
+    #[arg(long, value_delimiter = ',', default_value = "he-prelu,he-relu,xavier,std:0.05")]
+    init: Vec<String>,
+    /// PReLU slope a (the initial slope a0 for he-prelu).
+    #[arg(long, default_value_t = 0.25)]
+    alpha: f64,
+    /// Weight of every layer of the scalar chain.
+    #[arg(long, default_value_t = 1.0)]
+    chain_weight: f64,
+    /// Samples per batch of Gaussian input.
+    #[arg(long, default_value_t = 256)]
+    batch: usize,
+    /// Random draws of weights averaged.
+    #[arg(long, default_value_t = 3)]
+    draws: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Write the variance-vs-depth plot here (SVG).
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// Analyse a trained checkpoint (or run folder) on real data instead.
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// Data set for --checkpoint.
+    #[arg(long, default_value = "mnist-small")]
+    data: String,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Test examples used for --checkpoint.
+    #[arg(long, default_value_t = 512)]
+    samples: usize,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -505,12 +553,128 @@ fn bench_train(a: &BenchTrainArgs) -> Result<()> {
     Ok(())
 }
 
+fn cmd_stability(a: &StabilityArgs) -> Result<()> {
+    use prelu::stability;
+    if let Some(ck) = &a.checkpoint {
+        let (model, _, _) = prelu::io::load_model(ck)?;
+        let split = prelu::data::load(&a.data, a.data_dir.as_deref())?;
+        let test = split.test.take(a.samples.max(2));
+        let dev = candle_core::Device::Cpu;
+        let x = candle_core::Tensor::from_slice(&test.images, (test.len(), test.features()), &dev)?;
+        let y = candle_core::Tensor::from_iter(test.labels.iter().map(|&l| l as u32), &dev)?;
+        let layers = stability::model_layers(&model, &x, &y, 4.0)?;
+        if a.json {
+            println!(
+                "{}",
+                serde_json::json!({ "checkpoint": ck, "data": a.data, "samples": test.len(), "layers": layers })
+            );
+            return Ok(());
+        }
+        println!(
+            "{}: per-layer stability on {} {} test images",
+            ck.display(),
+            test.len(),
+            a.data
+        );
+        println!(
+            "{:<7} {:<10} {:>7} {:>11} {:>8} {:>10} {:>14}",
+            "layer", "weights", "slope", "weight gain", "a*", "a (var)", "backward gain"
+        );
+        for l in &layers {
+            println!(
+                "{:<7} {:<10} {:>7.4} {:>11.4} {:>8.4} {:>10} {:>14}",
+                l.layer,
+                l.weights,
+                l.slope,
+                l.weight_gain,
+                l.a_star,
+                l.a_variance.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into()),
+                l.empirical_gain
+                    .map(|v| format!("{v:.4}"))
+                    .unwrap_or_else(|| "-".into())
+            );
+        }
+        for l in layers.iter().filter_map(|l| l.warning.as_ref().map(|w| (l, w))) {
+            println!("warning: {}: {}", l.0.layer, l.1);
+        }
+        println!("weight gain = sqrt(fan_in * mean(w^2)); a* = 1 / weight gain (negative-path optimum);");
+        println!("a (var) = sqrt(2 / gain^2 - 1) keeps variance; backward gain = RMS grad at this act's input / next act's input.");
+        return Ok(());
+    }
+    let ch = stability::chain(&vec![a.chain_weight; a.depth], a.alpha, 1e-3, 1e3);
+    let opts = stability::PropagationOptions {
+        depth: a.depth,
+        width: a.width,
+        batch: a.batch,
+        draws: a.draws,
+        seed: a.seed,
+        ..Default::default()
+    };
+    let pb = spinner();
+    let mut curves = Vec::new();
+    for act in &a.act {
+        let act: prelu::Activation = act.parse().map_err(anyhow::Error::msg)?;
+        for init in &a.init {
+            let init: prelu::InitScheme = init.parse().map_err(anyhow::Error::msg)?;
+            pb.set_message(format!("{init} / {act}: depth {} width {}", a.depth, a.width));
+            curves.push(stability::propagate(init, act, a.alpha, &opts)?);
+        }
+    }
+    pb.finish_and_clear();
+    if let Some(p) = &a.plot {
+        stability::plot_svg(&curves, p)?;
+    }
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({ "chain": ch, "depth": a.depth, "width": a.width, "curves": curves, "plot": a.plot })
+        );
+        return Ok(());
+    }
+    println!(
+        "scalar chain, {} layers, w = {}, a = {}: negative-path gain (a*w)^L = {:.4e}; a* = {:.4}; |gain| < 1e-3 from depth {}, > 1e3 from depth {}",
+        ch.depth,
+        a.chain_weight,
+        a.alpha,
+        ch.gain,
+        ch.a_star,
+        ch.vanishes_at.map(|d| d.to_string()).unwrap_or_else(|| "-".into()),
+        ch.explodes_at.map(|d| d.to_string()).unwrap_or_else(|| "-".into())
+    );
+    println!(
+        "deep MLP, depth {}, width {}, {} draw(s); variance ratios last/first layer:",
+        a.depth, a.width, a.draws
+    );
+    println!(
+        "{:<10} {:<13} {:>10} {:>10} {:>12} {:>12} {:>12}  {}",
+        "init", "act", "chi pred", "chi meas", "fwd ratio", "pred ratio", "bwd ratio", "verdict"
+    );
+    for c in &curves {
+        println!(
+            "{:<10} {:<13} {:>10.4} {:>10.4} {:>12.4e} {:>12.4e} {:>12.4e}  {}",
+            c.init,
+            c.act,
+            c.predicted_factor,
+            c.measured_factor,
+            c.forward_ratio,
+            c.predicted_ratio,
+            c.backward_ratio,
+            c.verdict
+        );
+    }
+    if let Some(p) = &a.plot {
+        println!("plot: {}", p.display());
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     prelu::set_threads(cli.threads)?;
     match &cli.command {
         Command::Demo(a) => cmd_demo(a),
         Command::Train(a) => cmd_train(a),
         Command::Compare(a) => cmd_compare(a),
+        Command::Stability(a) => cmd_stability(a),
         Command::Bench(BenchCommand::Kernels(a)) => bench_kernels(a),
         Command::Bench(BenchCommand::Train(a)) => bench_train(a),
     }
