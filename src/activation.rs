@@ -283,6 +283,19 @@ impl ActivationLayer {
         })
     }
 
+    /// Forward pass that also records the sentinel's statistics of the input
+    /// (counted inside the fused kernel for PReLU and Leaky ReLU).
+    pub fn forward_counting(&self, xs: &Tensor, stats: &ops::SharedStats) -> Result<Tensor> {
+        match self {
+            ActivationLayer::Relu => ops::relu_counting(xs, stats),
+            ActivationLayer::LeakyRelu(a) => {
+                let slope = Tensor::full(*a, 1, xs.device())?.to_dtype(xs.dtype())?;
+                ops::prelu_counting(xs, &slope, SlopeAxis::Shared, stats)
+            }
+            ActivationLayer::PRelu(p) => ops::prelu_counting(xs, &p.slope()?, p.config().axis, stats),
+        }
+    }
+
     /// The PReLU layer, if this is one.
     pub fn prelu(&self) -> Option<&PReLU> {
         match self {

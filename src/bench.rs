@@ -259,9 +259,15 @@ pub struct TrainBenchReport {
     pub mlp_batch: usize,
     pub cnn_batch: usize,
     pub steps: usize,
+    /// The same steps with the diagnostic sentinel collecting statistics.
+    pub mlp_sentinel_step_ms: f64,
+    pub cnn_sentinel_step_ms: f64,
+    /// `sentinel / plain` step time.
+    pub sentinel_overhead_mlp: f64,
+    pub sentinel_overhead_cnn: f64,
 }
 
-fn step_time(arch: crate::model::Arch, batch: usize, steps: usize) -> Result<f64> {
+fn step_time(arch: crate::model::Arch, batch: usize, steps: usize, sentinel: bool) -> Result<f64> {
     use crate::model::{Model, ModelSpec};
     use crate::optim::{Optimizer, OptimizerKind};
     let dev = Device::Cpu;
@@ -276,6 +282,7 @@ fn step_time(arch: crate::model::Arch, batch: usize, steps: usize) -> Result<f64
         classes: 10,
         input_mean: 0.13,
         input_std: 0.31,
+        bias_init: 0.0,
     };
     let model = Model::new(&spec, 0, &dev)?;
     let mut opt = Optimizer::new(OptimizerKind::Sgd { momentum: 0.9 }, 0.0, model.params(), false)?;
@@ -284,9 +291,17 @@ fn step_time(arch: crate::model::Arch, batch: usize, steps: usize) -> Result<f64
     let y: Vec<u32> = (0..batch).map(|_| rng.random_range(0..10u32)).collect();
     let x = Tensor::from_vec(x, (batch, 784), &dev)?;
     let y = Tensor::from_vec(y, batch, &dev)?;
+    let mut sen = sentinel.then(|| crate::sentinel::Sentinel::new(&model, Default::default()));
     median_secs(steps, || {
-        let loss = candle_nn::loss::cross_entropy(&model.forward_t(&x, true)?, &y)?;
+        let logits = match &sen {
+            Some(s) => model.forward_counting(&x, true, s.handles())?,
+            None => model.forward_t(&x, true)?,
+        };
+        let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
         let g = loss.backward()?;
+        if let Some(s) = sen.as_mut() {
+            s.after_backward(&g)?;
+        }
         opt.step(&g, 0.01)
     })
 }
@@ -297,9 +312,13 @@ pub fn train(o: &TrainBenchOptions, mut progress: impl FnMut(&str)) -> Result<Tr
         candle_core::bail!("bench train: steps and batch sizes must be at least 1");
     }
     progress("MLP 784-512-512-10 steps");
-    let mlp = step_time(crate::model::Arch::mlp_default(), o.mlp_batch, o.steps)?;
+    let mlp = step_time(crate::model::Arch::mlp_default(), o.mlp_batch, o.steps, false)?;
+    progress("MLP steps with the sentinel");
+    let mlp_s = step_time(crate::model::Arch::mlp_default(), o.mlp_batch, o.steps, true)?;
     progress("CNN (conv 32, conv 64, pool, 9216-128-10) steps");
-    let cnn = step_time(crate::model::Arch::cnn_reference(), o.cnn_batch, o.steps)?;
+    let cnn = step_time(crate::model::Arch::cnn_reference(), o.cnn_batch, o.steps, false)?;
+    progress("CNN steps with the sentinel");
+    let cnn_s = step_time(crate::model::Arch::cnn_reference(), o.cnn_batch, o.steps, true)?;
     Ok(TrainBenchReport {
         threads: rayon::current_num_threads(),
         mlp_step_ms: mlp * 1e3,
@@ -307,5 +326,9 @@ pub fn train(o: &TrainBenchOptions, mut progress: impl FnMut(&str)) -> Result<Tr
         mlp_batch: o.mlp_batch,
         cnn_batch: o.cnn_batch,
         steps: o.steps,
+        mlp_sentinel_step_ms: mlp_s * 1e3,
+        cnn_sentinel_step_ms: cnn_s * 1e3,
+        sentinel_overhead_mlp: mlp_s / mlp,
+        sentinel_overhead_cnn: cnn_s / cnn,
     })
 }

@@ -495,6 +495,24 @@ pub fn forward_counting<T: Float>(x: &[T], slope: &[T], g: SlopeGeometry, y: &mu
     }
 }
 
+/// Sign counts of `x` per channel and the moments of `relu(x)`, for ReLU
+/// layers (one read of `x`).
+pub fn count_relu<T: Float>(x: &[T], g: SlopeGeometry, stats: &mut ForwardStats) {
+    stats.count += x.len() as u64;
+    for (k, xc) in x.chunks(CHUNK).enumerate() {
+        for r in Runs::new(g, k * CHUNK, xc.len()) {
+            for (j, &v) in xc[r.off..r.off + r.len].iter().enumerate() {
+                let c = if r.constant { r.c } else { r.c + j };
+                stats.negative[c] += (v < T::ZERO) as u64;
+                stats.positive[c] += (v > T::ZERO) as u64;
+                let y = if v > T::ZERO { v.to_f64() } else { 0.0 };
+                stats.sum += y;
+                stats.sum_sq += y * y;
+            }
+        }
+    }
+}
+
 /// Raw pointer that may be shared between rayon tasks writing disjoint ranges.
 #[derive(Clone, Copy)]
 struct SharedMut<T>(*mut T);

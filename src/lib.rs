@@ -17,6 +17,7 @@
 //! * [`model`]: MLP and CNN with PyTorch parameter names, BatchNorm;
 //! * [`optim`]: SGD/AdamW with weight-decay groups (slopes never decayed), LR schedules;
 //! * [`train`]: the training loop, run folders, resume, `compare`;
+//! * [`sentinel`]: dying units, negative share, idle slopes, gradient flow, alarms;
 //! * [`stability`]: negative-path gain, optimal slope, variance propagation by depth;
 //! * [`io`]: atomic writes, safetensors checkpoints;
 //! * [`bench`]: the benchmarks behind `prelu bench`.
@@ -37,6 +38,7 @@ pub mod memory;
 pub mod model;
 pub mod ops;
 pub mod optim;
+pub mod sentinel;
 pub mod stability;
 pub mod train;
 

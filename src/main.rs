@@ -34,11 +34,34 @@ enum Command {
     Train(TrainArgs),
     /// Train the same config with several activations and seeds; one table.
     Compare(CompareArgs),
+    /// Sentinel statistics of a trained model over a data set: negative shares, dead/idle/linear units.
+    Diagnose(DiagnoseArgs),
     /// Depth stability: negative-path gain, optimal slope, signal and gradient variance by depth.
     Stability(StabilityArgs),
     /// Measure speed.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Args)]
+struct DiagnoseArgs {
+    /// A checkpoint (.safetensors) or a run folder.
+    checkpoint: PathBuf,
+    /// Data set (default: the run's own data set, else mnist-small).
+    #[arg(long)]
+    data: Option<String>,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Which split to run over.
+    #[arg(long, default_value = "test")]
+    split: String,
+    /// Use only the first N examples.
+    #[arg(long)]
+    limit: Option<usize>,
+    #[arg(long, default_value_t = 500)]
+    batch_size: usize,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -161,6 +184,18 @@ struct ConfigArgs {
     /// Testing aid: make the loss NaN at this global step.
     #[arg(long, hide = true)]
     fault_nan_step: Option<u64>,
+    /// Turn the diagnostic sentinel off.
+    #[arg(long)]
+    no_sentinel: bool,
+    /// Sentinel: alarm when more than this share of a layer's units is dead (stuck for PReLU).
+    #[arg(long)]
+    alarm_dead_share: Option<f64>,
+    /// Sentinel: epochs a slope must stay idle before the alarm.
+    #[arg(long)]
+    alarm_idle_epochs: Option<usize>,
+    /// Testing aid / demo: add this constant to every hidden bias at init.
+    #[arg(long, allow_hyphen_values = true)]
+    bias_init: Option<f64>,
 }
 
 impl ConfigArgs {
@@ -201,6 +236,18 @@ impl ConfigArgs {
             c.fault_nan_step = self.fault_nan_step;
         }
         c.batch_norm |= self.batch_norm;
+        if self.no_sentinel {
+            c.sentinel = false;
+        }
+        if let Some(v) = self.alarm_dead_share {
+            c.alarms.dead_share = v;
+        }
+        if let Some(v) = self.alarm_idle_epochs {
+            c.alarms.idle_epochs = v;
+        }
+        if let Some(v) = self.bias_init {
+            c.bias_init = v;
+        }
         c.decay_bn |= self.decay_bn;
         c.resolve()?;
         Ok(c)
@@ -468,12 +515,55 @@ fn cmd_demo(a: &DemoArgs) -> Result<()> {
             b.on(e)
         }
     })?;
+    // The dying-ReLU demonstration: hidden biases shifted to -2.75 at init.
+    eprintln!("prelu demo: the same, with every hidden bias shifted to -2.75 at init (dying ReLU)");
+    let dying_cfg = TrainConfig {
+        bias_init: -2.75,
+        ..cfg.clone()
+    };
+    let dying = train::compare(
+        &dying_cfg,
+        &["relu".into(), "prelu".into()],
+        1,
+        &a.out.join("dying"),
+        &mut |label, e| {
+            if p.as_ref().map(|(l, _)| l != label).unwrap_or(true) {
+                p = Some((label.to_string(), TrainProgress::new(label)));
+            }
+            if let Some((_, b)) = p.as_mut() {
+                b.on(e)
+            }
+        },
+    )?;
+    let sentinel: Vec<_> = dying
+        .iter()
+        .map(|r| train::last_sentinel(&r.run_dirs[0]).unwrap_or_default())
+        .collect();
     if a.json {
-        println!("{}", serde_json::json!({ "rows": rows }));
+        println!(
+            "{}",
+            serde_json::json!({ "rows": rows, "dying": dying, "dying_sentinel": sentinel })
+        );
         return Ok(());
     }
     print_compare(&rows);
-    for r in &rows {
+    println!();
+    println!("dying ReLU (hidden biases -2.75 at init), sentinel over the last epoch:");
+    for (r, layers) in dying.iter().zip(&sentinel) {
+        let per: Vec<String> = layers
+            .iter()
+            .map(|l| {
+                let (what, n) = if l.slopes.is_empty() {
+                    ("dead", l.dead.len())
+                } else {
+                    ("stuck", l.stuck.len())
+                };
+                format!("{} {}/{} {what}", l.layer, n, l.channels)
+            })
+            .collect();
+        println!("  {:<6} test acc {:.4}  {}", r.act, r.final_mean, per.join(", "));
+    }
+    for r in rows.iter().chain(&dying) {
         println!("{:<6} run folder: {}", r.act, r.run_dirs[0].display());
     }
     Ok(())
@@ -550,6 +640,115 @@ fn bench_train(a: &BenchTrainArgs) -> Result<()> {
             r.cnn_batch, r.cnn_step_ms
         );
     }
+    Ok(())
+}
+
+fn list(v: &[usize]) -> String {
+    if v.is_empty() {
+        return "-".into();
+    }
+    let mut s = v.iter().take(12).map(|c| c.to_string()).collect::<Vec<_>>().join(",");
+    if v.len() > 12 {
+        s.push_str(&format!(",... ({} in all)", v.len()));
+    }
+    s
+}
+
+fn cmd_diagnose(a: &DiagnoseArgs) -> Result<()> {
+    let (model, _, _) = prelu::io::load_model(&a.checkpoint)?;
+    // Default data: the run folder's own config, else the built-in subset.
+    let run_cfg = a
+        .checkpoint
+        .is_dir()
+        .then(|| TrainConfig::from_toml_file(&a.checkpoint.join("config.toml")).ok())
+        .flatten();
+    let data = a
+        .data
+        .clone()
+        .or_else(|| run_cfg.as_ref().map(|c| c.data.clone()))
+        .unwrap_or_else(|| "mnist-small".into());
+    let data_dir = a.data_dir.clone().or_else(|| run_cfg.and_then(|c| c.data_dir));
+    let split = prelu::data::load(&data, data_dir.as_deref())?;
+    let ds = match a.split.as_str() {
+        "test" => split.test,
+        "train" => split.train,
+        o => anyhow::bail!("--split must be train or test, got `{o}`"),
+    };
+    let ds = ds.take(a.limit.unwrap_or(usize::MAX));
+    if ds.is_empty() || a.batch_size == 0 {
+        anyhow::bail!("nothing to diagnose: empty data or batch size 0");
+    }
+    let pb = spinner();
+    pb.set_message(format!("running the sentinel over {} {} examples", ds.len(), data));
+    let d = prelu::sentinel::diagnose(&model, &ds, a.batch_size, Default::default())?;
+    pb.finish_and_clear();
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({ "checkpoint": a.checkpoint, "data": data, "split": a.split, "diagnosis": d })
+        );
+        return Ok(());
+    }
+    println!(
+        "{}: {} {} examples, accuracy {:.4}, loss {:.4}",
+        a.checkpoint.display(),
+        d.examples,
+        data,
+        d.accuracy,
+        d.loss
+    );
+    println!(
+        "{:<7} {:<13} {:>5} {:>8} {:>6} {:>6} {:>6} {:>6} {:>22} {:>10}",
+        "layer", "kind", "units", "neg", "dead", "stuck", "linear", "idle", "slope mean [min, max]", "|grad W|"
+    );
+    for l in &d.layers {
+        let slope = if l.slopes.is_empty() {
+            "-".to_string()
+        } else {
+            let (mn, mx) = l
+                .slopes
+                .iter()
+                .fold((f64::MAX, f64::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+            format!(
+                "{:.3} [{:.3}, {:.3}]",
+                l.slopes.iter().sum::<f64>() / l.slopes.len() as f64,
+                mn,
+                mx
+            )
+        };
+        println!(
+            "{:<7} {:<13} {:>5} {:>7.1}% {:>6} {:>6} {:>6} {:>6} {:>22} {:>10}",
+            l.layer,
+            l.kind,
+            l.channels,
+            100.0 * l.negative_share,
+            l.dead.len(),
+            l.stuck.len(),
+            l.linear.len(),
+            l.idle.len(),
+            slope,
+            l.weight_grad_norm
+                .map(|g| format!("{g:.3e}"))
+                .unwrap_or_else(|| "-".into())
+        );
+    }
+    for l in &d.layers {
+        println!(
+            "{}: dead [{}]  idle [{}]  linear [{}]",
+            l.layer,
+            list(&l.dead),
+            list(&l.idle),
+            list(&l.linear)
+        );
+    }
+    for (name, h) in &d.slope_histograms {
+        println!("{name} slopes in [{:.3}, {:.3}], 10 bins: {:?}", h.lo, h.hi, h.counts);
+    }
+    for al in &d.alarms {
+        println!("alarm: {}", al.message);
+    }
+    println!("neg = share of negative pre-activations; dead = never positive; stuck = dead PReLU with |slope| < 0.01;");
+    println!("linear = never negative; idle = slope with < 0.5% negative inputs or zero gradient on this data.");
     Ok(())
 }
 
@@ -675,6 +874,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Train(a) => cmd_train(a),
         Command::Compare(a) => cmd_compare(a),
         Command::Stability(a) => cmd_stability(a),
+        Command::Diagnose(a) => cmd_diagnose(a),
         Command::Bench(BenchCommand::Kernels(a)) => bench_kernels(a),
         Command::Bench(BenchCommand::Train(a)) => bench_train(a),
     }

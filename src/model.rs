@@ -79,6 +79,10 @@ pub struct ModelSpec {
     /// inputs stay in pixel space `[0, 1]`.
     pub input_mean: f32,
     pub input_std: f32,
+    /// Initial value of every hidden bias (0 normally; a negative shift
+    /// reproduces the dying-ReLU failure).
+    #[serde(default)]
+    pub bias_init: f64,
 }
 
 impl ModelSpec {
@@ -94,6 +98,9 @@ impl ModelSpec {
         }
         if !(self.input_std > 0.0) || !self.input_mean.is_finite() {
             bail!("model: input normalisation needs a finite mean and std > 0");
+        }
+        if !self.bias_init.is_finite() {
+            bail!("model: bias init must be finite");
         }
         if !self.alpha_init.is_finite() {
             bail!("model: --alpha-init must be finite");
@@ -304,7 +311,8 @@ impl Model {
                 .init
                 .sample(&[out, fan_in], next, spec.alpha_init, dt, device, rng)?;
             let weight = Var::from_tensor(&w)?;
-            let bias = Var::from_tensor(&Tensor::zeros(out, dt, device)?)?;
+            let b0 = if head { 0.0 } else { spec.bias_init };
+            let bias = Var::from_tensor(&Tensor::full(b0 as f32, out, device)?)?;
             m.params.push(Param {
                 name: format!("{name}.weight"),
                 var: weight.clone(),
@@ -355,7 +363,7 @@ impl Model {
                         &mut rng,
                     )?;
                     let weight = Var::from_tensor(&wt)?;
-                    let bias = Var::from_tensor(&Tensor::zeros(co, dt, device)?)?;
+                    let bias = Var::from_tensor(&Tensor::full(spec.bias_init as f32, co, device)?)?;
                     m.params.push(Param {
                         name: format!("convs.{i}.weight"),
                         var: weight.clone(),
@@ -408,7 +416,13 @@ impl Model {
     /// Logits for a batch of images `[N, C*H*W]` (or `[N, C, H, W]`) in pixel
     /// space `[0, 1]`. `train` selects batch statistics in BatchNorm.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.forward_inspect(x, train, &mut |_, _| Ok(()))
+        self.forward_full(x, train, None, &mut |_, _| Ok(()))
+    }
+
+    /// Like [`Model::forward_t`], adding each activation layer's input
+    /// statistics into `stats[i]` (the diagnostic sentinel).
+    pub fn forward_counting(&self, x: &Tensor, train: bool, stats: &[crate::ops::SharedStats]) -> Result<Tensor> {
+        self.forward_full(x, train, Some(stats), &mut |_, _| Ok(()))
     }
 
     /// Like [`Model::forward_t`], and calls `inspect(i, pre)` with the input of
@@ -417,6 +431,16 @@ impl Model {
         &self,
         x: &Tensor,
         train: bool,
+        inspect: &mut dyn FnMut(usize, &Tensor) -> Result<()>,
+    ) -> Result<Tensor> {
+        self.forward_full(x, train, None, inspect)
+    }
+
+    fn forward_full(
+        &self,
+        x: &Tensor,
+        train: bool,
+        stats: Option<&[crate::ops::SharedStats]>,
         inspect: &mut dyn FnMut(usize, &Tensor) -> Result<()>,
     ) -> Result<Tensor> {
         let [c, h, w] = self.spec.input;
@@ -439,7 +463,10 @@ impl Model {
                 Block::Act(a) => {
                     inspect(act_i, &t)?;
                     act_i += 1;
-                    a.forward(&t)?
+                    match stats.and_then(|s| s.get(act_i - 1)) {
+                        Some(st) => a.forward_counting(&t, st)?,
+                        None => a.forward(&t)?,
+                    }
                 }
                 Block::MaxPool2 => crate::conv::max_pool2(&t)?,
             };
@@ -535,7 +562,9 @@ impl Model {
             if !finite {
                 bail!("checkpoint tensor `{name}` contains NaN or infinity");
             }
-            var.set(&v)?;
+            // A fresh copy: `set` refuses a tensor sharing the variable's storage
+            // (as the model's own `state_dict` does).
+            var.set(&v.copy()?)?;
         }
         Ok(())
     }

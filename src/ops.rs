@@ -141,6 +141,21 @@ fn same_float_dtype(name: &str, a: &CpuStorage, b: &CpuStorage) -> Result<DType>
 
 struct PreluFwd {
     axis: SlopeAxis,
+    stats: Option<SharedStats>,
+}
+
+/// Forward statistics shared between the caller and the op (the sentinel).
+pub type SharedStats = std::sync::Arc<std::sync::Mutex<kernels::ForwardStats>>;
+
+fn add_stats(shared: &SharedStats, local: &kernels::ForwardStats) -> Result<()> {
+    let mut s = shared
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("sentinel statistics lock poisoned".into()))?;
+    if s.negative.len() != local.negative.len() {
+        *s = kernels::ForwardStats::new(local.negative.len());
+    }
+    s.merge(local);
+    Ok(())
 }
 
 impl PreluFwd {
@@ -155,7 +170,14 @@ impl PreluFwd {
         let x = logical(s1.as_slice::<T>()?, l1);
         let a = logical(s2.as_slice::<T>()?, l2);
         let mut y = vec![T::ZERO; x.len()];
-        kernels::forward(&x, &a, g, &mut y);
+        match &self.stats {
+            None => kernels::forward(&x, &a, g, &mut y),
+            Some(shared) => {
+                let mut local = kernels::ForwardStats::new(g.channels);
+                kernels::forward_counting(&x, &a, g, &mut y, &mut local);
+                add_stats(shared, &local)?;
+            }
+        }
         Ok((T::to_cpu_storage_owned(y), l1.shape().clone()))
     }
 }
@@ -250,7 +272,73 @@ pub fn prelu(x: &Tensor, slope: &Tensor, axis: SlopeAxis) -> Result<Tensor> {
     }
     // Check shapes here too, so that errors name the caller's shapes before any work.
     slope_geometry(x.dims(), slope.dims(), axis)?;
-    x.apply_op2(slope, PreluFwd { axis })
+    x.apply_op2(slope, PreluFwd { axis, stats: None })
+}
+
+/// [`prelu`] that also adds, in the same pass, the per-channel counts of
+/// negative and positive inputs and the output moments into `stats`.
+pub fn prelu_counting(x: &Tensor, slope: &Tensor, axis: SlopeAxis, stats: &SharedStats) -> Result<Tensor> {
+    if !x.device().is_cpu() {
+        bail!(
+            "prelu: the fused kernels run on the CPU; got a tensor on {:?}",
+            x.device().location()
+        );
+    }
+    slope_geometry(x.dims(), slope.dims(), axis)?;
+    x.apply_op2(
+        slope,
+        PreluFwd {
+            axis,
+            stats: Some(stats.clone()),
+        },
+    )
+}
+
+/// Counts signs of `x` per channel (dim 1) and the moments of `relu(x)` into
+/// `stats`, for ReLU layers (whose forward is candle's exact `relu`).
+struct CountRelu {
+    stats: SharedStats,
+}
+
+impl CountRelu {
+    fn run<T: Float + WithDType>(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let c = if l.dims().len() >= 2 { l.dims()[1] } else { 1 };
+        let g = slope_geometry(
+            l.dims(),
+            &[c],
+            if l.dims().len() >= 2 {
+                SlopeAxis::ChannelFirst
+            } else {
+                SlopeAxis::Shared
+            },
+        )?;
+        let x = logical(s.as_slice::<T>()?, l);
+        let mut local = kernels::ForwardStats::new(g.channels);
+        kernels::count_relu(&x, g, &mut local);
+        add_stats(&self.stats, &local)?;
+        Ok((T::to_cpu_storage_owned(vec![]), Shape::from(0)))
+    }
+}
+
+impl candle_core::CustomOp1 for CountRelu {
+    fn name(&self) -> &'static str {
+        "count-relu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        match s.dtype() {
+            DType::F32 => self.run::<f32>(s, l),
+            DType::F64 => self.run::<f64>(s, l),
+            d => bail!("relu statistics: only f32 and f64 are supported, got {d:?}"),
+        }
+    }
+}
+
+/// ReLU (candle's exact `relu`) that also records the sentinel statistics of
+/// its input; the counting is one extra read of `x`.
+pub fn relu_counting(x: &Tensor, stats: &SharedStats) -> Result<Tensor> {
+    x.apply_op1_no_bwd(&CountRelu { stats: stats.clone() })?;
+    x.relu()
 }
 
 /// Gradients of PReLU given the upstream gradient `dy`, in one pass:

@@ -68,6 +68,12 @@ pub struct TrainConfig {
     pub log_every: usize,
     /// Testing aid: make the loss NaN at this global step.
     pub fault_nan_step: Option<u64>,
+    /// Initial value of every hidden bias (a negative shift kills ReLU units).
+    pub bias_init: f64,
+    /// Run the diagnostic sentinel (per-epoch layer statistics and alarms).
+    pub sentinel: bool,
+    /// The sentinel's alarm thresholds.
+    pub alarms: crate::sentinel::SentinelConfig,
 }
 
 impl Default for TrainConfig {
@@ -96,6 +102,9 @@ impl Default for TrainConfig {
             test_limit: None,
             log_every: 50,
             fault_nan_step: None,
+            bias_init: 0.0,
+            sentinel: true,
+            alarms: crate::sentinel::SentinelConfig::default(),
         }
     }
 }
@@ -221,6 +230,7 @@ impl TrainConfig {
             classes: data::CLASSES,
             input_mean: mean,
             input_std: std,
+            bias_init: self.bias_init,
         }
     }
 
@@ -267,6 +277,24 @@ pub enum MetricsLine {
         lr: f64,
     },
     Epoch(EpochMetrics),
+    /// The sentinel's per-layer statistics of an epoch.
+    Sentinel {
+        epoch: usize,
+        layers: Vec<crate::sentinel::LayerReport>,
+    },
+    /// An alarm, written when first raised.
+    Alarm(crate::sentinel::Alarm),
+}
+
+impl MetricsLine {
+    /// The epoch a line belongs to.
+    pub fn epoch(&self) -> usize {
+        match self {
+            MetricsLine::Step { epoch, .. } | MetricsLine::Sentinel { epoch, .. } => *epoch,
+            MetricsLine::Epoch(m) => m.epoch,
+            MetricsLine::Alarm(a) => a.epoch,
+        }
+    }
 }
 
 /// Per-epoch metrics.
@@ -444,10 +472,7 @@ pub fn train(cfg: &TrainConfig, run_dir: &Path, resume: bool, on: &mut dyn FnMut
         // Keep exactly the metrics of the checkpointed epochs.
         let keep: Vec<MetricsLine> = read_metrics(run_dir)?
             .into_iter()
-            .filter(|l| match l {
-                MetricsLine::Step { epoch, .. } => *epoch <= start_epoch,
-                MetricsLine::Epoch(m) => m.epoch <= start_epoch,
-            })
+            .filter(|l| l.epoch() <= start_epoch)
             .collect();
         rewrite_metrics(run_dir, &keep)?;
         on(Event::Message(format!(
@@ -476,6 +501,7 @@ pub fn train(cfg: &TrainConfig, run_dir: &Path, resume: bool, on: &mut dyn FnMut
     let t_run = Instant::now();
     let mut last: Option<EpochMetrics> = None;
     let mut samples_total = 0usize;
+    let mut sentinel = cfg.sentinel.then(|| crate::sentinel::Sentinel::new(&model, cfg.alarms));
     for epoch in start_epoch..cfg.epochs {
         on(Event::EpochStart {
             epoch: epoch + 1,
@@ -494,7 +520,10 @@ pub fn train(cfg: &TrainConfig, run_dir: &Path, resume: bool, on: &mut dyn FnMut
             }
             let x = Tensor::from_slice(&xb, (batch.len(), f), &dev)?;
             let y = Tensor::from_iter(batch.iter().map(|&i| train.labels[i] as u32), &dev)?;
-            let logits = model.forward_t(&x, true)?;
+            let logits = match &sentinel {
+                Some(s) => model.forward_counting(&x, true, s.handles())?,
+                None => model.forward_t(&x, true)?,
+            };
             let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
             let mut lv = loss.to_scalar::<f32>()? as f64;
             if cfg.fault_nan_step == Some(step) {
@@ -510,6 +539,9 @@ pub fn train(cfg: &TrainConfig, run_dir: &Path, resume: bool, on: &mut dyn FnMut
             }
             lr = r.schedule.lr(cfg.lr, epoch, step as usize, steps_per_epoch, cfg.epochs);
             let grads = loss.backward()?;
+            if let Some(s) = sentinel.as_mut() {
+                s.after_backward(&grads)?;
+            }
             opt.step(&grads, lr)?;
             model.project()?;
             step += 1;
@@ -554,6 +586,24 @@ pub fn train(cfg: &TrainConfig, run_dir: &Path, resume: bool, on: &mut dyn FnMut
             slopes: slope_summaries(&model)?,
         };
         writeln!(metrics, "{}", serde_json::to_string(&MetricsLine::Epoch(m.clone()))?)?;
+        if let Some(s) = sentinel.as_mut() {
+            let (layers, alarms) = s.end_epoch(&model, epoch + 1)?;
+            writeln!(
+                metrics,
+                "{}",
+                serde_json::to_string(&MetricsLine::Sentinel {
+                    epoch: epoch + 1,
+                    layers
+                })?
+            )?;
+            for a in alarms {
+                on(Event::Message(format!(
+                    "sentinel alarm (epoch {}): {}",
+                    a.epoch, a.message
+                )));
+                writeln!(metrics, "{}", serde_json::to_string(&MetricsLine::Alarm(a))?)?;
+            }
+        }
         metrics.flush()?;
         let (extra, optimizer_steps) = opt.state();
         let prog = CheckpointProgress {
@@ -670,4 +720,12 @@ pub fn compare(
         rows.push(row);
     }
     Ok(rows)
+}
+
+/// The sentinel's layer reports of the last epoch in a run folder, if any.
+pub fn last_sentinel(run_dir: &Path) -> Option<Vec<crate::sentinel::LayerReport>> {
+    read_metrics(run_dir).ok()?.into_iter().rev().find_map(|l| match l {
+        MetricsLine::Sentinel { layers, .. } => Some(layers),
+        _ => None,
+    })
 }

@@ -123,6 +123,7 @@ fn spec(arch: Arch, act: Activation, bn: bool) -> ModelSpec {
         classes: 10,
         input_mean: 0.1,
         input_std: 0.3,
+        bias_init: 0.0,
     }
 }
 
