@@ -436,13 +436,27 @@ fn count_chunk<T: Float>(
             }
         }
     }
-    let (mut s, mut q) = (0.0f64, 0.0f64);
-    for &v in y {
-        let v = v.to_f64();
-        s += v;
-        q += v * v;
+    moments(y)
+}
+
+/// Sum and sum of squares, accumulated in f64 over eight independent lanes so
+/// the loop vectorises (fixed lane order: deterministic).
+pub fn moments<T: Float>(y: &[T]) -> (f64, f64) {
+    let (mut s, mut q) = ([0.0f64; 8], [0.0f64; 8]);
+    let mut it = y.chunks_exact(8);
+    for c in &mut it {
+        for k in 0..8 {
+            let v = c[k].to_f64();
+            s[k] += v;
+            q[k] += v * v;
+        }
     }
-    (s, q)
+    for (k, &v) in it.remainder().iter().enumerate() {
+        let v = v.to_f64();
+        s[k] += v;
+        q[k] += v * v;
+    }
+    (s.iter().sum(), q.iter().sum())
 }
 
 /// [`forward`] that also adds per-channel sign counts of `x` and the output

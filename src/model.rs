@@ -416,13 +416,21 @@ impl Model {
     /// Logits for a batch of images `[N, C*H*W]` (or `[N, C, H, W]`) in pixel
     /// space `[0, 1]`. `train` selects batch statistics in BatchNorm.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.forward_full(x, train, None, &mut |_, _| Ok(()))
+        self.forward_full(x, train, None, None, &mut |_, _| Ok(()))
+    }
+
+    /// Like [`Model::forward_t`], with `probes[i]` (zeros shaped like the
+    /// `i`-th activation's input) added to that input: the gradient of a probe
+    /// is the gradient at the pre-activation, which candle does not keep for
+    /// intermediate tensors.
+    pub fn forward_probed(&self, x: &Tensor, train: bool, probes: &[Var]) -> Result<Tensor> {
+        self.forward_full(x, train, None, Some(probes), &mut |_, _| Ok(()))
     }
 
     /// Like [`Model::forward_t`], adding each activation layer's input
     /// statistics into `stats[i]` (the diagnostic sentinel).
     pub fn forward_counting(&self, x: &Tensor, train: bool, stats: &[crate::ops::SharedStats]) -> Result<Tensor> {
-        self.forward_full(x, train, Some(stats), &mut |_, _| Ok(()))
+        self.forward_full(x, train, Some(stats), None, &mut |_, _| Ok(()))
     }
 
     /// Like [`Model::forward_t`], and calls `inspect(i, pre)` with the input of
@@ -433,7 +441,7 @@ impl Model {
         train: bool,
         inspect: &mut dyn FnMut(usize, &Tensor) -> Result<()>,
     ) -> Result<Tensor> {
-        self.forward_full(x, train, None, inspect)
+        self.forward_full(x, train, None, None, inspect)
     }
 
     fn forward_full(
@@ -441,6 +449,7 @@ impl Model {
         x: &Tensor,
         train: bool,
         stats: Option<&[crate::ops::SharedStats]>,
+        probes: Option<&[Var]>,
         inspect: &mut dyn FnMut(usize, &Tensor) -> Result<()>,
     ) -> Result<Tensor> {
         let [c, h, w] = self.spec.input;
@@ -461,6 +470,9 @@ impl Model {
                 Block::Conv { weight, bias, padding } => crate::conv::conv2d(&t, weight, bias, *padding)?,
                 Block::BatchNorm(bn) => bn.forward_t(&t, train)?,
                 Block::Act(a) => {
+                    if let Some(p) = probes.and_then(|p| p.get(act_i)) {
+                        t = (t + p.as_tensor())?;
+                    }
                     inspect(act_i, &t)?;
                     act_i += 1;
                     match stats.and_then(|s| s.get(act_i - 1)) {

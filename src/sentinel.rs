@@ -127,7 +127,7 @@ fn kind_of(a: &ActivationLayer) -> String {
 }
 
 fn norm(t: &Tensor) -> Result<f64> {
-    Ok((t.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?).sqrt())
+    crate::ops::l2_norm(t)
 }
 
 impl Sentinel {
@@ -186,9 +186,9 @@ impl Sentinel {
             }
             if let Some(g) = l.slope.as_ref().and_then(|s| grads.get(s.as_tensor())) {
                 l.slope_norm_sum += norm(g)?;
-                let v = g.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+                let v = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                 for (a, b) in l.slope_abs.iter_mut().zip(v) {
-                    *a += b.abs();
+                    *a += b.abs() as f64;
                 }
             }
         }

@@ -148,6 +148,14 @@ fn verdict(ratio: f64, band: f64) -> String {
     }
 }
 
+/// A `[rows, cols]` tensor of standard normal values from a seeded generator
+/// (candle's own `randn` is not seedable, and runs must be reproducible).
+fn gaussian(rng: &mut rand::rngs::StdRng, rows: usize, cols: usize) -> Result<Tensor> {
+    use rand_distr::{Distribution, StandardNormal};
+    let v: Vec<f32> = (0..rows * cols).map(|_| StandardNormal.sample(rng)).collect();
+    Tensor::from_vec(v, (rows, cols), &Device::Cpu)
+}
+
 /// Pushes Gaussian input through a deep MLP (`depth` square layers of
 /// `width`, no bias) and a Gaussian gradient back, and records variances.
 pub fn propagate(init: InitScheme, act: Activation, alpha: f64, o: &PropagationOptions) -> Result<PropagationCurve> {
@@ -170,7 +178,7 @@ pub fn propagate(init: InitScheme, act: Activation, alpha: f64, o: &PropagationO
         let ws: Vec<Tensor> = (0..o.depth)
             .map(|_| init.sample(&shape, act, alpha, DType::F32, &dev, &mut rng))
             .collect::<Result<_>>()?;
-        let mut x = Tensor::randn(0f32, 1.0, (o.batch, o.width), &dev)?;
+        let mut x = gaussian(&mut rng, o.batch, o.width)?;
         let mut pre = Vec::with_capacity(o.depth);
         for (l, w) in ws.iter().enumerate() {
             let h = x.matmul(&w.t()?)?;
@@ -178,7 +186,7 @@ pub fn propagate(init: InitScheme, act: Activation, alpha: f64, o: &PropagationO
             x = layer.forward(&h)?;
             pre.push(h);
         }
-        let mut g = Tensor::randn(0f32, 1.0, (o.batch, o.width), &dev)?;
+        let mut g = gaussian(&mut rng, o.batch, o.width)?;
         for l in (0..o.depth).rev() {
             bwd[l] += g.sqr()?.mean_all()?.to_scalar::<f32>()? as f64 / o.draws as f64;
             if l > 0 {
@@ -237,17 +245,23 @@ pub struct LayerStability {
 /// Per-layer stability of a trained model on a batch `x` (pixels in [0, 1])
 /// with labels `y`.
 pub fn model_layers(model: &Model, x: &Tensor, y: &Tensor, far: f64) -> Result<Vec<LayerStability>> {
-    let mut pre: Vec<Tensor> = Vec::new();
-    let logits = model.forward_inspect(x, false, &mut |_, t| {
-        pre.push(t.clone());
+    // Shapes of the activation inputs, then zero probes there to read their gradients.
+    let mut shapes = Vec::new();
+    model.forward_inspect(x, false, &mut |_, t| {
+        shapes.push(t.shape().clone());
         Ok(())
     })?;
+    let probes: Vec<Var> = shapes
+        .iter()
+        .map(|s| Var::zeros(s, DType::F32, x.device()))
+        .collect::<Result<_>>()?;
+    let logits = model.forward_probed(x, false, &probes)?;
     let loss = candle_nn::loss::cross_entropy(&logits, y)?;
     let grads = loss.backward()?;
     let rms = |t: &Tensor| -> Result<f64> { Ok((t.sqr()?.mean_all()?.to_scalar::<f32>()? as f64).sqrt()) };
-    let gnorm: Vec<Option<f64>> = pre
+    let gnorm: Vec<Option<f64>> = probes
         .iter()
-        .map(|t| grads.get(t).map(rms).transpose())
+        .map(|p| grads.get(p.as_tensor()).map(rms).transpose())
         .collect::<Result<_>>()?;
     // The weight layer feeding each activation.
     let mut weights: Vec<(String, f64)> = Vec::new();
@@ -314,7 +328,10 @@ pub fn plot_svg(curves: &[PropagationCurve], path: &std::path::Path) -> anyhow::
         .fold((f64::MAX, f64::MIN), |(a, b), v| (a.min(v), b.max(v)));
     let (lo, hi) = if lo < hi { (lo / 2.0, hi * 2.0) } else { (1e-3, 1e3) };
     let mut chart = ChartBuilder::on(&root)
-        .caption("pre-activation variance vs depth", ("sans-serif", 22))
+        .caption(
+            "pre-activation variance vs depth (solid: measured, dashed: predicted)",
+            ("sans-serif", 20),
+        )
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(70)
@@ -322,7 +339,8 @@ pub fn plot_svg(curves: &[PropagationCurve], path: &std::path::Path) -> anyhow::
     chart
         .configure_mesh()
         .x_desc("layer")
-        .y_desc("Var(pre-activation)")
+        .y_desc("Var(pre-activation), log scale")
+        .y_label_formatter(&|v| format!("{v:.0e}"))
         .draw()?;
     for (k, c) in curves.iter().enumerate() {
         let color = Palette99::pick(k).to_rgba();
@@ -340,6 +358,7 @@ pub fn plot_svg(curves: &[PropagationCurve], path: &std::path::Path) -> anyhow::
     }
     chart
         .configure_series_labels()
+        .position(SeriesLabelPosition::LowerLeft)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .draw()?;

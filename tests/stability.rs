@@ -80,3 +80,42 @@ fn he_prelu_is_stable_over_100_layers_and_the_others_drift_as_predicted() {
     let x = stability::propagate(InitScheme::Xavier, prelu, 0.25, &o).unwrap();
     assert_eq!(x.verdict, "vanishing");
 }
+
+#[test]
+fn per_layer_analysis_of_a_model_reads_gradients_at_every_activation() {
+    use candle_core::{Device, Tensor};
+    use prelu::model::{Arch, Model, ModelSpec};
+    let dev = Device::Cpu;
+    let spec = ModelSpec {
+        arch: Arch::Mlp {
+            hidden: vec![16, 16, 16],
+        },
+        act: Activation::PRelu { shared: false },
+        alpha_init: 0.25,
+        slope_constraint: prelu::SlopeConstraint::None,
+        batch_norm: false,
+        init: InitScheme::HePrelu,
+        input: [1, 4, 4],
+        classes: 3,
+        input_mean: 0.5,
+        input_std: 0.3,
+        bias_init: 0.0,
+    };
+    let m = Model::new(&spec, 1, &dev).unwrap();
+    let x = Tensor::rand(0f32, 1.0, (32, 16), &dev).unwrap();
+    let y = Tensor::from_iter((0..32u32).map(|i| i % 3), &dev).unwrap();
+    let layers = stability::model_layers(&m, &x, &y, 4.0).unwrap();
+    assert_eq!(layers.len(), 3);
+    for l in &layers[..2] {
+        let g = l
+            .empirical_gain
+            .expect("a backward gain between consecutive activations");
+        assert!(g.is_finite() && g > 0.0);
+    }
+    assert!(layers[2].empirical_gain.is_none());
+    // He init for a0 = 0.25: weight gain ~ gain(0.25) = 1.372, a* = 1 / gain.
+    for l in &layers {
+        assert!((l.weight_gain - prelu::gain(0.25)).abs() < 0.35, "{}", l.weight_gain);
+        assert!((l.a_star * l.weight_gain - 1.0).abs() < 1e-12);
+    }
+}
