@@ -18,6 +18,7 @@
 //! * [`optim`]: SGD/AdamW with weight-decay groups (slopes never decayed), LR schedules;
 //! * [`train`]: the training loop, run folders, resume, `compare`;
 //! * [`sentinel`]: dying units, negative share, idle slopes, gradient flow, alarms;
+//! * [`attack`]: FGSM, PGD and gradient-masking measures;
 //! * [`stability`]: negative-path gain, optimal slope, variance propagation by depth;
 //! * [`io`]: atomic writes, safetensors checkpoints;
 //! * [`bench`]: the benchmarks behind `prelu bench`.
@@ -27,6 +28,7 @@
 #![allow(clippy::neg_cmp_op_on_partial_ord)]
 
 pub mod activation;
+pub mod attack;
 pub mod bench;
 pub mod conv;
 pub mod data;

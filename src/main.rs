@@ -36,11 +36,53 @@ enum Command {
     Compare(CompareArgs),
     /// Sentinel statistics of a trained model over a data set: negative shares, dead/idle/linear units.
     Diagnose(DiagnoseArgs),
+    /// FGSM/PGD robustness and gradient-masking measures of a trained model (ReLU vs PReLU with --compare).
+    Attack(AttackArgs),
     /// Depth stability: negative-path gain, optimal slope, signal and gradient variance by depth.
     Stability(StabilityArgs),
     /// Measure speed.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Args)]
+struct AttackArgs {
+    /// A checkpoint (.safetensors) or a run folder.
+    checkpoint: PathBuf,
+    /// A second model to show side by side (e.g. ReLU vs PReLU).
+    #[arg(long)]
+    compare: Option<PathBuf>,
+    /// Data set (default: the run's own, else mnist-small); the test split is attacked.
+    #[arg(long)]
+    data: Option<String>,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// fgsm, pgd or both.
+    #[arg(long, value_delimiter = ',', default_value = "fgsm,pgd")]
+    method: Vec<String>,
+    /// L-infinity radii, in pixel units ([0, 1]).
+    #[arg(long, value_delimiter = ',', default_value = "0.01,0.03,0.1")]
+    eps: Vec<f64>,
+    /// PGD steps.
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// PGD step size (default eps/4).
+    #[arg(long)]
+    step_size: Option<f64>,
+    /// PGD restarts (each with a random start unless --no-random-start).
+    #[arg(long, default_value_t = 1)]
+    restarts: usize,
+    #[arg(long)]
+    no_random_start: bool,
+    /// Attack only the first N test examples.
+    #[arg(long, default_value_t = 1000)]
+    limit: usize,
+    #[arg(long, default_value_t = 250)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -654,21 +696,127 @@ fn list(v: &[usize]) -> String {
     s
 }
 
-fn cmd_diagnose(a: &DiagnoseArgs) -> Result<()> {
-    let (model, _, _) = prelu::io::load_model(&a.checkpoint)?;
-    // Default data: the run folder's own config, else the built-in subset.
-    let run_cfg = a
-        .checkpoint
+/// The data set to use with a checkpoint: the flag, else the run folder's own
+/// config, else the built-in subset.
+fn data_for(ckpt: &Path, data: &Option<String>, data_dir: &Option<PathBuf>) -> Result<(String, prelu::data::Split)> {
+    let run_cfg = ckpt
         .is_dir()
-        .then(|| TrainConfig::from_toml_file(&a.checkpoint.join("config.toml")).ok())
+        .then(|| TrainConfig::from_toml_file(&ckpt.join("config.toml")).ok())
         .flatten();
-    let data = a
-        .data
+    let name = data
         .clone()
         .or_else(|| run_cfg.as_ref().map(|c| c.data.clone()))
         .unwrap_or_else(|| "mnist-small".into());
-    let data_dir = a.data_dir.clone().or_else(|| run_cfg.and_then(|c| c.data_dir));
-    let split = prelu::data::load(&data, data_dir.as_deref())?;
+    let dir = data_dir.clone().or_else(|| run_cfg.and_then(|c| c.data_dir));
+    let split = prelu::data::load(&name, dir.as_deref())?;
+    Ok((name, split))
+}
+
+fn cmd_attack(a: &AttackArgs) -> Result<()> {
+    use prelu::attack;
+    let (use_fgsm, use_pgd) = (
+        a.method.iter().any(|m| m == "fgsm"),
+        a.method.iter().any(|m| m == "pgd"),
+    );
+    if let Some(m) = a.method.iter().find(|m| *m != "fgsm" && *m != "pgd") {
+        anyhow::bail!("unknown attack method `{m}`; expected fgsm and/or pgd");
+    }
+    if a.eps.is_empty() || a.eps.iter().any(|e| !(*e >= 0.0) || !e.is_finite()) {
+        anyhow::bail!("--eps must be a list of finite numbers >= 0, got {:?}", a.eps);
+    }
+    if a.limit == 0 || a.batch_size == 0 || (use_pgd && a.steps == 0) || a.restarts == 0 {
+        anyhow::bail!("--limit, --batch-size, --steps and --restarts must be at least 1");
+    }
+    if let Some(s) = a.step_size {
+        if !(s > 0.0) || !s.is_finite() {
+            anyhow::bail!("--step-size must be a finite number > 0");
+        }
+    }
+    let opts = attack::PgdOptions {
+        steps: a.steps,
+        step_size: a.step_size,
+        random_start: !a.no_random_start,
+        restarts: a.restarts,
+        seed: a.seed,
+    };
+    let mut reports = Vec::new();
+    for ck in std::iter::once(&a.checkpoint).chain(a.compare.as_ref()) {
+        let (model, _, _) = prelu::io::load_model(ck)?;
+        let (name, split) = data_for(ck, &a.data, &a.data_dir)?;
+        let ds = split.test.take(a.limit);
+        let pb = ProgressBar::new(ds.len().div_ceil(a.batch_size) as u64);
+        pb.set_style(ProgressStyle::with_template("{prefix} [{bar:25}] {pos}/{len} batches").expect("static template"));
+        pb.set_prefix(format!("attacking {}", ck.display()));
+        let r = attack::evaluate(&model, &ds, &a.eps, (use_fgsm, use_pgd), &opts, a.batch_size, |i, _| {
+            pb.set_position(i as u64)
+        })?;
+        pb.finish_and_clear();
+        reports.push((ck.clone(), name, format!("{}", model.spec.act), r));
+    }
+    if a.json {
+        let models: Vec<_> = reports
+            .iter()
+            .map(|(ck, data, act, r)| serde_json::json!({ "checkpoint": ck, "data": data, "act": act, "report": r }))
+            .collect();
+        println!("{}", serde_json::json!({ "models": models }));
+        return Ok(());
+    }
+    let f = |v: Option<f64>| v.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
+    for (ck, data, act, r) in &reports {
+        println!(
+            "{} ({act}) on {} {data} test images: clean accuracy {:.4}, loss {:.4}",
+            ck.display(),
+            r.examples,
+            r.clean_acc,
+            r.clean_loss
+        );
+        println!(
+            "  {:>6} {:>9} {:>9} {:>10} {:>10} {:>9}",
+            "eps", "FGSM acc", "PGD acc", "FGSM loss", "PGD loss", "FGSM-PGD"
+        );
+        for e in &r.results {
+            println!(
+                "  {:>6} {:>9} {:>9} {:>10} {:>10} {:>9}",
+                e.eps,
+                f(e.fgsm_acc),
+                f(e.pgd_acc),
+                f(e.fgsm_loss),
+                f(e.pgd_loss),
+                f(e.fgsm_minus_pgd)
+            );
+        }
+        let m = &r.masking;
+        println!(
+            "  masking: {:.4}% of input-gradient entries exactly zero; {:.2}% of examples with an all-zero gradient",
+            100.0 * m.zero_entry_share,
+            100.0 * m.zero_example_share
+        );
+        let q = m.grad_norm_quantiles;
+        println!(
+            "  input-gradient L2 norm: min {:.3e}, p10 {:.3e}, median {:.3e}, p90 {:.3e}, max {:.3e}",
+            q[0], q[1], q[2], q[3], q[4]
+        );
+        let curve: Vec<String> = m
+            .loss_curve_t
+            .iter()
+            .zip(&m.loss_curve)
+            .map(|(t, l)| format!("{t:.2}:{l:.3}"))
+            .collect();
+        println!("  loss along sign(grad), t:loss  {}", curve.join(" "));
+    }
+    println!(
+        "PGD: {} steps, step {}, {} restart(s), random start {}",
+        opts.steps,
+        opts.step_size.map(|s| s.to_string()).unwrap_or_else(|| "eps/4".into()),
+        opts.restarts,
+        opts.random_start
+    );
+    Ok(())
+}
+
+fn cmd_diagnose(a: &DiagnoseArgs) -> Result<()> {
+    let (model, _, _) = prelu::io::load_model(&a.checkpoint)?;
+    let (data, split) = data_for(&a.checkpoint, &a.data, &a.data_dir)?;
     let ds = match a.split.as_str() {
         "test" => split.test,
         "train" => split.train,
@@ -875,6 +1023,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Compare(a) => cmd_compare(a),
         Command::Stability(a) => cmd_stability(a),
         Command::Diagnose(a) => cmd_diagnose(a),
+        Command::Attack(a) => cmd_attack(a),
         Command::Bench(BenchCommand::Kernels(a)) => bench_kernels(a),
         Command::Bench(BenchCommand::Train(a)) => bench_train(a),
     }

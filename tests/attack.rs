@@ -1,0 +1,204 @@
+//! FGSM and PGD against hand computation and their defining properties, and
+//! the exact zero-gradient share.
+
+use std::collections::HashMap;
+
+use candle_core::{Device, Tensor};
+use prelu::attack::{self, PgdOptions};
+use prelu::model::{Arch, Model, ModelSpec};
+use prelu::{Activation, InitScheme, SlopeConstraint};
+
+fn tiny(act: Activation, hidden: usize) -> Model {
+    let spec = ModelSpec {
+        arch: Arch::Mlp { hidden: vec![hidden] },
+        act,
+        alpha_init: 0.25,
+        slope_constraint: SlopeConstraint::None,
+        batch_norm: false,
+        init: InitScheme::HePrelu,
+        input: [1, 2, 2],
+        classes: 3,
+        input_mean: 0.0,
+        input_std: 1.0,
+        bias_init: 0.0,
+    };
+    Model::new(&spec, 7, &Device::Cpu).unwrap()
+}
+
+fn batch() -> (Tensor, Tensor) {
+    let dev = Device::Cpu;
+    let x = Tensor::new(
+        &[
+            [0.5f32, 0.4, 0.6, 0.45],
+            [0.3, 0.7, 0.5, 0.55],
+            [0.52, 0.48, 0.35, 0.65],
+        ],
+        &dev,
+    )
+    .unwrap();
+    (x, Tensor::new(&[0u32, 1, 2], &dev).unwrap())
+}
+
+#[test]
+fn fgsm_step_is_eps_times_sign_of_the_hand_computed_gradient() {
+    let m = tiny(Activation::PRelu { shared: false }, 5);
+    let (x, y) = batch();
+    // The gradient of the summed loss by hand: central differences per entry.
+    let xs = x.to_vec2::<f32>().unwrap();
+    let loss = |v: &Vec<Vec<f32>>| -> f64 {
+        let t = Tensor::new(v.clone(), &Device::Cpu).unwrap();
+        attack::losses(&m, &t, &y)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64
+    };
+    let eps = 0.1;
+    let adv = attack::fgsm(&m, &x, &y, eps).unwrap().to_vec2::<f32>().unwrap();
+    for i in 0..3 {
+        for j in 0..4 {
+            let (mut p, mut q) = (xs.clone(), xs.clone());
+            p[i][j] += 1e-2;
+            q[i][j] -= 1e-2;
+            let g = loss(&p) - loss(&q);
+            let want = xs[i][j] + eps as f32 * g.signum() as f32;
+            assert!(
+                (adv[i][j] - want).abs() < 1e-6,
+                "[{i}][{j}] {} vs {want} (g {g})",
+                adv[i][j]
+            );
+        }
+    }
+}
+
+#[test]
+fn pgd_stays_in_the_ball_and_one_full_step_is_fgsm() {
+    let m = tiny(Activation::Relu, 8);
+    let (x, y) = batch();
+    for eps in [0.05, 0.3, 0.6] {
+        let opts = PgdOptions {
+            steps: 7,
+            step_size: Some(eps / 3.0),
+            random_start: true,
+            restarts: 3,
+            seed: 1,
+        };
+        let adv = attack::pgd(&m, &x, &y, eps, &opts).unwrap();
+        let d = (&adv - &x)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d <= eps as f32 + 1e-6, "left the ball: {d} > {eps}");
+        let v = adv.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(v.iter().all(|p| (0.0..=1.0).contains(p)), "left [0, 1]");
+        let one = PgdOptions {
+            steps: 1,
+            step_size: Some(eps),
+            random_start: false,
+            restarts: 1,
+            seed: 0,
+        };
+        let p1 = attack::pgd(&m, &x, &y, eps, &one)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let f = attack::fgsm(&m, &x, &y, eps)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(
+            p1, f,
+            "PGD with one step of size eps and no random start must equal FGSM"
+        );
+    }
+}
+
+#[test]
+fn pgd_hurts_a_trained_model_at_least_as_much_as_fgsm() {
+    let cfg = prelu::train::TrainConfig {
+        hidden: vec![64],
+        epochs: 2,
+        train_limit: Some(2000),
+        test_limit: Some(300),
+        sentinel: false,
+        ..Default::default()
+    };
+    let dir = std::env::temp_dir().join(format!("prelu-attack-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    prelu::train::train(&cfg, &dir, false, &mut |_| {}).unwrap();
+    let (model, _, _) = prelu::io::load_model(&dir).unwrap();
+    let ds = cfg.load_data().unwrap().test;
+    let opts = PgdOptions {
+        steps: 10,
+        step_size: None,
+        random_start: true,
+        restarts: 1,
+        seed: 0,
+    };
+    let r = attack::evaluate(&model, &ds, &[0.03, 0.1], (true, true), &opts, 150, |_, _| {}).unwrap();
+    for e in &r.results {
+        assert!(
+            e.pgd_loss.unwrap() >= e.fgsm_loss.unwrap(),
+            "eps {}: PGD loss {:?} < FGSM loss {:?}",
+            e.eps,
+            e.pgd_loss,
+            e.fgsm_loss
+        );
+        assert!(e.pgd_acc.unwrap() <= r.clean_acc);
+    }
+    assert!(r.masking.loss_curve.len() == r.masking.loss_curve_t.len());
+}
+
+#[test]
+fn zero_gradient_share_is_exact_on_a_hand_built_case() {
+    // Hidden unit weights use only pixel 0 and 1; pixels 2 and 3 never reach
+    // the output, so exactly half of all input-gradient entries are zero. For
+    // ReLU, an example whose hidden units are all negative has an all-zero
+    // gradient; with PReLU it does not.
+    let dev = Device::Cpu;
+    for (act, zero_examples) in [(Activation::Relu, 1usize), (Activation::PRelu { shared: false }, 0)] {
+        let m = tiny(act, 2);
+        let mut sd: HashMap<String, Tensor> = m.state_dict().unwrap();
+        sd.insert(
+            "layers.0.weight".into(),
+            Tensor::new(&[[1f32, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]], &dev).unwrap(),
+        );
+        sd.insert("layers.0.bias".into(), Tensor::new(&[-0.5f32, -0.5], &dev).unwrap());
+        sd.insert(
+            "layers.1.weight".into(),
+            Tensor::new(&[[1f32, -1.0], [0.5, 2.0], [-1.0, 0.3]], &dev).unwrap(),
+        );
+        m.load_state_dict(&sd).unwrap();
+        // Example 0: both hidden pre-activations negative (0.2-0.5, 0.1-0.5).
+        let x = Tensor::new(
+            &[[0.2f32, 0.1, 0.9, 0.9], [0.9, 0.8, 0.1, 0.1], [0.7, 0.2, 0.5, 0.5]],
+            &dev,
+        )
+        .unwrap();
+        let y = Tensor::new(&[0u32, 1, 2], &dev).unwrap();
+        let ds = prelu::data::Dataset {
+            images: x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            labels: vec![0, 1, 2],
+            rows: 2,
+            cols: 2,
+        };
+        let _ = y;
+        let r = attack::evaluate(&m, &ds, &[0.1], (true, false), &PgdOptions::default(), 3, |_, _| {}).unwrap();
+        // ReLU: example 0 all zero (4), example 2 has unit 1 dead -> pixel 1 zero too, plus pixels 2,3 everywhere.
+        let zeros_expected = match act {
+            Activation::Relu => 4 + 2 + 3,
+            _ => 2 + 2 + 2,
+        };
+        assert_eq!(r.masking.zero_entry_share, zeros_expected as f64 / 12.0, "{act}");
+        assert_eq!(r.masking.zero_example_share, zero_examples as f64 / 3.0, "{act}");
+    }
+}
