@@ -20,6 +20,8 @@
 //! * [`sentinel`]: dying units, negative share, idle slopes, gradient flow, alarms;
 //! * [`attack`]: FGSM, PGD and gradient-masking measures;
 //! * [`stability`]: negative-path gain, optimal slope, variance propagation by depth;
+//! * [`symmetry`]: exact symmetries, BatchNorm folding, canonical form;
+//! * [`sculpt`]: pruning dead units and folding linear ones;
 //! * [`io`]: atomic writes, safetensors checkpoints;
 //! * [`bench`]: the benchmarks behind `prelu bench`.
 
@@ -40,8 +42,10 @@ pub mod memory;
 pub mod model;
 pub mod ops;
 pub mod optim;
+pub mod sculpt;
 pub mod sentinel;
 pub mod stability;
+pub mod symmetry;
 pub mod train;
 
 pub use activation::{Activation, ActivationLayer, PReLU, PReLUConfig, SlopeConstraint};

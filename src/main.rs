@@ -1,6 +1,9 @@
 //! The `prelu` command line: a thin layer over the library. Every command has
 //! `--json` (one JSON object on stdout at the end) and shows progress on stderr.
 
+// `!(x > 0.0)` is deliberate: it is true for NaN.
+#![allow(clippy::neg_cmp_op_on_partial_ord)]
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -38,6 +41,10 @@ enum Command {
     Diagnose(DiagnoseArgs),
     /// FGSM/PGD robustness and gradient-masking measures of a trained model (ReLU vs PReLU with --compare).
     Attack(AttackArgs),
+    /// Canonical form: BatchNorm folded, unit weight norms 1, slopes <= 1 by the sign flip (MLPs).
+    Canonicalize(CanonArgs),
+    /// Prune dead units and fold linear ones, checking accuracy and outputs (MLPs).
+    Sculpt(SculptArgs),
     /// Depth stability: negative-path gain, optimal slope, signal and gradient variance by depth.
     Stability(StabilityArgs),
     /// Measure speed.
@@ -81,6 +88,48 @@ struct AttackArgs {
     batch_size: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct CanonArgs {
+    /// A checkpoint (.safetensors) or a run folder.
+    checkpoint: PathBuf,
+    /// Where to write the canonical model (.safetensors).
+    #[arg(long, short)]
+    out: PathBuf,
+    #[arg(long)]
+    data: Option<String>,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Test examples used to check the function is unchanged.
+    #[arg(long, default_value_t = 2000)]
+    limit: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct SculptArgs {
+    /// A checkpoint (.safetensors) or a run folder.
+    checkpoint: PathBuf,
+    /// Where to write the sculpted model (.safetensors).
+    #[arg(long, short)]
+    out: PathBuf,
+    #[arg(long)]
+    data: Option<String>,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Training examples used to find dead and linear units.
+    #[arg(long, default_value_t = 10000)]
+    stats_limit: usize,
+    /// Also prune never-positive units whose |slope| is at most this (default: exact folds only).
+    #[arg(long, default_value_t = 0.0)]
+    dead_slope_tol: f64,
+    /// Also treat units with |slope - 1| at most this as linear (default: exact folds only).
+    #[arg(long, default_value_t = 0.0)]
+    slope_tol: f64,
     #[arg(long)]
     json: bool,
 }
@@ -814,6 +863,95 @@ fn cmd_attack(a: &AttackArgs) -> Result<()> {
     Ok(())
 }
 
+fn cmd_canonicalize(a: &CanonArgs) -> Result<()> {
+    let (model, _, _) = prelu::io::load_model(&a.checkpoint)?;
+    let (data, split) = data_for(&a.checkpoint, &a.data, &a.data_dir)?;
+    let test = split.test.take(a.limit);
+    let (canon, scaled, flipped, diff) = prelu::sculpt::canonicalize(&model, &test)?;
+    let ids = if model.spec.batch_norm {
+        prelu::symmetry::identifiability(&model)?
+    } else {
+        vec![]
+    };
+    prelu::io::save_model(&a.out, &canon, Default::default(), Default::default())?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({ "out": a.out, "scaled_units": scaled, "flipped_units": flipped, "max_output_diff": diff,
+                "examples": test.len(), "data": data, "identifiability": ids })
+        );
+        return Ok(());
+    }
+    println!("canonical form written to {}", a.out.display());
+    println!("  BatchNorm folded: {}; units rescaled to unit norm: {scaled}; units flipped (slope > 1 -> 1/slope): {flipped}", model.spec.batch_norm);
+    println!(
+        "  max |output difference| on {} {data} test images: {diff:.3e}",
+        test.len()
+    );
+    for r in &ids {
+        let n = r.gamma.len().min(4);
+        println!("  {}: first units (gamma, a) -> effective (pos, neg) slopes:", r.layer);
+        for u in 0..n {
+            println!(
+                "    unit {u}: ({:.4}, {:.4}) -> ({:.4}, {:.4})",
+                r.gamma[u], r.slope[u], r.effective_positive[u], r.effective_negative[u]
+            );
+        }
+    }
+    Ok(())
+}
+
+fn cmd_sculpt(a: &SculptArgs) -> Result<()> {
+    let (model, _, _) = prelu::io::load_model(&a.checkpoint)?;
+    let (data, split) = data_for(&a.checkpoint, &a.data, &a.data_dir)?;
+    let stats = split.train.take(a.stats_limit.max(1));
+    let opts = prelu::sculpt::SculptOptions {
+        dead_slope_tol: a.dead_slope_tol,
+        slope_tol: a.slope_tol,
+    };
+    let pb = spinner();
+    pb.set_message(format!(
+        "finding dead and linear units on {} {data} training images",
+        stats.len()
+    ));
+    let (out, r) = prelu::sculpt::sculpt(&model, &stats, &split.test, &opts)?;
+    pb.finish_and_clear();
+    prelu::io::save_model(&a.out, &out, Default::default(), Default::default())?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({ "out": a.out, "data": data, "options": opts, "report": r })
+        );
+        return Ok(());
+    }
+    println!("sculpted model written to {}", a.out.display());
+    println!(
+        "  hidden widths {:?} -> {:?}; merged layers {:?}",
+        r.hidden_before, r.hidden_after, r.merged_layers
+    );
+    println!(
+        "  pruned dead units per layer {:?}; linear units per layer {:?}",
+        r.pruned, r.linear
+    );
+    println!(
+        "  parameters {} -> {} ({:+.2}%), multiply-adds {} -> {}",
+        r.params_before,
+        r.params_after,
+        100.0 * (r.params_after as f64 / r.params_before as f64 - 1.0),
+        r.flops_before,
+        r.flops_after
+    );
+    println!(
+        "  test accuracy {:.4} -> {:.4} on {} images; max |output difference| {:.3e}",
+        r.acc_before, r.acc_after, r.test_examples, r.max_output_diff
+    );
+    println!(
+        "  a low-rank bypass of the linear units would save {:?} parameters per layer (not applied)",
+        r.bypass_savings
+    );
+    Ok(())
+}
+
 fn cmd_diagnose(a: &DiagnoseArgs) -> Result<()> {
     let (model, _, _) = prelu::io::load_model(&a.checkpoint)?;
     let (data, split) = data_for(&a.checkpoint, &a.data, &a.data_dir)?;
@@ -1024,6 +1162,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Stability(a) => cmd_stability(a),
         Command::Diagnose(a) => cmd_diagnose(a),
         Command::Attack(a) => cmd_attack(a),
+        Command::Canonicalize(a) => cmd_canonicalize(a),
+        Command::Sculpt(a) => cmd_sculpt(a),
         Command::Bench(BenchCommand::Kernels(a)) => bench_kernels(a),
         Command::Bench(BenchCommand::Train(a)) => bench_train(a),
     }

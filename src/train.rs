@@ -553,7 +553,7 @@ pub fn train(cfg: &TrainConfig, run_dir: &Path, resume: bool, on: &mut dyn FnMut
                 .sum_all()?
                 .to_scalar::<u32>()? as usize;
             seen += batch.len();
-            if cfg.log_every > 0 && step % cfg.log_every as u64 == 0 {
+            if cfg.log_every > 0 && step.is_multiple_of(cfg.log_every as u64) {
                 let line = MetricsLine::Step {
                     epoch: epoch + 1,
                     step,
