@@ -22,6 +22,7 @@
 //! * [`stability`]: negative-path gain, optimal slope, variance propagation by depth;
 //! * [`symmetry`]: exact symmetries, BatchNorm folding, canonical form;
 //! * [`sculpt`]: pruning dead units and folding linear ones;
+//! * [`onnx`]: ONNX export (opset 13, `PRelu` with correctly broadcasting slopes);
 //! * [`io`]: atomic writes, safetensors checkpoints;
 //! * [`bench`]: the benchmarks behind `prelu bench`.
 
@@ -40,6 +41,7 @@ pub mod io;
 pub mod kernels;
 pub mod memory;
 pub mod model;
+pub mod onnx;
 pub mod ops;
 pub mod optim;
 pub mod sculpt;

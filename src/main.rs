@@ -45,6 +45,8 @@ enum Command {
     Canonicalize(CanonArgs),
     /// Prune dead units and fold linear ones, checking accuracy and outputs (MLPs).
     Sculpt(SculptArgs),
+    /// Export a checkpoint as ONNX (opset 13), with reference inputs and logits for checking.
+    Export(ExportArgs),
     /// Depth stability: negative-path gain, optimal slope, signal and gradient variance by depth.
     Stability(StabilityArgs),
     /// Measure speed.
@@ -130,6 +132,24 @@ struct SculptArgs {
     /// Also treat units with |slope - 1| at most this as linear (default: exact folds only).
     #[arg(long, default_value_t = 0.0)]
     slope_tol: f64,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    /// A checkpoint (.safetensors) or a run folder.
+    checkpoint: PathBuf,
+    /// Where to write the ONNX model.
+    #[arg(long)]
+    onnx: PathBuf,
+    /// Also write N test images and our logits for them (OUT.inputs.f32, OUT.logits.f32, OUT.ref.json).
+    #[arg(long, default_value_t = 0)]
+    reference: usize,
+    #[arg(long)]
+    data: Option<String>,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
     #[arg(long)]
     json: bool,
 }
@@ -952,6 +972,45 @@ fn cmd_sculpt(a: &SculptArgs) -> Result<()> {
     Ok(())
 }
 
+fn cmd_export(a: &ExportArgs) -> Result<()> {
+    let (model, _, _) = prelu::io::load_model(&a.checkpoint)?;
+    let bytes = prelu::onnx::export(&model)?;
+    prelu::io::write_atomic(&a.onnx, &bytes)?;
+    let mut reference = serde_json::Value::Null;
+    if a.reference > 0 {
+        let (data, split) = data_for(&a.checkpoint, &a.data, &a.data_dir)?;
+        let ds = split.test.take(a.reference);
+        let x = candle_core::Tensor::from_slice(&ds.images, (ds.len(), ds.features()), &candle_core::Device::Cpu)?;
+        let logits = model.forward_t(&x, false)?.flatten_all()?.to_vec1::<f32>()?;
+        let stem = a.onnx.display().to_string();
+        let bytes_of = |v: &[f32]| v.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<u8>>();
+        prelu::io::write_atomic(Path::new(&format!("{stem}.inputs.f32")), &bytes_of(&ds.images))?;
+        prelu::io::write_atomic(Path::new(&format!("{stem}.logits.f32")), &bytes_of(&logits))?;
+        reference = serde_json::json!({ "n": ds.len(), "features": ds.features(), "classes": model.spec.classes,
+            "data": data, "inputs": format!("{stem}.inputs.f32"), "logits": format!("{stem}.logits.f32") });
+        prelu::io::write_atomic(Path::new(&format!("{stem}.ref.json")), reference.to_string().as_bytes())?;
+    }
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({ "onnx": a.onnx, "bytes": bytes.len(), "opset": 13, "reference": reference })
+        );
+    } else {
+        println!(
+            "ONNX model (opset 13, {} bytes) written to {}",
+            bytes.len(),
+            a.onnx.display()
+        );
+        if a.reference > 0 {
+            println!(
+                "reference inputs and logits for {} test images beside it (.ref.json)",
+                a.reference
+            );
+        }
+    }
+    Ok(())
+}
+
 fn cmd_diagnose(a: &DiagnoseArgs) -> Result<()> {
     let (model, _, _) = prelu::io::load_model(&a.checkpoint)?;
     let (data, split) = data_for(&a.checkpoint, &a.data, &a.data_dir)?;
@@ -1164,6 +1223,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Attack(a) => cmd_attack(a),
         Command::Canonicalize(a) => cmd_canonicalize(a),
         Command::Sculpt(a) => cmd_sculpt(a),
+        Command::Export(a) => cmd_export(a),
         Command::Bench(BenchCommand::Kernels(a)) => bench_kernels(a),
         Command::Bench(BenchCommand::Train(a)) => bench_train(a),
     }

@@ -1,0 +1,347 @@
+//! ONNX export: the model as a standard ONNX graph (opset 13) that
+//! onnxruntime and other runtimes execute.
+//!
+//! PReLU becomes ONNX's `PRelu` with the slope shaped to broadcast correctly:
+//! `[C]` after a dense layer (`[N, C]`), `[C, 1, 1]` after a convolution
+//! (`[N, C, H, W]`; PyTorch's exporter once emitted `[C]` there, which
+//! broadcasts against the width instead of the channels), `[1]` when shared.
+//! The messages are the subset of `onnx.proto` we write, declared with prost
+//! (field numbers as in the ONNX schema).
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Tensor};
+use prost::Message;
+
+use crate::activation::ActivationLayer;
+use crate::model::{Block, Model};
+
+#[derive(Clone, PartialEq, Message)]
+pub struct ModelProto {
+    #[prost(int64, tag = "1")]
+    pub ir_version: i64,
+    #[prost(string, tag = "2")]
+    pub producer_name: String,
+    #[prost(string, tag = "3")]
+    pub producer_version: String,
+    #[prost(message, optional, tag = "7")]
+    pub graph: Option<GraphProto>,
+    #[prost(message, repeated, tag = "8")]
+    pub opset_import: Vec<OperatorSetIdProto>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct OperatorSetIdProto {
+    #[prost(string, tag = "1")]
+    pub domain: String,
+    #[prost(int64, tag = "2")]
+    pub version: i64,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct GraphProto {
+    #[prost(message, repeated, tag = "1")]
+    pub node: Vec<NodeProto>,
+    #[prost(string, tag = "2")]
+    pub name: String,
+    #[prost(message, repeated, tag = "5")]
+    pub initializer: Vec<TensorProto>,
+    #[prost(message, repeated, tag = "11")]
+    pub input: Vec<ValueInfoProto>,
+    #[prost(message, repeated, tag = "12")]
+    pub output: Vec<ValueInfoProto>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct NodeProto {
+    #[prost(string, repeated, tag = "1")]
+    pub input: Vec<String>,
+    #[prost(string, repeated, tag = "2")]
+    pub output: Vec<String>,
+    #[prost(string, tag = "3")]
+    pub name: String,
+    #[prost(string, tag = "4")]
+    pub op_type: String,
+    #[prost(message, repeated, tag = "5")]
+    pub attribute: Vec<AttributeProto>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct AttributeProto {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    #[prost(float, tag = "2")]
+    pub f: f32,
+    #[prost(int64, tag = "3")]
+    pub i: i64,
+    #[prost(int64, repeated, tag = "8")]
+    pub ints: Vec<i64>,
+    /// AttributeType: FLOAT = 1, INT = 2, INTS = 7.
+    #[prost(int32, tag = "20")]
+    pub r#type: i32,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct TensorProto {
+    #[prost(int64, repeated, tag = "1")]
+    pub dims: Vec<i64>,
+    /// DataType: FLOAT = 1, INT64 = 7.
+    #[prost(int32, tag = "2")]
+    pub data_type: i32,
+    #[prost(string, tag = "8")]
+    pub name: String,
+    #[prost(bytes = "vec", tag = "9")]
+    pub raw_data: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct ValueInfoProto {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    #[prost(message, optional, tag = "2")]
+    pub r#type: Option<TypeProto>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct TypeProto {
+    #[prost(message, optional, tag = "1")]
+    pub tensor_type: Option<TypeProtoTensor>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct TypeProtoTensor {
+    #[prost(int32, tag = "1")]
+    pub elem_type: i32,
+    #[prost(message, optional, tag = "2")]
+    pub shape: Option<TensorShapeProto>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct TensorShapeProto {
+    #[prost(message, repeated, tag = "1")]
+    pub dim: Vec<Dimension>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct Dimension {
+    #[prost(int64, optional, tag = "1")]
+    pub dim_value: Option<i64>,
+    #[prost(string, optional, tag = "2")]
+    pub dim_param: Option<String>,
+}
+
+const FLOAT: i32 = 1;
+const INT64: i32 = 7;
+
+fn value_info(name: &str, dims: &[Dimension]) -> ValueInfoProto {
+    ValueInfoProto {
+        name: name.into(),
+        r#type: Some(TypeProto {
+            tensor_type: Some(TypeProtoTensor {
+                elem_type: FLOAT,
+                shape: Some(TensorShapeProto { dim: dims.to_vec() }),
+            }),
+        }),
+    }
+}
+
+fn ints(name: &str, v: &[i64]) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        ints: v.to_vec(),
+        r#type: 7,
+        ..Default::default()
+    }
+}
+
+fn int(name: &str, v: i64) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        i: v,
+        r#type: 2,
+        ..Default::default()
+    }
+}
+
+fn float(name: &str, v: f32) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        f: v,
+        r#type: 1,
+        ..Default::default()
+    }
+}
+
+struct Builder {
+    g: GraphProto,
+    n: usize,
+}
+
+impl Builder {
+    fn init_f32(&mut self, name: &str, t: &Tensor, dims: &[i64]) -> Result<String> {
+        let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        if dims.iter().product::<i64>() as usize != v.len() {
+            bail!("onnx: initializer {name} has {} values for dims {dims:?}", v.len());
+        }
+        self.g.initializer.push(TensorProto {
+            dims: dims.to_vec(),
+            data_type: FLOAT,
+            name: name.into(),
+            raw_data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        });
+        Ok(name.into())
+    }
+
+    fn init_i64(&mut self, name: &str, v: &[i64]) -> String {
+        self.g.initializer.push(TensorProto {
+            dims: vec![v.len() as i64],
+            data_type: INT64,
+            name: name.into(),
+            raw_data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        });
+        name.into()
+    }
+
+    fn node(&mut self, op: &str, inputs: Vec<String>, attrs: Vec<AttributeProto>) -> String {
+        self.n += 1;
+        let out = format!("{}_{}", op.to_lowercase(), self.n);
+        self.g.node.push(NodeProto {
+            input: inputs,
+            output: vec![out.clone()],
+            name: format!("{op}_{}", self.n),
+            op_type: op.into(),
+            attribute: attrs,
+        });
+        out
+    }
+}
+
+/// The model as ONNX bytes. Input `input`: `[N, C*H*W]` pixels in [0, 1]
+/// (batch size free); output `logits`: `[N, classes]`.
+pub fn export(model: &Model) -> Result<Vec<u8>> {
+    let spec = &model.spec;
+    let [c, h, w] = spec.input;
+    let mut b = Builder {
+        g: GraphProto {
+            name: "prelu".into(),
+            ..Default::default()
+        },
+        n: 0,
+    };
+    let batch = Dimension {
+        dim_param: Some("N".into()),
+        dim_value: None,
+    };
+    b.g.input.push(value_info(
+        "input",
+        &[
+            batch.clone(),
+            Dimension {
+                dim_value: Some((c * h * w) as i64),
+                dim_param: None,
+            },
+        ],
+    ));
+    let dev = candle_core::Device::Cpu;
+    let mean = b.init_f32("input_mean", &Tensor::new(&[spec.input_mean], &dev)?, &[1])?;
+    let std = b.init_f32("input_std", &Tensor::new(&[spec.input_std], &dev)?, &[1])?;
+    let shape = b.init_i64("input_shape", &[-1, c as i64, h as i64, w as i64]);
+    let mut t = b.node("Reshape", vec!["input".into(), shape], vec![]);
+    t = b.node("Sub", vec![t, mean], vec![]);
+    t = b.node("Div", vec![t, std], vec![]);
+    let (mut lin, mut conv, mut bn, mut act) = (0, 0, 0, 0);
+    let mut spatial = true; // whether the current tensor is [N, C, H, W]
+    for blk in &model.blocks {
+        t = match blk {
+            Block::Flatten => {
+                spatial = false;
+                b.node("Flatten", vec![t], vec![int("axis", 1)])
+            }
+            Block::Linear { weight, bias } => {
+                let (o, i) = weight.dims2()?;
+                let wn = b.init_f32(&format!("layers.{lin}.weight"), weight, &[o as i64, i as i64])?;
+                let bn_ = b.init_f32(&format!("layers.{lin}.bias"), bias, &[o as i64])?;
+                lin += 1;
+                b.node("Gemm", vec![t, wn, bn_], vec![int("transB", 1)])
+            }
+            Block::Conv { weight, bias, padding } => {
+                let d = weight.dims4()?;
+                let dims = [d.0 as i64, d.1 as i64, d.2 as i64, d.3 as i64];
+                let wn = b.init_f32(&format!("convs.{conv}.weight"), weight, &dims)?;
+                let bn_ = b.init_f32(&format!("convs.{conv}.bias"), bias, &[dims[0]])?;
+                conv += 1;
+                let p = *padding as i64;
+                b.node(
+                    "Conv",
+                    vec![t, wn, bn_],
+                    vec![ints("kernel_shape", &[dims[2], dims[3]]), ints("pads", &[p, p, p, p])],
+                )
+            }
+            Block::BatchNorm(n) => {
+                let ch = n.weight.dim(0)? as i64;
+                let names = [
+                    b.init_f32(&format!("bn.{bn}.weight"), n.weight.as_tensor(), &[ch])?,
+                    b.init_f32(&format!("bn.{bn}.bias"), n.bias.as_tensor(), &[ch])?,
+                    b.init_f32(&format!("bn.{bn}.running_mean"), n.running_mean.as_tensor(), &[ch])?,
+                    b.init_f32(&format!("bn.{bn}.running_var"), n.running_var.as_tensor(), &[ch])?,
+                ];
+                bn += 1;
+                let mut inputs = vec![t];
+                inputs.extend(names);
+                b.node(
+                    "BatchNormalization",
+                    inputs,
+                    vec![float("epsilon", n.eps as f32), float("momentum", 0.9)],
+                )
+            }
+            Block::Act(a) => {
+                let out = match a {
+                    ActivationLayer::Relu => b.node("Relu", vec![t], vec![]),
+                    ActivationLayer::LeakyRelu(s) => b.node("LeakyRelu", vec![t], vec![float("alpha", *s as f32)]),
+                    ActivationLayer::PRelu(p) => {
+                        let s = p.slope()?;
+                        let n = s.elem_count() as i64;
+                        let dims: Vec<i64> = if n == 1 {
+                            vec![1]
+                        } else if spatial {
+                            vec![n, 1, 1]
+                        } else {
+                            vec![n]
+                        };
+                        let sn = b.init_f32(&format!("act.{act}.weight"), &s, &dims)?;
+                        b.node("PRelu", vec![t, sn], vec![])
+                    }
+                };
+                act += 1;
+                out
+            }
+            Block::MaxPool2 => b.node(
+                "MaxPool",
+                vec![t],
+                vec![ints("kernel_shape", &[2, 2]), ints("strides", &[2, 2])],
+            ),
+        };
+    }
+    let last = b.g.node.last_mut().expect("a model has nodes");
+    last.output = vec!["logits".into()];
+    b.g.output.push(value_info(
+        "logits",
+        &[
+            batch,
+            Dimension {
+                dim_value: Some(spec.classes as i64),
+                dim_param: None,
+            },
+        ],
+    ));
+    let m = ModelProto {
+        ir_version: 7,
+        producer_name: "prelu".into(),
+        producer_version: env!("CARGO_PKG_VERSION").into(),
+        graph: Some(b.g),
+        opset_import: vec![OperatorSetIdProto {
+            domain: String::new(),
+            version: 13,
+        }],
+    };
+    Ok(m.encode_to_vec())
+}

@@ -1,0 +1,79 @@
+//! ONNX export structure (decoded back with prost): opset, PRelu slopes shaped
+//! to broadcast over channels, initializers under PyTorch names. onnxruntime
+//! itself checks the numbers in `.ci/run` (scripts/check_onnx.py).
+
+use candle_core::Device;
+use prelu::model::{Arch, Model, ModelSpec};
+use prelu::onnx::ModelProto;
+use prelu::{Activation, InitScheme, SlopeConstraint};
+use prost::Message;
+
+fn model(arch: Arch, act: Activation, bn: bool) -> Model {
+    let spec = ModelSpec {
+        arch,
+        act,
+        alpha_init: 0.25,
+        slope_constraint: SlopeConstraint::None,
+        batch_norm: bn,
+        init: InitScheme::HePrelu,
+        input: [1, 28, 28],
+        classes: 10,
+        input_mean: 0.13,
+        input_std: 0.31,
+        bias_init: 0.0,
+    };
+    Model::new(&spec, 0, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn cnn_export_has_channel_shaped_slopes_and_standard_ops() {
+    let m = model(Arch::cnn_default(), Activation::PRelu { shared: false }, true);
+    let p = ModelProto::decode(prelu::onnx::export(&m).unwrap().as_slice()).unwrap();
+    assert_eq!(p.opset_import[0].version, 13);
+    let g = p.graph.unwrap();
+    let ops: Vec<&str> = g.node.iter().map(|n| n.op_type.as_str()).collect();
+    for op in ["Conv", "BatchNormalization", "PRelu", "MaxPool", "Flatten", "Gemm"] {
+        assert!(ops.contains(&op), "{op} missing from {ops:?}");
+    }
+    let dims = |name: &str| {
+        g.initializer
+            .iter()
+            .find(|t| t.name == name)
+            .map(|t| t.dims.clone())
+            .unwrap()
+    };
+    assert_eq!(
+        dims("act.0.weight"),
+        vec![32, 1, 1],
+        "conv slopes must broadcast over channels"
+    );
+    assert_eq!(dims("act.1.weight"), vec![64, 1, 1]);
+    assert_eq!(dims("act.2.weight"), vec![128], "dense slopes are [C]");
+    assert_eq!(dims("convs.0.weight"), vec![32, 1, 3, 3]);
+    assert_eq!(g.output[0].name, "logits");
+    assert_eq!(g.node.last().unwrap().output, vec!["logits".to_string()]);
+}
+
+#[test]
+fn mlp_export_with_shared_slopes_and_relu() {
+    let m = model(
+        Arch::Mlp { hidden: vec![16] },
+        Activation::PRelu { shared: true },
+        false,
+    );
+    let g = ModelProto::decode(prelu::onnx::export(&m).unwrap().as_slice())
+        .unwrap()
+        .graph
+        .unwrap();
+    assert_eq!(
+        g.initializer.iter().find(|t| t.name == "act.0.weight").unwrap().dims,
+        vec![1]
+    );
+    let r = model(Arch::Mlp { hidden: vec![16] }, Activation::Relu, false);
+    let g = ModelProto::decode(prelu::onnx::export(&r).unwrap().as_slice())
+        .unwrap()
+        .graph
+        .unwrap();
+    assert!(g.node.iter().any(|n| n.op_type == "Relu"));
+    assert!(!g.node.iter().any(|n| n.op_type == "PRelu"));
+}
