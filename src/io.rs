@@ -107,20 +107,33 @@ pub fn save_model(
 
 /// Loads a model from a checkpoint written by [`save_model`] (or a run folder
 /// holding `checkpoint.safetensors`); returns the tensors and metadata too.
-pub fn load_model(path: &Path) -> Result<(Model, HashMap<String, Tensor>, HashMap<String, String>)> {
+pub fn load_model(path: &Path) -> Result<Loaded> {
+    load_model_with_spec(path, None)
+}
+
+/// A loaded checkpoint: the model, all its tensors, and the header metadata.
+pub type Loaded = (Model, HashMap<String, Tensor>, HashMap<String, String>);
+
+/// Like [`load_model`]; `spec` (a JSON model spec file) describes weights that
+/// carry no spec of their own, such as a PyTorch `state_dict` saved with
+/// `safetensors.torch.save_file` under prelu's names (`layers.i.*`, `bn.i.*`,
+/// `act.i.weight`; extra tensors such as `num_batches_tracked` are ignored).
+pub fn load_model_with_spec(path: &Path, spec: Option<&Path>) -> Result<Loaded> {
     let file = if path.is_dir() {
         path.join("checkpoint.safetensors")
     } else {
         path.to_path_buf()
     };
     let (tensors, metadata) = load_safetensors(&file)?;
-    let spec_json = metadata.get(SPEC_KEY).with_context(|| {
-        format!(
-            "{}: no model spec in the header (key `{SPEC_KEY}`); not a prelu checkpoint",
+    let spec_json = match (spec, metadata.get(SPEC_KEY)) {
+        (Some(p), _) => std::fs::read_to_string(p).with_context(|| format!("cannot read the model spec {}", p.display()))?,
+        (None, Some(s)) => s.clone(),
+        (None, None) => bail!(
+            "{}: no model spec in the header (key `{SPEC_KEY}`); for weights saved elsewhere (e.g. PyTorch), pass --spec SPEC.json",
             file.display()
-        )
-    })?;
-    let spec: ModelSpec = serde_json::from_str(spec_json)
+        ),
+    };
+    let spec: ModelSpec = serde_json::from_str(&spec_json)
         .with_context(|| format!("{}: the model spec does not parse", file.display()))?;
     let model = Model::new(&spec, 0, &Device::Cpu).with_context(|| format!("{}: bad model spec", file.display()))?;
     model

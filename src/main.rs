@@ -25,6 +25,9 @@ struct Cli {
     /// Worker threads (0 = all cores).
     #[arg(long, global = true, default_value_t = 0)]
     threads: usize,
+    /// Model spec (JSON) for weights that carry none, e.g. a PyTorch state_dict saved as safetensors.
+    #[arg(long, global = true)]
+    spec: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -810,7 +813,7 @@ fn cmd_attack(a: &AttackArgs) -> Result<()> {
     };
     let mut reports = Vec::new();
     for ck in std::iter::once(&a.checkpoint).chain(a.compare.as_ref()) {
-        let (model, _, _) = prelu::io::load_model(ck)?;
+        let (model, _, _) = load_ckpt(ck)?;
         let (name, split) = data_for(ck, &a.data, &a.data_dir)?;
         let ds = split.test.take(a.limit);
         let pb = ProgressBar::new(ds.len().div_ceil(a.batch_size) as u64);
@@ -884,7 +887,7 @@ fn cmd_attack(a: &AttackArgs) -> Result<()> {
 }
 
 fn cmd_canonicalize(a: &CanonArgs) -> Result<()> {
-    let (model, _, _) = prelu::io::load_model(&a.checkpoint)?;
+    let (model, _, _) = load_ckpt(&a.checkpoint)?;
     let (data, split) = data_for(&a.checkpoint, &a.data, &a.data_dir)?;
     let test = split.test.take(a.limit);
     let (canon, scaled, flipped, diff) = prelu::sculpt::canonicalize(&model, &test)?;
@@ -922,7 +925,7 @@ fn cmd_canonicalize(a: &CanonArgs) -> Result<()> {
 }
 
 fn cmd_sculpt(a: &SculptArgs) -> Result<()> {
-    let (model, _, _) = prelu::io::load_model(&a.checkpoint)?;
+    let (model, _, _) = load_ckpt(&a.checkpoint)?;
     let (data, split) = data_for(&a.checkpoint, &a.data, &a.data_dir)?;
     let stats = split.train.take(a.stats_limit.max(1));
     let opts = prelu::sculpt::SculptOptions {
@@ -973,7 +976,7 @@ fn cmd_sculpt(a: &SculptArgs) -> Result<()> {
 }
 
 fn cmd_export(a: &ExportArgs) -> Result<()> {
-    let (model, _, _) = prelu::io::load_model(&a.checkpoint)?;
+    let (model, _, _) = load_ckpt(&a.checkpoint)?;
     let bytes = prelu::onnx::export(&model)?;
     prelu::io::write_atomic(&a.onnx, &bytes)?;
     let mut reference = serde_json::Value::Null;
@@ -1012,7 +1015,7 @@ fn cmd_export(a: &ExportArgs) -> Result<()> {
 }
 
 fn cmd_diagnose(a: &DiagnoseArgs) -> Result<()> {
-    let (model, _, _) = prelu::io::load_model(&a.checkpoint)?;
+    let (model, _, _) = load_ckpt(&a.checkpoint)?;
     let (data, split) = data_for(&a.checkpoint, &a.data, &a.data_dir)?;
     let ds = match a.split.as_str() {
         "test" => split.test,
@@ -1100,7 +1103,7 @@ fn cmd_diagnose(a: &DiagnoseArgs) -> Result<()> {
 fn cmd_stability(a: &StabilityArgs) -> Result<()> {
     use prelu::stability;
     if let Some(ck) = &a.checkpoint {
-        let (model, _, _) = prelu::io::load_model(ck)?;
+        let (model, _, _) = load_ckpt(ck)?;
         let split = prelu::data::load(&a.data, a.data_dir.as_deref())?;
         let test = split.test.take(a.samples.max(2));
         let dev = candle_core::Device::Cpu;
@@ -1212,8 +1215,16 @@ fn cmd_stability(a: &StabilityArgs) -> Result<()> {
     Ok(())
 }
 
+static SPEC: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+
+/// Loads a checkpoint, with the global `--spec` if given.
+fn load_ckpt(p: &Path) -> Result<prelu::io::Loaded> {
+    prelu::io::load_model_with_spec(p, SPEC.get().and_then(|s| s.as_deref()))
+}
+
 fn run(cli: Cli) -> Result<()> {
     prelu::set_threads(cli.threads)?;
+    let _ = SPEC.set(cli.spec.clone());
     match &cli.command {
         Command::Demo(a) => cmd_demo(a),
         Command::Train(a) => cmd_train(a),

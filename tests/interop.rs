@@ -1,4 +1,4 @@
-//! ONNX export structure (decoded back with prost): opset, PRelu slopes shaped
+//! Interoperability. ONNX export structure (decoded back with prost): opset, PRelu slopes shaped
 //! to broadcast over channels, initializers under PyTorch names. onnxruntime
 //! itself checks the numbers in `.ci/run` (scripts/check_onnx.py).
 
@@ -76,4 +76,31 @@ fn mlp_export_with_shared_slopes_and_relu() {
         .unwrap();
     assert!(g.node.iter().any(|n| n.op_type == "Relu"));
     assert!(!g.node.iter().any(|n| n.op_type == "PRelu"));
+}
+
+#[test]
+fn pytorch_trained_example_loads_and_gives_pytorch_accuracy() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors");
+    let (m, tensors, _) = prelu::io::load_model_with_spec(
+        &dir.join("torch_mlp.safetensors"),
+        Some(&dir.join("torch_mlp.spec.json")),
+    )
+    .unwrap();
+    assert!(tensors.contains_key("bn.0.running_var") && tensors.contains_key("act.0.weight"));
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("torch_mlp.json")).unwrap()).unwrap();
+    let test = prelu::data::load("mnist-small", None).unwrap().test;
+    let d = prelu::sentinel::diagnose(&m, &test, 500, Default::default()).unwrap();
+    let torch_acc = want["test_acc"].as_f64().unwrap();
+    assert!(
+        (d.accuracy - torch_acc).abs() < 1e-6,
+        "prelu {} vs PyTorch {torch_acc}",
+        d.accuracy
+    );
+    // Without a spec the weights are refused with a clear hint.
+    let e = prelu::io::load_model(&dir.join("torch_mlp.safetensors"))
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--spec"), "{e}");
 }
