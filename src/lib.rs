@@ -23,6 +23,7 @@
 //! * [`symmetry`]: exact symmetries, BatchNorm folding, canonical form;
 //! * [`sculpt`]: pruning dead units and folding linear ones;
 //! * [`onnx`]: ONNX export (opset 13, `PRelu` with correctly broadcasting slopes);
+//! * [`report`]: a self-contained HTML report of a run with SVG plots;
 //! * [`io`]: atomic writes, safetensors checkpoints;
 //! * [`bench`]: the benchmarks behind `prelu bench`.
 
@@ -44,6 +45,7 @@ pub mod model;
 pub mod onnx;
 pub mod ops;
 pub mod optim;
+pub mod report;
 pub mod sculpt;
 pub mod sentinel;
 pub mod stability;

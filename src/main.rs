@@ -48,6 +48,8 @@ enum Command {
     Canonicalize(CanonArgs),
     /// Prune dead units and fold linear ones, checking accuracy and outputs (MLPs).
     Sculpt(SculptArgs),
+    /// Write a self-contained HTML report of a run folder (plots of curves, slopes, sentinel).
+    Report(ReportArgs),
     /// Export a checkpoint as ONNX (opset 13), with reference inputs and logits for checking.
     Export(ExportArgs),
     /// Depth stability: negative-path gain, optimal slope, signal and gradient variance by depth.
@@ -135,6 +137,17 @@ struct SculptArgs {
     /// Also treat units with |slope - 1| at most this as linear (default: exact folds only).
     #[arg(long, default_value_t = 0.0)]
     slope_tol: f64,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ReportArgs {
+    /// The run folder.
+    run: PathBuf,
+    /// Output file (default RUN/report.html).
+    #[arg(long, short)]
+    out: Option<PathBuf>,
     #[arg(long)]
     json: bool,
 }
@@ -653,6 +666,10 @@ fn cmd_demo(a: &DemoArgs) -> Result<()> {
         .iter()
         .map(|r| train::last_sentinel(&r.run_dirs[0]).unwrap_or_default())
         .collect();
+    let report = a.out.join("report-dying-prelu.html");
+    prelu::report::write(&dying[1].run_dirs[0], &report)?;
+    let report_relu = a.out.join("report-dying-relu.html");
+    prelu::report::write(&dying[0].run_dirs[0], &report_relu)?;
     if a.json {
         println!(
             "{}",
@@ -680,6 +697,7 @@ fn cmd_demo(a: &DemoArgs) -> Result<()> {
     for r in rows.iter().chain(&dying) {
         println!("{:<6} run folder: {}", r.act, r.run_dirs[0].display());
     }
+    println!("reports: {} and {}", report_relu.display(), report.display());
     Ok(())
 }
 
@@ -975,6 +993,23 @@ fn cmd_sculpt(a: &SculptArgs) -> Result<()> {
     Ok(())
 }
 
+fn cmd_report(a: &ReportArgs) -> Result<()> {
+    let out = a.out.clone().unwrap_or_else(|| a.run.join("report.html"));
+    let r = prelu::report::write(&a.run, &out)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "report ({} epochs, {} plots, {} alarms) written to {}",
+            r.epochs,
+            r.plots,
+            r.alarms,
+            out.display()
+        );
+    }
+    Ok(())
+}
+
 fn cmd_export(a: &ExportArgs) -> Result<()> {
     let (model, _, _) = load_ckpt(&a.checkpoint)?;
     let bytes = prelu::onnx::export(&model)?;
@@ -1235,6 +1270,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Canonicalize(a) => cmd_canonicalize(a),
         Command::Sculpt(a) => cmd_sculpt(a),
         Command::Export(a) => cmd_export(a),
+        Command::Report(a) => cmd_report(a),
         Command::Bench(BenchCommand::Kernels(a)) => bench_kernels(a),
         Command::Bench(BenchCommand::Train(a)) => bench_train(a),
     }

@@ -104,3 +104,38 @@ fn pytorch_trained_example_loads_and_gives_pytorch_accuracy() {
         .to_string();
     assert!(e.contains("--spec"), "{e}");
 }
+
+#[test]
+fn report_is_one_self_contained_page_with_its_plots() {
+    let dir = std::env::temp_dir().join(format!("prelu-report-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cfg = prelu::train::TrainConfig {
+        hidden: vec![16, 16],
+        epochs: 2,
+        train_limit: Some(600),
+        test_limit: Some(200),
+        ..Default::default()
+    };
+    prelu::train::train(&cfg, &dir, false, &mut |_| {}).unwrap();
+    let out = dir.join("report.html");
+    let r = prelu::report::write(&dir, &out).unwrap();
+    // loss, accuracy, slopes, two negative-share heatmaps, dead/idle counts
+    assert_eq!(r.plots, 6);
+    let html = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(html.matches("<svg").count(), 6);
+    for svg in html.split("<svg").skip(1) {
+        let body = &svg[..svg.find("</svg>").expect("closed svg")];
+        assert!(body.contains("<polyline") || body.contains("<rect"), "an empty plot");
+    }
+    // Nothing to fetch: no external sources or links (the SVG namespace URI is not a fetch).
+    assert!(
+        !html.contains("src=\"http") && !html.contains("href=\"http") && !html.contains("<script"),
+        "must be self-contained"
+    );
+    // A folder without metrics is refused clearly.
+    let e = prelu::report::write(&dir.join("nope"), &dir.join("x.html"))
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no epoch"), "{e}");
+}
