@@ -341,3 +341,57 @@ pub fn identifiability(model: &Model) -> Result<Vec<Identifiability>> {
     }
     Ok(out)
 }
+
+/// How far a BN+PReLU layer's raw parameters and its function-determining
+/// effective slopes have moved since tracking started: mean |change| over
+/// mean |start value|, per quantity.
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq)]
+pub struct IdentDrift {
+    pub layer: String,
+    pub gamma_drift: f64,
+    pub slope_drift: f64,
+    pub effective_positive_drift: f64,
+    pub effective_negative_drift: f64,
+}
+
+/// Records, epoch after epoch, the drift of raw (gamma, a) against the drift
+/// of the effective slopes of each BN+PReLU layer of an MLP: in the flat
+/// valley the raw values can wander while the function stays put.
+#[derive(Default)]
+pub struct DriftTracker {
+    start: Option<Vec<Identifiability>>,
+}
+
+fn rel_change(now: &[f64], start: &[f64]) -> f64 {
+    let num: f64 = now.iter().zip(start).map(|(a, b)| (a - b).abs()).sum();
+    let den: f64 = start.iter().map(|b| b.abs()).sum();
+    if den > 0.0 {
+        num / den
+    } else {
+        num
+    }
+}
+
+impl DriftTracker {
+    /// Whether the model has anything to track (an MLP with BatchNorm).
+    pub fn applies(model: &Model) -> bool {
+        model.spec.batch_norm && matches!(model.spec.arch, Arch::Mlp { .. })
+    }
+
+    /// Drift of each BN+PReLU layer since the first call.
+    pub fn update(&mut self, model: &Model) -> Result<Vec<IdentDrift>> {
+        let now = identifiability(model)?;
+        let start = self.start.get_or_insert_with(|| now.clone());
+        Ok(now
+            .iter()
+            .zip(start.iter())
+            .map(|(n, s)| IdentDrift {
+                layer: n.layer.clone(),
+                gamma_drift: rel_change(&n.gamma, &s.gamma),
+                slope_drift: rel_change(&n.slope, &s.slope),
+                effective_positive_drift: rel_change(&n.effective_positive, &s.effective_positive),
+                effective_negative_drift: rel_change(&n.effective_negative, &s.effective_negative),
+            })
+            .collect())
+    }
+}

@@ -284,13 +284,21 @@ pub enum MetricsLine {
     },
     /// An alarm, written when first raised.
     Alarm(crate::sentinel::Alarm),
+    /// Drift of raw BN gamma / PReLU slopes against the effective slopes since
+    /// the start of training (MLPs with BatchNorm).
+    Identifiability {
+        epoch: usize,
+        layers: Vec<crate::symmetry::IdentDrift>,
+    },
 }
 
 impl MetricsLine {
     /// The epoch a line belongs to.
     pub fn epoch(&self) -> usize {
         match self {
-            MetricsLine::Step { epoch, .. } | MetricsLine::Sentinel { epoch, .. } => *epoch,
+            MetricsLine::Step { epoch, .. }
+            | MetricsLine::Sentinel { epoch, .. }
+            | MetricsLine::Identifiability { epoch, .. } => *epoch,
             MetricsLine::Epoch(m) => m.epoch,
             MetricsLine::Alarm(a) => a.epoch,
         }
@@ -502,6 +510,11 @@ pub fn train(cfg: &TrainConfig, run_dir: &Path, resume: bool, on: &mut dyn FnMut
     let mut last: Option<EpochMetrics> = None;
     let mut samples_total = 0usize;
     let mut sentinel = cfg.sentinel.then(|| crate::sentinel::Sentinel::new(&model, cfg.alarms));
+    let mut drift =
+        (cfg.sentinel && crate::symmetry::DriftTracker::applies(&model)).then(crate::symmetry::DriftTracker::default);
+    if let Some(d) = drift.as_mut() {
+        d.update(&model)?; // the starting point
+    }
     for epoch in start_epoch..cfg.epochs {
         on(Event::EpochStart {
             epoch: epoch + 1,
@@ -586,6 +599,17 @@ pub fn train(cfg: &TrainConfig, run_dir: &Path, resume: bool, on: &mut dyn FnMut
             slopes: slope_summaries(&model)?,
         };
         writeln!(metrics, "{}", serde_json::to_string(&MetricsLine::Epoch(m.clone()))?)?;
+        if let Some(d) = drift.as_mut() {
+            let layers = d.update(&model)?;
+            writeln!(
+                metrics,
+                "{}",
+                serde_json::to_string(&MetricsLine::Identifiability {
+                    epoch: epoch + 1,
+                    layers
+                })?
+            )?;
+        }
         if let Some(s) = sentinel.as_mut() {
             let (layers, alarms) = s.end_epoch(&model, epoch + 1)?;
             writeln!(

@@ -166,3 +166,48 @@ fn canonical_form_of_a_bn_model_keeps_its_outputs() {
     assert_eq!(ids.len(), 2);
     assert_eq!(ids[0].gamma.len(), 20);
 }
+
+#[test]
+fn drift_tracker_sees_raw_values_move_while_the_effective_ones_stay() {
+    // Scale BN gamma and beta of layer 0 by 3 and the next weights by 1/3: an
+    // exact symmetry (PReLU is positively homogeneous). Raw gamma drifts by 2
+    // (200%), the effective slopes not at all, and neither does the output.
+    let m = mlp(vec![12, 8], true);
+    let mut t = prelu::symmetry::DriftTracker::default();
+    let d0 = t.update(&m).unwrap();
+    assert!(d0
+        .iter()
+        .all(|d| d.gamma_drift == 0.0 && d.effective_positive_drift == 0.0));
+    let x = Tensor::rand(0f32, 1.0, (16, 784), &Device::Cpu).unwrap();
+    let before = m
+        .forward_t(&x, false)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let mut sd: HashMap<String, Tensor> = m.state_dict().unwrap();
+    for (name, f) in [("bn.0.weight", 3.0), ("bn.0.bias", 3.0), ("layers.1.weight", 1.0 / 3.0)] {
+        let v = (sd[name].clone() * f).unwrap();
+        sd.insert(name.into(), v);
+    }
+    m.load_state_dict(&sd).unwrap();
+    let after = m
+        .forward_t(&x, false)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    for (a, b) in before.iter().zip(&after) {
+        assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "{a} vs {b}");
+    }
+    let d = t.update(&m).unwrap();
+    assert!((d[0].gamma_drift - 2.0).abs() < 1e-5, "{}", d[0].gamma_drift);
+    assert!(
+        d[0].effective_positive_drift < 1e-5 && d[0].effective_negative_drift < 1e-5,
+        "{:?}",
+        d[0]
+    );
+    assert!(d[1].gamma_drift < 1e-9);
+}
