@@ -272,17 +272,9 @@ fn step_time(arch: crate::model::Arch, batch: usize, steps: usize, sentinel: boo
     use crate::optim::{Optimizer, OptimizerKind};
     let dev = Device::Cpu;
     let spec = ModelSpec {
-        arch,
-        act: crate::Activation::PRelu { shared: false },
-        alpha_init: 0.25,
-        slope_constraint: crate::SlopeConstraint::None,
-        batch_norm: false,
-        init: crate::InitScheme::HePrelu,
-        input: [1, 28, 28],
-        classes: 10,
         input_mean: 0.13,
         input_std: 0.31,
-        bias_init: 0.0,
+        ..ModelSpec::new(arch, crate::Activation::PRelu { shared: false }, [1, 28, 28], 10)
     };
     let model = Model::new(&spec, 0, &dev)?;
     let mut opt = Optimizer::new(OptimizerKind::Sgd { momentum: 0.9 }, 0.0, model.params(), false)?;

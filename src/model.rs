@@ -86,6 +86,25 @@ pub struct ModelSpec {
 }
 
 impl ModelSpec {
+    /// A spec with the defaults: slope init 0.25 (PyTorch's), no constraint,
+    /// no BatchNorm, He init for PReLU, no input normalisation, zero biases.
+    /// Change fields with struct update syntax: `ModelSpec { batch_norm: true, ..ModelSpec::new(..) }`.
+    pub fn new(arch: Arch, act: Activation, input: [usize; 3], classes: usize) -> Self {
+        Self {
+            arch,
+            act,
+            alpha_init: crate::activation::DEFAULT_SLOPE,
+            slope_constraint: SlopeConstraint::None,
+            batch_norm: false,
+            init: InitScheme::HePrelu,
+            input,
+            classes,
+            input_mean: 0.0,
+            input_std: 1.0,
+            bias_init: 0.0,
+        }
+    }
+
     /// Checks sizes, so a bad spec is an error and never a panic later.
     pub fn validate(&self) -> Result<()> {
         let [c, h, w] = self.input;
@@ -310,19 +329,7 @@ impl Model {
             let w = spec
                 .init
                 .sample(&[out, fan_in], next, spec.alpha_init, dt, device, rng)?;
-            let weight = Var::from_tensor(&w)?;
-            let b0 = if head { 0.0 } else { spec.bias_init };
-            let bias = Var::from_tensor(&Tensor::full(b0 as f32, out, device)?)?;
-            m.params.push(Param {
-                name: format!("{name}.weight"),
-                var: weight.clone(),
-                kind: ParamKind::Weight,
-            });
-            m.params.push(Param {
-                name: format!("{name}.bias"),
-                var: bias.clone(),
-                kind: ParamKind::Bias,
-            });
+            let (weight, bias) = m.push_weight_bias(&name, &w, if head { 0.0 } else { spec.bias_init })?;
             m.blocks.push(Block::Linear { weight, bias });
             Ok(())
         };
@@ -362,18 +369,7 @@ impl Model {
                         device,
                         &mut rng,
                     )?;
-                    let weight = Var::from_tensor(&wt)?;
-                    let bias = Var::from_tensor(&Tensor::full(spec.bias_init as f32, co, device)?)?;
-                    m.params.push(Param {
-                        name: format!("convs.{i}.weight"),
-                        var: weight.clone(),
-                        kind: ParamKind::Weight,
-                    });
-                    m.params.push(Param {
-                        name: format!("convs.{i}.bias"),
-                        var: bias.clone(),
-                        kind: ParamKind::Bias,
-                    });
+                    let (weight, bias) = m.push_weight_bias(&format!("convs.{i}"), &wt, spec.bias_init)?;
                     m.blocks.push(Block::Conv {
                         weight,
                         bias,
@@ -396,6 +392,23 @@ impl Model {
             }
         }
         Ok(m)
+    }
+
+    /// Registers a weight (given) and a bias (filled with `b0`) as `{prefix}.weight|bias`.
+    fn push_weight_bias(&mut self, prefix: &str, w: &Tensor, b0: f64) -> Result<(Var, Var)> {
+        let weight = Var::from_tensor(w)?;
+        let bias = Var::from_tensor(&Tensor::full(b0 as f32, w.dim(0)?, w.device())?)?;
+        self.params.push(Param {
+            name: format!("{prefix}.weight"),
+            var: weight.clone(),
+            kind: ParamKind::Weight,
+        });
+        self.params.push(Param {
+            name: format!("{prefix}.bias"),
+            var: bias.clone(),
+            kind: ParamKind::Bias,
+        });
+        Ok((weight, bias))
     }
 
     /// Trainable parameters, in a fixed order.

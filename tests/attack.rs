@@ -6,22 +6,10 @@ use std::collections::HashMap;
 use candle_core::{Device, Tensor};
 use prelu::attack::{self, PgdOptions};
 use prelu::model::{Arch, Model, ModelSpec};
-use prelu::{Activation, InitScheme, SlopeConstraint};
+use prelu::Activation;
 
 fn tiny(act: Activation, hidden: usize) -> Model {
-    let spec = ModelSpec {
-        arch: Arch::Mlp { hidden: vec![hidden] },
-        act,
-        alpha_init: 0.25,
-        slope_constraint: SlopeConstraint::None,
-        batch_norm: false,
-        init: InitScheme::HePrelu,
-        input: [1, 2, 2],
-        classes: 3,
-        input_mean: 0.0,
-        input_std: 1.0,
-        bias_init: 0.0,
-    };
+    let spec = ModelSpec::new(Arch::Mlp { hidden: vec![hidden] }, act, [1, 2, 2], 3);
     Model::new(&spec, 7, &Device::Cpu).unwrap()
 }
 

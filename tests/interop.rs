@@ -5,22 +5,15 @@
 use candle_core::Device;
 use prelu::model::{Arch, Model, ModelSpec};
 use prelu::onnx::ModelProto;
-use prelu::{Activation, InitScheme, SlopeConstraint};
+use prelu::Activation;
 use prost::Message;
 
 fn model(arch: Arch, act: Activation, bn: bool) -> Model {
     let spec = ModelSpec {
-        arch,
-        act,
-        alpha_init: 0.25,
-        slope_constraint: SlopeConstraint::None,
         batch_norm: bn,
-        init: InitScheme::HePrelu,
-        input: [1, 28, 28],
-        classes: 10,
         input_mean: 0.13,
         input_std: 0.31,
-        bias_init: 0.0,
+        ..ModelSpec::new(arch, act, [1, 28, 28], 10)
     };
     Model::new(&spec, 0, &Device::Cpu).unwrap()
 }

@@ -7,7 +7,7 @@ use candle_core::{Device, Tensor};
 use prelu::kernels::{self, ForwardStats, SlopeGeometry, CHUNK};
 use prelu::model::{Arch, Model, ModelSpec};
 use prelu::sentinel::{Sentinel, SentinelConfig};
-use prelu::{Activation, InitScheme, SlopeConstraint};
+use prelu::Activation;
 use rand::{Rng, SeedableRng};
 
 /// A 2-input, 3-unit PReLU layer built by hand: unit 0 always gets -1 (dead),
@@ -15,19 +15,7 @@ use rand::{Rng, SeedableRng};
 /// examples negative).
 fn hand_built(slopes: [f32; 3], act: Activation) -> Model {
     let dev = Device::Cpu;
-    let spec = ModelSpec {
-        arch: Arch::Mlp { hidden: vec![3] },
-        act,
-        alpha_init: 0.25,
-        slope_constraint: SlopeConstraint::None,
-        batch_norm: false,
-        init: InitScheme::HePrelu,
-        input: [1, 1, 2],
-        classes: 2,
-        input_mean: 0.0,
-        input_std: 1.0,
-        bias_init: 0.0,
-    };
+    let spec = ModelSpec::new(Arch::Mlp { hidden: vec![3] }, act, [1, 1, 2], 2);
     let m = Model::new(&spec, 0, &dev).unwrap();
     let mut sd: HashMap<String, Tensor> = m.state_dict().unwrap();
     sd.insert(

@@ -87,19 +87,16 @@ fn per_layer_analysis_of_a_model_reads_gradients_at_every_activation() {
     use prelu::model::{Arch, Model, ModelSpec};
     let dev = Device::Cpu;
     let spec = ModelSpec {
-        arch: Arch::Mlp {
-            hidden: vec![16, 16, 16],
-        },
-        act: Activation::PRelu { shared: false },
-        alpha_init: 0.25,
-        slope_constraint: prelu::SlopeConstraint::None,
-        batch_norm: false,
-        init: InitScheme::HePrelu,
-        input: [1, 4, 4],
-        classes: 3,
         input_mean: 0.5,
         input_std: 0.3,
-        bias_init: 0.0,
+        ..ModelSpec::new(
+            Arch::Mlp {
+                hidden: vec![16, 16, 16],
+            },
+            Activation::PRelu { shared: false },
+            [1, 4, 4],
+            3,
+        )
     };
     let m = Model::new(&spec, 1, &dev).unwrap();
     let x = Tensor::rand(0f32, 1.0, (32, 16), &dev).unwrap();

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use candle_core::{Device, Tensor};
 use prelu::model::{Arch, Model, ModelSpec};
 use prelu::symmetry::{Bn, Dense, DenseNet};
-use prelu::{Activation, InitScheme, SlopeConstraint};
+use prelu::Activation;
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 
@@ -110,17 +110,15 @@ fn prelu_identity_holds_pointwise() {
 
 fn mlp(hidden: Vec<usize>, bn: bool) -> Model {
     let spec = ModelSpec {
-        arch: Arch::Mlp { hidden },
-        act: Activation::PRelu { shared: false },
-        alpha_init: 0.25,
-        slope_constraint: SlopeConstraint::None,
         batch_norm: bn,
-        init: InitScheme::HePrelu,
-        input: [1, 28, 28],
-        classes: 10,
         input_mean: 0.13,
         input_std: 0.31,
-        bias_init: 0.0,
+        ..ModelSpec::new(
+            Arch::Mlp { hidden },
+            Activation::PRelu { shared: false },
+            [1, 28, 28],
+            10,
+        )
     };
     Model::new(&spec, 3, &Device::Cpu).unwrap()
 }

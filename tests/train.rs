@@ -9,7 +9,7 @@ use prelu::data::{self, DataError};
 use prelu::model::{Arch, Model, ModelSpec, ParamKind};
 use prelu::optim::{Optimizer, OptimizerKind};
 use prelu::train::{self, MetricsLine, TrainConfig};
-use prelu::{Activation, InitScheme, SlopeConstraint};
+use prelu::Activation;
 use rand::{Rng, SeedableRng};
 
 fn tmp(name: &str) -> PathBuf {
@@ -113,17 +113,10 @@ fn reads_the_full_sets_when_present() {
 
 fn spec(arch: Arch, act: Activation, bn: bool) -> ModelSpec {
     ModelSpec {
-        arch,
-        act,
-        alpha_init: 0.25,
-        slope_constraint: SlopeConstraint::None,
         batch_norm: bn,
-        init: InitScheme::HePrelu,
-        input: [1, 8, 8],
-        classes: 10,
         input_mean: 0.1,
         input_std: 0.3,
-        bias_init: 0.0,
+        ..ModelSpec::new(arch, act, [1, 8, 8], 10)
     }
 }
 
