@@ -53,6 +53,7 @@ pub mod symmetry;
 pub mod train;
 
 pub use activation::{Activation, ActivationLayer, PReLU, PReLUConfig, SlopeConstraint};
+pub use candle_core::Device;
 pub use init::{gain, FanMode, InitScheme};
 pub use invert::{log_abs_det_jacobian, prelu_inverse, InvertError};
 pub use ops::{prelu, prelu_backward, SlopeAxis};

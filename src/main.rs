@@ -75,7 +75,12 @@ struct AttackArgs {
     #[arg(long, value_delimiter = ',', default_value = "fgsm,pgd")]
     method: Vec<String>,
     /// L-infinity radii, in pixel units ([0, 1]).
-    #[arg(long, value_delimiter = ',', default_value = "0.01,0.03,0.1")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "0.01,0.03,0.1",
+        allow_hyphen_values = true
+    )]
     eps: Vec<f64>,
     /// PGD steps.
     #[arg(long, default_value_t = 10)]
@@ -206,7 +211,7 @@ struct StabilityArgs {
     #[arg(long, value_delimiter = ',', default_value = "he-prelu,he-relu,xavier,std:0.05")]
     init: Vec<String>,
     /// PReLU slope a (the initial slope a0 for he-prelu).
-    #[arg(long, default_value_t = 0.25)]
+    #[arg(long, default_value_t = 0.25, allow_hyphen_values = true)]
     alpha: f64,
     /// Weight of every layer of the scalar chain.
     #[arg(long, default_value_t = 1.0)]
@@ -267,7 +272,7 @@ struct ConfigArgs {
     #[arg(long, value_delimiter = ',')]
     channels: Option<Vec<usize>>,
     /// Initial PReLU slope.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     alpha_init: Option<f64>,
     /// Slope constraint: none, positive, clamp:LO:HI.
     #[arg(long)]
@@ -281,11 +286,11 @@ struct ConfigArgs {
     /// sgd or adamw.
     #[arg(long)]
     optimizer: Option<String>,
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     lr: Option<f64>,
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     momentum: Option<f64>,
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     weight_decay: Option<f64>,
     /// Decay BatchNorm gamma/beta too.
     #[arg(long)]
@@ -551,7 +556,18 @@ fn print_summary(s: &TrainSummary) {
 }
 
 fn cmd_train(a: &TrainArgs) -> Result<()> {
-    let cfg = a.cfg.resolve(a.act.as_ref())?;
+    let cfg = match (&a.out, a.resume) {
+        // A resumed run keeps its own config; only --epochs may extend it.
+        (Some(dir), true) => {
+            let mut c = TrainConfig::from_toml_file(&dir.join("config.toml"))
+                .with_context(|| format!("cannot resume {}", dir.display()))?;
+            if let Some(e) = a.cfg.epochs {
+                c.epochs = e;
+            }
+            c
+        }
+        _ => a.cfg.resolve(a.act.as_ref())?,
+    };
     let dir = match (&a.out, a.resume) {
         (Some(d), _) => d.clone(),
         (None, true) => anyhow::bail!("--resume needs --out RUN_FOLDER"),

@@ -63,6 +63,10 @@ impl Arch {
     }
 }
 
+/// Largest model accepted from a spec (a resource bound against hostile or
+/// mistaken specs: 2^28 parameters, 1 GiB of f32).
+pub const MAX_PARAMS: usize = 1 << 28;
+
 /// Everything needed to rebuild a model: stored in checkpoints.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelSpec {
@@ -105,9 +109,71 @@ impl ModelSpec {
         }
     }
 
-    /// Checks sizes, so a bad spec is an error and never a panic later.
+    /// Trainable parameters this spec would allocate (saturating, so any
+    /// spec can be sized before anything is allocated).
+    pub fn param_estimate(&self) -> usize {
+        let [c, h, w] = self.input;
+        let layer = |i: usize, o: usize| {
+            i.saturating_add(1)
+                .saturating_mul(o)
+                .saturating_add(3usize.saturating_mul(o))
+        };
+        match &self.arch {
+            Arch::Mlp { hidden } => {
+                let mut n = 0usize;
+                let mut fan = c.saturating_mul(h).saturating_mul(w);
+                for &o in hidden.iter().chain(std::iter::once(&self.classes)) {
+                    n = n.saturating_add(layer(fan, o));
+                    fan = o;
+                }
+                n
+            }
+            Arch::Cnn {
+                channels,
+                kernel,
+                hidden,
+                ..
+            } => {
+                let mut n = 0usize;
+                let mut ci = c;
+                for &co in channels {
+                    n = n.saturating_add(layer(ci.saturating_mul(kernel.saturating_mul(*kernel)), co));
+                    ci = co;
+                }
+                let flat = ci.saturating_mul(h).saturating_mul(w);
+                n.saturating_add(layer(flat, *hidden))
+                    .saturating_add(layer(*hidden, self.classes))
+            }
+        }
+    }
+
+    /// Checks sizes, so a bad spec is an error and never a panic later, and
+    /// refuses specs too large to allocate ([`MAX_PARAMS`]).
     pub fn validate(&self) -> Result<()> {
         let [c, h, w] = self.input;
+        let big = |v: usize| v > 1 << 20;
+        let widths: Vec<usize> = match &self.arch {
+            Arch::Mlp { hidden } => hidden.clone(),
+            Arch::Cnn { channels, hidden, .. } => channels.iter().copied().chain([*hidden]).collect(),
+        };
+        if big(c) || big(h) || big(w) || big(self.classes) || widths.iter().any(|&v| big(v)) || widths.len() > 1000 {
+            bail!(
+                "model: a size in the spec is implausibly large (input {:?}, classes {}, widths {widths:?})",
+                self.input,
+                self.classes
+            );
+        }
+        if let Arch::Cnn { kernel, padding, .. } = &self.arch {
+            if *kernel > 31 || padding > kernel {
+                bail!(
+                    "model: CNN kernel {kernel} (at most 31) and padding {padding} (at most the kernel) out of range"
+                );
+            }
+        }
+        let n = self.param_estimate();
+        if n > MAX_PARAMS {
+            bail!("model: the spec needs {n} parameters, over the limit of {MAX_PARAMS}");
+        }
         if c == 0 || h == 0 || w == 0 || self.classes == 0 {
             bail!(
                 "model: input {:?} and classes {} must all be > 0",

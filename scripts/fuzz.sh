@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Fuzz every parser of user files for SECONDS each (default 60), two targets
+# at a time on a 2-core machine:
+#   idx         IDX files, raw and gzip
+#   checkpoint  safetensors checkpoints and imported state dicts
+#   run_config  TOML run configs
+#   model_spec  JSON model specs
+#     bash scripts/fuzz.sh 600
+# Seeds are the committed real files in fuzz/corpus/<target>; what the fuzzer
+# finds goes to fuzz/target/corpus-<target> (not committed). A crash stops
+# with the input in fuzz/artifacts/<target>/: turn it into a regression test.
+# cargo fuzz passes -Z flags to rustc; RUSTC_BOOTSTRAP=1 lets the stable
+# toolchain (the only one here) accept them.
+set -euo pipefail
+secs=${1:-60}
+cd "$(dirname "$0")/.."
+command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz
+export RUSTC_BOOTSTRAP=1
+cargo fuzz build -s none -O
+mkdir -p fuzz/target
+run() {
+    local t=$1
+    mkdir -p "fuzz/target/corpus-$t"
+    cargo fuzz run -s none -O "$t" "fuzz/target/corpus-$t" "fuzz/corpus/$t" -- \
+        -max_total_time="$secs" -rss_limit_mb=4096 -timeout=20 -print_final_stats=1 > "fuzz/target/$t.log" 2>&1
+    local execs
+    execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "fuzz/target/$t.log" | grep -o '[0-9]*$' || echo "?")
+    echo "$t: $execs executions in ${secs}s, no crash"
+}
+status=0
+for pair in "idx checkpoint" "run_config model_spec"; do
+    set -- $pair
+    run "$1" & a=$!
+    run "$2" & b=$!
+    wait $a || { echo "$1: CRASH or error, see fuzz/target/$1.log" >&2; status=1; }
+    wait $b || { echo "$2: CRASH or error, see fuzz/target/$2.log" >&2; status=1; }
+done
+exit $status
