@@ -138,3 +138,96 @@ fn hostile_flags_get_a_clear_error() {
         assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
     }
 }
+
+/// A small tmpfs mounted for the test, unmounted on drop.
+#[cfg(target_os = "linux")]
+struct SmallFs(PathBuf);
+
+#[cfg(target_os = "linux")]
+impl SmallFs {
+    fn mount(name: &str, size: &str) -> Option<Self> {
+        let dir = tmp(name);
+        std::fs::create_dir_all(&dir).ok()?;
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir)
+            .status()
+            .ok()?
+            .success();
+        ok.then(|| SmallFs(dir))
+    }
+
+    fn remount_read_only(&self) -> bool {
+        Command::new("mount")
+            .args(["-o", "remount,ro"])
+            .arg(&self.0)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    }
+}
+
+#[cfg(target_os = "linux")]
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn full_or_read_only_run_folder_keeps_the_previous_checkpoint() {
+    // Needs root to mount a tmpfs (CI and the dev machines run as root).
+    let Some(fs) = SmallFs::mount("small", "1500k") else {
+        eprintln!("SKIPPED: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let run = fs.0.join("run");
+    // Each checkpoint (weights + AdamW moments) is ~0.95 MB: the first fits, the
+    // second cannot be written beside it.
+    let args = [
+        "train",
+        "--hidden",
+        "100",
+        "--epochs",
+        "3",
+        "--train-limit",
+        "600",
+        "--test-limit",
+        "100",
+        "--threads",
+        "1",
+    ];
+    let o = bin().args(args).arg("--out").arg(&run).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "a full disk must fail the run");
+    assert!(
+        err.contains("previous one is kept") && err.contains("No space left"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"));
+    let (_, _, meta) = prelu::io::load_model(&run).unwrap();
+    assert!(
+        meta[prelu::io::PROGRESS_KEY].contains("\"epoch\":1"),
+        "the epoch-1 checkpoint must survive: {meta:?}"
+    );
+    // No temporary files are left behind.
+    let leftovers: Vec<_> = std::fs::read_dir(&run)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    // A read-only run folder: resuming fails clearly, the checkpoint stays.
+    let before = std::fs::read(run.join("checkpoint.safetensors")).unwrap();
+    assert!(fs.remount_read_only());
+    let o = bin()
+        .args(["train", "--resume", "--threads", "1", "--out"])
+        .arg(&run)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("Read-only file system"), "{err}");
+    assert!(!err.contains("panicked"));
+    assert_eq!(std::fs::read(run.join("checkpoint.safetensors")).unwrap(), before);
+}
