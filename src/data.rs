@@ -18,9 +18,21 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
-/// Largest decompressed IDX file accepted (a resource bound against hostile
-/// or corrupt input; the largest real file, MNIST's train images, is 47 MB).
+/// Default largest decompressed IDX file accepted (a resource bound against
+/// hostile or corrupt input; the largest real file, MNIST's train images, is
+/// 47 MB).
 pub const MAX_IDX_BYTES: u64 = 1 << 30;
+
+/// The memory cap for one user file, in bytes: `$PRELU_MAX_FILE_BYTES` if set
+/// (and a positive integer), else `default`. Declared sizes above it are
+/// refused before anything is allocated.
+pub fn file_cap(default: u64) -> u64 {
+    std::env::var("PRELU_MAX_FILE_BYTES")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|&v| v > 0)
+        .unwrap_or(default)
+}
 
 /// What went wrong reading a data set; every variant names the file.
 #[derive(Debug, Error)]
@@ -63,16 +75,16 @@ fn invalid(path: &str, what: impl Into<String>) -> DataError {
 
 /// Decompresses gzip input (recognised by its magic bytes) with a size cap;
 /// raw input is returned as is.
-fn maybe_gunzip<'a>(bytes: &'a [u8], path: &str) -> Result<std::borrow::Cow<'a, [u8]>, DataError> {
+fn maybe_gunzip<'a>(bytes: &'a [u8], path: &str, cap: u64) -> Result<std::borrow::Cow<'a, [u8]>, DataError> {
     if bytes.len() >= 2 && bytes[0] == 0x1f && bytes[1] == 0x8b {
         let mut out = Vec::new();
-        let mut dec = flate2::read::GzDecoder::new(bytes).take(MAX_IDX_BYTES + 1);
+        let mut dec = flate2::read::GzDecoder::new(bytes).take(cap + 1);
         dec.read_to_end(&mut out)
             .map_err(|e| invalid(path, format!("bad gzip data: {e}")))?;
-        if out.len() as u64 > MAX_IDX_BYTES {
+        if out.len() as u64 > cap {
             return Err(invalid(
                 path,
-                format!("decompresses to more than {MAX_IDX_BYTES} bytes"),
+                format!("decompresses to more than {cap} bytes (the cap; set PRELU_MAX_FILE_BYTES to change it)"),
             ));
         }
         Ok(std::borrow::Cow::Owned(out))
@@ -81,9 +93,15 @@ fn maybe_gunzip<'a>(bytes: &'a [u8], path: &str) -> Result<std::borrow::Cow<'a, 
     }
 }
 
-/// Parses IDX bytes (raw or gzip). `path` only labels errors.
+/// Parses IDX bytes (raw or gzip). `path` only labels errors. The memory cap
+/// is [`file_cap`]`(`[`MAX_IDX_BYTES`]`)`.
 pub fn parse_idx(bytes: &[u8], path: &str) -> Result<Idx, DataError> {
-    let bytes = maybe_gunzip(bytes, path)?;
+    parse_idx_capped(bytes, path, file_cap(MAX_IDX_BYTES))
+}
+
+/// [`parse_idx`] with an explicit memory cap in bytes.
+pub fn parse_idx_capped(bytes: &[u8], path: &str, cap: u64) -> Result<Idx, DataError> {
+    let bytes = maybe_gunzip(bytes, path, cap)?;
     if bytes.len() < 4 {
         return Err(DataError::Truncated {
             path: path.into(),
@@ -123,11 +141,11 @@ pub fn parse_idx(bytes: &[u8], path: &str) -> Result<Idx, DataError> {
     let declared = dims
         .iter()
         .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
-        .filter(|&n| n <= MAX_IDX_BYTES);
+        .filter(|&n| n <= cap);
     let Some(declared) = declared else {
         return Err(invalid(
             path,
-            format!("declared size {dims:?} exceeds the {MAX_IDX_BYTES}-byte limit"),
+            format!("declared size {dims:?} exceeds the {cap}-byte cap (set PRELU_MAX_FILE_BYTES to change it)"),
         ));
     };
     let body = bytes.len() - header;
@@ -159,10 +177,14 @@ pub fn read_idx(path: &Path) -> Result<Idx, DataError> {
         path: p.clone(),
         source: e,
     })?;
-    if meta.len() > MAX_IDX_BYTES {
+    let cap = file_cap(MAX_IDX_BYTES);
+    if meta.len() > cap {
         return Err(invalid(
             &p,
-            format!("file is {} bytes, over the {MAX_IDX_BYTES}-byte limit", meta.len()),
+            format!(
+                "file is {} bytes, over the {cap}-byte cap (set PRELU_MAX_FILE_BYTES to change it)",
+                meta.len()
+            ),
         ));
     }
     let bytes = std::fs::read(path).map_err(|e| DataError::Io {

@@ -16,7 +16,8 @@ pub const SPEC_KEY: &str = "prelu.spec";
 /// Metadata key holding training progress (JSON), in training checkpoints.
 pub const PROGRESS_KEY: &str = "prelu.progress";
 
-/// Largest checkpoint accepted (a bound against hostile files).
+/// Default largest checkpoint accepted (a bound against hostile files;
+/// `$PRELU_MAX_FILE_BYTES` overrides it).
 pub const MAX_CHECKPOINT_BYTES: u64 = 4 << 30;
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same folder,
@@ -71,12 +72,12 @@ pub fn save_safetensors(
 /// Reads a safetensors file: tensors and header metadata.
 pub fn load_safetensors(path: &Path) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
     let meta = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
-    if meta.len() > MAX_CHECKPOINT_BYTES {
+    let cap = crate::data::file_cap(MAX_CHECKPOINT_BYTES);
+    if meta.len() > cap {
         bail!(
-            "{}: {} bytes is over the {} byte limit for checkpoints",
+            "{}: {} bytes is over the {cap}-byte cap for checkpoints (set PRELU_MAX_FILE_BYTES to change it)",
             path.display(),
-            meta.len(),
-            MAX_CHECKPOINT_BYTES
+            meta.len()
         );
     }
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;

@@ -59,6 +59,7 @@ fn idx_reader_rejects_every_bad_file_with_its_name() {
         (idx([0, 0, 8, 1], &[5], &[1, 2, 3]), "need 5 data bytes"),
         (idx([0, 0, 8, 1], &[2], &[1, 2, 3]), "trailing"),
         (idx([0, 0, 8, 3], &[u32::MAX, u32::MAX, u32::MAX], &[]), "exceeds"),
+        (idx([0, 0, 8, 3], &[60_000, 28, 28], &[1, 2, 3]), "truncated"),
     ];
     for (bytes, want) in cases {
         let e = data::parse_idx(&bytes, "bad-file.idx").unwrap_err().to_string();
@@ -67,6 +68,13 @@ fn idx_reader_rejects_every_bad_file_with_its_name() {
             "wanted `{want}` in: {e}"
         );
     }
+    // A configurable memory cap: a declared size over it is refused before
+    // allocation, even when the file would be big enough.
+    let body = vec![7u8; 64];
+    let ok = idx([0, 0, 8, 1], &[64], &body);
+    assert!(data::parse_idx_capped(&ok, "capped.idx", 64).is_ok());
+    let e = data::parse_idx_capped(&ok, "capped.idx", 63).unwrap_err().to_string();
+    assert!(e.contains("capped.idx") && e.contains("63-byte cap"), "{e}");
     // Wrong dimensions and image/label mismatch.
     let imgs = data::parse_idx(&idx([0, 0, 8, 3], &[2, 1, 1], &[0, 255]), "i").unwrap();
     let labels3 = data::parse_idx(&idx([0, 0, 8, 1], &[3], &[0, 1, 2]), "l").unwrap();
