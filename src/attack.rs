@@ -8,7 +8,7 @@
 //! (the model normalises internally), and every adversarial input is clipped
 //! to it.
 
-use candle_core::{DType, Device, Result, Tensor, Var, D};
+use candle_core::{DType, Result, Tensor, Var, D};
 use rand::SeedableRng;
 use rand_distr::{Distribution, Uniform};
 use serde::Serialize;
@@ -171,8 +171,6 @@ pub fn evaluate(
     batch: usize,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<AttackReport> {
-    let dev = Device::Cpu;
-    let f = ds.features();
     let (use_fgsm, use_pgd) = methods;
     let mut clean = (0usize, 0.0f64);
     let mut per_eps = vec![(0usize, 0.0f64, 0usize, 0.0f64); eps.len()];
@@ -181,11 +179,9 @@ pub fn evaluate(
     let curve_t: Vec<f64> = (0..=10).map(|k| k as f64 * 0.02).collect();
     let mut curve = vec![0.0f64; curve_t.len()];
     let batches = ds.len().div_ceil(batch.max(1));
-    for (bi, start) in (0..ds.len()).step_by(batch.max(1)).enumerate() {
+    for (bi, b) in ds.batches(batch).enumerate() {
         progress(bi, batches);
-        let end = (start + batch).min(ds.len());
-        let x = Tensor::from_slice(&ds.images[start * f..end * f], (end - start, f), &dev)?;
-        let y = Tensor::from_iter(ds.labels[start..end].iter().map(|&l| l as u32), &dev)?;
+        let (x, y) = b?;
         let (c, l) = accuracy_and_loss(model, &x, &y)?;
         clean.0 += c;
         clean.1 += l;

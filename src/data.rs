@@ -270,6 +270,22 @@ impl Dataset {
         }
     }
 
+    /// The data in order, as `(images [n, features], labels [n] u32)` tensors of
+    /// at most `batch` examples each (the last batch may be smaller).
+    pub fn batches(
+        &self,
+        batch: usize,
+    ) -> impl Iterator<Item = candle_core::Result<(candle_core::Tensor, candle_core::Tensor)>> + '_ {
+        let (f, batch) = (self.features(), batch.max(1));
+        let dev = candle_core::Device::Cpu;
+        (0..self.len()).step_by(batch).map(move |start| {
+            let end = (start + batch).min(self.len());
+            let x = candle_core::Tensor::from_slice(&self.images[start * f..end * f], (end - start, f), &dev)?;
+            let y = candle_core::Tensor::from_iter(self.labels[start..end].iter().map(|&l| l as u32), &dev)?;
+            Ok((x, y))
+        })
+    }
+
     /// Mean and standard deviation over all pixels.
     pub fn pixel_stats(&self) -> (f32, f32) {
         let n = self.images.len().max(1) as f64;

@@ -12,7 +12,7 @@
 //!   our models have no bypass path, so it is not applied.
 
 use anyhow::{bail, Result};
-use candle_core::{Device, Tensor};
+
 use serde::Serialize;
 
 use crate::data::Dataset;
@@ -109,12 +109,9 @@ fn merge(net: &mut DenseNet, k: usize) {
 }
 
 fn logits(model: &Model, ds: &Dataset) -> Result<Vec<Vec<f32>>> {
-    let f = ds.features();
     let mut out = Vec::with_capacity(ds.len());
-    for start in (0..ds.len()).step_by(1000) {
-        let end = (start + 1000).min(ds.len());
-        let x = Tensor::from_slice(&ds.images[start * f..end * f], (end - start, f), &Device::Cpu)?;
-        out.extend(model.forward_t(&x, false)?.to_vec2::<f32>()?);
+    for b in ds.batches(1000) {
+        out.extend(model.forward_t(&b?.0, false)?.to_vec2::<f32>()?);
     }
     Ok(out)
 }

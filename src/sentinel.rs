@@ -406,17 +406,13 @@ pub struct Diagnosis {
 /// gradients from the cross-entropy of each batch). Idle means idle on this
 /// data (one pass).
 pub fn diagnose(model: &Model, ds: &crate::data::Dataset, batch: usize, cfg: SentinelConfig) -> Result<Diagnosis> {
-    let dev = candle_core::Device::Cpu;
     let mut s = Sentinel::new(model, SentinelConfig { idle_epochs: 1, ..cfg });
-    let f = ds.features();
     let (mut loss_sum, mut correct) = (0.0f64, 0usize);
-    for start in (0..ds.len()).step_by(batch.max(1)) {
-        let end = (start + batch).min(ds.len());
-        let x = Tensor::from_slice(&ds.images[start * f..end * f], (end - start, f), &dev)?;
-        let y = Tensor::from_iter(ds.labels[start..end].iter().map(|&l| l as u32), &dev)?;
+    for b in ds.batches(batch) {
+        let (x, y) = b?;
         let logits = model.forward_counting(&x, false, s.handles())?;
         let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
-        loss_sum += loss.to_scalar::<f32>()? as f64 * (end - start) as f64;
+        loss_sum += loss.to_scalar::<f32>()? as f64 * y.dim(0)? as f64;
         correct += logits
             .argmax(1)?
             .eq(&y)?

@@ -366,16 +366,12 @@ struct CheckpointProgress {
 
 /// Loss and accuracy of a model over a data set (evaluation mode).
 pub fn evaluate(model: &Model, ds: &Dataset, batch: usize) -> Result<(f64, f64)> {
-    let dev = Device::Cpu;
-    let f = ds.features();
     let mut loss_sum = 0.0;
     let mut correct = 0usize;
-    for start in (0..ds.len()).step_by(batch.max(1)) {
-        let end = (start + batch).min(ds.len());
-        let x = Tensor::from_slice(&ds.images[start * f..end * f], (end - start, f), &dev)?;
-        let y = Tensor::from_iter(ds.labels[start..end].iter().map(|&l| l as u32), &dev)?;
+    for b in ds.batches(batch) {
+        let (x, y) = b?;
         let logits = model.forward_t(&x, false)?;
-        loss_sum += candle_nn::loss::cross_entropy(&logits, &y)?.to_scalar::<f32>()? as f64 * (end - start) as f64;
+        loss_sum += candle_nn::loss::cross_entropy(&logits, &y)?.to_scalar::<f32>()? as f64 * y.dim(0)? as f64;
         correct += logits
             .argmax(1)?
             .eq(&y)?
@@ -443,12 +439,14 @@ fn rewrite_metrics(run_dir: &Path, keep: &[MetricsLine]) -> Result<()> {
 }
 
 /// Trains per `cfg` in `run_dir`. With `resume`, continues from the run
-/// folder's checkpoint and config (the given `cfg` may only raise `epochs`).
+/// folder's checkpoint under the run's saved config; of the given `cfg` only
+/// `epochs` (the total to reach) and the testing aid `fault_nan_step` are used,
+/// so a caller that wants the run's own length passes the saved `epochs`.
 pub fn train(cfg: &TrainConfig, run_dir: &Path, resume: bool, on: &mut dyn FnMut(Event)) -> Result<TrainSummary> {
     let cfg = if resume {
         let mut saved = TrainConfig::from_toml_file(&run_dir.join("config.toml"))
             .with_context(|| format!("cannot resume: {} has no readable config.toml", run_dir.display()))?;
-        saved.epochs = saved.epochs.max(cfg.epochs);
+        saved.epochs = cfg.epochs;
         saved.fault_nan_step = cfg.fault_nan_step;
         saved
     } else {
