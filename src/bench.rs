@@ -265,9 +265,12 @@ pub struct TrainBenchReport {
     /// `sentinel / plain` step time.
     pub sentinel_overhead_mlp: f64,
     pub sentinel_overhead_cnn: f64,
+    /// The same step through candle's autograd (the `--autograd` path).
+    pub mlp_autograd_step_ms: f64,
+    pub cnn_autograd_step_ms: f64,
 }
 
-fn step_time(arch: crate::model::Arch, batch: usize, steps: usize, sentinel: bool) -> Result<f64> {
+fn step_time(arch: crate::model::Arch, batch: usize, steps: usize, sentinel: bool, fused: bool) -> Result<f64> {
     use crate::model::{Model, ModelSpec};
     use crate::optim::{Optimizer, OptimizerKind};
     let dev = Device::Cpu;
@@ -279,11 +282,21 @@ fn step_time(arch: crate::model::Arch, batch: usize, steps: usize, sentinel: boo
     let model = Model::new(&spec, 0, &dev)?;
     let mut opt = Optimizer::new(OptimizerKind::Sgd { momentum: 0.9 }, 0.0, model.params(), false)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-    let x: Vec<f32> = (0..batch * 784).map(|_| rng.random_range(0.0f32..1.0)).collect();
-    let y: Vec<u32> = (0..batch).map(|_| rng.random_range(0..10u32)).collect();
-    let x = Tensor::from_vec(x, (batch, 784), &dev)?;
-    let y = Tensor::from_vec(y, batch, &dev)?;
+    let xv: Vec<f32> = (0..batch * 784).map(|_| rng.random_range(0.0f32..1.0)).collect();
+    let yv: Vec<u32> = (0..batch).map(|_| rng.random_range(0..10u32)).collect();
     let mut sen = sentinel.then(|| crate::sentinel::Sentinel::new(&model, Default::default()));
+    if fused {
+        let mut fs = crate::fused::FusedStep::new(&model)?;
+        return median_secs(steps, || {
+            fs.step(&xv, &yv, sen.as_ref().map(|s| s.handles()))?;
+            if let Some(s) = sen.as_mut() {
+                s.after_fused(&fs);
+            }
+            opt.step_slices(&fs.grads(), 0.01)
+        });
+    }
+    let x = Tensor::from_vec(xv, (batch, 784), &dev)?;
+    let y = Tensor::from_vec(yv, batch, &dev)?;
     median_secs(steps, || {
         let logits = match &sen {
             Some(s) => model.forward_counting(&x, true, s.handles())?,
@@ -303,14 +316,19 @@ pub fn train(o: &TrainBenchOptions, mut progress: impl FnMut(&str)) -> Result<Tr
     if o.steps == 0 || o.mlp_batch == 0 || o.cnn_batch == 0 {
         candle_core::bail!("bench train: steps and batch sizes must be at least 1");
     }
-    progress("MLP 784-512-512-10 steps");
-    let mlp = step_time(crate::model::Arch::mlp_default(), o.mlp_batch, o.steps, false)?;
-    progress("MLP steps with the sentinel");
-    let mlp_s = step_time(crate::model::Arch::mlp_default(), o.mlp_batch, o.steps, true)?;
-    progress("CNN (conv 32, conv 64, pool, 9216-128-10) steps");
-    let cnn = step_time(crate::model::Arch::cnn_reference(), o.cnn_batch, o.steps, false)?;
-    progress("CNN steps with the sentinel");
-    let cnn_s = step_time(crate::model::Arch::cnn_reference(), o.cnn_batch, o.steps, true)?;
+    use crate::model::Arch;
+    progress("MLP 784-512-512-10 steps (fused)");
+    let mlp = step_time(Arch::mlp_default(), o.mlp_batch, o.steps, false, true)?;
+    progress("MLP steps with the sentinel (fused)");
+    let mlp_s = step_time(Arch::mlp_default(), o.mlp_batch, o.steps, true, true)?;
+    progress("MLP steps through candle autograd");
+    let mlp_a = step_time(Arch::mlp_default(), o.mlp_batch, o.steps, false, false)?;
+    progress("CNN (conv 32, conv 64, pool, 9216-128-10) steps (fused)");
+    let cnn = step_time(Arch::cnn_reference(), o.cnn_batch, o.steps, false, true)?;
+    progress("CNN steps with the sentinel (fused)");
+    let cnn_s = step_time(Arch::cnn_reference(), o.cnn_batch, o.steps, true, true)?;
+    progress("CNN steps through candle autograd");
+    let cnn_a = step_time(Arch::cnn_reference(), o.cnn_batch, o.steps.min(10), false, false)?;
     Ok(TrainBenchReport {
         threads: rayon::current_num_threads(),
         mlp_step_ms: mlp * 1e3,
@@ -322,5 +340,7 @@ pub fn train(o: &TrainBenchOptions, mut progress: impl FnMut(&str)) -> Result<Tr
         cnn_sentinel_step_ms: cnn_s * 1e3,
         sentinel_overhead_mlp: mlp_s / mlp,
         sentinel_overhead_cnn: cnn_s / cnn,
+        mlp_autograd_step_ms: mlp_a * 1e3,
+        cnn_autograd_step_ms: cnn_a * 1e3,
     })
 }

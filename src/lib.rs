@@ -16,6 +16,7 @@
 //! * [`data`]: IDX reader, named data sets, the built-in MNIST subset;
 //! * [`model`]: MLP and CNN with PyTorch parameter names, BatchNorm;
 //! * [`optim`]: SGD/AdamW with weight-decay groups (slopes never decayed), LR schedules;
+//! * [`fused`]: the fused training step (whole-model forward/backward on reused buffers, GEMM-based);
 //! * [`train`]: the training loop, run folders, resume, `compare`;
 //! * [`sentinel`]: dying units, negative share, idle slopes, gradient flow, alarms;
 //! * [`attack`]: FGSM, PGD and gradient-masking measures;
@@ -36,6 +37,7 @@ pub mod attack;
 pub mod bench;
 pub mod conv;
 pub mod data;
+pub mod fused;
 pub mod init;
 pub mod invert;
 pub mod io;

@@ -319,6 +319,9 @@ struct ConfigArgs {
     /// Turn the diagnostic sentinel off.
     #[arg(long)]
     no_sentinel: bool,
+    /// Train through candle's autograd instead of the fused step (slower; for cross-checking).
+    #[arg(long)]
+    autograd: bool,
     /// Sentinel: alarm when more than this share of a layer's units is dead (stuck for PReLU).
     #[arg(long)]
     alarm_dead_share: Option<f64>,
@@ -371,6 +374,7 @@ impl ConfigArgs {
         if self.no_sentinel {
             c.sentinel = false;
         }
+        c.autograd |= self.autograd;
         if let Some(v) = self.alarm_dead_share {
             c.alarms.dead_share = v;
         }

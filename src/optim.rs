@@ -9,9 +9,10 @@ use std::collections::HashMap;
 use std::f64::consts::PI;
 
 use candle_core::backprop::GradStore;
-use candle_core::{bail, Result, Tensor, Var};
+use candle_core::{bail, DType, Result, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
+use crate::fused::update_in_place;
 use crate::model::{Param, ParamKind};
 
 /// Which optimiser.
@@ -105,11 +106,14 @@ struct Slot {
     name: String,
     var: Var,
     decay: bool,
-    m: Option<Tensor>,
-    v: Option<Tensor>,
+    /// First moment (SGD momentum buffer, Adam's m) and second moment (Adam's
+    /// v): plain buffers, updated in place with the parameter in one pass.
+    m: Option<Vec<f32>>,
+    v: Option<Vec<f32>>,
 }
 
-/// An optimiser over a model's parameters.
+/// An optimiser over a model's parameters. Updates are done in place over the
+/// parameters' storage (one pass per parameter, no fresh tensors).
 pub struct Optimizer {
     kind: OptimizerKind,
     weight_decay: f64,
@@ -130,6 +134,11 @@ impl Optimizer {
     pub fn new(kind: OptimizerKind, weight_decay: f64, params: &[Param], decay_bn: bool) -> Result<Self> {
         if !(weight_decay >= 0.0) || !weight_decay.is_finite() {
             bail!("weight decay must be a finite number >= 0, got {weight_decay}");
+        }
+        for p in params {
+            if p.var.dtype() != DType::F32 || !p.var.device().is_cpu() {
+                bail!("optimizer: `{}` must be an f32 tensor on the CPU", p.name);
+            }
         }
         Ok(Self {
             kind,
@@ -161,45 +170,91 @@ impl Optimizer {
     /// One update with learning rate `lr` from the gradients in `grads`
     /// (parameters without a gradient are left alone).
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+        let owned: Vec<Option<Vec<f32>>> = self
+            .slots
+            .iter()
+            .map(|s| {
+                grads
+                    .get(s.var.as_tensor())
+                    .map(|g| g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>())
+                    .transpose()
+            })
+            .collect::<Result<_>>()?;
+        let views: Vec<Option<&[f32]>> = owned.iter().map(|g| g.as_deref()).collect();
+        self.step_slices(&views, lr)
+    }
+
+    /// One update from gradients given as slices, one per parameter in the
+    /// order the optimiser was built with (`None`: no gradient, left alone).
+    /// This is the fused training step's entry point.
+    pub fn step_slices(&mut self, grads: &[Option<&[f32]>], lr: f64) -> Result<()> {
+        if grads.len() != self.slots.len() {
+            bail!(
+                "optimizer: {} gradients for {} parameters",
+                grads.len(),
+                self.slots.len()
+            );
+        }
         self.steps += 1;
         let t = self.steps as i32;
-        for s in &mut self.slots {
-            let Some(g) = grads.get(s.var.as_tensor()) else {
+        for (s, g) in self.slots.iter_mut().zip(grads) {
+            let Some(g) = g else {
                 continue;
             };
-            let w = s.var.as_tensor();
-            let wd = if s.decay { self.weight_decay } else { 0.0 };
+            let n = s.var.elem_count();
+            if g.len() != n {
+                bail!(
+                    "optimizer: gradient of `{}` has {} values, expected {n}",
+                    s.name,
+                    g.len()
+                );
+            }
+            let wd64 = if s.decay { self.weight_decay } else { 0.0 };
+            let wd = wd64 as f32;
+            let lr32 = lr as f32;
             match self.kind {
                 OptimizerKind::Sgd { momentum } => {
-                    let g = if wd > 0.0 { (g + (w * wd)?)? } else { g.clone() };
-                    let d = if momentum > 0.0 {
-                        let b = match &s.m {
-                            Some(b) => ((b * momentum)? + &g)?,
-                            None => g,
-                        };
-                        s.m = Some(b.clone());
-                        b
+                    let mu = momentum as f32;
+                    if momentum > 0.0 {
+                        // PyTorch: buf = g on the first step, mu buf + g after
+                        // (the same as starting from a zero buffer).
+                        let m = s.m.get_or_insert_with(|| vec![0.0; n]);
+                        update_in_place(s.var.as_tensor(), &mut |w: &mut [f32]| {
+                            for ((w, m), &g) in w.iter_mut().zip(m.iter_mut()).zip(g.iter()) {
+                                let g = if wd > 0.0 { g + *w * wd } else { g };
+                                *m = *m * mu + g;
+                                *w -= *m * lr32;
+                            }
+                        })?;
                     } else {
-                        g
-                    };
-                    s.var.set(&(w - (d * lr)?)?)?;
+                        update_in_place(s.var.as_tensor(), &mut |w: &mut [f32]| {
+                            for (w, &g) in w.iter_mut().zip(g.iter()) {
+                                let g = if wd > 0.0 { g + *w * wd } else { g };
+                                *w -= g * lr32;
+                            }
+                        })?;
+                    }
                 }
                 OptimizerKind::AdamW { beta1, beta2, eps } => {
-                    let m = match &s.m {
-                        Some(m) => ((m * beta1)? + (g * (1.0 - beta1))?)?,
-                        None => (g * (1.0 - beta1))?,
-                    };
-                    let v = match &s.v {
-                        Some(v) => ((v * beta2)? + (g.sqr()? * (1.0 - beta2))?)?,
-                        None => (g.sqr()? * (1.0 - beta2))?,
-                    };
-                    let mhat = (&m / (1.0 - beta1.powi(t)))?;
-                    let vhat = (&v / (1.0 - beta2.powi(t)))?;
-                    let w = if wd > 0.0 { (w * (1.0 - lr * wd))? } else { w.clone() };
-                    let upd = (mhat / (vhat.sqrt()? + eps)?)?;
-                    s.var.set(&(w - (upd * lr)?)?)?;
-                    s.m = Some(m);
-                    s.v = Some(v);
+                    // Coefficients rounded to f32 once, as candle's scalar ops did.
+                    let (b1, b2, e) = (beta1 as f32, beta2 as f32, eps as f32);
+                    let (ob1, ob2) = ((1.0 - beta1) as f32, (1.0 - beta2) as f32);
+                    let r1 = (1.0 / (1.0 - beta1.powi(t))) as f32;
+                    let r2 = (1.0 / (1.0 - beta2.powi(t))) as f32;
+                    let decay = (1.0 - lr * wd64) as f32;
+                    let m = s.m.get_or_insert_with(|| vec![0.0; n]);
+                    let v = s.v.get_or_insert_with(|| vec![0.0; n]);
+                    update_in_place(s.var.as_tensor(), &mut |w: &mut [f32]| {
+                        for (((w, m), v), &g) in w.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g.iter()) {
+                            *m = *m * b1 + g * ob1;
+                            *v = *v * b2 + g * g * ob2;
+                            let upd = (*m * r1) / ((*v * r2).sqrt() + e);
+                            if wd > 0.0 {
+                                *w *= decay;
+                            }
+                            *w -= upd * lr32;
+                        }
+                    })?;
                 }
             }
         }
@@ -208,17 +263,17 @@ impl Optimizer {
 
     /// The optimiser's state as named tensors (`optim.<param>.m|v`) plus the
     /// step count, for checkpoints.
-    pub fn state(&self) -> (HashMap<String, Tensor>, u64) {
+    pub fn state(&self) -> Result<(HashMap<String, Tensor>, u64)> {
         let mut out = HashMap::new();
         for s in &self.slots {
-            if let Some(m) = &s.m {
-                out.insert(format!("optim.{}.m", s.name), m.clone());
-            }
-            if let Some(v) = &s.v {
-                out.insert(format!("optim.{}.v", s.name), v.clone());
+            for (suffix, buf) in [("m", &s.m), ("v", &s.v)] {
+                if let Some(b) = buf {
+                    let t = Tensor::from_slice(b, s.var.shape(), s.var.device())?;
+                    out.insert(format!("optim.{}.{suffix}", s.name), t);
+                }
             }
         }
-        (out, self.steps)
+        Ok((out, self.steps))
     }
 
     /// Restores a state written by [`Optimizer::state`].
@@ -226,7 +281,9 @@ impl Optimizer {
         for s in &mut self.slots {
             for (suffix, slot) in [("m", &mut s.m), ("v", &mut s.v)] {
                 *slot = match tensors.get(&format!("optim.{}.{suffix}", s.name)) {
-                    Some(t) if t.dims() == s.var.dims() => Some(t.to_dtype(s.var.dtype())?),
+                    Some(t) if t.dims() == s.var.dims() => {
+                        Some(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+                    }
                     Some(t) => bail!(
                         "optimizer state for `{}` has shape {:?}, expected {:?}",
                         s.name,

@@ -14,7 +14,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Result, Tensor, Var};
+use candle_core::{DType, Result, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::activation::ActivationLayer;
@@ -109,6 +109,22 @@ struct Layer {
     idle_streak: Vec<usize>,
 }
 
+impl Layer {
+    fn add_step(&mut self, weight_grad: Option<&[f32]>, slope_grad: Option<&[f32]>) {
+        self.steps += 1;
+        let norm = |g: &[f32]| crate::kernels::moments(g).1.sqrt();
+        if let Some(g) = weight_grad {
+            self.grad_norm_sum += norm(g);
+        }
+        if let Some(g) = slope_grad {
+            self.slope_norm_sum += norm(g);
+            for (a, b) in self.slope_abs.iter_mut().zip(g) {
+                *a += b.abs() as f64;
+            }
+        }
+    }
+}
+
 /// Collects statistics while a model trains (or is diagnosed).
 pub struct Sentinel {
     pub cfg: SentinelConfig,
@@ -124,10 +140,6 @@ fn kind_of(a: &ActivationLayer) -> String {
         ActivationLayer::PRelu(p) if p.config().axis == crate::SlopeAxis::Shared => "prelu-shared".into(),
         ActivationLayer::PRelu(_) => "prelu".into(),
     }
-}
-
-fn norm(t: &Tensor) -> Result<f64> {
-    crate::ops::l2_norm(t)
 }
 
 impl Sentinel {
@@ -177,22 +189,30 @@ impl Sentinel {
         &self.handles
     }
 
-    /// Accumulates gradient norms and slope gradients of one step.
+    /// Accumulates gradient norms and slope gradients of one step (candle
+    /// autograd).
     pub fn after_backward(&mut self, grads: &GradStore) -> Result<()> {
-        for l in &mut self.layers {
-            l.steps += 1;
-            if let Some(g) = l.weight.as_ref().and_then(|w| grads.get(w.as_tensor())) {
-                l.grad_norm_sum += norm(g)?;
-            }
-            if let Some(g) = l.slope.as_ref().and_then(|s| grads.get(s.as_tensor())) {
-                l.slope_norm_sum += norm(g)?;
-                let v = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                for (a, b) in l.slope_abs.iter_mut().zip(v) {
-                    *a += b.abs() as f64;
-                }
-            }
+        let get = |v: &Option<Var>| -> Result<Option<Vec<f32>>> {
+            v.as_ref()
+                .and_then(|v| grads.get(v.as_tensor()))
+                .map(|g| g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>())
+                .transpose()
+        };
+        for i in 0..self.layers.len() {
+            let w = get(&self.layers[i].weight)?;
+            let s = get(&self.layers[i].slope)?;
+            self.layers[i].add_step(w.as_deref(), s.as_deref());
         }
         Ok(())
+    }
+
+    /// Accumulates gradient norms and slope gradients of one fused step.
+    pub fn after_fused(&mut self, step: &crate::fused::FusedStep) {
+        for l in &mut self.layers {
+            let w = l.weight.as_ref().and_then(|v| step.grad(v));
+            let s = l.slope.as_ref().and_then(|v| step.grad(v));
+            l.add_step(w, s);
+        }
     }
 
     /// Closes an epoch: per-layer reports and the alarms raised for the first

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::activation::{Activation, SlopeConstraint};
 use crate::data::{self, Dataset, Split};
+use crate::fused::FusedStep;
 use crate::init::InitScheme;
 use crate::io;
 use crate::model::{Arch, Model, ModelSpec};
@@ -74,6 +75,9 @@ pub struct TrainConfig {
     pub sentinel: bool,
     /// The sentinel's alarm thresholds.
     pub alarms: crate::sentinel::SentinelConfig,
+    /// Train through candle's autograd instead of the fused step (slower; for
+    /// cross-checking). Models with BatchNorm always use autograd.
+    pub autograd: bool,
 }
 
 impl Default for TrainConfig {
@@ -105,6 +109,7 @@ impl Default for TrainConfig {
             bias_init: 0.0,
             sentinel: true,
             alarms: crate::sentinel::SentinelConfig::default(),
+            autograd: false,
         }
     }
 }
@@ -513,6 +518,11 @@ pub fn train(cfg: &TrainConfig, run_dir: &Path, resume: bool, on: &mut dyn FnMut
     if let Some(d) = drift.as_mut() {
         d.update(&model)?; // the starting point
     }
+    let mut fused = if cfg.autograd || !FusedStep::supports(&model) {
+        None
+    } else {
+        Some(FusedStep::new(&model)?)
+    };
     for epoch in start_epoch..cfg.epochs {
         on(Event::EpochStart {
             epoch: epoch + 1,
@@ -524,19 +534,39 @@ pub fn train(cfg: &TrainConfig, run_dir: &Path, resume: bool, on: &mut dyn FnMut
         let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
         let mut lr = cfg.lr;
         let mut xb = Vec::with_capacity(cfg.batch_size * f);
+        let mut yb = Vec::with_capacity(cfg.batch_size);
         for (bi, batch) in order.chunks(cfg.batch_size).enumerate() {
             xb.clear();
+            yb.clear();
             for &i in batch {
                 xb.extend_from_slice(&train.images[i * f..(i + 1) * f]);
+                yb.push(train.labels[i] as u32);
             }
-            let x = Tensor::from_slice(&xb, (batch.len(), f), &dev)?;
-            let y = Tensor::from_iter(batch.iter().map(|&i| train.labels[i] as u32), &dev)?;
-            let logits = match &sentinel {
-                Some(s) => model.forward_counting(&x, true, s.handles())?,
-                None => model.forward_t(&x, true)?,
+            let handles = sentinel.as_ref().map(|s| s.handles());
+            // Forward and backward: the fused step, or candle's autograd.
+            let (mut lv, batch_correct, grads) = match fused.as_mut() {
+                Some(fs) => {
+                    let out = fs.step(&xb, &yb, handles)?;
+                    (out.loss, out.correct, None)
+                }
+                None => {
+                    let x = Tensor::from_slice(&xb, (batch.len(), f), &dev)?;
+                    let y = Tensor::from_slice(&yb, batch.len(), &dev)?;
+                    let logits = match handles {
+                        Some(h) => model.forward_counting(&x, true, h)?,
+                        None => model.forward_t(&x, true)?,
+                    };
+                    let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
+                    let lv = loss.to_scalar::<f32>()? as f64;
+                    let c = logits
+                        .argmax(1)?
+                        .eq(&y)?
+                        .to_dtype(DType::U32)?
+                        .sum_all()?
+                        .to_scalar::<u32>()? as usize;
+                    (lv, c, Some(loss.backward()?))
+                }
             };
-            let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
-            let mut lv = loss.to_scalar::<f32>()? as f64;
             if cfg.fault_nan_step == Some(step) {
                 lv = f64::NAN;
             }
@@ -549,20 +579,25 @@ pub fn train(cfg: &TrainConfig, run_dir: &Path, resume: bool, on: &mut dyn FnMut
                 );
             }
             lr = r.schedule.lr(cfg.lr, epoch, step as usize, steps_per_epoch, cfg.epochs);
-            let grads = loss.backward()?;
-            if let Some(s) = sentinel.as_mut() {
-                s.after_backward(&grads)?;
+            match (&grads, fused.as_ref()) {
+                (Some(g), _) => {
+                    if let Some(s) = sentinel.as_mut() {
+                        s.after_backward(g)?;
+                    }
+                    opt.step(g, lr)?;
+                }
+                (None, Some(fs)) => {
+                    if let Some(s) = sentinel.as_mut() {
+                        s.after_fused(fs);
+                    }
+                    opt.step_slices(&fs.grads(), lr)?;
+                }
+                (None, None) => unreachable!("a step has gradients from one of the two paths"),
             }
-            opt.step(&grads, lr)?;
             model.project()?;
+            correct += batch_correct;
             step += 1;
             loss_sum += lv * batch.len() as f64;
-            correct += logits
-                .argmax(1)?
-                .eq(&y)?
-                .to_dtype(DType::U32)?
-                .sum_all()?
-                .to_scalar::<u32>()? as usize;
             seen += batch.len();
             if cfg.log_every > 0 && step.is_multiple_of(cfg.log_every as u64) {
                 let line = MetricsLine::Step {
@@ -627,7 +662,7 @@ pub fn train(cfg: &TrainConfig, run_dir: &Path, resume: bool, on: &mut dyn FnMut
             }
         }
         metrics.flush()?;
-        let (extra, optimizer_steps) = opt.state();
+        let (extra, optimizer_steps) = opt.state()?;
         let prog = CheckpointProgress {
             epoch: epoch + 1,
             step,

@@ -1,0 +1,943 @@
+//! The fused training step: forward, cross-entropy, backward of a whole
+//! [`Model`] on preallocated buffers, without candle's autograd graph.
+//!
+//! Why it exists: written as candle ops, one MLP step allocated and filled a
+//! fresh buffer for every intermediate and every gradient, summed each
+//! gradient into a fresh zero tensor, and ran the optimiser as a dozen small
+//! ops per parameter; a profile of `prelu bench train` put under a third of the
+//! step in matrix multiplies. Here a step is a fixed plan of stages over
+//! buffers that live as long as the `FusedStep`:
+//! * Linear: one GEMM (the `gemm` crate, AVX-512 where present) into an output
+//!   pre-filled with the bias; backward `dW = dZ^T X`, `dX = dZ W`, `db` a
+//!   column sum, with no transposed copies (strides do it);
+//! * Conv (stride 1, square kernel, zero padding): per sample, im2col into a
+//!   `[C k k, H' W']` scratch and one GEMM whose output is already the NCHW
+//!   plane; samples are split into a fixed number of groups that run in
+//!   parallel, each with its own scratch and weight-gradient partial, summed in
+//!   group order (so the result does not depend on the thread count);
+//! * activation: the fused PReLU kernels of [`crate::kernels`] (ReLU is slope
+//!   0, Leaky ReLU a fixed slope), counting the sentinel's statistics in the
+//!   same pass when asked;
+//! * 2x2 max-pool with the winning tap kept (one byte per output) for a
+//!   direct backward;
+//! * softmax cross-entropy and its gradient in one pass over the logits.
+//!
+//! The parameters stay the model's candle [`Var`]s: the step reads them in
+//! place, and [`crate::optim::Optimizer::step_slices`] updates them in place.
+//! Gradients are checked against candle's autograd (itself checked against
+//! finite differences) and against finite differences directly in
+//! `tests/fused.rs`. Models with BatchNorm are not covered; [`FusedStep::new`]
+//! says so and the trainer falls back to autograd.
+//!
+//! ReLU as slope 0 differs from candle's `relu` only at `x = -inf` (`0 * -inf`
+//! is NaN); such a pre-activation already means a diverged run.
+
+use candle_core::{bail, CpuStorage, Layout, Result, Storage, Tensor, Var};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use crate::activation::{ActivationLayer, SlopeConstraint};
+use crate::kernels::{self, ForwardStats, SlopeGeometry};
+use crate::model::{Block, Model};
+use crate::ops::SharedStats;
+
+/// Samples per batch are split into this many groups for the convolutions.
+/// Fixed, so the summation order of weight gradients is the same for any
+/// number of threads.
+const CONV_GROUPS: usize = 8;
+
+/// GEMMs smaller than this (multiply-adds) run on one thread.
+const PAR_GEMM_MIN: usize = 1 << 18;
+
+/// Where an activation's negative-side slope comes from.
+#[derive(Clone, Copy, Debug)]
+enum Slopes {
+    /// ReLU (0) or Leaky ReLU.
+    Fixed(f32),
+    /// A PReLU parameter (index into the model's parameters), 1 or C values.
+    Learned { param: usize, positive: bool },
+}
+
+#[derive(Clone, Debug)]
+enum Stage {
+    Linear {
+        w: usize,
+        b: usize,
+        fin: usize,
+        fout: usize,
+    },
+    Conv {
+        w: usize,
+        b: usize,
+        g: ConvGeom,
+    },
+    Act {
+        slopes: Slopes,
+        channels: usize,
+        inner: usize,
+    },
+    Pool {
+        c: usize,
+        h: usize,
+        w: usize,
+    },
+}
+
+impl Stage {
+    /// Values per sample this stage writes.
+    fn out_len(&self) -> usize {
+        match self {
+            Stage::Linear { fout, .. } => *fout,
+            Stage::Conv { g, .. } => g.cout * g.ho * g.wo,
+            Stage::Act { channels, inner, .. } => channels * inner,
+            Stage::Pool { c, h, w } => c * (h / 2) * (w / 2),
+        }
+    }
+}
+
+/// A stride-1 square-kernel convolution on one sample.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvGeom {
+    pub cin: usize,
+    pub cout: usize,
+    pub h: usize,
+    pub w: usize,
+    pub k: usize,
+    pub pad: usize,
+    pub ho: usize,
+    pub wo: usize,
+}
+
+impl ConvGeom {
+    pub fn new(cin: usize, cout: usize, h: usize, w: usize, k: usize, pad: usize) -> Result<Self> {
+        if k == 0 || h + 2 * pad < k || w + 2 * pad < k {
+            bail!("conv: kernel {k} with padding {pad} does not fit a {h}x{w} input");
+        }
+        Ok(Self {
+            cin,
+            cout,
+            h,
+            w,
+            k,
+            pad,
+            ho: h + 2 * pad - k + 1,
+            wo: w + 2 * pad - k + 1,
+        })
+    }
+
+    /// Rows of the column matrix: `C_in k k`.
+    pub fn rows(&self) -> usize {
+        self.cin * self.k * self.k
+    }
+
+    /// Output pixels per channel.
+    pub fn pixels(&self) -> usize {
+        self.ho * self.wo
+    }
+
+    /// For tap `(ki, kj)`: the output columns `[lo, hi)` whose input column
+    /// `oj + kj - pad` lies inside the image.
+    fn col_range(&self, kj: usize) -> (usize, usize) {
+        let lo = self.pad.saturating_sub(kj);
+        let hi = (self.w + self.pad).saturating_sub(kj).min(self.wo);
+        (lo, hi.max(lo))
+    }
+}
+
+/// im2col of one sample `x` (`[C_in, H, W]`) into `col` (`[C_in k k, H' W']`,
+/// row `(ci k + ki) k + kj`), zeros where a tap falls in the padding.
+pub fn im2col(g: &ConvGeom, x: &[f32], col: &mut [f32]) {
+    let p = g.pixels();
+    debug_assert_eq!(x.len(), g.cin * g.h * g.w);
+    debug_assert_eq!(col.len(), g.rows() * p);
+    for ci in 0..g.cin {
+        let plane = &x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
+        for ki in 0..g.k {
+            for kj in 0..g.k {
+                let r = (ci * g.k + ki) * g.k + kj;
+                let row = &mut col[r * p..(r + 1) * p];
+                let (lo, hi) = g.col_range(kj);
+                for oi in 0..g.ho {
+                    let out = &mut row[oi * g.wo..(oi + 1) * g.wo];
+                    let ii = oi + ki;
+                    if ii < g.pad || ii - g.pad >= g.h {
+                        out.fill(0.0);
+                        continue;
+                    }
+                    let src = &plane[(ii - g.pad) * g.w..(ii - g.pad + 1) * g.w];
+                    out[..lo].fill(0.0);
+                    out[hi..].fill(0.0);
+                    if hi > lo {
+                        out[lo..hi].copy_from_slice(&src[lo + kj - g.pad..hi + kj - g.pad]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The adjoint of [`im2col`]: adds the column gradients back onto the image
+/// gradient `dx` (which the caller zeroes first).
+pub fn col2im(g: &ConvGeom, col: &[f32], dx: &mut [f32]) {
+    let p = g.pixels();
+    for ci in 0..g.cin {
+        let plane = &mut dx[ci * g.h * g.w..(ci + 1) * g.h * g.w];
+        for ki in 0..g.k {
+            for kj in 0..g.k {
+                let r = (ci * g.k + ki) * g.k + kj;
+                let row = &col[r * p..(r + 1) * p];
+                let (lo, hi) = g.col_range(kj);
+                if hi <= lo {
+                    continue;
+                }
+                for oi in 0..g.ho {
+                    let ii = oi + ki;
+                    if ii < g.pad || ii - g.pad >= g.h {
+                        continue;
+                    }
+                    let dst = &mut plane[(ii - g.pad) * g.w + lo + kj - g.pad..(ii - g.pad) * g.w + hi + kj - g.pad];
+                    for (d, s) in dst.iter_mut().zip(&row[oi * g.wo + lo..oi * g.wo + hi]) {
+                        *d += s;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A row-major view with explicit strides: element `(i, j)` is
+/// `data[i * rs + j * cs]`.
+#[derive(Clone, Copy)]
+struct View<'a> {
+    data: &'a [f32],
+    rs: usize,
+    cs: usize,
+}
+
+fn view(data: &[f32], rs: usize, cs: usize) -> View<'_> {
+    View { data, rs, cs }
+}
+
+/// `dst[m x n] (+)= a[m x k] * b[k x n]`; `dst` is row-major with row stride `n`.
+/// Accumulates into `dst` when `acc`, else overwrites it.
+fn matmul(dst: &mut [f32], m: usize, n: usize, k: usize, acc: bool, a: View, b: View, par: Parallelism) {
+    assert!(dst.len() >= m * n, "matmul: destination too small");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !acc {
+            dst[..m * n].fill(0.0);
+        }
+        return;
+    }
+    let last = |v: &View, r: usize, c: usize| (r - 1) * v.rs + (c - 1) * v.cs;
+    assert!(last(&a, m, k) < a.data.len(), "matmul: left operand too small");
+    assert!(last(&b, k, n) < b.data.len(), "matmul: right operand too small");
+    // SAFETY: the asserts above keep every index the GEMM touches inside the
+    // slices; `dst` is borrowed mutably, so it does not alias `a` or `b`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            acc,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+fn parallelism(macs: usize) -> Parallelism {
+    let t = rayon::current_num_threads();
+    if t > 1 && macs >= PAR_GEMM_MIN {
+        Parallelism::Rayon(t)
+    } else {
+        Parallelism::None
+    }
+}
+
+/// Per-group scratch of a convolution.
+#[derive(Default)]
+struct ConvScratch {
+    col: Vec<f32>,
+    dcol: Vec<f32>,
+    dw: Vec<f32>,
+    db: Vec<f32>,
+}
+
+/// Loss and accuracy of one step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepOutput {
+    /// Mean cross-entropy over the batch.
+    pub loss: f64,
+    /// Samples whose largest logit is the label.
+    pub correct: usize,
+}
+
+/// A compiled training step for one model (see the module docs).
+pub struct FusedStep {
+    stages: Vec<Stage>,
+    in_len: usize,
+    classes: usize,
+    mean: f32,
+    inv_std: f32,
+    /// Parameters of the model, in [`Model::params`] order.
+    vars: Vec<Var>,
+    /// Gradients by parameter index (empty for parameters no stage uses).
+    grads: Vec<Vec<f32>>,
+    /// `acts[0]` the normalised input, `acts[i + 1]` the output of stage `i`.
+    acts: Vec<Vec<f32>>,
+    /// `dacts[i]` the gradient of the loss with respect to `acts[i]`.
+    dacts: Vec<Vec<f32>>,
+    /// Winning taps of the max-pool stages.
+    taps: Vec<Vec<u8>>,
+    /// Expanded slopes (one per channel) of each activation stage.
+    slopes: Vec<Vec<f32>>,
+    dslopes: Vec<Vec<f32>>,
+    scratch: Vec<Vec<ConvScratch>>,
+}
+
+fn param_index(model: &Model, v: &Var) -> Result<usize> {
+    model.params().iter().position(|p| p.var.id() == v.id()).ok_or_else(|| {
+        candle_core::Error::Msg("fused step: a layer's tensor is not among the model's parameters".into())
+    })
+}
+
+/// A contiguous f32 slice of a tensor's storage (the guard must be alive).
+fn as_f32<'a>(s: &'a Storage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let Storage::Cpu(CpuStorage::F32(v)) = s else {
+        bail!("fused step: `{what}` must be an f32 tensor on the CPU");
+    };
+    let Some((a, b)) = l.contiguous_offsets() else {
+        bail!("fused step: `{what}` is not contiguous");
+    };
+    Ok(&v[a..b])
+}
+
+impl FusedStep {
+    /// Whether the fused step covers this model (everything but BatchNorm).
+    pub fn supports(model: &Model) -> bool {
+        !model.blocks.iter().any(|b| matches!(b, Block::BatchNorm(_)))
+    }
+
+    /// Compiles the step for `model`; an error for models it does not cover.
+    pub fn new(model: &Model) -> Result<Self> {
+        let [c0, h0, w0] = model.spec.input;
+        // The current per-sample shape: (channels, rows, cols); flat features
+        // are (features, 1, 1).
+        let (mut c, mut h, mut w) = (c0, h0, w0);
+        let mut stages = Vec::new();
+        for b in &model.blocks {
+            match b {
+                Block::Flatten => {
+                    c *= h * w;
+                    h = 1;
+                    w = 1;
+                }
+                Block::Linear { weight, bias } => {
+                    let (fout, fin) = weight.dims2()?;
+                    if fin != c * h * w {
+                        bail!("fused step: linear layer expects {fin} inputs, gets {}", c * h * w);
+                    }
+                    stages.push(Stage::Linear {
+                        w: param_index(model, weight)?,
+                        b: param_index(model, bias)?,
+                        fin,
+                        fout,
+                    });
+                    (c, h, w) = (fout, 1, 1);
+                }
+                Block::Conv { weight, bias, padding } => {
+                    let (cout, cin, k, k2) = weight.dims4()?;
+                    if cin != c || k != k2 {
+                        bail!(
+                            "fused step: conv weight {:?} does not fit input channels {c}",
+                            weight.dims()
+                        );
+                    }
+                    let g = ConvGeom::new(cin, cout, h, w, k, *padding)?;
+                    stages.push(Stage::Conv {
+                        w: param_index(model, weight)?,
+                        b: param_index(model, bias)?,
+                        g,
+                    });
+                    (c, h, w) = (cout, g.ho, g.wo);
+                }
+                Block::Act(a) => {
+                    let slopes = match a {
+                        ActivationLayer::Relu => Slopes::Fixed(0.0),
+                        ActivationLayer::LeakyRelu(s) => Slopes::Fixed(*s as f32),
+                        ActivationLayer::PRelu(p) => {
+                            let n = p.param().elem_count();
+                            if n != 1 && n != c {
+                                bail!("fused step: PReLU with {n} slopes after a layer of {c} channels");
+                            }
+                            Slopes::Learned {
+                                param: param_index(model, p.param())?,
+                                positive: p.config().constraint == SlopeConstraint::Positive,
+                            }
+                        }
+                    };
+                    stages.push(Stage::Act {
+                        slopes,
+                        channels: c,
+                        inner: h * w,
+                    });
+                }
+                Block::MaxPool2 => {
+                    if h < 2 || w < 2 {
+                        bail!("fused step: max-pool on a {h}x{w} map");
+                    }
+                    stages.push(Stage::Pool { c, h, w });
+                    (h, w) = (h / 2, w / 2);
+                }
+                Block::BatchNorm(_) => bail!("fused step: BatchNorm is not covered (train with autograd)"),
+            }
+        }
+        if c * h * w != model.spec.classes {
+            bail!(
+                "fused step: the network ends in {} values, not {} classes",
+                c * h * w,
+                model.spec.classes
+            );
+        }
+        let n = stages.len();
+        let params = model.params();
+        let mut grads: Vec<Vec<f32>> = vec![Vec::new(); params.len()];
+        for s in &stages {
+            let used: Vec<usize> = match s {
+                Stage::Linear { w, b, .. } | Stage::Conv { w, b, .. } => vec![*w, *b],
+                Stage::Act {
+                    slopes: Slopes::Learned { param, .. },
+                    ..
+                } => vec![*param],
+                _ => vec![],
+            };
+            for i in used {
+                grads[i] = vec![0.0; params[i].var.elem_count()];
+            }
+        }
+        let scratch = stages
+            .iter()
+            .map(|s| match s {
+                Stage::Conv { .. } => (0..CONV_GROUPS).map(|_| ConvScratch::default()).collect(),
+                _ => Vec::new(),
+            })
+            .collect();
+        Ok(Self {
+            in_len: c0 * h0 * w0,
+            classes: model.spec.classes,
+            mean: model.spec.input_mean,
+            inv_std: (1.0 / model.spec.input_std as f64) as f32,
+            vars: params.iter().map(|p| p.var.clone()).collect(),
+            grads,
+            acts: vec![Vec::new(); n + 1],
+            dacts: vec![Vec::new(); n + 1],
+            taps: vec![Vec::new(); n],
+            slopes: vec![Vec::new(); n],
+            dslopes: vec![Vec::new(); n],
+            scratch,
+            stages,
+        })
+    }
+
+    /// The gradient of the last step for a parameter of the model, if a stage
+    /// uses it.
+    pub fn grad(&self, var: &Var) -> Option<&[f32]> {
+        let i = self.vars.iter().position(|v| v.id() == var.id())?;
+        Some(self.grads[i].as_slice()).filter(|g| !g.is_empty())
+    }
+
+    /// Gradients of the last step in [`Model::params`] order (`None` for
+    /// parameters no stage uses), for [`crate::optim::Optimizer::step_slices`].
+    pub fn grads(&self) -> Vec<Option<&[f32]>> {
+        self.grads
+            .iter()
+            .map(|g| Some(g.as_slice()).filter(|g| !g.is_empty()))
+            .collect()
+    }
+
+    /// The logits of the last step, `[batch, classes]` row-major.
+    pub fn logits(&self) -> &[f32] {
+        &self.acts[self.stages.len()]
+    }
+
+    /// One forward and backward pass on a batch: `x` holds `labels.len()`
+    /// images in pixel space, row after row. Afterwards [`FusedStep::grads`]
+    /// holds the gradients of the mean cross-entropy. With `stats` (one per
+    /// activation layer, the sentinel's handles) the activations' input
+    /// statistics are added in.
+    pub fn step(&mut self, x: &[f32], labels: &[u32], stats: Option<&[SharedStats]>) -> Result<StepOutput> {
+        let batch = labels.len();
+        if batch == 0 {
+            bail!("fused step: empty batch");
+        }
+        if x.len() != batch * self.in_len {
+            bail!(
+                "fused step: {} input values for {batch} labels of {} values each",
+                x.len(),
+                self.in_len
+            );
+        }
+        if let Some(&l) = labels.iter().find(|&&l| l as usize >= self.classes) {
+            bail!("fused step: label {l} out of range for {} classes", self.classes);
+        }
+        // Read guards on every parameter for the whole pass.
+        let guards: Vec<_> = self.vars.iter().map(|v| v.storage_and_layout()).collect();
+        let params: Vec<&[f32]> = guards
+            .iter()
+            .map(|(s, l)| as_f32(s, l, "parameter"))
+            .collect::<Result<_>>()?;
+
+        // Buffers for this batch size (kept between steps).
+        let mut len = self.in_len;
+        self.acts[0].resize(batch * len, 0.0);
+        self.dacts[0].clear();
+        for (i, s) in self.stages.iter().enumerate() {
+            len = s.out_len();
+            self.acts[i + 1].resize(batch * len, 0.0);
+            self.dacts[i + 1].resize(batch * len, 0.0);
+            if let Stage::Pool { .. } = s {
+                self.taps[i].resize(batch * len, 0);
+            }
+        }
+
+        let (mean, inv) = (self.mean, self.inv_std);
+        self.acts[0]
+            .par_chunks_mut(kernels::CHUNK)
+            .zip(x.par_chunks(kernels::CHUNK))
+            .for_each(|(d, s)| {
+                for (d, s) in d.iter_mut().zip(s) {
+                    *d = (s - mean) * inv;
+                }
+            });
+
+        // Forward.
+        let mut act_i = 0;
+        for i in 0..self.stages.len() {
+            let (before, after) = self.acts.split_at_mut(i + 1);
+            let input = &before[i];
+            let out = &mut after[0];
+            match &self.stages[i] {
+                Stage::Linear { w, b, fin, fout } => {
+                    let (fin, fout) = (*fin, *fout);
+                    let bias = params[*b];
+                    for row in out.chunks_exact_mut(fout) {
+                        row.copy_from_slice(bias);
+                    }
+                    matmul(
+                        out,
+                        batch,
+                        fout,
+                        fin,
+                        true,
+                        view(input, fin, 1),
+                        view(params[*w], 1, fin),
+                        parallelism(batch * fin * fout),
+                    );
+                }
+                Stage::Conv { w, b, g } => {
+                    conv_forward(g, params[*w], params[*b], input, out, &mut self.scratch[i]);
+                }
+                Stage::Act {
+                    slopes,
+                    channels,
+                    inner,
+                } => {
+                    let slope = &mut self.slopes[i];
+                    expand_slopes(*slopes, *channels, &params, slope);
+                    let g = SlopeGeometry {
+                        channels: *channels,
+                        inner: *inner,
+                    };
+                    match stats.and_then(|s| s.get(act_i)) {
+                        Some(shared) => {
+                            let mut local = ForwardStats::new(*channels);
+                            kernels::forward_counting(input, slope, g, out, &mut local);
+                            let mut s = shared
+                                .lock()
+                                .map_err(|_| candle_core::Error::Msg("sentinel statistics lock poisoned".into()))?;
+                            if s.negative.len() != local.negative.len() {
+                                *s = ForwardStats::new(local.negative.len());
+                            }
+                            s.merge(&local);
+                        }
+                        None => kernels::forward(input, slope, g, out),
+                    }
+                    act_i += 1;
+                }
+                Stage::Pool { h, w, .. } => pool_forward(*h, *w, input, out, &mut self.taps[i]),
+            }
+        }
+
+        // Loss and its gradient with respect to the logits.
+        let n = self.stages.len();
+        let out = softmax_xent(&self.acts[n], labels, self.classes, &mut self.dacts[n]);
+
+        // Backward.
+        for i in (0..n).rev() {
+            let (dbefore, dafter) = self.dacts.split_at_mut(i + 1);
+            let dout = &dafter[0];
+            let din = &mut dbefore[i];
+            let input = &self.acts[i];
+            let need_din = i > 0;
+            match &self.stages[i] {
+                Stage::Linear { w, b, fin, fout } => {
+                    let (fin, fout) = (*fin, *fout);
+                    let (gw, gb) = two_mut(&mut self.grads, *w, *b);
+                    // dW = dZ^T X: [fout x batch] * [batch x fin].
+                    matmul(
+                        gw,
+                        fout,
+                        fin,
+                        batch,
+                        false,
+                        view(dout, 1, fout),
+                        view(input, fin, 1),
+                        parallelism(batch * fin * fout),
+                    );
+                    column_sums(dout, fout, gb);
+                    if need_din {
+                        // dX = dZ W: [batch x fout] * [fout x fin].
+                        matmul(
+                            din,
+                            batch,
+                            fin,
+                            fout,
+                            false,
+                            view(dout, fout, 1),
+                            view(params[*w], fin, 1),
+                            parallelism(batch * fin * fout),
+                        );
+                    }
+                }
+                Stage::Conv { w, b, g } => {
+                    let (gw, gb) = two_mut(&mut self.grads, *w, *b);
+                    let din = need_din.then_some(din.as_mut_slice());
+                    conv_backward(g, params[*w], input, dout, din, gw, gb, &mut self.scratch[i]);
+                }
+                Stage::Act {
+                    slopes,
+                    channels,
+                    inner,
+                } => {
+                    let g = SlopeGeometry {
+                        channels: *channels,
+                        inner: *inner,
+                    };
+                    let ds = &mut self.dslopes[i];
+                    ds.resize(*channels, 0.0);
+                    kernels::backward(input, dout, &self.slopes[i], g, din, ds);
+                    if let Slopes::Learned { param, positive } = *slopes {
+                        let raw = params[param];
+                        let gr = &mut self.grads[param];
+                        if raw.len() == 1 {
+                            gr[0] = ds.iter().sum();
+                        } else {
+                            gr.copy_from_slice(ds);
+                        }
+                        if positive {
+                            // d softplus(r) / dr = sigmoid(r).
+                            for (g, &r) in gr.iter_mut().zip(raw) {
+                                *g *= 1.0 / (1.0 + (-r).exp());
+                            }
+                        }
+                    }
+                }
+                Stage::Pool { h, w, .. } => pool_backward(*h, *w, dout, &self.taps[i], din),
+            }
+        }
+        drop(params);
+        drop(guards);
+        Ok(out)
+    }
+}
+
+/// Two distinct mutable entries of a vector.
+fn two_mut<T>(v: &mut [T], a: usize, b: usize) -> (&mut T, &mut T) {
+    assert_ne!(a, b);
+    if a < b {
+        let (x, y) = v.split_at_mut(b);
+        (&mut x[a], &mut y[0])
+    } else {
+        let (x, y) = v.split_at_mut(a);
+        (&mut y[0], &mut x[b])
+    }
+}
+
+/// The per-channel slopes an activation stage applies (`channels` values).
+fn expand_slopes(s: Slopes, channels: usize, params: &[&[f32]], out: &mut Vec<f32>) {
+    out.clear();
+    match s {
+        Slopes::Fixed(a) => out.resize(channels, a),
+        Slopes::Learned { param, positive } => {
+            let raw = params[param];
+            let f = |r: f32| {
+                if positive {
+                    // Stable softplus, as the PReLU layer computes it.
+                    r.max(0.0) + (1.0 + (-r.abs()).exp()).ln()
+                } else {
+                    r
+                }
+            };
+            if raw.len() == 1 {
+                out.resize(channels, f(raw[0]));
+            } else {
+                out.extend(raw.iter().map(|&r| f(r)));
+            }
+        }
+    }
+}
+
+/// `out[j] = sum over rows of m[row, j]` for a row-major `[rows, cols]` matrix.
+fn column_sums(m: &[f32], cols: usize, out: &mut [f32]) {
+    out.fill(0.0);
+    for row in m.chunks_exact(cols) {
+        for (o, v) in out.iter_mut().zip(row) {
+            *o += v;
+        }
+    }
+}
+
+/// Mean cross-entropy of `logits` (`[batch, classes]`) against `labels`, its
+/// gradient into `dlogits`, and the number of correct argmaxes.
+fn softmax_xent(logits: &[f32], labels: &[u32], classes: usize, dlogits: &mut [f32]) -> StepOutput {
+    let batch = labels.len() as f32;
+    let mut loss = 0.0f64;
+    let mut correct = 0;
+    for ((row, d), &y) in logits
+        .chunks_exact(classes)
+        .zip(dlogits.chunks_exact_mut(classes))
+        .zip(labels)
+    {
+        let (mut best, mut arg) = (f32::NEG_INFINITY, 0usize);
+        for (j, &v) in row.iter().enumerate() {
+            if v > best {
+                best = v;
+                arg = j;
+            }
+        }
+        correct += (arg == y as usize) as usize;
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let mut sum = 0.0f32;
+        for (dj, &v) in d.iter_mut().zip(row) {
+            let e = (v - max).exp();
+            *dj = e;
+            sum += e;
+        }
+        let lse = max + sum.ln();
+        loss += (lse - row[y as usize]) as f64;
+        let inv = 1.0 / (sum * batch);
+        for dj in d.iter_mut() {
+            *dj *= inv;
+        }
+        d[y as usize] -= 1.0 / batch;
+    }
+    StepOutput {
+        loss: loss / labels.len() as f64,
+        correct,
+    }
+}
+
+fn conv_forward(g: &ConvGeom, w: &[f32], b: &[f32], x: &[f32], y: &mut [f32], scratch: &mut [ConvScratch]) {
+    let (in_len, out_len) = (g.cin * g.h * g.w, g.cout * g.pixels());
+    let batch = x.len() / in_len;
+    let per = batch.div_ceil(scratch.len()).max(1);
+    let (rows, p) = (g.rows(), g.pixels());
+    scratch
+        .par_iter_mut()
+        .zip(x.par_chunks(per * in_len))
+        .zip(y.par_chunks_mut(per * out_len))
+        .for_each(|((s, xs), ys)| {
+            s.col.resize(rows * p, 0.0);
+            for (xi, yi) in xs.chunks_exact(in_len).zip(ys.chunks_exact_mut(out_len)) {
+                im2col(g, xi, &mut s.col);
+                for (plane, &bias) in yi.chunks_exact_mut(p).zip(b) {
+                    plane.fill(bias);
+                }
+                matmul(
+                    yi,
+                    g.cout,
+                    p,
+                    rows,
+                    true,
+                    view(w, rows, 1),
+                    view(&s.col, p, 1),
+                    Parallelism::None,
+                );
+            }
+        });
+}
+
+#[allow(clippy::too_many_arguments)]
+fn conv_backward(
+    g: &ConvGeom,
+    w: &[f32],
+    x: &[f32],
+    dy: &[f32],
+    dx: Option<&mut [f32]>,
+    gw: &mut [f32],
+    gb: &mut [f32],
+    scratch: &mut [ConvScratch],
+) {
+    let (in_len, out_len) = (g.cin * g.h * g.w, g.cout * g.pixels());
+    let batch = x.len() / in_len;
+    let per = batch.div_ceil(scratch.len()).max(1);
+    let (rows, p) = (g.rows(), g.pixels());
+    let groups = batch.div_ceil(per);
+    let work = |s: &mut ConvScratch, xs: &[f32], dys: &[f32], mut dxs: Option<&mut [f32]>| {
+        s.col.resize(rows * p, 0.0);
+        s.dw.resize(g.cout * rows, 0.0);
+        s.db.clear();
+        s.db.resize(g.cout, 0.0);
+        for (k, (xi, dyi)) in xs.chunks_exact(in_len).zip(dys.chunks_exact(out_len)).enumerate() {
+            im2col(g, xi, &mut s.col);
+            // dW += dY_i col^T: [cout x p] * [p x rows].
+            matmul(
+                &mut s.dw,
+                g.cout,
+                rows,
+                p,
+                k > 0,
+                view(dyi, p, 1),
+                view(&s.col, 1, p),
+                Parallelism::None,
+            );
+            for (d, plane) in s.db.iter_mut().zip(dyi.chunks_exact(p)) {
+                *d += plane.iter().sum::<f32>();
+            }
+            if let Some(dx) = dxs.as_deref_mut() {
+                // dcol = W^T dY_i: [rows x cout] * [cout x p].
+                s.dcol.resize(rows * p, 0.0);
+                matmul(
+                    &mut s.dcol,
+                    rows,
+                    p,
+                    g.cout,
+                    false,
+                    view(w, 1, rows),
+                    view(dyi, p, 1),
+                    Parallelism::None,
+                );
+                let dxi = &mut dx[k * in_len..(k + 1) * in_len];
+                dxi.fill(0.0);
+                col2im(g, &s.dcol, dxi);
+            }
+        }
+    };
+    match dx {
+        Some(dx) => scratch[..groups]
+            .par_iter_mut()
+            .zip(x.par_chunks(per * in_len))
+            .zip(dy.par_chunks(per * out_len))
+            .zip(dx.par_chunks_mut(per * in_len))
+            .for_each(|(((s, xs), dys), dxs)| work(s, xs, dys, Some(dxs))),
+        None => scratch[..groups]
+            .par_iter_mut()
+            .zip(x.par_chunks(per * in_len))
+            .zip(dy.par_chunks(per * out_len))
+            .for_each(|((s, xs), dys)| work(s, xs, dys, None)),
+    }
+    // Partials summed in group order: the same numbers for any thread count.
+    gw.fill(0.0);
+    gb.fill(0.0);
+    for s in &scratch[..groups] {
+        for (a, b) in gw.iter_mut().zip(&s.dw) {
+            *a += b;
+        }
+        for (a, b) in gb.iter_mut().zip(&s.db) {
+            *a += b;
+        }
+    }
+}
+
+/// 2x2 stride-2 max-pool over `[batch, c, h, w]` (odd edges dropped), keeping
+/// the winning tap (0..4, row-major in the window; the first of equals, and
+/// the first tap of a window whose first value is NaN).
+fn pool_forward(h: usize, w: usize, x: &[f32], y: &mut [f32], taps: &mut [u8]) {
+    let (ho, wo) = (h / 2, w / 2);
+    y.par_chunks_mut(ho * wo)
+        .zip(taps.par_chunks_mut(ho * wo))
+        .zip(x.par_chunks(h * w))
+        .for_each(|((yp, tp), xp)| {
+            for i in 0..ho {
+                for j in 0..wo {
+                    let base = 2 * i * w + 2 * j;
+                    let cand = [xp[base], xp[base + 1], xp[base + w], xp[base + w + 1]];
+                    let (mut best, mut t) = (cand[0], 0u8);
+                    for (k, &v) in cand.iter().enumerate().skip(1) {
+                        if v > best {
+                            best = v;
+                            t = k as u8;
+                        }
+                    }
+                    yp[i * wo + j] = best;
+                    tp[i * wo + j] = t;
+                }
+            }
+        });
+}
+
+fn pool_backward(h: usize, w: usize, dy: &[f32], taps: &[u8], dx: &mut [f32]) {
+    let (ho, wo) = (h / 2, w / 2);
+    dx.par_chunks_mut(h * w)
+        .zip(dy.par_chunks(ho * wo))
+        .zip(taps.par_chunks(ho * wo))
+        .for_each(|((dxp, dyp), tp)| {
+            dxp.fill(0.0);
+            for i in 0..ho {
+                for j in 0..wo {
+                    let t = tp[i * wo + j] as usize;
+                    let at = (2 * i + t / 2) * w + 2 * j + t % 2;
+                    dxp[at] = dyp[i * wo + j];
+                }
+            }
+        });
+}
+
+/// Applies `f` to a tensor's storage in place (a candle in-place op), for
+/// optimiser updates without fresh tensors. The tensor must be a contiguous
+/// f32 CPU tensor.
+pub fn update_in_place(t: &Tensor, f: &mut (dyn FnMut(&mut [f32]) + Send)) -> Result<()> {
+    struct Op<'a>(std::sync::Mutex<&'a mut (dyn FnMut(&mut [f32]) + Send)>);
+    impl candle_core::InplaceOp1 for Op<'_> {
+        fn name(&self) -> &'static str {
+            "update-in-place"
+        }
+        fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> Result<()> {
+            let CpuStorage::F32(v) = s else {
+                bail!("in-place update: only f32 tensors");
+            };
+            let Some((a, b)) = l.contiguous_offsets() else {
+                bail!("in-place update: the tensor is not contiguous");
+            };
+            let mut f = self
+                .0
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("in-place update: poisoned".into()))?;
+            (*f)(&mut v[a..b]);
+            Ok(())
+        }
+    }
+    t.inplace_op1(&Op(std::sync::Mutex::new(f)))
+}
+
+/// A contiguous f32 copy-free read of a tensor, passed to `f`.
+pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let (s, l) = t.storage_and_layout();
+    Ok(f(as_f32(&s, l, "tensor")?))
+}

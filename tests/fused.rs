@@ -1,0 +1,387 @@
+//! The fused training step against candle's autograd (itself checked against
+//! finite differences in `autograd.rs`), against finite differences directly,
+//! across thread counts, and the in-place optimiser against its formulas.
+
+use candle_core::{DType, Device, Tensor};
+use prelu::fused::{col2im, im2col, ConvGeom, FusedStep};
+use prelu::model::{Arch, Model, ModelSpec, ParamKind};
+use prelu::optim::{Optimizer, OptimizerKind};
+use prelu::{Activation, SlopeConstraint};
+use rand::{Rng, SeedableRng};
+
+fn small_cnn(padding: usize) -> Arch {
+    Arch::Cnn {
+        channels: vec![3, 4],
+        kernel: 3,
+        padding,
+        pool_after: vec![0],
+        hidden: 6,
+    }
+}
+
+/// A model with random slopes and biases, so every gradient is non-trivial.
+fn model(arch: Arch, act: Activation, constraint: SlopeConstraint, input: [usize; 3], seed: u64) -> Model {
+    let spec = ModelSpec {
+        slope_constraint: constraint,
+        input_mean: 0.1,
+        input_std: 0.5,
+        ..ModelSpec::new(arch, act, input, 5)
+    };
+    let m = Model::new(&spec, seed, &Device::Cpu).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed + 100);
+    for p in m.params() {
+        if matches!(p.kind, ParamKind::Bias | ParamKind::Slope) {
+            let n = p.var.elem_count();
+            let v: Vec<f32> = (0..n).map(|_| rng.random_range(-0.3f32..0.6)).collect();
+            p.var
+                .set(&Tensor::from_vec(v, p.var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+    }
+    m
+}
+
+fn batch(m: &Model, n: usize, seed: u64) -> (Vec<f32>, Vec<u32>) {
+    let f: usize = m.spec.input.iter().product();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let x = (0..n * f).map(|_| rng.random_range(0.0f32..1.0)).collect();
+    let y = (0..n).map(|_| rng.random_range(0..m.spec.classes as u32)).collect();
+    (x, y)
+}
+
+fn autograd(m: &Model, x: &[f32], y: &[u32]) -> (f64, Vec<Vec<f32>>) {
+    let f: usize = m.spec.input.iter().product();
+    let xt = Tensor::from_slice(x, (y.len(), f), &Device::Cpu).unwrap();
+    let yt = Tensor::from_slice(y, y.len(), &Device::Cpu).unwrap();
+    let loss = candle_nn::loss::cross_entropy(&m.forward_t(&xt, true).unwrap(), &yt).unwrap();
+    let g = loss.backward().unwrap();
+    let grads = m
+        .params()
+        .iter()
+        .map(|p| {
+            g.get(p.var.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        })
+        .collect();
+    (loss.to_scalar::<f32>().unwrap() as f64, grads)
+}
+
+fn assert_close(name: &str, got: &[f32], want: &[f32], tol: f32) {
+    assert_eq!(got.len(), want.len(), "{name}: length");
+    let scale = want.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+    for (i, (a, b)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (a - b).abs() <= tol * scale,
+            "{name}[{i}]: fused {a} vs autograd {b} (scale {scale})"
+        );
+    }
+}
+
+fn check_against_autograd(m: &Model, n: usize) {
+    let (x, y) = batch(m, n, 7);
+    let mut fs = FusedStep::new(m).unwrap();
+    let out = fs.step(&x, &y, None).unwrap();
+    let (loss, want) = autograd(m, &x, &y);
+    assert!(
+        (out.loss - loss).abs() < 1e-5 * loss.abs().max(1.0),
+        "loss {} vs {loss}",
+        out.loss
+    );
+    let grads = fs.grads();
+    for (p, (g, w)) in m.params().iter().zip(grads.iter().zip(&want)) {
+        assert_close(&p.name, g.expect("every parameter has a gradient"), w, 1e-4);
+    }
+    // A second step on the same buffers (different batch size) is as exact.
+    let (x2, y2) = batch(m, n - 1, 8);
+    fs.step(&x2, &y2, None).unwrap();
+    let (_, want2) = autograd(m, &x2, &y2);
+    for (p, (g, w)) in m.params().iter().zip(fs.grads().iter().zip(&want2)) {
+        assert_close(&p.name, g.unwrap(), w, 1e-4);
+    }
+}
+
+#[test]
+fn mlp_gradients_match_autograd_for_every_activation() {
+    let arch = Arch::Mlp { hidden: vec![7, 9] };
+    for (act, c) in [
+        (Activation::PRelu { shared: false }, SlopeConstraint::None),
+        (Activation::PRelu { shared: true }, SlopeConstraint::None),
+        (Activation::PRelu { shared: false }, SlopeConstraint::Positive),
+        (Activation::PRelu { shared: true }, SlopeConstraint::Positive),
+        (
+            Activation::PRelu { shared: false },
+            SlopeConstraint::Clamp { lo: 0.0, hi: 1.0 },
+        ),
+        (Activation::LeakyRelu(0.2), SlopeConstraint::None),
+        (Activation::Relu, SlopeConstraint::None),
+    ] {
+        let m = model(arch.clone(), act, c, [1, 5, 3], 1);
+        check_against_autograd(&m, 6);
+    }
+}
+
+#[test]
+fn cnn_gradients_match_autograd_with_padding_odd_maps_and_pooling() {
+    // 11x9 input: odd sizes, so the pool drops an edge row/column.
+    for padding in [0, 1] {
+        for act in [
+            Activation::PRelu { shared: false },
+            Activation::PRelu { shared: true },
+            Activation::Relu,
+        ] {
+            let m = model(small_cnn(padding), act, SlopeConstraint::None, [2, 11, 9], 3);
+            check_against_autograd(&m, 5);
+        }
+    }
+    // More samples than conv groups, and a batch that does not split evenly.
+    let m = model(
+        small_cnn(1),
+        Activation::PRelu { shared: false },
+        SlopeConstraint::Positive,
+        [1, 6, 6],
+        4,
+    );
+    check_against_autograd(&m, 19);
+}
+
+#[test]
+fn gradients_match_finite_differences() {
+    for (arch, input) in [(Arch::Mlp { hidden: vec![6] }, [1, 3, 3]), (small_cnn(1), [1, 6, 5])] {
+        let m = model(
+            arch,
+            Activation::PRelu { shared: false },
+            SlopeConstraint::None,
+            input,
+            5,
+        );
+        let (x, y) = batch(&m, 4, 9);
+        let mut fs = FusedStep::new(&m).unwrap();
+        fs.step(&x, &y, None).unwrap();
+        let grads: Vec<Vec<f32>> = fs.grads().iter().map(|g| g.unwrap().to_vec()).collect();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for (p, g) in m.params().iter().zip(&grads) {
+            let base = p.var.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            // Central differences at h and h/2; where they disagree a kink (a
+            // PReLU sign change or a max-pool switch) lies in the interval and the
+            // coordinate is skipped. Most coordinates must be checked.
+            let mut idx: Vec<usize> = (0..base.len()).collect();
+            for k in (1..idx.len()).rev() {
+                idx.swap(k, rng.random_range(0..=k));
+            }
+            idx.truncate(12);
+            let mut checked = 0;
+            for &i in &idx {
+                let mut loss_at = |v: f32| {
+                    let mut w = base.clone();
+                    w[i] = v;
+                    p.var
+                        .set(&Tensor::from_vec(w, p.var.shape(), &Device::Cpu).unwrap())
+                        .unwrap();
+                    fs.step(&x, &y, None).unwrap().loss
+                };
+                let mut fd = |h: f32| (loss_at(base[i] + h) - loss_at(base[i] - h)) / (2.0 * h as f64);
+                let (a, b) = (fd(1e-3), fd(5e-4));
+                loss_at(base[i]);
+                let tol = 1e-3 + 1e-2 * b.abs();
+                if (a - b).abs() > tol {
+                    continue;
+                }
+                checked += 1;
+                assert!(
+                    (b - g[i] as f64).abs() <= tol,
+                    "{}[{i}]: finite difference {b} vs fused {}",
+                    p.name,
+                    g[i]
+                );
+            }
+            assert!(
+                2 * checked >= idx.len(),
+                "{}: only {checked} of {} coordinates free of kinks",
+                p.name,
+                idx.len()
+            );
+        }
+    }
+}
+
+#[test]
+fn same_numbers_for_any_thread_count() {
+    let m = model(
+        small_cnn(1),
+        Activation::PRelu { shared: false },
+        SlopeConstraint::None,
+        [1, 12, 12],
+        6,
+    );
+    let mlp = model(
+        Arch::Mlp { hidden: vec![300] },
+        Activation::PRelu { shared: false },
+        SlopeConstraint::None,
+        [1, 28, 28],
+        6,
+    );
+    for m in [&m, &mlp] {
+        let (x, y) = batch(m, 21, 12);
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| {
+                let mut fs = FusedStep::new(m).unwrap();
+                let out = fs.step(&x, &y, None).unwrap();
+                let g: Vec<Vec<f32>> = fs.grads().iter().map(|g| g.unwrap().to_vec()).collect();
+                (out.loss, g)
+            })
+        };
+        let one = run(1);
+        for t in [2, 3] {
+            assert_eq!(run(t), one, "{t} threads differ from 1");
+        }
+    }
+}
+
+#[test]
+fn sentinel_counts_match_the_autograd_path() {
+    let m = model(
+        small_cnn(0),
+        Activation::PRelu { shared: false },
+        SlopeConstraint::None,
+        [1, 8, 8],
+        2,
+    );
+    let (x, y) = batch(&m, 6, 3);
+    let a = prelu::sentinel::Sentinel::new(&m, Default::default());
+    let b = prelu::sentinel::Sentinel::new(&m, Default::default());
+    let mut fs = FusedStep::new(&m).unwrap();
+    fs.step(&x, &y, Some(a.handles())).unwrap();
+    let xt = Tensor::from_slice(&x, (6, 64), &Device::Cpu).unwrap();
+    m.forward_counting(&xt, true, b.handles()).unwrap();
+    for (ha, hb) in a.handles().iter().zip(b.handles()) {
+        let (sa, sb) = (ha.lock().unwrap(), hb.lock().unwrap());
+        assert_eq!(sa.negative, sb.negative);
+        assert_eq!(sa.positive, sb.positive);
+        assert_eq!(sa.count, sb.count);
+        assert!((sa.sum - sb.sum).abs() <= 1e-4 * sb.sum.abs().max(1.0));
+    }
+}
+
+#[test]
+fn batch_norm_is_refused_and_bad_batches_are_errors() {
+    let spec = ModelSpec {
+        batch_norm: true,
+        ..ModelSpec::new(Arch::Mlp { hidden: vec![4] }, Activation::Relu, [1, 2, 2], 3)
+    };
+    let bn = Model::new(&spec, 0, &Device::Cpu).unwrap();
+    assert!(!FusedStep::supports(&bn));
+    assert!(FusedStep::new(&bn).is_err());
+    let m = model(
+        Arch::Mlp { hidden: vec![4] },
+        Activation::Relu,
+        SlopeConstraint::None,
+        [1, 2, 2],
+        0,
+    );
+    let mut fs = FusedStep::new(&m).unwrap();
+    assert!(fs.step(&[0.0; 8], &[0, 1], None).is_ok());
+    assert!(fs.step(&[0.0; 7], &[0, 1], None).is_err(), "wrong input length");
+    assert!(fs.step(&[0.0; 8], &[0, 9], None).is_err(), "label out of range");
+    assert!(fs.step(&[], &[], None).is_err(), "empty batch");
+}
+
+#[test]
+fn im2col_and_col2im_are_adjoint() {
+    // <im2col(x), c> == <x, col2im(c)> for random x, c, with and without padding.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    for (cin, h, w, k, pad) in [(2, 5, 7, 3, 0), (3, 4, 4, 3, 1), (1, 6, 5, 5, 2), (2, 3, 3, 1, 0)] {
+        let g = ConvGeom::new(cin, 1, h, w, k, pad).unwrap();
+        let x: Vec<f32> = (0..cin * h * w).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let c: Vec<f32> = (0..g.rows() * g.pixels())
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        let mut col = vec![f32::NAN; c.len()];
+        im2col(&g, &x, &mut col);
+        let mut dx = vec![0.0; x.len()];
+        col2im(&g, &c, &mut dx);
+        let lhs: f64 = col.iter().zip(&c).map(|(a, b)| (a * b) as f64).sum();
+        let rhs: f64 = x.iter().zip(&dx).map(|(a, b)| (a * b) as f64).sum();
+        assert!((lhs - rhs).abs() < 1e-4, "{lhs} vs {rhs} for {g:?}");
+    }
+    assert!(ConvGeom::new(1, 1, 2, 2, 5, 1).is_err());
+}
+
+#[test]
+fn in_place_optimizers_follow_their_formulas() {
+    let m = model(
+        Arch::Mlp { hidden: vec![3] },
+        Activation::PRelu { shared: false },
+        SlopeConstraint::None,
+        [1, 2, 1],
+        0,
+    );
+    let w0: Vec<Vec<f32>> = m
+        .params()
+        .iter()
+        .map(|p| p.var.flatten_all().unwrap().to_vec1().unwrap())
+        .collect();
+    let grads: Vec<Vec<f32>> = w0
+        .iter()
+        .map(|w| w.iter().enumerate().map(|(i, _)| 0.1 * i as f32 - 0.2).collect())
+        .collect();
+    let views: Vec<Option<&[f32]>> = grads.iter().map(|g| Some(g.as_slice())).collect();
+    let (lr, wd, mu) = (0.1f32, 0.01f32, 0.9f32);
+    // SGD with momentum and decay (slopes not decayed), two steps.
+    let mut opt = Optimizer::new(OptimizerKind::Sgd { momentum: mu as f64 }, wd as f64, m.params(), false).unwrap();
+    opt.step_slices(&views, lr as f64).unwrap();
+    opt.step_slices(&views, lr as f64).unwrap();
+    for (k, p) in m.params().iter().enumerate() {
+        let d = if p.kind == ParamKind::Slope { 0.0 } else { wd };
+        let got = p.var.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (i, &w) in w0[k].iter().enumerate() {
+            let g = grads[k][i];
+            let b1 = g + d * w;
+            let w1 = w - lr * b1;
+            let b2 = mu * b1 + g + d * w1;
+            let w2 = w1 - lr * b2;
+            assert!((got[i] - w2).abs() < 1e-6, "{}[{i}]: {} vs {w2}", p.name, got[i]);
+        }
+    }
+    // The state round-trips through a checkpoint map.
+    let (state, steps) = opt.state().unwrap();
+    assert_eq!(steps, 2);
+    let mut opt2 = Optimizer::new(OptimizerKind::Sgd { momentum: mu as f64 }, wd as f64, m.params(), false).unwrap();
+    opt2.load_state(&state, steps).unwrap();
+    assert_eq!(opt2.state().unwrap().0.len(), state.len());
+    // AdamW, one step from fresh parameters: w - lr * (m^ / (sqrt(v^) + eps)) after decay.
+    let m2 = model(
+        Arch::Mlp { hidden: vec![3] },
+        Activation::PRelu { shared: false },
+        SlopeConstraint::None,
+        [1, 2, 1],
+        0,
+    );
+    let mut adam = Optimizer::new(
+        OptimizerKind::AdamW {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        },
+        wd as f64,
+        m2.params(),
+        false,
+    )
+    .unwrap();
+    adam.step_slices(&views, lr as f64).unwrap();
+    for (k, p) in m2.params().iter().enumerate() {
+        let d = if p.kind == ParamKind::Slope { 0.0 } else { wd };
+        let got = p.var.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (i, &w) in w0[k].iter().enumerate() {
+            let g = grads[k][i];
+            let want = w * (1.0 - lr * d) - lr * g / (g.abs() + 1e-8);
+            assert!((got[i] - want).abs() < 1e-5, "{}[{i}]: {} vs {want}", p.name, got[i]);
+        }
+    }
+    assert!(adam.step_slices(&views[..1], 0.1).is_err(), "gradient count must match");
+    let _ = DType::F32;
+}
