@@ -4,8 +4,9 @@ and step (forward, cross-entropy, backward, SGD momentum 0.9 update).
 
     python3 bench/torch_reference.py --threads 2 [--json] [--epoch-data DIR]
 
-Prints `mlp_step_ms` and `cnn_step_ms`, medians over --steps steps after 3
-warm-up steps, on random inputs in [0, 1) (the timing does not depend on the
+Prints `mlp_step_ms` and `cnn_step_ms`, medians over --steps steps (50) after
+--warmup untimed steps (5), the same counts as `prelu bench train`, on random
+inputs in [0, 1) (the timing does not depend on the
 data). With --epoch-data DIR (a folder with MNIST's IDX files), also times one
 full MNIST epoch of the MLP (`mlp_epoch_s`).
 
@@ -49,7 +50,7 @@ class Cnn(nn.Module):
         return self.f2(self.a3(self.f1(x)))
 
 
-def step_ms(model, x, y, steps):
+def step_ms(model, x, y, steps, warmup):
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
     def one():
@@ -57,7 +58,7 @@ def step_ms(model, x, y, steps):
         F.cross_entropy(model(x), y).backward()
         opt.step()
 
-    for _ in range(3):
+    for _ in range(warmup):
         one()
     t = []
     for _ in range(steps):
@@ -93,15 +94,16 @@ def mnist_epoch_s(folder):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--epoch-data")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     out = {"torch": torch.__version__, "threads": a.threads, "steps": a.steps}
-    out["mlp_step_ms"] = step_ms(mlp(), torch.rand(128, 784), torch.randint(0, 10, (128,)), a.steps)
-    out["cnn_step_ms"] = step_ms(Cnn(), torch.rand(64, 1, 28, 28), torch.randint(0, 10, (64,)), a.steps)
+    out["mlp_step_ms"] = step_ms(mlp(), torch.rand(128, 784), torch.randint(0, 10, (128,)), a.steps, a.warmup)
+    out["cnn_step_ms"] = step_ms(Cnn(), torch.rand(64, 1, 28, 28), torch.randint(0, 10, (64,)), a.steps, a.warmup)
     if a.epoch_data:
         out["mlp_epoch_s"] = mnist_epoch_s(a.epoch_data)
     if a.json:

@@ -95,8 +95,15 @@ pub struct KernelBenchReport {
 }
 
 /// Median of `reps` timings of `f`, in seconds, after one warm-up call.
-pub fn median_secs(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    f()?;
+pub fn median_secs(reps: usize, f: impl FnMut() -> Result<()>) -> Result<f64> {
+    median_secs_after(1, reps, f)
+}
+
+/// Median of `reps` timings of `f`, in seconds, after `warmup` untimed calls.
+pub fn median_secs_after(warmup: usize, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    for _ in 0..warmup {
+        f()?;
+    }
     let mut t = Vec::with_capacity(reps.max(1));
     for _ in 0..reps.max(1) {
         let s = Instant::now();
@@ -232,18 +239,26 @@ pub fn kernels(o: &KernelBenchOptions, mut progress: impl FnMut(&str)) -> Result
 /// What `prelu bench train` measures.
 #[derive(Clone, Debug)]
 pub struct TrainBenchOptions {
-    /// Timed steps per model (after 3 warm-up steps); the median is reported.
+    /// Timed steps per model (after `warmup` untimed ones); the median is reported.
     pub steps: usize,
+    pub warmup: usize,
     pub mlp_batch: usize,
     pub cnn_batch: usize,
+    /// Also time one MNIST epoch of the MLP through the training loop, if
+    /// MNIST is found (on its standard paths, `PRELU_DATA` or `data_dir`).
+    pub epoch: bool,
+    pub data_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for TrainBenchOptions {
     fn default() -> Self {
         Self {
-            steps: 20,
+            steps: 50,
+            warmup: 5,
             mlp_batch: 128,
             cnn_batch: 64,
+            epoch: true,
+            data_dir: None,
         }
     }
 }
@@ -268,9 +283,58 @@ pub struct TrainBenchReport {
     /// The same step through candle's autograd (the `--autograd` path).
     pub mlp_autograd_step_ms: f64,
     pub cnn_autograd_step_ms: f64,
+    /// Training seconds of one MNIST epoch of the MLP (60,000 images, batch
+    /// 128, SGD momentum 0.9) in the training loop, without the sentinel (the
+    /// work PyTorch's reference loop does) and with it (the default); `None`
+    /// when MNIST was not found.
+    pub mlp_epoch_s: Option<f64>,
+    pub mlp_epoch_sentinel_s: Option<f64>,
 }
 
-fn step_time(arch: crate::model::Arch, batch: usize, steps: usize, sentinel: bool, fused: bool) -> Result<f64> {
+/// One epoch of the MLP on MNIST through [`crate::train::train`], in a
+/// temporary run folder; the epoch's training seconds (evaluation and the
+/// checkpoint excluded, as in the PyTorch reference).
+fn mnist_epoch(sentinel: bool, data_dir: Option<&std::path::Path>) -> Result<Option<f64>> {
+    use crate::train::{self, MetricsLine, TrainConfig};
+    let cfg = TrainConfig {
+        data: "mnist".into(),
+        data_dir: data_dir.map(|d| d.to_path_buf()),
+        model: "mlp".into(),
+        hidden: vec![512, 512],
+        act: "prelu".into(),
+        optimizer: "sgd".into(),
+        lr: 0.01,
+        momentum: 0.9,
+        weight_decay: 0.0,
+        schedule: "constant".into(),
+        epochs: 1,
+        batch_size: 128,
+        log_every: 0,
+        sentinel,
+        ..Default::default()
+    };
+    if crate::data::load(&cfg.data, data_dir).is_err() {
+        return Ok(None);
+    }
+    let dir = std::env::temp_dir().join(format!("prelu-bench-epoch-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let err = |e: anyhow::Error| candle_core::Error::Msg(format!("bench epoch: {e:#}"));
+    let run = train::train(&cfg, &dir, false, &mut |_| {}).map_err(err);
+    let lines = run.and_then(|_| train::read_metrics(&dir).map_err(err));
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(lines?.into_iter().find_map(|l| match l {
+        MetricsLine::Epoch(m) => Some(m.seconds),
+        _ => None,
+    }))
+}
+
+fn step_time(
+    arch: crate::model::Arch,
+    batch: usize,
+    o: &TrainBenchOptions,
+    sentinel: bool,
+    fused: bool,
+) -> Result<f64> {
     use crate::model::{Model, ModelSpec};
     use crate::optim::{Optimizer, OptimizerKind};
     let dev = Device::Cpu;
@@ -287,7 +351,7 @@ fn step_time(arch: crate::model::Arch, batch: usize, steps: usize, sentinel: boo
     let mut sen = sentinel.then(|| crate::sentinel::Sentinel::new(&model, Default::default()));
     if fused {
         let mut fs = crate::fused::FusedStep::new(&model)?;
-        return median_secs(steps, || {
+        return median_secs_after(o.warmup, o.steps, || {
             fs.step(&xv, &yv, sen.as_ref().map(|s| s.handles()))?;
             if let Some(s) = sen.as_mut() {
                 s.after_fused(&fs);
@@ -297,7 +361,7 @@ fn step_time(arch: crate::model::Arch, batch: usize, steps: usize, sentinel: boo
     }
     let x = Tensor::from_vec(xv, (batch, 784), &dev)?;
     let y = Tensor::from_vec(yv, batch, &dev)?;
-    median_secs(steps, || {
+    median_secs_after(o.warmup.min(2), o.steps.min(10), || {
         let logits = match &sen {
             Some(s) => model.forward_counting(&x, true, s.handles())?,
             None => model.forward_t(&x, true)?,
@@ -318,17 +382,26 @@ pub fn train(o: &TrainBenchOptions, mut progress: impl FnMut(&str)) -> Result<Tr
     }
     use crate::model::Arch;
     progress("MLP 784-512-512-10 steps (fused)");
-    let mlp = step_time(Arch::mlp_default(), o.mlp_batch, o.steps, false, true)?;
+    let mlp = step_time(Arch::mlp_default(), o.mlp_batch, o, false, true)?;
     progress("MLP steps with the sentinel (fused)");
-    let mlp_s = step_time(Arch::mlp_default(), o.mlp_batch, o.steps, true, true)?;
+    let mlp_s = step_time(Arch::mlp_default(), o.mlp_batch, o, true, true)?;
     progress("MLP steps through candle autograd");
-    let mlp_a = step_time(Arch::mlp_default(), o.mlp_batch, o.steps, false, false)?;
+    let mlp_a = step_time(Arch::mlp_default(), o.mlp_batch, o, false, false)?;
     progress("CNN (conv 32, conv 64, pool, 9216-128-10) steps (fused)");
-    let cnn = step_time(Arch::cnn_reference(), o.cnn_batch, o.steps, false, true)?;
+    let cnn = step_time(Arch::cnn_reference(), o.cnn_batch, o, false, true)?;
     progress("CNN steps with the sentinel (fused)");
-    let cnn_s = step_time(Arch::cnn_reference(), o.cnn_batch, o.steps, true, true)?;
+    let cnn_s = step_time(Arch::cnn_reference(), o.cnn_batch, o, true, true)?;
     progress("CNN steps through candle autograd");
-    let cnn_a = step_time(Arch::cnn_reference(), o.cnn_batch, o.steps.min(10), false, false)?;
+    let cnn_a = step_time(Arch::cnn_reference(), o.cnn_batch, o, false, false)?;
+    let (mut epoch, mut epoch_s) = (None, None);
+    if o.epoch {
+        progress("one MNIST epoch of the MLP");
+        epoch = mnist_epoch(false, o.data_dir.as_deref())?;
+        if epoch.is_some() {
+            progress("one MNIST epoch of the MLP with the sentinel");
+            epoch_s = mnist_epoch(true, o.data_dir.as_deref())?;
+        }
+    }
     Ok(TrainBenchReport {
         threads: rayon::current_num_threads(),
         mlp_step_ms: mlp * 1e3,
@@ -342,5 +415,7 @@ pub fn train(o: &TrainBenchOptions, mut progress: impl FnMut(&str)) -> Result<Tr
         sentinel_overhead_cnn: cnn_s / cnn,
         mlp_autograd_step_ms: mlp_a * 1e3,
         cnn_autograd_step_ms: cnn_a * 1e3,
+        mlp_epoch_s: epoch,
+        mlp_epoch_sentinel_s: epoch_s,
     })
 }

@@ -215,24 +215,40 @@ impl Optimizer {
             match self.kind {
                 OptimizerKind::Sgd { momentum } => {
                     let mu = momentum as f32;
-                    if momentum > 0.0 {
+                    // Separate loops per case keep each one branch-free, so
+                    // they vectorise.
+                    let w_t = s.var.as_tensor();
+                    match (momentum > 0.0, wd > 0.0) {
                         // PyTorch: buf = g on the first step, mu buf + g after
                         // (the same as starting from a zero buffer).
-                        let m = s.m.get_or_insert_with(|| vec![0.0; n]);
-                        update_in_place(s.var.as_tensor(), &mut |w: &mut [f32]| {
-                            for ((w, m), &g) in w.iter_mut().zip(m.iter_mut()).zip(g.iter()) {
-                                let g = if wd > 0.0 { g + *w * wd } else { g };
-                                *m = *m * mu + g;
-                                *w -= *m * lr32;
+                        (true, decay) => {
+                            let m = s.m.get_or_insert_with(|| vec![0.0; n]);
+                            update_in_place(w_t, &mut |w: &mut [f32]| {
+                                let it = w.iter_mut().zip(m.iter_mut()).zip(g.iter());
+                                if decay {
+                                    for ((w, m), &g) in it {
+                                        *m = *m * mu + (g + *w * wd);
+                                        *w -= *m * lr32;
+                                    }
+                                } else {
+                                    for ((w, m), &g) in it {
+                                        *m = *m * mu + g;
+                                        *w -= *m * lr32;
+                                    }
+                                }
+                            })?;
+                        }
+                        (false, decay) => update_in_place(w_t, &mut |w: &mut [f32]| {
+                            if decay {
+                                for (w, &g) in w.iter_mut().zip(g.iter()) {
+                                    *w -= (g + *w * wd) * lr32;
+                                }
+                            } else {
+                                for (w, &g) in w.iter_mut().zip(g.iter()) {
+                                    *w -= g * lr32;
+                                }
                             }
-                        })?;
-                    } else {
-                        update_in_place(s.var.as_tensor(), &mut |w: &mut [f32]| {
-                            for (w, &g) in w.iter_mut().zip(g.iter()) {
-                                let g = if wd > 0.0 { g + *w * wd } else { g };
-                                *w -= g * lr32;
-                            }
-                        })?;
+                        })?,
                     }
                 }
                 OptimizerKind::AdamW { beta1, beta2, eps } => {

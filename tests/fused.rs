@@ -385,3 +385,87 @@ fn in_place_optimizers_follow_their_formulas() {
     assert!(adam.step_slices(&views[..1], 0.1).is_err(), "gradient count must match");
     let _ = DType::F32;
 }
+
+#[test]
+fn training_through_the_fused_step_matches_autograd_training() {
+    use prelu::train::{self, TrainConfig};
+    let dir = |n: &str| std::env::temp_dir().join(format!("prelu-fused-{}-{n}", std::process::id()));
+    for model in ["mlp", "cnn"] {
+        let cfg = TrainConfig {
+            model: model.into(),
+            hidden: vec![64],
+            channels: vec![4, 8],
+            epochs: 2,
+            batch_size: 64,
+            train_limit: Some(1024),
+            test_limit: Some(300),
+            ..TrainConfig::default()
+        };
+        let runs: Vec<_> = [false, true]
+            .iter()
+            .map(|&autograd| {
+                let d = dir(&format!("{model}-{autograd}"));
+                let _ = std::fs::remove_dir_all(&d);
+                let s = train::train(
+                    &TrainConfig {
+                        autograd,
+                        ..cfg.clone()
+                    },
+                    &d,
+                    false,
+                    &mut |_| {},
+                )
+                .unwrap();
+                let _ = std::fs::remove_dir_all(&d);
+                s
+            })
+            .collect();
+        let (f, a) = (&runs[0], &runs[1]);
+        // Different summation orders only: the runs stay close (measured: the
+        // mean training losses agree to 1e-8 relative after two epochs).
+        assert!(
+            (f.train_loss - a.train_loss).abs() < 1e-3 * a.train_loss,
+            "{model}: {} vs {}",
+            f.train_loss,
+            a.train_loss
+        );
+        assert!(
+            (f.test_acc - a.test_acc).abs() <= 0.01,
+            "{model}: {} vs {}",
+            f.test_acc,
+            a.test_acc
+        );
+        assert!(f.test_acc > 0.5, "{model}: fused training learns ({})", f.test_acc);
+    }
+}
+
+#[test]
+fn bench_train_reports_the_fields_scripts_read() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_prelu"))
+        .args([
+            "--threads",
+            "1",
+            "bench",
+            "train",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--no-epoch",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for k in [
+        "mlp_step_ms",
+        "cnn_step_ms",
+        "mlp_autograd_step_ms",
+        "cnn_autograd_step_ms",
+    ] {
+        assert!(v[k].as_f64().unwrap() > 0.0, "{k} in {v}");
+    }
+    assert!(v["mlp_epoch_s"].is_null());
+    assert_eq!(v["threads"], 1);
+}
