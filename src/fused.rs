@@ -25,14 +25,15 @@
 //!   same pass when asked;
 //! * 2x2 max-pool with the winning tap kept (one byte per output) for a
 //!   direct backward;
+//! * BatchNorm in training mode (batch statistics, PyTorch's running-estimate
+//!   update), with per-sample partial sums added in sample order;
 //! * softmax cross-entropy and its gradient in one pass over the logits.
 //!
 //! The parameters stay the model's candle [`Var`]s: the step reads them in
 //! place, and [`crate::optim::Optimizer::step_slices`] updates them in place.
 //! Gradients are checked against candle's autograd (itself checked against
 //! finite differences) and against finite differences directly in
-//! `tests/fused.rs`. Models with BatchNorm are not covered; [`FusedStep::new`]
-//! says so and the trainer falls back to autograd.
+//! `tests/fused.rs`.
 //!
 //! ReLU as slope 0 differs from candle's `relu` only at `x = -inf` (`0 * -inf`
 //! is NaN); such a pre-activation already means a diverged run.
@@ -92,6 +93,22 @@ enum Stage {
         h: usize,
         w: usize,
     },
+    BatchNorm(Bn),
+}
+
+/// A BatchNorm stage: parameters by index, running estimates as the model's
+/// buffers (updated in place), and the batch statistics kept for backward.
+#[derive(Clone, Debug)]
+struct Bn {
+    gamma: usize,
+    beta: usize,
+    running_mean: Var,
+    running_var: Var,
+    eps: f64,
+    momentum: f64,
+    channels: usize,
+    /// As in [`Stage::Act`]: values per channel and sample, 0 for feature-major.
+    inner: usize,
 }
 
 impl Stage {
@@ -99,6 +116,7 @@ impl Stage {
         match self {
             Stage::Linear { .. } | Stage::Conv { .. } => true,
             Stage::Act { slopes, .. } => matches!(slopes, Slopes::Learned { .. }),
+            Stage::BatchNorm(_) => true,
             Stage::ToFeatureMajor { .. } | Stage::Pool { .. } => false,
         }
     }
@@ -111,6 +129,7 @@ impl Stage {
             Stage::Act { channels, inner, .. } => channels * (*inner).max(1),
             Stage::ToFeatureMajor { features } => *features,
             Stage::Pool { c, h, w } => c * (h / 2) * (w / 2),
+            Stage::BatchNorm(b) => b.channels * b.inner.max(1),
         }
     }
 }
@@ -331,6 +350,8 @@ pub struct FusedStep {
     scratch: Vec<Vec<ConvScratch>>,
     /// Sample-major logits and their gradient.
     logits: Vec<f32>,
+    /// Batch statistics of each BatchNorm stage.
+    bn_stats: Vec<BnStats>,
 }
 
 fn param_index(model: &Model, v: &Var) -> Result<usize> {
@@ -351,9 +372,11 @@ fn as_f32<'a>(s: &'a Storage, l: &Layout, what: &str) -> Result<&'a [f32]> {
 }
 
 impl FusedStep {
-    /// Whether the fused step covers this model (everything but BatchNorm).
+    /// Whether the fused step covers this model (it covers every model
+    /// [`Model::new`] builds: MLPs and CNNs, any activation, with or without
+    /// BatchNorm).
     pub fn supports(model: &Model) -> bool {
-        !model.blocks.iter().any(|b| matches!(b, Block::BatchNorm(_)))
+        Self::new(model).is_ok()
     }
 
     /// Compiles the step for `model`; an error for models it does not cover.
@@ -435,7 +458,24 @@ impl FusedStep {
                     stages.push(Stage::Pool { c, h, w });
                     (h, w) = (h / 2, w / 2);
                 }
-                Block::BatchNorm(_) => bail!("fused step: BatchNorm is not covered (train with autograd)"),
+                Block::BatchNorm(bn) => {
+                    if bn.weight.elem_count() != c {
+                        bail!(
+                            "fused step: BatchNorm over {} channels after {c}",
+                            bn.weight.elem_count()
+                        );
+                    }
+                    stages.push(Stage::BatchNorm(Bn {
+                        gamma: param_index(model, &bn.weight)?,
+                        beta: param_index(model, &bn.bias)?,
+                        running_mean: bn.running_mean.clone(),
+                        running_var: bn.running_var.clone(),
+                        eps: bn.eps,
+                        momentum: bn.momentum,
+                        channels: c,
+                        inner: if feature_major { 0 } else { h * w },
+                    }));
+                }
             }
         }
         if c * h * w != model.spec.classes || !feature_major {
@@ -451,6 +491,7 @@ impl FusedStep {
         for s in &stages {
             let used: Vec<usize> = match s {
                 Stage::Linear { w, b, .. } | Stage::Conv { w, b, .. } => vec![*w, *b],
+                Stage::BatchNorm(bn) => vec![bn.gamma, bn.beta],
                 Stage::Act {
                     slopes: Slopes::Learned { param, .. },
                     ..
@@ -483,6 +524,7 @@ impl FusedStep {
             scratch,
             stages,
             logits: Vec::new(),
+            bn_stats: vec![BnStats::default(); n],
         })
     }
 
@@ -615,6 +657,10 @@ impl FusedStep {
                     act_i += 1;
                 }
                 Stage::Pool { h, w, .. } => pool_forward(*h, *w, input, out, &mut self.taps[i]),
+                Stage::BatchNorm(bn) => {
+                    let (gamma, beta) = (params[bn.gamma], params[bn.beta]);
+                    bn_forward(bn, batch, gamma, beta, input, out, &mut self.bn_stats[i])?;
+                }
             }
         }
 
@@ -706,6 +752,11 @@ impl FusedStep {
                     }
                 }
                 Stage::Pool { h, w, .. } => pool_backward(*h, *w, dout, &self.taps[i], din),
+                Stage::BatchNorm(bn) => {
+                    let (gg, gb) = two_mut(&mut self.grads, bn.gamma, bn.beta);
+                    let gamma = params[bn.gamma];
+                    bn_backward(bn, batch, gamma, &self.bn_stats[i], input, dout, din, gg, gb);
+                }
             }
         }
         drop(params);
@@ -736,6 +787,166 @@ fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
             }
         }
     });
+}
+
+/// Batch mean and `1 / sqrt(var + eps)` per channel, from the forward pass.
+#[derive(Clone, Debug, Default)]
+struct BnStats {
+    mean: Vec<f32>,
+    inv_std: Vec<f32>,
+}
+
+/// `(outer, run)`: a BatchNorm input is `outer` blocks of `channels` runs of
+/// `run` values (NCHW: outer = batch, run = H W; feature-major: one block,
+/// run = batch).
+fn bn_layout(bn: &Bn, batch: usize) -> (usize, usize) {
+    if bn.inner == 0 {
+        (1, batch)
+    } else {
+        (batch, bn.inner)
+    }
+}
+
+/// Per-channel sums of `f(channel, value)` over every block, as partials per
+/// block added in block order (deterministic for any thread count).
+fn channel_sums(x: &[f32], channels: usize, run: usize, f: impl Fn(usize, &[f32]) -> f64 + Sync) -> Vec<f64> {
+    let partials: Vec<Vec<f64>> = x
+        .par_chunks(channels * run)
+        .map(|block| block.chunks_exact(run).enumerate().map(|(c, r)| f(c, r)).collect())
+        .collect();
+    let mut out = vec![0.0f64; channels];
+    for p in partials {
+        for (o, v) in out.iter_mut().zip(p) {
+            *o += v;
+        }
+    }
+    out
+}
+
+/// BatchNorm in training mode: normalise with the batch mean and biased
+/// variance, update the running estimates (unbiased variance, PyTorch's
+/// momentum rule), keep the statistics for backward.
+fn bn_forward(
+    bn: &Bn,
+    batch: usize,
+    gamma: &[f32],
+    beta: &[f32],
+    x: &[f32],
+    y: &mut [f32],
+    st: &mut BnStats,
+) -> Result<()> {
+    let (outer, run) = bn_layout(bn, batch);
+    let c = bn.channels;
+    let m = outer * run;
+    if m < 2 {
+        bail!("batch norm in training needs more than one value per channel (got a batch of {m})");
+    }
+    let sums = channel_sums(x, c, run, |_, r| r.iter().map(|&v| v as f64).sum());
+    let mean: Vec<f32> = sums.iter().map(|s| (s / m as f64) as f32).collect();
+    let sq = channel_sums(x, c, run, |ch, r| {
+        r.iter()
+            .map(|&v| {
+                let d = (v - mean[ch]) as f64;
+                d * d
+            })
+            .sum()
+    });
+    let var: Vec<f64> = sq.iter().map(|q| q / m as f64).collect();
+    st.mean = mean;
+    st.inv_std = var.iter().map(|v| (1.0 / (v + bn.eps).sqrt()) as f32).collect();
+    let (mean, inv) = (&st.mean, &st.inv_std);
+    y.par_chunks_mut(c * run)
+        .zip(x.par_chunks(c * run))
+        .for_each(|(yb, xb)| {
+            for (ch, (yr, xr)) in yb.chunks_exact_mut(run).zip(xb.chunks_exact(run)).enumerate() {
+                let (mu, s, b) = (mean[ch], inv[ch] * gamma[ch], beta[ch]);
+                for (o, &v) in yr.iter_mut().zip(xr) {
+                    *o = (v - mu) * s + b;
+                }
+            }
+        });
+    let mo = bn.momentum;
+    let unbiased = m as f64 / (m as f64 - 1.0);
+    update_in_place(bn.running_mean.as_tensor(), &mut |r: &mut [f32]| {
+        for (r, &mu) in r.iter_mut().zip(mean) {
+            *r = (*r as f64 * (1.0 - mo) + mu as f64 * mo) as f32;
+        }
+    })?;
+    update_in_place(bn.running_var.as_tensor(), &mut |r: &mut [f32]| {
+        for (r, &v) in r.iter_mut().zip(&var) {
+            *r = (*r as f64 * (1.0 - mo) + v * unbiased * mo) as f32;
+        }
+    })
+}
+
+/// BatchNorm backward from the input `x` and the saved statistics, with
+/// `xhat = (x - mean) inv_std`: `dbeta = sum dy`, `dgamma = sum dy xhat`,
+/// `dx = gamma inv_std (dy - dbeta / m - xhat dgamma / m)`.
+#[allow(clippy::too_many_arguments)]
+fn bn_backward(
+    bn: &Bn,
+    batch: usize,
+    gamma: &[f32],
+    st: &BnStats,
+    x: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+) {
+    let (outer, run) = bn_layout(bn, batch);
+    let c = bn.channels;
+    let m = (outer * run) as f32;
+    let (mean, inv) = (&st.mean, &st.inv_std);
+    // Per block: (sum dy, sum dy xhat) for each channel, added in block order.
+    let partials: Vec<Vec<(f64, f64)>> = x
+        .par_chunks(c * run)
+        .zip(dy.par_chunks(c * run))
+        .map(|(xb, db)| {
+            xb.chunks_exact(run)
+                .zip(db.chunks_exact(run))
+                .enumerate()
+                .map(|(ch, (xr, dr))| {
+                    let (mut s, mut sx) = (0.0f64, 0.0f64);
+                    for (&v, &d) in xr.iter().zip(dr) {
+                        s += d as f64;
+                        sx += (d * ((v - mean[ch]) * inv[ch])) as f64;
+                    }
+                    (s, sx)
+                })
+                .collect()
+        })
+        .collect();
+    let mut sums = vec![(0.0f64, 0.0f64); c];
+    for p in partials {
+        for (o, (a, b)) in sums.iter_mut().zip(p) {
+            o.0 += a;
+            o.1 += b;
+        }
+    }
+    for ((g, b), &(s, sx)) in dgamma.iter_mut().zip(dbeta.iter_mut()).zip(&sums) {
+        *g = sx as f32;
+        *b = s as f32;
+    }
+    let (dgamma, dbeta) = (&*dgamma, &*dbeta);
+    dx.par_chunks_mut(c * run)
+        .zip(x.par_chunks(c * run))
+        .zip(dy.par_chunks(c * run))
+        .for_each(|((dxb, xb), db)| {
+            for (ch, ((o, xr), dr)) in dxb
+                .chunks_exact_mut(run)
+                .zip(xb.chunks_exact(run))
+                .zip(db.chunks_exact(run))
+                .enumerate()
+            {
+                let k = gamma[ch] * inv[ch];
+                let (mb, mg) = (dbeta[ch] / m, dgamma[ch] / m);
+                for ((o, &v), &d) in o.iter_mut().zip(xr).zip(dr) {
+                    let xhat = (v - mean[ch]) * inv[ch];
+                    *o = k * (d - mb - xhat * mg);
+                }
+            }
+        });
 }
 
 /// Sum of a slice in 16 interleaved partial sums (a fixed order that the

@@ -76,7 +76,7 @@ pub struct TrainConfig {
     /// The sentinel's alarm thresholds.
     pub alarms: crate::sentinel::SentinelConfig,
     /// Train through candle's autograd instead of the fused step (slower; for
-    /// cross-checking). Models with BatchNorm always use autograd.
+    /// cross-checking).
     pub autograd: bool,
 }
 

@@ -70,9 +70,10 @@ fn autograd(m: &Model, x: &[f32], y: &[u32]) -> (f64, Vec<Vec<f32>>) {
     (loss.to_scalar::<f32>().unwrap() as f64, grads)
 }
 
-fn assert_close(name: &str, got: &[f32], want: &[f32], tol: f32) {
+/// `|got - want| <= tol * max(floor, max |want|)` elementwise.
+fn assert_close_floor(name: &str, got: &[f32], want: &[f32], tol: f32, floor: f32) {
     assert_eq!(got.len(), want.len(), "{name}: length");
-    let scale = want.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+    let scale = want.iter().fold(floor, |m, v| m.max(v.abs()));
     for (i, (a, b)) in got.iter().zip(want).enumerate() {
         assert!(
             (a - b).abs() <= tol * scale,
@@ -81,7 +82,18 @@ fn assert_close(name: &str, got: &[f32], want: &[f32], tol: f32) {
     }
 }
 
+fn assert_close(name: &str, got: &[f32], want: &[f32], tol: f32) {
+    assert_close_floor(name, got, want, tol, 1e-3)
+}
+
 fn check_against_autograd(m: &Model, n: usize) {
+    check_against_autograd_floor(m, n, 1e-3)
+}
+
+/// `floor`: the smallest gradient scale compared against (a bias before
+/// BatchNorm has an exactly zero gradient, which both sides give as rounding
+/// noise of ~1e-6).
+fn check_against_autograd_floor(m: &Model, n: usize, floor: f32) {
     let (x, y) = batch(m, n, 7);
     let mut fs = FusedStep::new(m).unwrap();
     let out = fs.step(&x, &y, None).unwrap();
@@ -93,14 +105,14 @@ fn check_against_autograd(m: &Model, n: usize) {
     );
     let grads = fs.grads();
     for (p, (g, w)) in m.params().iter().zip(grads.iter().zip(&want)) {
-        assert_close(&p.name, g.expect("every parameter has a gradient"), w, 1e-4);
+        assert_close_floor(&p.name, g.expect("every parameter has a gradient"), w, 1e-4, floor);
     }
     // A second step on the same buffers (different batch size) is as exact.
     let (x2, y2) = batch(m, n - 1, 8);
     fs.step(&x2, &y2, None).unwrap();
     let (_, want2) = autograd(m, &x2, &y2);
     for (p, (g, w)) in m.params().iter().zip(fs.grads().iter().zip(&want2)) {
-        assert_close(&p.name, g.unwrap(), w, 1e-4);
+        assert_close_floor(&p.name, g.unwrap(), w, 1e-4, floor);
     }
 }
 
@@ -224,7 +236,16 @@ fn same_numbers_for_any_thread_count() {
         [1, 28, 28],
         6,
     );
-    for m in [&m, &mlp] {
+    let bn = Model::new(
+        &ModelSpec {
+            batch_norm: true,
+            ..ModelSpec::new(small_cnn(1), Activation::PRelu { shared: true }, [1, 9, 9], 5)
+        },
+        6,
+        &Device::Cpu,
+    )
+    .unwrap();
+    for m in [&m, &mlp, &bn] {
         let (x, y) = batch(m, 21, 12);
         let run = |threads: usize| {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
@@ -268,14 +289,52 @@ fn sentinel_counts_match_the_autograd_path() {
 }
 
 #[test]
-fn batch_norm_is_refused_and_bad_batches_are_errors() {
-    let spec = ModelSpec {
-        batch_norm: true,
-        ..ModelSpec::new(Arch::Mlp { hidden: vec![4] }, Activation::Relu, [1, 2, 2], 3)
-    };
-    let bn = Model::new(&spec, 0, &Device::Cpu).unwrap();
-    assert!(!FusedStep::supports(&bn));
-    assert!(FusedStep::new(&bn).is_err());
+fn batch_norm_matches_autograd_including_running_estimates() {
+    for (arch, input, n) in [
+        (Arch::Mlp { hidden: vec![7, 5] }, [1, 4, 3], 6),
+        (small_cnn(1), [2, 7, 6], 5),
+    ] {
+        let make = || {
+            let spec = ModelSpec {
+                batch_norm: true,
+                input_mean: 0.1,
+                input_std: 0.5,
+                ..ModelSpec::new(arch.clone(), Activation::PRelu { shared: false }, input, 5)
+            };
+            let m = Model::new(&spec, 2, &Device::Cpu).unwrap();
+            // Non-trivial gamma and beta.
+            let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+            for p in m.params() {
+                if matches!(p.kind, ParamKind::BnWeight | ParamKind::BnBias | ParamKind::Bias) {
+                    let v: Vec<f32> = (0..p.var.elem_count()).map(|_| rng.random_range(0.5f32..1.5)).collect();
+                    p.var
+                        .set(&Tensor::from_vec(v, p.var.shape(), &Device::Cpu).unwrap())
+                        .unwrap();
+                }
+            }
+            m
+        };
+        check_against_autograd_floor(&make(), n, 0.1);
+        // Two steps each way from the same start: the running estimates agree.
+        let (a, b) = (make(), make());
+        let mut fs = FusedStep::new(&a).unwrap();
+        for (k, seed) in [(n, 7), (n - 1, 8)] {
+            let (x, y) = batch(&b, k, seed);
+            fs.step(&x, &y, None).unwrap();
+            autograd(&b, &x, &y);
+        }
+        for ((na, va), (_, vb)) in a.buffers().iter().zip(b.buffers()) {
+            let (va, vb) = (
+                va.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                vb.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            );
+            assert_close(na, &va, &vb, 1e-5);
+        }
+    }
+}
+
+#[test]
+fn bad_batches_are_errors() {
     let m = model(
         Arch::Mlp { hidden: vec![4] },
         Activation::Relu,
@@ -288,6 +347,14 @@ fn batch_norm_is_refused_and_bad_batches_are_errors() {
     assert!(fs.step(&[0.0; 7], &[0, 1], None).is_err(), "wrong input length");
     assert!(fs.step(&[0.0; 8], &[0, 9], None).is_err(), "label out of range");
     assert!(fs.step(&[], &[], None).is_err(), "empty batch");
+    let spec = ModelSpec {
+        batch_norm: true,
+        ..ModelSpec::new(Arch::Mlp { hidden: vec![4] }, Activation::Relu, [1, 2, 2], 3)
+    };
+    let bn = Model::new(&spec, 0, &Device::Cpu).unwrap();
+    let mut fs = FusedStep::new(&bn).unwrap();
+    let e = fs.step(&[0.5; 4], &[1], None).unwrap_err().to_string();
+    assert!(e.contains("more than one value per channel"), "{e}");
 }
 
 #[test]
