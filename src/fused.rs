@@ -259,6 +259,7 @@ fn view(data: &[f32], rs: usize, cs: usize) -> View<'_> {
 
 /// `dst[m x n] (+)= a[m x k] * b[k x n]`; `dst` is row-major with row stride `n`.
 /// Accumulates into `dst` when `acc`, else overwrites it.
+#[allow(clippy::too_many_arguments)]
 fn matmul(dst: &mut [f32], m: usize, n: usize, k: usize, acc: bool, a: View, b: View, par: Parallelism) {
     assert!(dst.len() >= m * n, "matmul: destination too small");
     if m == 0 || n == 0 {
@@ -1211,12 +1212,15 @@ fn pool_backward(h: usize, w: usize, dy: &[f32], taps: &[u8], dx: &mut [f32]) {
         });
 }
 
+/// A function that updates a tensor's values in place.
+pub type Update<'a> = dyn FnMut(&mut [f32]) + Send + 'a;
+
 /// Applies `f` to a tensor's storage in place (a candle in-place op), for
 /// optimiser updates without fresh tensors. The tensor must be a contiguous
 /// f32 CPU tensor.
-pub fn update_in_place(t: &Tensor, f: &mut (dyn FnMut(&mut [f32]) + Send)) -> Result<()> {
-    struct Op<'a>(std::sync::Mutex<&'a mut (dyn FnMut(&mut [f32]) + Send)>);
-    impl candle_core::InplaceOp1 for Op<'_> {
+pub fn update_in_place(t: &Tensor, f: &mut Update<'_>) -> Result<()> {
+    struct Op<'a, 'b>(std::sync::Mutex<&'a mut Update<'b>>);
+    impl candle_core::InplaceOp1 for Op<'_, '_> {
         fn name(&self) -> &'static str {
             "update-in-place"
         }
