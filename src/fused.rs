@@ -554,10 +554,22 @@ impl FusedStep {
         // Run the whole step on a worker of the pool: called from outside the
         // pool, each of the step's parallel loops would otherwise hand its work
         // to the pool and sleep until it is done (two context switches each).
-        rayon::scope(|_| self.step_on_worker(x, labels, stats))
+        rayon::scope(|_| self.run_on_worker(x, labels, stats, true))
     }
 
-    fn step_on_worker(&mut self, x: &[f32], labels: &[u32], stats: Option<&[SharedStats]>) -> Result<StepOutput> {
+    /// Loss and correct count of a batch in evaluation mode (BatchNorm with
+    /// its running estimates, nothing updated, no gradients).
+    pub fn evaluate(&mut self, x: &[f32], labels: &[u32]) -> Result<StepOutput> {
+        rayon::scope(|_| self.run_on_worker(x, labels, None, false))
+    }
+
+    fn run_on_worker(
+        &mut self,
+        x: &[f32],
+        labels: &[u32],
+        stats: Option<&[SharedStats]>,
+        train: bool,
+    ) -> Result<StepOutput> {
         let batch = labels.len();
         if batch == 0 {
             bail!("fused step: empty batch");
@@ -586,7 +598,9 @@ impl FusedStep {
         for (i, s) in self.stages.iter().enumerate() {
             len = s.out_len();
             self.acts[i + 1].resize(batch * len, 0.0);
-            self.dacts[i + 1].resize(batch * len, 0.0);
+            if train || i + 1 == self.stages.len() {
+                self.dacts[i + 1].resize(batch * len, 0.0);
+            }
             if let Stage::Pool { .. } = s {
                 self.taps[i].resize(batch * len, 0);
             }
@@ -660,7 +674,11 @@ impl FusedStep {
                 Stage::Pool { h, w, .. } => pool_forward(*h, *w, input, out, &mut self.taps[i]),
                 Stage::BatchNorm(bn) => {
                     let (gamma, beta) = (params[bn.gamma], params[bn.beta]);
-                    bn_forward(bn, batch, gamma, beta, input, out, &mut self.bn_stats[i])?;
+                    if train {
+                        bn_forward(bn, batch, gamma, beta, input, out, &mut self.bn_stats[i])?;
+                    } else {
+                        bn_forward_eval(bn, batch, gamma, beta, input, out)?;
+                    }
                 }
             }
         }
@@ -674,6 +692,9 @@ impl FusedStep {
             &mut self.dacts[n],
             &mut self.logits,
         );
+        if !train {
+            return Ok(out);
+        }
 
         // Backward.
         for i in (0..n).rev() {
@@ -878,6 +899,30 @@ fn bn_forward(
             *r = (*r as f64 * (1.0 - mo) + v * unbiased * mo) as f32;
         }
     })
+}
+
+/// BatchNorm in evaluation mode: `(x - running_mean) / sqrt(running_var + eps)
+/// * gamma + beta`.
+fn bn_forward_eval(bn: &Bn, batch: usize, gamma: &[f32], beta: &[f32], x: &[f32], y: &mut [f32]) -> Result<()> {
+    let (_, run) = bn_layout(bn, batch);
+    let c = bn.channels;
+    let mean = with_f32(bn.running_mean.as_tensor(), |m| m.to_vec())?;
+    let scale: Vec<f32> = with_f32(bn.running_var.as_tensor(), |v| {
+        v.iter()
+            .zip(gamma)
+            .map(|(&v, &g)| (v + bn.eps as f32).sqrt().recip() * g)
+            .collect()
+    })?;
+    y.par_chunks_mut(c * run)
+        .zip(x.par_chunks(c * run))
+        .for_each(|(yb, xb)| {
+            for (ch, (yr, xr)) in yb.chunks_exact_mut(run).zip(xb.chunks_exact(run)).enumerate() {
+                for (o, &v) in yr.iter_mut().zip(xr) {
+                    *o = (v - mean[ch]) * scale[ch] + beta[ch];
+                }
+            }
+        });
+    Ok(())
 }
 
 /// BatchNorm backward from the input `x` and the saved statistics, with

@@ -369,10 +369,24 @@ struct CheckpointProgress {
     best_test_acc: f64,
 }
 
-/// Loss and accuracy of a model over a data set (evaluation mode).
+/// Loss and accuracy of a model over a data set (evaluation mode), through
+/// the fused step's forward pass (candle's forward for models it does not
+/// cover).
 pub fn evaluate(model: &Model, ds: &Dataset, batch: usize) -> Result<(f64, f64)> {
     let mut loss_sum = 0.0;
     let mut correct = 0usize;
+    if let Ok(mut fs) = FusedStep::new(model) {
+        // Batches of at most 256 keep the fused buffers small.
+        let (f, batch) = (ds.features(), batch.clamp(1, 256));
+        let labels: Vec<u32> = ds.labels.iter().map(|&l| l as u32).collect();
+        for start in (0..ds.len()).step_by(batch) {
+            let end = (start + batch).min(ds.len());
+            let out = fs.evaluate(&ds.images[start * f..end * f], &labels[start..end])?;
+            loss_sum += out.loss * (end - start) as f64;
+            correct += out.correct;
+        }
+        return Ok((loss_sum / ds.len() as f64, correct as f64 / ds.len() as f64));
+    }
     for b in ds.batches(batch) {
         let (x, y) = b?;
         let logits = model.forward_t(&x, false)?;

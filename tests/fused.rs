@@ -536,3 +536,52 @@ fn bench_train_reports_the_fields_scripts_read() {
     assert!(v["mlp_epoch_s"].is_null());
     assert_eq!(v["threads"], 1);
 }
+
+#[test]
+fn evaluation_mode_matches_candle_forward() {
+    for bn in [false, true] {
+        let spec = ModelSpec {
+            batch_norm: bn,
+            input_mean: 0.1,
+            input_std: 0.5,
+            ..ModelSpec::new(small_cnn(1), Activation::PRelu { shared: false }, [1, 8, 8], 5)
+        };
+        let m = Model::new(&spec, 4, &Device::Cpu).unwrap();
+        let mut fs = FusedStep::new(&m).unwrap();
+        let mut opt = Optimizer::new(OptimizerKind::Sgd { momentum: 0.9 }, 0.0, m.params(), false).unwrap();
+        // A few steps, so weights and BatchNorm's running estimates move.
+        for seed in 0..3 {
+            let (x, y) = batch(&m, 8, seed);
+            fs.step(&x, &y, None).unwrap();
+            opt.step_slices(&fs.grads(), 0.05).unwrap();
+        }
+        let (x, y) = batch(&m, 13, 99);
+        let before: Vec<Vec<f32>> = m
+            .buffers()
+            .iter()
+            .map(|(_, v)| v.flatten_all().unwrap().to_vec1().unwrap())
+            .collect();
+        let out = fs.evaluate(&x, &y).unwrap();
+        let after: Vec<Vec<f32>> = m
+            .buffers()
+            .iter()
+            .map(|(_, v)| v.flatten_all().unwrap().to_vec1().unwrap())
+            .collect();
+        assert_eq!(before, after, "evaluation must not touch the running estimates");
+        let xt = Tensor::from_slice(&x, (13, 64), &Device::Cpu).unwrap();
+        let yt = Tensor::from_slice(&y, 13, &Device::Cpu).unwrap();
+        let logits = m.forward_t(&xt, false).unwrap();
+        let loss = candle_nn::loss::cross_entropy(&logits, &yt)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
+        let pred = logits.argmax(1).unwrap().to_vec1::<u32>().unwrap();
+        let correct = pred.iter().zip(&y).filter(|(a, b)| a == b).count();
+        assert!(
+            (out.loss - loss).abs() < 1e-5 * loss.max(1.0),
+            "bn {bn}: {} vs {loss}",
+            out.loss
+        );
+        assert_eq!(out.correct, correct, "bn {bn}");
+    }
+}
