@@ -11,9 +11,10 @@
 //!   pre-filled with the bias; backward `dW = dZ X^T`, `dX = W^T dZ`, `db` a
 //!   row sum, with no transposed copies (strides do it). The dense part of a
 //!   network keeps its activations feature-major (`[features, batch]`): in
-//!   that layout every one of these GEMMs ran at 110-115 GFLOP/s on one core
-//!   here, while the sample-major forward with a power-of-two width packed its
-//!   transposed weight at 60 (cache-set conflicts). One transpose enters the
+//!   that layout each of these GEMMs for the 512-wide layers ran at 110-115
+//!   GFLOP/s on one core here, while the sample-major forward with a
+//!   power-of-two width packed its transposed weight at 60 (cache-set
+//!   conflicts). One transpose enters the
 //!   layout (after the input or the last conv) and the logits leave it;
 //! * Conv (stride 1, square kernel, zero padding): per sample, im2col into a
 //!   `[C k k, H' W']` scratch and one GEMM whose output is already the NCHW
