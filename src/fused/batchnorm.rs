@@ -1,0 +1,214 @@
+//! BatchNorm in the fused step: training mode (batch statistics, running
+//! estimates updated in place) and evaluation mode, with per-block partial
+//! sums added in block order so the numbers do not depend on the threads.
+
+use candle_core::{bail, Result, Var};
+use rayon::prelude::*;
+
+use super::{update_in_place, with_f32};
+
+/// A BatchNorm stage: parameters by index, running estimates as the model's
+/// buffers (updated in place), and the batch statistics kept for backward.
+#[derive(Clone, Debug)]
+pub(super) struct Bn {
+    pub(super) gamma: usize,
+    pub(super) beta: usize,
+    pub(super) running_mean: Var,
+    pub(super) running_var: Var,
+    pub(super) eps: f64,
+    pub(super) momentum: f64,
+    pub(super) channels: usize,
+    /// As in [`Stage::Act`]: values per channel and sample, 0 for feature-major.
+    pub(super) inner: usize,
+}
+
+/// Batch mean and `1 / sqrt(var + eps)` per channel, from the forward pass.
+#[derive(Clone, Debug, Default)]
+pub(super) struct BnStats {
+    mean: Vec<f32>,
+    inv_std: Vec<f32>,
+}
+
+/// `(outer, run)`: a BatchNorm input is `outer` blocks of `channels` runs of
+/// `run` values (NCHW: outer = batch, run = H W; feature-major: one block,
+/// run = batch).
+fn bn_layout(bn: &Bn, batch: usize) -> (usize, usize) {
+    if bn.inner == 0 {
+        (1, batch)
+    } else {
+        (batch, bn.inner)
+    }
+}
+
+/// Per-channel sums of `f(channel, value)` over every block, as partials per
+/// block added in block order (deterministic for any thread count).
+fn channel_sums(x: &[f32], channels: usize, run: usize, f: impl Fn(usize, &[f32]) -> f64 + Sync) -> Vec<f64> {
+    let partials: Vec<Vec<f64>> = x
+        .par_chunks(channels * run)
+        .map(|block| block.chunks_exact(run).enumerate().map(|(c, r)| f(c, r)).collect())
+        .collect();
+    let mut out = vec![0.0f64; channels];
+    for p in partials {
+        for (o, v) in out.iter_mut().zip(p) {
+            *o += v;
+        }
+    }
+    out
+}
+
+/// BatchNorm in training mode: normalise with the batch mean and biased
+/// variance, update the running estimates (unbiased variance, PyTorch's
+/// momentum rule), keep the statistics for backward.
+pub(super) fn bn_forward(
+    bn: &Bn,
+    batch: usize,
+    gamma: &[f32],
+    beta: &[f32],
+    x: &[f32],
+    y: &mut [f32],
+    st: &mut BnStats,
+) -> Result<()> {
+    let (outer, run) = bn_layout(bn, batch);
+    let c = bn.channels;
+    let m = outer * run;
+    if m < 2 {
+        bail!("batch norm in training needs more than one value per channel (got a batch of {m})");
+    }
+    let sums = channel_sums(x, c, run, |_, r| r.iter().map(|&v| v as f64).sum());
+    let mean: Vec<f32> = sums.iter().map(|s| (s / m as f64) as f32).collect();
+    let sq = channel_sums(x, c, run, |ch, r| {
+        r.iter()
+            .map(|&v| {
+                let d = (v - mean[ch]) as f64;
+                d * d
+            })
+            .sum()
+    });
+    let var: Vec<f64> = sq.iter().map(|q| q / m as f64).collect();
+    st.mean = mean;
+    st.inv_std = var.iter().map(|v| (1.0 / (v + bn.eps).sqrt()) as f32).collect();
+    let (mean, inv) = (&st.mean, &st.inv_std);
+    y.par_chunks_mut(c * run)
+        .zip(x.par_chunks(c * run))
+        .for_each(|(yb, xb)| {
+            for (ch, (yr, xr)) in yb.chunks_exact_mut(run).zip(xb.chunks_exact(run)).enumerate() {
+                let (mu, s, b) = (mean[ch], inv[ch] * gamma[ch], beta[ch]);
+                for (o, &v) in yr.iter_mut().zip(xr) {
+                    *o = (v - mu) * s + b;
+                }
+            }
+        });
+    let mo = bn.momentum;
+    let unbiased = m as f64 / (m as f64 - 1.0);
+    update_in_place(bn.running_mean.as_tensor(), &mut |r: &mut [f32]| {
+        for (r, &mu) in r.iter_mut().zip(mean) {
+            *r = (*r as f64 * (1.0 - mo) + mu as f64 * mo) as f32;
+        }
+    })?;
+    update_in_place(bn.running_var.as_tensor(), &mut |r: &mut [f32]| {
+        for (r, &v) in r.iter_mut().zip(&var) {
+            *r = (*r as f64 * (1.0 - mo) + v * unbiased * mo) as f32;
+        }
+    })
+}
+
+/// BatchNorm in evaluation mode: `(x - running_mean) / sqrt(running_var + eps)
+/// * gamma + beta`.
+pub(super) fn bn_forward_eval(
+    bn: &Bn,
+    batch: usize,
+    gamma: &[f32],
+    beta: &[f32],
+    x: &[f32],
+    y: &mut [f32],
+) -> Result<()> {
+    let (_, run) = bn_layout(bn, batch);
+    let c = bn.channels;
+    let mean = with_f32(bn.running_mean.as_tensor(), |m| m.to_vec())?;
+    let scale: Vec<f32> = with_f32(bn.running_var.as_tensor(), |v| {
+        v.iter()
+            .zip(gamma)
+            .map(|(&v, &g)| (v + bn.eps as f32).sqrt().recip() * g)
+            .collect()
+    })?;
+    y.par_chunks_mut(c * run)
+        .zip(x.par_chunks(c * run))
+        .for_each(|(yb, xb)| {
+            for (ch, (yr, xr)) in yb.chunks_exact_mut(run).zip(xb.chunks_exact(run)).enumerate() {
+                for (o, &v) in yr.iter_mut().zip(xr) {
+                    *o = (v - mean[ch]) * scale[ch] + beta[ch];
+                }
+            }
+        });
+    Ok(())
+}
+
+/// BatchNorm backward from the input `x` and the saved statistics, with
+/// `xhat = (x - mean) inv_std`: `dbeta = sum dy`, `dgamma = sum dy xhat`,
+/// `dx = gamma inv_std (dy - dbeta / m - xhat dgamma / m)`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn bn_backward(
+    bn: &Bn,
+    batch: usize,
+    gamma: &[f32],
+    st: &BnStats,
+    x: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+) {
+    let (outer, run) = bn_layout(bn, batch);
+    let c = bn.channels;
+    let m = (outer * run) as f32;
+    let (mean, inv) = (&st.mean, &st.inv_std);
+    // Per block: (sum dy, sum dy xhat) for each channel, added in block order.
+    let partials: Vec<Vec<(f64, f64)>> = x
+        .par_chunks(c * run)
+        .zip(dy.par_chunks(c * run))
+        .map(|(xb, db)| {
+            xb.chunks_exact(run)
+                .zip(db.chunks_exact(run))
+                .enumerate()
+                .map(|(ch, (xr, dr))| {
+                    let (mut s, mut sx) = (0.0f64, 0.0f64);
+                    for (&v, &d) in xr.iter().zip(dr) {
+                        s += d as f64;
+                        sx += (d * ((v - mean[ch]) * inv[ch])) as f64;
+                    }
+                    (s, sx)
+                })
+                .collect()
+        })
+        .collect();
+    let mut sums = vec![(0.0f64, 0.0f64); c];
+    for p in partials {
+        for (o, (a, b)) in sums.iter_mut().zip(p) {
+            o.0 += a;
+            o.1 += b;
+        }
+    }
+    for ((g, b), &(s, sx)) in dgamma.iter_mut().zip(dbeta.iter_mut()).zip(&sums) {
+        *g = sx as f32;
+        *b = s as f32;
+    }
+    let (dgamma, dbeta) = (&*dgamma, &*dbeta);
+    dx.par_chunks_mut(c * run)
+        .zip(x.par_chunks(c * run))
+        .zip(dy.par_chunks(c * run))
+        .for_each(|((dxb, xb), db)| {
+            for (ch, ((o, xr), dr)) in dxb
+                .chunks_exact_mut(run)
+                .zip(xb.chunks_exact(run))
+                .zip(db.chunks_exact(run))
+                .enumerate()
+            {
+                let k = gamma[ch] * inv[ch];
+                let (mb, mg) = (dbeta[ch] / m, dgamma[ch] / m);
+                for ((o, &v), &d) in o.iter_mut().zip(xr).zip(dr) {
+                    let xhat = (v - mean[ch]) * inv[ch];
+                    *o = k * (d - mb - xhat * mg);
+                }
+            }
+        });
+}
