@@ -87,17 +87,9 @@ pub(super) fn bn_forward(
     let var: Vec<f64> = sq.iter().map(|q| q / m as f64).collect();
     st.mean = mean;
     st.inv_std = var.iter().map(|v| (1.0 / (v + bn.eps).sqrt()) as f32).collect();
-    let (mean, inv) = (&st.mean, &st.inv_std);
-    y.par_chunks_mut(c * run)
-        .zip(x.par_chunks(c * run))
-        .for_each(|(yb, xb)| {
-            for (ch, (yr, xr)) in yb.chunks_exact_mut(run).zip(xb.chunks_exact(run)).enumerate() {
-                let (mu, s, b) = (mean[ch], inv[ch] * gamma[ch], beta[ch]);
-                for (o, &v) in yr.iter_mut().zip(xr) {
-                    *o = (v - mu) * s + b;
-                }
-            }
-        });
+    let scale: Vec<f32> = st.inv_std.iter().zip(gamma).map(|(i, g)| i * g).collect();
+    normalise(c, run, &st.mean, &scale, beta, x, y);
+    let mean = &st.mean;
     let mo = bn.momentum;
     let unbiased = m as f64 / (m as f64 - 1.0);
     update_in_place(bn.running_mean.as_tensor(), &mut |r: &mut [f32]| {
@@ -131,16 +123,22 @@ pub(super) fn bn_forward_eval(
             .map(|(&v, &g)| (v + bn.eps as f32).sqrt().recip() * g)
             .collect()
     })?;
+    normalise(c, run, &mean, &scale, beta, x, y);
+    Ok(())
+}
+
+/// `y = (x - mean[c]) scale[c] + beta[c]` over blocks of `c` runs of `run` values.
+fn normalise(c: usize, run: usize, mean: &[f32], scale: &[f32], beta: &[f32], x: &[f32], y: &mut [f32]) {
     y.par_chunks_mut(c * run)
         .zip(x.par_chunks(c * run))
         .for_each(|(yb, xb)| {
             for (ch, (yr, xr)) in yb.chunks_exact_mut(run).zip(xb.chunks_exact(run)).enumerate() {
+                let (mu, s, b) = (mean[ch], scale[ch], beta[ch]);
                 for (o, &v) in yr.iter_mut().zip(xr) {
-                    *o = (v - mean[ch]) * scale[ch] + beta[ch];
+                    *o = (v - mu) * s + b;
                 }
             }
         });
-    Ok(())
 }
 
 /// BatchNorm backward from the input `x` and the saved statistics, with
