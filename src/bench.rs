@@ -313,7 +313,7 @@ fn mnist_epoch(sentinel: bool, data_dir: Option<&std::path::Path>) -> Result<Opt
         sentinel,
         ..Default::default()
     };
-    if crate::data::load(&cfg.data, data_dir).is_err() {
+    if crate::data::locate(&cfg.data, data_dir).is_none() {
         return Ok(None);
     }
     let dir = std::env::temp_dir().join(format!("prelu-bench-epoch-{}", std::process::id()));

@@ -400,30 +400,33 @@ pub fn candidate_dirs(name: &str, data_dir: Option<&Path>) -> Vec<PathBuf> {
     dirs
 }
 
+/// The folder a named full set (`mnist`, `fashion-mnist`) would be loaded
+/// from, without reading it; `None` when it is not installed.
+pub fn locate(name: &str, data_dir: Option<&Path>) -> Option<PathBuf> {
+    candidate_dirs(name, data_dir).into_iter().find(|d| has_set(d))
+}
+
 /// Loads a named set: `mnist`, `fashion-mnist` or `mnist-small` (built in). A
 /// path to a folder with the four IDX files also works.
 pub fn load(name: &str, data_dir: Option<&Path>) -> Result<Split, DataError> {
     match name {
         "mnist-small" => mnist_small(),
-        "mnist" | "fashion-mnist" => {
-            let dirs = candidate_dirs(name, data_dir);
-            match dirs.iter().find(|d| has_set(d)) {
-                Some(d) => load_dir(d, name),
-                None => Err(DataError::NotFound {
-                    name: name.into(),
-                    looked: dirs
-                        .iter()
-                        .map(|d| d.display().to_string())
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                    hint: if name == "fashion-mnist" {
-                        "; on Debian, `apt-get install dataset-fashion-mnist` installs it".into()
-                    } else {
-                        String::new()
-                    },
-                }),
-            }
-        }
+        "mnist" | "fashion-mnist" => match locate(name, data_dir) {
+            Some(d) => load_dir(&d, name),
+            None => Err(DataError::NotFound {
+                name: name.into(),
+                looked: candidate_dirs(name, data_dir)
+                    .iter()
+                    .map(|d| d.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                hint: if name == "fashion-mnist" {
+                    "; on Debian, `apt-get install dataset-fashion-mnist` installs it".into()
+                } else {
+                    String::new()
+                },
+            }),
+        },
         other => {
             let p = Path::new(other);
             if p.is_dir() {

@@ -147,7 +147,7 @@ struct PreluFwd {
 /// Forward statistics shared between the caller and the op (the sentinel).
 pub type SharedStats = std::sync::Arc<std::sync::Mutex<kernels::ForwardStats>>;
 
-fn add_stats(shared: &SharedStats, local: &kernels::ForwardStats) -> Result<()> {
+pub(crate) fn add_stats(shared: &SharedStats, local: &kernels::ForwardStats) -> Result<()> {
     let mut s = shared
         .lock()
         .map_err(|_| candle_core::Error::Msg("sentinel statistics lock poisoned".into()))?;

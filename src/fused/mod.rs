@@ -460,13 +460,7 @@ impl FusedStep {
                         Some(shared) => {
                             let mut local = ForwardStats::new(*channels);
                             kernels::forward_counting(input, slope, g, out, &mut local);
-                            let mut s = shared
-                                .lock()
-                                .map_err(|_| candle_core::Error::Msg("sentinel statistics lock poisoned".into()))?;
-                            if s.negative.len() != local.negative.len() {
-                                *s = ForwardStats::new(local.negative.len());
-                            }
-                            s.merge(&local);
+                            crate::ops::add_stats(shared, &local)?;
                         }
                         None => kernels::forward(input, slope, g, out),
                     }
