@@ -265,28 +265,26 @@ pub fn model_layers(model: &Model, x: &Tensor, y: &Tensor, far: f64) -> Result<V
         .collect::<Result<_>>()?;
     // The weight layer feeding each activation.
     let mut weights: Vec<(String, f64)> = Vec::new();
-    let (mut lin, mut conv) = (0, 0);
-    let mut last = None;
-    for b in &model.blocks {
-        match b {
-            Block::Linear { weight, .. } => {
-                last = Some((format!("layers.{lin}"), weight.as_tensor().clone()));
-                lin += 1;
+    for (i, b) in model.blocks.iter().enumerate() {
+        if !matches!(b, Block::Act(_)) {
+            continue;
+        }
+        let fed = model.feeding_layer(i).and_then(|j| match &model.blocks[j] {
+            Block::Linear { weight, .. } | Block::Conv { weight, .. } => {
+                Some((model.graph.nodes[j].name.clone(), weight.as_tensor().clone()))
             }
-            Block::Conv { weight, .. } => {
-                last = Some((format!("convs.{conv}"), weight.as_tensor().clone()));
-                conv += 1;
+            _ => None,
+        });
+        match fed {
+            Some((name, w)) => {
+                let fan_in: usize = w.dims()[1..].iter().product();
+                let ms = w.sqr()?.mean_all()?.to_scalar::<f32>()? as f64;
+                weights.push((name, (fan_in as f64 * ms).sqrt()));
             }
-            Block::Act(_) => {
-                if let Some((name, w)) = last.take() {
-                    let fan_in: usize = w.dims()[1..].iter().product();
-                    let ms = w.sqr()?.mean_all()?.to_scalar::<f32>()? as f64;
-                    weights.push((name, (fan_in as f64 * ms).sqrt()));
-                }
-            }
-            _ => {}
+            None => weights.push((String::new(), f64::NAN)),
         }
     }
+    let names = model.activation_names();
     let acts = model.activations();
     let mut out = Vec::new();
     for (i, a) in acts.iter().enumerate() {
@@ -300,7 +298,7 @@ pub fn model_layers(model: &Model, x: &Tensor, y: &Tensor, far: f64) -> Result<V
             (g > far || g < 1.0 / far).then(|| format!("backward gain {g:.3} is far from 1 (outside [1/{far}, {far}])"))
         });
         out.push(LayerStability {
-            layer: format!("act.{i}"),
+            layer: names[i].clone(),
             weights: wname,
             slope,
             weight_gain: wg,

@@ -362,7 +362,7 @@ fn im2col_and_col2im_are_adjoint() {
     // <im2col(x), c> == <x, col2im(c)> for random x, c, with and without padding.
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
     for (cin, h, w, k, pad) in [(2, 5, 7, 3, 0), (3, 4, 4, 3, 1), (1, 6, 5, 5, 2), (2, 3, 3, 1, 0)] {
-        let g = ConvGeom::new(cin, 1, h, w, k, pad).unwrap();
+        let g = ConvGeom::simple(cin, 1, h, w, k, pad).unwrap();
         let x: Vec<f32> = (0..cin * h * w).map(|_| rng.random_range(-1.0..1.0)).collect();
         let c: Vec<f32> = (0..g.rows() * g.pixels())
             .map(|_| rng.random_range(-1.0..1.0))
@@ -375,7 +375,7 @@ fn im2col_and_col2im_are_adjoint() {
         let rhs: f64 = x.iter().zip(&dx).map(|(a, b)| (a * b) as f64).sum();
         assert!((lhs - rhs).abs() < 1e-4, "{lhs} vs {rhs} for {g:?}");
     }
-    assert!(ConvGeom::new(1, 1, 2, 2, 5, 1).is_err());
+    assert!(ConvGeom::simple(1, 1, 2, 2, 5, 1).is_err());
 }
 
 #[test]
