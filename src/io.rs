@@ -101,6 +101,17 @@ pub fn save_model(
     mut metadata: HashMap<String, String>,
 ) -> Result<()> {
     let mut tensors = model.state_dict()?;
+    // PyTorch's BatchNorm also stores a batch counter; with it the file loads
+    // into the PyTorch twin with `load_state_dict(strict=True)`. It is only
+    // read by PyTorch when `momentum=None`, so 0 is written.
+    for (node, block) in model.graph.nodes.iter().zip(&model.blocks) {
+        if let crate::model::Block::BatchNorm(_) = block {
+            tensors.insert(
+                format!("{}.num_batches_tracked", node.name),
+                Tensor::new(0i64, &Device::Cpu)?,
+            );
+        }
+    }
     tensors.extend(extra);
     metadata.insert(SPEC_KEY.into(), serde_json::to_string(&model.spec)?);
     save_safetensors(path, &tensors, metadata)

@@ -1141,8 +1141,9 @@ fn cmd_diagnose(a: &DiagnoseArgs) -> Result<()> {
         d.accuracy,
         d.loss
     );
+    let lw = d.layers.iter().map(|l| l.layer.len()).max().unwrap_or(0).max(7);
     println!(
-        "{:<7} {:<13} {:>5} {:>8} {:>6} {:>6} {:>6} {:>6} {:>22} {:>10}",
+        "{:<lw$} {:<13} {:>5} {:>8} {:>6} {:>6} {:>6} {:>6} {:>22} {:>10}",
         "layer", "kind", "units", "neg", "dead", "stuck", "linear", "idle", "slope mean [min, max]", "|grad W|"
     );
     for l in &d.layers {
@@ -1161,7 +1162,7 @@ fn cmd_diagnose(a: &DiagnoseArgs) -> Result<()> {
             )
         };
         println!(
-            "{:<7} {:<13} {:>5} {:>7.1}% {:>6} {:>6} {:>6} {:>6} {:>22} {:>10}",
+            "{:<lw$} {:<13} {:>5} {:>7.1}% {:>6} {:>6} {:>6} {:>6} {:>22} {:>10}",
             l.layer,
             l.kind,
             l.channels,
