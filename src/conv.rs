@@ -45,6 +45,7 @@ pub fn im2col<T: Float>(g: &ConvGeom, x: &[T], col: &mut [T]) {
     let p = g.pixels();
     debug_assert_eq!(x.len(), g.cin * g.h * g.w);
     debug_assert_eq!(col.len(), g.rows() * p);
+    let shifted = g.sh == 1 && g.sw == 1 && g.wo == g.w;
     for ci in 0..g.cin {
         let plane = &x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
         for ki in 0..g.kh {
@@ -52,6 +53,32 @@ pub fn im2col<T: Float>(g: &ConvGeom, x: &[T], col: &mut [T]) {
                 let r = (ci * g.kh + ki) * g.kw + kj;
                 let row = &mut col[r * p..(r + 1) * p];
                 let (lo, hi) = col_range(g, kj);
+                if shifted {
+                    // Stride 1 with the output as wide as the input: the whole
+                    // row is the plane shifted by one offset (one copy), with
+                    // the taps that fall off the left/right edge zeroed after.
+                    let off = (ki * g.dh) as isize * g.w as isize - (g.pt * g.w) as isize + (kj * g.dw) as isize
+                        - g.pl as isize;
+                    let (n, hw) = (p as isize, (g.h * g.w) as isize);
+                    let t0 = (-off).clamp(0, n);
+                    let t1 = (hw - off).clamp(t0, n);
+                    let (t0, t1) = (t0 as usize, t1 as usize);
+                    row[..t0].fill(T::ZERO);
+                    row[t1..].fill(T::ZERO);
+                    let s0 = (t0 as isize + off) as usize;
+                    row[t0..t1].copy_from_slice(&plane[s0..s0 + (t1 - t0)]);
+                    if lo > 0 || hi < g.wo {
+                        for out in row.chunks_exact_mut(g.wo) {
+                            for v in &mut out[..lo] {
+                                *v = T::ZERO;
+                            }
+                            for v in &mut out[hi..] {
+                                *v = T::ZERO;
+                            }
+                        }
+                    }
+                    continue;
+                }
                 for oi in 0..g.ho {
                     let out = &mut row[oi * g.wo..(oi + 1) * g.wo];
                     let Some(ii) = in_row(g, oi, ki) else {

@@ -503,6 +503,16 @@ pub fn train(cfg: &TrainConfig, run_dir: &Path, resume: bool, on: &mut dyn FnMut
         std::fs::create_dir_all(run_dir).with_context(|| format!("cannot create run folder {}", run_dir.display()))?;
         rewrite_metrics(run_dir, &[])?;
     }
+    // A hand-written graph is copied into the run folder, so that the run
+    // resumes (and its config reads) without the original file.
+    let mut cfg = cfg;
+    if let Arch::Graph { graph } = &spec.arch {
+        let copy = run_dir.join("model.json");
+        if Path::new(&cfg.model) != copy {
+            io::write_atomic(&copy, serde_json::to_string_pretty(graph)?.as_bytes())?;
+            cfg.model = copy.to_string_lossy().into_owned();
+        }
+    }
     io::write_atomic(&run_dir.join("config.toml"), toml::to_string(&cfg)?.as_bytes())?;
     let mut metrics = std::fs::OpenOptions::new()
         .append(true)
