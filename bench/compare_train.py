@@ -17,7 +17,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-FIELDS = ["mlp_step_ms", "cnn_step_ms", "mlp_epoch_s"]
+FIELDS = ["mlp_step_ms", "cnn_step_ms", "resnet_step_ms", "mlp_epoch_s"]
+# prelu's achieved GFLOP/s and the GEMM reference rate of the same run.
+RATES = ["mlp_gflops", "cnn_gflops", "resnet_gflops", "gemm_gflops"]
 
 
 def ours(threads, data):
@@ -58,17 +60,25 @@ def main():
             if all(vals.values()):
                 p, q = statistics.median(vals["prelu"]), statistics.median(vals["torch"])
                 row[f] = {"prelu": p, "torch": q, "ratio": p / q}
+        for f in RATES:
+            vals = [o[f] for o in runs[(t, "prelu")] if o.get(f) is not None]
+            if vals:
+                row[f] = statistics.median(vals)
         table.append(row)
     if a.json:
         print(json.dumps({"rounds": a.rounds, "rows": table}))
         return
     print(f"medians over {a.rounds} alternating rounds; ratio = prelu / PyTorch (below 1: prelu faster)")
-    print(f"{'threads':>7} {'measure':<12} {'prelu':>9} {'PyTorch':>9} {'ratio':>6}")
+    print(f"{'threads':>7} {'measure':<14} {'prelu':>9} {'PyTorch':>9} {'ratio':>6}")
     for row in table:
         for f in FIELDS:
             if f in row:
                 c = row[f]
-                print(f"{row['threads']:>7} {f:<12} {c['prelu']:>9.2f} {c['torch']:>9.2f} {c['ratio']:>6.2f}")
+                print(f"{row['threads']:>7} {f:<14} {c['prelu']:>9.2f} {c['torch']:>9.2f} {c['ratio']:>6.2f}")
+        if "gemm_gflops" in row:
+            g = row["gemm_gflops"]
+            rates = ", ".join(f"{f.split('_')[0]} {row[f]:.1f} ({row[f] / g:.2f})" for f in RATES[:3] if f in row)
+            print(f"{row['threads']:>7} GFLOP/s (ratio to the {g:.1f} GFLOP/s GEMM): {rates}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,9 @@ full MNIST epoch of the MLP (`mlp_epoch_s`).
 MLP: 784-512-512-10, per-channel PReLU after each hidden layer, batch 128.
 CNN: conv 1-32 3x3, PReLU, conv 32-64 3x3, PReLU, max-pool 2, linear 9216-128,
 PReLU, linear 128-10, batch 64.
+ResNet-20: the `resnet-20 --batch-norm --act prelu` preset's PyTorch twin from
+scripts/torch_presets.py (BN, per-channel PReLU, 1x28x28), batch 128
+(`resnet_step_ms`).
 """
 import argparse
 import gzip
@@ -48,6 +51,16 @@ class Cnn(nn.Module):
         x = self.a2(self.c2(self.a1(self.c1(x))))
         x = torch.flatten(F.max_pool2d(x, 2), 1)
         return self.f2(self.a3(self.f1(x)))
+
+
+def resnet20():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("torch_presets", Path(__file__).resolve().parent.parent / "scripts/torch_presets.py")
+    presets = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(presets)
+    arch = {"kind": "resnet", "depth": 20, "shortcuts": True}
+    return presets.ResNet(presets.spec_of(arch, {"p-relu": {"shared": False}}, True, [1, 28, 28]))
 
 
 def step_ms(model, x, y, steps, warmup):
@@ -104,6 +117,7 @@ def main():
     out = {"torch": torch.__version__, "threads": a.threads, "steps": a.steps}
     out["mlp_step_ms"] = step_ms(mlp(), torch.rand(128, 784), torch.randint(0, 10, (128,)), a.steps, a.warmup)
     out["cnn_step_ms"] = step_ms(Cnn(), torch.rand(64, 1, 28, 28), torch.randint(0, 10, (64,)), a.steps, a.warmup)
+    out["resnet_step_ms"] = step_ms(resnet20().train(), torch.rand(128, 784), torch.randint(0, 10, (128,)), a.steps, a.warmup)
     if a.epoch_data:
         out["mlp_epoch_s"] = mnist_epoch_s(a.epoch_data)
     if a.json:
@@ -112,6 +126,7 @@ def main():
         print(f"PyTorch {out['torch']}, {a.threads} thread(s), median of {a.steps} steps")
         print(f"  MLP 784-512-512-10 PReLU, batch 128: {out['mlp_step_ms']:.2f} ms")
         print(f"  CNN conv32-conv64-pool-9216-128-10 PReLU, batch 64: {out['cnn_step_ms']:.2f} ms")
+        print(f"  ResNet-20 BN PReLU, batch 128: {out['resnet_step_ms']:.2f} ms")
         if "mlp_epoch_s" in out:
             print(f"  one MNIST epoch of the MLP: {out['mlp_epoch_s']:.2f} s")
 

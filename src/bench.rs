@@ -244,6 +244,8 @@ pub struct TrainBenchOptions {
     pub warmup: usize,
     pub mlp_batch: usize,
     pub cnn_batch: usize,
+    /// Batch of the ResNet-20 step.
+    pub resnet_batch: usize,
     /// Also time one MNIST epoch of the MLP through the training loop, if
     /// MNIST is found (on its standard paths, `PRELU_DATA` or `data_dir`).
     pub epoch: bool,
@@ -257,6 +259,7 @@ impl Default for TrainBenchOptions {
             warmup: 5,
             mlp_batch: 128,
             cnn_batch: 64,
+            resnet_batch: 128,
             epoch: true,
             data_dir: None,
         }
@@ -289,6 +292,20 @@ pub struct TrainBenchReport {
     /// when MNIST was not found.
     pub mlp_epoch_s: Option<f64>,
     pub mlp_epoch_sentinel_s: Option<f64>,
+    /// ResNet-20 (BatchNorm, per-channel PReLU, 1x28x28, batch `resnet_batch`,
+    /// SGD momentum 0.9) fused training step, without and with the sentinel.
+    pub resnet_step_ms: f64,
+    pub resnet_sentinel_step_ms: f64,
+    pub sentinel_overhead_resnet: f64,
+    pub resnet_batch: usize,
+    /// Achieved GFLOP/s of each step: twice the multiply-adds of the convs and
+    /// linear layers (forward, weight gradient, input gradient) over the
+    /// median step time.
+    pub mlp_gflops: f64,
+    pub cnn_gflops: f64,
+    pub resnet_gflops: f64,
+    /// GFLOP/s of one 1024^3 f32 GEMM in the same run, the reference rate.
+    pub gemm_gflops: f64,
 }
 
 /// One epoch of the MLP on MNIST through [`crate::train::train`], in a
@@ -328,19 +345,21 @@ fn mnist_epoch(sentinel: bool, data_dir: Option<&std::path::Path>) -> Result<Opt
     }))
 }
 
+/// Median seconds of one training step and the step's FLOPs.
 fn step_time(
     arch: crate::model::Arch,
     batch: usize,
     o: &TrainBenchOptions,
     sentinel: bool,
     fused: bool,
-) -> Result<f64> {
-    use crate::model::{Model, ModelSpec};
+) -> Result<(f64, f64)> {
+    use crate::model::{Arch, Model, ModelSpec};
     use crate::optim::{Optimizer, OptimizerKind};
     let dev = Device::Cpu;
     let spec = ModelSpec {
         input_mean: 0.13,
         input_std: 0.31,
+        batch_norm: matches!(arch, Arch::Resnet { .. }),
         ..ModelSpec::new(arch, crate::Activation::PRelu { shared: false }, [1, 28, 28], 10)
     };
     let model = Model::new(&spec, 0, &dev)?;
@@ -349,19 +368,21 @@ fn step_time(
     let xv: Vec<f32> = (0..batch * 784).map(|_| rng.random_range(0.0f32..1.0)).collect();
     let yv: Vec<u32> = (0..batch).map(|_| rng.random_range(0..10u32)).collect();
     let mut sen = sentinel.then(|| crate::sentinel::Sentinel::new(&model, Default::default()));
+    let mut fs = crate::fused::FusedStep::new(&model)?;
+    let flops = 2.0 * (fs.train_macs_per_sample() * batch) as f64;
     if fused {
-        let mut fs = crate::fused::FusedStep::new(&model)?;
-        return median_secs_after(o.warmup, o.steps, || {
+        let t = median_secs_after(o.warmup, o.steps, || {
             fs.step(&xv, &yv, sen.as_ref().map(|s| s.handles()))?;
             if let Some(s) = sen.as_mut() {
                 s.after_fused(&fs);
             }
             opt.step_slices(&fs.grads(), 0.01)
-        });
+        })?;
+        return Ok((t, flops));
     }
     let x = Tensor::from_vec(xv, (batch, 784), &dev)?;
     let y = Tensor::from_vec(yv, batch, &dev)?;
-    median_secs_after(o.warmup.min(2), o.steps.min(10), || {
+    let t = median_secs_after(o.warmup.min(2), o.steps.min(10), || {
         let logits = match &sen {
             Some(s) => model.forward_counting(&x, true, s.handles())?,
             None => model.forward_t(&x, true)?,
@@ -372,27 +393,38 @@ fn step_time(
             s.after_backward(&g)?;
         }
         opt.step(&g, 0.01)
-    })
+    })?;
+    Ok((t, flops))
 }
 
 /// Times training steps of the reference MLP and CNN on the current pool.
 pub fn train(o: &TrainBenchOptions, mut progress: impl FnMut(&str)) -> Result<TrainBenchReport> {
-    if o.steps == 0 || o.mlp_batch == 0 || o.cnn_batch == 0 {
+    if o.steps == 0 || o.mlp_batch == 0 || o.cnn_batch == 0 || o.resnet_batch == 0 {
         candle_core::bail!("bench train: steps and batch sizes must be at least 1");
     }
     use crate::model::Arch;
     progress("MLP 784-512-512-10 steps (fused)");
-    let mlp = step_time(Arch::mlp_default(), o.mlp_batch, o, false, true)?;
+    let (mlp, mlp_flops) = step_time(Arch::mlp_default(), o.mlp_batch, o, false, true)?;
     progress("MLP steps with the sentinel (fused)");
-    let mlp_s = step_time(Arch::mlp_default(), o.mlp_batch, o, true, true)?;
+    let (mlp_s, _) = step_time(Arch::mlp_default(), o.mlp_batch, o, true, true)?;
     progress("MLP steps through candle autograd");
-    let mlp_a = step_time(Arch::mlp_default(), o.mlp_batch, o, false, false)?;
+    let (mlp_a, _) = step_time(Arch::mlp_default(), o.mlp_batch, o, false, false)?;
     progress("CNN (conv 32, conv 64, pool, 9216-128-10) steps (fused)");
-    let cnn = step_time(Arch::cnn_reference(), o.cnn_batch, o, false, true)?;
+    let (cnn, cnn_flops) = step_time(Arch::cnn_reference(), o.cnn_batch, o, false, true)?;
     progress("CNN steps with the sentinel (fused)");
-    let cnn_s = step_time(Arch::cnn_reference(), o.cnn_batch, o, true, true)?;
+    let (cnn_s, _) = step_time(Arch::cnn_reference(), o.cnn_batch, o, true, true)?;
     progress("CNN steps through candle autograd");
-    let cnn_a = step_time(Arch::cnn_reference(), o.cnn_batch, o, false, false)?;
+    let (cnn_a, _) = step_time(Arch::cnn_reference(), o.cnn_batch, o, false, false)?;
+    let resnet20 = Arch::Resnet {
+        depth: 20,
+        shortcuts: true,
+    };
+    progress("ResNet-20 (BN, PReLU) steps (fused)");
+    let (resnet, resnet_flops) = step_time(resnet20.clone(), o.resnet_batch, o, false, true)?;
+    progress("ResNet-20 steps with the sentinel (fused)");
+    let (resnet_s, _) = step_time(resnet20, o.resnet_batch, o, true, true)?;
+    progress("one 1024^3 GEMM");
+    let gemm = crate::fused::gemm_gflops(1024, 5)?;
     let (mut epoch, mut epoch_s) = (None, None);
     if o.epoch {
         progress("one MNIST epoch of the MLP");
@@ -417,5 +449,13 @@ pub fn train(o: &TrainBenchOptions, mut progress: impl FnMut(&str)) -> Result<Tr
         cnn_autograd_step_ms: cnn_a * 1e3,
         mlp_epoch_s: epoch,
         mlp_epoch_sentinel_s: epoch_s,
+        resnet_step_ms: resnet * 1e3,
+        resnet_sentinel_step_ms: resnet_s * 1e3,
+        sentinel_overhead_resnet: resnet_s / resnet,
+        resnet_batch: o.resnet_batch,
+        mlp_gflops: mlp_flops / mlp / 1e9,
+        cnn_gflops: cnn_flops / cnn / 1e9,
+        resnet_gflops: resnet_flops / resnet / 1e9,
+        gemm_gflops: gemm,
     })
 }

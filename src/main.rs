@@ -819,8 +819,27 @@ fn bench_train(a: &BenchTrainArgs) -> Result<()> {
             r.cnn_batch, r.cnn_step_ms
         );
         println!(
-            "  with the sentinel: MLP {:.2} ms ({:.2}x), CNN {:.2} ms ({:.2}x)",
-            r.mlp_sentinel_step_ms, r.sentinel_overhead_mlp, r.cnn_sentinel_step_ms, r.sentinel_overhead_cnn
+            "  ResNet-20 BN PReLU, batch {}: {:.2} ms",
+            r.resnet_batch, r.resnet_step_ms
+        );
+        println!(
+            "  with the sentinel: MLP {:.2} ms ({:.2}x), CNN {:.2} ms ({:.2}x), ResNet-20 {:.2} ms ({:.2}x)",
+            r.mlp_sentinel_step_ms,
+            r.sentinel_overhead_mlp,
+            r.cnn_sentinel_step_ms,
+            r.sentinel_overhead_cnn,
+            r.resnet_sentinel_step_ms,
+            r.sentinel_overhead_resnet
+        );
+        println!(
+            "  achieved GFLOP/s: MLP {:.1}, CNN {:.1}, ResNet-20 {:.1}; one 1024^3 GEMM {:.1} (ratios {:.2}, {:.2}, {:.2})",
+            r.mlp_gflops,
+            r.cnn_gflops,
+            r.resnet_gflops,
+            r.gemm_gflops,
+            r.mlp_gflops / r.gemm_gflops,
+            r.cnn_gflops / r.gemm_gflops,
+            r.resnet_gflops / r.gemm_gflops
         );
         println!(
             "  through candle autograd (--autograd): MLP {:.2} ms, CNN {:.2} ms",

@@ -436,6 +436,9 @@ fn bench_train_reports_the_fields_scripts_read() {
         "cnn_step_ms",
         "mlp_autograd_step_ms",
         "cnn_autograd_step_ms",
+        "resnet_step_ms",
+        "resnet_gflops",
+        "gemm_gflops",
     ] {
         assert!(v[k].as_f64().unwrap() > 0.0, "{k} in {v}");
     }

@@ -413,15 +413,20 @@ impl FusedStep {
             .collect()
     }
 
-    /// Multiply-adds of one forward pass per sample (convolutions and linear
-    /// layers), for FLOP rates.
-    pub fn macs_per_sample(&self) -> usize {
+    /// Multiply-adds of one training step per sample in the convolutions and
+    /// linear layers: the forward product, the weight gradient, and the input
+    /// gradient where a parameter lies upstream (the first layer needs none).
+    /// Twice this is the step's FLOP count per sample.
+    pub fn train_macs_per_sample(&self) -> usize {
         self.stages
             .iter()
-            .map(|s| match &s.kind {
-                Kind::Linear { fin, fout, .. } => fin * fout,
-                Kind::Conv { g, .. } => g.macs(),
-                _ => 0,
+            .map(|s| {
+                let macs = match &s.kind {
+                    Kind::Linear { fin, fout, .. } => fin * fout,
+                    Kind::Conv { g, .. } => g.macs(),
+                    _ => 0,
+                };
+                macs * (2 + self.upstream[s.ins[0]] as usize)
             })
             .sum()
     }
@@ -788,6 +793,20 @@ fn add_into(dst: &mut [f32], src: &[f32]) {
                 *d += s;
             }
         });
+}
+
+/// GFLOP/s of one `n x n x n` f32 GEMM through the same GEMM kernels as the
+/// step, on the current pool (the median of `reps` after one warm-up): the
+/// machine's reference rate for the step's FLOP rates.
+pub fn gemm_gflops(n: usize, reps: usize) -> Result<f64> {
+    let a: Vec<f32> = (0..n * n).map(|i| (i % 7) as f32 * 0.1).collect();
+    let b = a.clone();
+    let mut c = vec![0.0f32; n * n];
+    let secs = crate::bench::median_secs_after(1, reps, || {
+        matmul(&mut c, n, n, n, false, view(&a, n, 1), view(&b, n, 1), parallelism(n * n * n));
+        Ok(())
+    })?;
+    Ok(2.0 * (n * n * n) as f64 / secs / 1e9)
 }
 
 /// Two distinct mutable entries of a vector.
