@@ -131,6 +131,14 @@ pub type Loaded = (Model, HashMap<String, Tensor>, HashMap<String, String>);
 /// `safetensors.torch.save_file` under prelu's names (`layers.i.*`, `bn.i.*`,
 /// `act.i.weight`; extra tensors such as `num_batches_tracked` are ignored).
 pub fn load_model_with_spec(path: &Path, spec: Option<&Path>) -> Result<Loaded> {
+    if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("onnx")) {
+        if spec.is_some() {
+            bail!("{}: an ONNX model carries its own graph; --spec is for safetensors state dicts", path.display());
+        }
+        let imported = crate::onnx::import(path)?;
+        let tensors = imported.model.state_dict()?;
+        return Ok((imported.model, tensors, HashMap::new()));
+    }
     let file = if path.is_dir() {
         path.join("checkpoint.safetensors")
     } else {
@@ -154,9 +162,9 @@ pub fn load_model_with_spec(path: &Path, spec: Option<&Path>) -> Result<Loaded> 
     Ok((model, tensors, metadata))
 }
 
-/// Reads a user's text file: a regular file only (no FIFO, device or
-/// directory), at most `max` bytes, UTF-8.
-pub fn read_user_text(path: &Path, max: u64) -> Result<String> {
+/// Reads a user's file: a regular file only (no FIFO, device or directory),
+/// at most `max` bytes.
+pub fn read_user_bytes(path: &Path, max: u64) -> Result<Vec<u8>> {
     use std::io::Read;
     let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let meta = f.metadata().with_context(|| format!("cannot stat {}", path.display()))?;
@@ -164,11 +172,16 @@ pub fn read_user_text(path: &Path, max: u64) -> Result<String> {
         anyhow::bail!("{} is not a regular file", path.display());
     }
     let mut buf = Vec::new();
-    f.take(max + 1)
+    f.take(max.saturating_add(1))
         .read_to_end(&mut buf)
         .with_context(|| format!("cannot read {}", path.display()))?;
     if buf.len() as u64 > max {
-        anyhow::bail!("{} is larger than {max} bytes", path.display());
+        anyhow::bail!("{} is larger than {max} bytes (set PRELU_MAX_FILE_BYTES to change the cap)", path.display());
     }
-    String::from_utf8(buf).map_err(|_| anyhow::anyhow!("{} is not UTF-8 text", path.display()))
+    Ok(buf)
+}
+
+/// Reads a user's text file (see [`read_user_bytes`]), UTF-8.
+pub fn read_user_text(path: &Path, max: u64) -> Result<String> {
+    String::from_utf8(read_user_bytes(path, max)?).map_err(|_| anyhow::anyhow!("{} is not UTF-8 text", path.display()))
 }

@@ -52,6 +52,9 @@ enum Command {
     Report(ReportArgs),
     /// Export a checkpoint as ONNX (opset 13), with reference inputs and logits for checking.
     Export(ExportArgs),
+    /// Import an ONNX PReLU network (e.g. from torch.onnx.export) as a prelu checkpoint;
+    /// every command also takes the .onnx file directly.
+    Import(ImportArgs),
     /// Depth stability: negative-path gain, optimal slope, signal and gradient variance by depth.
     Stability(StabilityArgs),
     /// Measure speed.
@@ -171,6 +174,17 @@ struct ExportArgs {
     data: Option<String>,
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ImportArgs {
+    /// The ONNX model.
+    model: PathBuf,
+    /// Where to write the checkpoint (.safetensors, PyTorch names, the graph in the header).
+    #[arg(short, long)]
+    out: PathBuf,
     #[arg(long)]
     json: bool,
 }
@@ -1090,6 +1104,37 @@ fn cmd_report(a: &ReportArgs) -> Result<()> {
     Ok(())
 }
 
+fn cmd_import(a: &ImportArgs) -> Result<()> {
+    let im = prelu::onnx::import(&a.model)?;
+    prelu::io::save_model(&a.out, &im.model, Default::default(), Default::default())?;
+    let m = &im.model;
+    let acts = m.activation_names();
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({ "model": a.model, "out": a.out, "input": im.input_name, "input_shape": m.spec.input,
+                "outputs": im.output_names, "nodes": m.graph.nodes.len(), "activations": acts,
+                "params": m.num_params(), "notes": im.notes })
+        );
+        return Ok(());
+    }
+    println!(
+        "{}: input `{}` {:?}, outputs {:?}; {} nodes, {} activation layers, {} parameters",
+        a.model.display(),
+        im.input_name,
+        m.spec.input,
+        im.output_names,
+        m.graph.nodes.len(),
+        acts.len(),
+        m.num_params()
+    );
+    for n in &im.notes {
+        println!("  note: {n}");
+    }
+    println!("checkpoint written to {}", a.out.display());
+    Ok(())
+}
+
 fn cmd_export(a: &ExportArgs) -> Result<()> {
     let (model, _, _) = load_ckpt(&a.checkpoint)?;
     let bytes = prelu::onnx::export(&model)?;
@@ -1351,6 +1396,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Canonicalize(a) => cmd_canonicalize(a),
         Command::Sculpt(a) => cmd_sculpt(a),
         Command::Export(a) => cmd_export(a),
+        Command::Import(a) => cmd_import(a),
         Command::Report(a) => cmd_report(a),
         Command::Bench(BenchCommand::Kernels(a)) => bench_kernels(a),
         Command::Bench(BenchCommand::Train(a)) => bench_train(a),

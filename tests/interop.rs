@@ -184,3 +184,122 @@ fn pytorch_twins_of_the_presets_give_the_same_logits() {
         assert_eq!(ours, theirs, "{case}");
     }
 }
+
+/// ONNX files written by `torch.onnx.export` (scripts/torch_onnx_models.py,
+/// opsets 9, 13, 17; Gemm, MatMul + Add, BN folded into convs, PReLU slopes
+/// shaped [C,1,1] and shared, Leaky ReLU, ceil-mode and padded pooling,
+/// dilated convs, ReduceMean as global pooling) import with onnxruntime's
+/// outputs, and survive an export/import round trip.
+#[test]
+fn torch_exported_onnx_models_import_with_onnxruntime_outputs() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors/onnx");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "onnx") {
+            continue;
+        }
+        n += 1;
+        let im = prelu::onnx::import(&path).unwrap();
+        let want: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path.with_extension("json")).unwrap()).unwrap();
+        let rows = |k: &str| -> Vec<Vec<f32>> {
+            want[k]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect())
+                .collect()
+        };
+        let (x, y) = (rows("input"), rows("output"));
+        let xt = candle_core::Tensor::from_vec(x.concat(), (x.len(), x[0].len()), &candle_core::Device::Cpu).unwrap();
+        let check = |m: &prelu::model::Model, what: &str| {
+            let got = m.forward_outputs(&xt, false).unwrap()[0].to_vec2::<f32>().unwrap();
+            let scale = y.iter().flatten().fold(1f32, |a, v| a.max(v.abs()));
+            for (g, w) in got.iter().flatten().zip(y.iter().flatten()) {
+                assert!((g - w).abs() <= 1e-4 * scale, "{}: {what} {g} vs onnxruntime {w}", path.display());
+            }
+        };
+        check(&im.model, "imported");
+        let again = prelu::onnx::import_bytes(&prelu::onnx::export(&im.model).unwrap()).unwrap();
+        check(&again.model, "exported and imported again");
+        assert_eq!(again.model.num_params(), im.model.num_params());
+    }
+    assert_eq!(n, 5);
+}
+
+/// Unsupported ONNX content is an error naming the node and op.
+#[test]
+fn onnx_import_refuses_what_it_does_not_cover() {
+    use prelu::onnx::*;
+    use prost::Message;
+    let dims = |d: &[i64]| {
+        d.iter()
+            .map(|&v| Dimension {
+                dim_value: Some(v),
+                dim_param: None,
+            })
+            .collect::<Vec<_>>()
+    };
+    let model = |nodes: Vec<NodeProto>, inits: Vec<TensorProto>| {
+        let vi = |name: &str, d: &[i64]| ValueInfoProto {
+            name: name.into(),
+            r#type: Some(TypeProto {
+                tensor_type: Some(TypeProtoTensor {
+                    elem_type: 1,
+                    shape: Some(TensorShapeProto { dim: dims(d) }),
+                }),
+            }),
+        };
+        ModelProto {
+            ir_version: 7,
+            graph: Some(GraphProto {
+                node: nodes,
+                initializer: inits,
+                input: vec![vi("x", &[1, 2, 4, 4])],
+                output: vec![vi("y", &[1, 2])],
+                ..Default::default()
+            }),
+            opset_import: vec![OperatorSetIdProto {
+                domain: String::new(),
+                version: 13,
+            }],
+            ..Default::default()
+        }
+        .encode_to_vec()
+    };
+    let node = |op: &str, inputs: &[&str]| NodeProto {
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: vec!["y".into()],
+        name: format!("my_{op}"),
+        op_type: op.into(),
+        attribute: vec![],
+    };
+    let tensor = |name: &str, d: &[i64], v: &[f32]| TensorProto {
+        dims: d.to_vec(),
+        data_type: 1,
+        name: name.into(),
+        float_data: v.to_vec(),
+        ..Default::default()
+    };
+    let err = |bytes: Vec<u8>| match prelu::onnx::import_bytes(&bytes) {
+        Ok(_) => panic!("accepted"),
+        Err(e) => format!("{e:#}"),
+    };
+    let e = err(model(vec![node("Sigmoid", &["x"])], vec![]));
+    assert!(e.contains("my_Sigmoid") && e.contains("`Sigmoid` is not supported"), "{e}");
+    let mut conv = node("Conv", &["x", "w"]);
+    conv.attribute.push(AttributeProto {
+        name: "group".into(),
+        i: 2,
+        r#type: 2,
+        ..Default::default()
+    });
+    let e = err(model(vec![conv], vec![tensor("w", &[2, 1, 1, 1], &[1.0, 1.0])]));
+    assert!(e.contains("grouped"), "{e}");
+    let e = err(model(vec![node("PRelu", &["x", "s"])], vec![tensor("s", &[2], &[0.1, 0.2])]));
+    assert!(e.contains("broadcasts along the width"), "{e}");
+    let e = err(model(vec![node("Conv", &["x", "missing"])], vec![]));
+    assert!(e.contains("missing"), "{e}");
+    assert!(err(b"not a protobuf at all \xff\xff".to_vec()).contains("not an ONNX model"));
+}

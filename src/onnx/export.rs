@@ -1,148 +1,12 @@
-//! ONNX export: the model as a standard ONNX graph (opset 13) that
-//! onnxruntime and other runtimes execute.
-//!
-//! PReLU becomes ONNX's `PRelu` with the slope shaped to broadcast correctly:
-//! `[C]` after a dense layer (`[N, C]`), `[C, 1, 1]` after a convolution
-//! (`[N, C, H, W]`; PyTorch's exporter once emitted `[C]` there, which
-//! broadcasts against the width instead of the channels), `[1]` when shared.
-//! The messages are the subset of `onnx.proto` we write, declared with prost
-//! (field numbers as in the ONNX schema).
+//! ONNX export: the model's graph as ONNX nodes (opset 13).
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 use prost::Message;
 
+use super::*;
 use crate::activation::ActivationLayer;
 use crate::model::{Block, Model};
-
-#[derive(Clone, PartialEq, Message)]
-pub struct ModelProto {
-    #[prost(int64, tag = "1")]
-    pub ir_version: i64,
-    #[prost(string, tag = "2")]
-    pub producer_name: String,
-    #[prost(string, tag = "3")]
-    pub producer_version: String,
-    #[prost(message, optional, tag = "7")]
-    pub graph: Option<GraphProto>,
-    #[prost(message, repeated, tag = "8")]
-    pub opset_import: Vec<OperatorSetIdProto>,
-}
-
-#[derive(Clone, PartialEq, Message)]
-pub struct OperatorSetIdProto {
-    #[prost(string, tag = "1")]
-    pub domain: String,
-    #[prost(int64, tag = "2")]
-    pub version: i64,
-}
-
-#[derive(Clone, PartialEq, Message)]
-pub struct GraphProto {
-    #[prost(message, repeated, tag = "1")]
-    pub node: Vec<NodeProto>,
-    #[prost(string, tag = "2")]
-    pub name: String,
-    #[prost(message, repeated, tag = "5")]
-    pub initializer: Vec<TensorProto>,
-    #[prost(message, repeated, tag = "11")]
-    pub input: Vec<ValueInfoProto>,
-    #[prost(message, repeated, tag = "12")]
-    pub output: Vec<ValueInfoProto>,
-}
-
-#[derive(Clone, PartialEq, Message)]
-pub struct NodeProto {
-    #[prost(string, repeated, tag = "1")]
-    pub input: Vec<String>,
-    #[prost(string, repeated, tag = "2")]
-    pub output: Vec<String>,
-    #[prost(string, tag = "3")]
-    pub name: String,
-    #[prost(string, tag = "4")]
-    pub op_type: String,
-    #[prost(message, repeated, tag = "5")]
-    pub attribute: Vec<AttributeProto>,
-}
-
-#[derive(Clone, PartialEq, Message)]
-pub struct AttributeProto {
-    #[prost(string, tag = "1")]
-    pub name: String,
-    #[prost(float, tag = "2")]
-    pub f: f32,
-    #[prost(int64, tag = "3")]
-    pub i: i64,
-    #[prost(int64, repeated, tag = "8")]
-    pub ints: Vec<i64>,
-    /// AttributeType: FLOAT = 1, INT = 2, INTS = 7.
-    #[prost(int32, tag = "20")]
-    pub r#type: i32,
-}
-
-#[derive(Clone, PartialEq, Message)]
-pub struct TensorProto {
-    #[prost(int64, repeated, tag = "1")]
-    pub dims: Vec<i64>,
-    /// DataType: FLOAT = 1, INT64 = 7.
-    #[prost(int32, tag = "2")]
-    pub data_type: i32,
-    #[prost(string, tag = "8")]
-    pub name: String,
-    #[prost(bytes = "vec", tag = "9")]
-    pub raw_data: Vec<u8>,
-}
-
-#[derive(Clone, PartialEq, Message)]
-pub struct ValueInfoProto {
-    #[prost(string, tag = "1")]
-    pub name: String,
-    #[prost(message, optional, tag = "2")]
-    pub r#type: Option<TypeProto>,
-}
-
-#[derive(Clone, PartialEq, Message)]
-pub struct TypeProto {
-    #[prost(message, optional, tag = "1")]
-    pub tensor_type: Option<TypeProtoTensor>,
-}
-
-#[derive(Clone, PartialEq, Message)]
-pub struct TypeProtoTensor {
-    #[prost(int32, tag = "1")]
-    pub elem_type: i32,
-    #[prost(message, optional, tag = "2")]
-    pub shape: Option<TensorShapeProto>,
-}
-
-#[derive(Clone, PartialEq, Message)]
-pub struct TensorShapeProto {
-    #[prost(message, repeated, tag = "1")]
-    pub dim: Vec<Dimension>,
-}
-
-#[derive(Clone, PartialEq, Message)]
-pub struct Dimension {
-    #[prost(int64, optional, tag = "1")]
-    pub dim_value: Option<i64>,
-    #[prost(string, optional, tag = "2")]
-    pub dim_param: Option<String>,
-}
-
-const FLOAT: i32 = 1;
-const INT64: i32 = 7;
-
-fn value_info(name: &str, dims: &[Dimension]) -> ValueInfoProto {
-    ValueInfoProto {
-        name: name.into(),
-        r#type: Some(TypeProto {
-            tensor_type: Some(TypeProtoTensor {
-                elem_type: FLOAT,
-                shape: Some(TensorShapeProto { dim: dims.to_vec() }),
-            }),
-        }),
-    }
-}
 
 fn ints(name: &str, v: &[i64]) -> AttributeProto {
     AttributeProto {
@@ -187,6 +51,7 @@ impl Builder {
             data_type: FLOAT,
             name: name.into(),
             raw_data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            ..Default::default()
         });
         Ok(name.into())
     }
@@ -197,6 +62,7 @@ impl Builder {
             data_type: INT64,
             name: name.into(),
             raw_data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            ..Default::default()
         });
         name.into()
     }

@@ -1,0 +1,599 @@
+//! ONNX import: a PReLU network exported elsewhere (`torch.onnx.export`,
+//! opsets 9-17, or prelu's own export) becomes a layer graph with its
+//! weights, so every command works on it.
+//!
+//! Covered: `Conv` (pads, strides, dilations, `auto_pad`, one group), `Gemm`
+//! (`transB`, `alpha`/`beta` folded), `MatMul` with a constant weight (and a
+//! following `Add` of a constant folded in as its bias), `BatchNormalization`,
+//! `PRelu` (slope `[C]` on flat inputs, `[C,1,1]`, `[1,C,1,1]`, or one value),
+//! `Relu`, `LeakyRelu`, `MaxPool` / `AveragePool` (pads, strides, ceil mode,
+//! `auto_pad`), `GlobalAveragePool` (and `ReduceMean` over H and W), `Flatten` (axis 1), `Reshape` to
+//! `[N, features]`, `Add` of two computed values, `Identity`, `Dropout`,
+//! `Constant`s and initializers; on the input only, `Reshape` to `[N, C, H, W]`
+//! and `Sub`/`Div` by one constant (prelu's own input normalisation). A
+//! trailing `Softmax` on an output is dropped (outputs are logits) and said
+//! so. Anything else is an error naming the node and its op, never a wrong
+//! model.
+
+use std::collections::HashMap;
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{Device, Tensor};
+use prost::Message;
+
+use super::*;
+use crate::activation::Activation;
+use crate::graph::{Graph, Node, Op, Pair, Padding, INPUT};
+use crate::model::{Arch, Model, ModelSpec};
+
+/// An imported model and what the import had to say about it.
+pub struct Imported {
+    pub model: Model,
+    /// The ONNX names of the model's input and outputs.
+    pub input_name: String,
+    pub output_names: Vec<String>,
+    /// Remarks (ops dropped at inference, foldings done).
+    pub notes: Vec<String>,
+}
+
+/// A constant tensor: dims and values (floats, or integers as f64).
+#[derive(Clone, Debug)]
+struct Const {
+    dims: Vec<usize>,
+    values: Vec<f64>,
+}
+
+/// What an ONNX value name stands for.
+#[derive(Clone, Debug)]
+enum Val {
+    /// A value of our graph: `"input"` or a node name.
+    Node(String),
+    Const(Const),
+}
+
+fn tensor_values(t: &TensorProto) -> Result<Const> {
+    if t.data_location == 1 || !t.external_data.is_empty() {
+        bail!("tensor `{}` keeps its data in an external file, which is not supported", t.name);
+    }
+    let dims: Vec<usize> = t
+        .dims
+        .iter()
+        .map(|&d| usize::try_from(d).map_err(|_| anyhow!("tensor `{}` has a negative dimension", t.name)))
+        .collect::<Result<_>>()?;
+    let n = dims
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .filter(|&n| n <= 1 << 28)
+        .ok_or_else(|| anyhow!("tensor `{}` is too large ({:?})", t.name, dims))?;
+    let raw = &t.raw_data;
+    let values: Vec<f64> = match t.data_type {
+        FLOAT if !raw.is_empty() => raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64).collect(),
+        FLOAT => t.float_data.iter().map(|&v| v as f64).collect(),
+        DOUBLE if !raw.is_empty() => raw
+            .chunks_exact(8)
+            .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")))
+            .collect(),
+        DOUBLE => t.double_data.clone(),
+        INT64 if !raw.is_empty() => raw
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")) as f64)
+            .collect(),
+        INT64 => t.int64_data.iter().map(|&v| v as f64).collect(),
+        INT32 if !raw.is_empty() => raw
+            .chunks_exact(4)
+            .map(|b| i32::from_le_bytes(b.try_into().expect("4 bytes")) as f64)
+            .collect(),
+        INT32 => t.int32_data.iter().map(|&v| v as f64).collect(),
+        d => bail!("tensor `{}` has ONNX data type {d}; only float, double, int32 and int64 are read", t.name),
+    };
+    if values.len() != n {
+        bail!("tensor `{}` holds {} values for dims {:?}", t.name, values.len(), dims);
+    }
+    Ok(Const { dims, values })
+}
+
+fn attr<'a>(n: &'a NodeProto, name: &str) -> Option<&'a AttributeProto> {
+    n.attribute.iter().find(|a| a.name == name)
+}
+
+fn attr_i(n: &NodeProto, name: &str, default: i64) -> i64 {
+    attr(n, name).map_or(default, |a| a.i)
+}
+
+fn attr_f(n: &NodeProto, name: &str, default: f32) -> f32 {
+    attr(n, name).map_or(default, |a| a.f)
+}
+
+fn attr_ints(n: &NodeProto, name: &str) -> Option<Vec<usize>> {
+    attr(n, name).map(|a| a.ints.iter().map(|&v| v.max(0) as usize).collect())
+}
+
+fn attr_s(n: &NodeProto, name: &str) -> Option<String> {
+    attr(n, name).map(|a| String::from_utf8_lossy(&a.s).into_owned())
+}
+
+/// A node's description for errors.
+fn push(nodes: &mut Vec<Node>, vals: &mut HashMap<String, Val>, out: &str, name: String, inputs: Vec<String>, op: Op) {
+    nodes.push(Node {
+        name: name.clone(),
+        inputs,
+        op,
+    });
+    vals.insert(out.to_string(), Val::Node(name));
+}
+
+fn what(n: &NodeProto, i: usize) -> String {
+    if n.name.is_empty() {
+        format!("node {i} ({})", n.op_type)
+    } else {
+        format!("node `{}` ({})", n.name, n.op_type)
+    }
+}
+
+fn pair(v: Option<Vec<usize>>, default: usize, node: &str) -> Result<Pair> {
+    match v.as_deref() {
+        None => Ok(Pair::both(default)),
+        Some([h, w]) => Ok(Pair([*h, *w])),
+        Some(o) => bail!("{node}: expected 2 values for a 2-D window, got {o:?}"),
+    }
+}
+
+/// Padding from `pads` and `auto_pad`.
+fn padding(n: &NodeProto, node: &str) -> Result<Padding> {
+    match attr_s(n, "auto_pad").as_deref() {
+        None | Some("NOTSET") | Some("") => match attr_ints(n, "pads").as_deref() {
+            None => Ok(Padding::default()),
+            Some([t, l, b, r]) => Ok(Padding::Explicit([*t, *l, *b, *r])),
+            Some(o) => bail!("{node}: pads {o:?} are not 2-D [top, left, bottom, right]"),
+        },
+        Some("VALID") => Ok(Padding::default()),
+        Some("SAME_UPPER") => Ok(Padding::SameUpper),
+        Some("SAME_LOWER") => Ok(Padding::SameLower),
+        Some(o) => bail!("{node}: auto_pad `{o}` is not known"),
+    }
+}
+
+/// A node name for our graph: the module path of its weight when it has
+/// one (`layer1.0.conv1.weight` -> `layer1.0.conv1`), else the ONNX node
+/// name cleaned up, else op and index; unique.
+fn our_name(n: &NodeProto, i: usize, weight: Option<&str>, taken: &mut HashMap<String, usize>) -> String {
+    let base = weight
+        .and_then(|w| w.strip_suffix(".weight").or(Some(w)))
+        .filter(|w| !w.is_empty() && !w.starts_with("onnx::"))
+        .map(str::to_string)
+        .or_else(|| {
+            let s: String = n
+                .name
+                .trim_matches('/')
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '.' { c } else { '.' })
+                .collect();
+            (!s.is_empty()).then_some(s)
+        })
+        .unwrap_or_else(|| format!("{}_{i}", n.op_type.to_ascii_lowercase()));
+    let k = taken.entry(base.clone()).or_insert(0);
+    *k += 1;
+    if *k == 1 && base != INPUT {
+        base
+    } else {
+        format!("{base}_{k}")
+    }
+}
+
+/// Reads an ONNX file (bounded, regular files only) into a model.
+pub fn import(path: &std::path::Path) -> Result<Imported> {
+    let bytes = crate::io::read_user_bytes(path, crate::data::file_cap(crate::io::MAX_CHECKPOINT_BYTES))?;
+    import_bytes(&bytes).with_context(|| format!("{}: ONNX import", path.display()))
+}
+
+/// [`import`] from the file's bytes.
+pub fn import_bytes(bytes: &[u8]) -> Result<Imported> {
+    let m = ModelProto::decode(bytes).map_err(|e| anyhow!("not an ONNX model ({e})"))?;
+    if let Some(op) = m
+        .opset_import
+        .iter()
+        .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
+    {
+        if !(7..=21).contains(&op.version) {
+            bail!("opset {} is outside the supported 7-21", op.version);
+        }
+    }
+    let g = m.graph.ok_or_else(|| anyhow!("the model has no graph"))?;
+    let mut vals: HashMap<String, Val> = HashMap::new();
+    for t in &g.initializer {
+        vals.insert(t.name.clone(), Val::Const(tensor_values(t)?));
+    }
+    // The image input: the first graph input that is not an initializer.
+    let input = g
+        .input
+        .iter()
+        .find(|v| !vals.contains_key(&v.name))
+        .ok_or_else(|| anyhow!("the graph has no input"))?;
+    let dims: Vec<Option<usize>> = input
+        .r#type
+        .as_ref()
+        .and_then(|t| t.tensor_type.as_ref())
+        .and_then(|t| t.shape.as_ref())
+        .map(|s| s.dim.iter().map(|d| d.dim_value.and_then(|v| usize::try_from(v).ok())).collect())
+        .unwrap_or_default();
+    let mut in_shape: Option<[usize; 3]> = match dims.as_slice() {
+        [_, Some(c), Some(h), Some(w)] => Some([*c, *h, *w]),
+        [_, Some(f)] => Some([*f, 1, 1]),
+        [_, _, None, _] | [_, _, _, None] => bail!(
+            "input `{}` has a free spatial size {:?}; give it a fixed size (fully convolutional inputs of any size are not supported yet)",
+            input.name,
+            dims
+        ),
+        o => bail!("input `{}` has shape {:?}; expected [N, C, H, W] or [N, features]", input.name, o),
+    };
+    vals.insert(input.name.clone(), Val::Node(INPUT.into()));
+    // How many nodes read each value (for folding an Add into a MatMul).
+    let mut uses: HashMap<&str, usize> = HashMap::new();
+    for n in &g.node {
+        for i in &n.input {
+            *uses.entry(i.as_str()).or_default() += 1;
+        }
+    }
+    for o in &g.output {
+        *uses.entry(o.name.as_str()).or_default() += 1;
+    }
+    let mut nodes: Vec<Node> = Vec::new();
+    let mut weights: HashMap<String, Tensor> = HashMap::new();
+    let mut taken: HashMap<String, usize> = HashMap::new();
+    let mut notes = Vec::new();
+    let (mut mean, mut std) = (0.0f32, 1.0f32);
+    let mut first_act: Option<Activation> = None;
+    let dev = Device::Cpu;
+    let tensor = |c: &Const, shape: &[usize]| -> Result<Tensor> {
+        let v: Vec<f32> = c.values.iter().map(|&x| x as f32).collect();
+        Ok(Tensor::from_vec(v, shape, &dev)?)
+    };
+    for (i, n) in g.node.iter().enumerate() {
+        let w = what(n, i);
+        let get = |k: usize| -> Result<&Val> {
+            let name = n.input.get(k).filter(|s| !s.is_empty()).ok_or_else(|| anyhow!("{w}: input {k} missing"))?;
+            vals.get(name).ok_or_else(|| anyhow!("{w}: input `{name}` is not computed before this node"))
+        };
+        let node_in = |k: usize| -> Result<String> {
+            match get(k)? {
+                Val::Node(s) => Ok(s.clone()),
+                Val::Const(_) => bail!("{w}: input {k} is a constant where a computed value is expected"),
+            }
+        };
+        let constant = |k: usize| -> Result<Const> {
+            match get(k)? {
+                Val::Const(c) => Ok(c.clone()),
+                Val::Node(_) => bail!("{w}: input {k} must be a constant (an initializer)"),
+            }
+        };
+        let opt_const = |k: usize| -> Result<Option<Const>> {
+            if n.input.get(k).is_none_or(|s| s.is_empty()) {
+                Ok(None)
+            } else {
+                constant(k).map(Some)
+            }
+        };
+        let out = n.output.first().cloned().ok_or_else(|| anyhow!("{w}: no output"))?;
+        let wname = n.input.get(1).map(String::as_str);
+        match n.op_type.as_str() {
+            "Constant" => {
+                let t = attr(n, "value")
+                    .and_then(|a| a.t.as_ref())
+                    .ok_or_else(|| anyhow!("{w}: only tensor-valued constants are supported"))?;
+                vals.insert(out, Val::Const(tensor_values(t)?));
+            }
+            "Identity" | "Dropout" => {
+                let v = get(0)?.clone();
+                vals.insert(out, v);
+            }
+            "Softmax" | "LogSoftmax" if g.output.iter().any(|o| o.name == out) => {
+                let v = get(0)?.clone();
+                notes.push(format!("{w} on an output dropped: the model's outputs are logits"));
+                vals.insert(out, v);
+            }
+            "Reshape" | "Flatten" => {
+                let x = node_in(0)?;
+                let flat = if n.op_type == "Flatten" {
+                    if attr_i(n, "axis", 1) != 1 {
+                        bail!("{w}: only Flatten with axis 1 is supported");
+                    }
+                    true
+                } else {
+                    let shape = constant(1)?;
+                    let s: Vec<i64> = shape.values.iter().map(|&v| v as i64).collect();
+                    match s.as_slice() {
+                        [_, -1] | [-1, _] | [0, _] | [_, _] => true,
+                        [_, c, h, wd] if x == INPUT && in_shape.is_some_and(|[f, a, b]| (f * a * b) as i64 == c * h * wd) => {
+                            // The input reshaped to images (prelu's own export takes it flat).
+                            in_shape = Some([*c as usize, *h as usize, *wd as usize]);
+                            vals.insert(out, Val::Node(INPUT.into()));
+                            continue;
+                        }
+                        o => bail!("{w}: Reshape to {o:?}; only reshapes to [N, features] are supported"),
+                    }
+                };
+                if flat {
+                    let name = our_name(n, i, None, &mut taken);
+                    push(&mut nodes, &mut vals, &out, name, vec![x], Op::Flatten);
+                }
+            }
+            "Sub" | "Div" if matches!(get(0)?, Val::Node(s) if s == INPUT) && nodes.is_empty() => {
+                let c = constant(1)?;
+                if c.values.len() != 1 {
+                    bail!("{w}: input normalisation needs one value (per-channel values are not supported yet)");
+                }
+                if n.op_type == "Sub" {
+                    mean = c.values[0] as f32;
+                } else {
+                    if !(c.values[0] > 0.0) {
+                        bail!("{w}: dividing the input by {} is not a normalisation", c.values[0]);
+                    }
+                    std = c.values[0] as f32;
+                }
+                vals.insert(out, Val::Node(INPUT.into()));
+            }
+            "Conv" => {
+                let x = node_in(0)?;
+                let wt = constant(1)?;
+                if attr_i(n, "group", 1) != 1 {
+                    bail!("{w}: grouped convolutions (group {}) are not supported", attr_i(n, "group", 1));
+                }
+                let [co, _, kh, kw] = wt.dims[..] else {
+                    bail!("{w}: weight of shape {:?} is not a 2-D convolution's", wt.dims);
+                };
+                let bias = opt_const(2)?;
+                let name = our_name(n, i, wname, &mut taken);
+                weights.insert(format!("{name}.weight"), tensor(&wt, &wt.dims)?);
+                if let Some(b) = &bias {
+                    weights.insert(format!("{name}.bias"), tensor(b, &[co])?);
+                }
+                let op = Op::Conv2d {
+                    out_channels: co,
+                    kernel: Pair([kh, kw]),
+                    stride: pair(attr_ints(n, "strides"), 1, &w)?,
+                    padding: padding(n, &w)?,
+                    dilation: pair(attr_ints(n, "dilations"), 1, &w)?,
+                    bias: bias.is_some(),
+                };
+                push(&mut nodes, &mut vals, &out, name, vec![x], op);
+            }
+            "Gemm" | "MatMul" => {
+                let x = node_in(0)?;
+                let b = constant(1)?;
+                if n.op_type == "Gemm" && attr_i(n, "transA", 0) != 0 {
+                    bail!("{w}: transA is not supported");
+                }
+                let trans_b = n.op_type == "Gemm" && attr_i(n, "transB", 0) != 0;
+                let [r, c] = b.dims[..] else {
+                    bail!("{w}: weight of shape {:?} is not a matrix", b.dims);
+                };
+                let (out_f, in_f) = if trans_b { (r, c) } else { (c, r) };
+                let alpha = if n.op_type == "Gemm" { attr_f(n, "alpha", 1.0) as f64 } else { 1.0 };
+                let beta = if n.op_type == "Gemm" { attr_f(n, "beta", 1.0) as f64 } else { 1.0 };
+                // Our layout is [out, in].
+                let mut wv = vec![0.0f64; out_f * in_f];
+                for o in 0..out_f {
+                    for k in 0..in_f {
+                        wv[o * in_f + k] = alpha * if trans_b { b.values[o * in_f + k] } else { b.values[k * out_f + o] };
+                    }
+                }
+                let mut bias = vec![0.0f64; out_f];
+                if n.op_type == "Gemm" {
+                    if let Some(cb) = opt_const(2)? {
+                        if cb.values.len() == out_f {
+                            bias = cb.values.iter().map(|v| v * beta).collect();
+                        } else if cb.values.len() == 1 {
+                            bias = vec![cb.values[0] * beta; out_f];
+                        } else {
+                            bail!("{w}: bias of shape {:?} for {out_f} outputs", cb.dims);
+                        }
+                    }
+                }
+                let name = our_name(n, i, wname, &mut taken);
+                weights.insert(
+                    format!("{name}.weight"),
+                    tensor(&Const { dims: vec![out_f, in_f], values: wv }, &[out_f, in_f])?,
+                );
+                weights.insert(format!("{name}.bias"), tensor(&Const { dims: vec![out_f], values: bias }, &[out_f])?);
+                push(&mut nodes, &mut vals, &out, name, vec![x], Op::Linear {
+                        out_features: out_f,
+                        bias: true,
+                    },
+                );
+            }
+            "Add" => {
+                let (a, b) = (get(0)?.clone(), get(1)?.clone());
+                match (a, b) {
+                    (Val::Node(a), Val::Node(b)) => {
+                        let name = our_name(n, i, None, &mut taken);
+                        push(&mut nodes, &mut vals, &out, name, vec![a, b], Op::Add);
+                    }
+                    (Val::Node(a), Val::Const(c)) | (Val::Const(c), Val::Node(a)) => {
+                        // A bias after MatMul: fold it into the linear layer.
+                        let lin = nodes.iter().position(|nd| nd.name == a && matches!(nd.op, Op::Linear { .. }));
+                        let src = n.input.iter().find(|s| matches!(vals.get(*s), Some(Val::Node(_)))).map(String::as_str);
+                        let single = src.is_some_and(|s| uses.get(s) == Some(&1));
+                        let Some(j) = lin.filter(|_| single) else {
+                            bail!("{w}: adding a constant is only supported as the bias of a MatMul");
+                        };
+                        let Op::Linear { out_features, .. } = nodes[j].op else { unreachable!() };
+                        let key = format!("{}.bias", nodes[j].name);
+                        let old = weights[&key].to_vec1::<f32>()?;
+                        let add: Vec<f32> = match c.values.len() {
+                            1 => vec![c.values[0] as f32; out_features],
+                            k if k == out_features => c.values.iter().map(|&v| v as f32).collect(),
+                            _ => bail!("{w}: bias of shape {:?} for {out_features} outputs", c.dims),
+                        };
+                        let sum: Vec<f32> = old.iter().zip(&add).map(|(a, b)| a + b).collect();
+                        weights.insert(key, Tensor::from_vec(sum, out_features, &dev)?);
+                        vals.insert(out, Val::Node(a));
+                    }
+                    _ => bail!("{w}: adding two constants is not supported"),
+                }
+            }
+            "BatchNormalization" => {
+                let x = node_in(0)?;
+                let name = our_name(n, i, wname, &mut taken);
+                let parts = ["weight", "bias", "running_mean", "running_var"];
+                let mut c = 0;
+                for (k, p) in parts.iter().enumerate() {
+                    let t = constant(k + 1)?;
+                    c = t.values.len();
+                    weights.insert(format!("{name}.{p}"), tensor(&t, &[c])?);
+                }
+                let op = Op::BatchNorm {
+                    eps: attr_f(n, "epsilon", 1e-5) as f64,
+                    momentum: 1.0 - attr_f(n, "momentum", 0.9) as f64,
+                };
+                let _ = c;
+                push(&mut nodes, &mut vals, &out, name, vec![x], op);
+            }
+            "Relu" | "LeakyRelu" | "PRelu" => {
+                let x = node_in(0)?;
+                let act = match n.op_type.as_str() {
+                    "Relu" => Activation::Relu,
+                    "LeakyRelu" => Activation::LeakyRelu(attr_f(n, "alpha", 0.01) as f64),
+                    _ => {
+                        let s = constant(1)?;
+                        let real: Vec<usize> = s.dims.iter().copied().filter(|&d| d != 1).collect();
+                        let ok = match s.dims.as_slice() {
+                            [] | [1] => true,
+                            // [C] broadcasts along the last axis: right for [N, C] only.
+                            [_] => true,
+                            [_, 1, 1] | [1, _, 1, 1] => true,
+                            _ => false,
+                        };
+                        if !ok || real.len() > 1 {
+                            bail!("{w}: slope of shape {:?}; expected [C], [C,1,1], [1,C,1,1] or one value", s.dims);
+                        }
+                        let shared = s.values.len() == 1;
+                        let name = our_name(n, i, wname, &mut taken);
+                        weights.insert(format!("{name}.weight"), tensor(&s, &[s.values.len()])?);
+                        let act = Activation::PRelu { shared };
+                        first_act.get_or_insert(act);
+                        // A [C] slope on maps is checked against the shapes below.
+                        if matches!(s.dims.as_slice(), [c] if *c > 1) {
+                            nodes.push(Node {
+                                name: name.clone(),
+                                inputs: vec![x],
+                                op: Op::Act { act },
+                            });
+                            let r = Graph {
+                                nodes: nodes.clone(),
+                                outputs: vec![],
+                            }
+                            .resolve(in_shape.unwrap_or([1, 1, 1]))?;
+                            if r.shapes.last().is_some_and(|s| s[1] * s[2] != 1) {
+                                bail!(
+                                    "{w}: a slope shaped [C] on a 4-D input broadcasts along the width, not the channels; export it as [C,1,1]"
+                                );
+                            }
+                            vals.insert(out, Val::Node(name));
+                            continue;
+                        }
+                        push(&mut nodes, &mut vals, &out, name, vec![x], Op::Act { act });
+                        continue;
+                    }
+                };
+                first_act.get_or_insert(act);
+                let name = our_name(n, i, None, &mut taken);
+                push(&mut nodes, &mut vals, &out, name, vec![x], Op::Act { act });
+            }
+            "MaxPool" | "AveragePool" => {
+                let x = node_in(0)?;
+                let kernel = pair(attr_ints(n, "kernel_shape"), 1, &w)?;
+                if attr_ints(n, "dilations").is_some_and(|d| d.iter().any(|&v| v != 1)) {
+                    bail!("{w}: dilated pooling is not supported");
+                }
+                if n.output.len() > 1 && n.output[1..].iter().any(|o| !o.is_empty()) {
+                    bail!("{w}: pooling indices as an output are not supported");
+                }
+                let stride = Some(pair(attr_ints(n, "strides"), 1, &w)?);
+                let padding = padding(n, &w)?;
+                let ceil_mode = attr_i(n, "ceil_mode", 0) != 0;
+                let op = if n.op_type == "MaxPool" {
+                    Op::MaxPool {
+                        kernel,
+                        stride,
+                        padding,
+                        ceil_mode,
+                    }
+                } else {
+                    Op::AvgPool {
+                        kernel,
+                        stride,
+                        padding,
+                        ceil_mode,
+                        count_include_pad: attr_i(n, "count_include_pad", 0) != 0,
+                    }
+                };
+                let name = our_name(n, i, None, &mut taken);
+                push(&mut nodes, &mut vals, &out, name, vec![x], op);
+            }
+            "ReduceMean" => {
+                // The mean over the spatial axes: global average pooling.
+                let x = node_in(0)?;
+                let axes: Vec<i64> = match attr(n, "axes") {
+                    Some(a) => a.ints.clone(),
+                    None => opt_const(1)?.map(|c| c.values.iter().map(|&v| v as i64).collect()).unwrap_or_default(),
+                };
+                let mut axes: Vec<i64> = axes.iter().map(|&a| if a < 0 { a + 4 } else { a }).collect();
+                axes.sort();
+                if axes != [2, 3] {
+                    bail!("{w}: ReduceMean over axes {axes:?}; only the spatial axes [2, 3] (global average pooling) are supported");
+                }
+                let name = our_name(n, i, None, &mut taken);
+                if attr_i(n, "keepdims", 1) != 0 {
+                    push(&mut nodes, &mut vals, &out, name, vec![x], Op::GlobalAvgPool);
+                } else {
+                    let pooled = format!("{name}.pool");
+                    nodes.push(Node {
+                        name: pooled.clone(),
+                        inputs: vec![x],
+                        op: Op::GlobalAvgPool,
+                    });
+                    push(&mut nodes, &mut vals, &out, name, vec![pooled], Op::Flatten);
+                }
+            }
+            "GlobalAveragePool" => {
+                let x = node_in(0)?;
+                let name = our_name(n, i, None, &mut taken);
+                push(&mut nodes, &mut vals, &out, name, vec![x], Op::GlobalAvgPool);
+            }
+            other => bail!("{w}: the op `{other}` is not supported"),
+        }
+    }
+    let mut outputs = Vec::new();
+    for o in &g.output {
+        match vals.get(&o.name) {
+            Some(Val::Node(s)) if s != INPUT => outputs.push(s.clone()),
+            _ => bail!("output `{}` is not computed by a supported node", o.name),
+        }
+    }
+    if outputs.is_empty() {
+        bail!("the graph has no outputs");
+    }
+    let input_name = input.name.clone();
+    let input = in_shape.ok_or_else(|| anyhow!("the input's shape is unknown"))?;
+    let graph = Graph { nodes, outputs };
+    let r = graph.resolve(input)?;
+    let classes = r.len(r.outputs[0]);
+    let spec = ModelSpec {
+        input_mean: mean,
+        input_std: std,
+        ..ModelSpec::new(
+            Arch::Graph { graph },
+            first_act.unwrap_or(Activation::Relu),
+            input,
+            classes,
+        )
+    };
+    let model = Model::new(&spec, 0, &Device::Cpu)?;
+    model.load_state_dict(&weights).context("the ONNX weights do not fit the graph")?;
+    Ok(Imported {
+        model,
+        input_name,
+        output_names: g.output.iter().map(|o| o.name.clone()).collect(),
+        notes,
+    })
+}
