@@ -60,12 +60,18 @@ pub use init::{gain, FanMode, InitScheme};
 pub use invert::{log_abs_det_jacobian, prelu_inverse, InvertError};
 pub use ops::{prelu, prelu_backward, SlopeAxis};
 
+/// Most worker threads accepted (`--threads`).
+pub const MAX_THREADS: usize = 512;
+
 /// Sets the number of worker threads for our kernels and for candle (both use
 /// rayon's global pool; candle also reads `RAYON_NUM_THREADS`). Call once, before
 /// any tensor work; `0` keeps the default (all cores).
 pub fn set_threads(n: usize) -> anyhow::Result<()> {
     if n == 0 {
         return Ok(());
+    }
+    if n > MAX_THREADS {
+        anyhow::bail!("--threads {n} is more than the {MAX_THREADS} allowed (0 uses every core)");
     }
     std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     rayon::ThreadPoolBuilder::new()
