@@ -280,7 +280,7 @@ pub fn parse_size(s: &str) -> Option<u64> {
         _ => (s, 1),
     };
     let v: f64 = num.trim().parse().ok()?;
-    (v.is_finite() && v > 0.0 && v * (mult as f64) < 1.8e19).then(|| (v * mult as f64) as u64)
+    (v.is_finite() && v > 0.0 && v * (mult as f64) < 1.8e19).then_some((v * mult as f64) as u64)
 }
 
 /// Physical memory in bytes, if the OS says.

@@ -16,6 +16,9 @@ use crate::train::{read_metrics, EpochMetrics, MetricsLine};
 
 type Svg = String;
 
+/// A named line of (x, y) points.
+pub type Series = (String, Vec<(f64, f64)>);
+
 /// Escapes text for HTML content and attribute values.
 pub fn html_escape(s: &str) -> String {
     let mut o = String::with_capacity(s.len());
@@ -150,11 +153,11 @@ fn heatmap(title: &str, epochs: &[usize], shares: &[Vec<f64>]) -> Result<Svg> {
 
 /// The curves of a `stability.json` (the `--json` output of `prelu
 /// stability`) as plot series, every value type-checked; `None` without curves.
-pub fn stability_series(v: &serde_json::Value) -> Result<Option<Vec<(String, Vec<(f64, f64)>)>>> {
+pub fn stability_series(v: &serde_json::Value) -> Result<Option<Vec<Series>>> {
     const F: &str = "stability.json";
     let Some(curves) = v.get("curves") else { return Ok(None) };
     let curves = curves.as_array().with_context(|| format!("{F}: `curves` must be a list"))?;
-    let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    let mut series: Vec<Series> = Vec::new();
     for c in curves {
         let name = format!(
             "{} / {}",

@@ -777,8 +777,15 @@ pub fn train_in(cfg: &TrainConfig, run_dir: &Path, mode: RunMode, on: &mut dyn F
     if io::read_text_optional(&config_path).ok().flatten().as_deref() != Some(config_text.as_str()) {
         io::write_atomic(&config_path, config_text.as_bytes())?;
     }
-    let mut metrics = std::fs::OpenOptions::new()
-        .append(true)
+    let mut oo = std::fs::OpenOptions::new();
+    oo.append(true);
+    #[cfg(unix)]
+    {
+        // Appending never follows a link planted at metrics.jsonl.
+        use std::os::unix::fs::OpenOptionsExt;
+        oo.custom_flags(libc::O_NOFOLLOW);
+    }
+    let mut metrics = oo
         .open(run_dir.join("metrics.jsonl"))
         .with_context(|| format!("cannot open {}/metrics.jsonl", run_dir.display()))?;
 

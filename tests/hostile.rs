@@ -653,7 +653,8 @@ fn item9_bad_optimiser_state_and_progress_are_refused_on_resume() {
     use candle_core::Tensor;
     let base = tmp("optim-base");
     assert_ok(&train_tiny(&base, &["--epochs", "1"]));
-    let cases: Vec<(&str, Box<dyn Fn(&mut HashMap<String, Tensor>, &mut HashMap<String, String>)>)> = vec![
+    type Edit = Box<dyn Fn(&mut HashMap<String, Tensor>, &mut HashMap<String, String>)>;
+    let cases: Vec<(&str, Edit)> = vec![
         (
             "NaN or infinity",
             Box::new(|t, _| {
