@@ -25,7 +25,8 @@
 //! * [`sculpt`]: pruning dead units and folding linear ones;
 //! * [`onnx`]: ONNX export (opset 13, `PRelu` with correctly broadcasting slopes);
 //! * [`report`]: a self-contained HTML report of a run with SVG plots;
-//! * [`io`]: atomic writes, safetensors checkpoints;
+//! * [`io`]: the capped reader of user files, atomic writes, the run-folder lock, safetensors checkpoints;
+//! * [`memory`]: allocator hints, and the memory estimate and budget of a run;
 //! * [`bench`]: the benchmarks behind `prelu bench`.
 
 // `!(a > 0.0)` is deliberate throughout: it is true for NaN, which must count
