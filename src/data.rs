@@ -13,6 +13,7 @@
 //! The set `mnist-small` (10,000 train / 2,000 test MNIST images, made by
 //! `scripts/make_mnist_small.py`) is embedded and always available.
 
+use std::borrow::Cow;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -73,24 +74,42 @@ fn invalid(path: &str, what: impl Into<String>) -> DataError {
     }
 }
 
-/// Decompresses gzip input (recognised by its magic bytes) with a size cap;
-/// raw input is returned as is.
-fn maybe_gunzip<'a>(bytes: &'a [u8], path: &str, cap: u64) -> Result<std::borrow::Cow<'a, [u8]>, DataError> {
-    if bytes.len() >= 2 && bytes[0] == 0x1f && bytes[1] == 0x8b {
-        let mut out = Vec::new();
-        let mut dec = flate2::read::GzDecoder::new(bytes).take(cap + 1);
-        dec.read_to_end(&mut out)
-            .map_err(|e| invalid(path, format!("bad gzip data: {e}")))?;
-        if out.len() as u64 > cap {
-            return Err(invalid(
-                path,
-                format!("decompresses to more than {cap} bytes (the cap; set PRELU_MAX_FILE_BYTES to change it)"),
-            ));
-        }
-        Ok(std::borrow::Cow::Owned(out))
-    } else {
-        Ok(std::borrow::Cow::Borrowed(bytes))
+fn is_gzip(bytes: &[u8]) -> bool {
+    bytes.len() >= 2 && bytes[0] == 0x1f && bytes[1] == 0x8b
+}
+
+/// Decompresses gzip input (recognised by its magic bytes) into a buffer
+/// bounded by the size the IDX header declares (itself checked against the
+/// cap before anything is allocated); raw input is returned as is.
+fn maybe_gunzip<'a>(bytes: &'a [u8], path: &str, cap: u64) -> Result<Cow<'a, [u8]>, DataError> {
+    if !is_gzip(bytes) {
+        return Ok(Cow::Borrowed(bytes));
     }
+    let bad = |e: std::io::Error| invalid(path, format!("bad gzip data: {e}"));
+    let mut dec = flate2::read::GzDecoder::new(bytes);
+    let mut out = Vec::new();
+    (&mut dec).take(4).read_to_end(&mut out).map_err(bad)?;
+    if out.len() == 4 && out[0] == 0 && out[1] == 0 && (1..=4).contains(&out[3]) {
+        let rank = out[3] as u64;
+        (&mut dec).take(4 * rank).read_to_end(&mut out).map_err(bad)?;
+        if out.len() as u64 == 4 + 4 * rank {
+            let declared = out[4..]
+                .chunks(4)
+                .try_fold(1u64, |acc, d| acc.checked_mul(u32::from_be_bytes([d[0], d[1], d[2], d[3]]) as u64))
+                .filter(|&n| n <= cap);
+            let Some(declared) = declared else {
+                return Err(invalid(
+                    path,
+                    format!("declared size exceeds the {cap}-byte cap (set PRELU_MAX_FILE_BYTES to change it)"),
+                ));
+            };
+            out.reserve_exact(declared as usize);
+            // One byte more than declared, so trailing data is still noticed.
+            (&mut dec).take(declared + 1).read_to_end(&mut out).map_err(bad)?;
+        }
+    }
+    // A bad header: what was read is enough for the parser to say why.
+    Ok(Cow::Owned(out))
 }
 
 /// Parses IDX bytes (raw or gzip). `path` only labels errors. The memory cap
@@ -101,7 +120,15 @@ pub fn parse_idx(bytes: &[u8], path: &str) -> Result<Idx, DataError> {
 
 /// [`parse_idx`] with an explicit memory cap in bytes.
 pub fn parse_idx_capped(bytes: &[u8], path: &str, cap: u64) -> Result<Idx, DataError> {
-    let bytes = maybe_gunzip(bytes, path, cap)?;
+    parse_idx_cow(Cow::Borrowed(bytes), path, cap)
+}
+
+fn parse_idx_cow(input: Cow<'_, [u8]>, path: &str, cap: u64) -> Result<Idx, DataError> {
+    let bytes = match input {
+        Cow::Borrowed(b) => maybe_gunzip(b, path, cap)?,
+        Cow::Owned(v) if is_gzip(&v) => Cow::Owned(maybe_gunzip(&v, path, cap)?.into_owned()),
+        Cow::Owned(v) => Cow::Owned(v),
+    };
     if bytes.len() < 4 {
         return Err(DataError::Truncated {
             path: path.into(),
@@ -164,34 +191,39 @@ pub fn parse_idx_capped(bytes: &[u8], path: &str, cap: u64) -> Result<Idx, DataE
             ),
         ));
     }
-    Ok(Idx {
-        dims,
-        data: bytes[header..].to_vec(),
-    })
+    let data = match bytes {
+        // No second copy of a large array: the header is cut off in place.
+        Cow::Owned(mut v) => {
+            v.drain(..header);
+            v
+        }
+        Cow::Borrowed(b) => b[header..].to_vec(),
+    };
+    Ok(Idx { dims, data })
 }
 
-/// Reads an IDX file (raw or gzip).
+/// Reads an IDX file (raw or gzip) through the capped reader of user files
+/// ([`crate::io::read_capped`]: regular files only, at most the cap).
 pub fn read_idx(path: &Path) -> Result<Idx, DataError> {
     let p = path.display().to_string();
-    let meta = std::fs::metadata(path).map_err(|e| DataError::Io {
-        path: p.clone(),
-        source: e,
-    })?;
     let cap = file_cap(MAX_IDX_BYTES);
-    if meta.len() > cap {
-        return Err(invalid(
-            &p,
-            format!(
-                "file is {} bytes, over the {cap}-byte cap (set PRELU_MAX_FILE_BYTES to change it)",
-                meta.len()
-            ),
-        ));
-    }
-    let bytes = std::fs::read(path).map_err(|e| DataError::Io {
-        path: p.clone(),
-        source: e,
+    let bytes = crate::io::read_capped(path, cap).map_err(|e| match e {
+        crate::io::ReadError::Io { source, .. } => DataError::Io {
+            path: p.clone(),
+            source,
+        },
+        other => DataError::Invalid {
+            path: p.clone(),
+            what: strip_path(&other.to_string(), &p),
+        },
     })?;
-    parse_idx(&bytes, &p)
+    parse_idx_cow(Cow::Owned(bytes), &p, cap)
+}
+
+fn strip_path(msg: &str, path: &str) -> String {
+    msg.strip_prefix(path)
+        .map(|m| m.trim_start_matches(':').trim_start().to_string())
+        .unwrap_or_else(|| msg.to_string())
 }
 
 /// Images as `f32` in `[0, 1]`, row-major `[n, rows * cols]`, and labels.
@@ -238,6 +270,13 @@ impl Dataset {
                 format!("label {l} at index {i} is outside 0..{CLASSES}"),
             ));
         }
+        // The f32 copy is 4 bytes per pixel: checked against the memory budget
+        // before it is allocated.
+        crate::memory::check_bytes(
+            &format!("{images_path}: {n} images of {rows}x{cols} as f32"),
+            (images.data.len() as u64).saturating_mul(4),
+        )
+        .map_err(|e| invalid(images_path, e.to_string()))?;
         Ok(Self {
             images: images.data.iter().map(|&p| p as f32 / 255.0).collect(),
             labels: labels.data,
@@ -316,7 +355,9 @@ fn find_file(dir: &Path, stem: &str) -> Option<PathBuf> {
     [format!("{stem}.gz"), stem.to_string()]
         .into_iter()
         .map(|f| dir.join(f))
-        .find(|p| p.is_file())
+        // Anything at the name counts (a FIFO, a dangling link...): reading
+        // it then says what is wrong, instead of "not found".
+        .find(|p| crate::io::something_at(p))
 }
 
 fn has_set(dir: &Path) -> bool {

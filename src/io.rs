@@ -1,13 +1,24 @@
-//! Files: atomic writes, and checkpoints as safetensors with PyTorch-style
-//! tensor names and the model spec in the header's metadata, so a checkpoint
-//! alone is enough to rebuild its model.
+//! Files: the one capped reader of user files, the one atomic writer, the
+//! run-folder lock, and checkpoints as safetensors with PyTorch-style tensor
+//! names and the model spec in the header's metadata, so a checkpoint alone is
+//! enough to rebuild its model.
+//!
+//! Every file a user hands us (checkpoints, `--spec`, `--config`, a run's
+//! `config.toml` and `metrics.jsonl`, JSON beside runs, IDX data) is read
+//! through [`read_capped`]: only regular files (a FIFO, `/dev/zero`, a
+//! directory or a socket is refused without reading), and never more than a
+//! cap, counted while reading (not trusted from the file's metadata). Every
+//! file we save goes through [`write_atomic`]: a temporary file created
+//! exclusively (`O_CREAT|O_EXCL`, so a planted symlink is never followed) under
+//! an unpredictable name, flushed, then renamed over the destination.
 
 use std::collections::HashMap;
-use std::io::Write;
+use std::fs::File;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::model::{Model, ModelSpec};
 
@@ -19,11 +30,145 @@ pub const PROGRESS_KEY: &str = "prelu.progress";
 /// Default largest checkpoint accepted (a bound against hostile files;
 /// `$PRELU_MAX_FILE_BYTES` overrides it).
 pub const MAX_CHECKPOINT_BYTES: u64 = 4 << 30;
+/// Default largest text file accepted: model specs, run configs, JSON beside
+/// a run (`$PRELU_MAX_FILE_BYTES` overrides it).
+pub const MAX_TEXT_BYTES: u64 = 16 << 20;
+/// Default largest `metrics.jsonl` accepted (`$PRELU_MAX_FILE_BYTES` overrides it).
+pub const MAX_METRICS_BYTES: u64 = 512 << 20;
 
-/// Writes `bytes` to `path` atomically: a temporary file in the same folder,
-/// flushed to disk, then renamed over `path`. On any error `path` keeps its
-/// previous content.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+/// Why a user file could not be read; every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("cannot read {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("{path}: not a regular file (a {kind}); prelu reads user files only from regular files")]
+    NotRegular { path: String, kind: &'static str },
+    #[error("{path}: over the {cap}-byte cap for this kind of file (set PRELU_MAX_FILE_BYTES to change it)")]
+    TooLarge { path: String, cap: u64 },
+    #[error("{path}: a symbolic link to nothing (dangling); refusing to treat it as missing")]
+    Dangling { path: String },
+}
+
+impl ReadError {
+    /// True when nothing at all is at the path (not even a dangling link).
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, ReadError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+    }
+}
+
+fn kind_name(t: &std::fs::FileType) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if t.is_fifo() {
+            return "FIFO";
+        }
+        if t.is_char_device() {
+            return "character device";
+        }
+        if t.is_block_device() {
+            return "block device";
+        }
+        if t.is_socket() {
+            return "socket";
+        }
+    }
+    if t.is_dir() {
+        "directory"
+    } else if t.is_symlink() {
+        "symbolic link"
+    } else {
+        "special file"
+    }
+}
+
+/// Opens a user file for reading, only if it is a regular file (checked on
+/// the opened descriptor, so it cannot be swapped in between). A FIFO is
+/// opened non-blocking, so it cannot hang the open. A dangling symlink is an
+/// error of its own, never "not found".
+pub fn open_regular(path: &Path) -> std::result::Result<(File, u64), ReadError> {
+    let p = || path.display().to_string();
+    let mut oo = std::fs::OpenOptions::new();
+    oo.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        oo.custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY);
+    }
+    let f = match oo.open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if std::fs::symlink_metadata(path).is_ok() {
+                return Err(ReadError::Dangling { path: p() });
+            }
+            return Err(ReadError::Io { path: p(), source: e });
+        }
+        Err(e) => return Err(ReadError::Io { path: p(), source: e }),
+    };
+    let meta = f.metadata().map_err(|e| ReadError::Io { path: p(), source: e })?;
+    if !meta.is_file() {
+        return Err(ReadError::NotRegular {
+            path: p(),
+            kind: kind_name(&meta.file_type()),
+        });
+    }
+    Ok((f, meta.len()))
+}
+
+/// Reads a whole user file: a regular file only, at most `cap` bytes (counted
+/// while reading; the size in the metadata is only used to refuse early).
+pub fn read_capped(path: &Path, cap: u64) -> std::result::Result<Vec<u8>, ReadError> {
+    let (f, len) = open_regular(path)?;
+    let too_large = || ReadError::TooLarge {
+        path: path.display().to_string(),
+        cap,
+    };
+    if len > cap {
+        return Err(too_large());
+    }
+    let mut buf = Vec::with_capacity(len as usize);
+    f.take(cap.saturating_add(1))
+        .read_to_end(&mut buf)
+        .map_err(|e| ReadError::Io {
+            path: path.display().to_string(),
+            source: e,
+        })?;
+    if buf.len() as u64 > cap {
+        return Err(too_large());
+    }
+    Ok(buf)
+}
+
+/// [`read_capped`] for UTF-8 text, with `$PRELU_MAX_FILE_BYTES` or
+/// [`MAX_TEXT_BYTES`] as the cap.
+pub fn read_text(path: &Path) -> Result<String> {
+    let bytes = read_capped(path, crate::data::file_cap(MAX_TEXT_BYTES))?;
+    String::from_utf8(bytes).map_err(|_| anyhow::anyhow!("{}: not UTF-8 text", path.display()))
+}
+
+/// [`read_text`], with `None` when nothing is at the path (a dangling or
+/// looping link is an error, not "missing").
+pub fn read_text_optional(path: &Path) -> Result<Option<String>> {
+    match read_text(path) {
+        Ok(t) => Ok(Some(t)),
+        Err(e) if e.downcast_ref::<ReadError>().is_some_and(ReadError::is_not_found) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// True when something (a file, a directory, a link, even a dangling one) is
+/// at `path`.
+pub fn something_at(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok()
+}
+
+/// Marks our temporary files: `.NAME.tmp-PID-RANDOM`.
+const TMP_MARK: &str = ".tmp-";
+
+/// Creates a fresh temporary file beside `path`, exclusively (`O_CREAT|O_EXCL`:
+/// an existing file or a planted symlink at that name makes the create fail,
+/// and a new random name is tried), under an unpredictable name.
+fn create_temp_beside(path: &Path) -> Result<(File, PathBuf)> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -31,11 +176,43 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let name = path
         .file_name()
         .with_context(|| format!("{}: not a file path", path.display()))?;
-    let tmp: PathBuf = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    let mut last = None;
+    for _ in 0..16 {
+        let tmp = dir.join(format!(
+            ".{}{TMP_MARK}{}-{:016x}",
+            name.to_string_lossy(),
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        let mut oo = std::fs::OpenOptions::new();
+        oo.write(true).create_new(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            oo.mode(0o644).custom_flags(libc::O_NOFOLLOW);
+        }
+        match oo.open(&tmp) {
+            Ok(f) => return Ok((f, tmp)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(e).with_context(|| format!("cannot create {}", tmp.display())),
+        }
+    }
+    Err(last.expect("set in the loop")).with_context(|| format!("cannot create a temporary file beside {}", path.display()))
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same folder
+/// (created exclusively under an unpredictable name), flushed to disk, then
+/// renamed over `path` (a symlink at `path` is replaced, not followed). On any
+/// error `path` keeps its previous content and the temporary file is removed.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, |f| f.write_all(bytes).map_err(Into::into))
+}
+
+/// [`write_atomic`] with a writer callback, for output produced in pieces.
+pub fn write_atomic_with(path: &Path, fill: impl FnOnce(&mut File) -> Result<()>) -> Result<()> {
+    let (mut f, tmp) = create_temp_beside(path)?;
     let result = (|| -> Result<()> {
-        let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-        f.write_all(bytes)
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        fill(&mut f).with_context(|| format!("cannot write {}", tmp.display()))?;
         f.sync_all()
             .with_context(|| format!("cannot flush {}", tmp.display()))?;
         std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
@@ -45,6 +222,138 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// Removes the temporary files a killed process left in `dir` (names
+/// `.NAME.tmp-...`; links are removed, never followed). Call it only while
+/// holding the folder's [`RunLock`]. Returns how many were removed.
+pub fn remove_stale_temps(dir: &Path) -> Result<usize> {
+    let mut n = 0;
+    for e in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        let e = e?;
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if !(name.starts_with('.') && name.contains(TMP_MARK)) {
+            continue;
+        }
+        let Ok(meta) = std::fs::symlink_metadata(e.path()) else { continue };
+        if meta.is_file() || meta.file_type().is_symlink() {
+            std::fs::remove_file(e.path()).with_context(|| format!("cannot remove {}", e.path().display()))?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// Whether a directory entry name is ours and not part of a run's content
+/// (the lock file, temporary files).
+pub fn is_housekeeping(name: &str) -> bool {
+    name == LOCK_NAME || (name.starts_with('.') && name.contains(TMP_MARK))
+}
+
+/// Name of the lock file in a run folder.
+pub const LOCK_NAME: &str = ".lock";
+
+/// An exclusive advisory lock (`flock`) on a run folder, held as long as this
+/// value lives; the OS releases it when the process dies, however it dies.
+#[derive(Debug)]
+pub struct RunLock {
+    _file: File,
+    path: PathBuf,
+}
+
+impl RunLock {
+    /// The lock file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Locks the run folder `dir` (which must exist) for this process; a second
+/// locker, in this process or another, gets a clear error at once.
+pub fn lock_run_dir(dir: &Path) -> Result<RunLock> {
+    let path = dir.join(LOCK_NAME);
+    let mut oo = std::fs::OpenOptions::new();
+    oo.read(true).write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        // Never follow a planted link; the descriptor is not inherited.
+        oo.mode(0o644).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC);
+    }
+    let file = oo
+        .open(&path)
+        .with_context(|| format!("cannot open the run-folder lock {}", path.display()))?;
+    if !file.metadata()?.is_file() {
+        bail!("{}: the run-folder lock is not a regular file", path.display());
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: flock on a descriptor we own; no memory is involved.
+        let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if r != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                bail!(
+                    "run folder {} is in use by another prelu process (it holds {}); wait for it to finish or choose another --out",
+                    dir.display(),
+                    path.display()
+                );
+            }
+            return Err(e).with_context(|| format!("cannot lock {}", path.display()));
+        }
+    }
+    Ok(RunLock { _file: file, path })
+}
+
+/// Refuses to write `out` when it is the same file as `input` (a command must
+/// never overwrite the checkpoint it reads).
+pub fn refuse_same_file(input: &Path, out: &Path) -> Result<()> {
+    let input = if input.is_dir() {
+        input.join("checkpoint.safetensors")
+    } else {
+        input.to_path_buf()
+    };
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if let (Ok(a), Ok(b)) = (std::fs::metadata(&input), std::fs::metadata(out)) {
+            if a.dev() == b.dev() && a.ino() == b.ino() {
+                bail!(
+                    "{} is the checkpoint being read ({}); refusing to overwrite it, choose another output path",
+                    out.display(),
+                    input.display()
+                );
+            }
+        }
+    }
+    if let (Ok(a), Some(parent), Some(name)) = (input.canonicalize(), out.parent(), out.file_name()) {
+        let parent = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
+        if parent.canonicalize().map(|p| p.join(name)).is_ok_and(|b| b == a) {
+            bail!(
+                "{} is the checkpoint being read; refusing to overwrite it, choose another output path",
+                out.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Deserialises an `f64` written by serde_json, which writes NaN and the
+/// infinities as `null`: `null` reads back as NaN.
+pub fn null_as_nan<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    use serde::Deserialize;
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
+/// [`null_as_nan`] for a list of numbers.
+pub fn nulls_as_nan<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Vec<f64>, D::Error> {
+    use serde::Deserialize;
+    Ok(Vec::<Option<f64>>::deserialize(d)?
+        .into_iter()
+        .map(|v| v.unwrap_or(f64::NAN))
+        .collect())
 }
 
 /// Serialises tensors (sorted by name) with string metadata as safetensors.
@@ -60,27 +369,42 @@ pub fn safetensors_bytes(tensors: &HashMap<String, Tensor>, metadata: HashMap<St
     )?)
 }
 
-/// Writes a safetensors file atomically.
+/// Refuses tensors holding NaN or an infinity (naming the first one): only
+/// finite states are ever saved.
+pub fn check_finite(tensors: &HashMap<String, Tensor>) -> Result<()> {
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    for n in names {
+        let t = &tensors[n];
+        if !t.dtype().is_float() {
+            continue;
+        }
+        let bad = t
+            .flatten_all()?
+            .to_dtype(DType::F64)?
+            .to_vec1::<f64>()?
+            .iter()
+            .any(|v| !v.is_finite());
+        if bad {
+            bail!("tensor `{n}` contains NaN or infinity");
+        }
+    }
+    Ok(())
+}
+
+/// Writes a safetensors file atomically; refuses non-finite tensors.
 pub fn save_safetensors(
     path: &Path,
     tensors: &HashMap<String, Tensor>,
     metadata: HashMap<String, String>,
 ) -> Result<()> {
+    check_finite(tensors).with_context(|| format!("refusing to save {}", path.display()))?;
     write_atomic(path, &safetensors_bytes(tensors, metadata)?)
 }
 
-/// Reads a safetensors file: tensors and header metadata.
+/// Reads a safetensors file (through [`read_capped`]): tensors and header metadata.
 pub fn load_safetensors(path: &Path) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
-    let meta = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let cap = crate::data::file_cap(MAX_CHECKPOINT_BYTES);
-    if meta.len() > cap {
-        bail!(
-            "{}: {} bytes is over the {cap}-byte cap for checkpoints (set PRELU_MAX_FILE_BYTES to change it)",
-            path.display(),
-            meta.len()
-        );
-    }
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let bytes = read_capped(path, crate::data::file_cap(MAX_CHECKPOINT_BYTES))?;
     parse_safetensors(&bytes).with_context(|| format!("{}: not a valid safetensors file", path.display()))
 }
 
@@ -90,6 +414,51 @@ pub fn parse_safetensors(bytes: &[u8]) -> Result<(HashMap<String, Tensor>, HashM
     let metadata = header.metadata().clone().unwrap_or_default();
     let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu)?;
     Ok((tensors, metadata))
+}
+
+/// Float dtypes a checkpoint's model tensors may have; they are converted to
+/// f32 exactly (f64, f16, bf16) or rounded (f64). Integer and 8-bit float
+/// tensors are refused rather than cast.
+fn readable_dtype(d: DType) -> bool {
+    matches!(d, DType::F32 | DType::F64 | DType::F16 | DType::BF16)
+}
+
+/// Checks, before any model is built, that `tensors` holds every tensor the
+/// spec's model needs with the right shape and a float dtype (extra tensors,
+/// such as PyTorch's `num_batches_tracked`, are ignored), and that optimiser
+/// state (`optim.*`) has a float dtype.
+pub fn check_tensors(spec: &ModelSpec, tensors: &HashMap<String, Tensor>) -> Result<()> {
+    for (name, shape) in crate::memory::spec_tensors(spec) {
+        let Some(t) = tensors.get(&name) else {
+            bail!(
+                "checkpoint lacks `{name}` (shape {shape:?}) that the spec needs (it has {} tensors)",
+                tensors.len()
+            );
+        };
+        if t.dims() != shape.as_slice() {
+            bail!(
+                "checkpoint tensor `{name}` has shape {:?}, the spec needs {shape:?}",
+                t.dims()
+            );
+        }
+        if !readable_dtype(t.dtype()) {
+            bail!(
+                "checkpoint tensor `{name}` has dtype {:?}; model tensors must be f32, f64, f16 or bf16 (refusing to cast)",
+                t.dtype()
+            );
+        }
+    }
+    let mut names: Vec<&String> = tensors.keys().filter(|n| n.starts_with("optim.")).collect();
+    names.sort();
+    for n in names {
+        if !readable_dtype(tensors[n].dtype()) {
+            bail!(
+                "optimiser state `{n}` has dtype {:?}; it must be f32, f64, f16 or bf16 (refusing to cast)",
+                tensors[n].dtype()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Saves a model's weights (PyTorch names) and spec, plus any extra tensors
@@ -130,6 +499,9 @@ pub type Loaded = (Model, HashMap<String, Tensor>, HashMap<String, String>);
 /// carry no spec of their own, such as a PyTorch `state_dict` saved with
 /// `safetensors.torch.save_file` under prelu's names (`layers.i.*`, `bn.i.*`,
 /// `act.i.weight`; extra tensors such as `num_batches_tracked` are ignored).
+/// The spec is validated, the tensors' presence, shapes and dtypes checked,
+/// and the model's memory estimated against the budget, all before the model
+/// is built.
 pub fn load_model_with_spec(path: &Path, spec: Option<&Path>) -> Result<Loaded> {
     if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("onnx")) {
         if spec.is_some() {
@@ -144,9 +516,11 @@ pub fn load_model_with_spec(path: &Path, spec: Option<&Path>) -> Result<Loaded> 
     } else {
         path.to_path_buf()
     };
-    let (tensors, metadata) = load_safetensors(&file)?;
+    let bytes = read_capped(&file, crate::data::file_cap(MAX_CHECKPOINT_BYTES))?;
+    let (tensors, metadata) =
+        parse_safetensors(&bytes).with_context(|| format!("{}: not a valid safetensors file", file.display()))?;
     let spec_json = match (spec, metadata.get(SPEC_KEY)) {
-        (Some(p), _) => std::fs::read_to_string(p).with_context(|| format!("cannot read the model spec {}", p.display()))?,
+        (Some(p), _) => read_text(p).with_context(|| format!("cannot read the model spec {}", p.display()))?,
         (None, Some(s)) => s.clone(),
         (None, None) => bail!(
             "{}: no model spec in the header (key `{SPEC_KEY}`); for weights saved elsewhere (e.g. PyTorch), pass --spec SPEC.json",
@@ -155,33 +529,17 @@ pub fn load_model_with_spec(path: &Path, spec: Option<&Path>) -> Result<Loaded> 
     };
     let spec: ModelSpec = serde_json::from_str(&spec_json)
         .with_context(|| format!("{}: the model spec does not parse", file.display()))?;
+    spec.validate()
+        .with_context(|| format!("{}: bad model spec", file.display()))?;
+    check_tensors(&spec, &tensors).with_context(|| format!("{}: weights do not fit the spec", file.display()))?;
+    crate::memory::check(
+        &format!("loading {}", file.display()),
+        &crate::memory::load_estimate(&spec, 256, bytes.len() as u64),
+    )?;
+    drop(bytes);
     let model = Model::new(&spec, 0, &Device::Cpu).with_context(|| format!("{}: bad model spec", file.display()))?;
     model
         .load_state_dict(&tensors)
         .with_context(|| format!("{}: weights do not fit the spec", file.display()))?;
     Ok((model, tensors, metadata))
-}
-
-/// Reads a user's file: a regular file only (no FIFO, device or directory),
-/// at most `max` bytes.
-pub fn read_user_bytes(path: &Path, max: u64) -> Result<Vec<u8>> {
-    use std::io::Read;
-    let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let meta = f.metadata().with_context(|| format!("cannot stat {}", path.display()))?;
-    if !meta.is_file() {
-        anyhow::bail!("{} is not a regular file", path.display());
-    }
-    let mut buf = Vec::new();
-    f.take(max.saturating_add(1))
-        .read_to_end(&mut buf)
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    if buf.len() as u64 > max {
-        anyhow::bail!("{} is larger than {max} bytes (set PRELU_MAX_FILE_BYTES to change the cap)", path.display());
-    }
-    Ok(buf)
-}
-
-/// Reads a user's text file (see [`read_user_bytes`]), UTF-8.
-pub fn read_user_text(path: &Path, max: u64) -> Result<String> {
-    String::from_utf8(read_user_bytes(path, max)?).map_err(|_| anyhow::anyhow!("{} is not UTF-8 text", path.display()))
 }

@@ -25,7 +25,8 @@
 //! * [`sculpt`]: pruning dead units and folding linear ones;
 //! * [`onnx`]: ONNX export (opset 13, `PRelu` with correctly broadcasting slopes);
 //! * [`report`]: a self-contained HTML report of a run with SVG plots;
-//! * [`io`]: atomic writes, safetensors checkpoints;
+//! * [`io`]: the capped reader of user files, atomic writes, the run-folder lock, safetensors checkpoints;
+//! * [`memory`]: allocator hints, and the memory estimate and budget of a run;
 //! * [`bench`]: the benchmarks behind `prelu bench`.
 
 // `!(a > 0.0)` is deliberate throughout: it is true for NaN, which must count
@@ -62,12 +63,18 @@ pub use init::{gain, FanMode, InitScheme};
 pub use invert::{log_abs_det_jacobian, prelu_inverse, InvertError};
 pub use ops::{prelu, prelu_backward, SlopeAxis};
 
+/// Most worker threads accepted (`--threads`).
+pub const MAX_THREADS: usize = 512;
+
 /// Sets the number of worker threads for our kernels and for candle (both use
 /// rayon's global pool; candle also reads `RAYON_NUM_THREADS`). Call once, before
 /// any tensor work; `0` keeps the default (all cores).
 pub fn set_threads(n: usize) -> anyhow::Result<()> {
     if n == 0 {
         return Ok(());
+    }
+    if n > MAX_THREADS {
+        anyhow::bail!("--threads {n} is more than the {MAX_THREADS} allowed (0 uses every core)");
     }
     std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     rayon::ThreadPoolBuilder::new()

@@ -345,6 +345,9 @@ struct ConfigArgs {
     /// Testing aid: make the loss NaN at this global step.
     #[arg(long, hide = true)]
     fault_nan_step: Option<u64>,
+    /// Testing aid: make the first layer's weights infinite after this global step.
+    #[arg(long, hide = true)]
+    fault_inf_step: Option<u64>,
     /// Turn the diagnostic sentinel off.
     #[arg(long)]
     no_sentinel: bool,
@@ -363,6 +366,29 @@ struct ConfigArgs {
 }
 
 impl ConfigArgs {
+    /// The run-config flags given on the command line, besides --epochs (and
+    /// the hidden testing aid): what --resume would have to ignore.
+    fn given_besides_epochs(&self) -> Vec<&'static str> {
+        let mut g = Vec::new();
+        macro_rules! opt {
+            ($($f:ident => $n:literal),*) => { $( if self.$f.is_some() { g.push($n); } )* };
+        }
+        macro_rules! flag {
+            ($($f:ident => $n:literal),*) => { $( if self.$f { g.push($n); } )* };
+        }
+        opt!(config => "--config", data => "--data", data_dir => "--data-dir", model => "--model",
+            hidden => "--hidden", channels => "--channels", alpha_init => "--alpha-init",
+            slope_constraint => "--slope-constraint", init => "--init", optimizer => "--optimizer",
+            lr => "--lr", momentum => "--momentum", weight_decay => "--weight-decay",
+            schedule => "--schedule", batch_size => "--batch-size", seed => "--seed",
+            train_limit => "--train-limit", test_limit => "--test-limit", log_every => "--log-every",
+            alarm_dead_share => "--alarm-dead-share", alarm_idle_epochs => "--alarm-idle-epochs",
+            bias_init => "--bias-init");
+        flag!(batch_norm => "--batch-norm", decay_bn => "--decay-bn", no_sentinel => "--no-sentinel",
+            autograd => "--autograd");
+        g
+    }
+
     fn resolve(&self, act: Option<&String>) -> Result<TrainConfig> {
         let mut c = match &self.config {
             Some(p) => TrainConfig::from_toml_file(p)?,
@@ -399,6 +425,9 @@ impl ConfigArgs {
         if self.fault_nan_step.is_some() {
             c.fault_nan_step = self.fault_nan_step;
         }
+        if self.fault_inf_step.is_some() {
+            c.fault_inf_step = self.fault_inf_step;
+        }
         c.batch_norm |= self.batch_norm;
         if self.no_sentinel {
             c.sentinel = false;
@@ -429,9 +458,13 @@ struct TrainArgs {
     /// Run folder (default: runs/<data>-<model>-<act>-seed<seed>, made unique).
     #[arg(long, short)]
     out: Option<PathBuf>,
-    /// Continue the run in --out from its last checkpoint.
-    #[arg(long)]
+    /// Continue the run in --out from its last checkpoint (under its saved
+    /// config; only --epochs may be given, to extend it).
+    #[arg(long, conflicts_with = "overwrite")]
     resume: bool,
+    /// Replace the run that --out already holds (without it, an existing run folder is refused).
+    #[arg(long)]
+    overwrite: bool,
     #[arg(long)]
     json: bool,
 }
@@ -594,6 +627,14 @@ fn print_summary(s: &TrainSummary) {
         s.samples_per_s,
         s.params
     );
+    if s.alarms.is_empty() {
+        println!("sentinel alarms: none");
+    } else {
+        println!("sentinel alarms ({}):", s.alarms.len());
+        for al in &s.alarms {
+            println!("  epoch {}: {}", al.epoch, al.message);
+        }
+    }
     println!("run folder: {}", s.run_dir.display());
 }
 
@@ -601,11 +642,25 @@ fn cmd_train(a: &TrainArgs) -> Result<()> {
     let cfg = match (&a.out, a.resume) {
         // A resumed run keeps its own config; only --epochs may extend it.
         (Some(dir), true) => {
+            let mut ignored = a.cfg.given_besides_epochs();
+            if a.act.is_some() {
+                ignored.push("--act");
+            }
+            if !ignored.is_empty() {
+                anyhow::bail!(
+                    "--resume continues {} under its saved config.toml; it would ignore {}. \
+                     Leave them out (only --epochs may be given, to extend the run)",
+                    dir.display(),
+                    ignored.join(", ")
+                );
+            }
             let mut c = TrainConfig::from_toml_file(&dir.join("config.toml"))
                 .with_context(|| format!("cannot resume {}", dir.display()))?;
             if let Some(e) = a.cfg.epochs {
                 c.epochs = e;
             }
+            c.fault_nan_step = a.cfg.fault_nan_step;
+            c.fault_inf_step = a.cfg.fault_inf_step;
             c
         }
         _ => a.cfg.resolve(a.act.as_ref())?,
@@ -625,7 +680,12 @@ fn cmd_train(a: &TrainArgs) -> Result<()> {
         }
     };
     let mut p = TrainProgress::new(&cfg.act);
-    let s = train::train(&cfg, &dir, a.resume, &mut |e| p.on(e))?;
+    let mode = match (a.resume, a.overwrite) {
+        (true, _) => train::RunMode::Resume,
+        (false, true) => train::RunMode::Overwrite,
+        (false, false) => train::RunMode::New,
+    };
+    let s = train::train_in(&cfg, &dir, mode, &mut |e| p.on(e))?;
     if a.json {
         println!("{}", serde_json::to_string(&s)?);
     } else {
@@ -760,11 +820,17 @@ fn cmd_demo(a: &DemoArgs) -> Result<()> {
 }
 
 fn bench_kernels(a: &KernelsArgs) -> Result<()> {
-    if a.reps == 0 || a.candle_reps == 0 {
-        anyhow::bail!("--reps and --candle-reps must be at least 1");
+    if a.reps == 0 || a.candle_reps == 0 || a.reps > 10_000 || a.candle_reps > 10_000 {
+        anyhow::bail!("--reps and --candle-reps must be in 1..=10000");
+    }
+    let shapes = parse_shapes(&a.shapes)?;
+    for sh in &shapes {
+        let n = sh.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d as u64)).unwrap_or(u64::MAX);
+        // x, y, dy, dx and candle's tensors: about eight f32 buffers of the shape.
+        prelu::memory::check_bytes(&format!("bench kernels on shape {sh:?}"), n.saturating_mul(32))?;
     }
     let opts = prelu::bench::KernelBenchOptions {
-        shapes: parse_shapes(&a.shapes)?,
+        shapes,
         reps: a.reps,
         candle_reps: a.candle_reps,
         ..Default::default()
@@ -805,6 +871,9 @@ fn bench_kernels(a: &KernelsArgs) -> Result<()> {
 }
 
 fn bench_train(a: &BenchTrainArgs) -> Result<()> {
+    if a.steps > 100_000 || a.warmup > 100_000 {
+        anyhow::bail!("--steps and --warmup must be at most 100000");
+    }
     let pb = spinner();
     let r = prelu::bench::train(
         &prelu::bench::TrainBenchOptions {
@@ -1002,6 +1071,7 @@ fn cmd_canonicalize(a: &CanonArgs) -> Result<()> {
     let (model, _, _) = load_ckpt(&a.checkpoint)?;
     let (data, split) = data_for(&a.checkpoint, &a.data, &a.data_dir)?;
     let test = split.test.take(a.limit);
+    prelu::io::refuse_same_file(&a.checkpoint, &a.out)?;
     let (canon, scaled, flipped, diff) = prelu::sculpt::canonicalize(&model, &test)?;
     let ids = if model.spec.batch_norm {
         prelu::symmetry::identifiability(&model)?
@@ -1049,6 +1119,7 @@ fn cmd_sculpt(a: &SculptArgs) -> Result<()> {
         "finding dead and linear units on {} {data} training images",
         stats.len()
     ));
+    prelu::io::refuse_same_file(&a.checkpoint, &a.out)?;
     let (out, r) = prelu::sculpt::sculpt(&model, &stats, &split.test, &opts)?;
     pb.finish_and_clear();
     prelu::io::save_model(&a.out, &out, Default::default(), Default::default())?;
@@ -1137,6 +1208,18 @@ fn cmd_import(a: &ImportArgs) -> Result<()> {
 
 fn cmd_export(a: &ExportArgs) -> Result<()> {
     let (model, _, _) = load_ckpt(&a.checkpoint)?;
+    let stem = a.onnx.display().to_string();
+    for out in [
+        a.onnx.clone(),
+        PathBuf::from(format!("{stem}.inputs.f32")),
+        PathBuf::from(format!("{stem}.logits.f32")),
+        PathBuf::from(format!("{stem}.ref.json")),
+    ] {
+        prelu::io::refuse_same_file(&a.checkpoint, &out)?;
+        if let Some(spec) = SPEC.get().and_then(|s| s.as_deref()) {
+            prelu::io::refuse_same_file(spec, &out)?;
+        }
+    }
     let bytes = prelu::onnx::export(&model)?;
     prelu::io::write_atomic(&a.onnx, &bytes)?;
     let mut reference = serde_json::Value::Null;
@@ -1309,6 +1392,23 @@ fn cmd_stability(a: &StabilityArgs) -> Result<()> {
         println!("a (var) = sqrt(2 / gain^2 - 1) keeps variance; backward gain = RMS grad at this act's input / next act's input.");
         return Ok(());
     }
+    if a.depth > 100_000 || a.width > 1 << 16 || a.batch > 1 << 16 || a.draws > 1000 {
+        anyhow::bail!(
+            "stability: --depth at most 100000, --width and --batch at most 65536, --draws at most 1000 \
+             (got depth {}, width {}, batch {}, draws {})",
+            a.depth,
+            a.width,
+            a.batch,
+            a.draws
+        );
+    }
+    // Every layer's weights are kept, and each layer's inputs and gradients.
+    let (d, w, b) = (a.depth as u64, a.width as u64, a.batch as u64);
+    prelu::memory::check_bytes(
+        &format!("stability at depth {} and width {}", a.depth, a.width),
+        d.saturating_mul(w.saturating_mul(w).saturating_add(b.saturating_mul(w).saturating_mul(4)))
+            .saturating_mul(4),
+    )?;
     let ch = stability::chain(&vec![a.chain_weight; a.depth], a.alpha, 1e-3, 1e3);
     let opts = stability::PropagationOptions {
         depth: a.depth,
@@ -1404,6 +1504,14 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    // A closed stdout (`prelu ... | head`) ends the process quietly, as for
+    // any Unix tool, instead of a panic in println!. Everything a command
+    // saves is written before its output is printed.
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     prelu::memory::tune_malloc();
     let cli = Cli::parse();
     match run(cli) {

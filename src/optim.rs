@@ -95,7 +95,8 @@ impl Schedule {
             Schedule::Constant => base,
             Schedule::Step { every, gamma } => base * gamma.powi((epoch / every) as i32),
             Schedule::Cosine => {
-                let total = (steps_per_epoch * epochs).max(1) as f64;
+                // In f64: no product of counts can wrap.
+                let total = (steps_per_epoch as f64 * epochs as f64).max(1.0);
                 base * 0.5 * (1.0 + (PI * step as f64 / total).cos())
             }
         }
@@ -293,12 +294,28 @@ impl Optimizer {
     }
 
     /// Restores a state written by [`Optimizer::state`].
+    /// Refuses state that could not have been written by a run: non-float or
+    /// non-finite moments, a negative second moment, a step count beyond
+    /// what the bias correction can represent.
     pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, steps: u64) -> Result<()> {
+        if steps > i32::MAX as u64 {
+            bail!("optimizer state: step count {steps} is out of range (at most {})", i32::MAX);
+        }
         for s in &mut self.slots {
             for (suffix, slot) in [("m", &mut s.m), ("v", &mut s.v)] {
                 *slot = match tensors.get(&format!("optim.{}.{suffix}", s.name)) {
                     Some(t) if t.dims() == s.var.dims() => {
-                        Some(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+                        if !t.dtype().is_float() {
+                            bail!("optimizer state for `{}` has dtype {:?}, not a float type", s.name, t.dtype());
+                        }
+                        let v = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                        if v.iter().any(|x| !x.is_finite()) {
+                            bail!("optimizer state `optim.{}.{suffix}` contains NaN or infinity", s.name);
+                        }
+                        if suffix == "v" && v.iter().any(|&x| x < 0.0) {
+                            bail!("optimizer state `optim.{}.v` (a second moment) has negative values", s.name);
+                        }
+                        Some(v)
                     }
                     Some(t) => bail!(
                         "optimizer state for `{}` has shape {:?}, expected {:?}",

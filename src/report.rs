@@ -16,8 +16,56 @@ use crate::train::{read_metrics, EpochMetrics, MetricsLine};
 
 type Svg = String;
 
-fn html_escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+/// A named line of (x, y) points.
+pub type Series = (String, Vec<(f64, f64)>);
+
+/// Escapes text for HTML content and attribute values.
+pub fn html_escape(s: &str) -> String {
+    let mut o = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => o.push_str("&amp;"),
+            '<' => o.push_str("&lt;"),
+            '>' => o.push_str("&gt;"),
+            '"' => o.push_str("&quot;"),
+            '\'' => o.push_str("&#39;"),
+            c => o.push(c),
+        }
+    }
+    o
+}
+
+/// Reads an optional JSON file beside a run (the capped reader; a missing
+/// file is `None`, anything else that cannot be read is an error).
+fn read_json_beside(run_dir: &Path, name: &str) -> Result<Option<serde_json::Value>> {
+    let path = run_dir.join(name);
+    match crate::io::read_text_optional(&path)? {
+        None => Ok(None),
+        Some(t) => Ok(Some(
+            serde_json::from_str(&t).with_context(|| format!("{}: not valid JSON", path.display()))?,
+        )),
+    }
+}
+
+/// A number from a JSON file beside a run, or an error naming the field.
+fn json_number(v: &serde_json::Value, file: &str, field: &str) -> Result<f64> {
+    v.as_f64()
+        .with_context(|| format!("{file}: `{field}` must be a number, got {}", short(v)))
+}
+
+/// A string from a JSON file beside a run, or an error naming the field.
+fn json_str<'a>(v: &'a serde_json::Value, file: &str, field: &str) -> Result<&'a str> {
+    v.as_str()
+        .with_context(|| format!("{file}: `{field}` must be a string, got {}", short(v)))
+}
+
+fn short(v: &serde_json::Value) -> String {
+    let s = v.to_string();
+    if s.len() > 40 {
+        format!("{}...", &s[..s.floor_char_boundary(40)])
+    } else {
+        s
+    }
 }
 
 fn range(vals: impl Iterator<Item = f64>) -> (f64, f64) {
@@ -103,6 +151,75 @@ fn heatmap(title: &str, epochs: &[usize], shares: &[Vec<f64>]) -> Result<Svg> {
     Ok(out)
 }
 
+/// The curves of a `stability.json` (the `--json` output of `prelu
+/// stability`) as plot series, every value type-checked; `None` without curves.
+pub fn stability_series(v: &serde_json::Value) -> Result<Option<Vec<Series>>> {
+    const F: &str = "stability.json";
+    let Some(curves) = v.get("curves") else { return Ok(None) };
+    let curves = curves.as_array().with_context(|| format!("{F}: `curves` must be a list"))?;
+    let mut series: Vec<Series> = Vec::new();
+    for c in curves {
+        let name = format!(
+            "{} / {}",
+            json_str(&c["init"], F, "init")?,
+            json_str(&c["act"], F, "act")?
+        );
+        let fwd = c["forward"]
+            .as_array()
+            .with_context(|| format!("{F}: `forward` must be a list of numbers"))?;
+        let pts = fwd
+            .iter()
+            .enumerate()
+            .map(|(i, q)| Ok(((i + 1) as f64, json_number(q, F, "forward")?.log10())))
+            .collect::<Result<Vec<_>>>()?;
+        // plotters escapes every text and attribute it writes into the SVG.
+        series.push((name, pts));
+    }
+    Ok(Some(series))
+}
+
+/// The HTML table of an `attack.json` (the `--json` output of `prelu
+/// attack`): numbers must be numbers, the checkpoint a string, every value
+/// is escaped.
+pub fn attack_table(v: &serde_json::Value) -> Result<String> {
+    const F: &str = "attack.json";
+    let mut out = String::from(
+        "<h2>Attack results</h2><table><tr><th>model</th><th>eps</th><th>FGSM acc</th><th>PGD acc</th></tr>",
+    );
+    let models = match v.get("models") {
+        None => &[][..],
+        Some(m) => m.as_array().with_context(|| format!("{F}: `models` must be a list"))?.as_slice(),
+    };
+    for m in models {
+        let ck = match m.get("checkpoint") {
+            None => "",
+            Some(c) => json_str(c, F, "checkpoint")?,
+        };
+        let results = match m.get("report").and_then(|r| r.get("results")) {
+            None => &[][..],
+            Some(r) => r.as_array().with_context(|| format!("{F}: `results` must be a list"))?.as_slice(),
+        };
+        for r in results {
+            let num = |k: &str| -> Result<String> {
+                match r.get(k) {
+                    None | Some(serde_json::Value::Null) => Ok("-".into()),
+                    Some(x) => Ok(format!("{}", json_number(x, F, k)?)),
+                }
+            };
+            let _ = write!(
+                out,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                html_escape(ck),
+                html_escape(&num("eps")?),
+                html_escape(&num("fgsm_acc")?),
+                html_escape(&num("pgd_acc")?)
+            );
+        }
+    }
+    out.push_str("</table>");
+    Ok(out)
+}
+
 /// What the report contains, for `--json`.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct ReportSummary {
@@ -136,11 +253,11 @@ pub fn write(run_dir: &Path, out: &Path) -> Result<ReportSummary> {
     let alarms: Vec<&Alarm> = lines_
         .iter()
         .filter_map(|l| match l {
-            MetricsLine::Alarm(a) => Some(a),
+            MetricsLine::Alarm { alarm } => Some(alarm),
             _ => None,
         })
         .collect();
-    let config = std::fs::read_to_string(run_dir.join("config.toml")).unwrap_or_default();
+    let config = crate::io::read_text_optional(&run_dir.join("config.toml"))?.unwrap_or_default();
     let ep = |f: &dyn Fn(&EpochMetrics) -> f64| epochs.iter().map(|m| (m.epoch as f64, f(m))).collect::<Vec<_>>();
     let mut plots: Vec<(String, Svg)> = Vec::new();
     plots.push((
@@ -228,53 +345,16 @@ pub fn write(run_dir: &Path, out: &Path) -> Result<ReportSummary> {
         ));
     }
     let mut extra = String::new();
-    if let Ok(text) = std::fs::read_to_string(run_dir.join("stability.json")) {
-        let v: serde_json::Value = serde_json::from_str(&text).context("stability.json does not parse")?;
-        if let Some(curves) = v["curves"].as_array() {
-            let series: Vec<(String, Vec<(f64, f64)>)> = curves
-                .iter()
-                .map(|c| {
-                    let name = format!(
-                        "{} / {}",
-                        c["init"].as_str().unwrap_or("?"),
-                        c["act"].as_str().unwrap_or("?")
-                    );
-                    let pts = c["forward"]
-                        .as_array()
-                        .map(|a| {
-                            a.iter()
-                                .enumerate()
-                                .map(|(i, q)| ((i + 1) as f64, q.as_f64().unwrap_or(f64::NAN).log10()))
-                                .collect()
-                        })
-                        .unwrap_or_default();
-                    (name, pts)
-                })
-                .collect();
+    if let Some(v) = read_json_beside(run_dir, "stability.json")? {
+        if let Some(series) = stability_series(&v)? {
             plots.push((
                 "Stability".into(),
                 lines("log10 pre-activation variance vs layer", "log10 variance", &series)?,
             ));
         }
     }
-    if let Ok(text) = std::fs::read_to_string(run_dir.join("attack.json")) {
-        let v: serde_json::Value = serde_json::from_str(&text).context("attack.json does not parse")?;
-        extra.push_str(
-            "<h2>Attack results</h2><table><tr><th>model</th><th>eps</th><th>FGSM acc</th><th>PGD acc</th></tr>",
-        );
-        for m in v["models"].as_array().into_iter().flatten() {
-            for r in m["report"]["results"].as_array().into_iter().flatten() {
-                let _ = write!(
-                    extra,
-                    "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-                    html_escape(m["checkpoint"].as_str().unwrap_or("")),
-                    r["eps"],
-                    r["fgsm_acc"],
-                    r["pgd_acc"]
-                );
-            }
-        }
-        extra.push_str("</table>");
+    if let Some(v) = read_json_beside(run_dir, "attack.json")? {
+        extra.push_str(&attack_table(&v)?);
     }
     let last = epochs.last().expect("non-empty");
     let mut h = String::new();

@@ -52,6 +52,29 @@ impl Default for SentinelConfig {
     }
 }
 
+impl SentinelConfig {
+    /// Checks every threshold (the `[alarms]` table of a run config).
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let unit = |v: f64| (0.0..=1.0).contains(&v);
+        if !unit(self.dead_share) {
+            anyhow::bail!("alarms: dead_share must be in [0, 1], got {}", self.dead_share);
+        }
+        if !unit(self.idle_share) {
+            anyhow::bail!("alarms: idle_share must be in [0, 1], got {}", self.idle_share);
+        }
+        if self.idle_epochs == 0 || self.idle_epochs > 1_000_000 {
+            anyhow::bail!("alarms: idle_epochs must be in 1..=1000000, got {}", self.idle_epochs);
+        }
+        if !(self.grad_ratio >= 1.0) || !self.grad_ratio.is_finite() {
+            anyhow::bail!("alarms: grad_ratio must be a finite number >= 1, got {}", self.grad_ratio);
+        }
+        if !(self.stuck_slope >= 0.0) || !self.stuck_slope.is_finite() {
+            anyhow::bail!("alarms: stuck_slope must be a finite number >= 0, got {}", self.stuck_slope);
+        }
+        Ok(())
+    }
+}
+
 /// One activation layer's statistics over an epoch (or a diagnose pass).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct LayerReport {
@@ -60,8 +83,10 @@ pub struct LayerReport {
     pub kind: String,
     pub channels: usize,
     /// Share of negative inputs over the whole layer.
+    #[serde(deserialize_with = "crate::io::null_as_nan")]
     pub negative_share: f64,
     /// Share of negative inputs per channel.
+    #[serde(deserialize_with = "crate::io::nulls_as_nan")]
     pub negative_share_per_channel: Vec<f64>,
     /// Channels never positive (ReLU: no gradient at all).
     pub dead: Vec<usize>,
@@ -72,15 +97,19 @@ pub struct LayerReport {
     /// PReLU slopes idle for `idle_epochs` epochs in a row.
     pub idle: Vec<usize>,
     /// Slope values (PReLU), one per slope parameter.
+    #[serde(deserialize_with = "crate::io::nulls_as_nan")]
     pub slopes: Vec<f64>,
     /// Mean |d loss / d slope| per slope over the steps.
+    #[serde(deserialize_with = "crate::io::nulls_as_nan")]
     pub slope_grad: Vec<f64>,
     /// Mean L2 norm of the gradient of the weight layer feeding this activation.
     pub weight_grad_norm: Option<f64>,
     /// Mean L2 norm of the slope gradient.
     pub slope_grad_norm: Option<f64>,
     /// Mean and variance of the layer's outputs.
+    #[serde(deserialize_with = "crate::io::null_as_nan")]
     pub act_mean: f64,
+    #[serde(deserialize_with = "crate::io::null_as_nan")]
     pub act_var: f64,
 }
 
@@ -177,6 +206,12 @@ impl Sentinel {
             handles,
             raised: HashSet::new(),
         }
+    }
+
+    /// Records an alarm as already raised (an alarm from before a resume), so
+    /// it is not raised again.
+    pub fn mark_raised(&mut self, a: &Alarm) {
+        self.raised.insert((a.layer.clone(), a.kind.clone()));
     }
 
     /// The statistics handles to pass to [`Model::forward_counting`].

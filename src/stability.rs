@@ -314,8 +314,16 @@ pub fn model_layers(model: &Model, x: &Tensor, y: &Tensor, far: f64) -> Result<V
 /// Writes an SVG plot of forward variance against depth, one line per curve
 /// (log scale), with the prediction dashed.
 pub fn plot_svg(curves: &[PropagationCurve], path: &std::path::Path) -> anyhow::Result<()> {
+    // Drawn into memory, then saved by the atomic writer (a temporary file
+    // created exclusively, renamed over `path`): a planted link is never followed.
+    let mut svg = String::new();
+    plot_svg_into(curves, &mut svg)?;
+    crate::io::write_atomic(path, svg.as_bytes())
+}
+
+fn plot_svg_into(curves: &[PropagationCurve], svg: &mut String) -> anyhow::Result<()> {
     use plotters::prelude::*;
-    let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
+    let root = SVGBackend::with_string(svg, (900, 560)).into_drawing_area();
     root.fill(&WHITE)?;
     let depth = curves.iter().map(|c| c.forward.len()).max().unwrap_or(1);
     let vals = curves

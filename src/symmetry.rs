@@ -351,9 +351,13 @@ pub fn identifiability(model: &Model) -> Result<Vec<Identifiability>> {
 #[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq)]
 pub struct IdentDrift {
     pub layer: String,
+    #[serde(deserialize_with = "crate::io::null_as_nan")]
     pub gamma_drift: f64,
+    #[serde(deserialize_with = "crate::io::null_as_nan")]
     pub slope_drift: f64,
+    #[serde(deserialize_with = "crate::io::null_as_nan")]
     pub effective_positive_drift: f64,
+    #[serde(deserialize_with = "crate::io::null_as_nan")]
     pub effective_negative_drift: f64,
 }
 

@@ -69,6 +69,9 @@ pub struct TrainConfig {
     pub log_every: usize,
     /// Testing aid: make the loss NaN at this global step.
     pub fault_nan_step: Option<u64>,
+    /// Testing aid: make every weight of the first layer infinite after the
+    /// update of this global step (a run that diverges between checks).
+    pub fault_inf_step: Option<u64>,
     /// Initial value of every hidden bias (a negative shift kills ReLU units).
     pub bias_init: f64,
     /// Run the diagnostic sentinel (per-epoch layer statistics and alarms).
@@ -106,6 +109,7 @@ impl Default for TrainConfig {
             test_limit: None,
             log_every: 50,
             fault_nan_step: None,
+            fault_inf_step: None,
             bias_init: 0.0,
             sentinel: true,
             alarms: crate::sentinel::SentinelConfig::default(),
@@ -138,6 +142,10 @@ pub fn parse_constraint(s: &str) -> std::result::Result<SlopeConstraint, String>
     }
 }
 
+/// Largest number of epochs a run may have (keeps step counts and the
+/// schedule's arithmetic far from overflow).
+pub const MAX_EPOCHS: usize = 1_000_000;
+
 /// A config turned into typed parts, every value checked.
 pub struct Resolved {
     pub act: Activation,
@@ -151,16 +159,37 @@ pub struct Resolved {
 impl TrainConfig {
     /// Reads a TOML config file (unknown keys are an error).
     pub fn from_toml_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let text = io::read_text(path)?;
         toml::from_str(&text).with_context(|| format!("{}: invalid run config", path.display()))
     }
 
     /// Checks every value and parses the string-valued options.
     pub fn resolve(&self) -> Result<Resolved> {
         let e = |m: String| anyhow::anyhow!(m);
-        if self.epochs == 0 {
-            bail!("epochs must be at least 1");
+        if self.epochs == 0 || self.epochs > MAX_EPOCHS {
+            bail!("epochs must be in 1..={MAX_EPOCHS}, got {}", self.epochs);
         }
+        if self.batch_norm && self.batch_size == 1 {
+            bail!("BatchNorm needs batches of at least 2 examples (batch size 1 has no batch statistics)");
+        }
+        // TOML integers are signed 64-bit: larger values could not be written
+        // to the run's config.toml.
+        let big = |v: u64| v > i64::MAX as u64;
+        if big(self.seed) || self.fault_nan_step.is_some_and(big) || self.fault_inf_step.is_some_and(big) {
+            bail!("seed (and every integer option) must be at most 2^63 - 1, got {}", self.seed);
+        }
+        for (name, v) in [
+            ("batch size", Some(self.batch_size)),
+            ("log-every", Some(self.log_every)),
+            ("train limit", self.train_limit),
+            ("test limit", self.test_limit),
+            ("alarm-idle-epochs", Some(self.alarms.idle_epochs)),
+        ] {
+            if v.is_some_and(|v| big(v as u64)) {
+                bail!("{name} must be at most 2^63 - 1, got {}", v.unwrap_or(0));
+            }
+        }
+        self.alarms.validate()?;
         if self.batch_size == 0 {
             bail!("batch size must be at least 1");
         }
@@ -181,7 +210,7 @@ impl TrainConfig {
         }
         let arch = if self.model.ends_with(".toml") || self.model.ends_with(".json") {
             let path = Path::new(&self.model);
-            let text = crate::io::read_user_text(path, 16 << 20)?;
+            let text = crate::io::read_text(path)?;
             let graph = crate::graph::Graph::parse(&text).map_err(|m| anyhow::anyhow!("{}: {m}", path.display()))?;
             Arch::Graph { graph }
         } else {
@@ -254,8 +283,11 @@ impl TrainConfig {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct SlopeSummary {
     pub layer: String,
+    #[serde(deserialize_with = "io::null_as_nan")]
     pub mean: f64,
+    #[serde(deserialize_with = "io::null_as_nan")]
     pub min: f64,
+    #[serde(deserialize_with = "io::null_as_nan")]
     pub max: f64,
 }
 
@@ -266,7 +298,9 @@ pub enum MetricsLine {
     Step {
         epoch: usize,
         step: u64,
+        #[serde(deserialize_with = "io::null_as_nan")]
         loss: f64,
+        #[serde(deserialize_with = "io::null_as_nan")]
         lr: f64,
     },
     Epoch(EpochMetrics),
@@ -275,8 +309,10 @@ pub enum MetricsLine {
         epoch: usize,
         layers: Vec<crate::sentinel::LayerReport>,
     },
-    /// An alarm, written when first raised.
-    Alarm(crate::sentinel::Alarm),
+    /// An alarm, written when first raised. The alarm sits under its own key
+    /// (`{"kind":"alarm","alarm":{...}}`): flattened, its own `kind` field
+    /// would repeat the line's `kind` key.
+    Alarm { alarm: crate::sentinel::Alarm },
     /// Drift of raw BN gamma / PReLU slopes against the effective slopes since
     /// the start of training (MLPs with BatchNorm).
     Identifiability {
@@ -293,7 +329,7 @@ impl MetricsLine {
             | MetricsLine::Sentinel { epoch, .. }
             | MetricsLine::Identifiability { epoch, .. } => *epoch,
             MetricsLine::Epoch(m) => m.epoch,
-            MetricsLine::Alarm(a) => a.epoch,
+            MetricsLine::Alarm { alarm } => alarm.epoch,
         }
     }
 }
@@ -304,12 +340,19 @@ pub struct EpochMetrics {
     /// 1-based epoch number.
     pub epoch: usize,
     pub step: u64,
+    #[serde(deserialize_with = "io::null_as_nan")]
     pub lr: f64,
+    #[serde(deserialize_with = "io::null_as_nan")]
     pub train_loss: f64,
+    #[serde(deserialize_with = "io::null_as_nan")]
     pub train_acc: f64,
+    #[serde(deserialize_with = "io::null_as_nan")]
     pub test_loss: f64,
+    #[serde(deserialize_with = "io::null_as_nan")]
     pub test_acc: f64,
+    #[serde(deserialize_with = "io::null_as_nan")]
     pub seconds: f64,
+    #[serde(deserialize_with = "io::null_as_nan")]
     pub samples_per_s: f64,
     pub slopes: Vec<SlopeSummary>,
 }
@@ -329,6 +372,8 @@ pub struct TrainSummary {
     pub seconds: f64,
     pub samples_per_s: f64,
     pub params: usize,
+    /// Every alarm the sentinel raised in this run (before a resume too).
+    pub alarms: Vec<crate::sentinel::Alarm>,
 }
 
 /// Progress events for a front end (progress bar).
@@ -426,36 +471,155 @@ pub fn fresh_run_dir(root: &Path, base: &str) -> PathBuf {
         .expect("an unused name exists")
 }
 
-/// Reads `metrics.jsonl` (skipping a torn last line, as a crash can leave).
+/// Reads `metrics.jsonl` strictly (through the capped reader): every complete
+/// line must parse, or the error names the line; only a torn last line (no
+/// newline at its end, as a crash can leave) that does not parse is skipped.
+/// A missing file reads as no lines.
 pub fn read_metrics(run_dir: &Path) -> Result<Vec<MetricsLine>> {
     let path = run_dir.join("metrics.jsonl");
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    let bytes = match io::read_capped(&path, data::file_cap(io::MAX_METRICS_BYTES)) {
+        Ok(b) => b,
+        Err(e) if e.is_not_found() => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
     };
-    Ok(text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect())
+    parse_metrics(&bytes).with_context(|| format!("{}: invalid metrics", path.display()))
 }
 
+/// Parses the bytes of a `metrics.jsonl` (see [`read_metrics`]).
+pub fn parse_metrics(bytes: &[u8]) -> Result<Vec<MetricsLine>> {
+    let mut pieces: Vec<&[u8]> = bytes.split(|&b| b == b'\n').collect();
+    // What follows the last newline: nothing, or a line torn by a crash.
+    let tail = pieces.pop().unwrap_or_default();
+    let mut out = Vec::with_capacity(pieces.len());
+    for (i, line) in pieces.iter().enumerate() {
+        out.push(parse_metrics_line(line).with_context(|| format!("line {} does not parse", i + 1))?);
+    }
+    if let Ok(l) = parse_metrics_line(tail) {
+        out.push(l);
+    }
+    Ok(out)
+}
+
+fn parse_metrics_line(line: &[u8]) -> Result<MetricsLine> {
+    match serde_json::from_slice::<MetricsLine>(line) {
+        Ok(l) => Ok(l),
+        Err(e) => {
+            // Alarm lines written before the fix repeated the key `kind`:
+            // `{"kind":"alarm",<the alarm's fields, its own kind among them>}`.
+            if let Some(rest) = line.strip_prefix(br#"{"kind":"alarm","#.as_slice()) {
+                let mut fixed = b"{".to_vec();
+                fixed.extend_from_slice(rest);
+                if let Ok(alarm) = serde_json::from_slice::<crate::sentinel::Alarm>(&fixed) {
+                    return Ok(MetricsLine::Alarm { alarm });
+                }
+            }
+            Err(e.into())
+        }
+    }
+}
+
+/// Writes `keep` as the whole `metrics.jsonl` (atomically), unless the file
+/// already holds exactly that.
 fn rewrite_metrics(run_dir: &Path, keep: &[MetricsLine]) -> Result<()> {
     let mut s = String::new();
     for l in keep {
         s.push_str(&serde_json::to_string(l)?);
         s.push('\n');
     }
-    io::write_atomic(&run_dir.join("metrics.jsonl"), s.as_bytes())
+    let path = run_dir.join("metrics.jsonl");
+    if io::read_capped(&path, s.len() as u64).is_ok_and(|old| old == s.as_bytes()) {
+        return Ok(());
+    }
+    io::write_atomic(&path, s.as_bytes())
+}
+
+/// How [`train_in`] treats the run folder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunMode {
+    /// A new run: the folder must be missing or empty.
+    New,
+    /// Replace the run the folder holds (`--overwrite`).
+    Overwrite,
+    /// Continue the run in the folder from its checkpoint (`--resume`).
+    Resume,
+}
+
+/// Whether `dir` holds anything besides our own lock and temporary files. A
+/// missing folder holds nothing; a path that is not a folder is an error.
+pub fn holds_files(dir: &Path) -> Result<bool> {
+    match std::fs::metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !io::something_at(dir) => return Ok(false),
+        Err(e) => return Err(e).with_context(|| format!("cannot use {} as a run folder", dir.display())),
+        Ok(m) if !m.is_dir() => bail!("{} exists and is not a folder", dir.display()),
+        Ok(_) => {}
+    }
+    for e in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        if !io::is_housekeeping(&e?.file_name().to_string_lossy()) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+fn kept_message(kept: Option<usize>, path: &Path) -> String {
+    match kept {
+        Some(e) => format!("The last good checkpoint is kept: {} (after epoch {e})", path.display()),
+        None => "No checkpoint was written: no epoch of this run ended in a finite state".into(),
+    }
+}
+
+impl CheckpointProgress {
+    /// Refuses progress that cannot belong to a run of this config (a
+    /// hostile or corrupt header).
+    fn check(&self, steps_per_epoch: usize) -> Result<()> {
+        let want = (self.epoch as u64).checked_mul(steps_per_epoch as u64);
+        if self.epoch == 0 || self.epoch > MAX_EPOCHS || want != Some(self.step) {
+            bail!(
+                "training progress (epoch {}, step {}) does not fit the run's config ({steps_per_epoch} steps per epoch)",
+                self.epoch,
+                self.step
+            );
+        }
+        if self.optimizer_steps > self.step {
+            bail!(
+                "training progress: {} optimiser steps is more than the {} steps taken",
+                self.optimizer_steps,
+                self.step
+            );
+        }
+        if !(0.0..=1.0).contains(&self.best_test_acc) {
+            bail!("training progress: best test accuracy {} is not in [0, 1]", self.best_test_acc);
+        }
+        Ok(())
+    }
 }
 
 /// Trains per `cfg` in `run_dir`. With `resume`, continues from the run
 /// folder's checkpoint under the run's saved config; of the given `cfg` only
 /// `epochs` (the total to reach) and the testing aid `fault_nan_step` are used,
 /// so a caller that wants the run's own length passes the saved `epochs`.
+/// Without `resume` the folder must be missing or empty ([`RunMode::New`]).
 pub fn train(cfg: &TrainConfig, run_dir: &Path, resume: bool, on: &mut dyn FnMut(Event)) -> Result<TrainSummary> {
+    train_in(
+        cfg,
+        run_dir,
+        if resume { RunMode::Resume } else { RunMode::New },
+        on,
+    )
+}
+
+/// [`train`] with an explicit [`RunMode`]. Every value is checked, the data
+/// loaded and the memory estimated before the folder is touched; the folder
+/// is locked for the whole run; temporary files a killed run left are
+/// removed; only finite states are checkpointed.
+pub fn train_in(cfg: &TrainConfig, run_dir: &Path, mode: RunMode, on: &mut dyn FnMut(Event)) -> Result<TrainSummary> {
+    let resume = mode == RunMode::Resume;
     let cfg = if resume {
         let mut saved = TrainConfig::from_toml_file(&run_dir.join("config.toml"))
-            .with_context(|| format!("cannot resume: {} has no readable config.toml", run_dir.display()))?;
+            .with_context(|| format!("cannot resume {}: no readable config.toml", run_dir.display()))?;
         saved.epochs = cfg.epochs;
         saved.fault_nan_step = cfg.fault_nan_step;
+        saved.fault_inf_step = cfg.fault_inf_step;
         saved
     } else {
         cfg.clone()
@@ -463,36 +627,124 @@ pub fn train(cfg: &TrainConfig, run_dir: &Path, resume: bool, on: &mut dyn FnMut
     let r = cfg.resolve()?;
     let split = cfg.load_data()?;
     let spec = cfg.model_spec(&r, &split.train);
+    spec.validate()?;
+    let slots = match r.optimizer {
+        OptimizerKind::Sgd { momentum } => usize::from(momentum > 0.0),
+        OptimizerKind::AdamW { .. } => 2,
+    };
+    let data_elems = ((split.train.len() + split.test.len()) as u64).saturating_mul(split.train.features() as u64);
+    crate::memory::check(
+        &format!("training this model with batch size {}", cfg.batch_size),
+        &crate::memory::train_estimate(&spec, cfg.batch_size.max(256), slots, data_elems, cfg.autograd),
+    )?;
+
+    // The folder: refused before anything in it changes, then locked.
+    let taken = |dir: &Path| {
+        anyhow::anyhow!(
+            "{} already holds a run (or other files); pass --resume to continue it, --overwrite to replace it, \
+             or choose another --out",
+            dir.display()
+        )
+    };
+    if mode == RunMode::New && holds_files(run_dir)? {
+        return Err(taken(run_dir));
+    }
+    std::fs::create_dir_all(run_dir).with_context(|| format!("cannot create run folder {}", run_dir.display()))?;
+    let _lock = io::lock_run_dir(run_dir)?;
+    if mode == RunMode::New && holds_files(run_dir)? {
+        return Err(taken(run_dir));
+    }
+    let stale = io::remove_stale_temps(run_dir)?;
+    if stale > 0 {
+        on(Event::Message(format!(
+            "removed {stale} temporary file(s) an interrupted run left in {}",
+            run_dir.display()
+        )));
+    }
+
     let dev = Device::Cpu;
     let model = Model::new(&spec, cfg.seed, &dev)?;
     let mut opt = Optimizer::new(r.optimizer, cfg.weight_decay, model.params(), cfg.decay_bn)?;
     let ckpt_path = run_dir.join("checkpoint.safetensors");
+    let train = &split.train;
+    let f = train.features();
+    // BatchNorm cannot normalise a batch of one example: leave the odd one
+    // out of each epoch (a different one each time, the order is shuffled).
+    let used = if cfg.batch_norm && train.len() % cfg.batch_size == 1 {
+        on(Event::Message(format!(
+            "BatchNorm: {} training examples in batches of {} would leave one example alone in the last batch; \
+             it is left out of each epoch ({} of {} used, a different one each epoch)",
+            train.len(),
+            cfg.batch_size,
+            train.len() - 1,
+            train.len()
+        )));
+        train.len() - 1
+    } else {
+        train.len()
+    };
+    let steps_per_epoch = used.div_ceil(cfg.batch_size);
     let mut start_epoch = 0;
     let mut step: u64 = 0;
     let mut best = 0.0f64;
-    if resume && ckpt_path.exists() {
+    let mut kept: Option<usize> = None;
+    let mut alarms_all: Vec<crate::sentinel::Alarm> = Vec::new();
+    let mut last: Option<EpochMetrics> = None;
+    if resume && io::something_at(&ckpt_path) {
+        // A checkpoint that is there must load: a dangling or looping link,
+        // a FIFO or a bad file is an error, never "no checkpoint".
         let (tensors, meta) = io::load_safetensors(&ckpt_path)?;
-        model
-            .load_state_dict(&tensors)
+        io::check_tensors(&spec, &tensors)
+            .and_then(|_| model.load_state_dict(&tensors).map_err(Into::into))
             .with_context(|| format!("{}: does not fit the run's config", ckpt_path.display()))?;
         let prog: CheckpointProgress = serde_json::from_str(
             meta.get(io::PROGRESS_KEY)
                 .with_context(|| format!("{}: no training progress in header", ckpt_path.display()))?,
-        )?;
-        opt.load_state(&tensors, prog.optimizer_steps)?;
+        )
+        .with_context(|| format!("{}: bad training progress in header", ckpt_path.display()))?;
+        prog.check(steps_per_epoch)
+            .with_context(|| format!("{}: cannot resume", ckpt_path.display()))?;
+        if cfg.epochs < prog.epoch {
+            bail!(
+                "{} has already trained {} epochs; --epochs {} would shorten it (nothing was changed; \
+                 give --epochs {} or more, or leave --epochs out)",
+                run_dir.display(),
+                prog.epoch,
+                cfg.epochs,
+                prog.epoch
+            );
+        }
+        opt.load_state(&tensors, prog.optimizer_steps)
+            .with_context(|| format!("{}: bad optimiser state", ckpt_path.display()))?;
         start_epoch = prog.epoch;
         step = prog.step;
         best = prog.best_test_acc;
+        kept = Some(start_epoch);
         // Keep exactly the metrics of the checkpointed epochs.
         let keep: Vec<MetricsLine> = read_metrics(run_dir)?
             .into_iter()
             .filter(|l| l.epoch() <= start_epoch)
             .collect();
+        for l in &keep {
+            match l {
+                MetricsLine::Alarm { alarm } => alarms_all.push(alarm.clone()),
+                MetricsLine::Epoch(m) if m.epoch == start_epoch => last = Some(m.clone()),
+                _ => {}
+            }
+        }
         rewrite_metrics(run_dir, &keep)?;
-        on(Event::Message(format!(
-            "resuming {} after epoch {start_epoch}",
-            run_dir.display()
-        )));
+        on(Event::Message(if start_epoch == cfg.epochs {
+            format!(
+                "{} has already finished its {start_epoch} epochs: nothing to train (give a larger --epochs to extend it)",
+                run_dir.display()
+            )
+        } else {
+            format!(
+                "resuming {} after epoch {start_epoch} of {}",
+                run_dir.display(),
+                cfg.epochs
+            )
+        }));
     } else {
         if resume {
             on(Event::Message(format!(
@@ -500,7 +752,13 @@ pub fn train(cfg: &TrainConfig, run_dir: &Path, resume: bool, on: &mut dyn FnMut
                 run_dir.display()
             )));
         }
-        std::fs::create_dir_all(run_dir).with_context(|| format!("cannot create run folder {}", run_dir.display()))?;
+        if mode == RunMode::Overwrite && io::something_at(&ckpt_path) {
+            std::fs::remove_file(&ckpt_path).with_context(|| format!("cannot remove {}", ckpt_path.display()))?;
+            on(Event::Message(format!(
+                "--overwrite: the run in {} is replaced",
+                run_dir.display()
+            )));
+        }
         rewrite_metrics(run_dir, &[])?;
     }
     // A hand-written graph is copied into the run folder, so that the run
@@ -513,19 +771,32 @@ pub fn train(cfg: &TrainConfig, run_dir: &Path, resume: bool, on: &mut dyn FnMut
             cfg.model = copy.to_string_lossy().into_owned();
         }
     }
-    io::write_atomic(&run_dir.join("config.toml"), toml::to_string(&cfg)?.as_bytes())?;
-    let mut metrics = std::fs::OpenOptions::new()
-        .append(true)
+    let config_path = run_dir.join("config.toml");
+    let config_text = toml::to_string(&cfg).context("the run config cannot be written as TOML")?;
+    if io::read_text_optional(&config_path).ok().flatten().as_deref() != Some(config_text.as_str()) {
+        io::write_atomic(&config_path, config_text.as_bytes())?;
+    }
+    let mut oo = std::fs::OpenOptions::new();
+    oo.append(true);
+    #[cfg(unix)]
+    {
+        // Appending never follows a link planted at metrics.jsonl.
+        use std::os::unix::fs::OpenOptionsExt;
+        oo.custom_flags(libc::O_NOFOLLOW);
+    }
+    let mut metrics = oo
         .open(run_dir.join("metrics.jsonl"))
         .with_context(|| format!("cannot open {}/metrics.jsonl", run_dir.display()))?;
 
-    let train = &split.train;
-    let f = train.features();
-    let steps_per_epoch = train.len().div_ceil(cfg.batch_size);
     let t_run = Instant::now();
-    let mut last: Option<EpochMetrics> = None;
     let mut samples_total = 0usize;
     let mut sentinel = cfg.sentinel.then(|| crate::sentinel::Sentinel::new(&model, cfg.alarms));
+    if let Some(s) = sentinel.as_mut() {
+        // Alarms raised before a resume are not raised again.
+        for a in &alarms_all {
+            s.mark_raised(a);
+        }
+    }
     let mut drift =
         (cfg.sentinel && crate::symmetry::DriftTracker::applies(&model)).then(crate::symmetry::DriftTracker::default);
     if let Some(d) = drift.as_mut() {
@@ -548,7 +819,7 @@ pub fn train(cfg: &TrainConfig, run_dir: &Path, resume: bool, on: &mut dyn FnMut
         let mut lr = cfg.lr;
         let mut xb = Vec::with_capacity(cfg.batch_size * f);
         let mut yb = Vec::with_capacity(cfg.batch_size);
-        for (bi, batch) in order.chunks(cfg.batch_size).enumerate() {
+        for (bi, batch) in order[..used].chunks(cfg.batch_size).enumerate() {
             xb.clear();
             yb.clear();
             for &i in batch {
@@ -585,10 +856,9 @@ pub fn train(cfg: &TrainConfig, run_dir: &Path, resume: bool, on: &mut dyn FnMut
             }
             if !lv.is_finite() {
                 bail!(
-                    "loss became {lv} at epoch {} step {step}; training stopped. The last good checkpoint ({}) is kept; \
-                     try a lower learning rate",
+                    "loss became {lv} at epoch {} step {step}; training stopped. {}; try a lower learning rate",
                     epoch + 1,
-                    if start_epoch > 0 || epoch > 0 { ckpt_path.display().to_string() } else { "none yet".into() }
+                    kept_message(kept, &ckpt_path)
                 );
             }
             lr = r.schedule.lr(cfg.lr, epoch, step as usize, steps_per_epoch, cfg.epochs);
@@ -608,6 +878,10 @@ pub fn train(cfg: &TrainConfig, run_dir: &Path, resume: bool, on: &mut dyn FnMut
                 (None, None) => unreachable!("a step has gradients from one of the two paths"),
             }
             model.project()?;
+            if cfg.fault_inf_step == Some(step) {
+                let w = &model.params()[0].var;
+                w.set(&w.as_tensor().affine(0.0, f64::INFINITY)?)?;
+            }
             correct += batch_correct;
             step += 1;
             loss_sum += lv * batch.len() as f64;
@@ -631,6 +905,40 @@ pub fn train(cfg: &TrainConfig, run_dir: &Path, resume: bool, on: &mut dyn FnMut
         let train_secs = t0.elapsed().as_secs_f64();
         samples_total += seen;
         let (test_loss, test_acc) = evaluate(&model, &split.test, 1000)?;
+        // Only a finite state is recorded and checkpointed.
+        let (extra, optimizer_steps) = opt.state()?;
+        let diverged = if !test_loss.is_finite() {
+            Some(format!("the test loss is {test_loss}"))
+        } else {
+            io::check_finite(&model.state_dict()?)
+                .and_then(|_| io::check_finite(&extra))
+                .err()
+                .map(|e| e.to_string())
+        };
+        if let Some(why) = diverged {
+            // The sentinel's alarms still reach metrics.jsonl and the message.
+            let mut raised = Vec::new();
+            if let Some(s) = sentinel.as_mut() {
+                if let Ok((_, alarms)) = s.end_epoch(&model, epoch + 1) {
+                    for a in alarms {
+                        writeln!(metrics, "{}", serde_json::to_string(&MetricsLine::Alarm { alarm: a.clone() })?)?;
+                        raised.push(a.message);
+                    }
+                }
+            }
+            metrics.flush()?;
+            bail!(
+                "training diverged in epoch {}: {why}; training stopped and this state is not saved. {}{}; \
+                 try a lower learning rate",
+                epoch + 1,
+                kept_message(kept, &ckpt_path),
+                if raised.is_empty() {
+                    String::new()
+                } else {
+                    format!(". Sentinel alarms: {}", raised.join("; "))
+                }
+            );
+        }
         best = best.max(test_acc);
         let m = EpochMetrics {
             epoch: epoch + 1,
@@ -671,11 +979,11 @@ pub fn train(cfg: &TrainConfig, run_dir: &Path, resume: bool, on: &mut dyn FnMut
                     "sentinel alarm (epoch {}): {}",
                     a.epoch, a.message
                 )));
-                writeln!(metrics, "{}", serde_json::to_string(&MetricsLine::Alarm(a))?)?;
+                writeln!(metrics, "{}", serde_json::to_string(&MetricsLine::Alarm { alarm: a.clone() })?)?;
+                alarms_all.push(a);
             }
         }
         metrics.flush()?;
-        let (extra, optimizer_steps) = opt.state()?;
         let prog = CheckpointProgress {
             epoch: epoch + 1,
             step,
@@ -683,8 +991,20 @@ pub fn train(cfg: &TrainConfig, run_dir: &Path, resume: bool, on: &mut dyn FnMut
             best_test_acc: best,
         };
         let meta = HashMap::from([(io::PROGRESS_KEY.to_string(), serde_json::to_string(&prog)?)]);
-        io::save_model(&ckpt_path, &model, extra, meta)
-            .context("could not write the checkpoint (the previous one is kept)")?;
+        io::save_model(&ckpt_path, &model, extra, meta).with_context(|| {
+            match kept {
+                Some(e) => format!(
+                    "could not write the checkpoint of epoch {} (the previous one is kept: {}, after epoch {e})",
+                    epoch + 1,
+                    ckpt_path.display()
+                ),
+                None => format!(
+                    "could not write the checkpoint of epoch {} (no earlier checkpoint of this run exists)",
+                    epoch + 1
+                ),
+            }
+        })?;
+        kept = Some(epoch + 1);
         on(Event::EpochEnd(&m));
         last = Some(m);
     }
@@ -709,6 +1029,7 @@ pub fn train(cfg: &TrainConfig, run_dir: &Path, resume: bool, on: &mut dyn FnMut
         seconds: secs,
         samples_per_s: if secs > 0.0 { samples_total as f64 / secs } else { 0.0 },
         params: model.num_params(),
+        alarms: alarms_all,
     })
 }
 

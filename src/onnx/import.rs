@@ -182,7 +182,7 @@ fn our_name(n: &NodeProto, i: usize, weight: Option<&str>, taken: &mut HashMap<S
 
 /// Reads an ONNX file (bounded, regular files only) into a model.
 pub fn import(path: &std::path::Path) -> Result<Imported> {
-    let bytes = crate::io::read_user_bytes(path, crate::data::file_cap(crate::io::MAX_CHECKPOINT_BYTES))?;
+    let bytes = crate::io::read_capped(path, crate::data::file_cap(crate::io::MAX_CHECKPOINT_BYTES))?;
     import_bytes(&bytes).with_context(|| format!("{}: ONNX import", path.display()))
 }
 
