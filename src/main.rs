@@ -951,7 +951,12 @@ fn list(v: &[usize]) -> String {
 
 /// The data set to use with a checkpoint: the flag, else the run folder's own
 /// config, else the built-in subset.
-fn data_for(ckpt: &Path, data: &Option<String>, data_dir: &Option<PathBuf>) -> Result<(String, prelu::data::Split)> {
+fn data_for(
+    ckpt: &Path,
+    data: &Option<String>,
+    data_dir: &Option<PathBuf>,
+    model: &prelu::model::Model,
+) -> Result<(String, prelu::data::Split)> {
     let run_cfg = ckpt
         .is_dir()
         .then(|| TrainConfig::from_toml_file(&ckpt.join("config.toml")).ok())
@@ -962,6 +967,18 @@ fn data_for(ckpt: &Path, data: &Option<String>, data_dir: &Option<PathBuf>) -> R
         .unwrap_or_else(|| "mnist-small".into());
     let dir = data_dir.clone().or_else(|| run_cfg.and_then(|c| c.data_dir));
     let split = prelu::data::load(&name, dir.as_deref())?;
+    let [c, h, w] = model.spec.input;
+    if c * h * w != split.test.features() || model.spec.classes < prelu::data::CLASSES {
+        anyhow::bail!(
+            "{} takes {c}x{h}x{w} inputs and has {} outputs; the data set `{name}` has {}x{} images in {} classes \
+             (give a data set that fits the model with --data)",
+            ckpt.display(),
+            model.spec.classes,
+            split.test.rows,
+            split.test.cols,
+            prelu::data::CLASSES
+        );
+    }
     Ok((name, split))
 }
 
@@ -995,7 +1012,7 @@ fn cmd_attack(a: &AttackArgs) -> Result<()> {
     let mut reports = Vec::new();
     for ck in std::iter::once(&a.checkpoint).chain(a.compare.as_ref()) {
         let (model, _, _) = load_ckpt(ck)?;
-        let (name, split) = data_for(ck, &a.data, &a.data_dir)?;
+        let (name, split) = data_for(ck, &a.data, &a.data_dir, &model)?;
         let ds = split.test.take(a.limit);
         let pb = ProgressBar::new(ds.len().div_ceil(a.batch_size) as u64);
         pb.set_style(ProgressStyle::with_template("{prefix} [{bar:25}] {pos}/{len} batches").expect("static template"));
@@ -1069,7 +1086,7 @@ fn cmd_attack(a: &AttackArgs) -> Result<()> {
 
 fn cmd_canonicalize(a: &CanonArgs) -> Result<()> {
     let (model, _, _) = load_ckpt(&a.checkpoint)?;
-    let (data, split) = data_for(&a.checkpoint, &a.data, &a.data_dir)?;
+    let (data, split) = data_for(&a.checkpoint, &a.data, &a.data_dir, &model)?;
     let test = split.test.take(a.limit);
     prelu::io::refuse_same_file(&a.checkpoint, &a.out)?;
     let (canon, scaled, flipped, diff) = prelu::sculpt::canonicalize(&model, &test)?;
@@ -1108,7 +1125,7 @@ fn cmd_canonicalize(a: &CanonArgs) -> Result<()> {
 
 fn cmd_sculpt(a: &SculptArgs) -> Result<()> {
     let (model, _, _) = load_ckpt(&a.checkpoint)?;
-    let (data, split) = data_for(&a.checkpoint, &a.data, &a.data_dir)?;
+    let (data, split) = data_for(&a.checkpoint, &a.data, &a.data_dir, &model)?;
     let stats = split.train.take(a.stats_limit.max(1));
     let opts = prelu::sculpt::SculptOptions {
         dead_slope_tol: a.dead_slope_tol,
@@ -1224,7 +1241,7 @@ fn cmd_export(a: &ExportArgs) -> Result<()> {
     prelu::io::write_atomic(&a.onnx, &bytes)?;
     let mut reference = serde_json::Value::Null;
     if a.reference > 0 {
-        let (data, split) = data_for(&a.checkpoint, &a.data, &a.data_dir)?;
+        let (data, split) = data_for(&a.checkpoint, &a.data, &a.data_dir, &model)?;
         let ds = split.test.take(a.reference);
         let x = candle_core::Tensor::from_slice(&ds.images, (ds.len(), ds.features()), &candle_core::Device::Cpu)?;
         let logits = model.forward_t(&x, false)?.flatten_all()?.to_vec1::<f32>()?;
@@ -1259,7 +1276,7 @@ fn cmd_export(a: &ExportArgs) -> Result<()> {
 
 fn cmd_diagnose(a: &DiagnoseArgs) -> Result<()> {
     let (model, _, _) = load_ckpt(&a.checkpoint)?;
-    let (data, split) = data_for(&a.checkpoint, &a.data, &a.data_dir)?;
+    let (data, split) = data_for(&a.checkpoint, &a.data, &a.data_dir, &model)?;
     let ds = match a.split.as_str() {
         "test" => split.test,
         "train" => split.train,

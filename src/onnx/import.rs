@@ -162,11 +162,24 @@ fn our_name(n: &NodeProto, i: usize, weight: Option<&str>, taken: &mut HashMap<S
         .filter(|w| !w.is_empty() && !w.starts_with("onnx::"))
         .map(str::to_string)
         .or_else(|| {
-            let s: String = n
-                .name
-                .trim_matches('/')
+            // PyTorch's exporter names nodes by module scope, e.g.
+            // `/layer1/layer1.0/act1/Relu`: drop the op, keep the innermost
+            // full path of each level -> `layer1.0.act1`.
+            let mut parts: Vec<&str> = n.name.split('/').filter(|p| !p.is_empty()).collect();
+            if parts.last().is_some_and(|l| l.starts_with(n.op_type.as_str())) && parts.len() > 1 {
+                parts.pop();
+            }
+            let mut kept: Vec<&str> = Vec::new();
+            for p in parts {
+                if kept.last().is_some_and(|l| p.starts_with(&format!("{l}."))) {
+                    kept.pop();
+                }
+                kept.push(p);
+            }
+            let s: String = kept
+                .join(".")
                 .chars()
-                .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '.' { c } else { '.' })
+                .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '.' { c } else { '_' })
                 .collect();
             (!s.is_empty()).then_some(s)
         })
