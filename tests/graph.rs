@@ -410,3 +410,48 @@ fn hidden_shorthand_and_presets() {
         ]
     );
 }
+
+/// `resnet-8 --batch-norm`, `plain-8` and a hand-written graph file train
+/// end to end (a few steps on a slice); the graph run resumes after its
+/// original file is gone, from the copy in the run folder.
+#[test]
+fn presets_and_graph_files_train_and_resume() {
+    use prelu::train::{train, TrainConfig};
+    let base = TrainConfig {
+        epochs: 1,
+        train_limit: Some(160),
+        test_limit: Some(64),
+        batch_size: 32,
+        log_every: 0,
+        ..Default::default()
+    };
+    for (model, bn) in [("resnet-8", true), ("plain-8", false)] {
+        let dir = tmp(&format!("train-{model}"));
+        let cfg = TrainConfig {
+            model: model.into(),
+            batch_norm: bn,
+            ..base.clone()
+        };
+        let s = train(&cfg, &dir.join("run"), false, &mut |_| {}).unwrap();
+        assert!(s.test_loss.is_finite() && s.params > 70_000, "{model}: {}", s.params);
+    }
+    let dir = tmp("train-graph-file");
+    let file = dir.join("net.toml");
+    std::fs::copy(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("graphs/small-resnet.toml"),
+        &file,
+    )
+    .unwrap();
+    let cfg = TrainConfig {
+        model: file.to_string_lossy().into_owned(),
+        ..base.clone()
+    };
+    let run = dir.join("run");
+    train(&cfg, &run, false, &mut |_| {}).unwrap();
+    std::fs::remove_file(&file).unwrap();
+    let more = TrainConfig { epochs: 2, ..cfg };
+    let s = train(&more, &run, true, &mut |_| {}).unwrap();
+    assert_eq!(s.epochs, 2);
+    let (m, _, _) = prelu::io::load_model(&run).unwrap();
+    assert_eq!(m.activation_names(), ["stem_act", "block.act1", "block.act2", "down_act"]);
+}
