@@ -65,8 +65,10 @@ pub fn im2col<T: Float>(g: &ConvGeom, x: &[T], col: &mut [T]) {
                     let (t0, t1) = (t0 as usize, t1 as usize);
                     row[..t0].fill(T::ZERO);
                     row[t1..].fill(T::ZERO);
-                    let s0 = (t0 as isize + off) as usize;
-                    row[t0..t1].copy_from_slice(&plane[s0..s0 + (t1 - t0)]);
+                    if t1 > t0 {
+                        let s0 = (t0 as isize + off) as usize;
+                        row[t0..t1].copy_from_slice(&plane[s0..s0 + (t1 - t0)]);
+                    }
                     if lo > 0 || hi < g.wo {
                         for out in row.chunks_exact_mut(g.wo) {
                             for v in &mut out[..lo] {

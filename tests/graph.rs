@@ -15,6 +15,10 @@ mod common;
 use common::*;
 
 const CLASSES: usize = 5;
+/// BatchNorm's eps in the random graphs: large enough that a channel of
+/// near-constant values over a batch of six (after heavy pooling) does not
+/// turn f32 rounding into gradient noise (`gamma / sqrt(var + eps)`).
+const BN_EPS: f64 = 1e-2;
 
 /// A random graph on a random small input: stages of conv blocks (any
 /// kernel, stride, padding, dilation, bias), residual blocks, pools; then
@@ -77,7 +81,7 @@ fn random_graph(seed: u64) -> (Graph, [usize; 3]) {
                 let mut y = y;
                 channels = out;
                 if bn {
-                    y = push(&mut g, node(name("bn"), &y, Op::BatchNorm { eps: 1e-5, momentum: 0.1 })).unwrap();
+                    y = push(&mut g, node(name("bn"), &y, Op::BatchNorm { eps: BN_EPS, momentum: 0.1 })).unwrap();
                 }
                 let act = acts[rng.random_range(0..acts.len())];
                 x = push(&mut g, node(name("act"), &y, Op::Act { act })).unwrap();
@@ -100,7 +104,7 @@ fn random_graph(seed: u64) -> (Graph, [usize; 3]) {
                 };
                 let mut y = push(&mut g, conv(name("rconv"), &x)).unwrap();
                 if bn {
-                    y = push(&mut g, node(name("rbn"), &y, Op::BatchNorm { eps: 1e-5, momentum: 0.1 })).unwrap();
+                    y = push(&mut g, node(name("rbn"), &y, Op::BatchNorm { eps: BN_EPS, momentum: 0.1 })).unwrap();
                 }
                 let act = acts[rng.random_range(0..acts.len())];
                 y = push(&mut g, node(name("ract"), &y, Op::Act { act })).unwrap();
@@ -148,7 +152,7 @@ fn random_graph(seed: u64) -> (Graph, [usize; 3]) {
     if rng.random_bool(0.5) {
         x = push(&mut g, node(name("fc"), &x, Op::Linear { out_features: 6, bias: true })).unwrap();
         if bn {
-            x = push(&mut g, node(name("bn"), &x, Op::BatchNorm { eps: 1e-5, momentum: 0.1 })).unwrap();
+            x = push(&mut g, node(name("bn"), &x, Op::BatchNorm { eps: BN_EPS, momentum: 0.1 })).unwrap();
         }
         let act = acts[rng.random_range(0..acts.len())];
         x = push(&mut g, node(name("act"), &x, Op::Act { act })).unwrap();
@@ -201,7 +205,9 @@ fn graph_spec(g: Graph, input: [usize; 3]) -> ModelSpec {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, .. ProptestConfig::default() })]
+    // A fixed seed: the same 64 graphs on every run (CI must not flake);
+    // change it locally to explore more.
+    #![proptest_config(ProptestConfig { cases: 64, rng_seed: proptest::test_runner::RngSeed::Fixed(0x5eed_0014), .. ProptestConfig::default() })]
 
     /// Loss and every gradient of the fused step equal candle autograd's on
     /// random graphs; the graph also survives a JSON round trip.
@@ -210,11 +216,30 @@ proptest! {
         let (g, input) = random_graph(seed);
         let text = serde_json::to_string(&g).unwrap();
         prop_assert_eq!(&Graph::parse(&text).unwrap(), &g);
-        // A bias right before BatchNorm has an exactly zero gradient that both
-        // sides give as rounding noise: compare against a floor of 1 there.
-        let bn = g.nodes.iter().any(|n| matches!(n.op, Op::BatchNorm { .. }));
-        let m = randomised(&graph_spec(g, input), seed);
-        check_against_autograd_floor(&m, 6, if bn { 1.0 } else { 1e-2 });
+        check_random_graph(seed);
+    }
+}
+
+/// Graphs that once failed: a row of im2col that lies wholly in the padding
+/// (seed 231988), a second head without gradient (479452).
+#[test]
+fn fused_step_matches_autograd_on_past_failures() {
+    for seed in [231988, 479452, 596183] {
+        check_random_graph(seed);
+    }
+}
+
+/// The fused step against autograd on `random_graph(seed)`. A bias right
+/// before BatchNorm has an exactly zero gradient that both sides give as
+/// rounding noise, so graphs with BatchNorm are compared against a floor of 1.
+fn check_random_graph(seed: u64) {
+    let (g, input) = random_graph(seed);
+    let bn = g.nodes.iter().any(|n| matches!(n.op, Op::BatchNorm { .. }));
+    let m = randomised(&graph_spec(g, input), seed);
+    if bn {
+        check_against_autograd_tol(&m, 6, 1e-4, 1.0);
+    } else {
+        check_against_autograd_floor(&m, 6, 1e-2);
     }
 }
 
@@ -455,3 +480,4 @@ fn presets_and_graph_files_train_and_resume() {
     let (m, _, _) = prelu::io::load_model(&run).unwrap();
     assert_eq!(m.activation_names(), ["stem_act", "block.act1", "block.act2", "down_act"]);
 }
+

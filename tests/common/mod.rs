@@ -80,6 +80,11 @@ pub fn check_against_autograd(m: &Model, n: usize) {
 /// BatchNorm has an exactly zero gradient, which both sides give as rounding
 /// noise of ~1e-6).
 pub fn check_against_autograd_floor(m: &Model, n: usize, floor: f32) {
+    check_against_autograd_tol(m, n, 1e-4, floor)
+}
+
+/// [`check_against_autograd_floor`] with a relative tolerance `tol`.
+pub fn check_against_autograd_tol(m: &Model, n: usize, tol: f32, floor: f32) {
     let (x, y) = batch(m, n, 7);
     let mut fs = FusedStep::new(m).unwrap();
     let out = fs.step(&x, &y, None).unwrap();
@@ -92,7 +97,7 @@ pub fn check_against_autograd_floor(m: &Model, n: usize, floor: f32) {
     let grads = fs.grads();
     for (p, (g, w)) in m.params().iter().zip(grads.iter().zip(&want)) {
         match g {
-            Some(g) => assert_close_floor(&p.name, g, w, 1e-4, floor),
+            Some(g) => assert_close_floor(&p.name, g, w, tol, floor),
             // The fused step leaves out what the trained head does not need.
             None => assert!(w.iter().all(|&v| v == 0.0), "{}: no fused gradient", p.name),
         }
@@ -103,7 +108,7 @@ pub fn check_against_autograd_floor(m: &Model, n: usize, floor: f32) {
     let (_, want2) = autograd(m, &x2, &y2);
     for (p, (g, w)) in m.params().iter().zip(fs.grads().iter().zip(&want2)) {
         if let Some(g) = g {
-            assert_close_floor(&p.name, g, w, 1e-4, floor);
+            assert_close_floor(&p.name, g, w, tol, floor);
         }
     }
 }
