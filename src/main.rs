@@ -219,11 +219,14 @@ struct StabilityArgs {
     /// Samples per batch of Gaussian input.
     #[arg(long, default_value_t = 256)]
     batch: usize,
-    /// Random draws of weights averaged.
+    /// Independent weight draws per scheme.
     #[arg(long, default_value_t = 3)]
     draws: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Half-width of the stable band in standard deviations of the finite-width prediction.
+    #[arg(long, default_value_t = 4.0)]
+    sds: f64,
     /// Write the variance-vs-depth plot here (SVG).
     #[arg(long)]
     plot: Option<PathBuf>,
@@ -1199,24 +1202,36 @@ fn cmd_stability(a: &StabilityArgs) -> Result<()> {
             return Ok(());
         }
         println!(
-            "{}: per-layer stability on {} {} test images",
+            "{}: per-layer, per-channel stability on {} {} test images",
             ck.display(),
             test.len(),
             a.data
         );
         println!(
-            "{:<7} {:<10} {:>7} {:>11} {:>8} {:>10} {:>14}",
-            "layer", "weights", "slope", "weight gain", "a*", "a (var)", "backward gain"
+            "{:<7} {:<10} {:>5} {:>26} {:>4} {:>8} {:>8} {:>19} {:>9} {:>9}",
+            "layer",
+            "weights",
+            "ch",
+            "slope mean [min, max]",
+            "neg",
+            "w gain",
+            "chi",
+            "chi per ch [min,max]",
+            "chi(mean a)",
+            "bwd gain"
         );
         for l in &layers {
             println!(
-                "{:<7} {:<10} {:>7.4} {:>11.4} {:>8.4} {:>10} {:>14}",
+                "{:<7} {:<10} {:>5} {:>26} {:>4} {:>8.4} {:>8.4} {:>19} {:>11.4} {:>9}",
                 l.layer,
                 l.weights,
-                l.slope,
+                l.channels,
+                format!("{:.4} [{:.4}, {:.4}]", l.slope, l.slope_min, l.slope_max),
+                l.slopes_negative,
                 l.weight_gain,
-                l.a_star,
-                l.a_variance.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into()),
+                l.chi,
+                format!("[{:.3}, {:.3}]", l.chi_min, l.chi_max),
+                l.chi_from_mean_slope,
                 l.empirical_gain
                     .map(|v| format!("{v:.4}"))
                     .unwrap_or_else(|| "-".into())
@@ -1225,8 +1240,10 @@ fn cmd_stability(a: &StabilityArgs) -> Result<()> {
         for l in layers.iter().filter_map(|l| l.warning.as_ref().map(|w| (l, w))) {
             println!("warning: {}: {}", l.0.layer, l.1);
         }
-        println!("weight gain = sqrt(fan_in * mean(w^2)); a* = 1 / weight gain (negative-path optimum);");
-        println!("a (var) = sqrt(2 / gain^2 - 1) keeps variance; backward gain = RMS grad at this act's input / next act's input.");
+        println!("w gain = sqrt(fan_in * mean(w^2)); chi = mean over channels of g_i^2 (1 + a_i^2) / 2 (g_i: gain of");
+        println!("channel i's weights), what the per-channel slopes do to the forward variance; chi(mean a) uses the");
+        println!("layer-mean slope instead (misleading when slopes spread or change sign); bwd gain = RMS grad at this");
+        println!("act's input / next act's input. Per-channel slopes, gains, chi and variance-preserving slopes: --json.");
         return Ok(());
     }
     let ch = stability::chain(&vec![a.chain_weight; a.depth], a.alpha, 1e-3, 1e3);
@@ -1236,7 +1253,7 @@ fn cmd_stability(a: &StabilityArgs) -> Result<()> {
         batch: a.batch,
         draws: a.draws,
         seed: a.seed,
-        ..Default::default()
+        sds: a.sds,
     };
     let pb = spinner();
     let mut curves = Vec::new();
@@ -1255,7 +1272,8 @@ fn cmd_stability(a: &StabilityArgs) -> Result<()> {
     if a.json {
         println!(
             "{}",
-            serde_json::json!({ "chain": ch, "depth": a.depth, "width": a.width, "curves": curves, "plot": a.plot })
+            serde_json::json!({ "chain": ch, "depth": a.depth, "width": a.width, "draws": a.draws,
+                "batch": a.batch, "seed": a.seed, "sds": a.sds, "curves": curves, "plot": a.plot })
         );
         return Ok(());
     }
@@ -1270,26 +1288,42 @@ fn cmd_stability(a: &StabilityArgs) -> Result<()> {
         ch.explodes_at.map(|d| d.to_string()).unwrap_or_else(|| "-".into())
     );
     println!(
-        "deep MLP, depth {}, width {}, {} draw(s); variance ratios last/first layer:",
-        a.depth, a.width, a.draws
+        "deep MLP, depth {}, width {}, {} independent weight draw(s) per scheme x {} Gaussian inputs;",
+        a.depth, a.width, a.draws, a.batch
     );
+    println!("per-sample forward log-ratio ln(q_L / q_1) (q: squared pre-activation norm), mean ± sd [p5, p95]:");
     println!(
-        "{:<10} {:<13} {:>10} {:>10} {:>12} {:>12} {:>12}  {}",
-        "init", "act", "chi pred", "chi meas", "fwd ratio", "pred ratio", "bwd ratio", "verdict"
+        "{:<10} {:<13} {:>8} {:>8} {:>17} {:>28} {:>16} {:>9}  {}",
+        "init", "act", "chi pred", "chi meas", "band for chi", "ln ratio measured", "predicted", "bwd mean", "verdict"
     );
     for c in &curves {
+        let f = &c.forward_samples;
         println!(
-            "{:<10} {:<13} {:>10.4} {:>10.4} {:>12.4e} {:>12.4e} {:>12.4e}  {}",
+            "{:<10} {:<13} {:>8.4} {:>8.4} {:>17} {:>28} {:>16} {:>9.2}  {}",
             c.init,
             c.act,
             c.predicted_factor,
             c.measured_factor,
-            c.forward_ratio,
-            c.predicted_ratio,
-            c.backward_ratio,
+            format!("[{:.4}, {:.4}]", c.band.factor_lo, c.band.factor_hi),
+            format!("{:.2} ± {:.2} [{:.2}, {:.2}]", f.mean, f.sd, f.p05, f.p95),
+            format!("{:.2} ± {:.2}", c.predicted_mean, c.predicted_sd),
+            c.backward_samples.mean,
             c.verdict
         );
     }
+    let mut seen = Vec::new();
+    for c in &curves {
+        if seen.contains(&c.slope.to_bits()) {
+            continue;
+        }
+        seen.push(c.slope.to_bits());
+        println!(
+            "stable band (slope {}): chi = 1 predicts ln ratio {:.2} ± {:.2} per sample at this width (c = {:.3}); \
+             the mean over samples is stable in [{:.2}, {:.2}] (± {} sd / sqrt({} draws))",
+            c.slope, c.band.mean, c.band.sd, c.c, c.band.lo, c.band.hi, c.band.sds, a.draws
+        );
+    }
+    println!("chi meas = exp(mean ln ratio / (L-1) + c/n) (finite-width drift taken out); verdict: forward and backward mean vs band.");
     if let Some(p) = &a.plot {
         println!("plot: {}", p.display());
     }
@@ -1333,3 +1367,4 @@ fn main() -> ExitCode {
         }
     }
 }
+
