@@ -54,6 +54,8 @@ enum Command {
     Export(ExportArgs),
     /// Depth stability: negative-path gain, optimal slope, signal and gradient variance by depth.
     Stability(StabilityArgs),
+    /// Controlled experiment: the grid of --vary values x seeds, mean ± sd per cell, paired t-intervals.
+    Study(StudyArgs),
     /// Measure speed.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -1345,6 +1347,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Train(a) => cmd_train(a),
         Command::Compare(a) => cmd_compare(a),
         Command::Stability(a) => cmd_stability(a),
+        Command::Study(a) => cmd_study(a),
         Command::Diagnose(a) => cmd_diagnose(a),
         Command::Attack(a) => cmd_attack(a),
         Command::Canonicalize(a) => cmd_canonicalize(a),
@@ -1368,3 +1371,134 @@ fn main() -> ExitCode {
     }
 }
 
+// ---------------------------------------------------------------------------
+// prelu study
+
+#[derive(Args)]
+struct StudyArgs {
+    #[command(flatten)]
+    cfg: ConfigArgs,
+    /// relu, leaky[:A], prelu or prelu-shared (when not varied).
+    #[arg(long)]
+    act: Option<String>,
+    /// KEY=V1,V2,... : a run-config key and its values (repeatable; the grid is every combination).
+    /// Lists (hidden, channels) as 256x30 (30 layers of 256) or 512-256.
+    #[arg(long, required = true)]
+    vary: Vec<String>,
+    /// Seeds per cell (seed, seed+1, ...), the same in every cell.
+    #[arg(long, default_value_t = 3)]
+    seeds: usize,
+    /// Folder of the study: one run folder per cell and seed, study.json, report.html.
+    /// Running the same command again resumes.
+    #[arg(long, short)]
+    out: PathBuf,
+    #[arg(long)]
+    json: bool,
+}
+
+fn print_study(r: &prelu::study::StudyResult) {
+    let keys: Vec<&str> = r.vary.iter().map(|v| v.key.as_str()).collect();
+    let widths: Vec<usize> = r
+        .vary
+        .iter()
+        .map(|v| v.values.iter().map(|x| x.len()).chain([v.key.len()]).max().unwrap_or(4))
+        .collect();
+    let mut head = String::new();
+    for (k, w) in keys.iter().zip(&widths) {
+        head.push_str(&format!("{k:<w$}  "));
+    }
+    println!(
+        "{head}{:>5} {:>18} {:>8} {:>8} {:>18} {:>8}",
+        "seeds", "test acc mean ± sd", "min", "max", "95% CI of mean", "s/run"
+    );
+    for c in &r.cells {
+        let mut row = String::new();
+        for (k, w) in keys.iter().zip(&widths) {
+            row.push_str(&format!("{:<w$}  ", c.config.get(*k).map(|s| s.as_str()).unwrap_or("")));
+        }
+        println!(
+            "{row}{:>5} {:>18} {:>8.4} {:>8.4} {:>18} {:>8.1}",
+            c.seeds,
+            format!("{:.4} ± {:.4}", c.test_acc_mean, c.test_acc_sd),
+            c.test_acc_min,
+            c.test_acc_max,
+            c.test_acc_ci95
+                .map(|[lo, hi]| format!("[{lo:.4}, {hi:.4}]"))
+                .unwrap_or_else(|| "-".into()),
+            c.seconds_mean
+        );
+    }
+    if let Some(first) = r.contrasts.first() {
+        println!();
+        println!(
+            "paired contrasts of {} (b - a over the same seeds), 95% Student-t interval:",
+            first.key
+        );
+        let ctxw = r
+            .contrasts
+            .iter()
+            .map(|c| c.context.iter().map(|(k, v)| k.len() + v.len() + 2).sum::<usize>())
+            .max()
+            .unwrap_or(0)
+            .max(5);
+        let vw = r.contrasts.iter().map(|c| c.a.len().max(c.b.len())).max().unwrap_or(1).max(1);
+        println!(
+            "{:<vw$}  {:<vw$}  {:<ctxw$} {:>3} {:>9} {:>20} {:>7}",
+            "a", "b", "where", "n", "diff", "95% CI", "p"
+        );
+        for c in &r.contrasts {
+            let ctx = c.context.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ");
+            println!(
+                "{:<vw$}  {:<vw$}  {:<ctxw$} {:>3} {:>+9.4} {:>20} {:>7}",
+                c.a,
+                c.b,
+                if ctx.is_empty() { "-".to_string() } else { ctx },
+                c.n,
+                c.diff_mean,
+                c.ci95
+                    .map(|[lo, hi]| format!("[{lo:+.4}, {hi:+.4}]"))
+                    .unwrap_or_else(|| "-".into()),
+                c.p_value.map(|p| format!("{p:.3}")).unwrap_or_else(|| "-".into())
+            );
+        }
+    }
+    println!();
+    println!(
+        "{} runs: {} trained, {} resumed, {} already done; run folders, study.json and report.html under {}",
+        r.runs_trained + r.runs_resumed + r.runs_skipped,
+        r.runs_trained,
+        r.runs_resumed,
+        r.runs_skipped,
+        r.out.display()
+    );
+}
+
+fn cmd_study(a: &StudyArgs) -> Result<()> {
+    let base = a.cfg.resolve(a.act.as_ref())?;
+    let vary = a
+        .vary
+        .iter()
+        .map(|v| v.parse::<prelu::study::Vary>())
+        .collect::<Result<Vec<_>>>()?;
+    let spec = prelu::study::StudySpec {
+        base,
+        vary,
+        seeds: a.seeds,
+    };
+    let mut bars: Option<(String, TrainProgress)> = None;
+    let r = prelu::study::run(&spec, &a.out, &mut |rl, e| {
+        let label = format!("[{}/{}] {} seed {}", rl.index, rl.total, rl.cell, rl.seed);
+        if bars.as_ref().map(|(l, _)| *l != label).unwrap_or(true) {
+            bars = Some((label.clone(), TrainProgress::new(&label)));
+        }
+        if let Some((_, p)) = bars.as_mut() {
+            p.on(e)
+        }
+    })?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        print_study(&r);
+    }
+    Ok(())
+}
