@@ -719,13 +719,7 @@ pub fn model_layers(model: &Model, x: &Tensor, y: &Tensor, far: f64) -> Result<V
             chi_min: chi_c.iter().copied().fold(f64::INFINITY, f64::min),
             chi_max: chi_c.iter().copied().fold(f64::NEG_INFINITY, f64::max),
             chi_from_mean_slope: wg * wg * (1.0 + mean_slope * mean_slope) / 2.0,
-            negative_gain_rms: (slopes
-                .iter()
-                .zip(&gains)
-                .map(|(a, g)| (a * g).powi(2))
-                .sum::<f64>()
-                / k)
-                .sqrt(),
+            negative_gain_rms: (slopes.iter().zip(&gains).map(|(a, g)| (a * g).powi(2)).sum::<f64>() / k).sqrt(),
             channel_a_variance: gains.iter().map(|&g| a_var(g)).collect(),
             channel_slopes: slopes,
             channel_gains: gains,
@@ -802,7 +796,10 @@ pub fn plot_svg(curves: &[PropagationCurve], path: &std::path::Path) -> anyhow::
     let half_at_end = (band.hi - band.lo) / 2.0;
     let band_at = |l: usize| {
         let f = (l - 1) as f64 / steps;
-        (band.mean * f - half_at_end * f.sqrt(), band.mean * f + half_at_end * f.sqrt())
+        (
+            band.mean * f - half_at_end * f.sqrt(),
+            band.mean * f + half_at_end * f.sqrt(),
+        )
     };
     let ymax = (band.hi.abs().max(band.lo.abs()) * 2.5).max(3.0);
     let mut chart = ChartBuilder::on(&right)

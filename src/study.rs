@@ -132,7 +132,7 @@ pub fn t_cdf(t: f64, df: f64) -> f64 {
 /// Quantile of Student's t: the `t` with `t_cdf(t, df) = p`, by bisection
 /// (to 1e-12 relative). `t_quantile(0.975, 2) = 4.303`, `(0.975, 9) = 2.262`.
 pub fn t_quantile(p: f64, df: f64) -> f64 {
-    if !(p > 0.0 && p < 1.0) || !(df > 0.0) {
+    if !(p > 0.0 && p < 1.0 && df > 0.0) {
         return if p == 0.0 {
             f64::NEG_INFINITY
         } else if p == 1.0 {
@@ -258,7 +258,10 @@ pub fn parse_size_list(v: &str) -> Result<Vec<usize>> {
             None => (part, "1"),
         };
         let n: usize = n.trim().parse().with_context(|| format!("bad size `{n}` in `{v}`"))?;
-        let k: usize = k.trim().parse().with_context(|| format!("bad repeat count `{k}` in `{v}`"))?;
+        let k: usize = k
+            .trim()
+            .parse()
+            .with_context(|| format!("bad repeat count `{k}` in `{v}`"))?;
         if k > 10_000 {
             bail!("repeat count {k} in `{v}` is too large");
         }
@@ -330,6 +333,12 @@ pub fn set_key(cfg: &TrainConfig, key: &str, value: &str) -> Result<TrainConfig>
     Ok(c)
 }
 
+/// A cell of the grid: its (key, value) pairs and its resolved config.
+pub type Cell = (Vec<(String, String)>, TrainConfig);
+
+/// One line of an accuracy plot: name, (epoch, accuracy) points, drawn thick.
+type PlotLine = (String, Vec<(usize, f64)>, bool);
+
 /// What a study is.
 #[derive(Clone, Debug, Serialize)]
 pub struct StudySpec {
@@ -343,7 +352,7 @@ impl StudySpec {
     /// The grid: every combination of values, the first key varying slowest.
     /// Each cell is its list of (key, value) and its resolved config
     /// (checked, so a bad value fails before anything trains).
-    pub fn cells(&self) -> Result<Vec<(Vec<(String, String)>, TrainConfig)>> {
+    pub fn cells(&self) -> Result<Vec<Cell>> {
         if self.vary.is_empty() {
             bail!("a study needs at least one --vary KEY=V1,V2,...");
         }
@@ -375,8 +384,7 @@ impl StudySpec {
                 for (k, v) in &kv {
                     cfg = set_key(&cfg, k, v)?;
                 }
-                cfg.resolve()
-                    .with_context(|| format!("cell {}", label(&kv)))?;
+                cfg.resolve().with_context(|| format!("cell {}", label(&kv)))?;
                 Ok((kv, cfg))
             })
             .collect()
@@ -407,7 +415,11 @@ pub fn cell_dir_name(kv: &[(String, String)]) -> String {
         .map(|(k, v)| format!("{}-{}", clean(k), clean(v)))
         .collect::<Vec<_>>()
         .join("__");
-    let name = if name.starts_with('.') { format!("_{name}") } else { name };
+    let name = if name.starts_with('.') {
+        format!("_{name}")
+    } else {
+        name
+    };
     if name.len() <= 120 {
         return name;
     }
@@ -636,7 +648,9 @@ pub fn run(spec: &StudySpec, root: &Path, on: &mut dyn FnMut(&RunLabel, Event)) 
                 seed,
             };
             let run_dir = dir.join(format!("seed{seed}"));
-            runs.push(run_one(&c, &run_dir, &mut |e| on(&rl, e)).with_context(|| format!("run {}", run_dir.display()))?);
+            runs.push(
+                run_one(&c, &run_dir, &mut |e| on(&rl, e)).with_context(|| format!("run {}", run_dir.display()))?,
+            );
         }
         out_cells.push(summarise_cell(kv.clone(), dir, runs));
     }
@@ -653,7 +667,10 @@ pub fn run(spec: &StudySpec, root: &Path, on: &mut dyn FnMut(&RunLabel, Event)) 
         cells: out_cells,
         contrasts,
     };
-    crate::io::write_atomic(&root.join("study.json"), serde_json::to_string_pretty(&result)?.as_bytes())?;
+    crate::io::write_atomic(
+        &root.join("study.json"),
+        serde_json::to_string_pretty(&result)?.as_bytes(),
+    )?;
     write_report(&result, &root.join("report.html"))?;
     Ok(result)
 }
@@ -746,7 +763,7 @@ fn esc(s: &str) -> String {
 }
 
 /// An SVG of test accuracy against epoch: one line per (label, curve).
-fn acc_plot(title: &str, lines: &[(String, Vec<(usize, f64)>, bool)], size: (u32, u32), legend: bool) -> Result<String> {
+fn acc_plot(title: &str, lines: &[PlotLine], size: (u32, u32), legend: bool) -> Result<String> {
     use plotters::prelude::*;
     // Text goes into the SVG as is: keep markup characters out of it.
     let plain = |s: &str| s.replace(['<', '>', '&', '"', '\''], "_");
@@ -802,7 +819,9 @@ fn acc_plot(title: &str, lines: &[(String, Vec<(usize, f64)>, bool)], size: (u32
 pub fn write_report(r: &StudyResult, path: &Path) -> Result<()> {
     let mut h = String::new();
     h.push_str("<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>prelu study</title><style>");
-    h.push_str("body{font-family:sans-serif;margin:1.5em;max-width:1400px} table{border-collapse:collapse;margin:1em 0} ");
+    h.push_str(
+        "body{font-family:sans-serif;margin:1.5em;max-width:1400px} table{border-collapse:collapse;margin:1em 0} ",
+    );
     h.push_str("td,th{border:1px solid #bbb;padding:3px 8px;text-align:right} td.l,th.l{text-align:left} ");
     h.push_str(".grid{display:flex;flex-wrap:wrap;gap:6px} pre{background:#f4f4f4;padding:6px}</style></head><body>");
     h.push_str(&format!(
@@ -823,7 +842,10 @@ pub fn write_report(r: &StudyResult, path: &Path) -> Result<()> {
     for c in &r.cells {
         h.push_str("<tr>");
         for v in &r.vary {
-            h.push_str(&format!("<td class=l>{}</td>", esc(c.config.get(&v.key).map(|s| s.as_str()).unwrap_or(""))));
+            h.push_str(&format!(
+                "<td class=l>{}</td>",
+                esc(c.config.get(&v.key).map(|s| s.as_str()).unwrap_or(""))
+            ));
         }
         h.push_str(&format!(
             "<td>{}</td><td>{:.4}</td><td>{:.4}</td><td>{}</td><td>{:.4}</td><td>{:.4}</td><td>{:.1}</td></tr>",
@@ -871,13 +893,12 @@ pub fn write_report(r: &StudyResult, path: &Path) -> Result<()> {
             })
             .collect()
     };
-    let lines: Vec<(String, Vec<(usize, f64)>, bool)> =
-        r.cells.iter().map(|c| (c.label.clone(), mean_curve(c), true)).collect();
+    let lines: Vec<PlotLine> = r.cells.iter().map(|c| (c.label.clone(), mean_curve(c), true)).collect();
     h.push_str("<h2>Test accuracy by epoch, mean over seeds, every cell</h2>");
     h.push_str(&acc_plot("mean test accuracy per cell", &lines, (1000, 560), true)?);
     h.push_str("<h2>Every cell, every seed</h2><div class=grid>");
     for c in &r.cells {
-        let mut lines: Vec<(String, Vec<(usize, f64)>, bool)> = c
+        let mut lines: Vec<PlotLine> = c
             .runs
             .iter()
             .map(|run| {

@@ -41,7 +41,10 @@ fn finite_width_constants_match_the_closed_forms() {
     assert!((stability::layer_log_moments(0.0, 10).c - 2.5).abs() < 1e-12);
     assert!((stability::layer_log_moments(1.0, 10).c - 1.0).abs() < 1e-12);
     // The sign of the slope does not matter, only a^2.
-    let (p, q) = (stability::layer_log_moments(0.3, 64), stability::layer_log_moments(-0.3, 64));
+    let (p, q) = (
+        stability::layer_log_moments(0.3, 64),
+        stability::layer_log_moments(-0.3, 64),
+    );
     assert_eq!((p.mean, p.var), (q.mean, q.var));
     // Identity (a = 1): R = chi2_n / n exactly, E ln R = psi(n/2) - ln(n/2),
     // Var ln R = psi'(n/2); at n = 200: -0.0050083 and 0.0100502.
@@ -51,7 +54,11 @@ fn finite_width_constants_match_the_closed_forms() {
     // The band at depth 100, width 256, a = 0.25: mean -(L-1) c / n, sd sqrt(2 c (L-1) / n).
     let b = stability::StableBand::new(0.25, 256, 100, 1, 4.0);
     assert!((b.mean + 99.0 * 2.1678 / 256.0).abs() < 0.01, "{}", b.mean);
-    assert!((b.sd - (2.0 * 2.1678 * 99.0 / 256.0f64).sqrt()).abs() < 0.01, "{}", b.sd);
+    assert!(
+        (b.sd - (2.0 * 2.1678 * 99.0 / 256.0f64).sqrt()).abs() < 0.01,
+        "{}",
+        b.sd
+    );
     assert!((b.hi - b.mean - 4.0 * b.sd).abs() < 1e-12 && (b.mean - b.lo - 4.0 * b.sd).abs() < 1e-12);
     assert_eq!(b.verdict(b.mean), "stable");
     assert_eq!(b.verdict(b.hi + 1e-9), "exploding");
@@ -151,7 +158,10 @@ fn he_prelu_is_judged_stable_at_finite_width_and_the_others_drift_as_predicted()
     let mut firsts = Vec::new();
     for init in [InitScheme::HePrelu, InitScheme::HeRelu, InitScheme::Xavier] {
         let c = stability::propagate(init, prelu, 0.25, &o).unwrap();
-        for (name, m) in [("forward", c.forward_samples.mean), ("backward", c.backward_samples.mean)] {
+        for (name, m) in [
+            ("forward", c.forward_samples.mean),
+            ("backward", c.backward_samples.mean),
+        ] {
             assert!(
                 (m - c.predicted_mean).abs() <= 4.0 * c.predicted_sd,
                 "{init} {name}: {m} vs {} ± {}",
@@ -243,7 +253,9 @@ fn per_layer_analysis_works_per_channel_with_slopes_of_both_signs() {
     // set to a known gain: row i has all entries (i + 1) / 10.
     let slopes: Vec<f32> = (0..8).map(|i| if i % 2 == 0 { 0.5 } else { -0.5 }).collect();
     sd.insert("act.0.weight".into(), Tensor::new(slopes.as_slice(), &dev).unwrap());
-    let w: Vec<f32> = (0..8).flat_map(|i| std::iter::repeat_n((i + 1) as f32 / 10.0, 16)).collect();
+    let w: Vec<f32> = (0..8)
+        .flat_map(|i| std::iter::repeat_n((i + 1) as f32 / 10.0, 16))
+        .collect();
     sd.insert("layers.0.weight".into(), Tensor::from_vec(w, (8, 16), &dev).unwrap());
     m.load_state_dict(&sd).unwrap();
     let x = Tensor::rand(0f32, 1.0, (16, 16), &dev).unwrap();

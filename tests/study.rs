@@ -124,12 +124,12 @@ fn vary_values_and_keys() {
     assert_eq!(cells.len(), 6);
     assert_eq!(study::label(&cells[0].0), "act=relu init=xavier");
     assert_eq!(study::label(&cells[5].0), "act=prelu init=he-prelu");
-    assert_eq!((cells[4].1.act.as_str(), cells[4].1.init.as_str()), ("prelu", "he-relu"));
-    assert_eq!(study::cell_dir_name(&cells[1].0), "act-relu__init-he-relu");
     assert_eq!(
-        study::cell_dir_name(&[("data".into(), "../x/y".into())]),
-        "data-.._x_y"
+        (cells[4].1.act.as_str(), cells[4].1.init.as_str()),
+        ("prelu", "he-relu")
     );
+    assert_eq!(study::cell_dir_name(&cells[1].0), "act-relu__init-he-relu");
+    assert_eq!(study::cell_dir_name(&[("data".into(), "../x/y".into())]), "data-.._x_y");
 }
 
 fn fake_run(seed: u64, acc: f64) -> StudyRun {
@@ -152,10 +152,26 @@ fn contrasts_pair_runs_by_seed_within_each_context() {
     // prelu beats relu by 0.10, 0.12, 0.08 on seeds 0, 1, 2 under xavier; runs
     // listed out of seed order to check the pairing.
     let cells = vec![
-        study::summarise_cell(kv("relu", "xavier"), PathBuf::new(), vec![fake_run(0, 0.5), fake_run(1, 0.6), fake_run(2, 0.7)]),
-        study::summarise_cell(kv("relu", "he-prelu"), PathBuf::new(), vec![fake_run(0, 0.9), fake_run(1, 0.9)]),
-        study::summarise_cell(kv("prelu", "xavier"), PathBuf::new(), vec![fake_run(2, 0.78), fake_run(0, 0.6), fake_run(1, 0.72)]),
-        study::summarise_cell(kv("prelu", "he-prelu"), PathBuf::new(), vec![fake_run(0, 0.91), fake_run(1, 0.93)]),
+        study::summarise_cell(
+            kv("relu", "xavier"),
+            PathBuf::new(),
+            vec![fake_run(0, 0.5), fake_run(1, 0.6), fake_run(2, 0.7)],
+        ),
+        study::summarise_cell(
+            kv("relu", "he-prelu"),
+            PathBuf::new(),
+            vec![fake_run(0, 0.9), fake_run(1, 0.9)],
+        ),
+        study::summarise_cell(
+            kv("prelu", "xavier"),
+            PathBuf::new(),
+            vec![fake_run(2, 0.78), fake_run(0, 0.6), fake_run(1, 0.72)],
+        ),
+        study::summarise_cell(
+            kv("prelu", "he-prelu"),
+            PathBuf::new(),
+            vec![fake_run(0, 0.91), fake_run(1, 0.93)],
+        ),
     ];
     assert!((cells[0].test_acc_mean - 0.6).abs() < 1e-12 && (cells[0].test_acc_sd - 0.1).abs() < 1e-12);
     assert_eq!((cells[0].test_acc_min, cells[0].test_acc_max), (0.5, 0.7));
@@ -174,7 +190,10 @@ fn contrasts_pair_runs_by_seed_within_each_context() {
     assert!((x.diff_mean - 0.10).abs() < 1e-12);
     let [lo, hi] = x.ci95.unwrap();
     let half = 4.3027 * 0.02 / 3f64.sqrt();
-    assert!((lo - (0.10 - half)).abs() < 1e-4 && (hi - (0.10 + half)).abs() < 1e-4, "{lo} {hi}");
+    assert!(
+        (lo - (0.10 - half)).abs() < 1e-4 && (hi - (0.10 + half)).abs() < 1e-4,
+        "{lo} {hi}"
+    );
     let h = &cs[1];
     assert_eq!(h.n, 2);
     assert!((h.diff_mean - 0.02).abs() < 1e-12);
@@ -229,7 +248,9 @@ fn a_study_trains_every_cell_and_seed_and_resumes() {
     assert!(!html.contains("<script") && !html.contains("src=\"http") && !html.contains("href=\"http"));
     assert_eq!(r.contrasts.len(), 1);
     let c = &r.contrasts[0];
-    let want: Vec<f64> = (0..2).map(|k| r.cells[1].runs[k].test_acc - r.cells[0].runs[k].test_acc).collect();
+    let want: Vec<f64> = (0..2)
+        .map(|k| r.cells[1].runs[k].test_acc - r.cells[0].runs[k].test_acc)
+        .collect();
     assert_eq!(c.diffs, want);
 
     // The same study again: nothing trains, the numbers are the same.
@@ -267,10 +288,7 @@ fn a_study_trains_every_cell_and_seed_and_resumes() {
 
     // A folder holding a different run is refused, not overwritten.
     let other = StudySpec {
-        base: TrainConfig {
-            lr: 0.5,
-            ..tiny_base()
-        },
+        base: TrainConfig { lr: 0.5, ..tiny_base() },
         ..spec.clone()
     };
     let e = study::run(&other, &dir, &mut |_, _| {}).unwrap_err();
@@ -284,8 +302,25 @@ fn the_cli_prints_one_json_object_with_cells_and_contrasts() {
     let dir = tmp("cli");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_prelu"))
         .args([
-            "--threads", "1", "study", "--vary", "init=xavier,he-prelu", "--seeds", "2", "--hidden", "16",
-            "--epochs", "1", "--train-limit", "256", "--test-limit", "128", "--batch-size", "64", "--json", "--out",
+            "--threads",
+            "1",
+            "study",
+            "--vary",
+            "init=xavier,he-prelu",
+            "--seeds",
+            "2",
+            "--hidden",
+            "16",
+            "--epochs",
+            "1",
+            "--train-limit",
+            "256",
+            "--test-limit",
+            "128",
+            "--batch-size",
+            "64",
+            "--json",
+            "--out",
         ])
         .arg(&dir)
         .output()
