@@ -292,6 +292,14 @@ impl ActivationLayer {
                 let slope = Tensor::full(*a, 1, xs.device())?.to_dtype(xs.dtype())?;
                 ops::prelu_counting(xs, &slope, SlopeAxis::Shared, stats)
             }
+            // A shared slope is broadcast over the channels so that the
+            // sentinel counts per channel as for every other activation
+            // (the gradient of the broadcast sums back onto the one slope).
+            ActivationLayer::PRelu(p) if p.config().axis == SlopeAxis::Shared && xs.rank() >= 2 => {
+                let c = xs.dim(1)?;
+                let slope = p.slope()?.reshape(())?.broadcast_as(c)?.contiguous()?;
+                ops::prelu_counting(xs, &slope, SlopeAxis::ChannelFirst, stats)
+            }
             ActivationLayer::PRelu(p) => ops::prelu_counting(xs, &p.slope()?, p.config().axis, stats),
         }
     }

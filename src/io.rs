@@ -101,6 +101,17 @@ pub fn save_model(
     mut metadata: HashMap<String, String>,
 ) -> Result<()> {
     let mut tensors = model.state_dict()?;
+    // PyTorch's BatchNorm also stores a batch counter; with it the file loads
+    // into the PyTorch twin with `load_state_dict(strict=True)`. It is only
+    // read by PyTorch when `momentum=None`, so 0 is written.
+    for (node, block) in model.graph.nodes.iter().zip(&model.blocks) {
+        if let crate::model::Block::BatchNorm(_) = block {
+            tensors.insert(
+                format!("{}.num_batches_tracked", node.name),
+                Tensor::new(0i64, &Device::Cpu)?,
+            );
+        }
+    }
     tensors.extend(extra);
     metadata.insert(SPEC_KEY.into(), serde_json::to_string(&model.spec)?);
     save_safetensors(path, &tensors, metadata)
@@ -141,4 +152,23 @@ pub fn load_model_with_spec(path: &Path, spec: Option<&Path>) -> Result<Loaded> 
         .load_state_dict(&tensors)
         .with_context(|| format!("{}: weights do not fit the spec", file.display()))?;
     Ok((model, tensors, metadata))
+}
+
+/// Reads a user's text file: a regular file only (no FIFO, device or
+/// directory), at most `max` bytes, UTF-8.
+pub fn read_user_text(path: &Path, max: u64) -> Result<String> {
+    use std::io::Read;
+    let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let meta = f.metadata().with_context(|| format!("cannot stat {}", path.display()))?;
+    if !meta.is_file() {
+        anyhow::bail!("{} is not a regular file", path.display());
+    }
+    let mut buf = Vec::new();
+    f.take(max + 1)
+        .read_to_end(&mut buf)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    if buf.len() as u64 > max {
+        anyhow::bail!("{} is larger than {max} bytes", path.display());
+    }
+    String::from_utf8(buf).map_err(|_| anyhow::anyhow!("{} is not UTF-8 text", path.display()))
 }

@@ -255,6 +255,20 @@ enum BenchCommand {
     Train(BenchTrainArgs),
 }
 
+/// Hidden widths as given on the command line (`512,512` or `256x30`).
+#[derive(Clone, Debug)]
+struct Hidden(Vec<usize>);
+
+impl From<Hidden> for Vec<usize> {
+    fn from(h: Hidden) -> Self {
+        h.0
+    }
+}
+
+fn parse_hidden_arg(s: &str) -> Result<Hidden, String> {
+    prelu::graph::parse_hidden(s).map(Hidden)
+}
+
 /// Options shared by train, compare and demo; each overrides the config file.
 #[derive(Args, Clone, Default)]
 struct ConfigArgs {
@@ -267,12 +281,13 @@ struct ConfigArgs {
     /// Folder to look for named data sets in first.
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// mlp, cnn or cnn-reference.
+    /// mlp, cnn, cnn-reference, resnet-N, plain-N (N = 8, 14, 20, 32, 44, 56, ...)
+    /// or a graph file (.toml/.json, see the README).
     #[arg(long)]
     model: Option<String>,
-    /// MLP hidden widths, e.g. 512,512.
-    #[arg(long, value_delimiter = ',')]
-    hidden: Option<Vec<usize>>,
+    /// MLP hidden widths, e.g. 512,512, or 256x30 for 30 layers of 256.
+    #[arg(long, value_parser = parse_hidden_arg)]
+    hidden: Option<Hidden>,
     /// CNN conv channels, e.g. 32,64.
     #[arg(long, value_delimiter = ',')]
     channels: Option<Vec<usize>>,
@@ -1175,8 +1190,9 @@ fn cmd_diagnose(a: &DiagnoseArgs) -> Result<()> {
         d.accuracy,
         d.loss
     );
+    let lw = d.layers.iter().map(|l| l.layer.len()).max().unwrap_or(0).max(7);
     println!(
-        "{:<7} {:<13} {:>5} {:>8} {:>6} {:>6} {:>6} {:>6} {:>22} {:>10}",
+        "{:<lw$} {:<13} {:>5} {:>8} {:>6} {:>6} {:>6} {:>6} {:>22} {:>10}",
         "layer", "kind", "units", "neg", "dead", "stuck", "linear", "idle", "slope mean [min, max]", "|grad W|"
     );
     for l in &d.layers {
@@ -1195,7 +1211,7 @@ fn cmd_diagnose(a: &DiagnoseArgs) -> Result<()> {
             )
         };
         println!(
-            "{:<7} {:<13} {:>5} {:>7.1}% {:>6} {:>6} {:>6} {:>6} {:>22} {:>10}",
+            "{:<lw$} {:<13} {:>5} {:>7.1}% {:>6} {:>6} {:>6} {:>6} {:>22} {:>10}",
             l.layer,
             l.kind,
             l.channels,

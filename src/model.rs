@@ -1,9 +1,11 @@
-//! The networks we train: an MLP and a small CNN, each with a chosen
-//! activation (ReLU, Leaky ReLU, PReLU shared or per channel), optional
-//! BatchNorm, and a chosen init. Parameter names follow PyTorch's
-//! `state_dict` of the equivalent `nn.Module`: `layers.{i}.weight|bias` for
-//! Linear, `convs.{i}.weight|bias` for Conv2d, `bn.{i}.weight|bias|running_mean|running_var`
-//! for BatchNorm and `act.{i}.weight` for PReLU slopes.
+//! The model: a [`Graph`] of layers (see [`crate::graph`]) with its
+//! parameters, built from a [`ModelSpec`] (a preset — MLP, CNN, ResNet/plain
+//! nets — or a hand-written graph) with a chosen activation (ReLU, Leaky ReLU,
+//! PReLU shared or per channel), optional BatchNorm and a chosen init.
+//! Parameter names follow PyTorch's `state_dict` of the equivalent
+//! `nn.Module`: `{node}.weight|bias`, and for BatchNorm also
+//! `{node}.running_mean|running_var` (for the MLP preset: `layers.{i}`,
+//! `bn.{i}`, `act.{i}`; for the CNN presets also `convs.{i}`).
 
 use std::collections::HashMap;
 
@@ -12,6 +14,7 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use crate::activation::{Activation, ActivationLayer, PReLUConfig, SlopeConstraint};
+use crate::graph::{self, ConvGeom, Graph, Op, PoolGeom, Resolved};
 use crate::init::InitScheme;
 
 /// Network architecture.
@@ -30,6 +33,12 @@ pub enum Arch {
         pool_after: Vec<usize>,
         hidden: usize,
     },
+    /// The ResNet of He et al. for small images, depth `6n + 2`
+    /// ([`graph::resnet`]); with `shortcuts: false` the plain net of the same
+    /// depth.
+    Resnet { depth: usize, shortcuts: bool },
+    /// Any network, as a layer graph (a graph file given to `--model`).
+    Graph { graph: Graph },
 }
 
 impl Arch {
@@ -59,6 +68,49 @@ impl Arch {
             padding: 0,
             pool_after: vec![1],
             hidden: 128,
+        }
+    }
+
+    /// Parses a preset name: `mlp`, `cnn`, `cnn-reference`, `resnet-N`,
+    /// `plain-N` (`hidden`/`channels` fill the MLP and CNN presets).
+    pub fn preset(name: &str, hidden: &[usize], channels: &[usize]) -> std::result::Result<Self, String> {
+        let depth = |s: &str| -> std::result::Result<usize, String> {
+            s.parse::<usize>()
+                .map_err(|_| format!("`{name}`: `{s}` is not a depth (resnet-N and plain-N take N = 6n + 2: 8, 14, 20, 32, 44, 56, 110)"))
+        };
+        Ok(match name {
+            "mlp" => Arch::Mlp { hidden: hidden.to_vec() },
+            "cnn" => {
+                let mut a = Arch::cnn_default();
+                if let Arch::Cnn { channels: c, pool_after, .. } = &mut a {
+                    *c = channels.to_vec();
+                    *pool_after = (0..channels.len().min(2)).collect();
+                }
+                a
+            }
+            "cnn-reference" => Arch::cnn_reference(),
+            _ => {
+                if let Some(n) = name.strip_prefix("resnet-") {
+                    Arch::Resnet { depth: depth(n)?, shortcuts: true }
+                } else if let Some(n) = name.strip_prefix("plain-") {
+                    Arch::Resnet { depth: depth(n)?, shortcuts: false }
+                } else {
+                    return Err(format!(
+                        "unknown model `{name}`; expected mlp, cnn, cnn-reference, resnet-N, plain-N or a graph file (.toml/.json)"
+                    ));
+                }
+            }
+        })
+    }
+
+    /// A short name for tables: `mlp`, `cnn`, `resnet-20`, `plain-20`, `graph`.
+    pub fn name(&self) -> String {
+        match self {
+            Arch::Mlp { .. } => "mlp".into(),
+            Arch::Cnn { .. } => "cnn".into(),
+            Arch::Resnet { depth, shortcuts: true } => format!("resnet-{depth}"),
+            Arch::Resnet { depth, shortcuts: false } => format!("plain-{depth}"),
+            Arch::Graph { .. } => "graph".into(),
         }
     }
 }
@@ -109,42 +161,49 @@ impl ModelSpec {
         }
     }
 
-    /// Trainable parameters this spec would allocate (saturating, so any
-    /// spec can be sized before anything is allocated).
-    pub fn param_estimate(&self) -> usize {
-        let [c, h, w] = self.input;
-        let layer = |i: usize, o: usize| {
-            i.saturating_add(1)
-                .saturating_mul(o)
-                .saturating_add(3usize.saturating_mul(o))
+    /// The layer graph of this spec (presets are built; a graph is taken as is).
+    pub fn graph(&self) -> Result<Graph> {
+        let widths: &[usize] = match &self.arch {
+            Arch::Mlp { hidden } => hidden,
+            Arch::Cnn { channels, .. } => channels,
+            _ => &[],
         };
-        match &self.arch {
-            Arch::Mlp { hidden } => {
-                let mut n = 0usize;
-                let mut fan = c.saturating_mul(h).saturating_mul(w);
-                for &o in hidden.iter().chain(std::iter::once(&self.classes)) {
-                    n = n.saturating_add(layer(fan, o));
-                    fan = o;
-                }
-                n
-            }
+        if widths.len() > 10_000 {
+            bail!("model: {} layers, over the limit of 10,000", widths.len());
+        }
+        Ok(match &self.arch {
+            Arch::Mlp { hidden } => graph::mlp(hidden, self.act, self.batch_norm, self.classes),
             Arch::Cnn {
                 channels,
                 kernel,
+                padding,
+                pool_after,
                 hidden,
-                ..
-            } => {
-                let mut n = 0usize;
-                let mut ci = c;
-                for &co in channels {
-                    n = n.saturating_add(layer(ci.saturating_mul(kernel.saturating_mul(*kernel)), co));
-                    ci = co;
-                }
-                let flat = ci.saturating_mul(h).saturating_mul(w);
-                n.saturating_add(layer(flat, *hidden))
-                    .saturating_add(layer(*hidden, self.classes))
+            } => graph::cnn(
+                channels,
+                *kernel,
+                *padding,
+                pool_after,
+                *hidden,
+                self.act,
+                self.batch_norm,
+                self.classes,
+            ),
+            Arch::Resnet { depth, shortcuts } => {
+                graph::resnet(*depth, *shortcuts, self.act, self.batch_norm, self.classes)?
             }
-        }
+            Arch::Graph { graph } => graph.clone(),
+        })
+    }
+
+    /// Trainable parameters this spec would allocate (saturating, so any
+    /// spec can be sized before anything is allocated); `usize::MAX` for a
+    /// spec that does not describe a valid network.
+    pub fn param_estimate(&self) -> usize {
+        self.graph()
+            .and_then(|g| Ok((g.resolve(self.input)?, g)))
+            .map(|(r, g)| g.param_count(&r))
+            .unwrap_or(usize::MAX)
     }
 
     /// Checks sizes, so a bad spec is an error and never a panic later, and
@@ -152,27 +211,12 @@ impl ModelSpec {
     pub fn validate(&self) -> Result<()> {
         let [c, h, w] = self.input;
         let big = |v: usize| v > 1 << 20;
-        let widths: Vec<usize> = match &self.arch {
-            Arch::Mlp { hidden } => hidden.clone(),
-            Arch::Cnn { channels, hidden, .. } => channels.iter().copied().chain([*hidden]).collect(),
-        };
-        if big(c) || big(h) || big(w) || big(self.classes) || widths.iter().any(|&v| big(v)) || widths.len() > 1000 {
+        if big(c) || big(h) || big(w) || big(self.classes) {
             bail!(
-                "model: a size in the spec is implausibly large (input {:?}, classes {}, widths {widths:?})",
+                "model: a size in the spec is implausibly large (input {:?}, classes {})",
                 self.input,
                 self.classes
             );
-        }
-        if let Arch::Cnn { kernel, padding, .. } = &self.arch {
-            if *kernel > 31 || padding > kernel {
-                bail!(
-                    "model: CNN kernel {kernel} (at most 31) and padding {padding} (at most the kernel) out of range"
-                );
-            }
-        }
-        let n = self.param_estimate();
-        if n > MAX_PARAMS {
-            bail!("model: the spec needs {n} parameters, over the limit of {MAX_PARAMS}");
         }
         if c == 0 || h == 0 || w == 0 || self.classes == 0 {
             bail!(
@@ -192,36 +236,41 @@ impl ModelSpec {
         }
         match &self.arch {
             Arch::Mlp { hidden } => {
-                if hidden.contains(&0) {
-                    bail!("model: hidden widths must be > 0, got {hidden:?}");
+                if hidden.contains(&0) || hidden.iter().any(|&v| big(v)) {
+                    bail!("model: hidden widths must be > 0 (and at most 2^20), got {hidden:?}");
                 }
             }
             Arch::Cnn {
                 channels,
                 kernel,
                 padding,
-                pool_after,
                 hidden,
+                ..
             } => {
                 if channels.is_empty() || channels.contains(&0) || *hidden == 0 || *kernel == 0 {
                     bail!("model: CNN channels {channels:?}, kernel {kernel} and hidden {hidden} must be non-empty and > 0");
                 }
-                let (mut hh, mut ww) = (h, w);
-                for i in 0..channels.len() {
-                    if hh + 2 * padding < *kernel || ww + 2 * padding < *kernel {
-                        bail!("model: conv {i} with kernel {kernel} does not fit a {hh}x{ww} input");
-                    }
-                    hh = hh + 2 * padding - kernel + 1;
-                    ww = ww + 2 * padding - kernel + 1;
-                    if pool_after.contains(&i) {
-                        hh /= 2;
-                        ww /= 2;
-                    }
-                    if hh == 0 || ww == 0 {
-                        bail!("model: the feature map vanishes after conv {i}");
-                    }
+                if *kernel > 31 || padding > kernel {
+                    bail!(
+                        "model: CNN kernel {kernel} (at most 31) and padding {padding} (at most the kernel) out of range"
+                    );
                 }
             }
+            _ => {}
+        }
+        let g = self.graph()?;
+        let r = g.resolve(self.input)?;
+        let n = g.param_count(&r);
+        if n > MAX_PARAMS {
+            bail!("model: the spec needs {n} parameters, over the limit of {MAX_PARAMS}");
+        }
+        let out = r.len(r.outputs[0]);
+        if out != self.classes {
+            bail!(
+                "model: the first output `{}` has {out} values per sample, the data has {} classes",
+                g.nodes[r.outputs[0] - 1].name,
+                self.classes
+            );
         }
         Ok(())
     }
@@ -260,14 +309,14 @@ pub struct BatchNorm {
 }
 
 impl BatchNorm {
-    fn new(c: usize, dtype: DType, dev: &Device) -> Result<Self> {
+    fn new(c: usize, eps: f64, momentum: f64, dtype: DType, dev: &Device) -> Result<Self> {
         Ok(Self {
             weight: Var::from_tensor(&Tensor::ones(c, dtype, dev)?)?,
             bias: Var::from_tensor(&Tensor::zeros(c, dtype, dev)?)?,
             running_mean: Var::from_tensor(&Tensor::zeros(c, dtype, dev)?)?,
             running_var: Var::from_tensor(&Tensor::ones(c, dtype, dev)?)?,
-            eps: 1e-5,
-            momentum: 0.1,
+            eps,
+            momentum,
         })
     }
 
@@ -313,21 +362,30 @@ impl BatchNorm {
     }
 }
 
-/// One step of the network.
+/// The layer of one graph node, holding its parameters.
 #[derive(Clone, Debug)]
 pub enum Block {
-    Linear { weight: Var, bias: Var },
-    Conv { weight: Var, bias: Var, padding: usize },
+    Linear { weight: Var, bias: Option<Var> },
+    Conv { weight: Var, bias: Option<Var>, geom: ConvGeom },
     BatchNorm(BatchNorm),
     Act(ActivationLayer),
-    MaxPool2,
+    MaxPool(PoolGeom),
+    AvgPool(PoolGeom),
+    GlobalAvgPool,
     Flatten,
+    Add,
 }
 
-/// A network built from a [`ModelSpec`].
+/// A network built from a [`ModelSpec`]: its graph, one [`Block`] per node,
+/// and the parameters by PyTorch name.
 #[derive(Clone, Debug)]
 pub struct Model {
     pub spec: ModelSpec,
+    /// The layer graph (for presets, the one the spec builds).
+    pub graph: Graph,
+    /// The graph checked against the input: node inputs, shapes, heads.
+    pub resolved: Resolved,
+    /// `blocks[i]` is the layer of `graph.nodes[i]`.
     pub blocks: Vec<Block>,
     params: Vec<Param>,
     buffers: Vec<(String, Var)>,
@@ -337,11 +395,15 @@ impl Model {
     /// Builds and initialises a model; weights come from `seed`.
     pub fn new(spec: &ModelSpec, seed: u64, device: &Device) -> Result<Self> {
         spec.validate()?;
+        let graph = spec.graph()?;
+        let resolved = graph.resolve(spec.input)?;
         let dt = DType::F32;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut m = Model {
             spec: spec.clone(),
-            blocks: Vec::new(),
+            graph: graph.clone(),
+            resolved: resolved.clone(),
+            blocks: Vec::with_capacity(graph.nodes.len()),
             params: Vec::new(),
             buffers: Vec::new(),
         };
@@ -349,132 +411,145 @@ impl Model {
             constraint: spec.slope_constraint,
             ..Default::default()
         };
-        let mut act_i = 0;
-        let mut bn_i = 0;
-        let mut add_act = |m: &mut Model, ch: usize| -> Result<()> {
-            if spec.batch_norm {
-                let bn = BatchNorm::new(ch, dt, device)?;
-                m.params.push(Param {
-                    name: format!("bn.{bn_i}.weight"),
-                    var: bn.weight.clone(),
-                    kind: ParamKind::BnWeight,
-                });
-                m.params.push(Param {
-                    name: format!("bn.{bn_i}.bias"),
-                    var: bn.bias.clone(),
-                    kind: ParamKind::BnBias,
-                });
-                m.buffers
-                    .push((format!("bn.{bn_i}.running_mean"), bn.running_mean.clone()));
-                m.buffers
-                    .push((format!("bn.{bn_i}.running_var"), bn.running_var.clone()));
-                m.blocks.push(Block::BatchNorm(bn));
-                bn_i += 1;
-            }
-            let a = ActivationLayer::new(spec.act, ch, spec.alpha_init, pcfg, dt, device)?;
-            if let Some(p) = a.prelu() {
-                m.params.push(Param {
-                    name: format!("act.{act_i}.weight"),
-                    var: p.param().clone(),
-                    kind: ParamKind::Slope,
-                });
-            }
-            m.blocks.push(Block::Act(a));
-            act_i += 1;
-            Ok(())
-        };
-        let linear = |m: &mut Model,
-                      name: String,
-                      fan_in: usize,
-                      out: usize,
-                      rng: &mut rand::rngs::StdRng,
-                      head: bool|
-         -> Result<()> {
-            // The head is followed by the loss, not an activation: gain 1 (a0 = 1).
-            let next = if head { Activation::LeakyRelu(1.0) } else { spec.act };
-            let w = spec
-                .init
-                .sample(&[out, fan_in], next, spec.alpha_init, dt, device, rng)?;
-            let (weight, bias) = m.push_weight_bias(&name, &w, if head { 0.0 } else { spec.bias_init })?;
-            m.blocks.push(Block::Linear { weight, bias });
-            Ok(())
-        };
-        let [c0, h0, w0] = spec.input;
-        match &spec.arch {
-            Arch::Mlp { hidden } => {
-                m.blocks.push(Block::Flatten);
-                let mut fan = c0 * h0 * w0;
-                for (i, &h) in hidden.iter().enumerate() {
-                    linear(&mut m, format!("layers.{i}"), fan, h, &mut rng, false)?;
-                    add_act(&mut m, h)?;
-                    fan = h;
+        for (i, node) in graph.nodes.iter().enumerate() {
+            let name = &node.name;
+            let [c, h, w] = resolved.shapes[resolved.inputs[i][0]];
+            // The gain of the activation this layer feeds; a head is followed
+            // by the loss: gain 1 (a0 = 1), and its bias starts at 0.
+            let next = graph.next_activation(&resolved, i);
+            let b0 = if next.is_some() { spec.bias_init } else { 0.0 };
+            let next = next.unwrap_or(Activation::LeakyRelu(1.0));
+            let block = match &node.op {
+                Op::Linear { out_features, bias } => {
+                    let wt = spec
+                        .init
+                        .sample(&[*out_features, c * h * w], next, spec.alpha_init, dt, device, &mut rng)?;
+                    let (weight, bias) = m.push_weight_bias(name, &wt, bias.then_some(b0))?;
+                    Block::Linear { weight, bias }
                 }
-                linear(
-                    &mut m,
-                    format!("layers.{}", hidden.len()),
-                    fan,
-                    spec.classes,
-                    &mut rng,
-                    true,
-                )?;
-            }
-            Arch::Cnn {
-                channels,
-                kernel,
-                padding,
-                pool_after,
-                hidden,
-            } => {
-                let (mut c, mut h, mut w) = (c0, h0, w0);
-                for (i, &co) in channels.iter().enumerate() {
+                Op::Conv2d {
+                    out_channels,
+                    kernel,
+                    stride,
+                    padding,
+                    dilation,
+                    bias,
+                } => {
+                    let geom = ConvGeom::new(c, *out_channels, h, w, *kernel, *stride, *padding, *dilation)?;
                     let wt = spec.init.sample(
-                        &[co, c, *kernel, *kernel],
-                        spec.act,
+                        &[*out_channels, c, kernel.h(), kernel.w()],
+                        next,
                         spec.alpha_init,
                         dt,
                         device,
                         &mut rng,
                     )?;
-                    let (weight, bias) = m.push_weight_bias(&format!("convs.{i}"), &wt, spec.bias_init)?;
-                    m.blocks.push(Block::Conv {
-                        weight,
-                        bias,
-                        padding: *padding,
-                    });
-                    add_act(&mut m, co)?;
-                    c = co;
-                    h = h + 2 * padding - kernel + 1;
-                    w = w + 2 * padding - kernel + 1;
-                    if pool_after.contains(&i) {
-                        m.blocks.push(Block::MaxPool2);
-                        h /= 2;
-                        w /= 2;
-                    }
+                    let (weight, bias) = m.push_weight_bias(name, &wt, bias.then_some(b0))?;
+                    Block::Conv { weight, bias, geom }
                 }
-                m.blocks.push(Block::Flatten);
-                linear(&mut m, "layers.0".into(), c * h * w, *hidden, &mut rng, false)?;
-                add_act(&mut m, *hidden)?;
-                linear(&mut m, "layers.1".into(), *hidden, spec.classes, &mut rng, true)?;
-            }
+                Op::BatchNorm { eps, momentum } => {
+                    let bn = BatchNorm::new(c, *eps, *momentum, dt, device)?;
+                    m.params.push(Param {
+                        name: format!("{name}.weight"),
+                        var: bn.weight.clone(),
+                        kind: ParamKind::BnWeight,
+                    });
+                    m.params.push(Param {
+                        name: format!("{name}.bias"),
+                        var: bn.bias.clone(),
+                        kind: ParamKind::BnBias,
+                    });
+                    m.buffers.push((format!("{name}.running_mean"), bn.running_mean.clone()));
+                    m.buffers.push((format!("{name}.running_var"), bn.running_var.clone()));
+                    Block::BatchNorm(bn)
+                }
+                Op::Act { act } => {
+                    let a = ActivationLayer::new(*act, c, spec.alpha_init, pcfg, dt, device)?;
+                    if let Some(p) = a.prelu() {
+                        m.params.push(Param {
+                            name: format!("{name}.weight"),
+                            var: p.param().clone(),
+                            kind: ParamKind::Slope,
+                        });
+                    }
+                    Block::Act(a)
+                }
+                Op::MaxPool {
+                    kernel,
+                    stride,
+                    padding,
+                    ceil_mode,
+                } => Block::MaxPool(PoolGeom::new([c, h, w], *kernel, *stride, *padding, *ceil_mode, true)?),
+                Op::AvgPool {
+                    kernel,
+                    stride,
+                    padding,
+                    ceil_mode,
+                    count_include_pad,
+                } => Block::AvgPool(PoolGeom::new(
+                    [c, h, w],
+                    *kernel,
+                    *stride,
+                    *padding,
+                    *ceil_mode,
+                    *count_include_pad,
+                )?),
+                Op::GlobalAvgPool => Block::GlobalAvgPool,
+                Op::Flatten => Block::Flatten,
+                Op::Add => Block::Add,
+            };
+            m.blocks.push(block);
         }
         Ok(m)
     }
 
-    /// Registers a weight (given) and a bias (filled with `b0`) as `{prefix}.weight|bias`.
-    fn push_weight_bias(&mut self, prefix: &str, w: &Tensor, b0: f64) -> Result<(Var, Var)> {
+    /// Registers a weight (given) and a bias (filled with `b0`, if any) as `{prefix}.weight|bias`.
+    fn push_weight_bias(&mut self, prefix: &str, w: &Tensor, b0: Option<f64>) -> Result<(Var, Option<Var>)> {
         let weight = Var::from_tensor(w)?;
-        let bias = Var::from_tensor(&Tensor::full(b0 as f32, w.dim(0)?, w.device())?)?;
         self.params.push(Param {
             name: format!("{prefix}.weight"),
             var: weight.clone(),
             kind: ParamKind::Weight,
         });
-        self.params.push(Param {
-            name: format!("{prefix}.bias"),
-            var: bias.clone(),
-            kind: ParamKind::Bias,
-        });
+        let bias = match b0 {
+            Some(b0) => {
+                let bias = Var::from_tensor(&Tensor::full(b0 as f32, w.dim(0)?, w.device())?)?;
+                self.params.push(Param {
+                    name: format!("{prefix}.bias"),
+                    var: bias.clone(),
+                    kind: ParamKind::Bias,
+                });
+                Some(bias)
+            }
+            None => None,
+        };
         Ok((weight, bias))
+    }
+
+    /// The names of the activation nodes, in order (the sentinel's layers).
+    pub fn activation_names(&self) -> Vec<String> {
+        self.graph
+            .nodes
+            .iter()
+            .zip(&self.blocks)
+            .filter(|(_, b)| matches!(b, Block::Act(_)))
+            .map(|(n, _)| n.name.clone())
+            .collect()
+    }
+
+    /// For activation node `i` (graph index), the linear or conv node that
+    /// feeds it, through BatchNorm, pooling, flatten and (the first input of)
+    /// adds.
+    pub fn feeding_layer(&self, i: usize) -> Option<usize> {
+        let mut v = self.resolved.inputs[i][0];
+        while v > 0 {
+            match &self.blocks[v - 1] {
+                Block::Linear { .. } | Block::Conv { .. } => return Some(v - 1),
+                Block::Act(_) => return None,
+                _ => v = self.resolved.inputs[v - 1][0],
+            }
+        }
+        None
     }
 
     /// Trainable parameters, in a fixed order.
@@ -531,6 +606,27 @@ impl Model {
         probes: Option<&[Var]>,
         inspect: &mut dyn FnMut(usize, &Tensor) -> Result<()>,
     ) -> Result<Tensor> {
+        let outs = self.forward_heads(x, train, stats, probes, inspect, true)?;
+        outs.into_iter()
+            .next()
+            .ok_or_else(|| candle_core::Error::Msg("model: no output".into()))
+    }
+
+    /// Every head's output for a batch (`[N, F]` each, in the graph's output
+    /// order), in evaluation or training mode.
+    pub fn forward_outputs(&self, x: &Tensor, train: bool) -> Result<Vec<Tensor>> {
+        self.forward_heads(x, train, None, None, &mut |_, _| Ok(()), false)
+    }
+
+    fn forward_heads(
+        &self,
+        x: &Tensor,
+        train: bool,
+        stats: Option<&[crate::ops::SharedStats]>,
+        probes: Option<&[Var]>,
+        inspect: &mut dyn FnMut(usize, &Tensor) -> Result<()>,
+        first_only: bool,
+    ) -> Result<Vec<Tensor>> {
         let [c, h, w] = self.spec.input;
         let n = x.dim(0)?;
         if x.elem_count() != n * c * h * w {
@@ -540,15 +636,55 @@ impl Model {
                 x.dims()
             );
         }
-        let mut t = ((x.reshape((n, c, h, w))? - self.spec.input_mean as f64)? / self.spec.input_std as f64)?;
+        let r = &self.resolved;
+        let heads: &[usize] = if first_only { &r.outputs[..1] } else { &r.outputs };
+        // Nodes the requested heads depend on (a second head may be skipped).
+        let mut needed = vec![false; r.shapes.len()];
+        for &o in heads {
+            needed[o] = true;
+        }
+        for v in (1..needed.len()).rev() {
+            if needed[v] {
+                for &u in &r.inputs[v - 1] {
+                    needed[u] = true;
+                }
+            }
+        }
+        let mut vals: Vec<Option<Tensor>> = vec![None; r.shapes.len()];
+        vals[0] = Some(((x.reshape((n, c, h, w))? - self.spec.input_mean as f64)? / self.spec.input_std as f64)?);
+        let get = |vals: &[Option<Tensor>], v: usize| -> Result<Tensor> {
+            vals[v]
+                .clone()
+                .ok_or_else(|| candle_core::Error::Msg(format!("model: value {v} used before it is computed")))
+        };
         let mut act_i = 0;
-        for b in &self.blocks {
-            t = match b {
+        for (i, b) in self.blocks.iter().enumerate() {
+            if let Block::Act(_) = b {
+                // Activation indices count every activation node, computed or not.
+                if !needed[i + 1] {
+                    act_i += 1;
+                    continue;
+                }
+            } else if !needed[i + 1] {
+                continue;
+            }
+            let t = get(&vals, r.inputs[i][0])?;
+            let out = match b {
                 Block::Flatten => t.flatten_from(1)?,
-                Block::Linear { weight, bias } => t.matmul(&weight.t()?)?.broadcast_add(bias)?,
-                Block::Conv { weight, bias, padding } => crate::conv::conv2d(&t, weight, bias, *padding)?,
+                Block::Linear { weight, bias } => {
+                    let t = if t.rank() > 2 { t.flatten_from(1)? } else { t };
+                    let y = t.matmul(&weight.t()?)?;
+                    match bias {
+                        Some(b) => y.broadcast_add(b)?,
+                        None => y,
+                    }
+                }
+                Block::Conv { weight, bias, geom } => {
+                    crate::conv::conv2d(&t, weight, bias.as_ref().map(|b| b.as_tensor()), geom)?
+                }
                 Block::BatchNorm(bn) => bn.forward_t(&t, train)?,
                 Block::Act(a) => {
+                    let mut t = t;
                     if let Some(p) = probes.and_then(|p| p.get(act_i)) {
                         t = (t + p.as_tensor())?;
                     }
@@ -559,10 +695,35 @@ impl Model {
                         None => a.forward(&t)?,
                     }
                 }
-                Block::MaxPool2 => crate::conv::max_pool2(&t)?,
+                Block::MaxPool(g) => crate::pool::max_pool(&t, g)?,
+                Block::AvgPool(g) => crate::pool::avg_pool(&t, g)?,
+                Block::GlobalAvgPool => {
+                    let (n, c, _, _) = t.dims4()?;
+                    t.flatten_from(2)?.mean_keepdim(2)?.reshape((n, c, 1, 1))?
+                }
+                Block::Add => {
+                    let mut acc = t;
+                    for &u in &r.inputs[i][1..] {
+                        let o = get(&vals, u)?;
+                        let o = if o.dims() != acc.dims() { o.reshape(acc.dims())? } else { o };
+                        acc = (acc + o)?;
+                    }
+                    acc
+                }
             };
+            vals[i + 1] = Some(out);
         }
-        Ok(t)
+        heads
+            .iter()
+            .map(|&o| {
+                let t = get(&vals, o)?;
+                if t.rank() > 2 {
+                    t.flatten_from(1)
+                } else {
+                    Ok(t)
+                }
+            })
+            .collect()
     }
 
     /// Applies slope constraints (clamping) after an optimiser step.
@@ -575,7 +736,7 @@ impl Model {
         Ok(())
     }
 
-    /// The activation layers, in order.
+    /// The activation layers, in graph order.
     pub fn activations(&self) -> Vec<&ActivationLayer> {
         self.blocks
             .iter()
@@ -658,5 +819,12 @@ impl Model {
             var.set(&v.copy()?)?;
         }
         Ok(())
+    }
+}
+
+impl candle_nn::ModuleT for Model {
+    /// The first head's logits (see [`Model::forward_t`]).
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        Model::forward_t(self, xs, train)
     }
 }

@@ -248,91 +248,153 @@ pub fn export(model: &Model) -> Result<Vec<u8>> {
     let mut t = b.node("Reshape", vec!["input".into(), shape], vec![]);
     t = b.node("Sub", vec![t, mean], vec![]);
     t = b.node("Div", vec![t, std], vec![]);
-    let (mut lin, mut conv, mut bn, mut act) = (0, 0, 0, 0);
-    let mut spatial = true; // whether the current tensor is [N, C, H, W]
-    for blk in &model.blocks {
-        t = match blk {
-            Block::Flatten => {
-                spatial = false;
-                b.node("Flatten", vec![t], vec![int("axis", 1)])
-            }
+    let r = &model.resolved;
+    // ONNX name of each graph value, and whether it is [N, C, H, W].
+    let mut names = vec![t];
+    let mut spatial = vec![true];
+    for (i, (blk, node)) in model.blocks.iter().zip(&model.graph.nodes).enumerate() {
+        let name = &node.name;
+        let mut x = names[r.inputs[i][0]].clone();
+        let sp = spatial[r.inputs[i][0]];
+        let (out, out_sp) = match blk {
+            Block::Flatten => (b.node("Flatten", vec![x], vec![int("axis", 1)]), false),
             Block::Linear { weight, bias } => {
+                if sp {
+                    x = b.node("Flatten", vec![x], vec![int("axis", 1)]);
+                }
                 let (o, i) = weight.dims2()?;
-                let wn = b.init_f32(&format!("layers.{lin}.weight"), weight, &[o as i64, i as i64])?;
-                let bn_ = b.init_f32(&format!("layers.{lin}.bias"), bias, &[o as i64])?;
-                lin += 1;
-                b.node("Gemm", vec![t, wn, bn_], vec![int("transB", 1)])
+                let mut inputs = vec![x, b.init_f32(&format!("{name}.weight"), weight, &[o as i64, i as i64])?];
+                if let Some(bias) = bias {
+                    inputs.push(b.init_f32(&format!("{name}.bias"), bias, &[o as i64])?);
+                }
+                (b.node("Gemm", inputs, vec![int("transB", 1)]), false)
             }
-            Block::Conv { weight, bias, padding } => {
-                let d = weight.dims4()?;
-                let dims = [d.0 as i64, d.1 as i64, d.2 as i64, d.3 as i64];
-                let wn = b.init_f32(&format!("convs.{conv}.weight"), weight, &dims)?;
-                let bn_ = b.init_f32(&format!("convs.{conv}.bias"), bias, &[dims[0]])?;
-                conv += 1;
-                let p = *padding as i64;
-                b.node(
-                    "Conv",
-                    vec![t, wn, bn_],
-                    vec![ints("kernel_shape", &[dims[2], dims[3]]), ints("pads", &[p, p, p, p])],
+            Block::Conv { weight, bias, geom: g } => {
+                let dims = [g.cout as i64, g.cin as i64, g.kh as i64, g.kw as i64];
+                let mut inputs = vec![x, b.init_f32(&format!("{name}.weight"), weight, &dims)?];
+                if let Some(bias) = bias {
+                    inputs.push(b.init_f32(&format!("{name}.bias"), bias, &[dims[0]])?);
+                }
+                let crate::graph::Op::Conv2d { kernel, stride, padding, dilation, .. } = &node.op else {
+                    bail!("onnx: node `{name}` is not a convolution");
+                };
+                let p = padding.resolve(g.h, g.w, *kernel, *stride, *dilation).map(|v| v as i64);
+                (
+                    b.node(
+                        "Conv",
+                        inputs,
+                        vec![
+                            ints("kernel_shape", &[dims[2], dims[3]]),
+                            ints("strides", &[g.sh as i64, g.sw as i64]),
+                            ints("dilations", &[g.dh as i64, g.dw as i64]),
+                            ints("pads", &p),
+                        ],
+                    ),
+                    true,
                 )
             }
             Block::BatchNorm(n) => {
                 let ch = n.weight.dim(0)? as i64;
-                let names = [
-                    b.init_f32(&format!("bn.{bn}.weight"), n.weight.as_tensor(), &[ch])?,
-                    b.init_f32(&format!("bn.{bn}.bias"), n.bias.as_tensor(), &[ch])?,
-                    b.init_f32(&format!("bn.{bn}.running_mean"), n.running_mean.as_tensor(), &[ch])?,
-                    b.init_f32(&format!("bn.{bn}.running_var"), n.running_var.as_tensor(), &[ch])?,
-                ];
-                bn += 1;
-                let mut inputs = vec![t];
-                inputs.extend(names);
-                b.node(
-                    "BatchNormalization",
-                    inputs,
-                    vec![float("epsilon", n.eps as f32), float("momentum", 0.9)],
+                let mut inputs = vec![x];
+                inputs.extend([
+                    b.init_f32(&format!("{name}.weight"), n.weight.as_tensor(), &[ch])?,
+                    b.init_f32(&format!("{name}.bias"), n.bias.as_tensor(), &[ch])?,
+                    b.init_f32(&format!("{name}.running_mean"), n.running_mean.as_tensor(), &[ch])?,
+                    b.init_f32(&format!("{name}.running_var"), n.running_var.as_tensor(), &[ch])?,
+                ]);
+                (
+                    b.node(
+                        "BatchNormalization",
+                        inputs,
+                        vec![float("epsilon", n.eps as f32), float("momentum", (1.0 - n.momentum) as f32)],
+                    ),
+                    sp,
                 )
             }
             Block::Act(a) => {
                 let out = match a {
-                    ActivationLayer::Relu => b.node("Relu", vec![t], vec![]),
-                    ActivationLayer::LeakyRelu(s) => b.node("LeakyRelu", vec![t], vec![float("alpha", *s as f32)]),
+                    ActivationLayer::Relu => b.node("Relu", vec![x], vec![]),
+                    ActivationLayer::LeakyRelu(s) => b.node("LeakyRelu", vec![x], vec![float("alpha", *s as f32)]),
                     ActivationLayer::PRelu(p) => {
                         let s = p.slope()?;
                         let n = s.elem_count() as i64;
                         let dims: Vec<i64> = if n == 1 {
                             vec![1]
-                        } else if spatial {
+                        } else if sp {
                             vec![n, 1, 1]
                         } else {
                             vec![n]
                         };
-                        let sn = b.init_f32(&format!("act.{act}.weight"), &s, &dims)?;
-                        b.node("PRelu", vec![t, sn], vec![])
+                        let sn = b.init_f32(&format!("{name}.weight"), &s, &dims)?;
+                        b.node("PRelu", vec![x, sn], vec![])
                     }
                 };
-                act += 1;
-                out
+                (out, sp)
             }
-            Block::MaxPool2 => b.node(
-                "MaxPool",
-                vec![t],
-                vec![ints("kernel_shape", &[2, 2]), ints("strides", &[2, 2])],
-            ),
+            Block::MaxPool(g) | Block::AvgPool(g) => {
+                let pads = [g.pt, g.pl, g.pb, g.pr].map(|v| v as i64);
+                let ceil = g.ho > 1 && (g.ho - 1) * g.sh + g.kh > g.h + g.pt + g.pb
+                    || g.wo > 1 && (g.wo - 1) * g.sw + g.kw > g.w + g.pl + g.pr;
+                let mut attrs = vec![
+                    ints("kernel_shape", &[g.kh as i64, g.kw as i64]),
+                    ints("strides", &[g.sh as i64, g.sw as i64]),
+                    ints("pads", &pads),
+                    int("ceil_mode", ceil as i64),
+                ];
+                let op = if let Block::AvgPool(_) = blk {
+                    attrs.push(int("count_include_pad", g.count_include_pad as i64));
+                    "AveragePool"
+                } else {
+                    "MaxPool"
+                };
+                (b.node(op, vec![x], attrs), true)
+            }
+            Block::GlobalAvgPool => (b.node("GlobalAveragePool", vec![x], vec![]), true),
+            Block::Add => {
+                let mut inputs = vec![x];
+                for &u in &r.inputs[i][1..] {
+                    inputs.push(names[u].clone());
+                }
+                // ONNX `Add` takes two inputs: chain them.
+                let mut acc = inputs[0].clone();
+                for other in &inputs[1..] {
+                    acc = b.node("Add", vec![acc, other.clone()], vec![]);
+                }
+                (acc, sp)
+            }
         };
+        names.push(out);
+        spatial.push(out_sp);
     }
-    let last = b.g.node.last_mut().expect("a model has nodes");
-    last.output = vec!["logits".into()];
-    b.g.output.push(value_info(
-        "logits",
-        &[
-            batch,
-            Dimension {
-                dim_value: Some(spec.classes as i64),
-                dim_param: None,
-            },
-        ],
-    ));
+    // The heads: the trained one is `logits`, others keep their node's name.
+    for (k, &o) in r.outputs.iter().enumerate() {
+        let mut x = names[o].clone();
+        if spatial[o] {
+            x = b.node("Flatten", vec![x], vec![int("axis", 1)]);
+        }
+        let out = if k == 0 {
+            "logits".to_string()
+        } else {
+            model.graph.nodes[o - 1].name.clone()
+        };
+        b.g.node.push(NodeProto {
+            input: vec![x],
+            output: vec![out.clone()],
+            name: format!("output_{k}"),
+            op_type: "Identity".into(),
+            attribute: vec![],
+        });
+        b.g.output.push(value_info(
+            &out,
+            &[
+                batch.clone(),
+                Dimension {
+                    dim_value: Some(r.len(o) as i64),
+                    dim_param: None,
+                },
+            ],
+        ));
+    }
     let m = ModelProto {
         ir_version: 7,
         producer_name: "prelu".into(),

@@ -145,35 +145,30 @@ fn kind_of(a: &ActivationLayer) -> String {
 impl Sentinel {
     pub fn new(model: &Model, cfg: SentinelConfig) -> Self {
         let mut layers = Vec::new();
-        let mut last_weight: Option<Var> = None;
-        let mut last_width = 0;
-        for b in &model.blocks {
-            match b {
-                Block::Linear { weight, .. } | Block::Conv { weight, .. } => {
-                    last_width = weight.dims()[0];
-                    last_weight = Some(weight.clone());
-                }
-                Block::Act(a) => {
-                    let i = layers.len();
-                    let stats = Arc::new(Mutex::new(ForwardStats::new(last_width)));
-                    let slope = a.prelu().map(|p| p.param().clone());
-                    let n_slopes = slope.as_ref().map(|s| s.elem_count()).unwrap_or(0);
-                    layers.push(Layer {
-                        name: format!("act.{i}"),
-                        kind: kind_of(a),
-                        channels: last_width,
-                        stats,
-                        slope,
-                        weight: last_weight.take(),
-                        grad_norm_sum: 0.0,
-                        slope_norm_sum: 0.0,
-                        slope_abs: vec![0.0; n_slopes],
-                        steps: 0,
-                        idle_streak: vec![0; last_width],
-                    });
-                }
-                _ => {}
-            }
+        let r = &model.resolved;
+        for (i, (b, node)) in model.blocks.iter().zip(&model.graph.nodes).enumerate() {
+            let Block::Act(a) = b else { continue };
+            let width = r.shapes[r.inputs[i][0]][0];
+            let weight = model.feeding_layer(i).and_then(|j| match &model.blocks[j] {
+                Block::Linear { weight, .. } | Block::Conv { weight, .. } => Some(weight.clone()),
+                _ => None,
+            });
+            let stats = Arc::new(Mutex::new(ForwardStats::new(width)));
+            let slope = a.prelu().map(|p| p.param().clone());
+            let n_slopes = slope.as_ref().map(|s| s.elem_count()).unwrap_or(0);
+            layers.push(Layer {
+                name: node.name.clone(),
+                kind: kind_of(a),
+                channels: width,
+                stats,
+                slope,
+                weight,
+                grad_norm_sum: 0.0,
+                slope_norm_sum: 0.0,
+                slope_abs: vec![0.0; n_slopes],
+                steps: 0,
+                idle_streak: vec![0; width],
+            });
         }
         let handles = layers.iter().map(|l| l.stats.clone()).collect();
         Self {

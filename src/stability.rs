@@ -637,36 +637,34 @@ pub fn model_layers(model: &Model, x: &Tensor, y: &Tensor, far: f64) -> Result<V
         .collect::<Result<_>>()?;
     // The weight layer feeding each activation: name, whole-layer gain, row gains.
     let mut weights: Vec<(String, f64, Vec<f64>)> = Vec::new();
-    let (mut lin, mut conv) = (0, 0);
-    let mut last = None;
-    for b in &model.blocks {
-        match b {
-            Block::Linear { weight, .. } => {
-                last = Some((format!("layers.{lin}"), weight.as_tensor().clone()));
-                lin += 1;
+    for (i, b) in model.blocks.iter().enumerate() {
+        if !matches!(b, Block::Act(_)) {
+            continue;
+        }
+        let fed = model.feeding_layer(i).and_then(|j| match &model.blocks[j] {
+            Block::Linear { weight, .. } | Block::Conv { weight, .. } => {
+                Some((model.graph.nodes[j].name.clone(), weight.as_tensor().clone()))
             }
-            Block::Conv { weight, .. } => {
-                last = Some((format!("convs.{conv}"), weight.as_tensor().clone()));
-                conv += 1;
+            _ => None,
+        });
+        match fed {
+            Some((name, w)) => {
+                let rows = w.dims()[0];
+                let fan_in: usize = w.dims()[1..].iter().product();
+                let row_ms: Vec<f64> = w
+                    .reshape((rows, fan_in))?
+                    .sqr()?
+                    .mean(1)?
+                    .to_dtype(DType::F64)?
+                    .to_vec1::<f64>()?;
+                let ms = row_ms.iter().sum::<f64>() / rows.max(1) as f64;
+                let gains = row_ms.iter().map(|m| (fan_in as f64 * m).sqrt()).collect();
+                weights.push((name, (fan_in as f64 * ms).sqrt(), gains));
             }
-            Block::Act(_) => {
-                if let Some((name, w)) = last.take() {
-                    let rows = w.dims()[0];
-                    let fan_in: usize = w.dims()[1..].iter().product();
-                    let row_ms: Vec<f64> = w
-                        .reshape((rows, fan_in))?
-                        .sqr()?
-                        .mean(1)?
-                        .to_dtype(DType::F64)?
-                        .to_vec1::<f64>()?;
-                    let ms = row_ms.iter().sum::<f64>() / rows.max(1) as f64;
-                    let gains = row_ms.iter().map(|m| (fan_in as f64 * m).sqrt()).collect();
-                    weights.push((name, (fan_in as f64 * ms).sqrt(), gains));
-                }
-            }
-            _ => {}
+            None => weights.push((String::new(), f64::NAN, Vec::new())),
         }
     }
+    let names = model.activation_names();
     let acts = model.activations();
     let mut out = Vec::new();
     for (i, a) in acts.iter().enumerate() {
@@ -705,7 +703,7 @@ pub fn model_layers(model: &Model, x: &Tensor, y: &Tensor, far: f64) -> Result<V
             (g > far || g < 1.0 / far).then(|| format!("backward gain {g:.3} is far from 1 (outside [1/{far}, {far}])"))
         });
         out.push(LayerStability {
-            layer: format!("act.{i}"),
+            layer: names[i].clone(),
             weights: wname,
             channels: slopes.len(),
             slope: mean_slope,

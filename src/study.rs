@@ -581,19 +581,23 @@ pub fn read_run(run_dir: &Path, seed: u64, status: &str) -> Result<StudyRun> {
     })
 }
 
-/// Whether two configs train the same run (`data_dir` only says where the
-/// files are, so it may differ).
-fn same_run(a: &TrainConfig, b: &TrainConfig) -> bool {
-    let mut a = a.clone();
-    a.data_dir = b.data_dir.clone();
-    &a == b
+/// Whether the config saved in `dir` trains the same run as `want`
+/// (`data_dir` only says where the files are, so it may differ; a graph-file
+/// model is saved as the copy in the run folder).
+fn same_run(saved: &TrainConfig, want: &TrainConfig, dir: &Path) -> bool {
+    let mut s = saved.clone();
+    s.data_dir = want.data_dir.clone();
+    if Path::new(&s.model) == dir.join("model.json") {
+        s.model = want.model.clone();
+    }
+    &s == want
 }
 
 /// Trains (or resumes, or reads back) one cell-seed run in `dir`.
 fn run_one(cfg: &TrainConfig, dir: &Path, on: &mut dyn FnMut(Event)) -> Result<StudyRun> {
     let status = if dir.join("config.toml").exists() {
         let saved = TrainConfig::from_toml_file(&dir.join("config.toml"))?;
-        if !same_run(&saved, cfg) {
+        if !same_run(&saved, cfg, dir) {
             bail!(
                 "{} holds a run with a different config than this study asks for \
                  (compare its config.toml); use another --out",

@@ -216,10 +216,13 @@ fn get<'a>(sd: &'a HashMap<String, Tensor>, name: &str) -> Result<&'a Tensor> {
     sd.get(name).with_context(|| format!("model lacks `{name}`"))
 }
 
-/// The f64 view of an MLP model (CNNs are not supported yet).
+/// The f64 view of an MLP model (conv graphs are not supported yet).
 pub fn from_model(model: &Model) -> Result<DenseNet> {
     let Arch::Mlp { hidden } = &model.spec.arch else {
-        bail!("symmetry and sculpting work on MLP models only; this is a CNN (not supported yet)");
+        bail!(
+            "symmetry and sculpting work on MLP models only for now; this model is `{}` (conv graphs are not supported yet)",
+            model.spec.arch.name()
+        );
     };
     let sd = model.state_dict()?;
     let mut layers = Vec::new();

@@ -179,37 +179,25 @@ impl TrainConfig {
         if self.train_limit == Some(0) || self.test_limit == Some(0) {
             bail!("train/test limits must be at least 1");
         }
-        let arch = match self.model.as_str() {
-            "mlp" => {
-                if self.hidden.is_empty() || self.hidden.contains(&0) {
-                    bail!(
-                        "MLP hidden widths must be a non-empty list of sizes > 0, got {:?}",
-                        self.hidden
-                    );
-                }
-                Arch::Mlp {
-                    hidden: self.hidden.clone(),
-                }
+        let arch = if self.model.ends_with(".toml") || self.model.ends_with(".json") {
+            let path = Path::new(&self.model);
+            let text = crate::io::read_user_text(path, 16 << 20)?;
+            let graph = crate::graph::Graph::parse(&text).map_err(|m| anyhow::anyhow!("{}: {m}", path.display()))?;
+            Arch::Graph { graph }
+        } else {
+            let arch = Arch::preset(&self.model, &self.hidden, &self.channels).map_err(e)?;
+            match &arch {
+                Arch::Mlp { hidden } if hidden.is_empty() || hidden.contains(&0) => bail!(
+                    "MLP hidden widths must be a non-empty list of sizes > 0, got {:?}",
+                    self.hidden
+                ),
+                Arch::Cnn { channels, .. } if channels.is_empty() || channels.contains(&0) => bail!(
+                    "CNN channels must be a non-empty list of sizes > 0, got {:?}",
+                    self.channels
+                ),
+                _ => {}
             }
-            "cnn" => {
-                if self.channels.is_empty() || self.channels.contains(&0) {
-                    bail!(
-                        "CNN channels must be a non-empty list of sizes > 0, got {:?}",
-                        self.channels
-                    );
-                }
-                let mut a = Arch::cnn_default();
-                if let Arch::Cnn {
-                    channels, pool_after, ..
-                } = &mut a
-                {
-                    *channels = self.channels.clone();
-                    *pool_after = (0..self.channels.len().min(2)).collect();
-                }
-                a
-            }
-            "cnn-reference" => Arch::cnn_reference(),
-            o => bail!("unknown model `{o}`; expected mlp, cnn or cnn-reference"),
+            arch
         };
         Ok(Resolved {
             act: self.act.parse().map_err(e)?,
@@ -403,11 +391,12 @@ pub fn evaluate(model: &Model, ds: &Dataset, batch: usize) -> Result<(f64, f64)>
 
 fn slope_summaries(model: &Model) -> Result<Vec<SlopeSummary>> {
     let mut out = Vec::new();
+    let names = model.activation_names();
     for (i, a) in model.activations().iter().enumerate() {
         if let Some(p) = a.prelu() {
             let v = p.slope()?.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
             out.push(SlopeSummary {
-                layer: format!("act.{i}"),
+                layer: names[i].clone(),
                 mean: v.iter().sum::<f64>() / v.len() as f64,
                 min: v.iter().cloned().fold(f64::INFINITY, f64::min),
                 max: v.iter().cloned().fold(f64::NEG_INFINITY, f64::max),
@@ -513,6 +502,16 @@ pub fn train(cfg: &TrainConfig, run_dir: &Path, resume: bool, on: &mut dyn FnMut
         }
         std::fs::create_dir_all(run_dir).with_context(|| format!("cannot create run folder {}", run_dir.display()))?;
         rewrite_metrics(run_dir, &[])?;
+    }
+    // A hand-written graph is copied into the run folder, so that the run
+    // resumes (and its config reads) without the original file.
+    let mut cfg = cfg;
+    if let Arch::Graph { graph } = &spec.arch {
+        let copy = run_dir.join("model.json");
+        if Path::new(&cfg.model) != copy {
+            io::write_atomic(&copy, serde_json::to_string_pretty(graph)?.as_bytes())?;
+            cfg.model = copy.to_string_lossy().into_owned();
+        }
     }
     io::write_atomic(&run_dir.join("config.toml"), toml::to_string(&cfg)?.as_bytes())?;
     let mut metrics = std::fs::OpenOptions::new()

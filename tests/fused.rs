@@ -9,6 +9,9 @@ use prelu::optim::{Optimizer, OptimizerKind};
 use prelu::{Activation, SlopeConstraint};
 use rand::{Rng, SeedableRng};
 
+mod common;
+use common::*;
+
 fn small_cnn(padding: usize) -> Arch {
     Arch::Cnn {
         channels: vec![3, 4],
@@ -16,103 +19,6 @@ fn small_cnn(padding: usize) -> Arch {
         padding,
         pool_after: vec![0],
         hidden: 6,
-    }
-}
-
-/// A model with random slopes and biases, so every gradient is non-trivial.
-fn model(arch: Arch, act: Activation, constraint: SlopeConstraint, input: [usize; 3], seed: u64) -> Model {
-    let spec = ModelSpec {
-        slope_constraint: constraint,
-        input_mean: 0.1,
-        input_std: 0.5,
-        ..ModelSpec::new(arch, act, input, 5)
-    };
-    let m = Model::new(&spec, seed, &Device::Cpu).unwrap();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed + 100);
-    for p in m.params() {
-        if matches!(p.kind, ParamKind::Bias | ParamKind::Slope) {
-            let n = p.var.elem_count();
-            let v: Vec<f32> = (0..n).map(|_| rng.random_range(-0.3f32..0.6)).collect();
-            p.var
-                .set(&Tensor::from_vec(v, p.var.shape(), &Device::Cpu).unwrap())
-                .unwrap();
-        }
-    }
-    m
-}
-
-fn batch(m: &Model, n: usize, seed: u64) -> (Vec<f32>, Vec<u32>) {
-    let f: usize = m.spec.input.iter().product();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let x = (0..n * f).map(|_| rng.random_range(0.0f32..1.0)).collect();
-    let y = (0..n).map(|_| rng.random_range(0..m.spec.classes as u32)).collect();
-    (x, y)
-}
-
-fn autograd(m: &Model, x: &[f32], y: &[u32]) -> (f64, Vec<Vec<f32>>) {
-    let f: usize = m.spec.input.iter().product();
-    let xt = Tensor::from_slice(x, (y.len(), f), &Device::Cpu).unwrap();
-    let yt = Tensor::from_slice(y, y.len(), &Device::Cpu).unwrap();
-    let loss = candle_nn::loss::cross_entropy(&m.forward_t(&xt, true).unwrap(), &yt).unwrap();
-    let g = loss.backward().unwrap();
-    let grads = m
-        .params()
-        .iter()
-        .map(|p| {
-            g.get(p.var.as_tensor())
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-        })
-        .collect();
-    (loss.to_scalar::<f32>().unwrap() as f64, grads)
-}
-
-/// `|got - want| <= tol * max(floor, max |want|)` elementwise.
-fn assert_close_floor(name: &str, got: &[f32], want: &[f32], tol: f32, floor: f32) {
-    assert_eq!(got.len(), want.len(), "{name}: length");
-    let scale = want.iter().fold(floor, |m, v| m.max(v.abs()));
-    for (i, (a, b)) in got.iter().zip(want).enumerate() {
-        assert!(
-            (a - b).abs() <= tol * scale,
-            "{name}[{i}]: fused {a} vs autograd {b} (scale {scale})"
-        );
-    }
-}
-
-fn assert_close(name: &str, got: &[f32], want: &[f32], tol: f32) {
-    assert_close_floor(name, got, want, tol, 1e-3)
-}
-
-fn check_against_autograd(m: &Model, n: usize) {
-    check_against_autograd_floor(m, n, 1e-3)
-}
-
-/// `floor`: the smallest gradient scale compared against (a bias before
-/// BatchNorm has an exactly zero gradient, which both sides give as rounding
-/// noise of ~1e-6).
-fn check_against_autograd_floor(m: &Model, n: usize, floor: f32) {
-    let (x, y) = batch(m, n, 7);
-    let mut fs = FusedStep::new(m).unwrap();
-    let out = fs.step(&x, &y, None).unwrap();
-    let (loss, want) = autograd(m, &x, &y);
-    assert!(
-        (out.loss - loss).abs() < 1e-5 * loss.abs().max(1.0),
-        "loss {} vs {loss}",
-        out.loss
-    );
-    let grads = fs.grads();
-    for (p, (g, w)) in m.params().iter().zip(grads.iter().zip(&want)) {
-        assert_close_floor(&p.name, g.expect("every parameter has a gradient"), w, 1e-4, floor);
-    }
-    // A second step on the same buffers (different batch size) is as exact.
-    let (x2, y2) = batch(m, n - 1, 8);
-    fs.step(&x2, &y2, None).unwrap();
-    let (_, want2) = autograd(m, &x2, &y2);
-    for (p, (g, w)) in m.params().iter().zip(fs.grads().iter().zip(&want2)) {
-        assert_close_floor(&p.name, g.unwrap(), w, 1e-4, floor);
     }
 }
 
@@ -362,7 +268,7 @@ fn im2col_and_col2im_are_adjoint() {
     // <im2col(x), c> == <x, col2im(c)> for random x, c, with and without padding.
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
     for (cin, h, w, k, pad) in [(2, 5, 7, 3, 0), (3, 4, 4, 3, 1), (1, 6, 5, 5, 2), (2, 3, 3, 1, 0)] {
-        let g = ConvGeom::new(cin, 1, h, w, k, pad).unwrap();
+        let g = ConvGeom::simple(cin, 1, h, w, k, pad).unwrap();
         let x: Vec<f32> = (0..cin * h * w).map(|_| rng.random_range(-1.0..1.0)).collect();
         let c: Vec<f32> = (0..g.rows() * g.pixels())
             .map(|_| rng.random_range(-1.0..1.0))
@@ -375,7 +281,7 @@ fn im2col_and_col2im_are_adjoint() {
         let rhs: f64 = x.iter().zip(&dx).map(|(a, b)| (a * b) as f64).sum();
         assert!((lhs - rhs).abs() < 1e-4, "{lhs} vs {rhs} for {g:?}");
     }
-    assert!(ConvGeom::new(1, 1, 2, 2, 5, 1).is_err());
+    assert!(ConvGeom::simple(1, 1, 2, 2, 5, 1).is_err());
 }
 
 #[test]

@@ -132,3 +132,55 @@ fn report_is_one_self_contained_page_with_its_plots() {
         .to_string();
     assert!(e.contains("no epoch"), "{e}");
 }
+
+/// The PyTorch twins of the presets (scripts/torch_presets.py): their
+/// `state_dict` loads into prelu under the same names and gives the same
+/// logits, and a checkpoint prelu writes holds exactly PyTorch's keys (what
+/// `load_state_dict(strict=True)` checks).
+#[test]
+fn pytorch_twins_of_the_presets_give_the_same_logits() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors/presets");
+    let out = std::env::temp_dir().join(format!("prelu-presets-{}", std::process::id()));
+    std::fs::create_dir_all(&out).unwrap();
+    for case in ["mlp_bn_prelu", "cnn_bn_prelu", "resnet8_bn_prelu", "resnet8_leaky", "plain8_bn_shared"] {
+        let (m, _, _) = prelu::io::load_model_with_spec(
+            &dir.join(format!("{case}.safetensors")),
+            Some(&dir.join(format!("{case}.spec.json"))),
+        )
+        .unwrap();
+        let io: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{case}.io.json"))).unwrap()).unwrap();
+        let rows = |k: &str| -> Vec<Vec<f32>> {
+            io[k].as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect())
+                .collect()
+        };
+        let (x, want) = (rows("input"), rows("logits"));
+        let xt = candle_core::Tensor::from_vec(
+            x.concat(),
+            (x.len(), x[0].len()),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let got = m.forward_t(&xt, false).unwrap().to_vec2::<f32>().unwrap();
+        let scale = want.iter().flatten().fold(1f32, |a, v| a.max(v.abs()));
+        for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
+            assert!((g - w).abs() <= 1e-4 * scale, "{case}: prelu {g} vs PyTorch {w}");
+        }
+        // Our checkpoint's tensor names are exactly the PyTorch module's.
+        let path = out.join(format!("{case}.safetensors"));
+        prelu::io::save_model(&path, &m, Default::default(), Default::default()).unwrap();
+        let (tensors, _) = prelu::io::load_safetensors(&path).unwrap();
+        let mut ours: Vec<String> = tensors.keys().cloned().collect();
+        ours.sort();
+        let theirs: Vec<String> = io["state_dict_keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(ours, theirs, "{case}");
+    }
+}

@@ -47,8 +47,9 @@ use candle_core::{bail, CpuStorage, Layout, Result, Storage, Tensor, Var};
 use rayon::prelude::*;
 
 use batchnorm::{bn_backward, bn_forward, bn_forward_eval, Bn, BnStats};
-pub use conv::{col2im, im2col, ConvGeom};
 use conv::{conv_backward, conv_forward, ConvScratch, CONV_GROUPS};
+pub use crate::conv::{col2im, im2col, ConvGeom};
+use crate::pool::PoolGeom;
 use dense::{lane_sum, matmul, parallelism, transpose, view};
 
 use crate::activation::{ActivationLayer, SlopeConstraint};
@@ -66,16 +67,16 @@ enum Slopes {
 }
 
 #[derive(Clone, Debug)]
-enum Stage {
+enum Kind {
     Linear {
         w: usize,
-        b: usize,
+        b: Option<usize>,
         fin: usize,
         fout: usize,
     },
     Conv {
         w: usize,
-        b: usize,
+        b: Option<usize>,
         g: ConvGeom,
     },
     Act {
@@ -84,38 +85,48 @@ enum Stage {
         /// Values per channel and sample (NCHW maps); 0 for feature-major
         /// input, where a channel's run is the whole batch.
         inner: usize,
+        /// Which activation node of the graph (the sentinel's index).
+        index: usize,
     },
     /// Sample-major `[batch, features]` to feature-major `[features, batch]`.
     ToFeatureMajor {
         features: usize,
     },
-    Pool {
-        c: usize,
-        h: usize,
-        w: usize,
+    MaxPool(PoolGeom),
+    AvgPool(PoolGeom),
+    GlobalAvgPool {
+        pixels: usize,
     },
     BatchNorm(Bn),
+    Add,
 }
 
-impl Stage {
+/// One stage: reads buffers `ins`, writes buffer `out`.
+#[derive(Clone, Debug)]
+struct Stage {
+    kind: Kind,
+    ins: Vec<usize>,
+    out: usize,
+}
+
+impl Kind {
     fn has_params(&self) -> bool {
         match self {
-            Stage::Linear { .. } | Stage::Conv { .. } => true,
-            Stage::Act { slopes, .. } => matches!(slopes, Slopes::Learned { .. }),
-            Stage::BatchNorm(_) => true,
-            Stage::ToFeatureMajor { .. } | Stage::Pool { .. } => false,
+            Kind::Linear { .. } | Kind::Conv { .. } | Kind::BatchNorm(_) => true,
+            Kind::Act { slopes, .. } => matches!(slopes, Slopes::Learned { .. }),
+            _ => false,
         }
     }
 
-    /// Values per sample this stage writes.
-    fn out_len(&self) -> usize {
+    fn params(&self) -> Vec<usize> {
         match self {
-            Stage::Linear { fout, .. } => *fout,
-            Stage::Conv { g, .. } => g.cout * g.ho * g.wo,
-            Stage::Act { channels, inner, .. } => channels * (*inner).max(1),
-            Stage::ToFeatureMajor { features } => *features,
-            Stage::Pool { c, h, w } => c * (h / 2) * (w / 2),
-            Stage::BatchNorm(b) => b.channels * b.inner.max(1),
+            Kind::Linear { w, b, .. } | Kind::Conv { w, b, .. } => std::iter::once(*w).chain(*b).collect(),
+            Kind::BatchNorm(bn) => vec![bn.gamma, bn.beta],
+            Kind::Act {
+                slopes: Slopes::Learned { param, .. },
+                ..
+            } => vec![*param],
+            _ => vec![],
         }
     }
 }
@@ -140,12 +151,21 @@ pub struct FusedStep {
     vars: Vec<Var>,
     /// Gradients by parameter index (empty for parameters no stage uses).
     grads: Vec<Vec<f32>>,
-    /// `acts[0]` the normalised input, `acts[i + 1]` the output of stage `i`.
+    /// Values per sample of each buffer; buffer 0 is the normalised input.
+    buf_len: Vec<usize>,
+    /// Whether a parameter lies upstream of a buffer (its gradient is needed).
+    upstream: Vec<bool>,
+    /// The buffer holding the feature-major logits.
+    logits_buf: usize,
     acts: Vec<Vec<f32>>,
-    /// `dacts[i]` the gradient of the loss with respect to `acts[i]`.
+    /// `dacts[b]` the gradient of the loss with respect to `acts[b]`.
     dacts: Vec<Vec<f32>>,
+    /// Which gradients this backward pass has written (the rest are summed in).
+    written: Vec<bool>,
+    /// Scratch for a gradient that must be added to one already written.
+    tmp: Vec<f32>,
     /// Winning taps of the max-pool stages.
-    taps: Vec<Vec<u8>>,
+    taps: Vec<Vec<u32>>,
     /// Expanded slopes (one per channel) of each activation stage.
     slopes: Vec<Vec<f32>>,
     dslopes: Vec<Vec<f32>>,
@@ -174,63 +194,99 @@ fn as_f32<'a>(s: &'a Storage, l: &Layout, what: &str) -> Result<&'a [f32]> {
 }
 
 impl FusedStep {
-    /// Whether the fused step covers this model (it covers every model
-    /// [`Model::new`] builds: MLPs and CNNs, any activation, with or without
-    /// BatchNorm).
+    /// Whether the fused step covers this model (every graph the model
+    /// builder accepts, on f32 CPU tensors).
     pub fn supports(model: &Model) -> bool {
         Self::new(model).is_ok()
     }
 
-    /// Compiles the step for `model`; an error for models it does not cover.
+    /// Compiles the step for `model` (the stages its first head needs); an
+    /// error for models it does not cover.
     pub fn new(model: &Model) -> Result<Self> {
-        let [c0, h0, w0] = model.spec.input;
-        // The current per-sample shape: (channels, rows, cols); flat features
-        // are (features, 1, 1).
-        let (mut c, mut h, mut w) = (c0, h0, w0);
-        let mut stages = Vec::new();
-        let mut feature_major = false;
-        for b in &model.blocks {
-            match b {
+        let r = &model.resolved;
+        let nv = r.shapes.len();
+        // Values the first head depends on.
+        let mut needed = vec![false; nv];
+        needed[r.outputs[0]] = true;
+        for v in (1..nv).rev() {
+            if needed[v] {
+                for &u in &r.inputs[v - 1] {
+                    needed[u] = true;
+                }
+            }
+        }
+        // Buffer of each graph value, and whether it is feature-major.
+        let mut buf_of = vec![usize::MAX; nv];
+        let mut fm = vec![false; nv];
+        buf_of[0] = 0;
+        let mut buf_len = vec![r.len(0)];
+        let mut stages: Vec<Stage> = Vec::new();
+        // Feature-major copies of sample-major buffers (made once each).
+        let mut fm_copy: std::collections::HashMap<usize, usize> = Default::default();
+        let mut to_fm = |stages: &mut Vec<Stage>, buf_len: &mut Vec<usize>, b: usize| -> usize {
+            *fm_copy.entry(b).or_insert_with(|| {
+                let out = buf_len.len();
+                buf_len.push(buf_len[b]);
+                stages.push(Stage {
+                    kind: Kind::ToFeatureMajor { features: buf_len[b] },
+                    ins: vec![b],
+                    out,
+                });
+                out
+            })
+        };
+        let mut act_index = 0;
+        for (i, block) in model.blocks.iter().enumerate() {
+            let v = i + 1;
+            let this_act = act_index;
+            if matches!(block, Block::Act(_)) {
+                act_index += 1;
+            }
+            if !needed[v] {
+                continue;
+            }
+            let ins: Vec<usize> = r.inputs[i].iter().map(|&u| buf_of[u]).collect();
+            let in_fm = fm[r.inputs[i][0]];
+            let [c, h, w] = r.shapes[r.inputs[i][0]];
+            let inner = if in_fm { 0 } else { h * w };
+            let kind = match block {
                 Block::Flatten => {
-                    c *= h * w;
-                    h = 1;
-                    w = 1;
+                    // The same values in the same order: no stage.
+                    buf_of[v] = ins[0];
+                    fm[v] = in_fm;
+                    continue;
                 }
                 Block::Linear { weight, bias } => {
                     let (fout, fin) = weight.dims2()?;
                     if fin != c * h * w {
                         bail!("fused step: linear layer expects {fin} inputs, gets {}", c * h * w);
                     }
-                    if !feature_major {
-                        stages.push(Stage::ToFeatureMajor { features: fin });
-                        feature_major = true;
-                    }
-                    stages.push(Stage::Linear {
-                        w: param_index(model, weight)?,
-                        b: param_index(model, bias)?,
-                        fin,
-                        fout,
+                    let src = if in_fm { ins[0] } else { to_fm(&mut stages, &mut buf_len, ins[0]) };
+                    let out = buf_len.len();
+                    buf_len.push(fout);
+                    stages.push(Stage {
+                        kind: Kind::Linear {
+                            w: param_index(model, weight)?,
+                            b: bias.as_ref().map(|b| param_index(model, b)).transpose()?,
+                            fin,
+                            fout,
+                        },
+                        ins: vec![src],
+                        out,
                     });
-                    (c, h, w) = (fout, 1, 1);
+                    buf_of[v] = out;
+                    fm[v] = true;
+                    continue;
                 }
-                Block::Conv { weight, bias, padding } => {
-                    let (cout, cin, k, k2) = weight.dims4()?;
-                    if feature_major {
+                Block::Conv { weight, bias, geom } => {
+                    if in_fm {
                         bail!("fused step: a conv after a linear layer is not covered");
                     }
-                    if cin != c || k != k2 {
-                        bail!(
-                            "fused step: conv weight {:?} does not fit input channels {c}",
-                            weight.dims()
-                        );
-                    }
-                    let g = ConvGeom::new(cin, cout, h, w, k, *padding)?;
-                    stages.push(Stage::Conv {
+                    Kind::Conv {
                         w: param_index(model, weight)?,
-                        b: param_index(model, bias)?,
-                        g,
-                    });
-                    (c, h, w) = (cout, g.ho, g.wo);
+                        b: bias.as_ref().map(|b| param_index(model, b)).transpose()?,
+                        g: *geom,
+                    }
                 }
                 Block::Act(a) => {
                     let slopes = match a {
@@ -247,19 +303,16 @@ impl FusedStep {
                             }
                         }
                     };
-                    stages.push(Stage::Act {
+                    Kind::Act {
                         slopes,
                         channels: c,
-                        inner: if feature_major { 0 } else { h * w },
-                    });
-                }
-                Block::MaxPool2 => {
-                    if h < 2 || w < 2 || feature_major {
-                        bail!("fused step: max-pool on a {h}x{w} map");
+                        inner,
+                        index: this_act,
                     }
-                    stages.push(Stage::Pool { c, h, w });
-                    (h, w) = (h / 2, w / 2);
                 }
+                Block::MaxPool(g) => Kind::MaxPool(*g),
+                Block::AvgPool(g) => Kind::AvgPool(*g),
+                Block::GlobalAvgPool => Kind::GlobalAvgPool { pixels: h * w },
                 Block::BatchNorm(bn) => {
                     if bn.weight.elem_count() != c {
                         bail!(
@@ -267,7 +320,7 @@ impl FusedStep {
                             bn.weight.elem_count()
                         );
                     }
-                    stages.push(Stage::BatchNorm(Bn {
+                    Kind::BatchNorm(Bn {
                         gamma: param_index(model, &bn.weight)?,
                         beta: param_index(model, &bn.bias)?,
                         running_mean: bn.running_mean.clone(),
@@ -275,42 +328,51 @@ impl FusedStep {
                         eps: bn.eps,
                         momentum: bn.momentum,
                         channels: c,
-                        inner: if feature_major { 0 } else { h * w },
-                    }));
+                        inner,
+                    })
                 }
-            }
+                Block::Add => Kind::Add,
+            };
+            let out = buf_len.len();
+            buf_len.push(r.len(v));
+            stages.push(Stage { kind, ins, out });
+            buf_of[v] = out;
+            fm[v] = in_fm;
         }
-        if c * h * w != model.spec.classes || !feature_major {
+        let head = r.outputs[0];
+        if r.len(head) != model.spec.classes {
             bail!(
                 "fused step: the network ends in {} values, not {} classes",
-                c * h * w,
+                r.len(head),
                 model.spec.classes
             );
         }
-        let n = stages.len();
+        let logits_buf = if fm[head] {
+            buf_of[head]
+        } else {
+            to_fm(&mut stages, &mut buf_len, buf_of[head])
+        };
+        let nb = buf_len.len();
+        let mut upstream = vec![false; nb];
+        for s in &stages {
+            upstream[s.out] = s.kind.has_params() || s.ins.iter().any(|&u| upstream[u]);
+        }
         let params = model.params();
         let mut grads: Vec<Vec<f32>> = vec![Vec::new(); params.len()];
         for s in &stages {
-            let used: Vec<usize> = match s {
-                Stage::Linear { w, b, .. } | Stage::Conv { w, b, .. } => vec![*w, *b],
-                Stage::BatchNorm(bn) => vec![bn.gamma, bn.beta],
-                Stage::Act {
-                    slopes: Slopes::Learned { param, .. },
-                    ..
-                } => vec![*param],
-                _ => vec![],
-            };
-            for i in used {
+            for i in s.kind.params() {
                 grads[i] = vec![0.0; params[i].var.elem_count()];
             }
         }
+        let n = stages.len();
         let scratch = stages
             .iter()
-            .map(|s| match s {
-                Stage::Conv { .. } => (0..CONV_GROUPS).map(|_| ConvScratch::default()).collect(),
+            .map(|s| match s.kind {
+                Kind::Conv { .. } => (0..CONV_GROUPS).map(|_| ConvScratch::default()).collect(),
                 _ => Vec::new(),
             })
             .collect();
+        let [c0, h0, w0] = model.spec.input;
         Ok(Self {
             in_len: c0 * h0 * w0,
             classes: model.spec.classes,
@@ -318,8 +380,13 @@ impl FusedStep {
             inv_std: (1.0 / model.spec.input_std as f64) as f32,
             vars: params.iter().map(|p| p.var.clone()).collect(),
             grads,
-            acts: vec![Vec::new(); n + 1],
-            dacts: vec![Vec::new(); n + 1],
+            buf_len,
+            upstream,
+            logits_buf,
+            acts: vec![Vec::new(); nb],
+            dacts: vec![Vec::new(); nb],
+            written: vec![false; nb],
+            tmp: Vec::new(),
             taps: vec![Vec::new(); n],
             slopes: vec![Vec::new(); n],
             dslopes: vec![Vec::new(); n],
@@ -346,10 +413,23 @@ impl FusedStep {
             .collect()
     }
 
+    /// Multiply-adds of one forward pass per sample (convolutions and linear
+    /// layers), for FLOP rates.
+    pub fn macs_per_sample(&self) -> usize {
+        self.stages
+            .iter()
+            .map(|s| match &s.kind {
+                Kind::Linear { fin, fout, .. } => fin * fout,
+                Kind::Conv { g, .. } => g.macs(),
+                _ => 0,
+            })
+            .sum()
+    }
+
     /// One forward and backward pass on a batch: `x` holds `labels.len()`
     /// images in pixel space, row after row. Afterwards [`FusedStep::grads`]
     /// holds the gradients of the mean cross-entropy. With `stats` (one per
-    /// activation layer, the sentinel's handles) the activations' input
+    /// activation node, the sentinel's handles) the activations' input
     /// statistics are added in.
     pub fn step(&mut self, x: &[f32], labels: &[u32], stats: Option<&[SharedStats]>) -> Result<StepOutput> {
         // Run the whole step on a worker of the pool: called from outside the
@@ -393,17 +473,15 @@ impl FusedStep {
             .collect::<Result<_>>()?;
 
         // Buffers for this batch size (kept between steps).
-        let mut len = self.in_len;
-        self.acts[0].resize(batch * len, 0.0);
-        self.dacts[0].clear();
-        for (i, s) in self.stages.iter().enumerate() {
-            len = s.out_len();
-            self.acts[i + 1].resize(batch * len, 0.0);
-            if train || i + 1 == self.stages.len() {
-                self.dacts[i + 1].resize(batch * len, 0.0);
+        for (b, &len) in self.buf_len.iter().enumerate() {
+            self.acts[b].resize(batch * len, 0.0);
+            if train && self.upstream[b] || b == self.logits_buf {
+                self.dacts[b].resize(batch * len, 0.0);
             }
-            if let Stage::Pool { .. } = s {
-                self.taps[i].resize(batch * len, 0);
+        }
+        for (i, s) in self.stages.iter().enumerate() {
+            if let Kind::MaxPool(g) = &s.kind {
+                self.taps[i].resize(batch * g.c * g.ho * g.wo, 0);
             }
         }
 
@@ -418,20 +496,24 @@ impl FusedStep {
             });
 
         // Forward.
-        let mut act_i = 0;
         for i in 0..self.stages.len() {
-            let (before, after) = self.acts.split_at_mut(i + 1);
-            let input = &before[i];
-            let out = &mut after[0];
-            match &self.stages[i] {
-                Stage::Linear { w, b, fin, fout } => {
+            let stage = &self.stages[i];
+            let mut out = std::mem::take(&mut self.acts[stage.out]);
+            let input = &self.acts[stage.ins[0]];
+            match &stage.kind {
+                Kind::Linear { w, b, fin, fout } => {
                     // Z = W X + b, all feature-major: [fout x batch].
                     let (fin, fout) = (*fin, *fout);
-                    for (row, &bias) in out.chunks_exact_mut(batch).zip(params[*b]) {
-                        row.fill(bias);
+                    match b {
+                        Some(b) => {
+                            for (row, &bias) in out.chunks_exact_mut(batch).zip(params[*b]) {
+                                row.fill(bias);
+                            }
+                        }
+                        None => out.fill(0.0),
                     }
                     matmul(
-                        out,
+                        &mut out,
                         fout,
                         batch,
                         fin,
@@ -441,14 +523,15 @@ impl FusedStep {
                         parallelism(batch * fin * fout),
                     );
                 }
-                Stage::ToFeatureMajor { features } => transpose(input, batch, *features, out),
-                Stage::Conv { w, b, g } => {
-                    conv_forward(g, params[*w], params[*b], input, out, &mut self.scratch[i]);
+                Kind::ToFeatureMajor { features } => transpose(input, batch, *features, &mut out),
+                Kind::Conv { w, b, g } => {
+                    conv_forward(g, params[*w], b.map(|b| params[b]), input, &mut out, &mut self.scratch[i]);
                 }
-                Stage::Act {
+                Kind::Act {
                     slopes,
                     channels,
                     inner,
+                    index,
                 } => {
                     let slope = &mut self.slopes[i];
                     expand_slopes(*slopes, *channels, &params, slope);
@@ -456,94 +539,150 @@ impl FusedStep {
                         channels: *channels,
                         inner: if *inner == 0 { batch } else { *inner },
                     };
-                    match stats.and_then(|s| s.get(act_i)) {
+                    match stats.and_then(|s| s.get(*index)) {
                         Some(shared) => {
                             let mut local = ForwardStats::new(*channels);
-                            kernels::forward_counting(input, slope, g, out, &mut local);
+                            kernels::forward_counting(input, slope, g, &mut out, &mut local);
                             crate::ops::add_stats(shared, &local)?;
                         }
-                        None => kernels::forward(input, slope, g, out),
+                        None => kernels::forward(input, slope, g, &mut out),
                     }
-                    act_i += 1;
                 }
-                Stage::Pool { h, w, .. } => pool_forward(*h, *w, input, out, &mut self.taps[i]),
-                Stage::BatchNorm(bn) => {
+                Kind::MaxPool(g) => {
+                    let (inp, outp) = (g.h * g.w, g.ho * g.wo);
+                    out.par_chunks_mut(outp)
+                        .zip(self.taps[i].par_chunks_mut(outp))
+                        .zip(input.par_chunks(inp))
+                        .for_each(|((y, t), x)| crate::pool::max_forward(g, x, y, Some(t)));
+                }
+                Kind::AvgPool(g) => {
+                    let (inp, outp) = (g.h * g.w, g.ho * g.wo);
+                    out.par_chunks_mut(outp)
+                        .zip(input.par_chunks(inp))
+                        .for_each(|(y, x)| crate::pool::avg_forward(g, x, y));
+                }
+                Kind::GlobalAvgPool { pixels, .. } => {
+                    let inv = 1.0 / *pixels as f32;
+                    out.par_iter_mut()
+                        .zip(input.par_chunks(*pixels))
+                        .for_each(|(y, x)| *y = lane_sum(x) * inv);
+                }
+                Kind::BatchNorm(bn) => {
                     let (gamma, beta) = (params[bn.gamma], params[bn.beta]);
                     if train {
-                        bn_forward(bn, batch, gamma, beta, input, out, &mut self.bn_stats[i])?;
+                        bn_forward(bn, batch, gamma, beta, input, &mut out, &mut self.bn_stats[i])?;
                     } else {
-                        bn_forward_eval(bn, batch, gamma, beta, input, out)?;
+                        bn_forward_eval(bn, batch, gamma, beta, input, &mut out)?;
+                    }
+                }
+                Kind::Add => {
+                    out.copy_from_slice(input);
+                    for &u in &stage.ins[1..] {
+                        let other = &self.acts[u];
+                        out.par_chunks_mut(kernels::CHUNK)
+                            .zip(other.par_chunks(kernels::CHUNK))
+                            .for_each(|(o, x)| {
+                                for (o, x) in o.iter_mut().zip(x) {
+                                    *o += x;
+                                }
+                            });
                     }
                 }
             }
+            self.acts[stage.out] = out;
         }
 
         // Loss and its gradient with respect to the logits.
-        let n = self.stages.len();
+        let lb = self.logits_buf;
         let out = softmax_xent(
-            &self.acts[n],
+            &self.acts[lb],
             labels,
             self.classes,
-            &mut self.dacts[n],
+            &mut self.dacts[lb],
             &mut self.logits,
         );
         if !train {
             return Ok(out);
         }
 
-        // Backward.
-        for i in (0..n).rev() {
-            let (dbefore, dafter) = self.dacts.split_at_mut(i + 1);
-            let dout = &dafter[0];
-            let din = &mut dbefore[i];
-            let input = &self.acts[i];
-            let need_din = self.stages[..i].iter().any(Stage::has_params);
-            match &self.stages[i] {
-                Stage::Linear { w, b, fin, fout } => {
+        // Backward. A buffer read by several stages gets the sum of their
+        // gradients: the first writes it, the others add theirs.
+        self.written.fill(false);
+        self.written[lb] = true;
+        for i in (0..self.stages.len()).rev() {
+            let stage = self.stages[i].clone();
+            if !self.upstream[stage.out] || !self.written[stage.out] {
+                continue;
+            }
+            let dout = std::mem::take(&mut self.dacts[stage.out]);
+            let u0 = stage.ins[0];
+            let need_din = self.upstream[u0];
+            // Where this stage writes the gradient of its first input.
+            let fresh = need_din && !self.written[u0];
+            let mut din = if fresh {
+                std::mem::take(&mut self.dacts[u0])
+            } else {
+                let mut t = std::mem::take(&mut self.tmp);
+                t.resize(batch * self.buf_len[u0], 0.0);
+                t
+            };
+            let input = &self.acts[u0];
+            match &stage.kind {
+                Kind::Linear { w, b, fin, fout } => {
                     let (fin, fout) = (*fin, *fout);
-                    let (gw, gb) = two_mut(&mut self.grads, *w, *b);
-                    // dW = dZ X^T: [fout x batch] * [batch x fin].
-                    matmul(
-                        gw,
-                        fout,
-                        fin,
-                        batch,
-                        false,
-                        view(dout, batch, 1),
-                        view(input, 1, batch),
-                        parallelism(batch * fin * fout),
-                    );
-                    for (g, row) in gb.iter_mut().zip(dout.chunks_exact(batch)) {
-                        *g = lane_sum(row);
+                    {
+                        let gw = &mut self.grads[*w];
+                        // dW = dZ X^T: [fout x batch] * [batch x fin].
+                        matmul(
+                            gw,
+                            fout,
+                            fin,
+                            batch,
+                            false,
+                            view(&dout, batch, 1),
+                            view(input, 1, batch),
+                            parallelism(batch * fin * fout),
+                        );
+                    }
+                    if let Some(b) = b {
+                        for (g, row) in self.grads[*b].iter_mut().zip(dout.chunks_exact(batch)) {
+                            *g = lane_sum(row);
+                        }
                     }
                     if need_din {
                         // dX = W^T dZ: [fin x fout] * [fout x batch].
                         matmul(
-                            din,
+                            &mut din,
                             fin,
                             batch,
                             fout,
                             false,
                             view(params[*w], 1, fin),
-                            view(dout, batch, 1),
+                            view(&dout, batch, 1),
                             parallelism(batch * fin * fout),
                         );
                     }
                 }
-                Stage::ToFeatureMajor { features } => {
+                Kind::ToFeatureMajor { features } => {
                     if need_din {
-                        transpose(dout, *features, batch, din);
+                        transpose(&dout, *features, batch, &mut din);
                     }
                 }
-                Stage::Conv { w, b, g } => {
-                    let (gw, gb) = two_mut(&mut self.grads, *w, *b);
-                    let din = need_din.then_some(din.as_mut_slice());
-                    conv_backward(g, params[*w], input, dout, din, gw, gb, &mut self.scratch[i]);
+                Kind::Conv { w, b, g } => {
+                    let mut gw = std::mem::take(&mut self.grads[*w]);
+                    let mut gb = b.map(|b| std::mem::take(&mut self.grads[b]));
+                    let dx = need_din.then_some(din.as_mut_slice());
+                    conv_backward(g, params[*w], input, &dout, dx, &mut gw, gb.as_deref_mut(), &mut self.scratch[i]);
+                    self.grads[*w] = gw;
+                    if let (Some(b), Some(gb)) = (b, gb) {
+                        self.grads[*b] = gb;
+                    }
                 }
-                Stage::Act {
+                Kind::Act {
                     slopes,
                     channels,
                     inner,
+                    ..
                 } => {
                     let g = SlopeGeometry {
                         channels: *channels,
@@ -551,7 +690,7 @@ impl FusedStep {
                     };
                     let ds = &mut self.dslopes[i];
                     ds.resize(*channels, 0.0);
-                    kernels::backward(input, dout, &self.slopes[i], g, din, ds);
+                    kernels::backward(input, &dout, &self.slopes[i], g, &mut din, ds);
                     if let Slopes::Learned { param, positive } = *slopes {
                         let raw = params[param];
                         let gr = &mut self.grads[param];
@@ -568,18 +707,87 @@ impl FusedStep {
                         }
                     }
                 }
-                Stage::Pool { h, w, .. } => pool_backward(*h, *w, dout, &self.taps[i], din),
-                Stage::BatchNorm(bn) => {
+                Kind::MaxPool(g) => {
+                    if need_din {
+                        let (inp, outp) = (g.h * g.w, g.ho * g.wo);
+                        din.par_chunks_mut(inp)
+                            .zip(dout.par_chunks(outp))
+                            .zip(self.taps[i].par_chunks(outp))
+                            .for_each(|((dx, dy), t)| crate::pool::max_backward(dy, t, dx));
+                    }
+                }
+                Kind::AvgPool(g) => {
+                    if need_din {
+                        let (inp, outp) = (g.h * g.w, g.ho * g.wo);
+                        din.par_chunks_mut(inp)
+                            .zip(dout.par_chunks(outp))
+                            .for_each(|(dx, dy)| crate::pool::avg_backward(g, dy, dx));
+                    }
+                }
+                Kind::GlobalAvgPool { pixels, .. } => {
+                    if need_din {
+                        let inv = 1.0 / *pixels as f32;
+                        din.par_chunks_mut(*pixels)
+                            .zip(dout.par_iter())
+                            .for_each(|(dx, &dy)| dx.fill(dy * inv));
+                    }
+                }
+                Kind::BatchNorm(bn) => {
                     let (gg, gb) = two_mut(&mut self.grads, bn.gamma, bn.beta);
                     let gamma = params[bn.gamma];
-                    bn_backward(bn, batch, gamma, &self.bn_stats[i], input, dout, din, gg, gb);
+                    bn_backward(bn, batch, gamma, &self.bn_stats[i], input, &dout, &mut din, gg, gb);
+                }
+                Kind::Add => {
+                    if need_din {
+                        din.copy_from_slice(&dout);
+                    }
                 }
             }
+            // Hand the first input's gradient over.
+            if need_din {
+                if fresh {
+                    self.dacts[u0] = din;
+                    self.written[u0] = true;
+                } else {
+                    add_into(&mut self.dacts[u0], &din);
+                    self.tmp = din;
+                }
+            } else if fresh {
+                self.dacts[u0] = din;
+            } else {
+                self.tmp = din;
+            }
+            // The other inputs of an add get the same gradient.
+            if let Kind::Add = stage.kind {
+                for &u in &stage.ins[1..] {
+                    if !self.upstream[u] {
+                        continue;
+                    }
+                    if self.written[u] {
+                        add_into(&mut self.dacts[u], &dout);
+                    } else {
+                        self.dacts[u].copy_from_slice(&dout);
+                        self.written[u] = true;
+                    }
+                }
+            }
+            self.dacts[stage.out] = dout;
         }
         drop(params);
         drop(guards);
         Ok(out)
     }
+}
+
+/// `dst += src`, in parallel chunks.
+fn add_into(dst: &mut [f32], src: &[f32]) {
+    dst.par_chunks_mut(kernels::CHUNK)
+        .zip(src.par_chunks(kernels::CHUNK))
+        .for_each(|(d, s)| {
+            for (d, s) in d.iter_mut().zip(s) {
+                *d += s;
+            }
+        });
 }
 
 /// Two distinct mutable entries of a vector.
@@ -673,50 +881,6 @@ fn softmax_xent_rows(logits: &[f32], labels: &[u32], classes: usize, dlogits: &m
         loss: loss / labels.len() as f64,
         correct,
     }
-}
-
-/// 2x2 stride-2 max-pool over `[batch, c, h, w]` (odd edges dropped), keeping
-/// the winning tap (0..4, row-major in the window; the first of equals, and
-/// the first tap of a window whose first value is NaN).
-fn pool_forward(h: usize, w: usize, x: &[f32], y: &mut [f32], taps: &mut [u8]) {
-    let (ho, wo) = (h / 2, w / 2);
-    y.par_chunks_mut(ho * wo)
-        .zip(taps.par_chunks_mut(ho * wo))
-        .zip(x.par_chunks(h * w))
-        .for_each(|((yp, tp), xp)| {
-            for i in 0..ho {
-                for j in 0..wo {
-                    let base = 2 * i * w + 2 * j;
-                    let cand = [xp[base], xp[base + 1], xp[base + w], xp[base + w + 1]];
-                    let (mut best, mut t) = (cand[0], 0u8);
-                    for (k, &v) in cand.iter().enumerate().skip(1) {
-                        if v > best {
-                            best = v;
-                            t = k as u8;
-                        }
-                    }
-                    yp[i * wo + j] = best;
-                    tp[i * wo + j] = t;
-                }
-            }
-        });
-}
-
-fn pool_backward(h: usize, w: usize, dy: &[f32], taps: &[u8], dx: &mut [f32]) {
-    let (ho, wo) = (h / 2, w / 2);
-    dx.par_chunks_mut(h * w)
-        .zip(dy.par_chunks(ho * wo))
-        .zip(taps.par_chunks(ho * wo))
-        .for_each(|((dxp, dyp), tp)| {
-            dxp.fill(0.0);
-            for i in 0..ho {
-                for j in 0..wo {
-                    let t = tp[i * wo + j] as usize;
-                    let at = (2 * i + t / 2) * w + 2 * j + t % 2;
-                    dxp[at] = dyp[i * wo + j];
-                }
-            }
-        });
 }
 
 /// A function that updates a tensor's values in place.

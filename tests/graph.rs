@@ -1,0 +1,412 @@
+//! The layer graph: random graphs (strided, dilated, padded convs, pooling,
+//! residual adds, BatchNorm, every activation, second heads) trained by the
+//! fused step against candle's autograd; finite differences through a
+//! residual net; graph files; presets and their PyTorch names.
+
+use candle_core::{Device, Tensor};
+use prelu::fused::FusedStep;
+use prelu::graph::{self, Graph, Node, Op, Pair, Padding, INPUT};
+use prelu::model::{Arch, Model, ModelSpec};
+use prelu::Activation;
+use proptest::prelude::*;
+use rand::{Rng, SeedableRng};
+
+mod common;
+use common::*;
+
+const CLASSES: usize = 5;
+
+/// A random graph on a random small input: stages of conv blocks (any
+/// kernel, stride, padding, dilation, bias), residual blocks, pools; then
+/// global pooling or flatten, an optional hidden linear layer, the head, and
+/// sometimes a second head.
+fn random_graph(seed: u64) -> (Graph, [usize; 3]) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let input = [rng.random_range(1..=2), rng.random_range(5..=8), rng.random_range(5..=8)];
+    let mut g = Graph {
+        nodes: vec![],
+        outputs: vec![],
+    };
+    let acts = [
+        Activation::Relu,
+        Activation::LeakyRelu(0.1),
+        Activation::PRelu { shared: false },
+        Activation::PRelu { shared: true },
+    ];
+    let mut n = 0;
+    let mut name = |p: &str| {
+        n += 1;
+        format!("{p}{n}")
+    };
+    // Pushes a node if the graph still resolves; returns its name (or the input's).
+    let push = |g: &mut Graph, node: Node| -> Option<String> {
+        g.nodes.push(node);
+        if g.resolve(input).is_ok() {
+            Some(g.nodes.last().unwrap().name.clone())
+        } else {
+            g.nodes.pop();
+            None
+        }
+    };
+    let mut x = INPUT.to_string();
+    let mut channels = input[0];
+    let bn = rng.random_bool(0.5);
+    for _ in 0..rng.random_range(1..=3) {
+        match rng.random_range(0..3) {
+            0 => {
+                let k = rng.random_range(1..=3);
+                let padding = match rng.random_range(0..3) {
+                    0 => Padding::uniform(rng.random_range(0..=k / 2)),
+                    1 => Padding::Explicit([0, 1, 1, 0]),
+                    _ => Padding::SameUpper,
+                };
+                let out = rng.random_range(2..=4);
+                let conv = Node {
+                    name: name("conv"),
+                    inputs: vec![x.clone()],
+                    op: Op::Conv2d {
+                        out_channels: out,
+                        kernel: Pair::both(k),
+                        stride: Pair([rng.random_range(1..=2), rng.random_range(1..=2)]),
+                        padding,
+                        dilation: Pair::both(rng.random_range(1..=2)),
+                        bias: rng.random_bool(0.5),
+                    },
+                };
+                let Some(y) = push(&mut g, conv) else { continue };
+                let mut y = y;
+                channels = out;
+                if bn {
+                    y = push(&mut g, node(name("bn"), &y, Op::BatchNorm { eps: 1e-5, momentum: 0.1 })).unwrap();
+                }
+                let act = acts[rng.random_range(0..acts.len())];
+                x = push(&mut g, node(name("act"), &y, Op::Act { act })).unwrap();
+            }
+            1 => {
+                // conv-[bn]-act-conv-[bn] + x, then act.
+                let conv = |name: String, from: &str| {
+                    node(
+                        name,
+                        from,
+                        Op::Conv2d {
+                            out_channels: channels,
+                            kernel: Pair::both(3),
+                            stride: Pair::both(1),
+                            padding: Padding::uniform(1),
+                            dilation: Pair::both(1),
+                            bias: !bn,
+                        },
+                    )
+                };
+                let mut y = push(&mut g, conv(name("rconv"), &x)).unwrap();
+                if bn {
+                    y = push(&mut g, node(name("rbn"), &y, Op::BatchNorm { eps: 1e-5, momentum: 0.1 })).unwrap();
+                }
+                let act = acts[rng.random_range(0..acts.len())];
+                y = push(&mut g, node(name("ract"), &y, Op::Act { act })).unwrap();
+                y = push(&mut g, conv(name("rconv"), &y)).unwrap();
+                let add = Node {
+                    name: name("add"),
+                    inputs: vec![y, x.clone()],
+                    op: Op::Add,
+                };
+                let s = push(&mut g, add).unwrap();
+                x = push(&mut g, node(name("ract"), &s, Op::Act { act })).unwrap();
+            }
+            _ => {
+                let k = rng.random_range(2..=3);
+                let stride = Some(Pair::both(rng.random_range(1..=2)));
+                let padding = Padding::uniform(rng.random_range(0..=1));
+                let ceil_mode = rng.random_bool(0.5);
+                let op = if rng.random_bool(0.5) {
+                    Op::MaxPool {
+                        kernel: Pair::both(k),
+                        stride,
+                        padding,
+                        ceil_mode,
+                    }
+                } else {
+                    Op::AvgPool {
+                        kernel: Pair::both(k),
+                        stride,
+                        padding,
+                        ceil_mode,
+                        count_include_pad: rng.random_bool(0.5),
+                    }
+                };
+                if let Some(y) = push(&mut g, node(name("pool"), &x, op)) {
+                    x = y;
+                }
+            }
+        }
+    }
+    if rng.random_bool(0.5) {
+        x = push(&mut g, node(name("gap"), &x, Op::GlobalAvgPool)).unwrap();
+    }
+    let flat = push(&mut g, node(name("flat"), &x, Op::Flatten)).unwrap();
+    x = flat.clone();
+    if rng.random_bool(0.5) {
+        x = push(&mut g, node(name("fc"), &x, Op::Linear { out_features: 6, bias: true })).unwrap();
+        if bn {
+            x = push(&mut g, node(name("bn"), &x, Op::BatchNorm { eps: 1e-5, momentum: 0.1 })).unwrap();
+        }
+        let act = acts[rng.random_range(0..acts.len())];
+        x = push(&mut g, node(name("act"), &x, Op::Act { act })).unwrap();
+    }
+    let head = push(
+        &mut g,
+        node(
+            name("head"),
+            &x,
+            Op::Linear {
+                out_features: CLASSES,
+                bias: true,
+            },
+        ),
+    )
+    .unwrap();
+    g.outputs = vec![head];
+    if rng.random_bool(0.3) {
+        let second = push(
+            &mut g,
+            node(
+                name("aux"),
+                &flat,
+                Op::Linear {
+                    out_features: 3,
+                    bias: true,
+                },
+            ),
+        )
+        .unwrap();
+        g.outputs.push(second);
+    }
+    (g, input)
+}
+
+fn node(name: String, from: &str, op: Op) -> Node {
+    Node {
+        name,
+        inputs: vec![from.to_string()],
+        op,
+    }
+}
+
+fn graph_spec(g: Graph, input: [usize; 3]) -> ModelSpec {
+    ModelSpec {
+        input_mean: 0.1,
+        input_std: 0.5,
+        ..ModelSpec::new(Arch::Graph { graph: g }, Activation::Relu, input, CLASSES)
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, .. ProptestConfig::default() })]
+
+    /// Loss and every gradient of the fused step equal candle autograd's on
+    /// random graphs; the graph also survives a JSON round trip.
+    #[test]
+    fn fused_step_matches_autograd_on_random_graphs(seed in 0u64..1_000_000) {
+        let (g, input) = random_graph(seed);
+        let text = serde_json::to_string(&g).unwrap();
+        prop_assert_eq!(&Graph::parse(&text).unwrap(), &g);
+        // A bias right before BatchNorm has an exactly zero gradient that both
+        // sides give as rounding noise: compare against a floor of 1 there.
+        let bn = g.nodes.iter().any(|n| matches!(n.op, Op::BatchNorm { .. }));
+        let m = randomised(&graph_spec(g, input), seed);
+        check_against_autograd_floor(&m, 6, if bn { 1.0 } else { 1e-2 });
+    }
+}
+
+/// Central differences of the fused loss through a residual net with
+/// strided convs, BatchNorm and PReLU (every parameter, a sample of coordinates).
+#[test]
+fn fused_resnet_gradients_match_finite_differences() {
+    let spec = ModelSpec {
+        batch_norm: true,
+        ..ModelSpec::new(
+            Arch::Resnet {
+                depth: 8,
+                shortcuts: true,
+            },
+            Activation::PRelu { shared: false },
+            [1, 6, 6],
+            CLASSES,
+        )
+    };
+    let m = randomised(&spec, 3);
+    let (x, y) = batch(&m, 5, 11);
+    let mut fs = FusedStep::new(&m).unwrap();
+    fs.step(&x, &y, None).unwrap();
+    let grads: Vec<Vec<f32>> = fs.grads().iter().map(|g| g.unwrap().to_vec()).collect();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let mut checked = 0;
+    for (p, g) in m.params().iter().zip(&grads) {
+        let v0 = p.var.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for _ in 0..3 {
+            let i = rng.random_range(0..v0.len());
+            let loss_at = |d: f32| {
+                let mut v = v0.clone();
+                v[i] += d;
+                p.var.set(&Tensor::from_vec(v, p.var.shape(), &Device::Cpu).unwrap()).unwrap();
+                // Fresh step: BatchNorm's running estimates do not enter the training loss.
+                FusedStep::new(&m).unwrap().step(&x, &y, None).unwrap().loss
+            };
+            let h = 1e-2f32;
+            let fd = (loss_at(h) - loss_at(-h)) / (2.0 * h as f64);
+            p.var.set(&Tensor::from_vec(v0.clone(), p.var.shape(), &Device::Cpu).unwrap()).unwrap();
+            let scale = grads.iter().flatten().fold(1e-2f32, |a, v| a.max(v.abs())) as f64;
+            assert!(
+                (fd - g[i] as f64).abs() < 2e-2 * scale,
+                "{}[{i}]: fused {} vs finite differences {fd}",
+                p.name,
+                g[i]
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 50, "{checked}");
+}
+
+/// The presets build as graphs with PyTorch-style names, and the plain net
+/// is the ResNet without its shortcut parameters.
+#[test]
+fn resnet_and_plain_presets_have_pytorch_names() {
+    let spec = |shortcuts| ModelSpec {
+        batch_norm: true,
+        ..ModelSpec::new(
+            Arch::Resnet { depth: 20, shortcuts },
+            Activation::PRelu { shared: false },
+            [1, 28, 28],
+            10,
+        )
+    };
+    let r = Model::new(&spec(true), 0, &Device::Cpu).unwrap();
+    let p = Model::new(&spec(false), 0, &Device::Cpu).unwrap();
+    let names: Vec<&str> = r.params().iter().map(|p| p.name.as_str()).collect();
+    for n in [
+        "conv1.weight",
+        "bn1.weight",
+        "act1.weight",
+        "layer1.0.conv1.weight",
+        "layer1.2.bn2.bias",
+        "layer2.0.shortcut.0.weight",
+        "layer2.0.shortcut.1.weight",
+        "layer3.2.act2.weight",
+        "fc.weight",
+        "fc.bias",
+    ] {
+        assert!(names.contains(&n), "{n} missing from {names:?}");
+    }
+    assert!(!names.contains(&"conv1.bias"), "convs before BatchNorm have no bias");
+    // 19 convs + fc; 2 projections; 19 BN; 19 activations.
+    assert_eq!(r.graph.nodes.iter().filter(|n| matches!(n.op, Op::Conv2d { .. })).count(), 21);
+    assert_eq!(r.activation_names().len(), 19);
+    assert_eq!(p.graph.nodes.iter().filter(|n| matches!(n.op, Op::Conv2d { .. })).count(), 19);
+    let shortcut: usize = r
+        .params()
+        .iter()
+        .filter(|p| p.name.contains("shortcut"))
+        .map(|p| p.var.elem_count())
+        .sum();
+    assert_eq!(r.num_params() - shortcut, p.num_params());
+    let x = Tensor::zeros((2, 784), candle_core::DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(r.forward_t(&x, false).unwrap().dims(), &[2, 10]);
+    assert!(graph::resnet(21, true, Activation::Relu, true, 10).is_err());
+}
+
+/// A hand-written TOML graph builds and trains a step; bad graphs are clear errors.
+#[test]
+fn graph_files_parse_and_bad_graphs_are_errors() {
+    let toml = r#"
+outputs = ["fc"]
+[[nodes]]
+name = "stem"
+op = "conv2d"
+out_channels = 4
+kernel = [3, 2]
+stride = 2
+padding = "same"
+[[nodes]]
+name = "act"
+op = "act"
+act = "prelu"
+[[nodes]]
+name = "pool"
+op = "max_pool"
+kernel = 2
+ceil_mode = true
+[[nodes]]
+name = "flat"
+op = "flatten"
+[[nodes]]
+name = "fc"
+op = "linear"
+out_features = 5
+"#;
+    let g = Graph::parse(toml).unwrap();
+    let r = g.resolve([1, 9, 9]).unwrap();
+    assert_eq!(r.shapes[1], [4, 5, 5]);
+    assert_eq!(r.shapes[3], [4, 3, 3]);
+    let m = randomised(&graph_spec(g, [1, 9, 9]), 1);
+    check_against_autograd_floor(&m, 4, 1e-3);
+
+    let bad = [
+        (r#"{"nodes":[{"name":"a","op":"add","inputs":["input","b"]}]}"#, "not the input or an earlier node"),
+        (r#"{"nodes":[{"name":"a","op":"linear","out_features":3}]}"#, "flatten"),
+        (
+            r#"{"nodes":[{"name":"c","op":"conv2d","out_channels":2,"kernel":3,"padding":1},{"name":"a","op":"add","inputs":["c","input"]}]}"#,
+            "sums shapes",
+        ),
+        (r#"{"nodes":[{"name":"c","op":"conv2d","out_channels":2,"kernel":9}]}"#, "does not fit"),
+        (r#"{"nodes":[{"name":"x","op":"flatten"},{"name":"x","op":"flatten"}]}"#, "two nodes called"),
+        (r#"{"nodes":[{"name":"a","op":"act","act":"swish"}]}"#, "unknown activation"),
+        (r#"{"nodes":[{"name":"f","op":"flatten"},{"name":"c","op":"conv2d","out_channels":2,"kernel":1}], "outputs":["nope"]}"#, ""),
+    ];
+    for (text, want) in bad {
+        let err = match Graph::parse(text) {
+            Err(e) => e,
+            Ok(g) => g.resolve([1, 4, 4]).unwrap_err().to_string(),
+        };
+        assert!(err.contains(want), "{text}: {err}");
+    }
+    // A graph whose head does not match the classes is refused by the spec.
+    let g = Graph::parse(r#"{"nodes":[{"name":"f","op":"flatten"},{"name":"fc","op":"linear","out_features":3}]}"#).unwrap();
+    let e = ModelSpec::new(Arch::Graph { graph: g }, Activation::Relu, [1, 4, 4], 10).validate().unwrap_err();
+    assert!(e.to_string().contains("10 classes"), "{e}");
+}
+
+/// The presets through the graph give the same parameters as before the
+/// graph existed: names and initial values for the MLP and CNN (so old
+/// checkpoints and results are unchanged).
+#[test]
+fn hidden_shorthand_and_presets() {
+    assert_eq!(graph::parse_hidden("256x3").unwrap(), vec![256, 256, 256]);
+    assert_eq!(graph::parse_hidden("512,128x2").unwrap(), vec![512, 128, 128]);
+    assert!(graph::parse_hidden("12xq").is_err());
+    assert_eq!(Arch::preset("plain-14", &[], &[]).unwrap(), Arch::Resnet { depth: 14, shortcuts: false });
+    assert!(Arch::preset("resnet-x", &[], &[]).is_err());
+    let m = Model::new(
+        &ModelSpec::new(Arch::cnn_default(), Activation::PRelu { shared: false }, [1, 28, 28], 10),
+        0,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let names: Vec<&str> = m.params().iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "convs.0.weight",
+            "convs.0.bias",
+            "act.0.weight",
+            "convs.1.weight",
+            "convs.1.bias",
+            "act.1.weight",
+            "layers.0.weight",
+            "layers.0.bias",
+            "act.2.weight",
+            "layers.1.weight",
+            "layers.1.bias"
+        ]
+    );
+}
