@@ -1473,7 +1473,7 @@ fn print_study(r: &prelu::study::StudyResult) {
     }
     println!(
         "{head}{:>5} {:>18} {:>8} {:>8} {:>18} {:>8}",
-        "seeds", "test acc mean ± sd", "min", "max", "95% CI of mean", "s/run"
+        "runs", "test acc mean ± sd", "min", "max", "95% CI of mean", "s/run"
     );
     for c in &r.cells {
         let mut row = String::new();
@@ -1482,7 +1482,7 @@ fn print_study(r: &prelu::study::StudyResult) {
         }
         println!(
             "{row}{:>5} {:>18} {:>8.4} {:>8.4} {:>18} {:>8.1}",
-            c.seeds,
+            c.seeds - c.diverged,
             format!("{:.4} ± {:.4}", c.test_acc_mean, c.test_acc_sd),
             c.test_acc_min,
             c.test_acc_max,
@@ -1490,6 +1490,12 @@ fn print_study(r: &prelu::study::StudyResult) {
                 .map(|[lo, hi]| format!("[{lo:.4}, {hi:.4}]"))
                 .unwrap_or_else(|| "-".into()),
             c.seconds_mean
+        );
+    }
+    for c in r.cells.iter().filter(|c| c.diverged > 0) {
+        println!(
+            "{}: {} of {} runs diverged (loss NaN/inf), left out of its statistics and contrasts",
+            c.label, c.diverged, c.seeds
         );
     }
     if let Some(first) = r.contrasts.first() {

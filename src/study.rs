@@ -179,7 +179,11 @@ pub struct MeanInterval {
 
 pub fn mean_interval(v: &[f64]) -> MeanInterval {
     let n = v.len();
-    let (mean, sd) = train::mean_std(v);
+    let (mean, sd) = if n == 0 {
+        (f64::NAN, f64::NAN)
+    } else {
+        train::mean_std(v)
+    };
     if n < 2 {
         return MeanInterval {
             n,
@@ -446,8 +450,12 @@ pub struct CurvePoint {
 pub struct StudyRun {
     pub seed: u64,
     pub run_dir: PathBuf,
-    /// `trained`, `resumed` or `skipped` (already finished) in this invocation.
+    /// `trained`, `resumed` or `skipped` (already finished) in this
+    /// invocation, or `diverged` (the loss became NaN/inf: no final accuracy).
     pub status: String,
+    /// For a diverged run, the training error.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
     pub test_acc: f64,
     pub best_test_acc: f64,
     pub test_loss: f64,
@@ -465,6 +473,10 @@ pub struct StudyCell {
     pub label: String,
     pub dir: PathBuf,
     pub seeds: usize,
+    /// Runs whose loss diverged (left out of the statistics below).
+    pub diverged: usize,
+    /// Mean, sample sd, min and max of the final test accuracy over the
+    /// runs that finished.
     pub test_acc_mean: f64,
     pub test_acc_sd: f64,
     pub test_acc_min: f64,
@@ -487,6 +499,8 @@ pub struct Contrast {
     /// The values of the other varied keys (empty with one key).
     pub context: BTreeMap<String, String>,
     pub n: usize,
+    /// Seeds left out because a run of the pair diverged.
+    pub excluded: usize,
     /// Per seed, `acc(b) - acc(a)`.
     pub diffs: Vec<f64>,
     pub a_mean: f64,
@@ -578,6 +592,7 @@ pub fn read_run(run_dir: &Path, seed: u64, status: &str) -> Result<StudyRun> {
                 test_acc: m.test_acc,
             })
             .collect(),
+        error: None,
     })
 }
 
@@ -593,9 +608,25 @@ fn same_run(saved: &TrainConfig, want: &TrainConfig, dir: &Path) -> bool {
     &s == want
 }
 
-/// Trains (or resumes, or reads back) one cell-seed run in `dir`.
+/// Whether a training error is the loss becoming NaN or infinite (a
+/// diverged run: a result of the experiment, not a failure of the study).
+fn is_divergence(e: &anyhow::Error) -> bool {
+    format!("{e:#}").contains("loss became")
+}
+
+/// Trains (or resumes, or reads back) one cell-seed run in `dir`. A run
+/// whose loss diverges is recorded as `diverged` (test accuracy NaN), and
+/// the study goes on; re-running the study trains it again (same seed, same
+/// divergence).
 fn run_one(cfg: &TrainConfig, dir: &Path, on: &mut dyn FnMut(Event)) -> Result<StudyRun> {
-    let status = if dir.join("config.toml").exists() {
+    let mut train = |resume: bool, ok: &'static str| -> Result<(&'static str, Option<String>)> {
+        match train::train(cfg, dir, resume, on) {
+            Ok(_) => Ok((ok, None)),
+            Err(e) if is_divergence(&e) => Ok(("diverged", Some(format!("{e:#}")))),
+            Err(e) => Err(e),
+        }
+    };
+    let (status, error) = if dir.join("config.toml").exists() {
         let saved = TrainConfig::from_toml_file(&dir.join("config.toml"))?;
         if !same_run(&saved, cfg, dir) {
             bail!(
@@ -606,18 +637,33 @@ fn run_one(cfg: &TrainConfig, dir: &Path, on: &mut dyn FnMut(Event)) -> Result<S
         }
         let done = checkpoint_epoch(dir)?;
         if done >= cfg.epochs {
-            "skipped"
+            ("skipped", None)
         } else if done > 0 {
-            train::train(cfg, dir, true, on)?;
-            "resumed"
+            train(true, "resumed")?
         } else {
-            train::train(cfg, dir, false, on)?;
-            "trained"
+            train(false, "trained")?
         }
     } else {
-        train::train(cfg, dir, false, on)?;
-        "trained"
+        train(false, "trained")?
     };
+    if status == "diverged" {
+        let mut r = read_run(dir, cfg.seed, status).unwrap_or_else(|_| StudyRun {
+            seed: cfg.seed,
+            run_dir: dir.to_path_buf(),
+            status: status.into(),
+            test_acc: f64::NAN,
+            best_test_acc: f64::NAN,
+            test_loss: f64::NAN,
+            train_loss: f64::NAN,
+            seconds: 0.0,
+            curve: vec![],
+            error: None,
+        });
+        r.test_acc = f64::NAN;
+        r.test_loss = f64::NAN;
+        r.error = error;
+        return Ok(r);
+    }
     read_run(dir, cfg.seed, status)
 }
 
@@ -681,19 +727,22 @@ pub fn run(spec: &StudySpec, root: &Path, on: &mut dyn FnMut(&RunLabel, Event)) 
 
 /// Summary statistics of one cell's runs.
 pub fn summarise_cell(kv: Vec<(String, String)>, dir: PathBuf, runs: Vec<StudyRun>) -> StudyCell {
-    let acc: Vec<f64> = runs.iter().map(|r| r.test_acc).collect();
+    // Diverged runs have no final accuracy: counted, not averaged.
+    let acc: Vec<f64> = runs.iter().map(|r| r.test_acc).filter(|a| a.is_finite()).collect();
     let mi = mean_interval(&acc);
+    let finite = |v: Vec<f64>| v.into_iter().filter(|x| x.is_finite()).collect::<Vec<_>>();
     StudyCell {
         config: kv.iter().cloned().collect(),
         label: label(&kv),
         dir,
         seeds: runs.len(),
+        diverged: runs.len() - acc.len(),
         test_acc_mean: mi.mean,
         test_acc_sd: mi.sd,
-        test_acc_min: acc.iter().copied().fold(f64::INFINITY, f64::min),
-        test_acc_max: acc.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+        test_acc_min: acc.iter().copied().reduce(f64::min).unwrap_or(f64::NAN),
+        test_acc_max: acc.iter().copied().reduce(f64::max).unwrap_or(f64::NAN),
         test_acc_ci95: mi.ci95,
-        best_test_acc_mean: train::mean_std(&runs.iter().map(|r| r.best_test_acc).collect::<Vec<_>>()).0,
+        best_test_acc_mean: train::mean_std(&finite(runs.iter().map(|r| r.best_test_acc).collect())).0,
         seconds_mean: train::mean_std(&runs.iter().map(|r| r.seconds).collect::<Vec<_>>()).0,
         runs,
         kv,
@@ -727,8 +776,13 @@ pub fn contrasts(vary: &[Vary], cells: &[StudyCell]) -> Vec<Contrast> {
                 };
                 let mut diffs = Vec::new();
                 let (mut sa, mut sb) = (Vec::new(), Vec::new());
+                let mut excluded = 0;
                 for ra in &ca.runs {
                     if let Some(rb) = cb.runs.iter().find(|r| r.seed == ra.seed) {
+                        if !(ra.test_acc.is_finite() && rb.test_acc.is_finite()) {
+                            excluded += 1;
+                            continue;
+                        }
                         diffs.push(rb.test_acc - ra.test_acc);
                         sa.push(ra.test_acc);
                         sb.push(rb.test_acc);
@@ -741,6 +795,7 @@ pub fn contrasts(vary: &[Vary], cells: &[StudyCell]) -> Vec<Contrast> {
                     b: vb.clone(),
                     context: ctx.iter().cloned().collect(),
                     n: diffs.len(),
+                    excluded,
                     a_mean: train::mean_std(&sa).0,
                     b_mean: train::mean_std(&sb).0,
                     diff_mean: mi.mean,
@@ -853,7 +908,11 @@ pub fn write_report(r: &StudyResult, path: &Path) -> Result<()> {
         }
         h.push_str(&format!(
             "<td>{}</td><td>{:.4}</td><td>{:.4}</td><td>{}</td><td>{:.4}</td><td>{:.4}</td><td>{:.1}</td></tr>",
-            c.seeds,
+            if c.diverged > 0 {
+                format!("{} ({} diverged)", c.seeds, c.diverged)
+            } else {
+                c.seeds.to_string()
+            },
             c.test_acc_mean,
             c.test_acc_sd,
             c.test_acc_ci95
@@ -888,12 +947,14 @@ pub fn write_report(r: &StudyResult, path: &Path) -> Result<()> {
         h.push_str("</table>");
     }
     // Mean curve of every cell.
+    // Mean over the runs that finished (a diverged run's curve stops early).
     let mean_curve = |c: &StudyCell| -> Vec<(usize, f64)> {
-        let max_e = c.runs.iter().map(|r| r.curve.len()).min().unwrap_or(0);
+        let ok: Vec<&StudyRun> = c.runs.iter().filter(|r| r.test_acc.is_finite()).collect();
+        let max_e = ok.iter().map(|r| r.curve.len()).min().unwrap_or(0);
         (0..max_e)
             .map(|e| {
-                let v: f64 = c.runs.iter().map(|r| r.curve[e].test_acc).sum::<f64>() / c.runs.len() as f64;
-                (c.runs[0].curve[e].epoch, v)
+                let v: f64 = ok.iter().map(|r| r.curve[e].test_acc).sum::<f64>() / ok.len() as f64;
+                (ok[0].curve[e].epoch, v)
             })
             .collect()
     };

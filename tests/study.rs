@@ -143,6 +143,7 @@ fn fake_run(seed: u64, acc: f64) -> StudyRun {
         train_loss: 0.0,
         seconds: 1.0,
         curve: vec![],
+        error: None,
     }
 }
 
@@ -295,6 +296,37 @@ fn a_study_trains_every_cell_and_seed_and_resumes() {
     assert!(format!("{e:#}").contains("different config"), "{e:#}");
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_dir_all(&dir2);
+}
+
+#[test]
+fn a_diverged_run_is_recorded_and_the_study_goes_on() {
+    // SGD with lr 1e4 makes the loss NaN within the first steps.
+    let spec = StudySpec {
+        base: TrainConfig {
+            optimizer: "sgd".into(),
+            epochs: 1,
+            ..tiny_base()
+        },
+        vary: vec!["lr=0.01,1e4".parse().unwrap()],
+        seeds: 2,
+    };
+    let dir = tmp("diverge");
+    let r = study::run(&spec, &dir, &mut |_, _| {}).unwrap();
+    let (ok, bad) = (&r.cells[0], &r.cells[1]);
+    assert_eq!((ok.diverged, bad.diverged), (0, 2));
+    assert!(ok.test_acc_mean.is_finite());
+    assert!(bad.test_acc_mean.is_nan() && bad.test_acc_min.is_nan() && bad.test_acc_ci95.is_none());
+    for run in &bad.runs {
+        assert_eq!(run.status, "diverged");
+        assert!(run.test_acc.is_nan() && run.error.as_deref().unwrap_or("").contains("loss became"));
+    }
+    let c = &r.contrasts[0];
+    assert_eq!((c.n, c.excluded), (0, 2));
+    assert!(c.ci95.is_none());
+    // study.json is valid JSON (NaN written as null).
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("study.json")).unwrap()).unwrap();
+    assert!(v["cells"][1]["test_acc_mean"].is_null());
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
