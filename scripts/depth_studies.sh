@@ -11,7 +11,7 @@ PRELU=${PRELU:-target/release/prelu}
 # 30 hidden layers of 256, as a comma list for --hidden.
 H30=$(printf '256,%.0s' $(seq 30)); H30=${H30%,}
 SGD="--optimizer sgd --lr 0.01 --momentum 0.9 --epochs 3 --no-sentinel"
-for STUDY in grid30 depth fashion30; do
+for STUDY in grid30 depth fashion30 conv20; do
   [ -z "${SELECT:-}" ] || [[ " $SELECT " == *" $STUDY "* ]] || continue
   case $STUDY in
     grid30)    # activation x init at depth 30, mnist-small
@@ -23,5 +23,8 @@ for STUDY in grid30 depth fashion30; do
     fashion30) # depth 30 on a 10,000/2,000 slice of Fashion-MNIST
       $PRELU --threads 1 study --data fashion-mnist --train-limit 10000 --test-limit 2000 \
         --vary act=relu,prelu --vary init=xavier,he-relu,he-prelu --seeds 3 --hidden $H30 $SGD --out $OUT/fashion30 ;;
+    conv20)    # 20-layer conv nets without and with shortcuts (presets), 2,000 images of mnist-small
+      $PRELU --threads 1 study --train-limit 2000 --test-limit 1000 --vary act=relu,prelu --vary model=plain-20,resnet-20 \
+        --seeds 3 $SGD --out $OUT/conv20 ;;
   esac
 done

@@ -1545,11 +1545,12 @@ fn print_study(r: &prelu::study::StudyResult) {
     }
     println!();
     println!(
-        "{} runs: {} trained, {} resumed, {} already done; run folders, study.json and report.html under {}",
-        r.runs_trained + r.runs_resumed + r.runs_skipped,
+        "{} runs: {} trained, {} resumed, {} already done, {} diverged; run folders, study.json and report.html under {}",
+        r.runs_trained + r.runs_resumed + r.runs_skipped + r.runs_diverged,
         r.runs_trained,
         r.runs_resumed,
         r.runs_skipped,
+        r.runs_diverged,
         r.out.display()
     );
 }

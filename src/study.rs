@@ -523,6 +523,8 @@ pub struct StudyResult {
     pub runs_trained: usize,
     pub runs_resumed: usize,
     pub runs_skipped: usize,
+    /// Runs whose loss diverged (trained again on every invocation).
+    pub runs_diverged: usize,
     pub cells: Vec<StudyCell>,
     pub contrasts: Vec<Contrast>,
 }
@@ -714,6 +716,7 @@ pub fn run(spec: &StudySpec, root: &Path, on: &mut dyn FnMut(&RunLabel, Event)) 
         runs_trained: count("trained"),
         runs_resumed: count("resumed"),
         runs_skipped: count("skipped"),
+        runs_diverged: count("diverged"),
         cells: out_cells,
         contrasts,
     };

@@ -314,6 +314,7 @@ fn a_diverged_run_is_recorded_and_the_study_goes_on() {
     let r = study::run(&spec, &dir, &mut |_, _| {}).unwrap();
     let (ok, bad) = (&r.cells[0], &r.cells[1]);
     assert_eq!((ok.diverged, bad.diverged), (0, 2));
+    assert_eq!((r.runs_trained, r.runs_diverged), (2, 2));
     assert!(ok.test_acc_mean.is_finite());
     assert!(bad.test_acc_mean.is_nan() && bad.test_acc_min.is_nan() && bad.test_acc_ci95.is_none());
     for run in &bad.runs {
