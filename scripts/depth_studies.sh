@@ -11,7 +11,7 @@ PRELU=${PRELU:-target/release/prelu}
 # 30 hidden layers of 256, as a comma list for --hidden.
 H30=$(printf '256,%.0s' $(seq 30)); H30=${H30%,}
 SGD="--optimizer sgd --lr 0.01 --momentum 0.9 --epochs 3 --no-sentinel"
-for STUDY in grid30 depth fashion30 conv20; do
+for STUDY in grid30 depth fashion30 conv20 conv20bn; do
   [ -z "${SELECT:-}" ] || [[ " $SELECT " == *" $STUDY "* ]] || continue
   case $STUDY in
     grid30)    # activation x init at depth 30, mnist-small
@@ -26,5 +26,8 @@ for STUDY in grid30 depth fashion30 conv20; do
     conv20)    # 20-layer conv nets without and with shortcuts (presets), 2,000 images of mnist-small
       $PRELU --threads 1 study --train-limit 2000 --test-limit 1000 --vary act=relu,prelu --vary model=plain-20,resnet-20 \
         --seeds 3 $SGD --out $OUT/conv20 ;;
+    conv20bn)  # the same with BatchNorm
+      $PRELU --threads 1 study --train-limit 2000 --test-limit 1000 --vary act=relu,prelu --vary model=plain-20,resnet-20 \
+        --seeds 3 --batch-norm $SGD --out $OUT/conv20bn ;;
   esac
 done

@@ -1483,7 +1483,11 @@ fn print_study(r: &prelu::study::StudyResult) {
         println!(
             "{row}{:>5} {:>18} {:>8.4} {:>8.4} {:>18} {:>8.1}",
             c.seeds - c.diverged,
-            format!("{:.4} ± {:.4}", c.test_acc_mean, c.test_acc_sd),
+            if c.seeds > c.diverged {
+                format!("{:.4} ± {:.4}", c.test_acc_mean, c.test_acc_sd)
+            } else {
+                "-".into()
+            },
             c.test_acc_min,
             c.test_acc_max,
             c.test_acc_ci95
