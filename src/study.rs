@@ -616,15 +616,24 @@ fn is_divergence(e: &anyhow::Error) -> bool {
     format!("{e:#}").contains("loss became")
 }
 
+/// The file a study leaves in a run folder whose loss diverged (the error
+/// message), so that running the study again does not train it again: the
+/// same seed diverges the same way.
+pub const DIVERGED_FILE: &str = "study-diverged.txt";
+
 /// Trains (or resumes, or reads back) one cell-seed run in `dir`. A run
-/// whose loss diverges is recorded as `diverged` (test accuracy NaN), and
-/// the study goes on; re-running the study trains it again (same seed, same
-/// divergence).
+/// whose loss diverges is recorded as `diverged` (test accuracy NaN, the
+/// error in [`DIVERGED_FILE`]), and the study goes on.
 fn run_one(cfg: &TrainConfig, dir: &Path, on: &mut dyn FnMut(Event)) -> Result<StudyRun> {
+    let marker = dir.join(DIVERGED_FILE);
     let mut train = |resume: bool, ok: &'static str| -> Result<(&'static str, Option<String>)> {
         match train::train(cfg, dir, resume, on) {
             Ok(_) => Ok((ok, None)),
-            Err(e) if is_divergence(&e) => Ok(("diverged", Some(format!("{e:#}")))),
+            Err(e) if is_divergence(&e) => {
+                let msg = format!("{e:#}");
+                crate::io::write_atomic(&marker, msg.as_bytes())?;
+                Ok(("diverged", Some(msg)))
+            }
             Err(e) => Err(e),
         }
     };
@@ -638,7 +647,9 @@ fn run_one(cfg: &TrainConfig, dir: &Path, on: &mut dyn FnMut(Event)) -> Result<S
             );
         }
         let done = checkpoint_epoch(dir)?;
-        if done >= cfg.epochs {
+        if marker.exists() {
+            ("diverged", std::fs::read_to_string(&marker).ok())
+        } else if done >= cfg.epochs {
             ("skipped", None)
         } else if done > 0 {
             train(true, "resumed")?

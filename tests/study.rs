@@ -324,6 +324,14 @@ fn a_diverged_run_is_recorded_and_the_study_goes_on() {
     let c = &r.contrasts[0];
     assert_eq!((c.n, c.excluded), (0, 2));
     assert!(c.ci95.is_none());
+    // Running it again trains nothing: the diverged runs are read back.
+    let again = study::run(&spec, &dir, &mut |_, _| {}).unwrap();
+    assert_eq!((again.runs_trained, again.runs_skipped, again.runs_diverged), (0, 2, 2));
+    assert!(again.cells[1].runs[0]
+        .error
+        .as_deref()
+        .unwrap_or("")
+        .contains("loss became"));
     // study.json is valid JSON (NaN written as null).
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("study.json")).unwrap()).unwrap();
     assert!(v["cells"][1]["test_acc_mean"].is_null());
