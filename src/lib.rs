@@ -20,7 +20,9 @@
 //! * [`train`]: the training loop, run folders, resume, `compare`;
 //! * [`sentinel`]: dying units, negative share, idle slopes, gradient flow, alarms;
 //! * [`attack`]: FGSM, PGD and gradient-masking measures;
-//! * [`stability`]: negative-path gain, optimal slope, variance propagation by depth;
+//! * [`stability`]: negative-path gain, optimal slope, variance propagation by depth
+//!   with finite-width bands;
+//! * [`study`]: controlled experiments over a grid of configs and seeds, paired t-intervals;
 //! * [`symmetry`]: exact symmetries, BatchNorm folding, canonical form;
 //! * [`sculpt`]: pruning dead units and folding linear ones;
 //! * [`onnx`]: ONNX export (opset 13, `PRelu` with correctly broadcasting slopes);
@@ -54,6 +56,7 @@ pub mod report;
 pub mod sculpt;
 pub mod sentinel;
 pub mod stability;
+pub mod study;
 pub mod symmetry;
 pub mod train;
 

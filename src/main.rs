@@ -34,7 +34,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Train ReLU and PReLU side by side on the built-in MNIST subset (< 2 min).
+    /// ReLU vs PReLU on the built-in MNIST subset: a 30-layer net over 3 seeds with CIs, and dying ReLU (< 1 min).
     Demo(DemoArgs),
     /// Train one network on real data; writes a run folder.
     Train(TrainArgs),
@@ -57,6 +57,8 @@ enum Command {
     Import(ImportArgs),
     /// Depth stability: negative-path gain, optimal slope, signal and gradient variance by depth.
     Stability(StabilityArgs),
+    /// Controlled experiment: the grid of --vary values x seeds, mean ± sd per cell, paired t-intervals.
+    Study(StudyArgs),
     /// Measure speed.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -233,11 +235,14 @@ struct StabilityArgs {
     /// Samples per batch of Gaussian input.
     #[arg(long, default_value_t = 256)]
     batch: usize,
-    /// Random draws of weights averaged.
+    /// Independent weight draws per scheme.
     #[arg(long, default_value_t = 3)]
     draws: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Half-width of the stable band in standard deviations of the finite-width prediction.
+    #[arg(long, default_value_t = 4.0)]
+    sds: f64,
     /// Write the variance-vs-depth plot here (SVG).
     #[arg(long)]
     plot: Option<PathBuf>,
@@ -491,7 +496,13 @@ struct DemoArgs {
     /// Folder for the run folders.
     #[arg(long, short, default_value = "runs/demo")]
     out: PathBuf,
-    /// Epochs per run.
+    /// Seeds per cell of the depth study.
+    #[arg(long, default_value_t = 3)]
+    seeds: usize,
+    /// Epochs of the depth study's runs.
+    #[arg(long, default_value_t = 2)]
+    depth_epochs: usize,
+    /// Epochs of the dying-ReLU runs.
     #[arg(long, default_value_t = 8)]
     epochs: usize,
     #[arg(long)]
@@ -744,24 +755,58 @@ fn cmd_compare(a: &CompareArgs) -> Result<()> {
     Ok(())
 }
 
+/// The demo's depth study: a 30-hidden-layer MLP (width 128) on the built-in
+/// subset, ReLU and PReLU, Xavier and He-for-the-activation init.
+fn demo_depth_spec(seeds: usize, epochs: usize) -> prelu::study::StudySpec {
+    prelu::study::StudySpec {
+        base: TrainConfig {
+            hidden: vec![128; 30],
+            optimizer: "sgd".into(),
+            lr: 0.01,
+            momentum: 0.9,
+            epochs,
+            sentinel: false,
+            ..TrainConfig::default()
+        },
+        vary: vec![
+            prelu::study::Vary {
+                key: "act".into(),
+                values: vec!["relu".into(), "prelu".into()],
+            },
+            prelu::study::Vary {
+                key: "init".into(),
+                values: vec!["xavier".into(), "he-prelu".into()],
+            },
+        ],
+        seeds,
+    }
+}
+
 fn cmd_demo(a: &DemoArgs) -> Result<()> {
+    let spec = demo_depth_spec(a.seeds, a.depth_epochs);
+    eprintln!(
+        "prelu demo: MLP with 30 hidden layers of 128 on the built-in MNIST subset (10,000 train / 2,000 test), \
+         ReLU vs PReLU x Xavier vs He init, {} seeds, SGD 0.01 momentum 0.9, {} epochs",
+        a.seeds, a.depth_epochs
+    );
+    let mut bars: Option<(String, TrainProgress)> = None;
+    let depth = prelu::study::run(&spec, &a.out.join("depth"), &mut |rl, e| {
+        let label = format!("[{}/{}] {} seed {}", rl.index, rl.total, rl.cell, rl.seed);
+        if bars.as_ref().map(|(l, _)| *l != label).unwrap_or(true) {
+            bars = Some((label.clone(), TrainProgress::new(&label)));
+        }
+        if let Some((_, p)) = bars.as_mut() {
+            p.on(e)
+        }
+    })?;
     let cfg = TrainConfig {
         epochs: a.epochs,
         hidden: vec![256, 256],
         ..TrainConfig::default()
     };
-    eprintln!("prelu demo: MLP 784-256-256-10 on the built-in MNIST subset (10,000 train / 2,000 test), ReLU vs PReLU");
     let mut p: Option<(String, TrainProgress)> = None;
-    let rows = train::compare(&cfg, &["relu".into(), "prelu".into()], 1, &a.out, &mut |label, e| {
-        if p.as_ref().map(|(l, _)| l != label).unwrap_or(true) {
-            p = Some((label.to_string(), TrainProgress::new(label)));
-        }
-        if let Some((_, b)) = p.as_mut() {
-            b.on(e)
-        }
-    })?;
     // The dying-ReLU demonstration: hidden biases shifted to -2.75 at init.
-    eprintln!("prelu demo: the same, with every hidden bias shifted to -2.75 at init (dying ReLU)");
+    eprintln!("prelu demo: dying ReLU: MLP 784-256-256-10 with every hidden bias shifted to -2.75 at init");
     let dying_cfg = TrainConfig {
         bias_init: -2.75,
         ..cfg.clone()
@@ -791,13 +836,17 @@ fn cmd_demo(a: &DemoArgs) -> Result<()> {
     if a.json {
         println!(
             "{}",
-            serde_json::json!({ "rows": rows, "dying": dying, "dying_sentinel": sentinel })
+            serde_json::json!({ "depth": depth, "dying": dying, "dying_sentinel": sentinel })
         );
         return Ok(());
     }
-    print_compare(&rows);
+    println!(
+        "depth 30 (MLP 784-128x30-10), {} seeds, {} epochs; he-prelu init is He for the activation (for ReLU: He-for-ReLU):",
+        a.seeds, a.depth_epochs
+    );
+    print_study(&depth);
     println!();
-    println!("dying ReLU (hidden biases -2.75 at init), sentinel over the last epoch:");
+    println!("dying ReLU (MLP 784-256-256-10, hidden biases -2.75 at init, 1 seed), sentinel over the last epoch:");
     for (r, layers) in dying.iter().zip(&sentinel) {
         let per: Vec<String> = layers
             .iter()
@@ -812,7 +861,7 @@ fn cmd_demo(a: &DemoArgs) -> Result<()> {
             .collect();
         println!("  {:<6} test acc {:.4}  {}", r.act, r.final_mean, per.join(", "));
     }
-    for r in rows.iter().chain(&dying) {
+    for r in &dying {
         println!("{:<6} run folder: {}", r.act, r.run_dirs[0].display());
     }
     println!("reports: {} and {}", report_relu.display(), report.display());
@@ -1379,24 +1428,36 @@ fn cmd_stability(a: &StabilityArgs) -> Result<()> {
             return Ok(());
         }
         println!(
-            "{}: per-layer stability on {} {} test images",
+            "{}: per-layer, per-channel stability on {} {} test images",
             ck.display(),
             test.len(),
             a.data
         );
         println!(
-            "{:<7} {:<10} {:>7} {:>11} {:>8} {:>10} {:>14}",
-            "layer", "weights", "slope", "weight gain", "a*", "a (var)", "backward gain"
+            "{:<7} {:<10} {:>5} {:>26} {:>4} {:>8} {:>8} {:>19} {:>9} {:>9}",
+            "layer",
+            "weights",
+            "ch",
+            "slope mean [min, max]",
+            "neg",
+            "w gain",
+            "chi",
+            "chi per ch [min,max]",
+            "chi(mean a)",
+            "bwd gain"
         );
         for l in &layers {
             println!(
-                "{:<7} {:<10} {:>7.4} {:>11.4} {:>8.4} {:>10} {:>14}",
+                "{:<7} {:<10} {:>5} {:>26} {:>4} {:>8.4} {:>8.4} {:>19} {:>11.4} {:>9}",
                 l.layer,
                 l.weights,
-                l.slope,
+                l.channels,
+                format!("{:.4} [{:.4}, {:.4}]", l.slope, l.slope_min, l.slope_max),
+                l.slopes_negative,
                 l.weight_gain,
-                l.a_star,
-                l.a_variance.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into()),
+                l.chi,
+                format!("[{:.3}, {:.3}]", l.chi_min, l.chi_max),
+                l.chi_from_mean_slope,
                 l.empirical_gain
                     .map(|v| format!("{v:.4}"))
                     .unwrap_or_else(|| "-".into())
@@ -1405,8 +1466,14 @@ fn cmd_stability(a: &StabilityArgs) -> Result<()> {
         for l in layers.iter().filter_map(|l| l.warning.as_ref().map(|w| (l, w))) {
             println!("warning: {}: {}", l.0.layer, l.1);
         }
-        println!("weight gain = sqrt(fan_in * mean(w^2)); a* = 1 / weight gain (negative-path optimum);");
-        println!("a (var) = sqrt(2 / gain^2 - 1) keeps variance; backward gain = RMS grad at this act's input / next act's input.");
+        println!("w gain = sqrt(fan_in * mean(w^2)); chi = mean over channels of g_i^2 (1 + a_i^2) / 2 (g_i: gain of");
+        println!("channel i's weights), what the per-channel slopes do to the forward variance; chi(mean a) uses the");
+        println!(
+            "layer-mean slope instead (misleading when slopes spread or change sign); bwd gain = RMS grad at this"
+        );
+        println!(
+            "act's input / next act's input. Per-channel slopes, gains, chi and variance-preserving slopes: --json."
+        );
         return Ok(());
     }
     if a.depth > 100_000 || a.width > 1 << 16 || a.batch > 1 << 16 || a.draws > 1000 {
@@ -1433,7 +1500,7 @@ fn cmd_stability(a: &StabilityArgs) -> Result<()> {
         batch: a.batch,
         draws: a.draws,
         seed: a.seed,
-        ..Default::default()
+        sds: a.sds,
     };
     let pb = spinner();
     let mut curves = Vec::new();
@@ -1452,7 +1519,8 @@ fn cmd_stability(a: &StabilityArgs) -> Result<()> {
     if a.json {
         println!(
             "{}",
-            serde_json::json!({ "chain": ch, "depth": a.depth, "width": a.width, "curves": curves, "plot": a.plot })
+            serde_json::json!({ "chain": ch, "depth": a.depth, "width": a.width, "draws": a.draws,
+                "batch": a.batch, "seed": a.seed, "sds": a.sds, "curves": curves, "plot": a.plot })
         );
         return Ok(());
     }
@@ -1467,26 +1535,42 @@ fn cmd_stability(a: &StabilityArgs) -> Result<()> {
         ch.explodes_at.map(|d| d.to_string()).unwrap_or_else(|| "-".into())
     );
     println!(
-        "deep MLP, depth {}, width {}, {} draw(s); variance ratios last/first layer:",
-        a.depth, a.width, a.draws
+        "deep MLP, depth {}, width {}, {} independent weight draw(s) per scheme x {} Gaussian inputs;",
+        a.depth, a.width, a.draws, a.batch
     );
+    println!("per-sample forward log-ratio ln(q_L / q_1) (q: squared pre-activation norm), mean ± sd [p5, p95]:");
     println!(
-        "{:<10} {:<13} {:>10} {:>10} {:>12} {:>12} {:>12}  {}",
-        "init", "act", "chi pred", "chi meas", "fwd ratio", "pred ratio", "bwd ratio", "verdict"
+        "{:<10} {:<13} {:>8} {:>8} {:>17} {:>32} {:>16} {:>9}  verdict",
+        "init", "act", "chi pred", "chi meas", "band for chi", "ln ratio measured", "predicted", "bwd mean"
     );
     for c in &curves {
+        let f = &c.forward_samples;
         println!(
-            "{:<10} {:<13} {:>10.4} {:>10.4} {:>12.4e} {:>12.4e} {:>12.4e}  {}",
+            "{:<10} {:<13} {:>8.4} {:>8.4} {:>17} {:>32} {:>16} {:>9.2}  {}",
             c.init,
             c.act,
             c.predicted_factor,
             c.measured_factor,
-            c.forward_ratio,
-            c.predicted_ratio,
-            c.backward_ratio,
+            format!("[{:.4}, {:.4}]", c.band.factor_lo, c.band.factor_hi),
+            format!("{:.2} ± {:.2} [{:.2}, {:.2}]", f.mean, f.sd, f.p05, f.p95),
+            format!("{:.2} ± {:.2}", c.predicted_mean, c.predicted_sd),
+            c.backward_samples.mean,
             c.verdict
         );
     }
+    let mut seen = Vec::new();
+    for c in &curves {
+        if seen.contains(&c.slope.to_bits()) {
+            continue;
+        }
+        seen.push(c.slope.to_bits());
+        println!(
+            "stable band (slope {}): chi = 1 predicts ln ratio {:.2} ± {:.2} per sample at this width (c = {:.3}); \
+             the mean over samples is stable in [{:.2}, {:.2}] (± {} sd / sqrt({} draws))",
+            c.slope, c.band.mean, c.band.sd, c.c, c.band.lo, c.band.hi, c.band.sds, a.draws
+        );
+    }
+    println!("chi meas = exp(mean ln ratio / (L-1) + c/n) (finite-width drift taken out); verdict: forward and backward mean vs band.");
     if let Some(p) = &a.plot {
         println!("plot: {}", p.display());
     }
@@ -1508,6 +1592,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Train(a) => cmd_train(a),
         Command::Compare(a) => cmd_compare(a),
         Command::Stability(a) => cmd_stability(a),
+        Command::Study(a) => cmd_study(a),
         Command::Diagnose(a) => cmd_diagnose(a),
         Command::Attack(a) => cmd_attack(a),
         Command::Canonicalize(a) => cmd_canonicalize(a),
@@ -1538,4 +1623,158 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// prelu study
+
+#[derive(Args)]
+struct StudyArgs {
+    #[command(flatten)]
+    cfg: ConfigArgs,
+    /// relu, leaky[:A], prelu or prelu-shared (when not varied).
+    #[arg(long)]
+    act: Option<String>,
+    /// KEY=V1,V2,... : a run-config key and its values (repeatable; the grid is every combination).
+    /// Lists (hidden, channels) as 256x30 (30 layers of 256) or 512-256.
+    #[arg(long, required = true)]
+    vary: Vec<String>,
+    /// Seeds per cell (seed, seed+1, ...), the same in every cell.
+    #[arg(long, default_value_t = 3)]
+    seeds: usize,
+    /// Folder of the study: one run folder per cell and seed, study.json, report.html.
+    /// Running the same command again resumes.
+    #[arg(long, short)]
+    out: PathBuf,
+    #[arg(long)]
+    json: bool,
+}
+
+fn print_study(r: &prelu::study::StudyResult) {
+    let keys: Vec<&str> = r.vary.iter().map(|v| v.key.as_str()).collect();
+    let widths: Vec<usize> = r
+        .vary
+        .iter()
+        .map(|v| v.values.iter().map(|x| x.len()).chain([v.key.len()]).max().unwrap_or(4))
+        .collect();
+    let mut head = String::new();
+    for (k, w) in keys.iter().zip(&widths) {
+        head.push_str(&format!("{k:<w$}  "));
+    }
+    println!(
+        "{head}{:>5} {:>18} {:>8} {:>8} {:>18} {:>8}",
+        "runs", "test acc mean ± sd", "min", "max", "95% CI of mean", "s/run"
+    );
+    for c in &r.cells {
+        let mut row = String::new();
+        for (k, w) in keys.iter().zip(&widths) {
+            row.push_str(&format!("{:<w$}  ", c.config.get(*k).map(|s| s.as_str()).unwrap_or("")));
+        }
+        println!(
+            "{row}{:>5} {:>18} {:>8.4} {:>8.4} {:>18} {:>8.1}",
+            c.seeds - c.diverged,
+            if c.seeds > c.diverged {
+                format!("{:.4} ± {:.4}", c.test_acc_mean, c.test_acc_sd)
+            } else {
+                "-".into()
+            },
+            c.test_acc_min,
+            c.test_acc_max,
+            c.test_acc_ci95
+                .map(|[lo, hi]| format!("[{lo:.4}, {hi:.4}]"))
+                .unwrap_or_else(|| "-".into()),
+            c.seconds_mean
+        );
+    }
+    for c in r.cells.iter().filter(|c| c.diverged > 0) {
+        println!(
+            "{}: {} of {} runs diverged (loss NaN/inf), left out of its statistics and contrasts",
+            c.label, c.diverged, c.seeds
+        );
+    }
+    if let Some(first) = r.contrasts.first() {
+        println!();
+        println!(
+            "paired contrasts of {} (b - a over the same seeds), 95% Student-t interval:",
+            first.key
+        );
+        let ctxw = r
+            .contrasts
+            .iter()
+            .map(|c| c.context.iter().map(|(k, v)| k.len() + v.len() + 2).sum::<usize>())
+            .max()
+            .unwrap_or(0)
+            .max(5);
+        let vw = r
+            .contrasts
+            .iter()
+            .map(|c| c.a.len().max(c.b.len()))
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        println!(
+            "{:<vw$}  {:<vw$}  {:<ctxw$} {:>3} {:>9} {:>20} {:>7}",
+            "a", "b", "where", "n", "diff", "95% CI", "p"
+        );
+        for c in &r.contrasts {
+            let ctx = c
+                .context
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(" ");
+            println!(
+                "{:<vw$}  {:<vw$}  {:<ctxw$} {:>3} {:>+9.4} {:>20} {:>7}",
+                c.a,
+                c.b,
+                if ctx.is_empty() { "-".to_string() } else { ctx },
+                c.n,
+                c.diff_mean,
+                c.ci95
+                    .map(|[lo, hi]| format!("[{lo:+.4}, {hi:+.4}]"))
+                    .unwrap_or_else(|| "-".into()),
+                c.p_value.map(|p| format!("{p:.3}")).unwrap_or_else(|| "-".into())
+            );
+        }
+    }
+    println!();
+    println!(
+        "{} runs: {} trained, {} resumed, {} already done, {} diverged; run folders, study.json and report.html under {}",
+        r.runs_trained + r.runs_resumed + r.runs_skipped + r.runs_diverged,
+        r.runs_trained,
+        r.runs_resumed,
+        r.runs_skipped,
+        r.runs_diverged,
+        r.out.display()
+    );
+}
+
+fn cmd_study(a: &StudyArgs) -> Result<()> {
+    let base = a.cfg.resolve(a.act.as_ref())?;
+    let vary = a
+        .vary
+        .iter()
+        .map(|v| v.parse::<prelu::study::Vary>())
+        .collect::<Result<Vec<_>>>()?;
+    let spec = prelu::study::StudySpec {
+        base,
+        vary,
+        seeds: a.seeds,
+    };
+    let mut bars: Option<(String, TrainProgress)> = None;
+    let r = prelu::study::run(&spec, &a.out, &mut |rl, e| {
+        let label = format!("[{}/{}] {} seed {}", rl.index, rl.total, rl.cell, rl.seed);
+        if bars.as_ref().map(|(l, _)| *l != label).unwrap_or(true) {
+            bars = Some((label.clone(), TrainProgress::new(&label)));
+        }
+        if let Some((_, p)) = bars.as_mut() {
+            p.on(e)
+        }
+    })?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        print_study(&r);
+    }
+    Ok(())
 }

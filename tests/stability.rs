@@ -3,6 +3,7 @@
 
 use prelu::stability::{self, PropagationOptions};
 use prelu::{Activation, InitScheme};
+use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 
 #[test]
@@ -33,52 +34,166 @@ fn chain_gain_equals_closed_form_and_backprop() {
 }
 
 #[test]
-fn he_prelu_is_stable_over_100_layers_and_the_others_drift_as_predicted() {
-    let o = PropagationOptions {
-        depth: 100,
-        width: 512,
-        batch: 128,
-        draws: 1,
-        seed: 11,
-        band: 2.0,
-    };
-    let prelu = Activation::PRelu { shared: false };
-    let he = stability::propagate(InitScheme::HePrelu, prelu, 0.25, &o).unwrap();
-    assert!(
-        (0.5..=2.0).contains(&he.forward_ratio),
-        "he-prelu forward ratio {}",
-        he.forward_ratio
+fn finite_width_constants_match_the_closed_forms() {
+    // c = v / (2 m^2): 2.17 at a = 0.25, 2.5 for ReLU, 1 for the identity.
+    let m = stability::layer_log_moments(0.25, 1_000_000);
+    assert!((m.c - 2.1678).abs() < 1e-3, "{}", m.c);
+    assert!((stability::layer_log_moments(0.0, 10).c - 2.5).abs() < 1e-12);
+    assert!((stability::layer_log_moments(1.0, 10).c - 1.0).abs() < 1e-12);
+    // The sign of the slope does not matter, only a^2.
+    let (p, q) = (
+        stability::layer_log_moments(0.3, 64),
+        stability::layer_log_moments(-0.3, 64),
     );
+    assert_eq!((p.mean, p.var), (q.mean, q.var));
+    // Identity (a = 1): R = chi2_n / n exactly, E ln R = psi(n/2) - ln(n/2),
+    // Var ln R = psi'(n/2); at n = 200: -0.0050083 and 0.0100502.
+    let m = stability::layer_log_moments(1.0, 200);
+    assert!((m.mean + 0.0050083).abs() < 2e-6, "{}", m.mean);
+    assert!((m.var - 0.0100502).abs() < 2e-6, "{}", m.var);
+    // The band at depth 100, width 256, a = 0.25: mean -(L-1) c / n, sd sqrt(2 c (L-1) / n).
+    let b = stability::StableBand::new(0.25, 256, 100, 1, 4.0);
+    assert!((b.mean + 99.0 * 2.1678 / 256.0).abs() < 0.01, "{}", b.mean);
     assert!(
-        (0.5..=2.0).contains(&he.backward_ratio),
-        "he-prelu backward ratio {}",
-        he.backward_ratio
+        (b.sd - (2.0 * 2.1678 * 99.0 / 256.0f64).sqrt()).abs() < 0.01,
+        "{}",
+        b.sd
     );
-    assert_eq!(he.verdict, "stable");
-    assert!((he.predicted_factor - 1.0).abs() < 1e-12);
-    for init in [InitScheme::HeRelu, InitScheme::Xavier] {
-        let c = stability::propagate(init, prelu, 0.25, &o).unwrap();
-        assert!(
-            !(0.5..=2.0).contains(&c.forward_ratio),
-            "{init}: ratio {} should drift",
-            c.forward_ratio
-        );
-        let (m, p) = (c.forward_ratio.ln(), c.predicted_ratio.ln());
-        assert!(
-            (m - p).abs() <= 0.1 * p.abs(),
-            "{init}: measured ln ratio {m} vs predicted {p}"
-        );
-        let (mb, pb) = (c.backward_ratio.ln(), c.predicted_ratio.ln());
-        assert!(
-            (mb - pb).abs() <= 0.1 * pb.abs(),
-            "{init}: backward ln ratio {mb} vs predicted {pb}"
-        );
+    assert!((b.hi - b.mean - 4.0 * b.sd).abs() < 1e-12 && (b.mean - b.lo - 4.0 * b.sd).abs() < 1e-12);
+    assert_eq!(b.verdict(b.mean), "stable");
+    assert_eq!(b.verdict(b.hi + 1e-9), "exploding");
+    assert_eq!(b.verdict(b.lo - 1e-9), "vanishing");
+    assert_eq!(b.verdict(f64::NEG_INFINITY), "vanishing");
+    assert_eq!(b.verdict(f64::NAN), "exploding");
+    // Three draws narrow the band by sqrt(3).
+    let b3 = stability::StableBand::new(0.25, 256, 100, 3, 4.0);
+    assert!(((b3.hi - b3.lo) * 3f64.sqrt() - (b.hi - b.lo)).abs() < 1e-9);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 10, .. ProptestConfig::default() })]
+
+    /// The finite-width prediction of the per-sample log-ratio (mean and sd)
+    /// against independent random chains simulated in plain f64 (forward and
+    /// backward), for random widths, depths, slopes and weight scales.
+    #[test]
+    fn band_formulas_match_simulated_chains(
+        n in 24usize..96,
+        depth in 4usize..40,
+        a in -0.6f64..1.0,
+        chi in 0.9f64..1.1,
+        seed in 0u64..1000,
+    ) {
+        let chains = 400;
+        let s2 = chi * 2.0 / (1.0 + a * a);
+        let sims = stability::simulate_chains(n, depth, a, s2, chains, seed);
+        let (pm, psd) = stability::predicted_log_ratio(chi, a, n, depth - 1);
+        for (name, v) in [
+            ("forward", sims.iter().map(|s| s.0).collect::<Vec<_>>()),
+            ("backward", sims.iter().map(|s| s.1).collect::<Vec<_>>()),
+        ] {
+            let sp = stability::Spread::of(&v);
+            let se = psd / (chains as f64).sqrt();
+            // 4.5 standard errors, plus 0.03 for the O(n^-2) terms left out.
+            prop_assert!(
+                (sp.mean - pm).abs() <= 4.5 * se + 0.03,
+                "{name}: n={n} L={depth} a={a:.3} chi={chi:.3}: mean {} vs predicted {pm} (se {se})",
+                sp.mean
+            );
+            // The sd of an sd estimate from 400 values is about 3.5%; allow 20%.
+            prop_assert!(
+                (sp.sd / psd - 1.0).abs() <= 0.2,
+                "{name}: n={n} L={depth} a={a:.3}: sd {} vs predicted {psd}",
+                sp.sd
+            );
+        }
     }
-    // He-for-ReLU under PReLU 0.25 grows by (1 + a0^2)^(L-1), about 400x here.
-    let c = stability::propagate(InitScheme::HeRelu, prelu, 0.25, &o).unwrap();
-    assert!((c.predicted_factor - 1.0625).abs() < 1e-12 && c.verdict == "exploding");
-    let x = stability::propagate(InitScheme::Xavier, prelu, 0.25, &o).unwrap();
-    assert_eq!(x.verdict, "vanishing");
+}
+
+#[test]
+fn he_prelu_is_judged_stable_at_finite_width_and_the_others_drift_as_predicted() {
+    let prelu = Activation::PRelu { shared: false };
+    // Width 256, depth 100: the per-sample log-ratio spreads by 1.3, more than
+    // ln 2, so a fixed [1/2, 2] band called He-PReLU vanishing on many seeds.
+    for seed in 0..6 {
+        let o = PropagationOptions {
+            depth: 100,
+            width: 256,
+            batch: 32,
+            draws: 1,
+            seed,
+            sds: 4.0,
+        };
+        let he = stability::propagate(InitScheme::HePrelu, prelu, 0.25, &o).unwrap();
+        assert_eq!(he.verdict, "stable", "seed {seed}: {:?}", he.forward_samples);
+        assert!((he.predicted_factor - 1.0).abs() < 1e-12);
+    }
+    // Width 1024: He-for-ReLU (chi = 1.0625) and Xavier (0.53) are out of the band.
+    for seed in 0..2 {
+        let o = PropagationOptions {
+            depth: 100,
+            width: 1024,
+            batch: 16,
+            draws: 1,
+            seed,
+            sds: 4.0,
+        };
+        let c = stability::propagate(InitScheme::HeRelu, prelu, 0.25, &o).unwrap();
+        assert!((c.predicted_factor - 1.0625).abs() < 1e-12);
+        assert_eq!(c.verdict, "exploding", "seed {seed}: {:?}", c.forward_samples);
+        let x = stability::propagate(InitScheme::Xavier, prelu, 0.25, &o).unwrap();
+        assert_eq!(x.verdict, "vanishing");
+    }
+    // The measured mean log-ratio lies within 4 predicted sd of the
+    // finite-width prediction for every scheme, forward and backward, and the
+    // schemes draw independent weights.
+    let o = PropagationOptions {
+        depth: 60,
+        width: 256,
+        batch: 16,
+        draws: 2,
+        seed: 5,
+        sds: 4.0,
+    };
+    let mut firsts = Vec::new();
+    for init in [InitScheme::HePrelu, InitScheme::HeRelu, InitScheme::Xavier] {
+        let c = stability::propagate(init, prelu, 0.25, &o).unwrap();
+        for (name, m) in [
+            ("forward", c.forward_samples.mean),
+            ("backward", c.backward_samples.mean),
+        ] {
+            assert!(
+                (m - c.predicted_mean).abs() <= 4.0 * c.predicted_sd,
+                "{init} {name}: {m} vs {} ± {}",
+                c.predicted_mean,
+                c.predicted_sd
+            );
+        }
+        assert_eq!(c.forward_log_ratio_mean.len(), 60);
+        assert_eq!(c.forward_log_ratio_mean[0], 0.0);
+        assert_eq!(c.forward_samples.n, 32);
+        // Normalised first-layer variance: the same draw scaled would give
+        // the same value in every scheme; independent draws do not.
+        firsts.push(c.forward[0] / c.forward.last().unwrap());
+    }
+    assert!(firsts[0] != firsts[1] && firsts[1] != firsts[2]);
+}
+
+#[test]
+fn very_deep_chains_do_not_overflow() {
+    // Xavier over 400 layers: a ratio near e^-266 (1e-115), far below f32's range.
+    let o = PropagationOptions {
+        depth: 400,
+        width: 64,
+        batch: 8,
+        draws: 1,
+        seed: 1,
+        sds: 4.0,
+    };
+    let c = stability::propagate(InitScheme::Xavier, Activation::PRelu { shared: false }, 0.25, &o).unwrap();
+    assert!(c.forward_samples.mean.is_finite() && c.forward_samples.mean < -200.0);
+    assert!((c.forward_samples.mean - c.predicted_mean).abs() < 4.0 * c.predicted_sd);
+    assert_eq!(c.verdict, "vanishing");
 }
 
 #[test]
@@ -115,4 +230,55 @@ fn per_layer_analysis_of_a_model_reads_gradients_at_every_activation() {
         assert!((l.weight_gain - prelu::gain(0.25)).abs() < 0.35, "{}", l.weight_gain);
         assert!((l.a_star * l.weight_gain - 1.0).abs() < 1e-12);
     }
+}
+
+#[test]
+fn per_layer_analysis_works_per_channel_with_slopes_of_both_signs() {
+    use candle_core::{Device, Tensor};
+    use prelu::model::{Arch, Model, ModelSpec};
+    let dev = Device::Cpu;
+    let spec = ModelSpec {
+        input_mean: 0.5,
+        input_std: 0.3,
+        ..ModelSpec::new(
+            Arch::Mlp { hidden: vec![8, 8] },
+            Activation::PRelu { shared: false },
+            [1, 4, 4],
+            3,
+        )
+    };
+    let m = Model::new(&spec, 2, &dev).unwrap();
+    let mut sd = m.state_dict().unwrap();
+    // act.0: slopes +-0.5 alternating (mean 0); every weight row of layers.0
+    // set to a known gain: row i has all entries (i + 1) / 10.
+    let slopes: Vec<f32> = (0..8).map(|i| if i % 2 == 0 { 0.5 } else { -0.5 }).collect();
+    sd.insert("act.0.weight".into(), Tensor::new(slopes.as_slice(), &dev).unwrap());
+    let w: Vec<f32> = (0..8)
+        .flat_map(|i| std::iter::repeat_n((i + 1) as f32 / 10.0, 16))
+        .collect();
+    sd.insert("layers.0.weight".into(), Tensor::from_vec(w, (8, 16), &dev).unwrap());
+    m.load_state_dict(&sd).unwrap();
+    let x = Tensor::rand(0f32, 1.0, (16, 16), &dev).unwrap();
+    let y = Tensor::from_iter((0..16u32).map(|i| i % 3), &dev).unwrap();
+    let l = &stability::model_layers(&m, &x, &y, 4.0).unwrap()[0];
+    assert_eq!(l.channels, 8);
+    assert_eq!(l.slopes_negative, 4);
+    assert!(l.slope.abs() < 1e-7 && (l.slope_min + 0.5).abs() < 1e-7 && (l.slope_max - 0.5).abs() < 1e-7);
+    // Row gain g_i = sqrt(16 * ((i+1)/10)^2) = 0.4 (i+1); chi_i = g_i^2 (1 + 0.25) / 2.
+    for i in 0..8 {
+        let g = 0.4 * (i + 1) as f64;
+        assert!((l.channel_gains[i] - g).abs() < 1e-5, "{}", l.channel_gains[i]);
+        assert!((l.channel_chi[i] - g * g * 1.25 / 2.0).abs() < 1e-4);
+        let av = (2.0 / (g * g) - 1.0 >= 0.0).then(|| (2.0 / (g * g) - 1.0).sqrt());
+        match (l.channel_a_variance[i], av) {
+            (Some(p), Some(q)) => assert!((p - q).abs() < 1e-4),
+            (None, None) => {}
+            other => panic!("channel {i}: {other:?}"),
+        }
+    }
+    let mean_g2: f64 = (1..=8).map(|i| (0.4 * i as f64).powi(2)).sum::<f64>() / 8.0;
+    assert!((l.chi - mean_g2 * 1.25 / 2.0).abs() < 1e-4, "{}", l.chi);
+    // The layer-mean slope (0) would say g^2 / 2: 20% less than the truth here.
+    assert!((l.chi_from_mean_slope - mean_g2 / 2.0).abs() < 1e-4);
+    assert!((l.negative_gain_rms - (0.25 * mean_g2).sqrt()).abs() < 1e-4);
 }
