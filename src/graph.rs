@@ -777,6 +777,7 @@ impl Builder {
         });
         name
     }
+    #[allow(clippy::too_many_arguments)]
     fn conv(&mut self, name: String, input: &str, out: usize, k: usize, stride: usize, pad: usize, bias: bool) -> String {
         self.push(
             name,
@@ -894,7 +895,7 @@ pub fn cnn(
 /// without shortcuts (the "plain" nets of He et al.). Convs have no bias
 /// when BatchNorm follows them, as in PyTorch's ResNets.
 pub fn resnet(depth: usize, shortcuts: bool, act: Activation, batch_norm: bool, classes: usize) -> Result<Graph> {
-    if depth < 8 || (depth - 2) % 6 != 0 || depth > 1202 {
+    if depth < 8 || !(depth - 2).is_multiple_of(6) || depth > 1202 {
         bail!("resnet/plain depth must be 6n + 2 between 8 and 1202 (8, 14, 20, 32, 44, 56, 110), got {depth}");
     }
     let n = (depth - 2) / 6;

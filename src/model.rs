@@ -235,10 +235,8 @@ impl ModelSpec {
             bail!("model: --alpha-init must be finite");
         }
         match &self.arch {
-            Arch::Mlp { hidden } => {
-                if hidden.contains(&0) || hidden.iter().any(|&v| big(v)) {
-                    bail!("model: hidden widths must be > 0 (and at most 2^20), got {hidden:?}");
-                }
+            Arch::Mlp { hidden } if hidden.contains(&0) || hidden.iter().any(|&v| big(v)) => {
+                bail!("model: hidden widths must be > 0 (and at most 2^20), got {hidden:?}");
             }
             Arch::Cnn {
                 channels,

@@ -213,7 +213,7 @@ proptest! {
     /// random graphs; the graph also survives a JSON round trip.
     #[test]
     fn fused_step_matches_autograd_on_random_graphs(seed in 0u64..1_000_000) {
-        let (g, input) = random_graph(seed);
+        let (g, _) = random_graph(seed);
         let text = serde_json::to_string(&g).unwrap();
         prop_assert_eq!(&Graph::parse(&text).unwrap(), &g);
         check_random_graph(seed);
