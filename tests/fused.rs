@@ -151,7 +151,25 @@ fn same_numbers_for_any_thread_count() {
         &Device::Cpu,
     )
     .unwrap();
-    for m in [&m, &mlp, &bn] {
+    // A residual net: strided convs, projection shortcuts, adds, global pooling.
+    let resnet = Model::new(
+        &ModelSpec {
+            batch_norm: true,
+            ..ModelSpec::new(
+                Arch::Resnet {
+                    depth: 8,
+                    shortcuts: true,
+                },
+                Activation::PRelu { shared: false },
+                [1, 10, 10],
+                5,
+            )
+        },
+        6,
+        &Device::Cpu,
+    )
+    .unwrap();
+    for m in [&m, &mlp, &bn, &resnet] {
         let (x, y) = batch(m, 21, 12);
         let run = |threads: usize| {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
