@@ -14,7 +14,10 @@
 //! * [`init`]: He/Kaiming init for PReLU, `Var(W) = 2 / (fan (1 + a0^2))`;
 //! * [`invert`]: the inverse and log-determinant, with an error for `a <= 0`;
 //! * [`data`]: IDX reader, named data sets, the built-in MNIST subset;
-//! * [`model`]: MLP and CNN with PyTorch parameter names, BatchNorm;
+//! * [`graph`]: the layer graph every part reads (nodes, shapes, presets
+//!   `mlp`/`cnn`/`resnet-N`/`plain-N`, graph files);
+//! * [`conv`], [`pool`]: convolution (any stride, dilation, padding) and pooling;
+//! * [`model`]: a graph's layers with PyTorch parameter names, BatchNorm;
 //! * [`optim`]: SGD/AdamW with weight-decay groups (slopes never decayed), LR schedules;
 //! * [`fused`]: the fused training step (whole-model forward/backward on reused buffers, GEMM-based);
 //! * [`train`]: the training loop, run folders, resume, `compare`;
@@ -25,7 +28,8 @@
 //! * [`study`]: controlled experiments over a grid of configs and seeds, paired t-intervals;
 //! * [`symmetry`]: exact symmetries, BatchNorm folding, canonical form;
 //! * [`sculpt`]: pruning dead units and folding linear ones;
-//! * [`onnx`]: ONNX export (opset 13, `PRelu` with correctly broadcasting slopes);
+//! * [`onnx`]: ONNX export (opset 13, `PRelu` with correctly broadcasting slopes)
+//!   and import of PReLU networks exported by PyTorch;
 //! * [`report`]: a self-contained HTML report of a run with SVG plots;
 //! * [`io`]: the capped reader of user files, atomic writes, the run-folder lock, safetensors checkpoints;
 //! * [`memory`]: allocator hints, and the memory estimate and budget of a run;

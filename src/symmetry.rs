@@ -10,7 +10,7 @@
 //!   identifiable: only products with the next layer's weights matter.
 //!
 //! The transforms work on [`DenseNet`], an f64 view of an MLP (Linear ->
-//! [BN] -> PReLU per hidden layer, Linear head) that converts to and from a
+//! \[BN\] -> PReLU per hidden layer, Linear head) that converts to and from a
 //! [`Model`].
 
 use std::collections::HashMap;
