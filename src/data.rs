@@ -95,7 +95,9 @@ fn maybe_gunzip<'a>(bytes: &'a [u8], path: &str, cap: u64) -> Result<Cow<'a, [u8
         if out.len() as u64 == 4 + 4 * rank {
             let declared = out[4..]
                 .chunks(4)
-                .try_fold(1u64, |acc, d| acc.checked_mul(u32::from_be_bytes([d[0], d[1], d[2], d[3]]) as u64))
+                .try_fold(1u64, |acc, d| {
+                    acc.checked_mul(u32::from_be_bytes([d[0], d[1], d[2], d[3]]) as u64)
+                })
                 .filter(|&n| n <= cap);
             let Some(declared) = declared else {
                 return Err(invalid(

@@ -447,7 +447,13 @@ impl ConvGeom {
     ) -> Result<Self> {
         let [pt, pl, pb, pr] = padding.resolve(h, w, kernel, stride, dilation);
         let bad = |v: usize| v == 0 || v > MAX_KERNEL;
-        if bad(kernel.h()) || bad(kernel.w()) || bad(stride.h()) || bad(stride.w()) || bad(dilation.h()) || bad(dilation.w()) {
+        if bad(kernel.h())
+            || bad(kernel.w())
+            || bad(stride.h())
+            || bad(stride.w())
+            || bad(dilation.h())
+            || bad(dilation.w())
+        {
             bail!(
                 "conv: kernel {:?}, stride {:?} and dilation {:?} must be in 1..={MAX_KERNEL}",
                 kernel.0,
@@ -520,7 +526,9 @@ pub struct Resolved {
 impl Resolved {
     /// Nodes reading value `v`.
     pub fn consumers(&self, v: usize) -> Vec<usize> {
-        (0..self.inputs.len()).filter(|&i| self.inputs[i].contains(&v)).collect()
+        (0..self.inputs.len())
+            .filter(|&i| self.inputs[i].contains(&v))
+            .collect()
     }
 
     /// Values per sample of value `v`.
@@ -589,7 +597,11 @@ impl Graph {
                     "graph: node `{name}` ({}) has {} inputs ({})",
                     node.op.kind(),
                     ins.len(),
-                    if matches!(node.op, Op::Add) { "add needs two or more" } else { "it takes one" }
+                    if matches!(node.op, Op::Add) {
+                        "add needs two or more"
+                    } else {
+                        "it takes one"
+                    }
                 );
             }
             let s = shapes[ins[0]];
@@ -664,17 +676,18 @@ impl Graph {
                 Op::Add => {
                     for &j in &ins[1..] {
                         if shapes[j] != s || dense[j] != d {
-                            bail!(
-                                "graph: add `{name}` sums shapes {:?} and {:?}",
-                                s,
-                                shapes[j]
-                            );
+                            bail!("graph: add `{name}` sums shapes {:?} and {:?}", s, shapes[j]);
                         }
                     }
                     (s, d)
                 }
             };
-            if out.iter().any(|&v| v == 0 || v > MAX_DIM) || out.iter().try_fold(1usize, |a, &v| a.checked_mul(v)).is_none_or(|n| n > 1 << 28) {
+            if out.iter().any(|&v| v == 0 || v > MAX_DIM)
+                || out
+                    .iter()
+                    .try_fold(1usize, |a, &v| a.checked_mul(v))
+                    .is_none_or(|n| n > 1 << 28)
+            {
                 bail!("graph: node `{name}` has output shape {out:?}");
             }
             ids.insert(name, i + 1);
@@ -720,9 +733,7 @@ impl Graph {
                     .saturating_mul(kernel.h() * kernel.w())
                     .saturating_add(*bias as usize)
                     .saturating_mul(*out_channels),
-                Op::Linear { out_features, bias } => {
-                    s[0].saturating_add(*bias as usize).saturating_mul(*out_features)
-                }
+                Op::Linear { out_features, bias } => s[0].saturating_add(*bias as usize).saturating_mul(*out_features),
                 Op::BatchNorm { .. } => 2 * s[0],
                 Op::Act {
                     act: Activation::PRelu { shared },
@@ -752,9 +763,12 @@ impl Graph {
             let &j = next.first()?;
             match &self.nodes[j].op {
                 Op::Act { act } => return Some(*act),
-                Op::BatchNorm { .. } | Op::MaxPool { .. } | Op::AvgPool { .. } | Op::GlobalAvgPool | Op::Flatten | Op::Add => {
-                    v = j + 1
-                }
+                Op::BatchNorm { .. }
+                | Op::MaxPool { .. }
+                | Op::AvgPool { .. }
+                | Op::GlobalAvgPool
+                | Op::Flatten
+                | Op::Add => v = j + 1,
                 Op::Conv2d { .. } | Op::Linear { .. } => return None,
             }
         }
@@ -778,7 +792,16 @@ impl Builder {
         name
     }
     #[allow(clippy::too_many_arguments)]
-    fn conv(&mut self, name: String, input: &str, out: usize, k: usize, stride: usize, pad: usize, bias: bool) -> String {
+    fn conv(
+        &mut self,
+        name: String,
+        input: &str,
+        out: usize,
+        k: usize,
+        stride: usize,
+        pad: usize,
+        bias: bool,
+    ) -> String {
         self.push(
             name,
             &[input],
@@ -951,7 +974,11 @@ pub fn parse_hidden(s: &str) -> std::result::Result<Vec<usize>, String> {
     let mut out = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let (w, n) = match part.split_once(['x', 'X']) {
-            Some((w, n)) => (w, n.parse::<usize>().map_err(|_| format!("`{part}`: expected WIDTHxCOUNT"))?),
+            Some((w, n)) => (
+                w,
+                n.parse::<usize>()
+                    .map_err(|_| format!("`{part}`: expected WIDTHxCOUNT"))?,
+            ),
             None => (part, 1),
         };
         let w: usize = w.parse().map_err(|_| format!("`{part}`: `{w}` is not a width"))?;

@@ -197,7 +197,8 @@ fn create_temp_beside(path: &Path) -> Result<(File, PathBuf)> {
             Err(e) => return Err(e).with_context(|| format!("cannot create {}", tmp.display())),
         }
     }
-    Err(last.expect("set in the loop")).with_context(|| format!("cannot create a temporary file beside {}", path.display()))
+    Err(last.expect("set in the loop"))
+        .with_context(|| format!("cannot create a temporary file beside {}", path.display()))
 }
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same folder
@@ -236,7 +237,9 @@ pub fn remove_stale_temps(dir: &Path) -> Result<usize> {
         if !(name.starts_with('.') && name.contains(TMP_MARK)) {
             continue;
         }
-        let Ok(meta) = std::fs::symlink_metadata(e.path()) else { continue };
+        let Ok(meta) = std::fs::symlink_metadata(e.path()) else {
+            continue;
+        };
         if meta.is_file() || meta.file_type().is_symlink() {
             std::fs::remove_file(e.path()).with_context(|| format!("cannot remove {}", e.path().display()))?;
             n += 1;
@@ -329,7 +332,11 @@ pub fn refuse_same_file(input: &Path, out: &Path) -> Result<()> {
         }
     }
     if let (Ok(a), Some(parent), Some(name)) = (input.canonicalize(), out.parent(), out.file_name()) {
-        let parent = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
+        let parent = if parent.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            parent
+        };
         if parent.canonicalize().map(|p| p.join(name)).is_ok_and(|b| b == a) {
             bail!(
                 "{} is the checkpoint being read; refusing to overwrite it, choose another output path",
@@ -505,7 +512,10 @@ pub type Loaded = (Model, HashMap<String, Tensor>, HashMap<String, String>);
 pub fn load_model_with_spec(path: &Path, spec: Option<&Path>) -> Result<Loaded> {
     if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("onnx")) {
         if spec.is_some() {
-            bail!("{}: an ONNX model carries its own graph; --spec is for safetensors state dicts", path.display());
+            bail!(
+                "{}: an ONNX model carries its own graph; --spec is for safetensors state dicts",
+                path.display()
+            );
         }
         let imported = crate::onnx::import(path)?;
         let tensors = imported.model.state_dict()?;

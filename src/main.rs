@@ -874,7 +874,10 @@ fn bench_kernels(a: &KernelsArgs) -> Result<()> {
     }
     let shapes = parse_shapes(&a.shapes)?;
     for sh in &shapes {
-        let n = sh.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d as u64)).unwrap_or(u64::MAX);
+        let n = sh
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
+            .unwrap_or(u64::MAX);
         // x, y, dy, dx and candle's tensors: about eight f32 buffers of the shape.
         prelu::memory::check_bytes(&format!("bench kernels on shape {sh:?}"), n.saturating_mul(32))?;
     }
@@ -1490,8 +1493,11 @@ fn cmd_stability(a: &StabilityArgs) -> Result<()> {
     let (d, w, b) = (a.depth as u64, a.width as u64, a.batch as u64);
     prelu::memory::check_bytes(
         &format!("stability at depth {} and width {}", a.depth, a.width),
-        d.saturating_mul(w.saturating_mul(w).saturating_add(b.saturating_mul(w).saturating_mul(4)))
-            .saturating_mul(4),
+        d.saturating_mul(
+            w.saturating_mul(w)
+                .saturating_add(b.saturating_mul(w).saturating_mul(4)),
+        )
+        .saturating_mul(4),
     )?;
     let ch = stability::chain(&vec![a.chain_weight; a.depth], a.alpha, 1e-3, 1e3);
     let opts = stability::PropagationOptions {

@@ -196,7 +196,13 @@ fn sat(a: u64, b: u64) -> u64 {
 /// Peak memory of training `spec` with `batch` examples per step,
 /// `optimizer_slots` buffers of optimiser state per parameter (0 plain SGD,
 /// 1 momentum, 2 AdamW), over `data_elems` f32 values of data.
-pub fn train_estimate(spec: &ModelSpec, batch: usize, optimizer_slots: usize, data_elems: u64, autograd: bool) -> Estimate {
+pub fn train_estimate(
+    spec: &ModelSpec,
+    batch: usize,
+    optimizer_slots: usize,
+    data_elems: u64,
+    autograd: bool,
+) -> Estimate {
     let params: u64 = spec_tensors(spec)
         .iter()
         .map(|(_, s)| s.iter().fold(1u64, |a, &d| sat(a, d as u64)))
@@ -229,7 +235,10 @@ pub fn train_estimate(spec: &ModelSpec, batch: usize, optimizer_slots: usize, da
 pub fn load_estimate(spec: &ModelSpec, batch: usize, file_bytes: u64) -> Estimate {
     let mut e = train_estimate(spec, batch, 0, 0, true);
     e.checkpoint_bytes = file_bytes;
-    e.total = e.param_bytes.saturating_add(e.activation_bytes).saturating_add(file_bytes);
+    e.total = e
+        .param_bytes
+        .saturating_add(e.activation_bytes)
+        .saturating_add(file_bytes);
     e
 }
 

@@ -75,14 +75,24 @@ impl Arch {
     /// `plain-N` (`hidden`/`channels` fill the MLP and CNN presets).
     pub fn preset(name: &str, hidden: &[usize], channels: &[usize]) -> std::result::Result<Self, String> {
         let depth = |s: &str| -> std::result::Result<usize, String> {
-            s.parse::<usize>()
-                .map_err(|_| format!("`{name}`: `{s}` is not a depth (resnet-N and plain-N take N = 6n + 2: 8, 14, 20, 32, 44, 56, 110)"))
+            s.parse::<usize>().map_err(|_| {
+                format!(
+                    "`{name}`: `{s}` is not a depth (resnet-N and plain-N take N = 6n + 2: 8, 14, 20, 32, 44, 56, 110)"
+                )
+            })
         };
         Ok(match name {
-            "mlp" => Arch::Mlp { hidden: hidden.to_vec() },
+            "mlp" => Arch::Mlp {
+                hidden: hidden.to_vec(),
+            },
             "cnn" => {
                 let mut a = Arch::cnn_default();
-                if let Arch::Cnn { channels: c, pool_after, .. } = &mut a {
+                if let Arch::Cnn {
+                    channels: c,
+                    pool_after,
+                    ..
+                } = &mut a
+                {
                     *c = channels.to_vec();
                     *pool_after = (0..channels.len().min(2)).collect();
                 }
@@ -91,9 +101,15 @@ impl Arch {
             "cnn-reference" => Arch::cnn_reference(),
             _ => {
                 if let Some(n) = name.strip_prefix("resnet-") {
-                    Arch::Resnet { depth: depth(n)?, shortcuts: true }
+                    Arch::Resnet {
+                        depth: depth(n)?,
+                        shortcuts: true,
+                    }
                 } else if let Some(n) = name.strip_prefix("plain-") {
-                    Arch::Resnet { depth: depth(n)?, shortcuts: false }
+                    Arch::Resnet {
+                        depth: depth(n)?,
+                        shortcuts: false,
+                    }
                 } else {
                     return Err(format!(
                         "unknown model `{name}`; expected mlp, cnn, cnn-reference, resnet-N, plain-N or a graph file (.toml/.json)"
@@ -109,7 +125,10 @@ impl Arch {
             Arch::Mlp { .. } => "mlp".into(),
             Arch::Cnn { .. } => "cnn".into(),
             Arch::Resnet { depth, shortcuts: true } => format!("resnet-{depth}"),
-            Arch::Resnet { depth, shortcuts: false } => format!("plain-{depth}"),
+            Arch::Resnet {
+                depth,
+                shortcuts: false,
+            } => format!("plain-{depth}"),
             Arch::Graph { .. } => "graph".into(),
         }
     }
@@ -363,8 +382,15 @@ impl BatchNorm {
 /// The layer of one graph node, holding its parameters.
 #[derive(Clone, Debug)]
 pub enum Block {
-    Linear { weight: Var, bias: Option<Var> },
-    Conv { weight: Var, bias: Option<Var>, geom: ConvGeom },
+    Linear {
+        weight: Var,
+        bias: Option<Var>,
+    },
+    Conv {
+        weight: Var,
+        bias: Option<Var>,
+        geom: ConvGeom,
+    },
     BatchNorm(BatchNorm),
     Act(ActivationLayer),
     MaxPool(PoolGeom),
@@ -419,9 +445,9 @@ impl Model {
             let next = next.unwrap_or(Activation::LeakyRelu(1.0));
             let block = match &node.op {
                 Op::Linear { out_features, bias } => {
-                    let wt = spec
-                        .init
-                        .sample(&[*out_features, c * h * w], next, spec.alpha_init, dt, device, &mut rng)?;
+                    let wt =
+                        spec.init
+                            .sample(&[*out_features, c * h * w], next, spec.alpha_init, dt, device, &mut rng)?;
                     let (weight, bias) = m.push_weight_bias(name, &wt, bias.then_some(b0))?;
                     Block::Linear { weight, bias }
                 }
@@ -457,7 +483,8 @@ impl Model {
                         var: bn.bias.clone(),
                         kind: ParamKind::BnBias,
                     });
-                    m.buffers.push((format!("{name}.running_mean"), bn.running_mean.clone()));
+                    m.buffers
+                        .push((format!("{name}.running_mean"), bn.running_mean.clone()));
                     m.buffers.push((format!("{name}.running_var"), bn.running_var.clone()));
                     Block::BatchNorm(bn)
                 }
@@ -703,7 +730,11 @@ impl Model {
                     let mut acc = t;
                     for &u in &r.inputs[i][1..] {
                         let o = get(&vals, u)?;
-                        let o = if o.dims() != acc.dims() { o.reshape(acc.dims())? } else { o };
+                        let o = if o.dims() != acc.dims() {
+                            o.reshape(acc.dims())?
+                        } else {
+                            o
+                        };
                         acc = (acc + o)?;
                     }
                     acc

@@ -299,21 +299,31 @@ impl Optimizer {
     /// what the bias correction can represent.
     pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, steps: u64) -> Result<()> {
         if steps > i32::MAX as u64 {
-            bail!("optimizer state: step count {steps} is out of range (at most {})", i32::MAX);
+            bail!(
+                "optimizer state: step count {steps} is out of range (at most {})",
+                i32::MAX
+            );
         }
         for s in &mut self.slots {
             for (suffix, slot) in [("m", &mut s.m), ("v", &mut s.v)] {
                 *slot = match tensors.get(&format!("optim.{}.{suffix}", s.name)) {
                     Some(t) if t.dims() == s.var.dims() => {
                         if !t.dtype().is_float() {
-                            bail!("optimizer state for `{}` has dtype {:?}, not a float type", s.name, t.dtype());
+                            bail!(
+                                "optimizer state for `{}` has dtype {:?}, not a float type",
+                                s.name,
+                                t.dtype()
+                            );
                         }
                         let v = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
                         if v.iter().any(|x| !x.is_finite()) {
                             bail!("optimizer state `optim.{}.{suffix}` contains NaN or infinity", s.name);
                         }
                         if suffix == "v" && v.iter().any(|&x| x < 0.0) {
-                            bail!("optimizer state `optim.{}.v` (a second moment) has negative values", s.name);
+                            bail!(
+                                "optimizer state `optim.{}.v` (a second moment) has negative values",
+                                s.name
+                            );
                         }
                         Some(v)
                     }

@@ -140,10 +140,12 @@ impl Pool {
         let x = contiguous::<T>(s, l)?;
         let (inp, outp) = (g.h * g.w, g.ho * g.wo);
         let mut y = vec![T::ZERO; np * outp];
-        y.par_chunks_mut(outp).zip(x.par_chunks(inp)).for_each(|(y, x)| match self.kind {
-            Kind::Max => max_forward(g, x, y, None),
-            Kind::Avg => avg_forward(g, x, y),
-        });
+        y.par_chunks_mut(outp)
+            .zip(x.par_chunks(inp))
+            .for_each(|(y, x)| match self.kind {
+                Kind::Max => max_forward(g, x, y, None),
+                Kind::Avg => avg_forward(g, x, y),
+            });
         Ok((T::to_cpu_storage_owned(y), Shape::from((l.dims()[0], g.c, g.ho, g.wo))))
     }
 }

@@ -156,7 +156,9 @@ fn heatmap(title: &str, epochs: &[usize], shares: &[Vec<f64>]) -> Result<Svg> {
 pub fn stability_series(v: &serde_json::Value) -> Result<Option<Vec<Series>>> {
     const F: &str = "stability.json";
     let Some(curves) = v.get("curves") else { return Ok(None) };
-    let curves = curves.as_array().with_context(|| format!("{F}: `curves` must be a list"))?;
+    let curves = curves
+        .as_array()
+        .with_context(|| format!("{F}: `curves` must be a list"))?;
     let mut series: Vec<Series> = Vec::new();
     for c in curves {
         let name = format!(
@@ -188,7 +190,10 @@ pub fn attack_table(v: &serde_json::Value) -> Result<String> {
     );
     let models = match v.get("models") {
         None => &[][..],
-        Some(m) => m.as_array().with_context(|| format!("{F}: `models` must be a list"))?.as_slice(),
+        Some(m) => m
+            .as_array()
+            .with_context(|| format!("{F}: `models` must be a list"))?
+            .as_slice(),
     };
     for m in models {
         let ck = match m.get("checkpoint") {
@@ -197,7 +202,10 @@ pub fn attack_table(v: &serde_json::Value) -> Result<String> {
         };
         let results = match m.get("report").and_then(|r| r.get("results")) {
             None => &[][..],
-            Some(r) => r.as_array().with_context(|| format!("{F}: `results` must be a list"))?.as_slice(),
+            Some(r) => r
+                .as_array()
+                .with_context(|| format!("{F}: `results` must be a list"))?
+                .as_slice(),
         };
         for r in results {
             let num = |k: &str| -> Result<String> {

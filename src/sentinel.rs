@@ -66,10 +66,16 @@ impl SentinelConfig {
             anyhow::bail!("alarms: idle_epochs must be in 1..=1000000, got {}", self.idle_epochs);
         }
         if !(self.grad_ratio >= 1.0) || !self.grad_ratio.is_finite() {
-            anyhow::bail!("alarms: grad_ratio must be a finite number >= 1, got {}", self.grad_ratio);
+            anyhow::bail!(
+                "alarms: grad_ratio must be a finite number >= 1, got {}",
+                self.grad_ratio
+            );
         }
         if !(self.stuck_slope >= 0.0) || !self.stuck_slope.is_finite() {
-            anyhow::bail!("alarms: stuck_slope must be a finite number >= 0, got {}", self.stuck_slope);
+            anyhow::bail!(
+                "alarms: stuck_slope must be a finite number >= 0, got {}",
+                self.stuck_slope
+            );
         }
         Ok(())
     }

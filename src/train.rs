@@ -176,7 +176,10 @@ impl TrainConfig {
         // to the run's config.toml.
         let big = |v: u64| v > i64::MAX as u64;
         if big(self.seed) || self.fault_nan_step.is_some_and(big) || self.fault_inf_step.is_some_and(big) {
-            bail!("seed (and every integer option) must be at most 2^63 - 1, got {}", self.seed);
+            bail!(
+                "seed (and every integer option) must be at most 2^63 - 1, got {}",
+                self.seed
+            );
         }
         for (name, v) in [
             ("batch size", Some(self.batch_size)),
@@ -312,7 +315,9 @@ pub enum MetricsLine {
     /// An alarm, written when first raised. The alarm sits under its own key
     /// (`{"kind":"alarm","alarm":{...}}`): flattened, its own `kind` field
     /// would repeat the line's `kind` key.
-    Alarm { alarm: crate::sentinel::Alarm },
+    Alarm {
+        alarm: crate::sentinel::Alarm,
+    },
     /// Drift of raw BN gamma / PReLU slopes against the effective slopes since
     /// the start of training (MLPs with BatchNorm).
     Identifiability {
@@ -588,7 +593,10 @@ impl CheckpointProgress {
             );
         }
         if !(0.0..=1.0).contains(&self.best_test_acc) {
-            bail!("training progress: best test accuracy {} is not in [0, 1]", self.best_test_acc);
+            bail!(
+                "training progress: best test accuracy {} is not in [0, 1]",
+                self.best_test_acc
+            );
         }
         Ok(())
     }
@@ -600,12 +608,7 @@ impl CheckpointProgress {
 /// so a caller that wants the run's own length passes the saved `epochs`.
 /// Without `resume` the folder must be missing or empty ([`RunMode::New`]).
 pub fn train(cfg: &TrainConfig, run_dir: &Path, resume: bool, on: &mut dyn FnMut(Event)) -> Result<TrainSummary> {
-    train_in(
-        cfg,
-        run_dir,
-        if resume { RunMode::Resume } else { RunMode::New },
-        on,
-    )
+    train_in(cfg, run_dir, if resume { RunMode::Resume } else { RunMode::New }, on)
 }
 
 /// [`train`] with an explicit [`RunMode`]. Every value is checked, the data
@@ -921,7 +924,11 @@ pub fn train_in(cfg: &TrainConfig, run_dir: &Path, mode: RunMode, on: &mut dyn F
             if let Some(s) = sentinel.as_mut() {
                 if let Ok((_, alarms)) = s.end_epoch(&model, epoch + 1) {
                     for a in alarms {
-                        writeln!(metrics, "{}", serde_json::to_string(&MetricsLine::Alarm { alarm: a.clone() })?)?;
+                        writeln!(
+                            metrics,
+                            "{}",
+                            serde_json::to_string(&MetricsLine::Alarm { alarm: a.clone() })?
+                        )?;
                         raised.push(a.message);
                     }
                 }
@@ -979,7 +986,11 @@ pub fn train_in(cfg: &TrainConfig, run_dir: &Path, mode: RunMode, on: &mut dyn F
                     "sentinel alarm (epoch {}): {}",
                     a.epoch, a.message
                 )));
-                writeln!(metrics, "{}", serde_json::to_string(&MetricsLine::Alarm { alarm: a.clone() })?)?;
+                writeln!(
+                    metrics,
+                    "{}",
+                    serde_json::to_string(&MetricsLine::Alarm { alarm: a.clone() })?
+                )?;
                 alarms_all.push(a);
             }
         }
@@ -991,18 +1002,16 @@ pub fn train_in(cfg: &TrainConfig, run_dir: &Path, mode: RunMode, on: &mut dyn F
             best_test_acc: best,
         };
         let meta = HashMap::from([(io::PROGRESS_KEY.to_string(), serde_json::to_string(&prog)?)]);
-        io::save_model(&ckpt_path, &model, extra, meta).with_context(|| {
-            match kept {
-                Some(e) => format!(
-                    "could not write the checkpoint of epoch {} (the previous one is kept: {}, after epoch {e})",
-                    epoch + 1,
-                    ckpt_path.display()
-                ),
-                None => format!(
-                    "could not write the checkpoint of epoch {} (no earlier checkpoint of this run exists)",
-                    epoch + 1
-                ),
-            }
+        io::save_model(&ckpt_path, &model, extra, meta).with_context(|| match kept {
+            Some(e) => format!(
+                "could not write the checkpoint of epoch {} (the previous one is kept: {}, after epoch {e})",
+                epoch + 1,
+                ckpt_path.display()
+            ),
+            None => format!(
+                "could not write the checkpoint of epoch {} (no earlier checkpoint of this run exists)",
+                epoch + 1
+            ),
         })?;
         kept = Some(epoch + 1);
         on(Event::EpochEnd(&m));

@@ -5,7 +5,7 @@
 
 use candle_core::{Device, Tensor};
 use prelu::fused::FusedStep;
-use prelu::graph::{self, Graph, Node, Op, Pair, Padding, INPUT};
+use prelu::graph::{self, Graph, Node, Op, Padding, Pair, INPUT};
 use prelu::model::{Arch, Model, ModelSpec};
 use prelu::Activation;
 use proptest::prelude::*;
@@ -26,7 +26,11 @@ const BN_EPS: f64 = 1e-2;
 /// sometimes a second head.
 fn random_graph(seed: u64) -> (Graph, [usize; 3]) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let input = [rng.random_range(1..=2), rng.random_range(5..=8), rng.random_range(5..=8)];
+    let input = [
+        rng.random_range(1..=2),
+        rng.random_range(5..=8),
+        rng.random_range(5..=8),
+    ];
     let mut g = Graph {
         nodes: vec![],
         outputs: vec![],
@@ -81,7 +85,18 @@ fn random_graph(seed: u64) -> (Graph, [usize; 3]) {
                 let mut y = y;
                 channels = out;
                 if bn {
-                    y = push(&mut g, node(name("bn"), &y, Op::BatchNorm { eps: BN_EPS, momentum: 0.1 })).unwrap();
+                    y = push(
+                        &mut g,
+                        node(
+                            name("bn"),
+                            &y,
+                            Op::BatchNorm {
+                                eps: BN_EPS,
+                                momentum: 0.1,
+                            },
+                        ),
+                    )
+                    .unwrap();
                 }
                 let act = acts[rng.random_range(0..acts.len())];
                 x = push(&mut g, node(name("act"), &y, Op::Act { act })).unwrap();
@@ -104,7 +119,18 @@ fn random_graph(seed: u64) -> (Graph, [usize; 3]) {
                 };
                 let mut y = push(&mut g, conv(name("rconv"), &x)).unwrap();
                 if bn {
-                    y = push(&mut g, node(name("rbn"), &y, Op::BatchNorm { eps: BN_EPS, momentum: 0.1 })).unwrap();
+                    y = push(
+                        &mut g,
+                        node(
+                            name("rbn"),
+                            &y,
+                            Op::BatchNorm {
+                                eps: BN_EPS,
+                                momentum: 0.1,
+                            },
+                        ),
+                    )
+                    .unwrap();
                 }
                 let act = acts[rng.random_range(0..acts.len())];
                 y = push(&mut g, node(name("ract"), &y, Op::Act { act })).unwrap();
@@ -150,9 +176,31 @@ fn random_graph(seed: u64) -> (Graph, [usize; 3]) {
     let flat = push(&mut g, node(name("flat"), &x, Op::Flatten)).unwrap();
     x = flat.clone();
     if rng.random_bool(0.5) {
-        x = push(&mut g, node(name("fc"), &x, Op::Linear { out_features: 6, bias: true })).unwrap();
+        x = push(
+            &mut g,
+            node(
+                name("fc"),
+                &x,
+                Op::Linear {
+                    out_features: 6,
+                    bias: true,
+                },
+            ),
+        )
+        .unwrap();
         if bn {
-            x = push(&mut g, node(name("bn"), &x, Op::BatchNorm { eps: BN_EPS, momentum: 0.1 })).unwrap();
+            x = push(
+                &mut g,
+                node(
+                    name("bn"),
+                    &x,
+                    Op::BatchNorm {
+                        eps: BN_EPS,
+                        momentum: 0.1,
+                    },
+                ),
+            )
+            .unwrap();
         }
         let act = acts[rng.random_range(0..acts.len())];
         x = push(&mut g, node(name("act"), &x, Op::Act { act })).unwrap();
@@ -273,13 +321,17 @@ fn fused_resnet_gradients_match_finite_differences() {
             let loss_at = |d: f32| {
                 let mut v = v0.clone();
                 v[i] += d;
-                p.var.set(&Tensor::from_vec(v, p.var.shape(), &Device::Cpu).unwrap()).unwrap();
+                p.var
+                    .set(&Tensor::from_vec(v, p.var.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
                 // Fresh step: BatchNorm's running estimates do not enter the training loss.
                 FusedStep::new(&m).unwrap().step(&x, &y, None).unwrap().loss
             };
             let h = 1e-2f32;
             let fd = (loss_at(h) - loss_at(-h)) / (2.0 * h as f64);
-            p.var.set(&Tensor::from_vec(v0.clone(), p.var.shape(), &Device::Cpu).unwrap()).unwrap();
+            p.var
+                .set(&Tensor::from_vec(v0.clone(), p.var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
             let scale = grads.iter().flatten().fold(1e-2f32, |a, v| a.max(v.abs())) as f64;
             assert!(
                 (fd - g[i] as f64).abs() < 2e-2 * scale,
@@ -325,9 +377,23 @@ fn resnet_and_plain_presets_have_pytorch_names() {
     }
     assert!(!names.contains(&"conv1.bias"), "convs before BatchNorm have no bias");
     // 19 convs + fc; 2 projections; 19 BN; 19 activations.
-    assert_eq!(r.graph.nodes.iter().filter(|n| matches!(n.op, Op::Conv2d { .. })).count(), 21);
+    assert_eq!(
+        r.graph
+            .nodes
+            .iter()
+            .filter(|n| matches!(n.op, Op::Conv2d { .. }))
+            .count(),
+        21
+    );
     assert_eq!(r.activation_names().len(), 19);
-    assert_eq!(p.graph.nodes.iter().filter(|n| matches!(n.op, Op::Conv2d { .. })).count(), 19);
+    assert_eq!(
+        p.graph
+            .nodes
+            .iter()
+            .filter(|n| matches!(n.op, Op::Conv2d { .. }))
+            .count(),
+        19
+    );
     let shortcut: usize = r
         .params()
         .iter()
@@ -377,16 +443,31 @@ out_features = 5
     check_against_autograd_floor(&m, 4, 1e-3);
 
     let bad = [
-        (r#"{"nodes":[{"name":"a","op":"add","inputs":["input","b"]}]}"#, "not the input or an earlier node"),
+        (
+            r#"{"nodes":[{"name":"a","op":"add","inputs":["input","b"]}]}"#,
+            "not the input or an earlier node",
+        ),
         (r#"{"nodes":[{"name":"a","op":"linear","out_features":3}]}"#, "flatten"),
         (
             r#"{"nodes":[{"name":"c","op":"conv2d","out_channels":2,"kernel":3,"padding":1},{"name":"a","op":"add","inputs":["c","input"]}]}"#,
             "sums shapes",
         ),
-        (r#"{"nodes":[{"name":"c","op":"conv2d","out_channels":2,"kernel":9}]}"#, "does not fit"),
-        (r#"{"nodes":[{"name":"x","op":"flatten"},{"name":"x","op":"flatten"}]}"#, "two nodes called"),
-        (r#"{"nodes":[{"name":"a","op":"act","act":"swish"}]}"#, "unknown activation"),
-        (r#"{"nodes":[{"name":"f","op":"flatten"},{"name":"c","op":"conv2d","out_channels":2,"kernel":1}], "outputs":["nope"]}"#, ""),
+        (
+            r#"{"nodes":[{"name":"c","op":"conv2d","out_channels":2,"kernel":9}]}"#,
+            "does not fit",
+        ),
+        (
+            r#"{"nodes":[{"name":"x","op":"flatten"},{"name":"x","op":"flatten"}]}"#,
+            "two nodes called",
+        ),
+        (
+            r#"{"nodes":[{"name":"a","op":"act","act":"swish"}]}"#,
+            "unknown activation",
+        ),
+        (
+            r#"{"nodes":[{"name":"f","op":"flatten"},{"name":"c","op":"conv2d","out_channels":2,"kernel":1}], "outputs":["nope"]}"#,
+            "",
+        ),
     ];
     for (text, want) in bad {
         let err = match Graph::parse(text) {
@@ -396,8 +477,11 @@ out_features = 5
         assert!(err.contains(want), "{text}: {err}");
     }
     // A graph whose head does not match the classes is refused by the spec.
-    let g = Graph::parse(r#"{"nodes":[{"name":"f","op":"flatten"},{"name":"fc","op":"linear","out_features":3}]}"#).unwrap();
-    let e = ModelSpec::new(Arch::Graph { graph: g }, Activation::Relu, [1, 4, 4], 10).validate().unwrap_err();
+    let g = Graph::parse(r#"{"nodes":[{"name":"f","op":"flatten"},{"name":"fc","op":"linear","out_features":3}]}"#)
+        .unwrap();
+    let e = ModelSpec::new(Arch::Graph { graph: g }, Activation::Relu, [1, 4, 4], 10)
+        .validate()
+        .unwrap_err();
     assert!(e.to_string().contains("10 classes"), "{e}");
 }
 
@@ -409,10 +493,21 @@ fn hidden_shorthand_and_presets() {
     assert_eq!(graph::parse_hidden("256x3").unwrap(), vec![256, 256, 256]);
     assert_eq!(graph::parse_hidden("512,128x2").unwrap(), vec![512, 128, 128]);
     assert!(graph::parse_hidden("12xq").is_err());
-    assert_eq!(Arch::preset("plain-14", &[], &[]).unwrap(), Arch::Resnet { depth: 14, shortcuts: false });
+    assert_eq!(
+        Arch::preset("plain-14", &[], &[]).unwrap(),
+        Arch::Resnet {
+            depth: 14,
+            shortcuts: false
+        }
+    );
     assert!(Arch::preset("resnet-x", &[], &[]).is_err());
     let m = Model::new(
-        &ModelSpec::new(Arch::cnn_default(), Activation::PRelu { shared: false }, [1, 28, 28], 10),
+        &ModelSpec::new(
+            Arch::cnn_default(),
+            Activation::PRelu { shared: false },
+            [1, 28, 28],
+            10,
+        ),
         0,
         &Device::Cpu,
     )
@@ -478,6 +573,8 @@ fn presets_and_graph_files_train_and_resume() {
     let s = train(&more, &run, true, &mut |_| {}).unwrap();
     assert_eq!(s.epochs, 2);
     let (m, _, _) = prelu::io::load_model(&run).unwrap();
-    assert_eq!(m.activation_names(), ["stem_act", "block.act1", "block.act2", "down_act"]);
+    assert_eq!(
+        m.activation_names(),
+        ["stem_act", "block.act1", "block.act2", "down_act"]
+    );
 }
-

@@ -55,7 +55,10 @@ fn stderr(o: &Output) -> String {
 fn assert_refused(o: &Output, want: &str) {
     let err = stderr(o);
     assert!(!o.status.success(), "should fail with `{want}`; stderr: {err}");
-    assert!(err.contains("error:") && err.contains(want), "wanted `{want}` in: {err}");
+    assert!(
+        err.contains("error:") && err.contains(want),
+        "wanted `{want}` in: {err}"
+    );
     assert!(!err.contains("panicked"), "panicked: {err}");
 }
 
@@ -108,13 +111,26 @@ fn item1_alarms_reach_metrics_summary_json_report_and_survive_resume() {
     assert!(html.contains("are dead") && !html.contains("<h2>Alarms</h2><p>none</p>"));
     // Resumed: the earlier alarms are kept, not raised twice, and reported.
     let o = bin()
-        .args(["train", "--resume", "--epochs", "2", "--threads", "1", "--json", "--out"])
+        .args([
+            "train",
+            "--resume",
+            "--epochs",
+            "2",
+            "--threads",
+            "1",
+            "--json",
+            "--out",
+        ])
         .arg(&dir)
         .output()
         .unwrap();
     assert_ok(&o);
     let s = json(&o);
-    assert!(s["alarms"].as_array().unwrap().iter().any(|a| a["kind"] == "dead-units" && a["epoch"] == 1));
+    assert!(s["alarms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|a| a["kind"] == "dead-units" && a["epoch"] == 1));
     let after = read(&dir);
     assert_eq!(&after[..first.len()], &first[..]);
     let kinds: Vec<_> = after.iter().map(|a| (&a.layer, &a.kind)).collect();
@@ -139,8 +155,10 @@ fn item1_metrics_reader_is_strict_and_reads_legacy_alarm_lines() {
     let v = prelu::train::parse_metrics(format!("{good}\n{{\"kind\":\"ep").as_bytes()).unwrap();
     assert_eq!(v.len(), 1);
     // NaN is written as null by serde_json and reads back as NaN.
-    let v = prelu::train::parse_metrics(br#"{"kind":"step","epoch":1,"step":1,"loss":null,"lr":0.1}
-"#)
+    let v = prelu::train::parse_metrics(
+        br#"{"kind":"step","epoch":1,"step":1,"loss":null,"lr":0.1}
+"#,
+    )
     .unwrap();
     assert!(matches!(v[0], MetricsLine::Step { loss, .. } if loss.is_nan()));
 }
@@ -173,10 +191,7 @@ fn fake_run(dir: &Path) {
         message: "<script>alert('alarm')</script>".into(),
     };
     let lines = [MetricsLine::Epoch(m), MetricsLine::Alarm { alarm }];
-    let text: String = lines
-        .iter()
-        .map(|l| serde_json::to_string(l).unwrap() + "\n")
-        .collect();
+    let text: String = lines.iter().map(|l| serde_json::to_string(l).unwrap() + "\n").collect();
     std::fs::write(dir.join("metrics.jsonl"), text).unwrap();
     std::fs::write(dir.join("config.toml"), "act = \"<script>alert('config')</script>\"\n").unwrap();
 }
@@ -247,7 +262,20 @@ fn item3_planted_symlinks_are_never_followed() {
     let plot = dir.join("plot.svg");
     symlink(&victim, &plot).unwrap();
     let o = bin()
-        .args(["stability", "--depth", "3", "--width", "4", "--batch", "4", "--draws", "1", "--threads", "1", "--plot"])
+        .args([
+            "stability",
+            "--depth",
+            "3",
+            "--width",
+            "4",
+            "--batch",
+            "4",
+            "--draws",
+            "1",
+            "--threads",
+            "1",
+            "--plot",
+        ])
         .arg(&plot)
         .output()
         .unwrap();
@@ -353,7 +381,10 @@ fn item5_a_second_process_cannot_use_a_locked_run_folder() {
     // ...and so is a second process.
     let o = train_tiny(&dir, &["--epochs", "1"]);
     assert_refused(&o, "in use by another prelu process");
-    assert!(!dir.join("metrics.jsonl").exists(), "the refused run touched the folder");
+    assert!(
+        !dir.join("metrics.jsonl").exists(),
+        "the refused run touched the folder"
+    );
     drop(lock);
     // Released (as the OS releases it when a process dies): the run goes ahead.
     assert_ok(&train_tiny(&dir, &["--epochs", "1"]));
@@ -447,8 +478,16 @@ fn item7_special_files_are_refused_without_reading() {
     for (args, extra, want) in [
         (&["diagnose"][..], vec![zero], "character device"),
         (&["diagnose"][..], vec![f], "FIFO"),
-        (&["export", "--onnx", "/tmp/never.onnx"][..], vec![zero], "character device"),
-        (&["--spec", "/dev/zero", "diagnose"][..], vec![torch], "character device"),
+        (
+            &["export", "--onnx", "/tmp/never.onnx"][..],
+            vec![zero],
+            "character device",
+        ),
+        (
+            &["--spec", "/dev/zero", "diagnose"][..],
+            vec![torch],
+            "character device",
+        ),
         (&["train", "--config"][..], vec![zero], "character device"),
         (&["train", "--config"][..], vec![f], "FIFO"),
         (&["train", "--data"][..], vec![dir.as_os_str()], "FIFO"),
@@ -480,13 +519,20 @@ fn item7_special_files_are_refused_without_reading() {
     assert_refused(&run(&["report"], &[dir.join("run2").as_os_str()]), "FIFO");
     // The cap counts bytes read, whatever the metadata says.
     let o = bin()
-        .args(["diagnose", "tests/vectors/torch_mlp.safetensors", "--spec", "tests/vectors/torch_mlp.spec.json"])
+        .args([
+            "diagnose",
+            "tests/vectors/torch_mlp.safetensors",
+            "--spec",
+            "tests/vectors/torch_mlp.spec.json",
+        ])
         .env("PRELU_MAX_FILE_BYTES", "1000")
         .output()
         .unwrap();
     assert_refused(&o, "over the 1000-byte cap");
     // /proc files say 0 bytes in their metadata.
-    let e = prelu::io::read_capped(Path::new("/proc/self/status"), 10).unwrap_err().to_string();
+    let e = prelu::io::read_capped(Path::new("/proc/self/status"), 10)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("over the 10-byte cap"), "{e}");
 }
 
@@ -495,7 +541,17 @@ fn item7_special_files_are_refused_without_reading() {
 #[test]
 fn item8_memory_is_estimated_before_allocating() {
     let budget = |args: &[&str]| bin().args(args).env("PRELU_MEMORY_BUDGET", "8G").output().unwrap();
-    let o = budget(&["train", "--model", "cnn", "--channels", "2048", "--batch-size", "10000", "--out", "/tmp/never-a-run"]);
+    let o = budget(&[
+        "train",
+        "--model",
+        "cnn",
+        "--channels",
+        "2048",
+        "--batch-size",
+        "10000",
+        "--out",
+        "/tmp/never-a-run",
+    ]);
     assert_refused(&o, "over the budget of 8.00 GiB");
     assert!(stderr(&o).contains("activations"), "{}", stderr(&o));
     assert!(!Path::new("/tmp/never-a-run").exists());
@@ -517,7 +573,11 @@ fn item8_memory_is_estimated_before_allocating() {
     assert_refused(&o, "the spec needs [100000, 784]");
     // A bad budget value is an error, not ignored.
     assert_refused(
-        &bin().args(["train", "--epochs", "1"]).env("PRELU_MEMORY_BUDGET", "lots").output().unwrap(),
+        &bin()
+            .args(["train", "--epochs", "1"])
+            .env("PRELU_MEMORY_BUDGET", "lots")
+            .output()
+            .unwrap(),
         "PRELU_MEMORY_BUDGET",
     );
 }
@@ -577,7 +637,11 @@ fn item8_spec_tensors_match_the_models_tensors() {
     use prelu::model::{Arch, Model, ModelSpec};
     use prelu::Activation;
     for (arch, act, bn) in [
-        (Arch::Mlp { hidden: vec![7, 5] }, Activation::PRelu { shared: false }, true),
+        (
+            Arch::Mlp { hidden: vec![7, 5] },
+            Activation::PRelu { shared: false },
+            true,
+        ),
         (Arch::Mlp { hidden: vec![3] }, Activation::Relu, false),
         (Arch::cnn_default(), Activation::PRelu { shared: true }, true),
         (Arch::cnn_reference(), Activation::LeakyRelu(0.1), false),
@@ -606,15 +670,33 @@ fn item8_spec_tensors_match_the_models_tensors() {
 #[test]
 fn item9_smaller_bounds_get_clear_errors() {
     for (args, want) in [
-        (&["--threads", "5000", "stability", "--depth", "2", "--width", "2"][..], "--threads 5000"),
+        (
+            &["--threads", "5000", "stability", "--depth", "2", "--width", "2"][..],
+            "--threads 5000",
+        ),
         (&["stability", "--depth", "1000000"][..], "--depth at most"),
-        (&["stability", "--width", "60000", "--depth", "100"][..], "over the budget"),
-        (&["bench", "kernels", "--shapes", "100000x100000x100"][..], "over the budget"),
-        (&["train", "--epochs", "4611686018427387904"][..], "epochs must be in 1..=1000000"),
+        (
+            &["stability", "--width", "60000", "--depth", "100"][..],
+            "over the budget",
+        ),
+        (
+            &["bench", "kernels", "--shapes", "100000x100000x100"][..],
+            "over the budget",
+        ),
+        (
+            &["train", "--epochs", "4611686018427387904"][..],
+            "epochs must be in 1..=1000000",
+        ),
         (&["train", "--seed", "9223372036854775808"][..], "at most 2^63 - 1"),
-        (&["train", "--alarm-dead-share", "NaN"][..], "dead_share must be in [0, 1]"),
+        (
+            &["train", "--alarm-dead-share", "NaN"][..],
+            "dead_share must be in [0, 1]",
+        ),
         (&["train", "--alarm-idle-epochs", "0"][..], "idle_epochs"),
-        (&["train", "--batch-norm", "--batch-size", "1"][..], "at least 2 examples"),
+        (
+            &["train", "--batch-norm", "--batch-size", "1"][..],
+            "at least 2 examples",
+        ),
     ] {
         let o = bin().args(args).env("PRELU_MEMORY_BUDGET", "8G").output().unwrap();
         assert_refused(&o, want);
@@ -630,8 +712,21 @@ fn item9_batchnorm_leaves_a_lone_last_example_out_and_says_so() {
     let dir = tmp("bn-odd");
     let o = bin()
         .args([
-            "train", "--batch-norm", "--hidden", "8", "--train-limit", "129", "--test-limit", "50", "--batch-size",
-            "64", "--epochs", "1", "--threads", "1", "--out",
+            "train",
+            "--batch-norm",
+            "--hidden",
+            "8",
+            "--train-limit",
+            "129",
+            "--test-limit",
+            "50",
+            "--batch-size",
+            "64",
+            "--epochs",
+            "1",
+            "--threads",
+            "1",
+            "--out",
         ])
         .arg(&dir)
         .output()
@@ -722,7 +817,19 @@ fn item9_a_closed_stdout_does_not_panic() {
     let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     drop(r); // the reader is gone before the command starts
     let o = bin()
-        .args(["stability", "--depth", "3", "--width", "4", "--batch", "4", "--draws", "1", "--threads", "1"])
+        .args([
+            "stability",
+            "--depth",
+            "3",
+            "--width",
+            "4",
+            "--batch",
+            "4",
+            "--draws",
+            "1",
+            "--threads",
+            "1",
+        ])
         .stdout(std::process::Stdio::from(w))
         .stderr(std::process::Stdio::piped())
         .output()

@@ -142,7 +142,13 @@ fn pytorch_twins_of_the_presets_give_the_same_logits() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors/presets");
     let out = std::env::temp_dir().join(format!("prelu-presets-{}", std::process::id()));
     std::fs::create_dir_all(&out).unwrap();
-    for case in ["mlp_bn_prelu", "cnn_bn_prelu", "resnet8_bn_prelu", "resnet8_leaky", "plain8_bn_shared"] {
+    for case in [
+        "mlp_bn_prelu",
+        "cnn_bn_prelu",
+        "resnet8_bn_prelu",
+        "resnet8_leaky",
+        "plain8_bn_shared",
+    ] {
         let (m, _, _) = prelu::io::load_model_with_spec(
             &dir.join(format!("{case}.safetensors")),
             Some(&dir.join(format!("{case}.spec.json"))),
@@ -151,19 +157,21 @@ fn pytorch_twins_of_the_presets_give_the_same_logits() {
         let io: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{case}.io.json"))).unwrap()).unwrap();
         let rows = |k: &str| -> Vec<Vec<f32>> {
-            io[k].as_array()
+            io[k]
+                .as_array()
                 .unwrap()
                 .iter()
-                .map(|r| r.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect())
+                .map(|r| {
+                    r.as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.as_f64().unwrap() as f32)
+                        .collect()
+                })
                 .collect()
         };
         let (x, want) = (rows("input"), rows("logits"));
-        let xt = candle_core::Tensor::from_vec(
-            x.concat(),
-            (x.len(), x[0].len()),
-            &candle_core::Device::Cpu,
-        )
-        .unwrap();
+        let xt = candle_core::Tensor::from_vec(x.concat(), (x.len(), x[0].len()), &candle_core::Device::Cpu).unwrap();
         let got = m.forward_t(&xt, false).unwrap().to_vec2::<f32>().unwrap();
         let scale = want.iter().flatten().fold(1f32, |a, v| a.max(v.abs()));
         for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
@@ -208,7 +216,13 @@ fn torch_exported_onnx_models_import_with_onnxruntime_outputs() {
                 .as_array()
                 .unwrap()
                 .iter()
-                .map(|r| r.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect())
+                .map(|r| {
+                    r.as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.as_f64().unwrap() as f32)
+                        .collect()
+                })
                 .collect()
         };
         let (x, y) = (rows("input"), rows("output"));
@@ -217,7 +231,11 @@ fn torch_exported_onnx_models_import_with_onnxruntime_outputs() {
             let got = m.forward_outputs(&xt, false).unwrap()[0].to_vec2::<f32>().unwrap();
             let scale = y.iter().flatten().fold(1f32, |a, v| a.max(v.abs()));
             for (g, w) in got.iter().flatten().zip(y.iter().flatten()) {
-                assert!((g - w).abs() <= 1e-4 * scale, "{}: {what} {g} vs onnxruntime {w}", path.display());
+                assert!(
+                    (g - w).abs() <= 1e-4 * scale,
+                    "{}: {what} {g} vs onnxruntime {w}",
+                    path.display()
+                );
             }
         };
         check(&im.model, "imported");
@@ -287,7 +305,10 @@ fn onnx_import_refuses_what_it_does_not_cover() {
         Err(e) => format!("{e:#}"),
     };
     let e = err(model(vec![node("Sigmoid", &["x"])], vec![]));
-    assert!(e.contains("my_Sigmoid") && e.contains("`Sigmoid` is not supported"), "{e}");
+    assert!(
+        e.contains("my_Sigmoid") && e.contains("`Sigmoid` is not supported"),
+        "{e}"
+    );
     let mut conv = node("Conv", &["x", "w"]);
     conv.attribute.push(AttributeProto {
         name: "group".into(),
@@ -297,7 +318,10 @@ fn onnx_import_refuses_what_it_does_not_cover() {
     });
     let e = err(model(vec![conv], vec![tensor("w", &[2, 1, 1, 1], &[1.0, 1.0])]));
     assert!(e.contains("grouped"), "{e}");
-    let e = err(model(vec![node("PRelu", &["x", "s"])], vec![tensor("s", &[2], &[0.1, 0.2])]));
+    let e = err(model(
+        vec![node("PRelu", &["x", "s"])],
+        vec![tensor("s", &[2], &[0.1, 0.2])],
+    ));
     assert!(e.contains("broadcasts along the width"), "{e}");
     let e = err(model(vec![node("Conv", &["x", "missing"])], vec![]));
     assert!(e.contains("missing"), "{e}");

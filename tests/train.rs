@@ -241,13 +241,23 @@ fn fd_check(f: &dyn Fn(&Tensor) -> Tensor, shape: &[usize], seed: u64) {
 
 #[test]
 fn conv_and_pool_gradients_match_finite_differences() {
-    use prelu::graph::{ConvGeom, Pair, Padding, PoolGeom};
+    use prelu::graph::{ConvGeom, Padding, Pair, PoolGeom};
     let dev = Device::Cpu;
     let wt = Tensor::rand(-1.0f64, 1.0, (4, 3, 3, 3), &dev).unwrap();
     let b = Tensor::rand(-1.0f64, 1.0, 4, &dev).unwrap();
     // (padding, stride, dilation) on a 6x5 input.
     for (pad, stride, dil) in [(0, 1, 1), (1, 1, 1), (1, 2, 1), (2, 1, 2), (1, 3, 2), (0, 2, 1)] {
-        let g = ConvGeom::new(3, 4, 6, 5, Pair::both(3), Pair::both(stride), Padding::uniform(pad), Pair::both(dil)).unwrap();
+        let g = ConvGeom::new(
+            3,
+            4,
+            6,
+            5,
+            Pair::both(3),
+            Pair::both(stride),
+            Padding::uniform(pad),
+            Pair::both(dil),
+        )
+        .unwrap();
         // Same numbers as candle's conv2d.
         let x = Tensor::rand(-1.0f64, 1.0, (2, 3, 6, 5), &dev).unwrap();
         let ours = prelu::conv::conv2d(&x, &wt, Some(&b), &g).unwrap();
@@ -273,7 +283,17 @@ fn conv_and_pool_gradients_match_finite_differences() {
         );
     }
     // Asymmetric padding [top, left, bottom, right] = zero-padding the input first.
-    let g = ConvGeom::new(3, 4, 6, 5, Pair::both(3), Pair([2, 1]), Padding::Explicit([0, 1, 2, 0]), Pair::both(1)).unwrap();
+    let g = ConvGeom::new(
+        3,
+        4,
+        6,
+        5,
+        Pair::both(3),
+        Pair([2, 1]),
+        Padding::Explicit([0, 1, 2, 0]),
+        Pair::both(1),
+    )
+    .unwrap();
     let x = Tensor::rand(-1.0f64, 1.0, (2, 3, 6, 5), &dev).unwrap();
     let ours = prelu::conv::conv2d(&x, &wt, None, &g).unwrap();
     let padded = x.pad_with_zeros(2, 0, 2).unwrap().pad_with_zeros(3, 1, 0).unwrap();
@@ -285,15 +305,33 @@ fn conv_and_pool_gradients_match_finite_differences() {
         .index_select(&Tensor::new(rows.as_slice(), &dev).unwrap(), 2)
         .unwrap();
     assert_eq!(ours.dims(), &[n, c, h.div_ceil(2), w]);
-    let d = (ours - theirs).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+    let d = (ours - theirs)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
     assert!(d < 1e-12, "{d}");
     fd_check(&|x| prelu::conv::conv2d(x, &wt, None, &g).unwrap(), &[2, 3, 6, 5], 3);
     // Pooling: 2x2/2, 3x3/2 padded with ceil mode, and average pooling both ways.
     for (k, s, p, ceil) in [(2, 2, 0, false), (3, 2, 1, true), (3, 1, 1, false), (2, 2, 1, true)] {
-        let g = PoolGeom::new([3, 5, 4], Pair::both(k), Some(Pair::both(s)), Padding::uniform(p), ceil, true).unwrap();
+        let g = PoolGeom::new(
+            [3, 5, 4],
+            Pair::both(k),
+            Some(Pair::both(s)),
+            Padding::uniform(p),
+            ceil,
+            true,
+        )
+        .unwrap();
         fd_check(&|x| prelu::pool::max_pool(x, &g).unwrap(), &[2, 3, 5, 4], 7 + k as u64);
         for include in [true, false] {
-            let g = PoolGeom { count_include_pad: include, ..g };
+            let g = PoolGeom {
+                count_include_pad: include,
+                ..g
+            };
             fd_check(&|x| prelu::pool::avg_pool(x, &g).unwrap(), &[2, 3, 5, 4], 8);
         }
     }

@@ -22,7 +22,14 @@ pub(super) struct ConvScratch {
     db: Vec<f32>,
 }
 
-pub(super) fn conv_forward(g: &ConvGeom, w: &[f32], b: Option<&[f32]>, x: &[f32], y: &mut [f32], scratch: &mut [ConvScratch]) {
+pub(super) fn conv_forward(
+    g: &ConvGeom,
+    w: &[f32],
+    b: Option<&[f32]>,
+    x: &[f32],
+    y: &mut [f32],
+    scratch: &mut [ConvScratch],
+) {
     let (in_len, out_len) = (g.cin * g.h * g.w, g.cout * g.pixels());
     let batch = x.len() / in_len;
     let per = batch.div_ceil(scratch.len()).max(1);

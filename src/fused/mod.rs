@@ -46,10 +46,10 @@ mod dense;
 use candle_core::{bail, CpuStorage, Layout, Result, Storage, Tensor, Var};
 use rayon::prelude::*;
 
-use batchnorm::{bn_backward, bn_forward, bn_forward_eval, Bn, BnStats};
-use conv::{conv_backward, conv_forward, ConvScratch, CONV_GROUPS};
 pub use crate::conv::{col2im, im2col, ConvGeom};
 use crate::pool::PoolGeom;
+use batchnorm::{bn_backward, bn_forward, bn_forward_eval, Bn, BnStats};
+use conv::{conv_backward, conv_forward, ConvScratch, CONV_GROUPS};
 use dense::{lane_sum, matmul, parallelism, transpose, view};
 
 use crate::activation::{ActivationLayer, SlopeConstraint};
@@ -261,7 +261,11 @@ impl FusedStep {
                     if fin != c * h * w {
                         bail!("fused step: linear layer expects {fin} inputs, gets {}", c * h * w);
                     }
-                    let src = if in_fm { ins[0] } else { to_fm(&mut stages, &mut buf_len, ins[0]) };
+                    let src = if in_fm {
+                        ins[0]
+                    } else {
+                        to_fm(&mut stages, &mut buf_len, ins[0])
+                    };
                     let out = buf_len.len();
                     buf_len.push(fout);
                     stages.push(Stage {
@@ -530,7 +534,14 @@ impl FusedStep {
                 }
                 Kind::ToFeatureMajor { features } => transpose(input, batch, *features, &mut out),
                 Kind::Conv { w, b, g } => {
-                    conv_forward(g, params[*w], b.map(|b| params[b]), input, &mut out, &mut self.scratch[i]);
+                    conv_forward(
+                        g,
+                        params[*w],
+                        b.map(|b| params[b]),
+                        input,
+                        &mut out,
+                        &mut self.scratch[i],
+                    );
                 }
                 Kind::Act {
                     slopes,
@@ -677,7 +688,16 @@ impl FusedStep {
                     let mut gw = std::mem::take(&mut self.grads[*w]);
                     let mut gb = b.map(|b| std::mem::take(&mut self.grads[b]));
                     let dx = need_din.then_some(din.as_mut_slice());
-                    conv_backward(g, params[*w], input, &dout, dx, &mut gw, gb.as_deref_mut(), &mut self.scratch[i]);
+                    conv_backward(
+                        g,
+                        params[*w],
+                        input,
+                        &dout,
+                        dx,
+                        &mut gw,
+                        gb.as_deref_mut(),
+                        &mut self.scratch[i],
+                    );
                     self.grads[*w] = gw;
                     if let (Some(b), Some(gb)) = (b, gb) {
                         self.grads[*b] = gb;
@@ -803,7 +823,16 @@ pub fn gemm_gflops(n: usize, reps: usize) -> Result<f64> {
     let b = a.clone();
     let mut c = vec![0.0f32; n * n];
     let secs = crate::bench::median_secs_after(1, reps, || {
-        matmul(&mut c, n, n, n, false, view(&a, n, 1), view(&b, n, 1), parallelism(n * n * n));
+        matmul(
+            &mut c,
+            n,
+            n,
+            n,
+            false,
+            view(&a, n, 1),
+            view(&b, n, 1),
+            parallelism(n * n * n),
+        );
         Ok(())
     })?;
     Ok(2.0 * (n * n * n) as f64 / secs / 1e9)

@@ -141,7 +141,14 @@ pub fn export(model: &Model) -> Result<Vec<u8>> {
                 if let Some(bias) = bias {
                     inputs.push(b.init_f32(&format!("{name}.bias"), bias, &[dims[0]])?);
                 }
-                let crate::graph::Op::Conv2d { kernel, stride, padding, dilation, .. } = &node.op else {
+                let crate::graph::Op::Conv2d {
+                    kernel,
+                    stride,
+                    padding,
+                    dilation,
+                    ..
+                } = &node.op
+                else {
                     bail!("onnx: node `{name}` is not a convolution");
                 };
                 let p = padding.resolve(g.h, g.w, *kernel, *stride, *dilation).map(|v| v as i64);
@@ -172,7 +179,10 @@ pub fn export(model: &Model) -> Result<Vec<u8>> {
                     b.node(
                         "BatchNormalization",
                         inputs,
-                        vec![float("epsilon", n.eps as f32), float("momentum", (1.0 - n.momentum) as f32)],
+                        vec![
+                            float("epsilon", n.eps as f32),
+                            float("momentum", (1.0 - n.momentum) as f32),
+                        ],
                     ),
                     sp,
                 )

@@ -23,7 +23,7 @@ use prost::Message;
 
 use super::*;
 use crate::activation::Activation;
-use crate::graph::{Graph, Node, Op, Pair, Padding, INPUT};
+use crate::graph::{Graph, Node, Op, Padding, Pair, INPUT};
 use crate::model::{Arch, Model, ModelSpec};
 
 /// An imported model and what the import had to say about it.
@@ -53,7 +53,10 @@ enum Val {
 
 fn tensor_values(t: &TensorProto) -> Result<Const> {
     if t.data_location == 1 || !t.external_data.is_empty() {
-        bail!("tensor `{}` keeps its data in an external file, which is not supported", t.name);
+        bail!(
+            "tensor `{}` keeps its data in an external file, which is not supported",
+            t.name
+        );
     }
     let dims: Vec<usize> = t
         .dims
@@ -67,7 +70,10 @@ fn tensor_values(t: &TensorProto) -> Result<Const> {
         .ok_or_else(|| anyhow!("tensor `{}` is too large ({:?})", t.name, dims))?;
     let raw = &t.raw_data;
     let values: Vec<f64> = match t.data_type {
-        FLOAT if !raw.is_empty() => raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64).collect(),
+        FLOAT if !raw.is_empty() => raw
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64)
+            .collect(),
         FLOAT => t.float_data.iter().map(|&v| v as f64).collect(),
         DOUBLE if !raw.is_empty() => raw
             .chunks_exact(8)
@@ -84,7 +90,10 @@ fn tensor_values(t: &TensorProto) -> Result<Const> {
             .map(|b| i32::from_le_bytes(b.try_into().expect("4 bytes")) as f64)
             .collect(),
         INT32 => t.int32_data.iter().map(|&v| v as f64).collect(),
-        d => bail!("tensor `{}` has ONNX data type {d}; only float, double, int32 and int64 are read", t.name),
+        d => bail!(
+            "tensor `{}` has ONNX data type {d}; only float, double, int32 and int64 are read",
+            t.name
+        ),
     };
     if values.len() != n {
         bail!("tensor `{}` holds {} values for dims {:?}", t.name, values.len(), dims);
@@ -179,7 +188,13 @@ fn our_name(n: &NodeProto, i: usize, weight: Option<&str>, taken: &mut HashMap<S
             let s: String = kept
                 .join(".")
                 .chars()
-                .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '.' { c } else { '_' })
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '_' || c == '.' {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
                 .collect();
             (!s.is_empty()).then_some(s)
         })
@@ -227,7 +242,12 @@ pub fn import_bytes(bytes: &[u8]) -> Result<Imported> {
         .as_ref()
         .and_then(|t| t.tensor_type.as_ref())
         .and_then(|t| t.shape.as_ref())
-        .map(|s| s.dim.iter().map(|d| d.dim_value.and_then(|v| usize::try_from(v).ok())).collect())
+        .map(|s| {
+            s.dim
+                .iter()
+                .map(|d| d.dim_value.and_then(|v| usize::try_from(v).ok()))
+                .collect()
+        })
         .unwrap_or_default();
     let mut in_shape: Option<[usize; 3]> = match dims.as_slice() {
         [_, Some(c), Some(h), Some(w)] => Some([*c, *h, *w]),
@@ -264,8 +284,13 @@ pub fn import_bytes(bytes: &[u8]) -> Result<Imported> {
     for (i, n) in g.node.iter().enumerate() {
         let w = what(n, i);
         let get = |k: usize| -> Result<&Val> {
-            let name = n.input.get(k).filter(|s| !s.is_empty()).ok_or_else(|| anyhow!("{w}: input {k} missing"))?;
-            vals.get(name).ok_or_else(|| anyhow!("{w}: input `{name}` is not computed before this node"))
+            let name = n
+                .input
+                .get(k)
+                .filter(|s| !s.is_empty())
+                .ok_or_else(|| anyhow!("{w}: input {k} missing"))?;
+            vals.get(name)
+                .ok_or_else(|| anyhow!("{w}: input `{name}` is not computed before this node"))
         };
         let node_in = |k: usize| -> Result<String> {
             match get(k)? {
@@ -316,7 +341,9 @@ pub fn import_bytes(bytes: &[u8]) -> Result<Imported> {
                     let s: Vec<i64> = shape.values.iter().map(|&v| v as i64).collect();
                     match s.as_slice() {
                         [_, -1] | [-1, _] | [0, _] | [_, _] => true,
-                        [_, c, h, wd] if x == INPUT && in_shape.is_some_and(|[f, a, b]| (f * a * b) as i64 == c * h * wd) => {
+                        [_, c, h, wd]
+                            if x == INPUT && in_shape.is_some_and(|[f, a, b]| (f * a * b) as i64 == c * h * wd) =>
+                        {
                             // The input reshaped to images (prelu's own export takes it flat).
                             in_shape = Some([*c as usize, *h as usize, *wd as usize]);
                             vals.insert(out, Val::Node(INPUT.into()));
@@ -349,7 +376,10 @@ pub fn import_bytes(bytes: &[u8]) -> Result<Imported> {
                 let x = node_in(0)?;
                 let wt = constant(1)?;
                 if attr_i(n, "group", 1) != 1 {
-                    bail!("{w}: grouped convolutions (group {}) are not supported", attr_i(n, "group", 1));
+                    bail!(
+                        "{w}: grouped convolutions (group {}) are not supported",
+                        attr_i(n, "group", 1)
+                    );
                 }
                 let [co, _, kh, kw] = wt.dims[..] else {
                     bail!("{w}: weight of shape {:?} is not a 2-D convolution's", wt.dims);
@@ -381,13 +411,26 @@ pub fn import_bytes(bytes: &[u8]) -> Result<Imported> {
                     bail!("{w}: weight of shape {:?} is not a matrix", b.dims);
                 };
                 let (out_f, in_f) = if trans_b { (r, c) } else { (c, r) };
-                let alpha = if n.op_type == "Gemm" { attr_f(n, "alpha", 1.0) as f64 } else { 1.0 };
-                let beta = if n.op_type == "Gemm" { attr_f(n, "beta", 1.0) as f64 } else { 1.0 };
+                let alpha = if n.op_type == "Gemm" {
+                    attr_f(n, "alpha", 1.0) as f64
+                } else {
+                    1.0
+                };
+                let beta = if n.op_type == "Gemm" {
+                    attr_f(n, "beta", 1.0) as f64
+                } else {
+                    1.0
+                };
                 // Our layout is [out, in].
                 let mut wv = vec![0.0f64; out_f * in_f];
                 for o in 0..out_f {
                     for k in 0..in_f {
-                        wv[o * in_f + k] = alpha * if trans_b { b.values[o * in_f + k] } else { b.values[k * out_f + o] };
+                        wv[o * in_f + k] = alpha
+                            * if trans_b {
+                                b.values[o * in_f + k]
+                            } else {
+                                b.values[k * out_f + o]
+                            };
                     }
                 }
                 let mut bias = vec![0.0f64; out_f];
@@ -405,10 +448,31 @@ pub fn import_bytes(bytes: &[u8]) -> Result<Imported> {
                 let name = our_name(n, i, wname, &mut taken);
                 weights.insert(
                     format!("{name}.weight"),
-                    tensor(&Const { dims: vec![out_f, in_f], values: wv }, &[out_f, in_f])?,
+                    tensor(
+                        &Const {
+                            dims: vec![out_f, in_f],
+                            values: wv,
+                        },
+                        &[out_f, in_f],
+                    )?,
                 );
-                weights.insert(format!("{name}.bias"), tensor(&Const { dims: vec![out_f], values: bias }, &[out_f])?);
-                push(&mut nodes, &mut vals, &out, name, vec![x], Op::Linear {
+                weights.insert(
+                    format!("{name}.bias"),
+                    tensor(
+                        &Const {
+                            dims: vec![out_f],
+                            values: bias,
+                        },
+                        &[out_f],
+                    )?,
+                );
+                push(
+                    &mut nodes,
+                    &mut vals,
+                    &out,
+                    name,
+                    vec![x],
+                    Op::Linear {
                         out_features: out_f,
                         bias: true,
                     },
@@ -423,13 +487,21 @@ pub fn import_bytes(bytes: &[u8]) -> Result<Imported> {
                     }
                     (Val::Node(a), Val::Const(c)) | (Val::Const(c), Val::Node(a)) => {
                         // A bias after MatMul: fold it into the linear layer.
-                        let lin = nodes.iter().position(|nd| nd.name == a && matches!(nd.op, Op::Linear { .. }));
-                        let src = n.input.iter().find(|s| matches!(vals.get(*s), Some(Val::Node(_)))).map(String::as_str);
+                        let lin = nodes
+                            .iter()
+                            .position(|nd| nd.name == a && matches!(nd.op, Op::Linear { .. }));
+                        let src = n
+                            .input
+                            .iter()
+                            .find(|s| matches!(vals.get(*s), Some(Val::Node(_))))
+                            .map(String::as_str);
                         let single = src.is_some_and(|s| uses.get(s) == Some(&1));
                         let Some(j) = lin.filter(|_| single) else {
                             bail!("{w}: adding a constant is only supported as the bias of a MatMul");
                         };
-                        let Op::Linear { out_features, .. } = nodes[j].op else { unreachable!() };
+                        let Op::Linear { out_features, .. } = nodes[j].op else {
+                            unreachable!()
+                        };
                         let key = format!("{}.bias", nodes[j].name);
                         let old = weights[&key].to_vec1::<f32>()?;
                         let add: Vec<f32> = match c.values.len() {
@@ -477,7 +549,10 @@ pub fn import_bytes(bytes: &[u8]) -> Result<Imported> {
                             _ => false,
                         };
                         if !ok || real.len() > 1 {
-                            bail!("{w}: slope of shape {:?}; expected [C], [C,1,1], [1,C,1,1] or one value", s.dims);
+                            bail!(
+                                "{w}: slope of shape {:?}; expected [C], [C,1,1], [1,C,1,1] or one value",
+                                s.dims
+                            );
                         }
                         let shared = s.values.len() == 1;
                         let name = our_name(n, i, wname, &mut taken);
@@ -548,7 +623,9 @@ pub fn import_bytes(bytes: &[u8]) -> Result<Imported> {
                 let x = node_in(0)?;
                 let axes: Vec<i64> = match attr(n, "axes") {
                     Some(a) => a.ints.clone(),
-                    None => opt_const(1)?.map(|c| c.values.iter().map(|&v| v as i64).collect()).unwrap_or_default(),
+                    None => opt_const(1)?
+                        .map(|c| c.values.iter().map(|&v| v as i64).collect())
+                        .unwrap_or_default(),
                 };
                 let mut axes: Vec<i64> = axes.iter().map(|&a| if a < 0 { a + 4 } else { a }).collect();
                 axes.sort();
@@ -602,7 +679,9 @@ pub fn import_bytes(bytes: &[u8]) -> Result<Imported> {
         )
     };
     let model = Model::new(&spec, 0, &Device::Cpu)?;
-    model.load_state_dict(&weights).context("the ONNX weights do not fit the graph")?;
+    model
+        .load_state_dict(&weights)
+        .context("the ONNX weights do not fit the graph")?;
     Ok(Imported {
         model,
         input_name,

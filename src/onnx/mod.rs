@@ -175,4 +175,3 @@ pub(crate) fn value_info(name: &str, dims: &[Dimension]) -> ValueInfoProto {
         }),
     }
 }
-

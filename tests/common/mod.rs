@@ -118,7 +118,10 @@ pub fn randomised(spec: &ModelSpec, seed: u64) -> Model {
     let m = Model::new(spec, seed, &Device::Cpu).unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed + 100);
     for p in m.params() {
-        if matches!(p.kind, ParamKind::Bias | ParamKind::Slope | ParamKind::BnWeight | ParamKind::BnBias) {
+        if matches!(
+            p.kind,
+            ParamKind::Bias | ParamKind::Slope | ParamKind::BnWeight | ParamKind::BnBias
+        ) {
             let n = p.var.elem_count();
             let lo = if p.kind == ParamKind::BnWeight { 0.5f32 } else { -0.3 };
             let v: Vec<f32> = (0..n).map(|_| rng.random_range(lo..0.6 + lo.max(0.0))).collect();
