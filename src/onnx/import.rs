@@ -520,17 +520,14 @@ pub fn import_bytes(bytes: &[u8]) -> Result<Imported> {
                 let x = node_in(0)?;
                 let name = our_name(n, i, wname, &mut taken);
                 let parts = ["weight", "bias", "running_mean", "running_var"];
-                let mut c = 0;
                 for (k, p) in parts.iter().enumerate() {
                     let t = constant(k + 1)?;
-                    c = t.values.len();
-                    weights.insert(format!("{name}.{p}"), tensor(&t, &[c])?);
+                    weights.insert(format!("{name}.{p}"), tensor(&t, &[t.values.len()])?);
                 }
                 let op = Op::BatchNorm {
                     eps: attr_f(n, "epsilon", 1e-5) as f64,
                     momentum: 1.0 - attr_f(n, "momentum", 0.9) as f64,
                 };
-                let _ = c;
                 push(&mut nodes, &mut vals, &out, name, vec![x], op);
             }
             "Relu" | "LeakyRelu" | "PRelu" => {
