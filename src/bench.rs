@@ -364,6 +364,7 @@ fn step_time(
     };
     let model = Model::new(&spec, 0, &dev)?;
     let mut opt = Optimizer::new(OptimizerKind::Sgd { momentum: 0.9 }, 0.0, model.params(), false)?;
+    opt.record_grad_norms(sentinel);
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
     let xv: Vec<f32> = (0..batch * 784).map(|_| rng.random_range(0.0f32..1.0)).collect();
     let yv: Vec<u32> = (0..batch).map(|_| rng.random_range(0..10u32)).collect();
@@ -373,10 +374,11 @@ fn step_time(
     if fused {
         let t = median_secs_after(o.warmup, o.steps, || {
             fs.step(&xv, &yv, sen.as_ref().map(|s| s.handles()))?;
+            opt.step_slices(&fs.grads(), 0.01)?;
             if let Some(s) = sen.as_mut() {
-                s.after_fused(&fs);
+                s.after_update(&fs, &opt);
             }
-            opt.step_slices(&fs.grads(), 0.01)
+            Ok(())
         })?;
         return Ok((t, flops));
     }

@@ -10,6 +10,7 @@ use std::f64::consts::PI;
 
 use candle_core::backprop::GradStore;
 use candle_core::{bail, DType, Result, Tensor, Var};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::fused::update_in_place;
@@ -120,6 +121,58 @@ pub struct Optimizer {
     weight_decay: f64,
     slots: Vec<Slot>,
     steps: u64,
+    /// Record each gradient's squared L2 norm during the update (the
+    /// sentinel's gradient norms, taken in the pass that reads the gradient
+    /// anyway).
+    record_norms: bool,
+    /// Per slot: the squared gradient norm of the last step (when recorded).
+    grad_sq: Vec<Option<f64>>,
+}
+
+/// Elements per chunk of the parallel update. Fixed, so the recorded norms
+/// (chunk sums added in chunk order) are the same for any thread count.
+const UPDATE_CHUNK: usize = 16 * 1024;
+
+/// One update rule over matching chunks of the parameter, its first and second
+/// moment buffers (empty when the rule has none) and the gradient.
+type Rule<'a> = dyn Fn(&mut [f32], &mut [f32], &mut [f32], &[f32]) + Sync + 'a;
+
+/// Applies `rule` chunk by chunk, in parallel; returns the gradient's squared
+/// L2 norm when `norm` (each chunk summed right after its update, while in
+/// cache). The update is element-wise, so its result does not depend on the
+/// chunking or the thread count.
+fn apply_chunked(
+    w: &mut [f32],
+    m: Option<&mut [f32]>,
+    v: Option<&mut [f32]>,
+    g: &[f32],
+    norm: bool,
+    rule: &Rule<'_>,
+) -> f64 {
+    let sq = |g: &[f32]| if norm { crate::kernels::moments(g).1 } else { 0.0 };
+    if w.len() <= UPDATE_CHUNK {
+        rule(w, m.unwrap_or(&mut []), v.unwrap_or(&mut []), g);
+        return sq(g);
+    }
+    let chunks = w.len().div_ceil(UPDATE_CHUNK);
+    fn split(b: Option<&mut [f32]>, chunks: usize) -> Vec<&mut [f32]> {
+        match b {
+            Some(b) => b.chunks_mut(UPDATE_CHUNK).collect(),
+            None => (0..chunks).map(|_| -> &mut [f32] { &mut [] }).collect(),
+        }
+    }
+    let (mut mc, mut vc) = (split(m, chunks), split(v, chunks));
+    let mut sums = vec![0.0f64; chunks];
+    w.par_chunks_mut(UPDATE_CHUNK)
+        .zip(mc.par_iter_mut())
+        .zip(vc.par_iter_mut())
+        .zip(g.par_chunks(UPDATE_CHUNK))
+        .zip(sums.par_iter_mut())
+        .for_each(|((((w, m), v), g), s)| {
+            rule(w, m, v, g);
+            *s = sq(g);
+        });
+    sums.iter().sum()
 }
 
 /// Whether a parameter of this kind gets weight decay.
@@ -155,12 +208,34 @@ impl Optimizer {
                 })
                 .collect(),
             steps: 0,
+            record_norms: false,
+            grad_sq: vec![None; params.len()],
         })
     }
 
     /// Names of the parameters that get weight decay.
     pub fn decayed(&self) -> Vec<&str> {
         self.slots.iter().filter(|s| s.decay).map(|s| s.name.as_str()).collect()
+    }
+
+    /// From now on, every step also records each gradient's L2 norm (read
+    /// back with [`Optimizer::grad_norm`]); counted in the update's own pass.
+    pub fn record_grad_norms(&mut self, on: bool) {
+        self.record_norms = on;
+        if !on {
+            self.grad_sq.iter_mut().for_each(|g| *g = None);
+        }
+    }
+
+    /// The L2 norm of `var`'s gradient in the last step, when norms are
+    /// recorded and the step had a gradient for it.
+    pub fn grad_norm(&self, var: &Var) -> Option<f64> {
+        let id = var.as_tensor().id();
+        self.slots
+            .iter()
+            .position(|s| s.var.as_tensor().id() == id)
+            .and_then(|i| self.grad_sq[i])
+            .map(f64::sqrt)
     }
 
     /// Steps taken so far.
@@ -198,7 +273,9 @@ impl Optimizer {
         }
         self.steps += 1;
         let t = self.steps as i32;
-        for (s, g) in self.slots.iter_mut().zip(grads) {
+        let record = self.record_norms;
+        for ((s, g), sq_out) in self.slots.iter_mut().zip(grads).zip(self.grad_sq.iter_mut()) {
+            *sq_out = None;
             let Some(g) = g else {
                 continue;
             };
@@ -213,44 +290,48 @@ impl Optimizer {
             let wd64 = if s.decay { self.weight_decay } else { 0.0 };
             let wd = wd64 as f32;
             let lr32 = lr as f32;
+            let mut sq = 0.0;
             match self.kind {
                 OptimizerKind::Sgd { momentum } => {
                     let mu = momentum as f32;
-                    // Separate loops per case keep each one branch-free, so
+                    // One closure per case keeps each loop branch-free, so
                     // they vectorise.
-                    let w_t = s.var.as_tensor();
-                    match (momentum > 0.0, wd > 0.0) {
-                        // PyTorch: buf = g on the first step, mu buf + g after
-                        // (the same as starting from a zero buffer).
-                        (true, decay) => {
-                            let m = s.m.get_or_insert_with(|| vec![0.0; n]);
-                            update_in_place(w_t, &mut |w: &mut [f32]| {
-                                let it = w.iter_mut().zip(m.iter_mut()).zip(g.iter());
-                                if decay {
-                                    for ((w, m), &g) in it {
-                                        *m = *m * mu + (g + *w * wd);
-                                        *w -= *m * lr32;
-                                    }
-                                } else {
-                                    for ((w, m), &g) in it {
-                                        *m = *m * mu + g;
-                                        *w -= *m * lr32;
-                                    }
-                                }
-                            })?;
+                    // PyTorch: buf = g on the first step, mu buf + g after
+                    // (the same as starting from a zero buffer).
+                    let momentum_decay = |w: &mut [f32], m: &mut [f32], _: &mut [f32], g: &[f32]| {
+                        for ((w, m), &g) in w.iter_mut().zip(m.iter_mut()).zip(g.iter()) {
+                            *m = *m * mu + (g + *w * wd);
+                            *w -= *m * lr32;
                         }
-                        (false, decay) => update_in_place(w_t, &mut |w: &mut [f32]| {
-                            if decay {
-                                for (w, &g) in w.iter_mut().zip(g.iter()) {
-                                    *w -= (g + *w * wd) * lr32;
-                                }
-                            } else {
-                                for (w, &g) in w.iter_mut().zip(g.iter()) {
-                                    *w -= g * lr32;
-                                }
-                            }
-                        })?,
-                    }
+                    };
+                    let momentum_only = |w: &mut [f32], m: &mut [f32], _: &mut [f32], g: &[f32]| {
+                        for ((w, m), &g) in w.iter_mut().zip(m.iter_mut()).zip(g.iter()) {
+                            *m = *m * mu + g;
+                            *w -= *m * lr32;
+                        }
+                    };
+                    let decay_only = |w: &mut [f32], _: &mut [f32], _: &mut [f32], g: &[f32]| {
+                        for (w, &g) in w.iter_mut().zip(g.iter()) {
+                            *w -= (g + *w * wd) * lr32;
+                        }
+                    };
+                    let plain = |w: &mut [f32], _: &mut [f32], _: &mut [f32], g: &[f32]| {
+                        for (w, &g) in w.iter_mut().zip(g.iter()) {
+                            *w -= g * lr32;
+                        }
+                    };
+                    let (rule, m): (&Rule<'_>, Option<&mut [f32]>) = match (momentum > 0.0, wd > 0.0) {
+                        (true, decay) => {
+                            let m = s.m.get_or_insert_with(|| vec![0.0; n]).as_mut_slice();
+                            (if decay { &momentum_decay } else { &momentum_only }, Some(m))
+                        }
+                        (false, true) => (&decay_only, None),
+                        (false, false) => (&plain, None),
+                    };
+                    let mut m = m;
+                    update_in_place(s.var.as_tensor(), &mut |w: &mut [f32]| {
+                        sq = apply_chunked(w, m.take(), None, g, record, rule);
+                    })?;
                 }
                 OptimizerKind::AdamW { beta1, beta2, eps } => {
                     // Coefficients rounded to f32 once, as candle's scalar ops did.
@@ -259,9 +340,7 @@ impl Optimizer {
                     let r1 = (1.0 / (1.0 - beta1.powi(t))) as f32;
                     let r2 = (1.0 / (1.0 - beta2.powi(t))) as f32;
                     let decay = (1.0 - lr * wd64) as f32;
-                    let m = s.m.get_or_insert_with(|| vec![0.0; n]);
-                    let v = s.v.get_or_insert_with(|| vec![0.0; n]);
-                    update_in_place(s.var.as_tensor(), &mut |w: &mut [f32]| {
+                    let adamw = |w: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]| {
                         for (((w, m), v), &g) in w.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g.iter()) {
                             *m = *m * b1 + g * ob1;
                             *v = *v * b2 + g * g * ob2;
@@ -271,8 +350,16 @@ impl Optimizer {
                             }
                             *w -= upd * lr32;
                         }
+                    };
+                    let mut m = Some(s.m.get_or_insert_with(|| vec![0.0; n]).as_mut_slice());
+                    let mut v = Some(s.v.get_or_insert_with(|| vec![0.0; n]).as_mut_slice());
+                    update_in_place(s.var.as_tensor(), &mut |w: &mut [f32]| {
+                        sq = apply_chunked(w, m.take(), v.take(), g, record, &adamw);
                     })?;
                 }
+            }
+            if record {
+                *sq_out = Some(sq);
             }
         }
         Ok(())
@@ -339,5 +426,59 @@ impl Optimizer {
         }
         self.steps = steps;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Param, ParamKind};
+    use candle_core::Device;
+
+    fn params(n: usize) -> Vec<Param> {
+        let w: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 100.0).collect();
+        vec![Param {
+            name: "w".into(),
+            var: Var::from_vec(w, n, &Device::Cpu).unwrap(),
+            kind: ParamKind::Weight,
+        }]
+    }
+
+    /// The chunked parallel update equals the plain per-element rule, and the
+    /// recorded norm is the gradient's norm, for sizes around the chunk size.
+    #[test]
+    fn chunked_update_matches_plain_rule_and_records_norms() {
+        for n in [
+            1,
+            7,
+            UPDATE_CHUNK - 1,
+            UPDATE_CHUNK,
+            UPDATE_CHUNK + 1,
+            3 * UPDATE_CHUNK + 5,
+        ] {
+            let g: Vec<f32> = (0..n).map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0).collect();
+            let ps = params(n);
+            let w0 = ps[0].var.as_tensor().to_vec1::<f32>().unwrap();
+            let (mu, wd, lr) = (0.9f32, 0.01f32, 0.1f32);
+            let mut opt = Optimizer::new(OptimizerKind::Sgd { momentum: mu as f64 }, wd as f64, &ps, false).unwrap();
+            opt.record_grad_norms(true);
+            for _ in 0..2 {
+                opt.step_slices(&[Some(&g)], lr as f64).unwrap();
+            }
+            let (mut w, mut m) = (w0, vec![0.0f32; n]);
+            for _ in 0..2 {
+                for i in 0..n {
+                    m[i] = m[i] * mu + (g[i] + w[i] * wd);
+                    w[i] -= m[i] * lr;
+                }
+            }
+            assert_eq!(ps[0].var.as_tensor().to_vec1::<f32>().unwrap(), w, "n = {n}");
+            let want = g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt();
+            let got = opt.grad_norm(&ps[0].var).unwrap();
+            assert!((got - want).abs() <= 1e-12 * want.max(1.0), "n = {n}: {got} vs {want}");
+            opt.record_grad_norms(false);
+            opt.step_slices(&[Some(&g)], lr as f64).unwrap();
+            assert_eq!(opt.grad_norm(&ps[0].var), None);
+        }
     }
 }

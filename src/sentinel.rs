@@ -145,11 +145,13 @@ struct Layer {
 }
 
 impl Layer {
-    fn add_step(&mut self, weight_grad: Option<&[f32]>, slope_grad: Option<&[f32]>) {
+    /// One step's statistics: the feeding weight's gradient norm and the
+    /// slope gradient.
+    fn add_step(&mut self, weight_grad_norm: Option<f64>, slope_grad: Option<&[f32]>) {
         self.steps += 1;
         let norm = |g: &[f32]| crate::kernels::moments(g).1.sqrt();
-        if let Some(g) = weight_grad {
-            self.grad_norm_sum += norm(g);
+        if let Some(n) = weight_grad_norm {
+            self.grad_norm_sum += n;
         }
         if let Some(g) = slope_grad {
             self.slope_norm_sum += norm(g);
@@ -237,7 +239,8 @@ impl Sentinel {
         for i in 0..self.layers.len() {
             let w = get(&self.layers[i].weight)?;
             let s = get(&self.layers[i].slope)?;
-            self.layers[i].add_step(w.as_deref(), s.as_deref());
+            let w_norm = w.as_deref().map(|g| crate::kernels::moments(g).1.sqrt());
+            self.layers[i].add_step(w_norm, s.as_deref());
         }
         Ok(())
     }
@@ -246,6 +249,22 @@ impl Sentinel {
     pub fn after_fused(&mut self, step: &crate::fused::FusedStep) {
         for l in &mut self.layers {
             let w = l.weight.as_ref().and_then(|v| step.grad(v));
+            let s = l.slope.as_ref().and_then(|v| step.grad(v));
+            l.add_step(w.map(|g| crate::kernels::moments(g).1.sqrt()), s);
+        }
+    }
+
+    /// [`Sentinel::after_fused`] after `opt` has taken the step with norms
+    /// recorded ([`crate::optim::Optimizer::record_grad_norms`]): the weight
+    /// gradient norms come from the update's own pass over the gradients
+    /// instead of a second one (falling back to that pass where a norm is
+    /// missing). The slope gradients (one value per channel) are read here.
+    pub fn after_update(&mut self, step: &crate::fused::FusedStep, opt: &crate::optim::Optimizer) {
+        for l in &mut self.layers {
+            let w = l.weight.as_ref().and_then(|v| {
+                opt.grad_norm(v)
+                    .or_else(|| step.grad(v).map(|g| crate::kernels::moments(g).1.sqrt()))
+            });
             let s = l.slope.as_ref().and_then(|v| step.grad(v));
             l.add_step(w, s);
         }

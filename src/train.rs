@@ -668,6 +668,7 @@ pub fn train_in(cfg: &TrainConfig, run_dir: &Path, mode: RunMode, on: &mut dyn F
     let dev = Device::Cpu;
     let model = Model::new(&spec, cfg.seed, &dev)?;
     let mut opt = Optimizer::new(r.optimizer, cfg.weight_decay, model.params(), cfg.decay_bn)?;
+    opt.record_grad_norms(cfg.sentinel);
     let ckpt_path = run_dir.join("checkpoint.safetensors");
     let train = &split.train;
     let f = train.features();
@@ -873,10 +874,10 @@ pub fn train_in(cfg: &TrainConfig, run_dir: &Path, mode: RunMode, on: &mut dyn F
                     opt.step(g, lr)?;
                 }
                 (None, Some(fs)) => {
-                    if let Some(s) = sentinel.as_mut() {
-                        s.after_fused(fs);
-                    }
                     opt.step_slices(&fs.grads(), lr)?;
+                    if let Some(s) = sentinel.as_mut() {
+                        s.after_update(fs, &opt);
+                    }
                 }
                 (None, None) => unreachable!("a step has gradients from one of the two paths"),
             }
