@@ -459,6 +459,44 @@ pub fn moments<T: Float>(y: &[T]) -> (f64, f64) {
     (s.iter().sum(), q.iter().sum())
 }
 
+/// Sum of squares of `x` (a gradient's squared L2 norm), fast: 16 f32 lanes
+/// over blocks of 2,048 values, each block's lanes added in f64 (relative
+/// error about 1e-6 for any length). Fixed order: the same bits for the same
+/// input.
+pub fn sum_squares(x: &[f32]) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports AVX2 (checked just above).
+        return unsafe { sum_squares_avx2(x) };
+    }
+    sum_squares_generic(x)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn sum_squares_avx2(x: &[f32]) -> f64 {
+    sum_squares_generic(x)
+}
+
+#[inline(always)]
+fn sum_squares_generic(x: &[f32]) -> f64 {
+    let mut total = 0.0f64;
+    for block in x.chunks(2048) {
+        let mut acc = [0.0f32; 16];
+        let mut it = block.chunks_exact(16);
+        for c in &mut it {
+            for k in 0..16 {
+                acc[k] += c[k] * c[k];
+            }
+        }
+        for (k, &v) in it.remainder().iter().enumerate() {
+            acc[k] += v * v;
+        }
+        total += acc.iter().map(|&a| a as f64).sum::<f64>();
+    }
+    total
+}
+
 /// [`forward`] that also adds per-channel sign counts of `x` and the output
 /// moments into `stats`. Each chunk is counted right after it is computed,
 /// while it is still in cache, so memory is read once. Deterministic for any
@@ -650,5 +688,22 @@ mod tests {
         let mut ds = vec![1.0f32; 4];
         backward(&[], &[], &[0.1, 0.2, 0.3, 0.4], g, &mut [], &mut ds);
         assert_eq!(ds, vec![0.0; 4]);
+    }
+
+    #[test]
+    fn sum_squares_matches_f64_reference() {
+        for n in [0usize, 1, 15, 16, 17, 2047, 2048, 2049, 100_003] {
+            let x: Vec<f32> = (0..n).map(|i| ((i * 7919 % 1009) as f32 - 504.0) * 1e-3).collect();
+            let want: f64 = x.iter().map(|&v| v as f64 * v as f64).sum();
+            let got = sum_squares(&x);
+            assert!((got - want).abs() <= 1e-6 * want.max(1e-30), "n = {n}: {got} vs {want}");
+            assert_eq!(
+                got.to_bits(),
+                sum_squares_generic(&x).to_bits(),
+                "dispatch changes bits"
+            );
+        }
+        assert!(sum_squares(&[f32::NAN, 1.0]).is_nan());
+        assert_eq!(sum_squares(&[f32::INFINITY]), f64::INFINITY);
     }
 }
