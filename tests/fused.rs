@@ -512,3 +512,69 @@ fn evaluation_mode_matches_candle_forward() {
         assert_eq!(out.correct, correct, "bn {bn}");
     }
 }
+
+/// `FusedStep::gradients` (evaluation mode with backward, what `diagnose`
+/// needs) against candle's autograd through `forward_t(x, false)`, on BN nets
+/// whose running estimates have moved; the running estimates stay untouched.
+#[test]
+fn evaluation_mode_gradients_match_autograd() {
+    for arch in [
+        Arch::Mlp { hidden: vec![7, 5] },
+        small_cnn(1),
+        Arch::Resnet {
+            depth: 8,
+            shortcuts: true,
+        },
+    ] {
+        let input = if matches!(arch, Arch::Mlp { .. }) {
+            [1, 4, 3]
+        } else {
+            [1, 8, 8]
+        };
+        let spec = ModelSpec {
+            batch_norm: true,
+            input_mean: 0.1,
+            input_std: 0.5,
+            ..ModelSpec::new(arch.clone(), Activation::PRelu { shared: false }, input, 5)
+        };
+        let m = Model::new(&spec, 4, &Device::Cpu).unwrap();
+        let mut fs = FusedStep::new(&m).unwrap();
+        let mut opt = Optimizer::new(OptimizerKind::Sgd { momentum: 0.9 }, 0.0, m.params(), false).unwrap();
+        for seed in 0..3 {
+            let (x, y) = batch(&m, 8, seed);
+            fs.step(&x, &y, None).unwrap();
+            opt.step_slices(&fs.grads(), 0.05).unwrap();
+        }
+        let snapshot = |m: &Model| -> Vec<Vec<f32>> {
+            m.buffers()
+                .iter()
+                .map(|(_, v)| v.flatten_all().unwrap().to_vec1().unwrap())
+                .collect()
+        };
+        let before = snapshot(&m);
+        let (x, y) = batch(&m, 6, 42);
+        let out = fs.gradients(&x, &y, None).unwrap();
+        assert_eq!(before, snapshot(&m), "{arch:?}: running estimates must not move");
+        let f: usize = input.iter().product();
+        let xt = Tensor::from_slice(&x, (6, f), &Device::Cpu).unwrap();
+        let yt = Tensor::from_slice(&y, 6, &Device::Cpu).unwrap();
+        let loss = candle_nn::loss::cross_entropy(&m.forward_t(&xt, false).unwrap(), &yt).unwrap();
+        let lv = loss.to_scalar::<f32>().unwrap() as f64;
+        assert!(
+            (out.loss - lv).abs() < 1e-5 * lv.max(1.0),
+            "{arch:?}: loss {} vs {lv}",
+            out.loss
+        );
+        let g = loss.backward().unwrap();
+        for (p, got) in m.params().iter().zip(fs.grads()) {
+            let want = g
+                .get(p.var.as_tensor())
+                .map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+                .unwrap_or_else(|| vec![0.0; p.var.elem_count()]);
+            match got {
+                Some(got) => assert_close_floor(&format!("{arch:?} {}", p.name), got, &want, 1e-3, 0.1),
+                None => assert!(want.iter().all(|&v| v == 0.0), "{}: no fused gradient", p.name),
+            }
+        }
+    }
+}

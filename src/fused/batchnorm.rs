@@ -27,6 +27,9 @@ pub(super) struct Bn {
 pub(super) struct BnStats {
     mean: Vec<f32>,
     inv_std: Vec<f32>,
+    /// The forward pass used the running estimates (evaluation mode): the
+    /// mean and scale are constants, so backward is a per-channel scale.
+    eval: bool,
 }
 
 /// `(outer, run)`: a BatchNorm input is `outer` blocks of `channels` runs of
@@ -121,6 +124,7 @@ pub(super) fn bn_forward(
     });
     let var: Vec<f64> = sq.iter().map(|q| q / m as f64).collect();
     st.mean = mean;
+    st.eval = false;
     st.inv_std = var.iter().map(|v| (1.0 / (v + bn.eps).sqrt()) as f32).collect();
     let scale: Vec<f32> = st.inv_std.iter().zip(gamma).map(|(i, g)| i * g).collect();
     normalise(c, run, &st.mean, &scale, beta, x, y);
@@ -140,7 +144,8 @@ pub(super) fn bn_forward(
 }
 
 /// BatchNorm in evaluation mode: `(x - running_mean) / sqrt(running_var + eps)
-/// * gamma + beta`.
+/// * gamma + beta`; the statistics used are kept in `st` for an
+/// evaluation-mode backward.
 pub(super) fn bn_forward_eval(
     bn: &Bn,
     batch: usize,
@@ -148,17 +153,17 @@ pub(super) fn bn_forward_eval(
     beta: &[f32],
     x: &[f32],
     y: &mut [f32],
+    st: &mut BnStats,
 ) -> Result<()> {
     let (_, run) = bn_layout(bn, batch);
     let c = bn.channels;
-    let mean = with_f32(bn.running_mean.as_tensor(), |m| m.to_vec())?;
-    let scale: Vec<f32> = with_f32(bn.running_var.as_tensor(), |v| {
-        v.iter()
-            .zip(gamma)
-            .map(|(&v, &g)| (v + bn.eps as f32).sqrt().recip() * g)
-            .collect()
+    st.mean = with_f32(bn.running_mean.as_tensor(), |m| m.to_vec())?;
+    st.inv_std = with_f32(bn.running_var.as_tensor(), |v| {
+        v.iter().map(|&v| (v + bn.eps as f32).sqrt().recip()).collect()
     })?;
-    normalise(c, run, &mean, &scale, beta, x, y);
+    st.eval = true;
+    let scale: Vec<f32> = st.inv_std.iter().zip(gamma).map(|(&i, &g)| i * g).collect();
+    normalise(c, run, &st.mean, &scale, beta, x, y);
     Ok(())
 }
 
@@ -178,7 +183,8 @@ fn normalise(c: usize, run: usize, mean: &[f32], scale: &[f32], beta: &[f32], x:
 
 /// BatchNorm backward from the input `x` and the saved statistics, with
 /// `xhat = (x - mean) inv_std`: `dbeta = sum dy`, `dgamma = sum dy xhat`,
-/// `dx = gamma inv_std (dy - dbeta / m - xhat dgamma / m)`.
+/// `dx = gamma inv_std (dy - dbeta / m - xhat dgamma / m)`; after an
+/// evaluation-mode forward (constant statistics) `dx = gamma inv_std dy`.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn bn_backward(
     bn: &Bn,
@@ -233,6 +239,12 @@ pub(super) fn bn_backward(
                 .enumerate()
             {
                 let k = gamma[ch] * inv[ch];
+                if st.eval {
+                    for (o, &d) in o.iter_mut().zip(dr) {
+                        *o = k * d;
+                    }
+                    continue;
+                }
                 let (mb, mg) = (dbeta[ch] / m, dgamma[ch] / m);
                 for ((o, &v), &d) in o.iter_mut().zip(xr).zip(dr) {
                     let xhat = (v - mean[ch]) * inv[ch];

@@ -131,6 +131,18 @@ impl Kind {
     }
 }
 
+/// Which pass [`FusedStep::run_on_worker`] makes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// Training: BatchNorm on batch statistics (running estimates updated),
+    /// forward and backward.
+    Train,
+    /// Evaluation: running estimates, forward only.
+    Eval,
+    /// Evaluation mode with backward (gradients of the model as it is).
+    EvalGrad,
+}
+
 /// Loss and accuracy of one step.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct StepOutput {
@@ -444,13 +456,22 @@ impl FusedStep {
         // Run the whole step on a worker of the pool: called from outside the
         // pool, each of the step's parallel loops would otherwise hand its work
         // to the pool and sleep until it is done (two context switches each).
-        rayon::scope(|_| self.run_on_worker(x, labels, stats, true))
+        rayon::scope(|_| self.run_on_worker(x, labels, stats, Mode::Train))
+    }
+
+    /// [`FusedStep::step`] in evaluation mode: BatchNorm with its running
+    /// estimates, nothing updated; afterwards [`FusedStep::grads`] holds the
+    /// gradients of the mean cross-entropy of the model as it is (what
+    /// `diagnose` reports on a trained model), and `stats` the activations'
+    /// input statistics.
+    pub fn gradients(&mut self, x: &[f32], labels: &[u32], stats: Option<&[SharedStats]>) -> Result<StepOutput> {
+        rayon::scope(|_| self.run_on_worker(x, labels, stats, Mode::EvalGrad))
     }
 
     /// Loss and correct count of a batch in evaluation mode (BatchNorm with
     /// its running estimates, nothing updated, no gradients).
     pub fn evaluate(&mut self, x: &[f32], labels: &[u32]) -> Result<StepOutput> {
-        rayon::scope(|_| self.run_on_worker(x, labels, None, false))
+        rayon::scope(|_| self.run_on_worker(x, labels, None, Mode::Eval))
     }
 
     fn run_on_worker(
@@ -458,8 +479,9 @@ impl FusedStep {
         x: &[f32],
         labels: &[u32],
         stats: Option<&[SharedStats]>,
-        train: bool,
+        mode: Mode,
     ) -> Result<StepOutput> {
+        let backward = mode != Mode::Eval;
         let batch = labels.len();
         if batch == 0 {
             bail!("fused step: empty batch");
@@ -484,7 +506,7 @@ impl FusedStep {
         // Buffers for this batch size (kept between steps).
         for (b, &len) in self.buf_len.iter().enumerate() {
             self.acts[b].resize(batch * len, 0.0);
-            if train && self.upstream[b] || b == self.logits_buf {
+            if backward && self.upstream[b] || b == self.logits_buf {
                 self.dacts[b].resize(batch * len, 0.0);
             }
         }
@@ -585,10 +607,10 @@ impl FusedStep {
                 }
                 Kind::BatchNorm(bn) => {
                     let (gamma, beta) = (params[bn.gamma], params[bn.beta]);
-                    if train {
+                    if mode == Mode::Train {
                         bn_forward(bn, batch, gamma, beta, input, &mut out, &mut self.bn_stats[i])?;
                     } else {
-                        bn_forward_eval(bn, batch, gamma, beta, input, &mut out)?;
+                        bn_forward_eval(bn, batch, gamma, beta, input, &mut out, &mut self.bn_stats[i])?;
                     }
                 }
                 Kind::Add => {
@@ -617,7 +639,7 @@ impl FusedStep {
             &mut self.dacts[lb],
             &mut self.logits,
         );
-        if !train {
+        if !backward {
             return Ok(out);
         }
 
