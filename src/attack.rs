@@ -3,8 +3,10 @@
 //!
 //! With ReLU, a unit with negative input passes no gradient, so the loss
 //! surface has flat spots that can hide the direction an attacker needs
-//! (gradient masking); PReLU always passes `a * dy`. Input gradients come from
-//! candle's autograd through our fused op. Inputs live in pixel space `[0, 1]`
+//! (gradient masking); PReLU always passes `a * dy`. Input gradients and the
+//! forward passes come from the fused step in evaluation mode
+//! ([`crate::fused::FusedStep::gradients`]) wherever it covers the model, and
+//! from candle's autograd through our fused op otherwise. Inputs live in pixel space `[0, 1]`
 //! (the model normalises internally), and every adversarial input is clipped
 //! to it.
 
@@ -33,6 +35,67 @@ pub fn input_gradient(model: &Model, x: &Tensor, y: &Tensor) -> Result<(Tensor, 
     Ok((g, l.detach()))
 }
 
+/// The passes an attack makes over one model: the fused step (evaluation
+/// mode, with the input gradient) where it covers the model, candle's
+/// autograd otherwise. Results agree to float rounding (tests/attack.rs).
+pub struct Passes<'a> {
+    model: &'a Model,
+    fused: Option<crate::fused::FusedStep>,
+}
+
+impl<'a> Passes<'a> {
+    pub fn new(model: &'a Model) -> Self {
+        Self {
+            model,
+            fused: crate::fused::FusedStep::with_input_gradient(model).ok(),
+        }
+    }
+
+    /// Candle's autograd only (for cross-checks).
+    pub fn autograd(model: &'a Model) -> Self {
+        Self { model, fused: None }
+    }
+
+    fn slices(x: &Tensor, y: &Tensor) -> Result<(Vec<f32>, Vec<u32>)> {
+        Ok((
+            x.flatten_all()?.to_vec1::<f32>()?,
+            y.to_dtype(DType::U32)?.to_vec1::<u32>()?,
+        ))
+    }
+
+    /// Gradient of the summed loss with respect to the input `[N, F]`.
+    pub fn input_gradient(&mut self, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+        match self.fused.as_mut() {
+            Some(fs) if y.dim(0)? > 0 => {
+                let (xv, yv) = Self::slices(x, y)?;
+                fs.gradients(&xv, &yv, None)?;
+                // The step's loss is the mean: scale to the sum.
+                let n = yv.len() as f32;
+                let g: Vec<f32> = fs
+                    .input_gradient()
+                    .ok_or_else(|| candle_core::Error::Msg("fused step without input gradient".into()))?
+                    .into_iter()
+                    .map(|v| v * n)
+                    .collect();
+                Tensor::from_vec(g, x.shape(), x.device())
+            }
+            _ => Ok(input_gradient(self.model, x, y)?.0),
+        }
+    }
+
+    /// Correct predictions and the summed loss of a batch.
+    pub fn accuracy_and_loss(&mut self, x: &Tensor, y: &Tensor) -> Result<(usize, f64)> {
+        match self.fused.as_mut() {
+            Some(fs) if y.dim(0)? > 0 => {
+                let (xv, yv) = Self::slices(x, y)?;
+                let out = fs.evaluate(&xv, &yv)?;
+                Ok((out.correct, out.loss * yv.len() as f64))
+            }
+            _ => accuracy_and_loss(self.model, x, y),
+        }
+    }
+}
+
 /// `sign(g)` with `sign(0) = 0`.
 pub fn sign(g: &Tensor) -> Result<Tensor> {
     g.gt(0.0)?.to_dtype(g.dtype())? - g.lt(0.0)?.to_dtype(g.dtype())?
@@ -40,7 +103,7 @@ pub fn sign(g: &Tensor) -> Result<Tensor> {
 
 /// One FGSM step: `clip(x + eps * sign(grad), 0, 1)`.
 pub fn fgsm(model: &Model, x: &Tensor, y: &Tensor, eps: f64) -> Result<Tensor> {
-    let (g, _) = input_gradient(model, x, y)?;
+    let g = Passes::new(model).input_gradient(x, y)?;
     (x + (sign(&g)? * eps)?)?.clamp(0.0, 1.0)
 }
 
@@ -71,6 +134,12 @@ impl Default for PgdOptions {
 /// radius `eps` around `x`, intersected with `[0, 1]`. With several restarts,
 /// each example keeps the restart with the highest final loss.
 pub fn pgd(model: &Model, x: &Tensor, y: &Tensor, eps: f64, o: &PgdOptions) -> Result<Tensor> {
+    pgd_with(&mut Passes::new(model), x, y, eps, o)
+}
+
+/// [`pgd`] on given passes (kept across calls by [`evaluate`]).
+pub fn pgd_with(passes: &mut Passes<'_>, x: &Tensor, y: &Tensor, eps: f64, o: &PgdOptions) -> Result<Tensor> {
+    let model = passes.model;
     let step = o.step_size.unwrap_or(eps / 4.0);
     let lo = (x - eps)?.clamp(0.0, 1.0)?;
     let hi = (x + eps)?.clamp(0.0, 1.0)?;
@@ -85,9 +154,13 @@ pub fn pgd(model: &Model, x: &Tensor, y: &Tensor, eps: f64, o: &PgdOptions) -> R
             x.clone()
         };
         for _ in 0..o.steps {
-            let (g, _) = input_gradient(model, &xa, y)?;
+            let g = passes.input_gradient(&xa, y)?;
             xa = (&xa + (sign(&g)? * step)?)?;
             xa = xa.maximum(&lo)?.minimum(&hi)?;
+        }
+        if o.restarts <= 1 {
+            // One restart: nothing to choose, so no per-example losses needed.
+            return Ok(xa);
         }
         let l = losses(model, &xa, y)?;
         best = Some(match best {
@@ -179,13 +252,14 @@ pub fn evaluate(
     let curve_t: Vec<f64> = (0..=10).map(|k| k as f64 * 0.02).collect();
     let mut curve = vec![0.0f64; curve_t.len()];
     let batches = ds.len().div_ceil(batch.max(1));
+    let mut passes = Passes::new(model);
     for (bi, b) in ds.batches(batch).enumerate() {
         progress(bi, batches);
         let (x, y) = b?;
-        let (c, l) = accuracy_and_loss(model, &x, &y)?;
+        let (c, l) = passes.accuracy_and_loss(&x, &y)?;
         clean.0 += c;
         clean.1 += l;
-        let (g, _) = input_gradient(model, &x, &y)?;
+        let g = passes.input_gradient(&x, &y)?;
         let gv = g.to_vec2::<f32>()?;
         for row in &gv {
             let z = row.iter().filter(|&&v| v == 0.0).count();
@@ -197,18 +271,18 @@ pub fn evaluate(
         let s = sign(&g)?;
         for (k, &t) in curve_t.iter().enumerate() {
             let xt = (&x + (&s * t)?)?.clamp(0.0, 1.0)?;
-            curve[k] += losses(model, &xt, &y)?.sum_all()?.to_scalar::<f32>()? as f64;
+            curve[k] += passes.accuracy_and_loss(&xt, &y)?.1;
         }
         for (k, &e) in eps.iter().enumerate() {
             if use_fgsm {
                 let xa = (&x + (&s * e)?)?.clamp(0.0, 1.0)?;
-                let (c, l) = accuracy_and_loss(model, &xa, &y)?;
+                let (c, l) = passes.accuracy_and_loss(&xa, &y)?;
                 per_eps[k].0 += c;
                 per_eps[k].1 += l;
             }
             if use_pgd {
-                let xa = pgd(
-                    model,
+                let xa = pgd_with(
+                    &mut passes,
                     &x,
                     &y,
                     e,
@@ -217,7 +291,7 @@ pub fn evaluate(
                         ..*pgd_opts
                     },
                 )?;
-                let (c, l) = accuracy_and_loss(model, &xa, &y)?;
+                let (c, l) = passes.accuracy_and_loss(&xa, &y)?;
                 per_eps[k].2 += c;
                 per_eps[k].3 += l;
             }

@@ -190,3 +190,76 @@ fn zero_gradient_share_is_exact_on_a_hand_built_case() {
         assert_eq!(r.masking.zero_example_share, zero_examples as f64 / 3.0, "{act}");
     }
 }
+
+/// The attacks' fused passes (evaluation mode with the input gradient) agree
+/// with candle's autograd: gradients, accuracy and summed loss, on an MLP, a
+/// BN CNN and a BN ResNet-8, for ReLU (exact zeros kept) and PReLU.
+#[test]
+fn fused_passes_match_autograd() {
+    let dev = Device::Cpu;
+    for (arch, input) in [
+        (Arch::Mlp { hidden: vec![6, 5] }, [1, 2, 2]),
+        (
+            Arch::Cnn {
+                channels: vec![3, 4],
+                kernel: 3,
+                padding: 1,
+                pool_after: vec![0],
+                hidden: 6,
+            },
+            [1, 6, 6],
+        ),
+        (
+            Arch::Resnet {
+                depth: 8,
+                shortcuts: true,
+            },
+            [1, 6, 6],
+        ),
+    ] {
+        for act in [Activation::Relu, Activation::PRelu { shared: false }] {
+            let spec = ModelSpec {
+                batch_norm: !matches!(arch, Arch::Mlp { .. }),
+                input_mean: 0.3,
+                input_std: 0.4,
+                ..ModelSpec::new(arch.clone(), act, input, 3)
+            };
+            let m = Model::new(&spec, 5, &dev).unwrap();
+            let f: usize = input.iter().product();
+            let xv: Vec<f32> = (0..5 * f).map(|i| ((i * 37 % 17) as f32) / 17.0).collect();
+            let x = Tensor::from_vec(xv, (5, f), &dev).unwrap();
+            let y = Tensor::new(&[0u32, 1, 2, 1, 0], &dev).unwrap();
+            let mut fused = attack::Passes::new(&m);
+            let mut auto = attack::Passes::autograd(&m);
+            let (g1, g2) = (
+                fused
+                    .input_gradient(&x, &y)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap(),
+                auto.input_gradient(&x, &y)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap(),
+            );
+            let scale = g2.iter().fold(0.0f32, |a, v| a.max(v.abs())).max(1e-3);
+            for (i, (a, b)) in g1.iter().zip(&g2).enumerate() {
+                assert!((a - b).abs() <= 1e-4 * scale, "{arch:?} {act} [{i}]: {a} vs {b}");
+                assert_eq!(*a == 0.0, *b == 0.0, "{arch:?} {act} [{i}]: exact zeros must agree");
+            }
+            let ((c1, l1), (c2, l2)) = (
+                fused.accuracy_and_loss(&x, &y).unwrap(),
+                auto.accuracy_and_loss(&x, &y).unwrap(),
+            );
+            assert_eq!(c1, c2, "{arch:?} {act}");
+            assert!(
+                (l1 - l2).abs() <= 1e-5 * l2.abs().max(1.0),
+                "{arch:?} {act}: {l1} vs {l2}"
+            );
+        }
+    }
+}

@@ -578,3 +578,56 @@ fn evaluation_mode_gradients_match_autograd() {
         }
     }
 }
+
+/// The input gradient (for attacks) against candle's autograd with respect to
+/// the pixels, in evaluation mode, on an MLP, a BN CNN and a BN ResNet-8.
+#[test]
+fn input_gradient_matches_autograd() {
+    for arch in [
+        Arch::Mlp { hidden: vec![7, 5] },
+        small_cnn(1),
+        Arch::Resnet {
+            depth: 8,
+            shortcuts: true,
+        },
+    ] {
+        let input = if matches!(arch, Arch::Mlp { .. }) {
+            [1, 4, 3]
+        } else {
+            [1, 8, 8]
+        };
+        let spec = ModelSpec {
+            batch_norm: true,
+            input_mean: 0.2,
+            input_std: 0.4,
+            ..ModelSpec::new(arch.clone(), Activation::PRelu { shared: false }, input, 5)
+        };
+        let m = Model::new(&spec, 6, &Device::Cpu).unwrap();
+        let mut train = FusedStep::new(&m).unwrap();
+        let mut opt = Optimizer::new(OptimizerKind::Sgd { momentum: 0.9 }, 0.0, m.params(), false).unwrap();
+        for seed in 0..2 {
+            let (x, y) = batch(&m, 8, seed);
+            train.step(&x, &y, None).unwrap();
+            opt.step_slices(&train.grads(), 0.05).unwrap();
+        }
+        let (x, y) = batch(&m, 5, 77);
+        assert_eq!(train.input_gradient(), None, "a plain step has no input gradient");
+        let mut fs = FusedStep::with_input_gradient(&m).unwrap();
+        fs.gradients(&x, &y, None).unwrap();
+        let got = fs.input_gradient().unwrap();
+        let f: usize = input.iter().product();
+        let xt = candle_core::Var::from_slice(&x, (5, f), &Device::Cpu).unwrap();
+        let yt = Tensor::from_slice(&y, 5, &Device::Cpu).unwrap();
+        let loss = candle_nn::loss::cross_entropy(&m.forward_t(xt.as_tensor(), false).unwrap(), &yt).unwrap();
+        let want = loss
+            .backward()
+            .unwrap()
+            .get(xt.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_close_floor(&format!("{arch:?} input"), &got, &want, 1e-3, 0.01);
+    }
+}

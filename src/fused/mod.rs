@@ -413,6 +413,30 @@ impl FusedStep {
         })
     }
 
+    /// [`FusedStep::new`] that also computes the gradient with respect to
+    /// the input ([`FusedStep::input_gradient`]), for attacks.
+    pub fn with_input_gradient(model: &Model) -> Result<Self> {
+        let mut s = Self::new(model)?;
+        s.upstream[0] = true;
+        for st in &s.stages {
+            if st.ins.iter().any(|&u| s.upstream[u]) {
+                s.upstream[st.out] = true;
+            }
+        }
+        Ok(s)
+    }
+
+    /// After a step built [`FusedStep::with_input_gradient`]: the gradient of
+    /// the batch's mean cross-entropy with respect to the input pixels (the
+    /// layout of `x`), or `None` for a step built without it.
+    pub fn input_gradient(&self) -> Option<Vec<f32>> {
+        if !self.upstream[0] || self.dacts[0].is_empty() {
+            return None;
+        }
+        // The step normalises x: z = (x - mean) inv_std, so d/dx = inv_std d/dz.
+        Some(self.dacts[0].iter().map(|&g| g * self.inv_std).collect())
+    }
+
     /// The gradient of the last step for a parameter of the model, if a stage
     /// uses it.
     pub fn grad(&self, var: &Var) -> Option<&[f32]> {
