@@ -1141,37 +1141,17 @@ fn cmd_canonicalize(a: &CanonArgs) -> Result<()> {
     let (data, split) = data_for(&a.checkpoint, &a.data, &a.data_dir, &model)?;
     let test = split.test.take(a.limit);
     prelu::io::refuse_same_file(&a.checkpoint, &a.out)?;
-    let (canon, scaled, flipped, diff) = prelu::sculpt::canonicalize(&model, &test)?;
-    let ids = if model.spec.batch_norm {
-        prelu::symmetry::identifiability(&model)?
-    } else {
-        vec![]
-    };
-    prelu::io::save_model(&a.out, &canon, Default::default(), Default::default())?;
+    let c = prelu::sculpt::canonicalize(&model, &test)?;
+    prelu::io::save_model(&a.out, &c.model, Default::default(), Default::default())?;
     if a.json {
         println!(
             "{}",
-            serde_json::json!({ "out": a.out, "scaled_units": scaled, "flipped_units": flipped, "max_output_diff": diff,
-                "examples": test.len(), "data": data, "identifiability": ids })
+            serde_json::json!({ "out": a.out, "data": data, "report": c.report })
         );
         return Ok(());
     }
     println!("canonical form written to {}", a.out.display());
-    println!("  BatchNorm folded: {}; units rescaled to unit norm: {scaled}; units flipped (slope > 1 -> 1/slope): {flipped}", model.spec.batch_norm);
-    println!(
-        "  max |output difference| on {} {data} test images: {diff:.3e}",
-        test.len()
-    );
-    for r in &ids {
-        let n = r.gamma.len().min(4);
-        println!("  {}: first units (gamma, a) -> effective (pos, neg) slopes:", r.layer);
-        for u in 0..n {
-            println!(
-                "    unit {u}: ({:.4}, {:.4}) -> ({:.4}, {:.4})",
-                r.gamma[u], r.slope[u], r.effective_positive[u], r.effective_negative[u]
-            );
-        }
-    }
+    print!("{}", c.report);
     Ok(())
 }
 
@@ -1189,41 +1169,18 @@ fn cmd_sculpt(a: &SculptArgs) -> Result<()> {
         stats.len()
     ));
     prelu::io::refuse_same_file(&a.checkpoint, &a.out)?;
-    let (out, r) = prelu::sculpt::sculpt(&model, &stats, &split.test, &opts)?;
+    let r = prelu::sculpt::sculpt(&model, &stats, &split.test, &opts)?;
     pb.finish_and_clear();
-    prelu::io::save_model(&a.out, &out, Default::default(), Default::default())?;
+    prelu::io::save_model(&a.out, &r.model, Default::default(), Default::default())?;
     if a.json {
         println!(
             "{}",
-            serde_json::json!({ "out": a.out, "data": data, "options": opts, "report": r })
+            serde_json::json!({ "out": a.out, "data": data, "options": opts, "report": r.report })
         );
         return Ok(());
     }
     println!("sculpted model written to {}", a.out.display());
-    println!(
-        "  hidden widths {:?} -> {:?}; merged layers {:?}",
-        r.hidden_before, r.hidden_after, r.merged_layers
-    );
-    println!(
-        "  pruned dead units per layer {:?}; linear units per layer {:?}",
-        r.pruned, r.linear
-    );
-    println!(
-        "  parameters {} -> {} ({:+.2}%), multiply-adds {} -> {}",
-        r.params_before,
-        r.params_after,
-        100.0 * (r.params_after as f64 / r.params_before as f64 - 1.0),
-        r.flops_before,
-        r.flops_after
-    );
-    println!(
-        "  test accuracy {:.4} -> {:.4} on {} images; max |output difference| {:.3e}",
-        r.acc_before, r.acc_after, r.test_examples, r.max_output_diff
-    );
-    println!(
-        "  a low-rank bypass of the linear units would save {:?} parameters per layer (not applied)",
-        r.bypass_savings
-    );
+    println!("{}", r.report);
     Ok(())
 }
 

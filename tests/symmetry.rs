@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
 use prelu::model::{Arch, Model, ModelSpec};
-use prelu::symmetry::{Bn, Dense, DenseNet};
+use prelu::symmetry::{Bn, Dense, DenseNet, GraphNet};
 use prelu::Activation;
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
@@ -134,17 +134,38 @@ fn a_layer_with_slope_exactly_one_is_folded_away() {
     m.load_state_dict(&sd).unwrap();
     let split = prelu::data::load("mnist-small", None).unwrap();
     let (stats, test) = (split.train.take(300), split.test.take(300));
-    let (out, r) = prelu::sculpt::sculpt(&m, &stats, &test, &Default::default()).unwrap();
-    assert_eq!(r.merged_layers, vec![0]);
-    assert_eq!(
-        (r.hidden_before.clone(), r.hidden_after.clone()),
-        (vec![16, 12], vec![12])
+    let s = prelu::sculpt::sculpt(&m, &stats, &test, &Default::default()).unwrap();
+    let r = &s.report;
+    assert!(r.layers[0].removed && !r.layers[1].removed, "{r}");
+    assert!(
+        r.layers[0].merge.as_deref().unwrap().contains("merged into `layers.1`"),
+        "{r}"
     );
     assert!(r.max_output_diff < 1e-4, "{}", r.max_output_diff);
     assert_eq!(r.acc_before, r.acc_after);
-    assert!(r.params_after < r.params_before);
-    let Arch::Mlp { hidden } = &out.spec.arch else { panic!() };
-    assert_eq!(hidden, &vec![12]);
+    // Real parameter counts: 784*16+16 + 16 slopes + 16*12+12 + 12 slopes + 12*10+10.
+    assert_eq!(r.params_before, 12560 + 16 + 204 + 12 + 130);
+    assert_eq!(r.params_before, m.num_params());
+    // One linear layer 784 -> 12 (+ bias), 12 slopes, the head.
+    assert_eq!(r.params_after, 784 * 12 + 12 + 12 + 130);
+    assert_eq!(r.params_after, s.model.num_params());
+    assert_eq!(
+        (r.macs_before, r.macs_after),
+        (784 * 16 + 16 * 12 + 120, 784 * 12 + 120)
+    );
+    let widths: Vec<usize> = s
+        .model
+        .graph
+        .nodes
+        .iter()
+        .filter_map(|n| match n.op {
+            prelu::graph::Op::Linear { out_features, .. } => Some(out_features),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(widths, vec![12, 10]);
+    // Nothing printed claims a negative saving.
+    assert!(!format!("{r}").contains("save -"), "{r}");
 }
 
 #[test]
@@ -157,12 +178,21 @@ fn canonical_form_of_a_bn_model_keeps_its_outputs() {
     for _ in 0..3 {
         m.forward_t(&x, true).unwrap();
     }
-    let (canon, scaled, _, diff) = prelu::sculpt::canonicalize(&m, &ds).unwrap();
-    assert!(!canon.spec.batch_norm && scaled > 0);
-    assert!(diff < 1e-4, "max output difference {diff}");
-    let ids = prelu::symmetry::identifiability(&m).unwrap();
+    let c = prelu::sculpt::canonicalize(&m, &ds).unwrap();
+    // Still the MLP preset, without BatchNorm.
+    assert!(!c.model.spec.batch_norm && c.report.stats.scaled_groups > 0);
+    assert_eq!(c.model.spec.arch, Arch::Mlp { hidden: vec![20, 10] });
+    assert_eq!(c.report.stats.bn.folded, vec!["bn.0".to_string(), "bn.1".to_string()]);
+    assert!(
+        c.report.max_output_diff < 1e-4,
+        "max output difference {}",
+        c.report.max_output_diff
+    );
+    let ids = &c.report.identifiability;
     assert_eq!(ids.len(), 2);
+    assert_eq!(ids[0].layer, "bn.0+act.0");
     assert_eq!(ids[0].gamma.len(), 20);
+    assert!(ids.iter().all(|r| r.tied.iter().all(|t| !t)));
 }
 
 #[test]
@@ -208,4 +238,326 @@ fn drift_tracker_sees_raw_values_move_while_the_effective_ones_stay() {
         d[0]
     );
     assert!(d[1].gamma_drift < 1e-9);
+}
+
+// ---------------------------------------------------------------------------
+// Conv graphs: canonical form, sculpting and identifiability.
+// ---------------------------------------------------------------------------
+
+use prelu::graph::{Graph, Node, Op, Padding, Pair, INPUT};
+
+const CLASSES: usize = 5;
+
+fn node(name: String, from: &str, op: Op) -> Node {
+    Node {
+        name,
+        inputs: vec![from.to_string()],
+        op,
+    }
+}
+
+fn conv_op(out: usize, k: usize, stride: usize, pad: usize, bias: bool) -> Op {
+    Op::Conv2d {
+        out_channels: out,
+        kernel: Pair::both(k),
+        stride: Pair::both(stride),
+        padding: Padding::uniform(pad),
+        dilation: Pair::both(1),
+        bias,
+    }
+}
+
+fn bn_op() -> Op {
+    Op::BatchNorm {
+        eps: 1e-2,
+        momentum: 0.1,
+    }
+}
+
+/// A random graph on a small input (after the generator of tests/graph.rs):
+/// conv blocks (any kernel, stride, padding, dilation; sometimes a max- or
+/// avg-pool between conv and activation), residual blocks, pools, global
+/// pooling or flatten, an optional hidden linear layer, the head, and
+/// sometimes a second head on the features and a third on a feature map.
+/// Activations: ReLU, Leaky ReLU with slopes 0.1 and -1.5, PReLU per channel
+/// and shared.
+fn random_graph(seed: u64) -> (Graph, [usize; 3]) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let input = [
+        rng.random_range(1..=2),
+        rng.random_range(5..=8),
+        rng.random_range(5..=8),
+    ];
+    let mut g = Graph {
+        nodes: vec![],
+        outputs: vec![],
+    };
+    let acts = [
+        Activation::Relu,
+        Activation::LeakyRelu(0.1),
+        Activation::LeakyRelu(-1.5),
+        Activation::PRelu { shared: false },
+        Activation::PRelu { shared: false },
+        Activation::PRelu { shared: true },
+    ];
+    let mut n = 0;
+    let mut name = |p: &str| {
+        n += 1;
+        format!("{p}{n}")
+    };
+    let push = |g: &mut Graph, node: Node| -> Option<String> {
+        g.nodes.push(node);
+        if g.resolve(input).is_ok() {
+            Some(g.nodes.last().unwrap().name.clone())
+        } else {
+            g.nodes.pop();
+            None
+        }
+    };
+    let mut x = INPUT.to_string();
+    let mut channels = input[0];
+    let bn = rng.random_bool(0.6);
+    let mut map_head = None;
+    for _ in 0..rng.random_range(1..=4) {
+        match rng.random_range(0..3) {
+            0 => {
+                let k = rng.random_range(1..=3);
+                let padding = match rng.random_range(0..3) {
+                    0 => Padding::uniform(rng.random_range(0..=k / 2)),
+                    1 => Padding::Explicit([0, 1, 1, 0]),
+                    _ => Padding::SameUpper,
+                };
+                let out = rng.random_range(2..=4);
+                let conv = Node {
+                    name: name("conv"),
+                    inputs: vec![x.clone()],
+                    op: Op::Conv2d {
+                        out_channels: out,
+                        kernel: Pair::both(k),
+                        stride: Pair([rng.random_range(1..=2), rng.random_range(1..=2)]),
+                        padding,
+                        dilation: Pair::both(rng.random_range(1..=2)),
+                        bias: rng.random_bool(0.5),
+                    },
+                };
+                let Some(mut y) = push(&mut g, conv) else { continue };
+                channels = out;
+                if bn {
+                    y = push(&mut g, node(name("bn"), &y, bn_op())).unwrap();
+                }
+                if rng.random_bool(0.3) {
+                    let op = if rng.random_bool(0.5) {
+                        Op::MaxPool {
+                            kernel: Pair::both(2),
+                            stride: Some(Pair::both(1)),
+                            padding: Padding::default(),
+                            ceil_mode: false,
+                        }
+                    } else {
+                        Op::AvgPool {
+                            kernel: Pair::both(2),
+                            stride: Some(Pair::both(1)),
+                            padding: Padding::uniform(1),
+                            ceil_mode: false,
+                            count_include_pad: rng.random_bool(0.5),
+                        }
+                    };
+                    if let Some(p) = push(&mut g, node(name("prepool"), &y, op)) {
+                        y = p;
+                    }
+                }
+                let act = acts[rng.random_range(0..acts.len())];
+                x = push(&mut g, node(name("act"), &y, Op::Act { act })).unwrap();
+            }
+            1 => {
+                let conv = |name: String, from: &str| node(name, from, conv_op(channels, 3, 1, 1, !bn));
+                let mut y = push(&mut g, conv(name("rconv"), &x)).unwrap();
+                if bn {
+                    y = push(&mut g, node(name("rbn"), &y, bn_op())).unwrap();
+                }
+                let act = acts[rng.random_range(0..acts.len())];
+                y = push(&mut g, node(name("ract"), &y, Op::Act { act })).unwrap();
+                y = push(&mut g, conv(name("rconv"), &y)).unwrap();
+                if bn {
+                    y = push(&mut g, node(name("rbn"), &y, bn_op())).unwrap();
+                }
+                let add = Node {
+                    name: name("add"),
+                    inputs: vec![y, x.clone()],
+                    op: Op::Add,
+                };
+                let s = push(&mut g, add).unwrap();
+                let act = acts[rng.random_range(0..acts.len())];
+                x = push(&mut g, node(name("ract"), &s, Op::Act { act })).unwrap();
+            }
+            _ => {
+                let k = rng.random_range(2..=3);
+                let stride = Some(Pair::both(rng.random_range(1..=2)));
+                let padding = Padding::uniform(rng.random_range(0..=1));
+                let ceil_mode = rng.random_bool(0.5);
+                let op = if rng.random_bool(0.5) {
+                    Op::MaxPool {
+                        kernel: Pair::both(k),
+                        stride,
+                        padding,
+                        ceil_mode,
+                    }
+                } else {
+                    Op::AvgPool {
+                        kernel: Pair::both(k),
+                        stride,
+                        padding,
+                        ceil_mode,
+                        count_include_pad: rng.random_bool(0.5),
+                    }
+                };
+                if let Some(y) = push(&mut g, node(name("pool"), &x, op)) {
+                    x = y;
+                }
+            }
+        }
+        if x != INPUT && map_head.is_none() && rng.random_bool(0.2) {
+            map_head = Some(x.clone());
+        }
+    }
+    if rng.random_bool(0.5) {
+        x = push(&mut g, node(name("gap"), &x, Op::GlobalAvgPool)).unwrap();
+    }
+    let flat = push(&mut g, node(name("flat"), &x, Op::Flatten)).unwrap();
+    x = flat.clone();
+    if rng.random_bool(0.6) {
+        let lin = Op::Linear {
+            out_features: 6,
+            bias: true,
+        };
+        x = push(&mut g, node(name("fc"), &x, lin)).unwrap();
+        if bn {
+            x = push(&mut g, node(name("bn"), &x, bn_op())).unwrap();
+        }
+        let act = acts[rng.random_range(0..acts.len())];
+        x = push(&mut g, node(name("act"), &x, Op::Act { act })).unwrap();
+    }
+    let head = Op::Linear {
+        out_features: CLASSES,
+        bias: true,
+    };
+    let head = push(&mut g, node(name("head"), &x, head)).unwrap();
+    g.outputs = vec![head];
+    if rng.random_bool(0.4) {
+        let aux = Op::Linear {
+            out_features: 3,
+            bias: true,
+        };
+        let aux = push(&mut g, node(name("aux"), &flat, aux)).unwrap();
+        g.outputs.push(aux);
+    }
+    if let Some(h) = map_head {
+        g.outputs.push(h);
+    }
+    (g, input)
+}
+
+/// A model of `g` with every slope in [-2.5, 2.5] (so some are negative and
+/// some above 1), biases in [-0.5, 0.5], and BatchNorm affine and running
+/// statistics off their defaults.
+fn graph_model(g: Graph, input: [usize; 3], seed: u64) -> Model {
+    let spec = ModelSpec {
+        input_mean: 0.1,
+        input_std: 0.5,
+        ..ModelSpec::new(Arch::Graph { graph: g }, Activation::Relu, input, CLASSES)
+    };
+    let m = Model::new(&spec, seed, &Device::Cpu).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed + 7);
+    let mut sd = m.state_dict().unwrap();
+    for (name, t) in sd.iter_mut() {
+        let (lo, hi) = if name.ends_with("running_var") {
+            (0.5, 2.0)
+        } else if name.ends_with("running_mean") || name.ends_with("bias") {
+            (-0.5, 0.5)
+        } else if m
+            .params()
+            .iter()
+            .any(|p| p.name == *name && p.kind == prelu::model::ParamKind::Slope)
+        {
+            (-2.5, 2.5)
+        } else if m
+            .params()
+            .iter()
+            .any(|p| p.name == *name && p.kind == prelu::model::ParamKind::BnWeight)
+        {
+            (0.5, 1.5)
+        } else {
+            continue;
+        };
+        let v: Vec<f32> = (0..t.elem_count()).map(|_| rng.random_range(lo..hi)).collect();
+        *t = Tensor::from_vec(v, t.shape(), &Device::Cpu).unwrap();
+    }
+    m.load_state_dict(&sd).unwrap();
+    m
+}
+
+fn random_input(m: &Model, n: usize, seed: u64) -> Tensor {
+    let [c, h, w] = m.spec.input;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let v: Vec<f32> = (0..n * c * h * w).map(|_| rng.random_range(0.0..1.0)).collect();
+    Tensor::from_vec(v, (n, c * h * w), &Device::Cpu).unwrap()
+}
+
+/// Max over heads of max |a - b| / max |a| (each head's outputs on `x`).
+fn heads_rel_diff(a: &Model, b: &Model, x: &Tensor) -> f64 {
+    let (ha, hb) = (
+        a.forward_outputs(x, false).unwrap(),
+        b.forward_outputs(x, false).unwrap(),
+    );
+    assert_eq!(ha.len(), hb.len());
+    let mut worst = 0.0f64;
+    for (p, q) in ha.iter().zip(&hb) {
+        let p = p.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let q = q.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(p.len(), q.len());
+        let scale = p.iter().fold(1e-3f32, |m, v| m.max(v.abs())) as f64;
+        let d = p.iter().zip(&q).fold(0.0f32, |m, (u, v)| m.max((u - v).abs())) as f64;
+        worst = worst.max(d / scale);
+    }
+    worst
+}
+
+/// Every slope of every activation of a model (per channel or shared).
+fn all_slopes(m: &Model) -> Vec<f64> {
+    let mut out = Vec::new();
+    for (n, b) in m.graph.nodes.iter().zip(&m.blocks) {
+        if let (Op::Act { act }, prelu::model::Block::Act(a)) = (&n.op, b) {
+            match a.prelu() {
+                Some(p) => out.extend(p.slope().unwrap().to_vec1::<f32>().unwrap().iter().map(|&v| v as f64)),
+                None => out.push(act.initial_slope(0.0)),
+            }
+        }
+    }
+    out
+}
+
+proptest! {
+    // A fixed seed: the same graphs on every run.
+    #![proptest_config(ProptestConfig { cases: 40, rng_seed: proptest::test_runner::RngSeed::Fixed(0x5eed_0016), .. ProptestConfig::default() })]
+
+    /// The canonical form keeps every head's output on random conv graphs
+    /// (strided/dilated/padded convs, pools, residual adds, BatchNorm, every
+    /// activation with slopes of both signs and above 1, several heads), and
+    /// leaves no |slope| > 1 that it does not account for.
+    #[test]
+    fn canonical_form_keeps_every_output_of_random_conv_graphs(seed in 0u64..1_000_000) {
+        let (g, input) = random_graph(seed);
+        let m = graph_model(g, input, seed);
+        let x = random_input(&m, 6, seed);
+        let mut net = GraphNet::from_model(&m).unwrap();
+        let stats = net.canonicalize().unwrap();
+        let out = net.to_model().unwrap();
+        let d = heads_rel_diff(&m, &out, &x);
+        prop_assert!(d <= 1e-4, "seed {}: relative output difference {} ({:?})", seed, d, stats);
+        let bn_left = out.graph.nodes.iter().filter(|n| matches!(n.op, Op::BatchNorm { .. })).count();
+        prop_assert_eq!(bn_left, stats.bn.kept.len());
+        let steep_left = all_slopes(&out).iter().filter(|a| a.abs() > 1.0 + 1e-6).count();
+        let steep_kept: usize = stats.not_flipped.iter().map(|n| n.channels).sum();
+        prop_assert!(steep_left <= steep_kept, "seed {}: {} slopes |a| > 1 left, {} reported", seed, steep_left, steep_kept);
+    }
 }
