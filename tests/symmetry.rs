@@ -561,3 +561,378 @@ proptest! {
         prop_assert!(steep_left <= steep_kept, "seed {}: {} slopes |a| > 1 left, {} reported", seed, steep_left, steep_kept);
     }
 }
+
+fn mnist_model(g: Graph, seed: u64) -> Model {
+    let spec = ModelSpec {
+        input_mean: 0.13,
+        input_std: 0.31,
+        ..ModelSpec::new(Arch::Graph { graph: g }, Activation::Relu, [1, 28, 28], 10)
+    };
+    Model::new(&spec, seed, &Device::Cpu).unwrap()
+}
+
+fn set(m: &Model, name: &str, mut f: impl FnMut(&mut Vec<f32>)) {
+    let mut sd = m.state_dict().unwrap();
+    let t = &sd[name];
+    let mut v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    f(&mut v);
+    let t = Tensor::from_vec(v, t.shape(), &Device::Cpu).unwrap();
+    sd.insert(name.into(), t);
+    m.load_state_dict(&sd).unwrap();
+}
+
+fn channels_of(m: &Model, name: &str) -> usize {
+    match m.graph.nodes[m.graph.index(name).unwrap()].op {
+        Op::Conv2d { out_channels, .. } => out_channels,
+        Op::Linear { out_features, .. } => out_features,
+        _ => panic!("{name} is not a weight layer"),
+    }
+}
+
+fn small_data() -> (prelu::data::Dataset, prelu::data::Dataset) {
+    let split = prelu::data::load("mnist-small", None).unwrap();
+    (split.train.take(200), split.test.take(200))
+}
+
+/// A CNN (conv, PReLU, max-pool; conv, BatchNorm, ReLU, avg-pool; flatten,
+/// linear, PReLU, head) with planted dead channels: conv1 channels 1 and 4
+/// (bias -1000, slope 0), conv2 channel 3 (BatchNorm beta -1000), fc unit 5.
+/// The sculptor removes exactly them and the logits do not move.
+#[test]
+fn sculpt_prunes_planted_dead_conv_channels_and_keeps_the_logits() {
+    let pool = |max: bool| {
+        let (kernel, stride, padding, ceil_mode) = (Pair::both(2), None, Padding::default(), false);
+        if max {
+            Op::MaxPool {
+                kernel,
+                stride,
+                padding,
+                ceil_mode,
+            }
+        } else {
+            Op::AvgPool {
+                kernel,
+                stride,
+                padding,
+                ceil_mode,
+                count_include_pad: true,
+            }
+        }
+    };
+    let prelu = Op::Act {
+        act: Activation::PRelu { shared: false },
+    };
+    let g = Graph {
+        nodes: vec![
+            node("c1".into(), INPUT, conv_op(6, 3, 1, 1, true)),
+            node("a1".into(), "c1", prelu.clone()),
+            node("p1".into(), "a1", pool(true)),
+            node("c2".into(), "p1", conv_op(8, 3, 1, 1, false)),
+            node("b2".into(), "c2", bn_op()),
+            node("a2".into(), "b2", Op::Act { act: Activation::Relu }),
+            node("p2".into(), "a2", pool(false)),
+            node("flat".into(), "p2", Op::Flatten),
+            node(
+                "fc".into(),
+                "flat",
+                Op::Linear {
+                    out_features: 16,
+                    bias: true,
+                },
+            ),
+            node("a3".into(), "fc", prelu),
+            node(
+                "head".into(),
+                "a3",
+                Op::Linear {
+                    out_features: 10,
+                    bias: true,
+                },
+            ),
+        ],
+        outputs: vec![],
+    };
+    let m = mnist_model(g, 4);
+    let (stats, test) = small_data();
+    // BatchNorm running statistics off their defaults.
+    let x = Tensor::from_slice(&stats.images, (stats.len(), 784), &Device::Cpu).unwrap();
+    m.forward_t(&x, true).unwrap();
+    set(&m, "c1.bias", |v| (v[1], v[4]) = (-1000.0, -1000.0));
+    set(&m, "a1.weight", |v| (v[1], v[4]) = (0.0, 0.0));
+    set(&m, "b2.bias", |v| v[3] = -1000.0);
+    set(&m, "fc.bias", |v| v[5] = -1000.0);
+    set(&m, "a3.weight", |v| v[5] = 0.0);
+    let s = prelu::sculpt::sculpt(&m, &stats, &test, &Default::default()).unwrap();
+    let r = &s.report;
+    let pruned: Vec<usize> = r.layers.iter().map(|l| l.pruned).collect();
+    assert_eq!(pruned, vec![2, 1, 1], "{r}");
+    assert_eq!(r.bn.folded, vec!["b2".to_string()]);
+    assert_eq!(
+        (
+            channels_of(&s.model, "c1"),
+            channels_of(&s.model, "c2"),
+            channels_of(&s.model, "fc")
+        ),
+        (4, 7, 15)
+    );
+    assert!(r.max_output_diff < 1e-4, "{}", r.max_output_diff);
+    assert_eq!(r.acc_before, r.acc_after);
+    // c1: 9 weights + bias + slope per channel; c2: 6*9 -> 4*9 inputs, 8 -> 7 outputs
+    // (BatchNorm folded: bias instead of gamma and beta); fc: 392 -> 343 inputs.
+    let before = 6 * 10 + 6 + 8 * 54 + 16 + 392 * 16 + 16 + 16 + 170;
+    let after = 4 * 10 + 4 + 7 * 36 + 7 + 343 * 15 + 15 + 15 + 160;
+    assert_eq!((r.params_before, r.params_after), (before, after));
+    assert_eq!(r.params_after, s.model.num_params());
+    assert!(r.macs_after < r.macs_before);
+}
+
+/// In a ResNet a dead channel of the stem feeds the residual adds: it is kept
+/// and reported as such; a dead channel inside a block (conv1 -> act1 ->
+/// conv2) is removed.
+#[test]
+fn sculpt_keeps_dead_channels_tied_by_residual_adds() {
+    let spec = ModelSpec {
+        batch_norm: true,
+        input_mean: 0.13,
+        input_std: 0.31,
+        ..ModelSpec::new(
+            Arch::Resnet {
+                depth: 8,
+                shortcuts: true,
+            },
+            Activation::Relu,
+            [1, 28, 28],
+            10,
+        )
+    };
+    let m = Model::new(&spec, 5, &Device::Cpu).unwrap();
+    let (stats, test) = small_data();
+    let (stats, test) = (stats.take(100), test.take(100));
+    set(&m, "bn1.bias", |v| v[2] = -1000.0);
+    set(&m, "layer1.0.bn1.bias", |v| v[5] = -1000.0);
+    let s = prelu::sculpt::sculpt(&m, &stats, &test, &Default::default()).unwrap();
+    let r = &s.report;
+    let layer = |n: &str| r.layers.iter().find(|l| l.layer == n).unwrap();
+    let stem = layer("act1");
+    assert!(
+        stem.dead >= 1 && stem.pruned == 0 && stem.kept_residual == stem.dead,
+        "{r}"
+    );
+    assert!(layer("layer1.0.act1").pruned >= 1, "{r}");
+    assert_eq!(
+        channels_of(&s.model, "layer1.0.conv1"),
+        16 - layer("layer1.0.act1").pruned
+    );
+    assert_eq!(channels_of(&s.model, "conv1"), 16);
+    assert!(r.max_output_diff < 1e-4, "{}", r.max_output_diff);
+    assert!(format!("{r}").contains("residual"));
+}
+
+/// conv -> identity -> 1x1 conv and 1x1 conv -> identity -> unpadded conv
+/// merge into one conv; 1x1 conv -> identity -> padded conv does not (the
+/// padding would see the bias), and the activation is still removed.
+#[test]
+fn identity_activations_between_convs_are_removed_and_merged_where_exact() {
+    let prelu = Op::Act {
+        act: Activation::PRelu { shared: false },
+    };
+    let net = |first: Op, second: Op| Graph {
+        nodes: vec![
+            node("c1".into(), INPUT, first),
+            node("a1".into(), "c1", prelu.clone()),
+            node("c2".into(), "a1", second),
+            node("a2".into(), "c2", Op::Act { act: Activation::Relu }),
+            node("gap".into(), "a2", Op::GlobalAvgPool),
+            node("flat".into(), "gap", Op::Flatten),
+            node(
+                "head".into(),
+                "flat",
+                Op::Linear {
+                    out_features: 10,
+                    bias: true,
+                },
+            ),
+        ],
+        outputs: vec![],
+    };
+    let (stats, test) = small_data();
+    let cases = [
+        (conv_op(4, 3, 1, 1, true), conv_op(3, 1, 1, 0, true), true),
+        (conv_op(4, 1, 1, 0, true), conv_op(3, 3, 1, 0, true), true),
+        (conv_op(4, 1, 1, 0, true), conv_op(3, 3, 1, 1, true), false),
+    ];
+    for (i, (first, second, merges)) in cases.into_iter().enumerate() {
+        let m = mnist_model(net(first, second), i as u64);
+        set(&m, "c1.bias", |v| v.iter_mut().for_each(|b| *b = 0.3));
+        set(&m, "a1.weight", |v| v.iter_mut().for_each(|a| *a = 1.0));
+        let s = prelu::sculpt::sculpt(&m, &stats, &test, &Default::default()).unwrap();
+        let r = &s.report;
+        assert!(r.layers[0].removed, "case {i}: {r}");
+        let merged = s.model.graph.index("c1").is_none();
+        assert_eq!(merged, merges, "case {i}: {r}");
+        assert!(r.max_output_diff < 1e-4, "case {i}: {}", r.max_output_diff);
+        assert!(r.params_after < r.params_before);
+    }
+}
+
+/// BN+PReLU on conv channels: scaling BatchNorm's gamma and beta of one
+/// channel by 3 and the next conv's input channel by 1/3 keeps the function
+/// (PReLU is positively homogeneous, for slopes of any sign), moves the raw
+/// gamma, and leaves the effective slopes where they were. In a ResNet, the
+/// stem's channels are tied by the adds, a block's inner ones are not.
+#[test]
+fn identifiability_on_conv_batchnorm_prelu() {
+    let spec = ModelSpec {
+        batch_norm: true,
+        input_mean: 0.13,
+        input_std: 0.31,
+        ..ModelSpec::new(
+            Arch::Cnn {
+                channels: vec![4, 6],
+                kernel: 3,
+                padding: 1,
+                pool_after: vec![0, 1],
+                hidden: 8,
+            },
+            Activation::PRelu { shared: false },
+            [1, 28, 28],
+            10,
+        )
+    };
+    let m = Model::new(&spec, 6, &Device::Cpu).unwrap();
+    set(&m, "act.0.weight", |v| v.copy_from_slice(&[-0.6, 0.2, 1.7, -1.3]));
+    let (_, test) = small_data();
+    let x = Tensor::from_slice(&test.images[..50 * 784], (50, 784), &Device::Cpu).unwrap();
+    m.forward_t(&x, true).unwrap();
+    let before = m
+        .forward_t(&x, false)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let ids0 = prelu::symmetry::identifiability(&m).unwrap();
+    assert_eq!(
+        ids0.iter().map(|r| r.layer.as_str()).collect::<Vec<_>>(),
+        vec!["bn.0+act.0", "bn.1+act.1", "bn.2+act.2"]
+    );
+    assert!(ids0.iter().all(|r| r.tied.iter().all(|t| !t)));
+    let c = 2;
+    set(&m, "bn.0.weight", |v| v[c] *= 3.0);
+    set(&m, "bn.0.bias", |v| v[c] *= 3.0);
+    // convs.1.weight is [6, 4, 3, 3]: input channel c of every output channel.
+    set(&m, "convs.1.weight", |v| {
+        for o in 0..6 {
+            for t in 0..9 {
+                v[(o * 4 + c) * 9 + t] /= 3.0;
+            }
+        }
+    });
+    let after = m
+        .forward_t(&x, false)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    for (a, b) in before.iter().zip(&after) {
+        assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "{a} vs {b}");
+    }
+    let ids1 = prelu::symmetry::identifiability(&m).unwrap();
+    assert!((ids1[0].gamma[c] / ids0[0].gamma[c] - 3.0).abs() < 1e-5);
+    for u in 0..4 {
+        for (p, q) in [
+            (ids0[0].effective_positive[u], ids1[0].effective_positive[u]),
+            (ids0[0].effective_negative[u], ids1[0].effective_negative[u]),
+        ] {
+            assert!((p - q).abs() <= 1e-5 * p.abs().max(1e-3), "channel {u}: {p} vs {q}");
+        }
+    }
+    // The negative slopes carry into the effective negative slope's sign.
+    assert!(ids1[0].effective_negative[0] < 0.0 && ids1[0].effective_negative[3] < 0.0);
+
+    let spec = ModelSpec {
+        batch_norm: true,
+        ..ModelSpec::new(
+            Arch::Resnet {
+                depth: 8,
+                shortcuts: true,
+            },
+            Activation::PRelu { shared: false },
+            [1, 8, 8],
+            10,
+        )
+    };
+    let ids = prelu::symmetry::identifiability(&Model::new(&spec, 1, &Device::Cpu).unwrap()).unwrap();
+    let find = |n: &str| ids.iter().find(|r| r.layer == n).unwrap();
+    assert!(find("bn1+act1").tied.iter().all(|&t| t));
+    assert!(find("layer1.0.bn1+layer1.0.act1").tied.iter().all(|&t| !t));
+}
+
+/// The canonical form of a ResNet with BatchNorm and per-channel slopes of
+/// both signs and above 1: every BatchNorm folded, the block-internal steep
+/// slopes flipped, the residual ones kept (they are tied through the adds),
+/// and the logits unchanged.
+#[test]
+fn canonical_form_of_a_resnet_keeps_its_logits() {
+    let spec = ModelSpec {
+        batch_norm: true,
+        input_mean: 0.13,
+        input_std: 0.31,
+        ..ModelSpec::new(
+            Arch::Resnet {
+                depth: 8,
+                shortcuts: true,
+            },
+            Activation::PRelu { shared: false },
+            [1, 28, 28],
+            10,
+        )
+    };
+    let m = Model::new(&spec, 2, &Device::Cpu).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    for p in m.params() {
+        if p.kind == prelu::model::ParamKind::Slope {
+            set(&m, &p.name, |v| {
+                v.iter_mut().for_each(|a| *a = rng.random_range(-2.0..2.0))
+            });
+        }
+    }
+    let (_, test) = small_data();
+    let test = test.take(100);
+    let x = Tensor::from_slice(&test.images, (100, 784), &Device::Cpu).unwrap();
+    m.forward_t(&x, true).unwrap();
+    let c = prelu::sculpt::canonicalize(&m, &test).unwrap();
+    let s = &c.report.stats;
+    assert!(s.bn.kept.is_empty() && s.bn.folded.len() == 9, "{:?}", s.bn);
+    assert!(s.flipped > 0);
+    assert!(s
+        .not_flipped
+        .iter()
+        .all(|n| n.reason == prelu::symmetry::Blocker::Residual || n.reason == prelu::symmetry::Blocker::Fixed));
+    // Without BatchNorm it is still the resnet-8 preset.
+    assert_eq!(c.model.spec.arch, spec.arch);
+    assert!(!c.model.spec.batch_norm);
+    let scale = m
+        .forward_t(&x, false)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+    assert!(
+        c.report.max_output_diff <= 1e-4 * scale.max(1.0),
+        "{} (scale {scale})",
+        c.report.max_output_diff
+    );
+    // Every block-internal activation has |slope| <= 1 now.
+    for (n, b) in c.model.graph.nodes.iter().zip(&c.model.blocks) {
+        if n.name.ends_with(".act1") {
+            let prelu::model::Block::Act(a) = b else { panic!() };
+            let v = a.prelu().unwrap().slope().unwrap().to_vec1::<f32>().unwrap();
+            assert!(v.iter().all(|a| a.abs() <= 1.0 + 1e-6), "{}: {v:?}", n.name);
+        }
+    }
+}
