@@ -1393,47 +1393,7 @@ fn cmd_stability(a: &StabilityArgs) -> Result<()> {
             test.len(),
             a.data
         );
-        println!(
-            "{:<7} {:<10} {:>5} {:>26} {:>4} {:>8} {:>8} {:>19} {:>9} {:>9}",
-            "layer",
-            "weights",
-            "ch",
-            "slope mean [min, max]",
-            "neg",
-            "w gain",
-            "chi",
-            "chi per ch [min,max]",
-            "chi(mean a)",
-            "bwd gain"
-        );
-        for l in &layers {
-            println!(
-                "{:<7} {:<10} {:>5} {:>26} {:>4} {:>8.4} {:>8.4} {:>19} {:>11.4} {:>9}",
-                l.layer,
-                l.weights,
-                l.channels,
-                format!("{:.4} [{:.4}, {:.4}]", l.slope, l.slope_min, l.slope_max),
-                l.slopes_negative,
-                l.weight_gain,
-                l.chi,
-                format!("[{:.3}, {:.3}]", l.chi_min, l.chi_max),
-                l.chi_from_mean_slope,
-                l.empirical_gain
-                    .map(|v| format!("{v:.4}"))
-                    .unwrap_or_else(|| "-".into())
-            );
-        }
-        for l in layers.iter().filter_map(|l| l.warning.as_ref().map(|w| (l, w))) {
-            println!("warning: {}: {}", l.0.layer, l.1);
-        }
-        println!("w gain = sqrt(fan_in * mean(w^2)); chi = mean over channels of g_i^2 (1 + a_i^2) / 2 (g_i: gain of");
-        println!("channel i's weights), what the per-channel slopes do to the forward variance; chi(mean a) uses the");
-        println!(
-            "layer-mean slope instead (misleading when slopes spread or change sign); bwd gain = RMS grad at this"
-        );
-        println!(
-            "act's input / next act's input. Per-channel slopes, gains, chi and variance-preserving slopes: --json."
-        );
+        print!("{}", stability::LayersTable(&layers));
         return Ok(());
     }
     if a.depth > 100_000 || a.width > 1 << 16 || a.batch > 1 << 16 || a.draws > 1000 {
