@@ -3,7 +3,7 @@
 //! * Positive homogeneity: `PReLU_a(c x) = c PReLU_a(x)` for `c > 0`, so a
 //!   unit's incoming weights and bias can be scaled by `c` and its outgoing
 //!   weights by `1/c` without changing the function.
-//! * Sign flip: `PReLU_a(-x) = -a PReLU_{1/a}(x)` for `a > 0`, so negating a
+//! * Sign flip: `PReLU_a(-x) = -a PReLU_{1/a}(x)` for `a != 0`, so negating a
 //!   unit's incoming weights and bias, replacing `a` by `1/a` and scaling its
 //!   outgoing weights by `-a` gives the same function.
 //! * Hence BatchNorm's gamma and the PReLU slopes of a BN+PReLU block are not
@@ -11,7 +11,11 @@
 //!
 //! The transforms work on [`DenseNet`], an f64 view of an MLP (Linear ->
 //! \[BN\] -> PReLU per hidden layer, Linear head) that converts to and from a
-//! [`Model`].
+//! [`Model`], and on [`GraphNet`], an f64 view of any layer graph. On a graph,
+//! a per-channel factor must be the same on every channel that pooling,
+//! flatten and residual adds tie together ([`Channels`]); a positive factor
+//! passes through activations and pooling, the sign flip (valid for any
+//! `a != 0`) only through linear ops (never a max-pool or an add).
 
 use std::collections::HashMap;
 
@@ -217,11 +221,11 @@ fn get<'a>(sd: &'a HashMap<String, Tensor>, name: &str) -> Result<&'a Tensor> {
     sd.get(name).with_context(|| format!("model lacks `{name}`"))
 }
 
-/// The f64 view of an MLP model (conv graphs are not supported yet).
+/// The [`DenseNet`] view of an MLP preset model ([`GraphNet`] takes any graph).
 pub fn from_model(model: &Model) -> Result<DenseNet> {
     let Arch::Mlp { hidden } = &model.spec.arch else {
         bail!(
-            "symmetry and sculpting work on MLP models only for now; this model is `{}` (conv graphs are not supported yet)",
+            "the DenseNet view takes MLP presets only; this model is `{}` (use GraphNet for any graph)",
             model.spec.arch.name()
         );
     };
