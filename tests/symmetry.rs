@@ -936,3 +936,74 @@ fn canonical_form_of_a_resnet_keeps_its_logits() {
         }
     }
 }
+
+/// The sign flip's validity rules on conv -> PReLU -> max-pool -> conv: with
+/// a = 2 the flip would put a negation through the max-pool (max(-x) is not
+/// -max(x)), so it is refused; with a = -2 the factor after the activation,
+/// -1/a = 0.5, is positive and passes the max-pool, so it is made. Both keep
+/// the outputs; a = -2 becomes -0.5.
+#[test]
+fn sign_flip_is_refused_through_a_max_pool_only_when_it_would_negate() {
+    let g = Graph {
+        nodes: vec![
+            node("c1".into(), INPUT, conv_op(2, 3, 1, 1, true)),
+            node(
+                "a1".into(),
+                "c1",
+                Op::Act {
+                    act: Activation::PRelu { shared: false },
+                },
+            ),
+            node(
+                "p1".into(),
+                "a1",
+                Op::MaxPool {
+                    kernel: Pair::both(2),
+                    stride: None,
+                    padding: Padding::default(),
+                    ceil_mode: false,
+                },
+            ),
+            node("c2".into(), "p1", conv_op(3, 3, 1, 0, true)),
+            node("gap".into(), "c2", Op::GlobalAvgPool),
+            node("flat".into(), "gap", Op::Flatten),
+            node(
+                "head".into(),
+                "flat",
+                Op::Linear {
+                    out_features: 10,
+                    bias: true,
+                },
+            ),
+        ],
+        outputs: vec![],
+    };
+    let m = mnist_model(g, 8);
+    set(&m, "a1.weight", |v| v.copy_from_slice(&[2.0, -2.0]));
+    // Max-pool of a negation differs from the negated max-pool on these maps.
+    let x = random_input(&m, 8, 3);
+    let mut net = GraphNet::from_model(&m).unwrap();
+    let stats = net.canonicalize().unwrap();
+    assert_eq!(stats.flipped, 1);
+    assert_eq!(stats.not_flipped.len(), 1);
+    assert_eq!(stats.not_flipped[0].reason, prelu::symmetry::Blocker::MaxPool);
+    assert_eq!(net.tensors["a1.weight"], vec![2.0, -0.5]);
+    let out = net.to_model().unwrap();
+    assert!(heads_rel_diff(&m, &out, &x) <= 1e-5);
+    // Doing the refused flip anyway (negate c1's row 0, slope 1/2, c2's input
+    // channel 0 times -2) changes the function.
+    let mut bad = GraphNet::from_model(&m).unwrap();
+    for t in bad.tensors.get_mut("c1.weight").unwrap()[..9].iter_mut() {
+        *t = -*t;
+    }
+    bad.tensors.get_mut("c1.bias").unwrap()[0] *= -1.0;
+    bad.tensors.get_mut("a1.weight").unwrap()[0] = 0.5;
+    let w2 = bad.tensors.get_mut("c2.weight").unwrap();
+    for o in 0..3 {
+        for t in 0..9 {
+            w2[(o * 2) * 9 + t] *= -2.0;
+        }
+    }
+    let bad = bad.to_model().unwrap();
+    assert!(heads_rel_diff(&m, &bad, &x) > 1e-2);
+}
