@@ -25,10 +25,15 @@ pub enum InvertError {
     Candle(#[from] candle_core::Error),
 }
 
+/// Whether a PReLU with slope `a` is invertible: `a > 0` (false for NaN).
+pub fn slope_invertible(a: f64) -> bool {
+    a > 0.0
+}
+
 /// Checks that every slope is `> 0`.
 pub fn check_invertible(slope: &Tensor) -> Result<(), InvertError> {
     let v = slope.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-    match v.iter().position(|&a| !(a > 0.0)) {
+    match v.iter().position(|&a| !slope_invertible(a)) {
         Some(index) => Err(InvertError::NotInvertible { index, value: v[index] }),
         None => Ok(()),
     }

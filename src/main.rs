@@ -1141,37 +1141,17 @@ fn cmd_canonicalize(a: &CanonArgs) -> Result<()> {
     let (data, split) = data_for(&a.checkpoint, &a.data, &a.data_dir, &model)?;
     let test = split.test.take(a.limit);
     prelu::io::refuse_same_file(&a.checkpoint, &a.out)?;
-    let (canon, scaled, flipped, diff) = prelu::sculpt::canonicalize(&model, &test)?;
-    let ids = if model.spec.batch_norm {
-        prelu::symmetry::identifiability(&model)?
-    } else {
-        vec![]
-    };
-    prelu::io::save_model(&a.out, &canon, Default::default(), Default::default())?;
+    let c = prelu::sculpt::canonicalize(&model, &test)?;
+    prelu::io::save_model(&a.out, &c.model, Default::default(), Default::default())?;
     if a.json {
         println!(
             "{}",
-            serde_json::json!({ "out": a.out, "scaled_units": scaled, "flipped_units": flipped, "max_output_diff": diff,
-                "examples": test.len(), "data": data, "identifiability": ids })
+            serde_json::json!({ "out": a.out, "data": data, "report": c.report })
         );
         return Ok(());
     }
     println!("canonical form written to {}", a.out.display());
-    println!("  BatchNorm folded: {}; units rescaled to unit norm: {scaled}; units flipped (slope > 1 -> 1/slope): {flipped}", model.spec.batch_norm);
-    println!(
-        "  max |output difference| on {} {data} test images: {diff:.3e}",
-        test.len()
-    );
-    for r in &ids {
-        let n = r.gamma.len().min(4);
-        println!("  {}: first units (gamma, a) -> effective (pos, neg) slopes:", r.layer);
-        for u in 0..n {
-            println!(
-                "    unit {u}: ({:.4}, {:.4}) -> ({:.4}, {:.4})",
-                r.gamma[u], r.slope[u], r.effective_positive[u], r.effective_negative[u]
-            );
-        }
-    }
+    print!("{}", c.report);
     Ok(())
 }
 
@@ -1189,41 +1169,18 @@ fn cmd_sculpt(a: &SculptArgs) -> Result<()> {
         stats.len()
     ));
     prelu::io::refuse_same_file(&a.checkpoint, &a.out)?;
-    let (out, r) = prelu::sculpt::sculpt(&model, &stats, &split.test, &opts)?;
+    let r = prelu::sculpt::sculpt(&model, &stats, &split.test, &opts)?;
     pb.finish_and_clear();
-    prelu::io::save_model(&a.out, &out, Default::default(), Default::default())?;
+    prelu::io::save_model(&a.out, &r.model, Default::default(), Default::default())?;
     if a.json {
         println!(
             "{}",
-            serde_json::json!({ "out": a.out, "data": data, "options": opts, "report": r })
+            serde_json::json!({ "out": a.out, "data": data, "options": opts, "report": r.report })
         );
         return Ok(());
     }
     println!("sculpted model written to {}", a.out.display());
-    println!(
-        "  hidden widths {:?} -> {:?}; merged layers {:?}",
-        r.hidden_before, r.hidden_after, r.merged_layers
-    );
-    println!(
-        "  pruned dead units per layer {:?}; linear units per layer {:?}",
-        r.pruned, r.linear
-    );
-    println!(
-        "  parameters {} -> {} ({:+.2}%), multiply-adds {} -> {}",
-        r.params_before,
-        r.params_after,
-        100.0 * (r.params_after as f64 / r.params_before as f64 - 1.0),
-        r.flops_before,
-        r.flops_after
-    );
-    println!(
-        "  test accuracy {:.4} -> {:.4} on {} images; max |output difference| {:.3e}",
-        r.acc_before, r.acc_after, r.test_examples, r.max_output_diff
-    );
-    println!(
-        "  a low-rank bypass of the linear units would save {:?} parameters per layer (not applied)",
-        r.bypass_savings
-    );
+    println!("{}", r.report);
     Ok(())
 }
 
@@ -1436,47 +1393,7 @@ fn cmd_stability(a: &StabilityArgs) -> Result<()> {
             test.len(),
             a.data
         );
-        println!(
-            "{:<7} {:<10} {:>5} {:>26} {:>4} {:>8} {:>8} {:>19} {:>9} {:>9}",
-            "layer",
-            "weights",
-            "ch",
-            "slope mean [min, max]",
-            "neg",
-            "w gain",
-            "chi",
-            "chi per ch [min,max]",
-            "chi(mean a)",
-            "bwd gain"
-        );
-        for l in &layers {
-            println!(
-                "{:<7} {:<10} {:>5} {:>26} {:>4} {:>8.4} {:>8.4} {:>19} {:>11.4} {:>9}",
-                l.layer,
-                l.weights,
-                l.channels,
-                format!("{:.4} [{:.4}, {:.4}]", l.slope, l.slope_min, l.slope_max),
-                l.slopes_negative,
-                l.weight_gain,
-                l.chi,
-                format!("[{:.3}, {:.3}]", l.chi_min, l.chi_max),
-                l.chi_from_mean_slope,
-                l.empirical_gain
-                    .map(|v| format!("{v:.4}"))
-                    .unwrap_or_else(|| "-".into())
-            );
-        }
-        for l in layers.iter().filter_map(|l| l.warning.as_ref().map(|w| (l, w))) {
-            println!("warning: {}: {}", l.0.layer, l.1);
-        }
-        println!("w gain = sqrt(fan_in * mean(w^2)); chi = mean over channels of g_i^2 (1 + a_i^2) / 2 (g_i: gain of");
-        println!("channel i's weights), what the per-channel slopes do to the forward variance; chi(mean a) uses the");
-        println!(
-            "layer-mean slope instead (misleading when slopes spread or change sign); bwd gain = RMS grad at this"
-        );
-        println!(
-            "act's input / next act's input. Per-channel slopes, gains, chi and variance-preserving slopes: --json."
-        );
+        print!("{}", stability::LayersTable(&layers));
         return Ok(());
     }
     if a.depth > 100_000 || a.width > 1 << 16 || a.batch > 1 << 16 || a.draws > 1000 {

@@ -585,12 +585,23 @@ pub struct LayerStability {
     pub slope: f64,
     pub slope_min: f64,
     pub slope_max: f64,
-    /// Channels with a negative slope.
+    /// Channels with a negative slope (|x|-like on the negative side).
     pub slopes_negative: usize,
+    /// Channels with a slope above 1 (negative side steeper than the positive).
+    pub slopes_above_one: usize,
+    /// Channels that are not invertible (slope <= 0, see [`crate::invert`]).
+    pub not_invertible: usize,
+    /// The slopes in words: how many are negative, zero, in (0, 1], above 1.
+    pub description: String,
     /// RMS gain of the whole weight layer, `sqrt(fan_in * mean(w^2))`.
     pub weight_gain: f64,
-    /// Negative-path optimal slope of the layer, `1 / weight_gain`.
+    /// Negative-path optimal slope magnitude of the whole layer,
+    /// `1 / weight_gain`; per channel (what matters when rows differ) in
+    /// `channel_a_star`.
     pub a_star: f64,
+    /// Min and max of the per-channel `a*_i = 1 / g_i`.
+    pub a_star_min: f64,
+    pub a_star_max: f64,
     /// Variance-preserving slope of the layer, `sqrt(2 / weight_gain^2 - 1)`, when it exists.
     pub a_variance: Option<f64>,
     /// Forward variance factor, the mean over channels of `chi_i`.
@@ -608,10 +619,48 @@ pub struct LayerStability {
     pub channel_gains: Vec<f64>,
     pub channel_chi: Vec<f64>,
     pub channel_a_variance: Vec<Option<f64>>,
+    /// Per channel: the negative-path optimal slope magnitude `a*_i = 1 / g_i`
+    /// (`|a_i| g_i = 1`; a negative slope of that magnitude works as well,
+    /// mirrored), and whether the channel's PReLU is invertible (`a_i > 0`).
+    pub channel_a_star: Vec<f64>,
+    pub channel_invertible: Vec<bool>,
     /// Measured on real data: RMS of the gradient at this activation's input
     /// over that at the next activation's input (backward gain of the block).
     pub empirical_gain: Option<f64>,
     pub warning: Option<String>,
+}
+
+/// The slopes of a layer in words: how many are negative (the unit maps the
+/// negative half-line onto the positive one, `|x|`-like at `a = -1`: not
+/// invertible), zero (ReLU-like: not invertible), in (0, 1] (leaky:
+/// invertible) and above 1 (the negative side steeper than the positive;
+/// invertible, and the sign flip maps it to `1/a`).
+pub fn describe_slopes(slopes: &[f64]) -> String {
+    let count = |f: &dyn Fn(f64) -> bool| slopes.iter().filter(|&&a| f(a)).count();
+    let n = slopes.len();
+    let parts = [
+        (count(&|a| a < 0.0), "negative (|x|-like, not invertible)"),
+        (count(&|a| a == 0.0), "zero (ReLU-like, not invertible)"),
+        (count(&|a| a > 0.0 && a <= 1.0), "in (0, 1] (leaky, invertible)"),
+        (count(&|a| a > 1.0), "above 1 (steeper negative side, invertible)"),
+        (count(&|a: f64| a.is_nan()), "NaN"),
+    ];
+    let text: Vec<String> = parts
+        .iter()
+        .filter(|(k, _)| *k > 0)
+        .map(|(k, what)| {
+            if *k == n {
+                format!("all {what}")
+            } else {
+                format!("{k} {what}")
+            }
+        })
+        .collect();
+    if text.is_empty() {
+        "no slopes".into()
+    } else {
+        text.join(", ")
+    }
 }
 
 /// Per-layer, per-channel stability of a trained model on a batch `x`
@@ -699,9 +748,29 @@ pub fn model_layers(model: &Model, x: &Tensor, y: &Tensor, far: f64) -> Result<V
             (Some(g0), Some(g1)) if g1 > 0.0 => Some(g0 / g1),
             _ => None,
         };
-        let warning = empirical.and_then(|g| {
-            (g > far || g < 1.0 / far).then(|| format!("backward gain {g:.3} is far from 1 (outside [1/{far}, {far}])"))
-        });
+        let channel_invertible: Vec<bool> = slopes.iter().map(|&a| crate::invert::slope_invertible(a)).collect();
+        let not_invertible = channel_invertible.iter().filter(|&&ok| !ok).count();
+        let mut warnings = Vec::new();
+        if let Some(g) = empirical.filter(|&g| g > far || g < 1.0 / far) {
+            warnings.push(format!("backward gain {g:.3} is far from 1 (outside [1/{far}, {far}])"));
+        }
+        if not_invertible > 0 && matches!(a, ActivationLayer::PRelu(_)) {
+            let list: Vec<String> = channel_invertible
+                .iter()
+                .enumerate()
+                .filter(|(_, &ok)| !ok)
+                .take(12)
+                .map(|(c, _)| c.to_string())
+                .collect();
+            warnings.push(format!(
+                "{not_invertible} of {} channels not invertible (slope <= 0): {}{}",
+                slopes.len(),
+                list.join(", "),
+                if not_invertible > list.len() { ", ..." } else { "" }
+            ));
+        }
+        let warning = (!warnings.is_empty()).then(|| warnings.join("; "));
+        let channel_a_star: Vec<f64> = gains.iter().map(|&g| 1.0 / g).collect();
         out.push(LayerStability {
             layer: names[i].clone(),
             weights: wname,
@@ -710,8 +779,13 @@ pub fn model_layers(model: &Model, x: &Tensor, y: &Tensor, far: f64) -> Result<V
             slope_min: slopes.iter().copied().fold(f64::INFINITY, f64::min),
             slope_max: slopes.iter().copied().fold(f64::NEG_INFINITY, f64::max),
             slopes_negative: slopes.iter().filter(|a| **a < 0.0).count(),
+            slopes_above_one: slopes.iter().filter(|a| **a > 1.0).count(),
+            not_invertible,
+            description: describe_slopes(&slopes),
             weight_gain: wg,
             a_star: 1.0 / wg,
+            a_star_min: channel_a_star.iter().copied().fold(f64::INFINITY, f64::min),
+            a_star_max: channel_a_star.iter().copied().fold(f64::NEG_INFINITY, f64::max),
             a_variance: a_var(wg),
             chi: chi_c.iter().sum::<f64>() / k,
             chi_min: chi_c.iter().copied().fold(f64::INFINITY, f64::min),
@@ -719,6 +793,8 @@ pub fn model_layers(model: &Model, x: &Tensor, y: &Tensor, far: f64) -> Result<V
             chi_from_mean_slope: wg * wg * (1.0 + mean_slope * mean_slope) / 2.0,
             negative_gain_rms: (slopes.iter().zip(&gains).map(|(a, g)| (a * g).powi(2)).sum::<f64>() / k).sqrt(),
             channel_a_variance: gains.iter().map(|&g| a_var(g)).collect(),
+            channel_a_star,
+            channel_invertible,
             channel_slopes: slopes,
             channel_gains: gains,
             channel_chi: chi_c,
@@ -727,6 +803,86 @@ pub fn model_layers(model: &Model, x: &Tensor, y: &Tensor, far: f64) -> Result<V
         });
     }
     Ok(out)
+}
+
+/// The table `prelu stability --checkpoint` prints for [`model_layers`]:
+/// one row per activation layer, then the layers whose slopes are not all in
+/// (0, 1] described in words, the warnings, and a legend.
+pub struct LayersTable<'a>(pub &'a [LayerStability]);
+
+impl std::fmt::Display for LayersTable<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let w = self.0.iter().map(|l| l.layer.len()).chain([5]).max().unwrap_or(5);
+        let ww = self.0.iter().map(|l| l.weights.len()).chain([7]).max().unwrap_or(7);
+        writeln!(
+            f,
+            "{:<w$} {:<ww$} {:>4} {:>26} {:>4} {:>4} {:>7} {:>8} {:>19} {:>8} {:>19} {:>11} {:>8}",
+            "layer",
+            "weights",
+            "ch",
+            "slope mean [min, max]",
+            "neg",
+            ">1",
+            "non-inv",
+            "w gain",
+            "a* per ch [min,max]",
+            "chi",
+            "chi per ch [min,max]",
+            "chi(mean a)",
+            "bwd gain"
+        )?;
+        for l in self.0 {
+            writeln!(
+                f,
+                "{:<w$} {:<ww$} {:>4} {:>26} {:>4} {:>4} {:>7} {:>8.4} {:>19} {:>8.4} {:>19} {:>11.4} {:>8}",
+                l.layer,
+                l.weights,
+                l.channels,
+                format!("{:.4} [{:.4}, {:.4}]", l.slope, l.slope_min, l.slope_max),
+                l.slopes_negative,
+                l.slopes_above_one,
+                l.not_invertible,
+                l.weight_gain,
+                format!("[{:.3}, {:.3}]", l.a_star_min, l.a_star_max),
+                l.chi,
+                format!("[{:.3}, {:.3}]", l.chi_min, l.chi_max),
+                l.chi_from_mean_slope,
+                l.empirical_gain
+                    .map(|v| format!("{v:.4}"))
+                    .unwrap_or_else(|| "-".into())
+            )?;
+        }
+        for l in self.0 {
+            if l.slopes_negative > 0 || l.slopes_above_one > 0 || l.not_invertible > 0 {
+                writeln!(f, "{}: slopes {}", l.layer, l.description)?;
+            }
+        }
+        for l in self.0 {
+            if let Some(warn) = &l.warning {
+                writeln!(f, "warning: {}: {warn}", l.layer)?;
+            }
+        }
+        writeln!(
+            f,
+            "w gain = sqrt(fan_in * mean(w^2)); a* = 1 / g_i, the slope magnitude that keeps channel i's negative path"
+        )?;
+        writeln!(
+            f,
+            "at gain 1 (g_i: gain of channel i's weights); chi = mean over channels of g_i^2 (1 + a_i^2) / 2, what the"
+        )?;
+        writeln!(
+            f,
+            "per-channel slopes do to the forward variance; chi(mean a) uses the layer-mean slope instead (misleading"
+        )?;
+        writeln!(
+            f,
+            "when slopes spread or change sign); neg/>1: channels with slope < 0 / > 1; non-inv: channels with slope <= 0"
+        )?;
+        writeln!(
+            f,
+            "(PReLU not invertible there); bwd gain = RMS grad at this act's input / next act's input. Per channel: --json."
+        )
+    }
 }
 
 /// Writes an SVG plot: left, the mean forward variance against depth per

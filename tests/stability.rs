@@ -201,20 +201,23 @@ fn per_layer_analysis_of_a_model_reads_gradients_at_every_activation() {
     use candle_core::{Device, Tensor};
     use prelu::model::{Arch, Model, ModelSpec};
     let dev = Device::Cpu;
+    // Layers of 256 x 256 weights, so a layer's RMS gain is measured to about
+    // 0.3% and He-for-PReLU (1.372 at a0 = 0.25) can be told from
+    // He-for-ReLU (sqrt 2 = 1.414).
     let spec = ModelSpec {
         input_mean: 0.5,
         input_std: 0.3,
         ..ModelSpec::new(
             Arch::Mlp {
-                hidden: vec![16, 16, 16],
+                hidden: vec![256, 256, 256],
             },
             Activation::PRelu { shared: false },
-            [1, 4, 4],
+            [1, 16, 16],
             3,
         )
     };
     let m = Model::new(&spec, 1, &dev).unwrap();
-    let x = Tensor::rand(0f32, 1.0, (32, 16), &dev).unwrap();
+    let x = Tensor::rand(0f32, 1.0, (32, 256), &dev).unwrap();
     let y = Tensor::from_iter((0..32u32).map(|i| i % 3), &dev).unwrap();
     let layers = stability::model_layers(&m, &x, &y, 4.0).unwrap();
     assert_eq!(layers.len(), 3);
@@ -225,10 +228,26 @@ fn per_layer_analysis_of_a_model_reads_gradients_at_every_activation() {
         assert!(g.is_finite() && g > 0.0);
     }
     assert!(layers[2].empirical_gain.is_none());
-    // He init for a0 = 0.25: weight gain ~ gain(0.25) = 1.372, a* = 1 / gain.
-    for l in &layers {
-        assert!((l.weight_gain - prelu::gain(0.25)).abs() < 0.35, "{}", l.weight_gain);
-        assert!((l.a_star * l.weight_gain - 1.0).abs() < 1e-12);
+    let sd = m.state_dict().unwrap();
+    for (k, l) in layers.iter().enumerate() {
+        assert!((l.weight_gain - prelu::gain(0.25)).abs() < 0.02, "{}", l.weight_gain);
+        assert!((l.weight_gain - 2f64.sqrt()).abs() > 0.02, "{}", l.weight_gain);
+        // a*_i = 1 / g_i from the weight rows, read here from the checkpoint tensors.
+        let w = sd[&format!("layers.{k}.weight")].to_vec2::<f32>().unwrap();
+        assert_eq!(l.channel_a_star.len(), 256);
+        for (i, row) in w.iter().enumerate() {
+            let g = (row.iter().map(|&v| (v as f64).powi(2)).sum::<f64>()).sqrt();
+            assert!(
+                (l.channel_a_star[i] * g - 1.0).abs() < 1e-4,
+                "channel {i}: {} vs 1/{g}",
+                l.channel_a_star[i]
+            );
+        }
+        assert!(l.a_star_min < l.a_star && l.a_star < l.a_star_max);
+        assert_eq!(l.not_invertible, 0);
+        assert!(l.channel_invertible.iter().all(|&ok| ok));
+        assert_eq!(l.description, "all in (0, 1] (leaky, invertible)");
+        assert!(l.warning.is_none());
     }
 }
 
@@ -257,10 +276,14 @@ fn per_layer_analysis_works_per_channel_with_slopes_of_both_signs() {
         .flat_map(|i| std::iter::repeat_n((i + 1) as f32 / 10.0, 16))
         .collect();
     sd.insert("layers.0.weight".into(), Tensor::from_vec(w, (8, 16), &dev).unwrap());
+    // act.1: slopes above 1, zero and negative.
+    let s1: Vec<f32> = vec![1.5, 0.5, 0.0, -2.0, 3.0, 0.25, 1.0, -0.1];
+    sd.insert("act.1.weight".into(), Tensor::new(s1.as_slice(), &dev).unwrap());
     m.load_state_dict(&sd).unwrap();
     let x = Tensor::rand(0f32, 1.0, (16, 16), &dev).unwrap();
     let y = Tensor::from_iter((0..16u32).map(|i| i % 3), &dev).unwrap();
-    let l = &stability::model_layers(&m, &x, &y, 4.0).unwrap()[0];
+    let layers = stability::model_layers(&m, &x, &y, 4.0).unwrap();
+    let l = &layers[0];
     assert_eq!(l.channels, 8);
     assert_eq!(l.slopes_negative, 4);
     assert!(l.slope.abs() < 1e-7 && (l.slope_min + 0.5).abs() < 1e-7 && (l.slope_max - 0.5).abs() < 1e-7);
@@ -281,4 +304,33 @@ fn per_layer_analysis_works_per_channel_with_slopes_of_both_signs() {
     // The layer-mean slope (0) would say g^2 / 2: 20% less than the truth here.
     assert!((l.chi_from_mean_slope - mean_g2 / 2.0).abs() < 1e-4);
     assert!((l.negative_gain_rms - (0.25 * mean_g2).sqrt()).abs() < 1e-4);
+    // Per channel: a*_i = 1 / g_i (not one layer value), and the invertibility
+    // alarm names the channels with a negative slope.
+    for i in 0..8 {
+        assert!((l.channel_a_star[i] - 1.0 / (0.4 * (i + 1) as f64)).abs() < 1e-5);
+        assert_eq!(l.channel_invertible[i], i % 2 == 0);
+    }
+    assert!((l.a_star_min - 1.0 / 3.2).abs() < 1e-5 && (l.a_star_max - 2.5).abs() < 1e-5);
+    assert_eq!(l.not_invertible, 4);
+    assert_eq!(
+        l.description,
+        "4 negative (|x|-like, not invertible), 4 in (0, 1] (leaky, invertible)"
+    );
+    let warn = l.warning.as_deref().unwrap();
+    assert!(
+        warn.contains("4 of 8 channels not invertible (slope <= 0): 1, 3, 5, 7"),
+        "{warn}"
+    );
+    let l1 = &layers[1];
+    assert_eq!((l1.slopes_negative, l1.slopes_above_one, l1.not_invertible), (2, 2, 3));
+    assert_eq!(
+        l1.description,
+        "2 negative (|x|-like, not invertible), 1 zero (ReLU-like, not invertible), \
+         3 in (0, 1] (leaky, invertible), 2 above 1 (steeper negative side, invertible)"
+    );
+    let table = stability::LayersTable(&layers).to_string();
+    assert!(
+        table.contains("act.1: slopes 2 negative") && table.contains("warning: act.0: 4 of 8"),
+        "{table}"
+    );
 }
