@@ -381,6 +381,35 @@ pub struct TrainSummary {
     pub alarms: Vec<crate::sentinel::Alarm>,
 }
 
+impl std::fmt::Display for TrainSummary {
+    /// The text `prelu train` prints.
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        writeln!(
+            f,
+            "{} on {}: test accuracy {:.4} (best {:.4}), test loss {:.4}, {} epoch{} in {:.1} s ({:.0} samples/s), {} parameters",
+            self.act,
+            self.data,
+            self.test_acc,
+            self.best_test_acc,
+            self.test_loss,
+            self.epochs,
+            if self.epochs == 1 { "" } else { "s" },
+            self.seconds,
+            self.samples_per_s,
+            self.params
+        )?;
+        if self.alarms.is_empty() {
+            writeln!(f, "sentinel alarms: none")?;
+        } else {
+            writeln!(f, "sentinel alarms ({}):", self.alarms.len())?;
+            for al in &self.alarms {
+                writeln!(f, "  epoch {}: {}", al.epoch, al.message)?;
+            }
+        }
+        writeln!(f, "run folder: {}", self.run_dir.display())
+    }
+}
+
 /// Progress events for a front end (progress bar).
 pub enum Event<'a> {
     EpochStart {
@@ -407,6 +436,21 @@ struct CheckpointProgress {
     best_test_acc: f64,
 }
 
+/// The mean cross-entropy of a batch of logits (a scalar tensor, ready for
+/// `backward`) and the number of rows whose argmax is the label: the one
+/// place loss and accuracy are computed from logits (training, evaluation,
+/// the sentinel's diagnose pass, attacks).
+pub fn loss_and_correct(logits: &Tensor, y: &Tensor) -> candle_core::Result<(Tensor, usize)> {
+    let loss = candle_nn::loss::cross_entropy(logits, y)?;
+    let correct = logits
+        .argmax(1)?
+        .eq(y)?
+        .to_dtype(DType::U32)?
+        .sum_all()?
+        .to_scalar::<u32>()? as usize;
+    Ok((loss, correct))
+}
+
 /// Loss and accuracy of a model over a data set (evaluation mode), through
 /// the fused step's forward pass (candle's forward for models it does not
 /// cover).
@@ -428,13 +472,9 @@ pub fn evaluate(model: &Model, ds: &Dataset, batch: usize) -> Result<(f64, f64)>
     for b in ds.batches(batch) {
         let (x, y) = b?;
         let logits = model.forward_t(&x, false)?;
-        loss_sum += candle_nn::loss::cross_entropy(&logits, &y)?.to_scalar::<f32>()? as f64 * y.dim(0)? as f64;
-        correct += logits
-            .argmax(1)?
-            .eq(&y)?
-            .to_dtype(DType::U32)?
-            .sum_all()?
-            .to_scalar::<u32>()? as usize;
+        let (loss, c) = loss_and_correct(&logits, &y)?;
+        loss_sum += loss.to_scalar::<f32>()? as f64 * y.dim(0)? as f64;
+        correct += c;
     }
     Ok((loss_sum / ds.len() as f64, correct as f64 / ds.len() as f64))
 }
@@ -843,14 +883,8 @@ pub fn train_in(cfg: &TrainConfig, run_dir: &Path, mode: RunMode, on: &mut dyn F
                         Some(h) => model.forward_counting(&x, true, h)?,
                         None => model.forward_t(&x, true)?,
                     };
-                    let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
+                    let (loss, c) = loss_and_correct(&logits, &y)?;
                     let lv = loss.to_scalar::<f32>()? as f64;
-                    let c = logits
-                        .argmax(1)?
-                        .eq(&y)?
-                        .to_dtype(DType::U32)?
-                        .sum_all()?
-                        .to_scalar::<u32>()? as usize;
                     (lv, c, Some(loss.backward()?))
                 }
             };
@@ -1047,12 +1081,15 @@ pub fn train_in(cfg: &TrainConfig, run_dir: &Path, mode: RunMode, on: &mut dyn F
 pub struct CompareRow {
     pub act: String,
     pub seeds: Vec<u64>,
-    pub final_acc: Vec<f64>,
-    pub best_acc: Vec<f64>,
-    pub final_mean: f64,
-    pub final_std: f64,
-    pub best_mean: f64,
-    pub best_std: f64,
+    /// Final test accuracy of each seed's run.
+    pub test_acc: Vec<f64>,
+    /// Best test accuracy (over epochs) of each seed's run.
+    pub best_test_acc: Vec<f64>,
+    pub test_acc_mean: f64,
+    /// Sample standard deviation over seeds (0 for one seed).
+    pub test_acc_sd: f64,
+    pub best_test_acc_mean: f64,
+    pub best_test_acc_sd: f64,
     pub seconds_mean: f64,
     pub run_dirs: Vec<PathBuf>,
 }
@@ -1089,12 +1126,12 @@ pub fn compare(
         let mut row = CompareRow {
             act: act.clone(),
             seeds: vec![],
-            final_acc: vec![],
-            best_acc: vec![],
-            final_mean: 0.0,
-            final_std: 0.0,
-            best_mean: 0.0,
-            best_std: 0.0,
+            test_acc: vec![],
+            best_test_acc: vec![],
+            test_acc_mean: 0.0,
+            test_acc_sd: 0.0,
+            best_test_acc_mean: 0.0,
+            best_test_acc_sd: 0.0,
             seconds_mean: 0.0,
             run_dirs: vec![],
         };
@@ -1109,13 +1146,13 @@ pub fn compare(
             let label = format!("{act} seed {}", c.seed);
             let s = train(&c, &dir, false, &mut |e| on(&label, e))?;
             row.seeds.push(c.seed);
-            row.final_acc.push(s.test_acc);
-            row.best_acc.push(s.best_test_acc);
+            row.test_acc.push(s.test_acc);
+            row.best_test_acc.push(s.best_test_acc);
             row.run_dirs.push(dir);
             secs.push(s.seconds);
         }
-        (row.final_mean, row.final_std) = mean_std(&row.final_acc);
-        (row.best_mean, row.best_std) = mean_std(&row.best_acc);
+        (row.test_acc_mean, row.test_acc_sd) = mean_std(&row.test_acc);
+        (row.best_test_acc_mean, row.best_test_acc_sd) = mean_std(&row.best_test_acc);
         row.seconds_mean = mean_std(&secs).0;
         rows.push(row);
     }

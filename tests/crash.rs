@@ -206,7 +206,7 @@ fn full_or_read_only_run_folder_keeps_the_previous_checkpoint() {
         "{err}"
     );
     assert!(!err.contains("panicked"));
-    let (_, _, meta) = prelu::io::load_model(&run).unwrap();
+    let prelu::io::Loaded { metadata: meta, .. } = prelu::io::load_model(&run).unwrap();
     assert!(
         meta[prelu::io::PROGRESS_KEY].contains("\"epoch\":1"),
         "the epoch-1 checkpoint must survive: {meta:?}"

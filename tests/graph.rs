@@ -572,7 +572,7 @@ fn presets_and_graph_files_train_and_resume() {
     let more = TrainConfig { epochs: 2, ..cfg };
     let s = train(&more, &run, true, &mut |_| {}).unwrap();
     assert_eq!(s.epochs, 2);
-    let (m, _, _) = prelu::io::load_model(&run).unwrap();
+    let prelu::io::Loaded { model: m, .. } = prelu::io::load_model(&run).unwrap();
     assert_eq!(
         m.activation_names(),
         ["stem_act", "block.act1", "block.act2", "down_act"]

@@ -341,7 +341,7 @@ fn item4_a_diverged_epoch_is_never_checkpointed() {
         e.contains(&ckpt.display().to_string()) && e.contains("after epoch 1"),
         "{e}"
     );
-    let (_, _, meta) = prelu::io::load_model(&dir).unwrap();
+    let prelu::io::Loaded { metadata: meta, .. } = prelu::io::load_model(&dir).unwrap();
     assert!(meta[prelu::io::PROGRESS_KEY].contains("\"epoch\":1,"), "{meta:?}");
     // The metrics hold epoch 1 only, and the report still works.
     let epochs = read_metrics(&dir)

@@ -161,7 +161,9 @@ fn checkpoint_round_trip_keeps_outputs() {
             .unwrap();
         let path = dir.join("m.safetensors");
         prelu::io::save_model(&path, &m, HashMap::new(), HashMap::new()).unwrap();
-        let (back, tensors, _) = prelu::io::load_model(&path).unwrap();
+        let prelu::io::Loaded {
+            model: back, tensors, ..
+        } = prelu::io::load_model(&path).unwrap();
         assert!(tensors.contains_key("act.0.weight"));
         if bn {
             assert!(tensors.contains_key("bn.0.running_mean") && tensors.contains_key("bn.0.running_var"));
@@ -457,7 +459,7 @@ fn nan_loss_stops_cleanly_and_keeps_the_last_checkpoint() {
         e.contains("loss became NaN") && e.contains("epoch 2") && e.contains("checkpoint"),
         "{e}"
     );
-    let (_, _, meta) = prelu::io::load_model(&dir).unwrap();
+    let prelu::io::Loaded { metadata: meta, .. } = prelu::io::load_model(&dir).unwrap();
     assert!(meta[prelu::io::PROGRESS_KEY].contains("\"epoch\":1"), "{meta:?}");
     assert_eq!(epochs_of(&train::read_metrics(&dir).unwrap()).len(), 1);
 }
