@@ -556,6 +556,7 @@ fn presets_and_graph_files_train_and_resume() {
         assert!(s.test_loss.is_finite() && s.params > 70_000, "{model}: {}", s.params);
     }
     let dir = tmp("train-graph-file");
+    std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("net.toml");
     std::fs::copy(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("graphs/small-resnet.toml"),

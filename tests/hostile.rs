@@ -9,17 +9,8 @@ use std::process::{Command, Output};
 
 use prelu::train::{read_metrics, EpochMetrics, MetricsLine};
 
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_prelu"));
-    c.current_dir(env!("CARGO_MANIFEST_DIR"));
-    c
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("prelu-hostile-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
+mod common;
+use common::{bin, tmp};
 
 /// A tiny, fast training run's flags (mnist-small, 256 examples, one thread).
 const TINY: [&str; 14] = [
