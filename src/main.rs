@@ -38,7 +38,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// ReLU vs PReLU on the built-in MNIST subset: a 30-layer net over 3 seeds with CIs, and dying ReLU (a few minutes on 2 cores).
+    /// ReLU vs PReLU on the built-in MNIST subset: a 30-layer net over 3 seeds with CIs, and dying ReLU (< 1 min).
     Demo(train::DemoArgs),
     /// Train one network on real data; writes a run folder.
     Train(train::TrainArgs),
