@@ -336,7 +336,7 @@ fn mnist_epoch(sentinel: bool, data_dir: Option<&std::path::Path>) -> Result<Opt
     let dir = std::env::temp_dir().join(format!("prelu-bench-epoch-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let err = |e: anyhow::Error| candle_core::Error::Msg(format!("bench epoch: {e:#}"));
-    let run = train::train(&cfg, &dir, false, &mut |_| {}).map_err(err);
+    let run = train::train(&cfg, &dir, false, &mut |_| {}).map_err(|e| err(e.into()));
     let lines = run.and_then(|_| train::read_metrics(&dir).map_err(err));
     let _ = std::fs::remove_dir_all(&dir);
     Ok(lines?.into_iter().find_map(|l| match l {

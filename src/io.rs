@@ -512,7 +512,7 @@ fn not_a_checkpoint(file: &Path, bytes: &[u8], e: anyhow::Error) -> anyhow::Erro
 
 /// Loads a model from a checkpoint written by [`save_model`] (or a run folder
 /// holding `checkpoint.safetensors`); returns the tensors and metadata too.
-pub fn load_model(path: &Path) -> Result<Loaded> {
+pub fn load_model(path: &Path) -> crate::Result<Loaded> {
     load_model_with_spec(path, None)
 }
 
@@ -544,7 +544,11 @@ pub const DATA_KEY: &str = "prelu.data";
 /// The spec is validated, the tensors' presence, shapes and dtypes checked,
 /// and the model's memory estimated against the budget, all before the model
 /// is built.
-pub fn load_model_with_spec(path: &Path, spec: Option<&Path>) -> Result<Loaded> {
+pub fn load_model_with_spec(path: &Path, spec: Option<&Path>) -> crate::Result<Loaded> {
+    load_checkpoint(path, spec).map_err(crate::Error::from)
+}
+
+fn load_checkpoint(path: &Path, spec: Option<&Path>) -> Result<Loaded> {
     if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("onnx")) {
         if spec.is_some() {
             bail!(

@@ -104,7 +104,7 @@ impl Command {
 }
 
 fn run(mut cli: Cli) -> Result<()> {
-    prelu::set_threads(cli.threads)?;
+    prelu::set_threads(cli.threads).map_err(|e| anyhow::anyhow!("--threads {}: {e}", cli.threads))?;
     // `prelu --spec S diagnose ...` (the old spelling) still works.
     if let Some(s) = cli.spec.take() {
         match cli.command.spec_mut() {

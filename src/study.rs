@@ -612,7 +612,7 @@ fn same_run(saved: &TrainConfig, want: &TrainConfig, dir: &Path) -> bool {
 
 /// Whether a training error is the loss becoming NaN or infinite (a
 /// diverged run: a result of the experiment, not a failure of the study).
-fn is_divergence(e: &anyhow::Error) -> bool {
+fn is_divergence(e: &crate::Error) -> bool {
     format!("{e:#}").contains("loss became")
 }
 
@@ -634,7 +634,7 @@ fn run_one(cfg: &TrainConfig, dir: &Path, on: &mut dyn FnMut(Event)) -> Result<S
                 crate::io::write_atomic(&marker, msg.as_bytes())?;
                 Ok(("diverged", Some(msg)))
             }
-            Err(e) => Err(e),
+            Err(e) => Err(e.into()),
         }
     };
     let (status, error) = if dir.join("config.toml").exists() {

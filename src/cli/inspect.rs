@@ -118,7 +118,12 @@ impl fmt::Display for DiagnoseOutput {
                 list(&l.linear)
             )?;
         }
-        for (name, h) in &self.slope_histograms {
+        // In layer order (the map is sorted by name).
+        let hists = self
+            .layers
+            .iter()
+            .filter_map(|l| self.slope_histograms.get(&l.layer).map(|h| (&l.layer, h)));
+        for (name, h) in hists {
             let counts: Vec<String> = h.counts.iter().map(|c| c.to_string()).collect();
             writeln!(
                 f,

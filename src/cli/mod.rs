@@ -85,7 +85,7 @@ pub fn emit<T: serde::Serialize + fmt::Display>(json: bool, v: &T) -> Result<()>
 
 /// Loads a checkpoint (a .safetensors file, a run folder or an .onnx model).
 pub fn load_ckpt(p: &Path, spec: &SpecArg) -> Result<prelu::io::Loaded> {
-    prelu::io::load_model_with_spec(p, spec.spec.as_deref())
+    Ok(prelu::io::load_model_with_spec(p, spec.spec.as_deref())?)
 }
 
 /// The run folder a checkpoint belongs to: the folder itself, or the folder
@@ -203,6 +203,8 @@ pub struct Progress {
     len: u64,
     start: Instant,
     last_line: Instant,
+    /// Whether a periodic line was printed (then the end gets one too).
+    printed: bool,
 }
 
 impl Progress {
@@ -226,6 +228,7 @@ impl Progress {
             len,
             start: now,
             last_line: now,
+            printed: false,
         }
     }
 
@@ -233,8 +236,10 @@ impl Progress {
         match &self.pb {
             Some(pb) => pb.set_position(pos),
             None => {
-                if self.last_line.elapsed() >= Duration::from_secs(10) || (pos == self.len && pos > 0) {
+                let done = pos >= self.len && pos > 0;
+                if self.last_line.elapsed() >= Duration::from_secs(10) || (done && self.printed) {
                     self.last_line = Instant::now();
+                    self.printed = !done;
                     let el = self.start.elapsed().as_secs_f64();
                     let eta = if pos > 0 {
                         format!(", eta {:.0} s", el / pos as f64 * (self.len - pos.min(self.len)) as f64)
@@ -291,9 +296,13 @@ pub fn list(v: &[usize]) -> String {
 pub fn error_message(e: &anyhow::Error) -> String {
     let mut parts: Vec<String> = Vec::new();
     for cause in e.chain() {
-        let s = match cause.downcast_ref::<candle_core::Error>() {
-            Some(c) => candle_message(c),
-            None => cause.to_string(),
+        let s = match (
+            cause.downcast_ref::<candle_core::Error>(),
+            cause.downcast_ref::<prelu::Error>(),
+        ) {
+            (Some(c), _) | (_, Some(prelu::Error::Candle(c))) => candle_message(c),
+            (_, Some(prelu::Error::Other(inner))) => error_message(inner),
+            _ => cause.to_string(),
         };
         // anyhow's chain repeats a transparent source's text; keep it once.
         if parts.last().is_none_or(|l| !l.ends_with(&s)) {

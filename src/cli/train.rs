@@ -471,7 +471,20 @@ pub fn cmd_train(a: &TrainArgs) -> Result<()> {
         (false, true) => train::RunMode::Overwrite,
         (false, false) => train::RunMode::New,
     };
-    let s = train::train_in(&cfg, &dir, mode, &mut |e| p.on(e))?;
+    // The library's errors in the command line's terms.
+    let s = train::train_in(&cfg, &dir, mode, &mut |e| p.on(e)).map_err(|e| match e {
+        prelu::Error::RunExists { dir } => anyhow::anyhow!(
+            "{} already holds a run (or other files); pass --resume to continue it, --overwrite to replace it, \
+             or choose another --out",
+            dir.display()
+        ),
+        prelu::Error::WouldShorten { dir, done, asked } => anyhow::anyhow!(
+            "{} has already trained {done} epochs; --epochs {asked} would shorten it (nothing was changed; \
+             give --epochs {done} or more, or leave --epochs out)",
+            dir.display()
+        ),
+        e => e.into(),
+    })?;
     emit(a.json.json, &s)
 }
 
@@ -495,7 +508,7 @@ impl fmt::Display for CompareTable<'_> {
         let head = if n > 1 { "mean ± sd" } else { "" };
         writeln!(
             f,
-            "{:<14} {:>6} {:>18} {:>18} {:>10}",
+            "{:<14} {:>6} {:>19} {:>24} {:>8}",
             "activation",
             "seeds",
             format!("test acc {head}").trim_end(),
@@ -506,7 +519,7 @@ impl fmt::Display for CompareTable<'_> {
             let k = r.seeds.len();
             writeln!(
                 f,
-                "{:<14} {:>6} {:>18} {:>18} {:>10.1}",
+                "{:<14} {:>6} {:>19} {:>24} {:>8.1}",
                 r.act,
                 k,
                 mean_sd(r.test_acc_mean, r.test_acc_sd, k),

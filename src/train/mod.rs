@@ -659,7 +659,12 @@ impl CheckpointProgress {
 /// `epochs` (the total to reach) and the testing aid `fault_nan_step` are used,
 /// so a caller that wants the run's own length passes the saved `epochs`.
 /// Without `resume` the folder must be missing or empty ([`RunMode::New`]).
-pub fn train(cfg: &TrainConfig, run_dir: &Path, resume: bool, on: &mut dyn FnMut(Event)) -> Result<TrainSummary> {
+pub fn train(
+    cfg: &TrainConfig,
+    run_dir: &Path,
+    resume: bool,
+    on: &mut dyn FnMut(Event),
+) -> crate::Result<TrainSummary> {
     train_in(cfg, run_dir, if resume { RunMode::Resume } else { RunMode::New }, on)
 }
 
@@ -667,7 +672,16 @@ pub fn train(cfg: &TrainConfig, run_dir: &Path, resume: bool, on: &mut dyn FnMut
 /// loaded and the memory estimated before the folder is touched; the folder
 /// is locked for the whole run; temporary files a killed run left are
 /// removed; only finite states are checkpointed.
-pub fn train_in(cfg: &TrainConfig, run_dir: &Path, mode: RunMode, on: &mut dyn FnMut(Event)) -> Result<TrainSummary> {
+pub fn train_in(
+    cfg: &TrainConfig,
+    run_dir: &Path,
+    mode: RunMode,
+    on: &mut dyn FnMut(Event),
+) -> crate::Result<TrainSummary> {
+    train_loop(cfg, run_dir, mode, on).map_err(crate::Error::from)
+}
+
+fn train_loop(cfg: &TrainConfig, run_dir: &Path, mode: RunMode, on: &mut dyn FnMut(Event)) -> Result<TrainSummary> {
     let resume = mode == RunMode::Resume;
     let cfg = if resume {
         let mut saved = TrainConfig::from_toml_file(&run_dir.join("config.toml"))

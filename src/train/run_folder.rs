@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
 use super::{
     holds_files, kept_message, read_metrics, rewrite_metrics, CheckpointProgress, EpochMetrics, Event, MetricsLine,
@@ -44,13 +44,7 @@ impl RunFolder {
     /// anything in it changes), creates and locks it, and removes the
     /// temporary files a killed run left.
     pub fn open(dir: &Path, mode: RunMode, on: &mut dyn FnMut(Event)) -> Result<Self> {
-        let taken = |dir: &Path| {
-            anyhow::anyhow!(
-                "{} already holds a run (or other files); pass --resume to continue it, --overwrite to replace it, \
-                 or choose another --out",
-                dir.display()
-            )
-        };
+        let taken = |dir: &Path| anyhow::Error::new(crate::Error::RunExists { dir: dir.to_path_buf() });
         if mode == RunMode::New && holds_files(dir)? {
             return Err(taken(dir));
         }
@@ -110,14 +104,12 @@ impl RunFolder {
         prog.check(steps_per_epoch)
             .with_context(|| format!("{}: cannot resume", ckpt_path.display()))?;
         if epochs < prog.epoch {
-            bail!(
-                "{} has already trained {} epochs; --epochs {} would shorten it (nothing was changed; \
-                 give --epochs {} or more, or leave --epochs out)",
-                run_dir.display(),
-                prog.epoch,
-                epochs,
-                prog.epoch
-            );
+            return Err(crate::Error::WouldShorten {
+                dir: run_dir.to_path_buf(),
+                done: prog.epoch,
+                asked: epochs,
+            }
+            .into());
         }
         opt.load_state(&tensors, prog.optimizer_steps)
             .with_context(|| format!("{}: bad optimiser state", ckpt_path.display()))?;
@@ -143,7 +135,7 @@ impl RunFolder {
         rewrite_metrics(run_dir, &keep)?;
         on(Event::Message(if start.epoch == epochs {
             format!(
-                "{} has already finished its {} epochs: nothing to train (give a larger --epochs to extend it)",
+                "{} has already finished its {} epochs: nothing to train (give more epochs to extend it)",
                 run_dir.display(),
                 start.epoch
             )
@@ -166,7 +158,7 @@ impl RunFolder {
             std::fs::remove_file(&self.ckpt_path)
                 .with_context(|| format!("cannot remove {}", self.ckpt_path.display()))?;
             on(Event::Message(format!(
-                "--overwrite: the run in {} is replaced",
+                "the run in {} is replaced (overwrite)",
                 self.dir.display()
             )));
         }
