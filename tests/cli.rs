@@ -159,7 +159,8 @@ fn every_flag_of_every_command_is_described() -> Result<()> {
         let lines: Vec<&str> = help.lines().collect();
         for (i, l) in lines.iter().enumerate() {
             let t = l.trim_start();
-            if !t.starts_with("--") && !(t.starts_with('-') && t.chars().nth(1).is_some_and(|c| c.is_alphabetic())) {
+            let short = t.starts_with('-') && t.chars().nth(1).is_some_and(|c| c.is_alphabetic());
+            if !(t.starts_with("--") || short) {
                 continue;
             }
             // A description follows on the same line (after two spaces) or the next.

@@ -4,8 +4,8 @@
 //! issue it checks.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Output;
 
 use prelu::train::{read_metrics, EpochMetrics, MetricsLine};
 
