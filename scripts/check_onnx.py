@@ -8,6 +8,7 @@ Reads MODEL.onnx.ref.json (written beside the model), feeds the reference
 images, and exits 1 if any logit differs by more than MAX_ABS_DIFF (1e-4).
 """
 import json
+import os
 import sys
 
 import numpy as np
@@ -16,8 +17,10 @@ import onnxruntime as ort
 path = sys.argv[1]
 tol = float(sys.argv[2]) if len(sys.argv) > 2 else 1e-4
 ref = json.load(open(path + ".ref.json"))
-x = np.fromfile(ref["inputs"], dtype="<f4").reshape(ref["n"], ref["features"])
-want = np.fromfile(ref["logits"], dtype="<f4").reshape(ref["n"], ref["classes"])
+# The file names in .ref.json are relative to the .ref.json itself.
+here = os.path.dirname(os.path.abspath(path))
+x = np.fromfile(os.path.join(here, ref["inputs"]), dtype="<f4").reshape(ref["n"], ref["features"])
+want = np.fromfile(os.path.join(here, ref["logits"]), dtype="<f4").reshape(ref["n"], ref["classes"])
 sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
 got = sess.run(["logits"], {"input": x})[0]
 diff = float(np.abs(got - want).max())

@@ -38,8 +38,10 @@ def act_module(act, channels):
         return nn.ReLU()
     if isinstance(act, dict) and "leaky-relu" in act:
         return nn.LeakyReLU(act["leaky-relu"])
-    if isinstance(act, dict) and "p-relu" in act:
-        return nn.PReLU(1 if act["p-relu"]["shared"] else channels, init=0.25)
+    # `prelu` (current spelling) or `p-relu` (before issue 17).
+    key = next((k for k in ("prelu", "p-relu") if isinstance(act, dict) and k in act), None)
+    if key is not None:
+        return nn.PReLU(1 if act[key]["shared"] else channels, init=0.25)
     raise ValueError(f"activation {act!r}")
 
 

@@ -27,7 +27,9 @@ pub enum Activation {
     /// `x > 0 ? x : a x` with a fixed slope `a`.
     LeakyRelu(f64),
     /// `x > 0 ? x : a x` with a learnable slope, one for the layer (`shared`) or
-    /// one per channel.
+    /// one per channel. Spelled `prelu` in specs as on the command line
+    /// (`p-relu`, the old spelling, still reads).
+    #[serde(rename = "prelu", alias = "p-relu")]
     PRelu { shared: bool },
 }
 

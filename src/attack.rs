@@ -213,16 +213,10 @@ pub struct AttackReport {
     pub pgd: PgdOptions,
 }
 
+/// Correct predictions and summed loss of a batch.
 fn accuracy_and_loss(model: &Model, x: &Tensor, y: &Tensor) -> Result<(usize, f64)> {
-    let logits = model.forward_t(x, false)?;
-    let correct = logits
-        .argmax(1)?
-        .eq(y)?
-        .to_dtype(DType::U32)?
-        .sum_all()?
-        .to_scalar::<u32>()? as usize;
-    let loss = losses(model, x, y)?.sum_all()?.to_scalar::<f32>()? as f64;
-    Ok((correct, loss))
+    let (loss, correct) = crate::train::loss_and_correct(&model.forward_t(x, false)?, y)?;
+    Ok((correct, loss.to_scalar::<f32>()? as f64 * y.dim(0)? as f64))
 }
 
 fn quantiles(mut v: Vec<f64>) -> [f64; 5] {

@@ -336,7 +336,7 @@ fn mnist_epoch(sentinel: bool, data_dir: Option<&std::path::Path>) -> Result<Opt
     let dir = std::env::temp_dir().join(format!("prelu-bench-epoch-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let err = |e: anyhow::Error| candle_core::Error::Msg(format!("bench epoch: {e:#}"));
-    let run = train::train(&cfg, &dir, false, &mut |_| {}).map_err(err);
+    let run = train::train(&cfg, &dir, false, &mut |_| {}).map_err(|e| err(e.into()));
     let lines = run.and_then(|_| train::read_metrics(&dir).map_err(err));
     let _ = std::fs::remove_dir_all(&dir);
     Ok(lines?.into_iter().find_map(|l| match l {
@@ -460,4 +460,101 @@ pub fn train(o: &TrainBenchOptions, mut progress: impl FnMut(&str)) -> Result<Tr
         resnet_gflops: resnet_flops / resnet / 1e9,
         gemm_gflops: gemm,
     })
+}
+
+impl std::fmt::Display for KernelBenchReport {
+    /// The table `prelu bench kernels` prints.
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        writeln!(
+            f,
+            "PReLU kernels, f32, per-channel slopes, {} thread(s); GB/s (median), ratio in brackets",
+            self.threads
+        )?;
+        writeln!(
+            f,
+            "{:<16} {:>8} {:>15} {:>15} | {:>9} {:>11} {:>13} {:>13}",
+            "shape", "copy", "fwd", "fwd+bwd", "op fwd", "op fwd+bwd", "candle fwd+bwd", "ours/candle"
+        )?;
+        for r in &self.rows {
+            let shape = r.shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x");
+            writeln!(
+                f,
+                "{:<16} {:>8.2} {:>8.2} ({:.2}) {:>8.2} ({:.2}) | {:>9.2} {:>11.2} {:>13.2} {:>12.1}x",
+                shape,
+                r.copy_gbps,
+                r.fwd_gbps,
+                r.fwd_vs_copy,
+                r.fwdbwd_gbps,
+                r.fwdbwd_vs_copy,
+                r.op_fwd_gbps,
+                r.op_fwdbwd_gbps,
+                r.candle_fwdbwd_gbps,
+                r.fwdbwd_vs_candle
+            )?;
+        }
+        writeln!(
+            f,
+            "kernel level: preallocated buffers vs a parallel copy; op level: fresh tensors through candle autograd."
+        )
+    }
+}
+
+impl std::fmt::Display for TrainBenchReport {
+    /// The text `prelu bench train` prints.
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        let r = self;
+        writeln!(
+            f,
+            "one SGD step (forward, cross-entropy, backward, update), median of {} steps, {} thread(s):",
+            r.steps, r.threads
+        )?;
+        writeln!(
+            f,
+            "  MLP 784-512-512-10 PReLU, batch {}: {:.2} ms",
+            r.mlp_batch, r.mlp_step_ms
+        )?;
+        writeln!(
+            f,
+            "  CNN conv32-conv64-pool-9216-128-10 PReLU, batch {}: {:.2} ms",
+            r.cnn_batch, r.cnn_step_ms
+        )?;
+        writeln!(
+            f,
+            "  ResNet-20 BN PReLU, batch {}: {:.2} ms",
+            r.resnet_batch, r.resnet_step_ms
+        )?;
+        writeln!(
+            f,
+            "  with the sentinel: MLP {:.2} ms ({:.2}x), CNN {:.2} ms ({:.2}x), ResNet-20 {:.2} ms ({:.2}x)",
+            r.mlp_sentinel_step_ms,
+            r.sentinel_overhead_mlp,
+            r.cnn_sentinel_step_ms,
+            r.sentinel_overhead_cnn,
+            r.resnet_sentinel_step_ms,
+            r.sentinel_overhead_resnet
+        )?;
+        writeln!(
+            f,
+            "  achieved GFLOP/s: MLP {:.1}, CNN {:.1}, ResNet-20 {:.1}; one 1024^3 GEMM {:.1} (ratios {:.2}, {:.2}, {:.2})",
+            r.mlp_gflops,
+            r.cnn_gflops,
+            r.resnet_gflops,
+            r.gemm_gflops,
+            r.mlp_gflops / r.gemm_gflops,
+            r.cnn_gflops / r.gemm_gflops,
+            r.resnet_gflops / r.gemm_gflops
+        )?;
+        writeln!(
+            f,
+            "  through candle autograd (--autograd): MLP {:.2} ms, CNN {:.2} ms",
+            r.mlp_autograd_step_ms, r.cnn_autograd_step_ms
+        )?;
+        match (r.mlp_epoch_s, r.mlp_epoch_sentinel_s) {
+            (Some(e), Some(s)) => writeln!(
+                f,
+                "one MNIST epoch of the MLP (60,000 images, batch 128, SGD): {e:.2} s; with the sentinel {s:.2} s"
+            ),
+            _ => writeln!(f, "one MNIST epoch: not timed (MNIST not found, or --no-epoch)"),
+        }
+    }
 }

@@ -493,14 +493,49 @@ pub fn save_model(
     save_safetensors(path, &tensors, metadata)
 }
 
+/// The error for a file that does not parse as safetensors: says what the
+/// file is not (and, for text such as `config.toml`, that it is text) before
+/// the parser's detail.
+fn not_a_checkpoint(file: &Path, bytes: &[u8], e: anyhow::Error) -> anyhow::Error {
+    let head = &bytes[..bytes.len().min(512)];
+    let text = !head.is_empty() && std::str::from_utf8(head).is_ok_and(|t| !t.contains('\0'));
+    anyhow::anyhow!(
+        "{} is not a checkpoint ({}: {e:#}); give a .safetensors checkpoint, a run folder or an .onnx model",
+        file.display(),
+        if text {
+            "a text file, not safetensors"
+        } else {
+            "not a valid safetensors file"
+        }
+    )
+}
+
 /// Loads a model from a checkpoint written by [`save_model`] (or a run folder
 /// holding `checkpoint.safetensors`); returns the tensors and metadata too.
-pub fn load_model(path: &Path) -> Result<Loaded> {
+pub fn load_model(path: &Path) -> crate::Result<Loaded> {
     load_model_with_spec(path, None)
 }
 
-/// A loaded checkpoint: the model, all its tensors, and the header metadata.
-pub type Loaded = (Model, HashMap<String, Tensor>, HashMap<String, String>);
+/// A loaded checkpoint.
+pub struct Loaded {
+    /// The model, weights loaded.
+    pub model: Model,
+    /// Every tensor of the file (optimiser state and extras included).
+    pub tensors: HashMap<String, Tensor>,
+    /// The safetensors header's metadata (spec, training progress, data set).
+    pub metadata: HashMap<String, String>,
+}
+
+impl Loaded {
+    /// The data set recorded in the header ([`DATA_KEY`]), if any: derived
+    /// models (canonical, sculpted) carry the data they were trained on.
+    pub fn data_set(&self) -> Option<&str> {
+        self.metadata.get(DATA_KEY).map(String::as_str)
+    }
+}
+
+/// Header key of the data set a derived model was trained on.
+pub const DATA_KEY: &str = "prelu.data";
 
 /// Like [`load_model`]; `spec` (a JSON model spec file) describes weights that
 /// carry no spec of their own, such as a PyTorch `state_dict` saved with
@@ -509,7 +544,11 @@ pub type Loaded = (Model, HashMap<String, Tensor>, HashMap<String, String>);
 /// The spec is validated, the tensors' presence, shapes and dtypes checked,
 /// and the model's memory estimated against the budget, all before the model
 /// is built.
-pub fn load_model_with_spec(path: &Path, spec: Option<&Path>) -> Result<Loaded> {
+pub fn load_model_with_spec(path: &Path, spec: Option<&Path>) -> crate::Result<Loaded> {
+    load_checkpoint(path, spec).map_err(crate::Error::from)
+}
+
+fn load_checkpoint(path: &Path, spec: Option<&Path>) -> Result<Loaded> {
     if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("onnx")) {
         if spec.is_some() {
             bail!(
@@ -519,7 +558,11 @@ pub fn load_model_with_spec(path: &Path, spec: Option<&Path>) -> Result<Loaded> 
         }
         let imported = crate::onnx::import(path)?;
         let tensors = imported.model.state_dict()?;
-        return Ok((imported.model, tensors, HashMap::new()));
+        return Ok(Loaded {
+            model: imported.model,
+            tensors,
+            metadata: HashMap::new(),
+        });
     }
     let file = if path.is_dir() {
         path.join("checkpoint.safetensors")
@@ -527,8 +570,7 @@ pub fn load_model_with_spec(path: &Path, spec: Option<&Path>) -> Result<Loaded> 
         path.to_path_buf()
     };
     let bytes = read_capped(&file, crate::data::file_cap(MAX_CHECKPOINT_BYTES))?;
-    let (tensors, metadata) =
-        parse_safetensors(&bytes).with_context(|| format!("{}: not a valid safetensors file", file.display()))?;
+    let (tensors, metadata) = parse_safetensors(&bytes).map_err(|e| not_a_checkpoint(&file, &bytes, e))?;
     let spec_json = match (spec, metadata.get(SPEC_KEY)) {
         (Some(p), _) => read_text(p).with_context(|| format!("cannot read the model spec {}", p.display()))?,
         (None, Some(s)) => s.clone(),
@@ -551,5 +593,9 @@ pub fn load_model_with_spec(path: &Path, spec: Option<&Path>) -> Result<Loaded> 
     model
         .load_state_dict(&tensors)
         .with_context(|| format!("{}: weights do not fit the spec", file.display()))?;
-    Ok((model, tensors, metadata))
+    Ok(Loaded {
+        model,
+        tensors,
+        metadata,
+    })
 }

@@ -44,6 +44,7 @@ pub mod attack;
 pub mod bench;
 pub mod conv;
 pub mod data;
+pub mod error;
 pub mod fused;
 pub mod graph;
 pub mod init;
@@ -66,6 +67,7 @@ pub mod train;
 
 pub use activation::{Activation, ActivationLayer, PReLU, PReLUConfig, SlopeConstraint};
 pub use candle_core::Device;
+pub use error::{Error, Result};
 pub use init::{gain, FanMode, InitScheme};
 pub use invert::{log_abs_det_jacobian, prelu_inverse, InvertError};
 pub use ops::{prelu, prelu_backward, SlopeAxis};
@@ -76,16 +78,18 @@ pub const MAX_THREADS: usize = 512;
 /// Sets the number of worker threads for our kernels and for candle (both use
 /// rayon's global pool; candle also reads `RAYON_NUM_THREADS`). Call once, before
 /// any tensor work; `0` keeps the default (all cores).
-pub fn set_threads(n: usize) -> anyhow::Result<()> {
+pub fn set_threads(n: usize) -> Result<()> {
     if n == 0 {
         return Ok(());
     }
     if n > MAX_THREADS {
-        anyhow::bail!("--threads {n} is more than the {MAX_THREADS} allowed (0 uses every core)");
+        return Err(Error::Invalid(format!(
+            "{n} threads is more than the {MAX_THREADS} allowed (0 uses every core)"
+        )));
     }
     std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     rayon::ThreadPoolBuilder::new()
         .num_threads(n)
         .build_global()
-        .map_err(|e| anyhow::anyhow!("could not set {n} threads: {e}"))
+        .map_err(|e| Error::Invalid(format!("could not set {n} threads: {e}")))
 }

@@ -387,10 +387,13 @@ impl Sentinel {
                     &r.layer,
                     "idle-slope",
                     format!(
-                        "{}: {} slope(s) idle for {} epochs (negative share < {}% or zero gradient)",
+                        "{}: {} slope(s) idle {} (negative share < {}% or zero gradient)",
                         r.layer,
                         r.idle.len(),
-                        self.cfg.idle_epochs,
+                        match self.cfg.idle_epochs {
+                            1 => "on this pass".to_string(),
+                            n => format!("for {n} epochs in a row"),
+                        },
                         100.0 * self.cfg.idle_share
                     ),
                 );
@@ -481,20 +484,28 @@ pub struct Diagnosis {
 /// gradients from the cross-entropy of each batch). Idle means idle on this
 /// data (one pass).
 pub fn diagnose(model: &Model, ds: &crate::data::Dataset, batch: usize, cfg: SentinelConfig) -> Result<Diagnosis> {
+    diagnose_with_progress(model, ds, batch, cfg, &mut |_, _| {})
+}
+
+/// [`diagnose`], calling `on_batch(examples done, examples)` after each batch.
+pub fn diagnose_with_progress(
+    model: &Model,
+    ds: &crate::data::Dataset,
+    batch: usize,
+    cfg: SentinelConfig,
+    on_batch: &mut dyn FnMut(usize, usize),
+) -> Result<Diagnosis> {
     let mut s = Sentinel::new(model, SentinelConfig { idle_epochs: 1, ..cfg });
-    let (mut loss_sum, mut correct) = (0.0f64, 0usize);
+    let (mut loss_sum, mut correct, mut done) = (0.0f64, 0usize, 0usize);
     for b in ds.batches(batch) {
         let (x, y) = b?;
         let logits = model.forward_counting(&x, false, s.handles())?;
-        let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
+        let (loss, c) = crate::train::loss_and_correct(&logits, &y)?;
         loss_sum += loss.to_scalar::<f32>()? as f64 * y.dim(0)? as f64;
-        correct += logits
-            .argmax(1)?
-            .eq(&y)?
-            .to_dtype(DType::U32)?
-            .sum_all()?
-            .to_scalar::<u32>()? as usize;
+        correct += c;
         s.after_backward(&loss.backward()?)?;
+        done += y.dim(0)?;
+        on_batch(done, ds.len());
     }
     let (layers, alarms) = s.end_epoch(model, 1)?;
     let slope_histograms = layers

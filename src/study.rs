@@ -612,7 +612,7 @@ fn same_run(saved: &TrainConfig, want: &TrainConfig, dir: &Path) -> bool {
 
 /// Whether a training error is the loss becoming NaN or infinite (a
 /// diverged run: a result of the experiment, not a failure of the study).
-fn is_divergence(e: &anyhow::Error) -> bool {
+fn is_divergence(e: &crate::Error) -> bool {
     format!("{e:#}").contains("loss became")
 }
 
@@ -634,7 +634,7 @@ fn run_one(cfg: &TrainConfig, dir: &Path, on: &mut dyn FnMut(Event)) -> Result<S
                 crate::io::write_atomic(&marker, msg.as_bytes())?;
                 Ok(("diverged", Some(msg)))
             }
-            Err(e) => Err(e),
+            Err(e) => Err(e.into()),
         }
     };
     let (status, error) = if dir.join("config.toml").exists() {
@@ -995,4 +995,124 @@ pub fn write_report(r: &StudyResult, path: &Path) -> Result<()> {
     h.push_str(&esc(&toml::to_string(&r.base).unwrap_or_default()));
     h.push_str("</pre></body></html>\n");
     crate::io::write_atomic(path, h.as_bytes())
+}
+
+// ---------------------------------------------------------------------------
+// Text
+
+impl std::fmt::Display for StudyResult {
+    /// The tables `prelu study` prints: one row per cell, then the paired
+    /// contrasts of the first varied key.
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        let keys: Vec<&str> = self.vary.iter().map(|v| v.key.as_str()).collect();
+        let widths: Vec<usize> = self
+            .vary
+            .iter()
+            .map(|v| v.values.iter().map(|x| x.len()).chain([v.key.len()]).max().unwrap_or(4))
+            .collect();
+        let mut head = String::new();
+        for (k, w) in keys.iter().zip(&widths) {
+            head.push_str(&format!("{k:<w$}  "));
+        }
+        let one_seed = self.seeds.len() <= 1;
+        writeln!(
+            f,
+            "{head}{:>5} {:>18} {:>8} {:>8} {:>18} {:>8}",
+            "runs",
+            if one_seed { "test acc" } else { "test acc mean ± sd" },
+            "min",
+            "max",
+            "95% CI of mean",
+            "s/run"
+        )?;
+        for c in &self.cells {
+            let mut row = String::new();
+            for (k, w) in keys.iter().zip(&widths) {
+                row.push_str(&format!("{:<w$}  ", c.config.get(*k).map(|s| s.as_str()).unwrap_or("")));
+            }
+            let runs = c.seeds - c.diverged;
+            writeln!(
+                f,
+                "{row}{:>5} {:>18} {:>8.4} {:>8.4} {:>18} {:>8.1}",
+                runs,
+                match runs {
+                    0 => "-".into(),
+                    1 => format!("{:.4}", c.test_acc_mean),
+                    _ => format!("{:.4} ± {:.4}", c.test_acc_mean, c.test_acc_sd),
+                },
+                c.test_acc_min,
+                c.test_acc_max,
+                c.test_acc_ci95
+                    .map(|[lo, hi]| format!("[{lo:.4}, {hi:.4}]"))
+                    .unwrap_or_else(|| "-".into()),
+                c.seconds_mean
+            )?;
+        }
+        for c in self.cells.iter().filter(|c| c.diverged > 0) {
+            writeln!(
+                f,
+                "{}: {} of {} runs diverged (loss NaN/inf), left out of its statistics and contrasts",
+                c.label, c.diverged, c.seeds
+            )?;
+        }
+        if let Some(first) = self.contrasts.first() {
+            writeln!(f)?;
+            writeln!(
+                f,
+                "paired contrasts of {} (b - a over the same seeds), 95% Student-t interval:",
+                first.key
+            )?;
+            let ctxw = self
+                .contrasts
+                .iter()
+                .map(|c| c.context.iter().map(|(k, v)| k.len() + v.len() + 2).sum::<usize>())
+                .max()
+                .unwrap_or(0)
+                .max(5);
+            let vw = self
+                .contrasts
+                .iter()
+                .map(|c| c.a.len().max(c.b.len()))
+                .max()
+                .unwrap_or(1)
+                .max(1);
+            writeln!(
+                f,
+                "{:<vw$}  {:<vw$}  {:<ctxw$} {:>3} {:>9} {:>20} {:>7}",
+                "a", "b", "where", "n", "diff", "95% CI", "p"
+            )?;
+            for c in &self.contrasts {
+                let ctx = c
+                    .context
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                writeln!(
+                    f,
+                    "{:<vw$}  {:<vw$}  {:<ctxw$} {:>3} {:>+9.4} {:>20} {:>7}",
+                    c.a,
+                    c.b,
+                    if ctx.is_empty() { "-".to_string() } else { ctx },
+                    c.n,
+                    c.diff_mean,
+                    c.ci95
+                        .map(|[lo, hi]| format!("[{lo:+.4}, {hi:+.4}]"))
+                        .unwrap_or_else(|| "-".into()),
+                    c.p_value.map(|p| format!("{p:.3}")).unwrap_or_else(|| "-".into())
+                )?;
+            }
+        }
+        writeln!(f)?;
+        writeln!(
+            f,
+            "{} runs: {} trained, {} resumed, {} already done, {} diverged; run folders, study.json and report.html under {}",
+            self.runs_trained + self.runs_resumed + self.runs_skipped + self.runs_diverged,
+            self.runs_trained,
+            self.runs_resumed,
+            self.runs_skipped,
+            self.runs_diverged,
+            self.out.display()
+        )
+    }
 }

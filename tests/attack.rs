@@ -123,7 +123,7 @@ fn pgd_hurts_a_trained_model_at_least_as_much_as_fgsm() {
     let dir = std::env::temp_dir().join(format!("prelu-attack-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     prelu::train::train(&cfg, &dir, false, &mut |_| {}).unwrap();
-    let (model, _, _) = prelu::io::load_model(&dir).unwrap();
+    let prelu::io::Loaded { model, .. } = prelu::io::load_model(&dir).unwrap();
     let ds = cfg.load_data().unwrap().test;
     let opts = PgdOptions {
         steps: 10,

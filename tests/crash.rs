@@ -8,15 +8,8 @@ use std::time::{Duration, Instant};
 
 use prelu::train::{read_metrics, MetricsLine};
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_prelu"))
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("prelu-crash-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
+mod common;
+use common::{bin, tmp};
 
 const ARGS: [&str; 14] = [
     "train",
@@ -176,12 +169,9 @@ impl Drop for SmallFs {
 
 #[cfg(target_os = "linux")]
 #[test]
+#[ignore = "needs root to mount a tmpfs; .ci/run runs it with --ignored"]
 fn full_or_read_only_run_folder_keeps_the_previous_checkpoint() {
-    // Needs root to mount a tmpfs (CI and the dev machines run as root).
-    let Some(fs) = SmallFs::mount("small", "1500k") else {
-        eprintln!("SKIPPED: cannot mount a tmpfs here (needs root)");
-        return;
-    };
+    let fs = SmallFs::mount("small", "1500k").expect("cannot mount a tmpfs here (needs root)");
     let run = fs.0.join("run");
     // Each checkpoint (weights + AdamW moments) is ~0.95 MB: the first fits, the
     // second cannot be written beside it.
@@ -206,7 +196,7 @@ fn full_or_read_only_run_folder_keeps_the_previous_checkpoint() {
         "{err}"
     );
     assert!(!err.contains("panicked"));
-    let (_, _, meta) = prelu::io::load_model(&run).unwrap();
+    let prelu::io::Loaded { metadata: meta, .. } = prelu::io::load_model(&run).unwrap();
     assert!(
         meta[prelu::io::PROGRESS_KEY].contains("\"epoch\":1"),
         "the epoch-1 checkpoint must survive: {meta:?}"

@@ -12,16 +12,6 @@ use rand::{Rng, SeedableRng};
 mod common;
 use common::*;
 
-fn small_cnn(padding: usize) -> Arch {
-    Arch::Cnn {
-        channels: vec![3, 4],
-        kernel: 3,
-        padding,
-        pool_after: vec![0],
-        hidden: 6,
-    }
-}
-
 #[test]
 fn mlp_gradients_match_autograd_for_every_activation() {
     let arch = Arch::Mlp { hidden: vec![7, 9] };

@@ -556,6 +556,7 @@ fn presets_and_graph_files_train_and_resume() {
         assert!(s.test_loss.is_finite() && s.params > 70_000, "{model}: {}", s.params);
     }
     let dir = tmp("train-graph-file");
+    std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("net.toml");
     std::fs::copy(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("graphs/small-resnet.toml"),
@@ -572,7 +573,7 @@ fn presets_and_graph_files_train_and_resume() {
     let more = TrainConfig { epochs: 2, ..cfg };
     let s = train(&more, &run, true, &mut |_| {}).unwrap();
     assert_eq!(s.epochs, 2);
-    let (m, _, _) = prelu::io::load_model(&run).unwrap();
+    let prelu::io::Loaded { model: m, .. } = prelu::io::load_model(&run).unwrap();
     assert_eq!(
         m.activation_names(),
         ["stem_act", "block.act1", "block.act2", "down_act"]

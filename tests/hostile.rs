@@ -4,22 +4,13 @@
 //! issue it checks.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Output;
 
 use prelu::train::{read_metrics, EpochMetrics, MetricsLine};
 
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_prelu"));
-    c.current_dir(env!("CARGO_MANIFEST_DIR"));
-    c
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("prelu-hostile-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
+mod common;
+use common::{bin, tmp};
 
 /// A tiny, fast training run's flags (mnist-small, 256 examples, one thread).
 const TINY: [&str; 14] = [
@@ -341,7 +332,7 @@ fn item4_a_diverged_epoch_is_never_checkpointed() {
         e.contains(&ckpt.display().to_string()) && e.contains("after epoch 1"),
         "{e}"
     );
-    let (_, _, meta) = prelu::io::load_model(&dir).unwrap();
+    let prelu::io::Loaded { metadata: meta, .. } = prelu::io::load_model(&dir).unwrap();
     assert!(meta[prelu::io::PROGRESS_KEY].contains("\"epoch\":1,"), "{meta:?}");
     // The metrics hold epoch 1 only, and the report still works.
     let epochs = read_metrics(&dir)

@@ -74,7 +74,7 @@ fn mlp_export_with_shared_slopes_and_relu() {
 #[test]
 fn pytorch_trained_example_loads_and_gives_pytorch_accuracy() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors");
-    let (m, tensors, _) = prelu::io::load_model_with_spec(
+    let prelu::io::Loaded { model: m, tensors, .. } = prelu::io::load_model_with_spec(
         &dir.join("torch_mlp.safetensors"),
         Some(&dir.join("torch_mlp.spec.json")),
     )
@@ -149,7 +149,7 @@ fn pytorch_twins_of_the_presets_give_the_same_logits() {
         "resnet8_leaky",
         "plain8_bn_shared",
     ] {
-        let (m, _, _) = prelu::io::load_model_with_spec(
+        let prelu::io::Loaded { model: m, .. } = prelu::io::load_model_with_spec(
             &dir.join(format!("{case}.safetensors")),
             Some(&dir.join(format!("{case}.spec.json"))),
         )

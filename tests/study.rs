@@ -216,11 +216,8 @@ fn tiny_base() -> TrainConfig {
     }
 }
 
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("prelu-study-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
+mod common;
+use common::tmp;
 
 #[test]
 fn a_study_trains_every_cell_and_seed_and_resumes() {

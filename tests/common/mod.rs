@@ -133,10 +133,34 @@ pub fn randomised(spec: &ModelSpec, seed: u64) -> Model {
     m
 }
 
-/// A scratch folder under the target directory, emptied.
+/// A fresh, empty scratch path for one test: unique per test binary,
+/// process and name, removed first if an earlier run left it.
 pub fn tmp(name: &str) -> std::path::PathBuf {
-    let d = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let d = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "{}-{}-{name}",
+        env!("CARGO_CRATE_NAME"),
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
     d
+}
+
+/// The `prelu` binary, run from the source tree (tests name files under
+/// `tests/vectors`).
+pub fn bin() -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_prelu"));
+    c.current_dir(env!("CARGO_MANIFEST_DIR"));
+    c
+}
+
+/// A small CNN: conv 3, conv 4 (3x3, `padding`), a pool after the first, a
+/// hidden dense layer of 6.
+pub fn small_cnn(padding: usize) -> Arch {
+    Arch::Cnn {
+        channels: vec![3, 4],
+        kernel: 3,
+        padding,
+        pool_after: vec![0],
+        hidden: 6,
+    }
 }

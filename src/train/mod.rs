@@ -2,13 +2,17 @@
 //! folders (resolved config, `metrics.jsonl`, atomic checkpoints), exact
 //! resume, and `compare` over activations and seeds.
 //!
+//! [`train_in`] is the loop; its parts are separate: the step backend
+//! (`backend`: the fused step or candle's autograd, and the optimiser
+//! update), the run folder (`run_folder`: lock, resume, config, metrics,
+//! checkpoints) and the hooks (`hooks`: sentinel and identifiability drift;
+//! progress goes to the [`Event`] callback).
+//!
 //! Reproducibility: weights come from `seed`, the order of epoch `e` from
 //! `seed` and `e` alone, so the same seed and thread count give the same
 //! numbers bit for bit, and a resumed run continues exactly where the last
 //! checkpoint left it.
 
-use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -25,6 +29,14 @@ use crate::init::InitScheme;
 use crate::io;
 use crate::model::{Arch, Model, ModelSpec};
 use crate::optim::{Optimizer, OptimizerKind, Schedule};
+
+mod backend;
+mod hooks;
+mod run_folder;
+
+use backend::StepBackend;
+use hooks::Hooks;
+use run_folder::{RunFolder, Start};
 
 /// A training run, as written to `config.toml` in the run folder. Every field
 /// has a default; a TOML file or flags override them.
@@ -381,6 +393,35 @@ pub struct TrainSummary {
     pub alarms: Vec<crate::sentinel::Alarm>,
 }
 
+impl std::fmt::Display for TrainSummary {
+    /// The text `prelu train` prints.
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        writeln!(
+            f,
+            "{} on {}: test accuracy {:.4} (best {:.4}), test loss {:.4}, {} epoch{} in {:.1} s ({:.0} samples/s), {} parameters",
+            self.act,
+            self.data,
+            self.test_acc,
+            self.best_test_acc,
+            self.test_loss,
+            self.epochs,
+            if self.epochs == 1 { "" } else { "s" },
+            self.seconds,
+            self.samples_per_s,
+            self.params
+        )?;
+        if self.alarms.is_empty() {
+            writeln!(f, "sentinel alarms: none")?;
+        } else {
+            writeln!(f, "sentinel alarms ({}):", self.alarms.len())?;
+            for al in &self.alarms {
+                writeln!(f, "  epoch {}: {}", al.epoch, al.message)?;
+            }
+        }
+        writeln!(f, "run folder: {}", self.run_dir.display())
+    }
+}
+
 /// Progress events for a front end (progress bar).
 pub enum Event<'a> {
     EpochStart {
@@ -407,6 +448,21 @@ struct CheckpointProgress {
     best_test_acc: f64,
 }
 
+/// The mean cross-entropy of a batch of logits (a scalar tensor, ready for
+/// `backward`) and the number of rows whose argmax is the label: the one
+/// place loss and accuracy are computed from logits (training, evaluation,
+/// the sentinel's diagnose pass, attacks).
+pub fn loss_and_correct(logits: &Tensor, y: &Tensor) -> candle_core::Result<(Tensor, usize)> {
+    let loss = candle_nn::loss::cross_entropy(logits, y)?;
+    let correct = logits
+        .argmax(1)?
+        .eq(y)?
+        .to_dtype(DType::U32)?
+        .sum_all()?
+        .to_scalar::<u32>()? as usize;
+    Ok((loss, correct))
+}
+
 /// Loss and accuracy of a model over a data set (evaluation mode), through
 /// the fused step's forward pass (candle's forward for models it does not
 /// cover).
@@ -428,13 +484,9 @@ pub fn evaluate(model: &Model, ds: &Dataset, batch: usize) -> Result<(f64, f64)>
     for b in ds.batches(batch) {
         let (x, y) = b?;
         let logits = model.forward_t(&x, false)?;
-        loss_sum += candle_nn::loss::cross_entropy(&logits, &y)?.to_scalar::<f32>()? as f64 * y.dim(0)? as f64;
-        correct += logits
-            .argmax(1)?
-            .eq(&y)?
-            .to_dtype(DType::U32)?
-            .sum_all()?
-            .to_scalar::<u32>()? as usize;
+        let (loss, c) = loss_and_correct(&logits, &y)?;
+        loss_sum += loss.to_scalar::<f32>()? as f64 * y.dim(0)? as f64;
+        correct += c;
     }
     Ok((loss_sum / ds.len() as f64, correct as f64 / ds.len() as f64))
 }
@@ -607,7 +659,12 @@ impl CheckpointProgress {
 /// `epochs` (the total to reach) and the testing aid `fault_nan_step` are used,
 /// so a caller that wants the run's own length passes the saved `epochs`.
 /// Without `resume` the folder must be missing or empty ([`RunMode::New`]).
-pub fn train(cfg: &TrainConfig, run_dir: &Path, resume: bool, on: &mut dyn FnMut(Event)) -> Result<TrainSummary> {
+pub fn train(
+    cfg: &TrainConfig,
+    run_dir: &Path,
+    resume: bool,
+    on: &mut dyn FnMut(Event),
+) -> crate::Result<TrainSummary> {
     train_in(cfg, run_dir, if resume { RunMode::Resume } else { RunMode::New }, on)
 }
 
@@ -615,7 +672,16 @@ pub fn train(cfg: &TrainConfig, run_dir: &Path, resume: bool, on: &mut dyn FnMut
 /// loaded and the memory estimated before the folder is touched; the folder
 /// is locked for the whole run; temporary files a killed run left are
 /// removed; only finite states are checkpointed.
-pub fn train_in(cfg: &TrainConfig, run_dir: &Path, mode: RunMode, on: &mut dyn FnMut(Event)) -> Result<TrainSummary> {
+pub fn train_in(
+    cfg: &TrainConfig,
+    run_dir: &Path,
+    mode: RunMode,
+    on: &mut dyn FnMut(Event),
+) -> crate::Result<TrainSummary> {
+    train_loop(cfg, run_dir, mode, on).map_err(crate::Error::from)
+}
+
+fn train_loop(cfg: &TrainConfig, run_dir: &Path, mode: RunMode, on: &mut dyn FnMut(Event)) -> Result<TrainSummary> {
     let resume = mode == RunMode::Resume;
     let cfg = if resume {
         let mut saved = TrainConfig::from_toml_file(&run_dir.join("config.toml"))
@@ -642,34 +708,12 @@ pub fn train_in(cfg: &TrainConfig, run_dir: &Path, mode: RunMode, on: &mut dyn F
     )?;
 
     // The folder: refused before anything in it changes, then locked.
-    let taken = |dir: &Path| {
-        anyhow::anyhow!(
-            "{} already holds a run (or other files); pass --resume to continue it, --overwrite to replace it, \
-             or choose another --out",
-            dir.display()
-        )
-    };
-    if mode == RunMode::New && holds_files(run_dir)? {
-        return Err(taken(run_dir));
-    }
-    std::fs::create_dir_all(run_dir).with_context(|| format!("cannot create run folder {}", run_dir.display()))?;
-    let _lock = io::lock_run_dir(run_dir)?;
-    if mode == RunMode::New && holds_files(run_dir)? {
-        return Err(taken(run_dir));
-    }
-    let stale = io::remove_stale_temps(run_dir)?;
-    if stale > 0 {
-        on(Event::Message(format!(
-            "removed {stale} temporary file(s) an interrupted run left in {}",
-            run_dir.display()
-        )));
-    }
+    let mut folder = RunFolder::open(run_dir, mode, on)?;
 
     let dev = Device::Cpu;
     let model = Model::new(&spec, cfg.seed, &dev)?;
     let mut opt = Optimizer::new(r.optimizer, cfg.weight_decay, model.params(), cfg.decay_bn)?;
     opt.record_grad_norms(cfg.sentinel);
-    let ckpt_path = run_dir.join("checkpoint.safetensors");
     let train = &split.train;
     let f = train.features();
     // BatchNorm cannot normalise a batch of one example: leave the odd one
@@ -688,129 +732,25 @@ pub fn train_in(cfg: &TrainConfig, run_dir: &Path, mode: RunMode, on: &mut dyn F
         train.len()
     };
     let steps_per_epoch = used.div_ceil(cfg.batch_size);
-    let mut start_epoch = 0;
-    let mut step: u64 = 0;
-    let mut best = 0.0f64;
-    let mut kept: Option<usize> = None;
-    let mut alarms_all: Vec<crate::sentinel::Alarm> = Vec::new();
-    let mut last: Option<EpochMetrics> = None;
-    if resume && io::something_at(&ckpt_path) {
-        // A checkpoint that is there must load: a dangling or looping link,
-        // a FIFO or a bad file is an error, never "no checkpoint".
-        let (tensors, meta) = io::load_safetensors(&ckpt_path)?;
-        io::check_tensors(&spec, &tensors)
-            .and_then(|_| model.load_state_dict(&tensors).map_err(Into::into))
-            .with_context(|| format!("{}: does not fit the run's config", ckpt_path.display()))?;
-        let prog: CheckpointProgress = serde_json::from_str(
-            meta.get(io::PROGRESS_KEY)
-                .with_context(|| format!("{}: no training progress in header", ckpt_path.display()))?,
-        )
-        .with_context(|| format!("{}: bad training progress in header", ckpt_path.display()))?;
-        prog.check(steps_per_epoch)
-            .with_context(|| format!("{}: cannot resume", ckpt_path.display()))?;
-        if cfg.epochs < prog.epoch {
-            bail!(
-                "{} has already trained {} epochs; --epochs {} would shorten it (nothing was changed; \
-                 give --epochs {} or more, or leave --epochs out)",
-                run_dir.display(),
-                prog.epoch,
-                cfg.epochs,
-                prog.epoch
-            );
-        }
-        opt.load_state(&tensors, prog.optimizer_steps)
-            .with_context(|| format!("{}: bad optimiser state", ckpt_path.display()))?;
-        start_epoch = prog.epoch;
-        step = prog.step;
-        best = prog.best_test_acc;
-        kept = Some(start_epoch);
-        // Keep exactly the metrics of the checkpointed epochs.
-        let keep: Vec<MetricsLine> = read_metrics(run_dir)?
-            .into_iter()
-            .filter(|l| l.epoch() <= start_epoch)
-            .collect();
-        for l in &keep {
-            match l {
-                MetricsLine::Alarm { alarm } => alarms_all.push(alarm.clone()),
-                MetricsLine::Epoch(m) if m.epoch == start_epoch => last = Some(m.clone()),
-                _ => {}
-            }
-        }
-        rewrite_metrics(run_dir, &keep)?;
-        on(Event::Message(if start_epoch == cfg.epochs {
-            format!(
-                "{} has already finished its {start_epoch} epochs: nothing to train (give a larger --epochs to extend it)",
-                run_dir.display()
-            )
-        } else {
-            format!(
-                "resuming {} after epoch {start_epoch} of {}",
-                run_dir.display(),
-                cfg.epochs
-            )
-        }));
+    let start = if resume && folder.has_checkpoint() {
+        folder.resume(&spec, &model, &mut opt, steps_per_epoch, cfg.epochs, on)?
     } else {
-        if resume {
-            on(Event::Message(format!(
-                "no checkpoint in {}: starting from scratch",
-                run_dir.display()
-            )));
-        }
-        if mode == RunMode::Overwrite && io::something_at(&ckpt_path) {
-            std::fs::remove_file(&ckpt_path).with_context(|| format!("cannot remove {}", ckpt_path.display()))?;
-            on(Event::Message(format!(
-                "--overwrite: the run in {} is replaced",
-                run_dir.display()
-            )));
-        }
-        rewrite_metrics(run_dir, &[])?;
-    }
-    // A hand-written graph is copied into the run folder, so that the run
-    // resumes (and its config reads) without the original file.
-    let mut cfg = cfg;
-    if let Arch::Graph { graph } = &spec.arch {
-        let copy = run_dir.join("model.json");
-        if Path::new(&cfg.model) != copy {
-            io::write_atomic(&copy, serde_json::to_string_pretty(graph)?.as_bytes())?;
-            cfg.model = copy.to_string_lossy().into_owned();
-        }
-    }
-    let config_path = run_dir.join("config.toml");
-    let config_text = toml::to_string(&cfg).context("the run config cannot be written as TOML")?;
-    if io::read_text_optional(&config_path).ok().flatten().as_deref() != Some(config_text.as_str()) {
-        io::write_atomic(&config_path, config_text.as_bytes())?;
-    }
-    let mut oo = std::fs::OpenOptions::new();
-    oo.append(true);
-    #[cfg(unix)]
-    {
-        // Appending never follows a link planted at metrics.jsonl.
-        use std::os::unix::fs::OpenOptionsExt;
-        oo.custom_flags(libc::O_NOFOLLOW);
-    }
-    let mut metrics = oo
-        .open(run_dir.join("metrics.jsonl"))
-        .with_context(|| format!("cannot open {}/metrics.jsonl", run_dir.display()))?;
+        folder.start_fresh(mode, on)?
+    };
+    let Start {
+        epoch: start_epoch,
+        mut step,
+        best_test_acc: mut best,
+        alarms: mut alarms_all,
+        mut last,
+    } = start;
+    let cfg = folder.write_config(cfg, &spec)?;
+    folder.open_metrics()?;
 
     let t_run = Instant::now();
     let mut samples_total = 0usize;
-    let mut sentinel = cfg.sentinel.then(|| crate::sentinel::Sentinel::new(&model, cfg.alarms));
-    if let Some(s) = sentinel.as_mut() {
-        // Alarms raised before a resume are not raised again.
-        for a in &alarms_all {
-            s.mark_raised(a);
-        }
-    }
-    let mut drift =
-        (cfg.sentinel && crate::symmetry::DriftTracker::applies(&model)).then(crate::symmetry::DriftTracker::default);
-    if let Some(d) = drift.as_mut() {
-        d.update(&model)?; // the starting point
-    }
-    let mut fused = if cfg.autograd || !FusedStep::supports(&model) {
-        None
-    } else {
-        Some(FusedStep::new(&model)?)
-    };
+    let mut hooks = Hooks::new(&model, &cfg, &alarms_all)?;
+    let mut backend = StepBackend::new(&model, cfg.autograd)?;
     for epoch in start_epoch..cfg.epochs {
         on(Event::EpochStart {
             epoch: epoch + 1,
@@ -830,31 +770,9 @@ pub fn train_in(cfg: &TrainConfig, run_dir: &Path, mode: RunMode, on: &mut dyn F
                 xb.extend_from_slice(&train.images[i * f..(i + 1) * f]);
                 yb.push(train.labels[i] as u32);
             }
-            let handles = sentinel.as_ref().map(|s| s.handles());
             // Forward and backward: the fused step, or candle's autograd.
-            let (mut lv, batch_correct, grads) = match fused.as_mut() {
-                Some(fs) => {
-                    let out = fs.step(&xb, &yb, handles)?;
-                    (out.loss, out.correct, None)
-                }
-                None => {
-                    let x = Tensor::from_slice(&xb, (batch.len(), f), &dev)?;
-                    let y = Tensor::from_slice(&yb, batch.len(), &dev)?;
-                    let logits = match handles {
-                        Some(h) => model.forward_counting(&x, true, h)?,
-                        None => model.forward_t(&x, true)?,
-                    };
-                    let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
-                    let lv = loss.to_scalar::<f32>()? as f64;
-                    let c = logits
-                        .argmax(1)?
-                        .eq(&y)?
-                        .to_dtype(DType::U32)?
-                        .sum_all()?
-                        .to_scalar::<u32>()? as usize;
-                    (lv, c, Some(loss.backward()?))
-                }
-            };
+            let out = backend.forward_backward(&model, &xb, &yb, hooks.stats())?;
+            let mut lv = out.loss;
             if cfg.fault_nan_step == Some(step) {
                 lv = f64::NAN;
             }
@@ -862,42 +780,27 @@ pub fn train_in(cfg: &TrainConfig, run_dir: &Path, mode: RunMode, on: &mut dyn F
                 bail!(
                     "loss became {lv} at epoch {} step {step}; training stopped. {}; try a lower learning rate",
                     epoch + 1,
-                    kept_message(kept, &ckpt_path)
+                    folder.kept_message()
                 );
             }
             lr = r.schedule.lr(cfg.lr, epoch, step as usize, steps_per_epoch, cfg.epochs);
-            match (&grads, fused.as_ref()) {
-                (Some(g), _) => {
-                    if let Some(s) = sentinel.as_mut() {
-                        s.after_backward(g)?;
-                    }
-                    opt.step(g, lr)?;
-                }
-                (None, Some(fs)) => {
-                    opt.step_slices(&fs.grads(), lr)?;
-                    if let Some(s) = sentinel.as_mut() {
-                        s.after_update(fs, &opt);
-                    }
-                }
-                (None, None) => unreachable!("a step has gradients from one of the two paths"),
-            }
+            backend.update(&out, &mut opt, &mut hooks, lr)?;
             model.project()?;
             if cfg.fault_inf_step == Some(step) {
                 let w = &model.params()[0].var;
                 w.set(&w.as_tensor().affine(0.0, f64::INFINITY)?)?;
             }
-            correct += batch_correct;
+            correct += out.correct;
             step += 1;
             loss_sum += lv * batch.len() as f64;
             seen += batch.len();
             if cfg.log_every > 0 && step.is_multiple_of(cfg.log_every as u64) {
-                let line = MetricsLine::Step {
+                folder.write_line(&MetricsLine::Step {
                     epoch: epoch + 1,
                     step,
                     loss: lv,
                     lr,
-                };
-                writeln!(metrics, "{}", serde_json::to_string(&line)?)?;
+                })?;
             }
             on(Event::Step {
                 done: bi + 1,
@@ -921,25 +824,13 @@ pub fn train_in(cfg: &TrainConfig, run_dir: &Path, mode: RunMode, on: &mut dyn F
         };
         if let Some(why) = diverged {
             // The sentinel's alarms still reach metrics.jsonl and the message.
-            let mut raised = Vec::new();
-            if let Some(s) = sentinel.as_mut() {
-                if let Ok((_, alarms)) = s.end_epoch(&model, epoch + 1) {
-                    for a in alarms {
-                        writeln!(
-                            metrics,
-                            "{}",
-                            serde_json::to_string(&MetricsLine::Alarm { alarm: a.clone() })?
-                        )?;
-                        raised.push(a.message);
-                    }
-                }
-            }
-            metrics.flush()?;
+            let raised = hooks.on_divergence(&model, epoch + 1, &mut folder)?;
+            folder.flush()?;
             bail!(
                 "training diverged in epoch {}: {why}; training stopped and this state is not saved. {}{}; \
                  try a lower learning rate",
                 epoch + 1,
-                kept_message(kept, &ckpt_path),
+                folder.kept_message(),
                 if raised.is_empty() {
                     String::new()
                 } else {
@@ -960,61 +851,16 @@ pub fn train_in(cfg: &TrainConfig, run_dir: &Path, mode: RunMode, on: &mut dyn F
             samples_per_s: seen as f64 / train_secs,
             slopes: slope_summaries(&model)?,
         };
-        writeln!(metrics, "{}", serde_json::to_string(&MetricsLine::Epoch(m.clone()))?)?;
-        if let Some(d) = drift.as_mut() {
-            let layers = d.update(&model)?;
-            writeln!(
-                metrics,
-                "{}",
-                serde_json::to_string(&MetricsLine::Identifiability {
-                    epoch: epoch + 1,
-                    layers
-                })?
-            )?;
-        }
-        if let Some(s) = sentinel.as_mut() {
-            let (layers, alarms) = s.end_epoch(&model, epoch + 1)?;
-            writeln!(
-                metrics,
-                "{}",
-                serde_json::to_string(&MetricsLine::Sentinel {
-                    epoch: epoch + 1,
-                    layers
-                })?
-            )?;
-            for a in alarms {
-                on(Event::Message(format!(
-                    "sentinel alarm (epoch {}): {}",
-                    a.epoch, a.message
-                )));
-                writeln!(
-                    metrics,
-                    "{}",
-                    serde_json::to_string(&MetricsLine::Alarm { alarm: a.clone() })?
-                )?;
-                alarms_all.push(a);
-            }
-        }
-        metrics.flush()?;
+        folder.write_line(&MetricsLine::Epoch(m.clone()))?;
+        hooks.end_epoch(&model, epoch + 1, &mut folder, on, &mut alarms_all)?;
+        folder.flush()?;
         let prog = CheckpointProgress {
             epoch: epoch + 1,
             step,
             optimizer_steps,
             best_test_acc: best,
         };
-        let meta = HashMap::from([(io::PROGRESS_KEY.to_string(), serde_json::to_string(&prog)?)]);
-        io::save_model(&ckpt_path, &model, extra, meta).with_context(|| match kept {
-            Some(e) => format!(
-                "could not write the checkpoint of epoch {} (the previous one is kept: {}, after epoch {e})",
-                epoch + 1,
-                ckpt_path.display()
-            ),
-            None => format!(
-                "could not write the checkpoint of epoch {} (no earlier checkpoint of this run exists)",
-                epoch + 1
-            ),
-        })?;
-        kept = Some(epoch + 1);
+        folder.save_checkpoint(&model, extra, &prog)?;
         on(Event::EpochEnd(&m));
         last = Some(m);
     }
@@ -1048,12 +894,15 @@ pub fn train_in(cfg: &TrainConfig, run_dir: &Path, mode: RunMode, on: &mut dyn F
 pub struct CompareRow {
     pub act: String,
     pub seeds: Vec<u64>,
-    pub final_acc: Vec<f64>,
-    pub best_acc: Vec<f64>,
-    pub final_mean: f64,
-    pub final_std: f64,
-    pub best_mean: f64,
-    pub best_std: f64,
+    /// Final test accuracy of each seed's run.
+    pub test_acc: Vec<f64>,
+    /// Best test accuracy (over epochs) of each seed's run.
+    pub best_test_acc: Vec<f64>,
+    pub test_acc_mean: f64,
+    /// Sample standard deviation over seeds (0 for one seed).
+    pub test_acc_sd: f64,
+    pub best_test_acc_mean: f64,
+    pub best_test_acc_sd: f64,
     pub seconds_mean: f64,
     pub run_dirs: Vec<PathBuf>,
 }
@@ -1090,12 +939,12 @@ pub fn compare(
         let mut row = CompareRow {
             act: act.clone(),
             seeds: vec![],
-            final_acc: vec![],
-            best_acc: vec![],
-            final_mean: 0.0,
-            final_std: 0.0,
-            best_mean: 0.0,
-            best_std: 0.0,
+            test_acc: vec![],
+            best_test_acc: vec![],
+            test_acc_mean: 0.0,
+            test_acc_sd: 0.0,
+            best_test_acc_mean: 0.0,
+            best_test_acc_sd: 0.0,
             seconds_mean: 0.0,
             run_dirs: vec![],
         };
@@ -1110,13 +959,13 @@ pub fn compare(
             let label = format!("{act} seed {}", c.seed);
             let s = train(&c, &dir, false, &mut |e| on(&label, e))?;
             row.seeds.push(c.seed);
-            row.final_acc.push(s.test_acc);
-            row.best_acc.push(s.best_test_acc);
+            row.test_acc.push(s.test_acc);
+            row.best_test_acc.push(s.best_test_acc);
             row.run_dirs.push(dir);
             secs.push(s.seconds);
         }
-        (row.final_mean, row.final_std) = mean_std(&row.final_acc);
-        (row.best_mean, row.best_std) = mean_std(&row.best_acc);
+        (row.test_acc_mean, row.test_acc_sd) = mean_std(&row.test_acc);
+        (row.best_test_acc_mean, row.best_test_acc_sd) = mean_std(&row.best_test_acc);
         row.seconds_mean = mean_std(&secs).0;
         rows.push(row);
     }

@@ -1,0 +1,438 @@
+//! `diagnose` and `stability`: read a model (or random nets) and report.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use clap::{Args, ValueEnum};
+use prelu::sentinel::{Alarm, Histogram, LayerReport};
+use prelu::stability;
+use serde::Serialize;
+
+use super::{data_for, emit, list, load_ckpt, num, DataArgs, JsonArg, Progress, SpecArg};
+
+/// Which split of a data set.
+#[derive(Clone, Copy, Debug, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SplitArg {
+    Train,
+    Test,
+}
+
+#[derive(Args)]
+pub struct DiagnoseArgs {
+    /// A checkpoint (.safetensors), a run folder or an .onnx model.
+    pub checkpoint: PathBuf,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Which split to run over.
+    #[arg(long, value_enum, default_value = "test")]
+    pub split: SplitArg,
+    /// Use only the first N examples [default: all].
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+    /// Examples per batch.
+    #[arg(long, default_value_t = 500)]
+    pub batch_size: usize,
+    #[command(flatten)]
+    pub spec: SpecArg,
+    #[command(flatten)]
+    pub json: JsonArg,
+}
+
+/// `prelu diagnose`'s result.
+#[derive(Serialize)]
+pub struct DiagnoseOutput {
+    pub checkpoint: PathBuf,
+    pub data: String,
+    pub split: SplitArg,
+    pub examples: usize,
+    /// Accuracy and mean loss on the split.
+    pub acc: f64,
+    pub loss: f64,
+    pub layers: Vec<LayerReport>,
+    /// Slope histograms (10 bins) of the PReLU layers, by layer name.
+    pub slope_histograms: BTreeMap<String, Histogram>,
+    pub alarms: Vec<Alarm>,
+}
+
+impl fmt::Display for DiagnoseOutput {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        writeln!(
+            f,
+            "{}: {} {} {} examples, accuracy {:.4}, loss {:.4}",
+            self.checkpoint.display(),
+            self.examples,
+            self.data,
+            match self.split {
+                SplitArg::Train => "train",
+                SplitArg::Test => "test",
+            },
+            self.acc,
+            self.loss
+        )?;
+        let lw = self.layers.iter().map(|l| l.layer.len()).max().unwrap_or(0).max(7);
+        writeln!(
+            f,
+            "{:<lw$} {:<13} {:>5} {:>8} {:>6} {:>6} {:>6} {:>6} {:>22} {:>10}",
+            "layer", "kind", "units", "neg", "dead", "stuck", "linear", "idle", "slope mean [min, max]", "|grad W|"
+        )?;
+        for l in &self.layers {
+            let slope = if l.slopes.is_empty() {
+                "-".to_string()
+            } else {
+                let (mn, mx) = l
+                    .slopes
+                    .iter()
+                    .fold((f64::MAX, f64::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+                format!(
+                    "{:.3} [{:.3}, {:.3}]",
+                    l.slopes.iter().sum::<f64>() / l.slopes.len() as f64,
+                    mn,
+                    mx
+                )
+            };
+            writeln!(
+                f,
+                "{:<lw$} {:<13} {:>5} {:>7.1}% {:>6} {:>6} {:>6} {:>6} {:>22} {:>10}",
+                l.layer,
+                l.kind,
+                l.channels,
+                100.0 * l.negative_share,
+                l.dead.len(),
+                l.stuck.len(),
+                l.linear.len(),
+                l.idle.len(),
+                slope,
+                l.weight_grad_norm.map(|g| num(g, 3)).unwrap_or_else(|| "-".into())
+            )?;
+        }
+        for l in &self.layers {
+            writeln!(
+                f,
+                "{}: dead [{}]  idle [{}]  linear [{}]",
+                l.layer,
+                list(&l.dead),
+                list(&l.idle),
+                list(&l.linear)
+            )?;
+        }
+        // In layer order (the map is sorted by name).
+        let hists = self
+            .layers
+            .iter()
+            .filter_map(|l| self.slope_histograms.get(&l.layer).map(|h| (&l.layer, h)));
+        for (name, h) in hists {
+            let counts: Vec<String> = h.counts.iter().map(|c| c.to_string()).collect();
+            writeln!(
+                f,
+                "{name} slopes in [{:.3}, {:.3}], counts in 10 equal bins: {}",
+                h.lo,
+                h.hi,
+                counts.join(" ")
+            )?;
+        }
+        for al in &self.alarms {
+            writeln!(f, "alarm: {}", al.message)?;
+        }
+        writeln!(
+            f,
+            "neg = share of negative pre-activations; dead = never positive; stuck = dead PReLU with |slope| < 0.01;"
+        )?;
+        writeln!(
+            f,
+            "linear = never negative; idle = slope with < 0.5% negative inputs or zero gradient on this data."
+        )
+    }
+}
+
+pub fn cmd_diagnose(a: &DiagnoseArgs) -> Result<()> {
+    let loaded = load_ckpt(&a.checkpoint, &a.spec)?;
+    let (data, split) = data_for(&a.checkpoint, &a.data, &loaded)?;
+    let ds = match a.split {
+        SplitArg::Test => split.test,
+        SplitArg::Train => split.train,
+    };
+    let ds = ds.take(a.limit.unwrap_or(usize::MAX));
+    if ds.is_empty() || a.batch_size == 0 {
+        bail!("nothing to diagnose: empty data, --limit 0 or --batch-size 0");
+    }
+    let mut p = Progress::new(&format!("sentinel over {data}"), ds.len() as u64, "examples");
+    let d = prelu::sentinel::diagnose_with_progress(
+        &loaded.model,
+        &ds,
+        a.batch_size,
+        Default::default(),
+        &mut |done, _| p.set(done as u64),
+    )?;
+    p.finish();
+    emit(
+        a.json.json,
+        &DiagnoseOutput {
+            checkpoint: a.checkpoint.clone(),
+            data,
+            split: a.split,
+            examples: d.examples,
+            acc: d.accuracy,
+            loss: d.loss,
+            layers: d.layers,
+            slope_histograms: d.slope_histograms.into_iter().collect(),
+            alarms: d.alarms,
+        },
+    )
+}
+
+#[derive(Args)]
+pub struct StabilityArgs {
+    /// Depth of the chain and of the deep MLP.
+    #[arg(long, default_value_t = 100)]
+    pub depth: usize,
+    /// Width of the deep MLP.
+    #[arg(long, default_value_t = 512)]
+    pub width: usize,
+    /// Activations to propagate through.
+    #[arg(long, value_delimiter = ',', default_value = "prelu")]
+    pub act: Vec<String>,
+    /// Init schemes to compare.
+    #[arg(long, value_delimiter = ',', default_value = "he-prelu,he-relu,xavier,std:0.05")]
+    pub init: Vec<String>,
+    /// PReLU slope a (the initial slope a0 for he-prelu).
+    #[arg(long, default_value_t = 0.25, allow_hyphen_values = true)]
+    pub alpha: f64,
+    /// Weight of every layer of the scalar chain.
+    #[arg(long, default_value_t = 1.0)]
+    pub chain_weight: f64,
+    /// Samples per batch of Gaussian input.
+    #[arg(long, default_value_t = 256)]
+    pub batch: usize,
+    /// Independent weight draws per scheme.
+    #[arg(long, default_value_t = 3)]
+    pub draws: usize,
+    /// Seed of the weight draws and inputs.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Half-width of the stable band in standard deviations of the finite-width prediction.
+    #[arg(long, default_value_t = 4.0)]
+    pub sds: f64,
+    /// Write the variance-vs-depth plot here (SVG) [default: no plot].
+    #[arg(long, short, value_name = "FILE.svg", alias = "plot")]
+    pub out: Option<PathBuf>,
+    /// Analyse a trained checkpoint (or run folder) on real data instead.
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Test examples used for --checkpoint.
+    #[arg(long, default_value_t = 512, value_name = "N", alias = "samples")]
+    pub limit: usize,
+    #[command(flatten)]
+    pub spec: SpecArg,
+    #[command(flatten)]
+    pub json: JsonArg,
+}
+
+/// `prelu stability --checkpoint`'s result.
+#[derive(Serialize)]
+pub struct ModelStability {
+    pub checkpoint: PathBuf,
+    pub data: String,
+    pub examples: usize,
+    pub layers: Vec<stability::LayerStability>,
+}
+
+impl fmt::Display for ModelStability {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        writeln!(
+            f,
+            "{}: per-layer, per-channel stability on {} {} test images",
+            self.checkpoint.display(),
+            self.examples,
+            self.data
+        )?;
+        write!(f, "{}", stability::LayersTable(&self.layers))
+    }
+}
+
+/// `prelu stability`'s result for random nets.
+#[derive(Serialize)]
+pub struct StabilityOutput {
+    pub chain: stability::ChainReport,
+    pub depth: usize,
+    pub width: usize,
+    pub draws: usize,
+    pub batch: usize,
+    pub seed: u64,
+    pub sds: f64,
+    pub curves: Vec<stability::PropagationCurve>,
+    /// The SVG plot written, if any.
+    pub out: Option<PathBuf>,
+    #[serde(skip)]
+    chain_weight: f64,
+    #[serde(skip)]
+    alpha: f64,
+}
+
+impl fmt::Display for StabilityOutput {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        let ch = &self.chain;
+        let limits = match (ch.vanishes_at, ch.explodes_at) {
+            (None, None) => format!("|gain| stays within [1e-3, 1e3] over all {} layers", ch.depth),
+            (Some(v), None) => format!("|gain| < 1e-3 from depth {v}"),
+            (None, Some(x)) => format!("|gain| > 1e3 from depth {x}"),
+            (Some(v), Some(x)) => format!("|gain| < 1e-3 from depth {v}, > 1e3 from depth {x}"),
+        };
+        writeln!(
+            f,
+            "scalar chain, {} layers, w = {}, a = {}: negative-path gain (a*w)^L = {}; a* = {:.4}; {limits}",
+            ch.depth,
+            self.chain_weight,
+            self.alpha,
+            num(ch.gain, 4),
+            ch.a_star,
+        )?;
+        writeln!(
+            f,
+            "deep MLP, depth {}, width {}, {} independent weight draw(s) per scheme x {} Gaussian inputs;",
+            self.depth, self.width, self.draws, self.batch
+        )?;
+        writeln!(
+            f,
+            "per-sample forward log-ratio ln(q_L / q_1) (q: squared pre-activation norm), mean ± sd [p5, p95]:"
+        )?;
+        writeln!(
+            f,
+            "{:<10} {:<13} {:>8} {:>8} {:>17} {:>32} {:>16} {:>9}  verdict",
+            "init", "act", "chi pred", "chi meas", "band for chi", "ln ratio measured", "predicted", "bwd mean"
+        )?;
+        for c in &self.curves {
+            let s = &c.forward_samples;
+            writeln!(
+                f,
+                "{:<10} {:<13} {:>8.4} {:>8.4} {:>17} {:>32} {:>16} {:>9.2}  {}",
+                c.init,
+                c.act,
+                c.predicted_factor,
+                c.measured_factor,
+                format!("[{:.4}, {:.4}]", c.band.factor_lo, c.band.factor_hi),
+                format!("{:.2} ± {:.2} [{:.2}, {:.2}]", s.mean, s.sd, s.p05, s.p95),
+                format!("{:.2} ± {:.2}", c.predicted_mean, c.predicted_sd),
+                c.backward_samples.mean,
+                c.verdict
+            )?;
+        }
+        let mut seen = Vec::new();
+        for c in &self.curves {
+            if seen.contains(&c.slope.to_bits()) {
+                continue;
+            }
+            seen.push(c.slope.to_bits());
+            writeln!(
+                f,
+                "stable band (slope {}): chi = 1 predicts ln ratio {:.2} ± {:.2} per sample at this width (c = {:.3}); \
+                 the mean over samples is stable in [{:.2}, {:.2}] (± {} sd / sqrt({} draws))",
+                c.slope, c.band.mean, c.band.sd, c.c, c.band.lo, c.band.hi, c.band.sds, self.draws
+            )?;
+        }
+        writeln!(
+            f,
+            "chi meas = exp(mean ln ratio / (L-1) + c/n) (finite-width drift taken out); verdict: forward and backward mean vs band."
+        )?;
+        if let Some(p) = &self.out {
+            writeln!(f, "plot: {}", p.display())?;
+        }
+        Ok(())
+    }
+}
+
+pub fn cmd_stability(a: &StabilityArgs) -> Result<()> {
+    if let Some(ck) = &a.checkpoint {
+        let loaded = load_ckpt(ck, &a.spec)?;
+        // The model's own data set unless --data says otherwise, as for diagnose.
+        let (data, split) = data_for(ck, &a.data, &loaded)?;
+        let test = split.test.take(a.limit.max(2));
+        let dev = candle_core::Device::Cpu;
+        let x = candle_core::Tensor::from_slice(&test.images, (test.len(), test.features()), &dev)?;
+        let y = candle_core::Tensor::from_iter(test.labels.iter().map(|&l| l as u32), &dev)?;
+        let layers = stability::model_layers(&loaded.model, &x, &y, 4.0)?;
+        return emit(
+            a.json.json,
+            &ModelStability {
+                checkpoint: ck.clone(),
+                data,
+                examples: test.len(),
+                layers,
+            },
+        );
+    }
+    if a.depth > 100_000 || a.width > 1 << 16 || a.batch > 1 << 16 || a.draws > 1000 {
+        bail!(
+            "stability: --depth at most 100000, --width and --batch at most 65536, --draws at most 1000 \
+             (got depth {}, width {}, batch {}, draws {})",
+            a.depth,
+            a.width,
+            a.batch,
+            a.draws
+        );
+    }
+    if let Some(p) = &a.out {
+        super::check_out(None, p)?;
+    }
+    // Every layer's weights are kept, and each layer's inputs and gradients.
+    let (d, w, b) = (a.depth as u64, a.width as u64, a.batch as u64);
+    prelu::memory::check_bytes(
+        &format!("stability at depth {} and width {}", a.depth, a.width),
+        d.saturating_mul(
+            w.saturating_mul(w)
+                .saturating_add(b.saturating_mul(w).saturating_mul(4)),
+        )
+        .saturating_mul(4),
+    )?;
+    let ch = stability::chain(&vec![a.chain_weight; a.depth], a.alpha, 1e-3, 1e3);
+    let opts = stability::PropagationOptions {
+        depth: a.depth,
+        width: a.width,
+        batch: a.batch,
+        draws: a.draws,
+        seed: a.seed,
+        sds: a.sds,
+    };
+    let mut schemes = Vec::new();
+    for act in &a.act {
+        let act: prelu::Activation = act.parse().map_err(anyhow::Error::msg)?;
+        for init in &a.init {
+            let init: prelu::InitScheme = init.parse().map_err(anyhow::Error::msg)?;
+            schemes.push((init, act));
+        }
+    }
+    let mut p = Progress::new(
+        &format!("propagating depth {} width {}", a.depth, a.width),
+        schemes.len() as u64,
+        "schemes",
+    );
+    let mut curves = Vec::new();
+    for (i, (init, act)) in schemes.into_iter().enumerate() {
+        curves.push(stability::propagate(init, act, a.alpha, &opts)?);
+        p.set(i as u64 + 1);
+    }
+    p.finish();
+    if let Some(p) = &a.out {
+        stability::plot_svg(&curves, p)?;
+    }
+    emit(
+        a.json.json,
+        &StabilityOutput {
+            chain: ch,
+            depth: a.depth,
+            width: a.width,
+            draws: a.draws,
+            batch: a.batch,
+            seed: a.seed,
+            sds: a.sds,
+            curves,
+            out: a.out.clone(),
+            chain_weight: a.chain_weight,
+            alpha: a.alpha,
+        },
+    )
+}

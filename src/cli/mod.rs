@@ -1,0 +1,329 @@
+//! The binary's commands, one module per command family. Each module holds
+//! its clap argument struct, calls the library, and prints a result type
+//! either as JSON (`--json`) or through its `Display`. The argument groups
+//! shared by several commands (data, JSON, checkpoint spec) live here.
+
+use std::fmt;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use prelu::train::TrainConfig;
+
+pub mod attack;
+pub mod bench;
+pub mod files;
+pub mod inspect;
+pub mod symmetry;
+pub mod train;
+
+/// `--json`: one JSON object on stdout at the end instead of text.
+#[derive(Args, Clone, Copy, Debug, Default)]
+pub struct JsonArg {
+    /// Print one JSON object on stdout instead of text (schema: README, "JSON output");
+    /// errors too, as {"error": {...}} with a non-zero exit.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Where the examples come from. Commands that read a trained model default
+/// to the data the model was trained on.
+#[derive(Args, Clone, Debug, Default)]
+pub struct DataArgs {
+    /// Data set: mnist, fashion-mnist, mnist-small (built in) or a folder of IDX files
+    /// [default: mnist-small to train; a trained model's own data set (run folder or
+    /// checkpoint header), else mnist-small].
+    #[arg(long, value_name = "NAME|DIR")]
+    pub data: Option<String>,
+    /// Folder to look for mnist / fashion-mnist in first [default: $PRELU_DATA,
+    /// /usr/share/datasets, ./data].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+impl DataArgs {
+    /// Refuses a `--data` that names a folder which is not there (instead of
+    /// the library's "unknown data set").
+    pub fn check(&self) -> Result<()> {
+        check_data_name(self.data.as_deref())
+    }
+}
+
+/// A `--data` value that looks like a path must exist.
+pub fn check_data_name(data: Option<&str>) -> Result<()> {
+    if let Some(d) = data {
+        let named = matches!(d, "mnist" | "fashion-mnist" | "mnist-small");
+        let looks_like_path = d.contains('/') || d.starts_with('.') || d.starts_with('~');
+        if !named && looks_like_path && !Path::new(d).exists() {
+            bail!("--data {d}: no such folder (a data folder must hold the four MNIST-format IDX files)");
+        }
+    }
+    Ok(())
+}
+
+/// `--spec`: a model spec for weights that carry none.
+#[derive(Args, Clone, Debug, Default)]
+pub struct SpecArg {
+    /// Model spec (JSON) for weights that carry none, e.g. a PyTorch state_dict saved as
+    /// safetensors [default: the spec in the checkpoint's header].
+    #[arg(long, value_name = "SPEC.json")]
+    pub spec: Option<PathBuf>,
+}
+
+/// Prints `v` as one JSON line or as its text.
+pub fn emit<T: serde::Serialize + fmt::Display>(json: bool, v: &T) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(v)?);
+    } else {
+        print!("{v}");
+    }
+    Ok(())
+}
+
+/// Loads a checkpoint (a .safetensors file, a run folder or an .onnx model).
+pub fn load_ckpt(p: &Path, spec: &SpecArg) -> Result<prelu::io::Loaded> {
+    Ok(prelu::io::load_model_with_spec(p, spec.spec.as_deref())?)
+}
+
+/// The run folder a checkpoint belongs to: the folder itself, or the folder
+/// of a `checkpoint.safetensors` / `best.safetensors` inside a run folder.
+fn run_config_of(ckpt: &Path) -> Option<TrainConfig> {
+    let dir = if ckpt.is_dir() { ckpt } else { ckpt.parent()? };
+    let cfg = dir.join("config.toml");
+    cfg.is_file().then(|| TrainConfig::from_toml_file(&cfg).ok()).flatten()
+}
+
+/// The data set a model was trained on: its run folder's config, else the
+/// data set recorded in the checkpoint's header (derived models), if any.
+pub fn model_data(ckpt: &Path, loaded: &prelu::io::Loaded) -> Option<(String, Option<PathBuf>)> {
+    if let Some(c) = run_config_of(ckpt) {
+        return Some((c.data, c.data_dir));
+    }
+    loaded.data_set().map(|d| (d.to_string(), None))
+}
+
+/// The data set to use with a checkpoint: `--data`, else the model's own
+/// (run folder or header), else the built-in subset. Checks that it fits the
+/// model.
+pub fn data_for(ckpt: &Path, data: &DataArgs, loaded: &prelu::io::Loaded) -> Result<(String, prelu::data::Split)> {
+    data.check()?;
+    let own = model_data(ckpt, loaded);
+    let name = data
+        .data
+        .clone()
+        .or_else(|| own.as_ref().map(|o| o.0.clone()))
+        .unwrap_or_else(|| "mnist-small".into());
+    let dir = data.data_dir.clone().or_else(|| own.and_then(|o| o.1));
+    let split = prelu::data::load(&name, dir.as_deref())?;
+    let model = &loaded.model;
+    let [c, h, w] = model.spec.input;
+    if c * h * w != split.test.features() || model.spec.classes < prelu::data::CLASSES {
+        bail!(
+            "{} takes {c}x{h}x{w} inputs and has {} outputs; the data set `{name}` has {}x{} images in {} classes \
+             (give a data set that fits the model with --data)",
+            ckpt.display(),
+            model.spec.classes,
+            split.test.rows,
+            split.test.cols,
+            prelu::data::CLASSES
+        );
+    }
+    Ok((name, split))
+}
+
+/// Checks, before any work, that `out` can be written: its folder exists and
+/// it is not the input checkpoint.
+pub fn check_out(input: Option<&Path>, out: &Path) -> Result<()> {
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !parent.is_dir() {
+        bail!(
+            "cannot write {}: the folder {} does not exist",
+            out.display(),
+            parent.display()
+        );
+    }
+    if out.is_dir() {
+        bail!("cannot write {}: it is a folder (give a file name)", out.display());
+    }
+    if let Some(i) = input {
+        prelu::io::refuse_same_file(i, out)?;
+    }
+    Ok(())
+}
+
+/// The metadata that makes a derived model (canonical, sculpted) remember the
+/// data set it was trained on.
+pub fn data_metadata(data: &str) -> std::collections::HashMap<String, String> {
+    [(prelu::io::DATA_KEY.to_string(), data.to_string())].into()
+}
+
+/// A number for people: fixed-point in [1e-3, 1e5), else `1.23e-7` (never
+/// Rust's `1.2300e0`).
+pub fn num(v: f64, digits: usize) -> String {
+    let a = v.abs();
+    if !v.is_finite() || v == 0.0 || (1e-3..1e5).contains(&a) {
+        return format!("{v:.digits$}");
+    }
+    let s = format!("{v:.digits$e}");
+    // `1.2300e-7` -> `1.23e-7`
+    match s.split_once('e') {
+        Some((m, e)) => {
+            let m = if m.contains('.') {
+                m.trim_end_matches('0').trim_end_matches('.')
+            } else {
+                m
+            };
+            format!("{m}e{e}")
+        }
+        None => s,
+    }
+}
+
+/// `mean ± sd`, or just the mean when there is one sample (no spread to show).
+pub fn mean_sd(mean: f64, sd: f64, n: usize) -> String {
+    if n > 1 {
+        format!("{mean:.4} ± {sd:.4}")
+    } else {
+        format!("{mean:.4}")
+    }
+}
+
+/// Progress of long work on stderr: a bar with count and ETA on a terminal,
+/// a line every 10 s (and at the end) otherwise.
+pub struct Progress {
+    pb: Option<ProgressBar>,
+    what: String,
+    unit: &'static str,
+    len: u64,
+    start: Instant,
+    last_line: Instant,
+    /// Whether a periodic line was printed (then the end gets one too).
+    printed: bool,
+}
+
+impl Progress {
+    pub fn new(what: &str, len: u64, unit: &'static str) -> Self {
+        let pb = std::io::stderr().is_terminal().then(|| {
+            let pb = ProgressBar::new(len);
+            pb.set_style(
+                ProgressStyle::with_template("{prefix} [{bar:25}] {pos}/{len} {msg} {elapsed}, eta {eta}")
+                    .expect("static template")
+                    .progress_chars("=> "),
+            );
+            pb.set_prefix(what.to_string());
+            pb.set_message(unit);
+            pb
+        });
+        let now = Instant::now();
+        Self {
+            pb,
+            what: what.to_string(),
+            unit,
+            len,
+            start: now,
+            last_line: now,
+            printed: false,
+        }
+    }
+
+    pub fn set(&mut self, pos: u64) {
+        match &self.pb {
+            Some(pb) => pb.set_position(pos),
+            None => {
+                let done = pos >= self.len && pos > 0;
+                if self.last_line.elapsed() >= Duration::from_secs(10) || (done && self.printed) {
+                    self.last_line = Instant::now();
+                    self.printed = !done;
+                    let el = self.start.elapsed().as_secs_f64();
+                    let eta = if pos > 0 {
+                        format!(", eta {:.0} s", el / pos as f64 * (self.len - pos.min(self.len)) as f64)
+                    } else {
+                        String::new()
+                    };
+                    eprintln!(
+                        "{}: {pos}/{} {} ({:.0}%), {el:.0} s{eta}",
+                        self.what,
+                        self.len,
+                        self.unit,
+                        100.0 * pos as f64 / self.len.max(1) as f64
+                    );
+                }
+            }
+        }
+    }
+
+    pub fn finish(self) {
+        if let Some(pb) = self.pb {
+            pb.finish_and_clear();
+        }
+    }
+}
+
+/// A spinner with elapsed time for work that reports no count (hidden when
+/// stderr is not a terminal; a start line is printed instead).
+pub fn spinner(msg: &str) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        eprintln!("{msg}");
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new_spinner();
+    pb.set_style(ProgressStyle::with_template("{spinner} {elapsed:>4} {msg}").expect("static template"));
+    pb.enable_steady_tick(Duration::from_millis(120));
+    pb.set_message(msg.to_string());
+    pb
+}
+
+/// A list of unit indices, the first 12 and a count.
+pub fn list(v: &[usize]) -> String {
+    if v.is_empty() {
+        return "-".into();
+    }
+    let mut s = v.iter().take(12).map(|c| c.to_string()).collect::<Vec<_>>().join(",");
+    if v.len() > 12 {
+        s.push_str(&format!(",... ({} in all)", v.len()));
+    }
+    s
+}
+
+/// The text of an error for people: the message chain, without the
+/// backtrace candle attaches when `RUST_BACKTRACE` is set.
+pub fn error_message(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let s = match (
+            cause.downcast_ref::<candle_core::Error>(),
+            cause.downcast_ref::<prelu::Error>(),
+        ) {
+            (Some(c), _) | (_, Some(prelu::Error::Candle(c))) => candle_message(c),
+            (_, Some(prelu::Error::Other(inner))) => error_message(inner),
+            _ => cause.to_string(),
+        };
+        // anyhow's chain repeats a transparent source's text; keep it once.
+        if parts.last().is_none_or(|l| !l.ends_with(&s)) {
+            parts.push(s);
+        }
+    }
+    parts.join(": ")
+}
+
+fn candle_message(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => candle_message(inner),
+        candle_core::Error::Context { inner, context } => format!("{context}: {}", candle_message(inner)),
+        other => {
+            let s = other.to_string();
+            // Any other variant that carries a backtrace prints it after a newline.
+            s.split("\nstack backtrace:")
+                .next()
+                .unwrap_or(&s)
+                .trim_end()
+                .to_string()
+        }
+    }
+}
