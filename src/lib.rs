@@ -64,11 +64,12 @@ pub mod study;
 pub mod symmetry;
 pub mod train;
 
-pub use activation::{Activation, ActivationLayer, PReLU, PReLUConfig, SlopeConstraint};
+pub use activation::{prelu_layer, Activation, ActivationLayer, PReLU, PReLUConfig, SlopeConstraint};
 pub use candle_core::Device;
-pub use init::{gain, FanMode, InitScheme};
+pub use init::{gain, he_prelu_init, FanMode, InitScheme};
 pub use invert::{log_abs_det_jacobian, prelu_inverse, InvertError};
 pub use ops::{prelu, prelu_backward, SlopeAxis};
+pub use sentinel::{ActivationSite, Alarm, AlarmKind, Sentinel, SentinelConfig};
 
 /// Most worker threads accepted (`--threads`).
 pub const MAX_THREADS: usize = 512;
