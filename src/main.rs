@@ -153,9 +153,10 @@ struct SculptArgs {
 
 #[derive(Args)]
 struct ReportArgs {
-    /// The run folder.
-    run: PathBuf,
-    /// Output file (default RUN/report.html).
+    /// Run folders, overlaid when several; a `compare` folder stands for its runs.
+    #[arg(required = true, num_args = 1..)]
+    runs: Vec<PathBuf>,
+    /// Output file (default FIRST_RUN/report.html).
     #[arg(long, short)]
     out: Option<PathBuf>,
     #[arg(long)]
@@ -1228,13 +1229,14 @@ fn cmd_sculpt(a: &SculptArgs) -> Result<()> {
 }
 
 fn cmd_report(a: &ReportArgs) -> Result<()> {
-    let out = a.out.clone().unwrap_or_else(|| a.run.join("report.html"));
-    let r = prelu::report::write(&a.run, &out)?;
+    let out = a.out.clone().unwrap_or_else(|| a.runs[0].join("report.html"));
+    let r = prelu::report::write_runs(&a.runs, &out)?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
         println!(
-            "report ({} epochs, {} plots, {} alarms) written to {}",
+            "report ({} run(s), {} epochs, {} plots, {} alarms) written to {}",
+            r.runs,
             r.epochs,
             r.plots,
             r.alarms,

@@ -261,6 +261,15 @@ pub struct Alarm {
 /// layer-wide alarm.
 type RaisedKey = (String, AlarmKind, Option<usize>);
 
+/// A slope for a message: 3 decimals, or 2 significant digits when tiny.
+fn short_num(v: f64) -> String {
+    if v != 0.0 && v.abs() < 5e-4 {
+        format!("{v:.1e}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
 /// `0, 4, 7` (the first `max`, then `and N more`).
 pub fn channel_list(c: &[usize], max: usize) -> String {
     let mut s: Vec<String> = c.iter().take(max).map(|i| i.to_string()).collect();
@@ -695,7 +704,7 @@ impl Sentinel {
                     })
                     .collect();
                 if !new.is_empty() {
-                    let shown: Vec<String> = new.iter().take(8).map(|&c| format!("{:.3}", r.slopes[c])).collect();
+                    let shown: Vec<String> = new.iter().take(8).map(|&c| short_num(r.slopes[c])).collect();
                     let what = if r.slopes.len() == 1 {
                         "the shared slope".to_string()
                     } else {
@@ -707,12 +716,13 @@ impl Sentinel {
                         layer: r.layer.clone(),
                         kind: AlarmKind::NonPositiveSlope,
                         message: format!(
-                            "{}: {} of {} slopes <= 0 at {what} (a = {}{}): the layer is not invertible there{}",
+                            "{}: slope(s) <= 0 at {what} (a = {}{}); {} of {} slopes are now <= 0: the layer is \
+                             not invertible there{}",
                             r.layer,
-                            new.len(),
-                            r.slopes.len(),
                             shown.join(", "),
                             if new.len() > 8 { ", ..." } else { "" },
+                            r.slope_classes.non_invertible.len(),
+                            r.slopes.len(),
                             if neg > 0 {
                                 format!(
                                     "; {neg} clearly negative (< -{}): non-monotone, |x|-like units",
