@@ -3,7 +3,10 @@
 //! weights from He-PReLU init as a `candle_nn::Init`, trained for one epoch on
 //! 4,000 images of the built-in MNIST subset.
 //!
-//! `cargo run --release --example own_model` (a few seconds).
+//! `cargo run --release --example own_model` (a few seconds). Candle samples
+//! `candle_nn::Init` with its own generator, which cannot be seeded on the
+//! CPU, so the numbers differ a little from run to run; the `sentinel_loop`
+//! example shows seeded init with `prelu::init::kaiming_normal`.
 
 use anyhow::Result;
 use candle_core::{DType, Device, Module, Tensor};

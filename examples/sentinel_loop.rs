@@ -14,8 +14,11 @@
 use anyhow::Result;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Linear, Optimizer, VarBuilder, VarMap, SGD};
+use prelu::init::kaiming_normal;
 use prelu::sentinel::{ActivationSite, Sentinel, SentinelConfig};
-use prelu::{he_prelu_init, prelu_layer, FanMode, PReLU};
+use prelu::{prelu_layer, FanMode, PReLU};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
 
 struct Mlp {
     fc1: Linear,
@@ -25,8 +28,15 @@ struct Mlp {
     out: Linear,
 }
 
-fn linear(inp: usize, out: usize, vb: VarBuilder) -> Result<Linear> {
-    let w = vb.get_with_hints((out, inp), "weight", he_prelu_init(0.25, FanMode::FanIn))?;
+/// A linear layer with He init for the activation after it (slope `a0`;
+/// `a0 = 1` for none), sampled from the seeded `rng`: candle's own generator
+/// cannot be seeded on the CPU, so `he_prelu_init` (a `candle_nn::Init`)
+/// would give other numbers at each run.
+fn linear(inp: usize, out: usize, a0: f64, rng: &mut StdRng, vb: VarBuilder) -> Result<Linear> {
+    let init = kaiming_normal(&[out, inp], a0, FanMode::FanIn, DType::F32, &Device::Cpu, rng)?;
+    let w = vb.get_with_hints((out, inp), "weight", candle_nn::Init::Const(0.0))?;
+    // The var map's variable behind `w`: set it in place.
+    candle_core::Var::from_tensor(&w)?.set(&init)?;
     let b = vb.get_with_hints(out, "bias", candle_nn::Init::Const(0.0))?;
     Ok(Linear::new(w, Some(b)))
 }
@@ -46,12 +56,13 @@ fn main() -> Result<()> {
     let train = data.train.take(3000);
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+    let mut rng = StdRng::seed_from_u64(1);
     let m = Mlp {
-        fc1: linear(784, 64, vb.pp("fc1"))?,
+        fc1: linear(784, 64, 0.25, &mut rng, vb.pp("fc1"))?,
         act1: prelu_layer(Some(64), vb.pp("act1"))?,
-        fc2: linear(64, 32, vb.pp("fc2"))?,
+        fc2: linear(64, 32, 0.25, &mut rng, vb.pp("fc2"))?,
         act2: prelu_layer(Some(32), vb.pp("act2"))?,
-        out: candle_nn::linear(32, 10, vb.pp("out"))?,
+        out: linear(32, 10, 1.0, &mut rng, vb.pp("out"))?,
     };
     // Slopes of both signs, set in place (the var map's variable is the layer's).
     let slopes: Vec<f32> = (0..32)

@@ -1404,6 +1404,9 @@ fn cmd_diagnose(a: &DiagnoseArgs) -> Result<()> {
             list(&l.linear)
         );
     }
+    for l in d.layers.iter().filter(|l| !l.slopes.is_empty()) {
+        println!("{}", l.slope_classes_line());
+    }
     for (name, h) in &d.slope_histograms {
         println!("{name} slopes in [{:.3}, {:.3}], 10 bins: {:?}", h.lo, h.hi, h.counts);
     }

@@ -132,6 +132,33 @@ pub struct LayerReport {
     pub act_var: f64,
 }
 
+impl LayerReport {
+    /// One line on the slopes of a PReLU layer by class, e.g. `act.1 slopes
+    /// (64): 12 < 0 (non-monotone), 3 ~ 0 (ReLU-like), 2 ~ 1 (linear), 1 > 1;
+    /// not invertible at 15: 0, 3, ...`.
+    pub fn slope_classes_line(&self) -> String {
+        let c = &self.slope_classes;
+        format!(
+            "{} slopes ({}): {} < 0 (non-monotone), {} ~ 0 (ReLU-like), {} ~ 1 (linear), {} > 1; {}",
+            self.layer,
+            self.slopes.len(),
+            c.negative.len(),
+            c.near_zero.len(),
+            c.near_one.len(),
+            c.above_one.len(),
+            if c.non_invertible.is_empty() {
+                "invertible".to_string()
+            } else {
+                format!(
+                    "not invertible at {}: {}",
+                    c.non_invertible.len(),
+                    channel_list(&c.non_invertible, 16)
+                )
+            }
+        )
+    }
+}
+
 /// Trained slopes take any sign: a net trained without constraint has many
 /// negative slopes (`|x|`-like, non-monotone units) and some above 1. The
 /// classes overlap where the bands do (`non_invertible` holds every `a <= 0`).
