@@ -404,10 +404,10 @@ fn report_overlays_runs_and_describes_slopes_of_any_sign() {
     fake_run(&root.join("b-seed0"), &[0.25, 0.3, 0.2, 0.25, 0.25, 0.25], 0.8);
     std::fs::write(root.join("notes.txt"), "not a run").unwrap();
     std::fs::create_dir_all(root.join("empty")).unwrap();
-    let runs = prelu::report::expand_runs(&[root.clone()]).unwrap();
+    let runs = prelu::report::expand_runs(std::slice::from_ref(&root)).unwrap();
     assert_eq!(runs, vec![root.join("a-seed0"), root.join("b-seed0")]);
     let out = root.join("overlay.html");
-    let r = prelu::report::write_runs(&[root.clone()], &out).unwrap();
+    let r = prelu::report::write_runs(std::slice::from_ref(&root), &out).unwrap();
     assert_eq!((r.runs, r.alarms), (2, 2));
     let html = std::fs::read_to_string(&out).unwrap();
     // One loss plot with both runs' curves, one legend entry per run and curve.
