@@ -680,7 +680,8 @@ pub fn write_runs(paths: &[PathBuf], out: &Path) -> Result<ReportSummary> {
                 label(r, &format!("{name} mean")),
                 at(|x| x.mean),
                 col(ri, li),
-                false,
+                // In an overlay the colour is the run's: odd layers are dashed.
+                multi && li % 2 == 1,
             ));
             if !multi {
                 for (what, f) in [
@@ -706,7 +707,7 @@ pub fn write_runs(paths: &[PathBuf], out: &Path) -> Result<ReportSummary> {
             ..epoch_axes("PReLU slopes per layer", "slope a")
         };
         let what = if multi {
-            "Mean PReLU slope per layer and run"
+            "Mean PReLU slope per layer and run (odd layers dashed)"
         } else {
             "Mean PReLU slope per layer (dashed: min and max over its channels)"
         };
