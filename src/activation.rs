@@ -244,6 +244,79 @@ impl PReLU {
     }
 }
 
+/// A PReLU layer from a [`candle_nn::VarBuilder`], like `candle_nn::prelu` and
+/// PyTorch's `nn.PReLU`: `channels: None` gives one shared slope, `Some(C)` one
+/// slope per channel (dim 1). The slopes are the variable `weight` under the
+/// builder's prefix (shape `[1]` or `[C]`, initial value 0.25), so a
+/// [`candle_nn::VarMap`] registers it for the optimiser and a PyTorch
+/// checkpoint's `*.weight` loads into it.
+///
+/// ```
+/// use candle_core::{DType, Device, Module, Tensor};
+/// use candle_nn::{VarBuilder, VarMap};
+///
+/// # fn main() -> candle_core::Result<()> {
+/// let varmap = VarMap::new();
+/// let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+/// let act = prelu::prelu_layer(Some(3), vb.pp("act1"))?;
+/// assert!(varmap.data().lock().unwrap().contains_key("act1.weight"));
+/// let x = Tensor::new(&[[-4f32, 1.0, -2.0]], &Device::Cpu)?;
+/// assert_eq!(act.forward(&x)?.to_vec2::<f32>()?, [[-1.0, 1.0, -0.5]]);
+/// # Ok(())
+/// # }
+/// ```
+pub fn prelu_layer(channels: Option<usize>, vb: candle_nn::VarBuilder) -> Result<PReLU> {
+    PReLU::from_var_builder(channels, PReLUConfig::default(), vb)
+}
+
+impl PReLU {
+    /// [`prelu_layer`] with options. `cfg.axis` applies to per-channel slopes
+    /// (`channels: Some(C)`); `None` is always shared. Under
+    /// [`SlopeConstraint::Positive`] the variable is the raw `r` with
+    /// `a = softplus(r)` and is named `weight_raw`, so that it is never
+    /// mistaken for slopes; a clamp constraint clamps the loaded values.
+    pub fn from_var_builder(channels: Option<usize>, cfg: PReLUConfig, vb: candle_nn::VarBuilder) -> Result<Self> {
+        let (len, axis) = match channels {
+            None => (1, SlopeAxis::Shared),
+            Some(0) => bail!("a PReLU layer needs at least one channel, got 0"),
+            Some(c) => (
+                c,
+                if cfg.axis == SlopeAxis::Shared {
+                    SlopeAxis::ChannelFirst
+                } else {
+                    cfg.axis
+                },
+            ),
+        };
+        let cfg = PReLUConfig { axis, ..cfg };
+        if !cfg.init.is_finite() {
+            bail!("PReLU initial slope must be finite, got {}", cfg.init);
+        }
+        let t = match cfg.constraint {
+            SlopeConstraint::Positive => {
+                if !(cfg.init > 0.0) {
+                    bail!(
+                        "the positive slope constraint needs an initial slope > 0, got {}",
+                        cfg.init
+                    );
+                }
+                vb.get_with_hints(len, "weight_raw", candle_nn::Init::Const(softplus_inverse(cfg.init)))?
+            }
+            SlopeConstraint::Clamp { lo, hi } if !(lo <= hi) => {
+                bail!("slope clamp needs lo <= hi, got [{lo}, {hi}]")
+            }
+            _ => vb.get_with_hints(len, "weight", candle_nn::Init::Const(cfg.init))?,
+        };
+        // A tensor from a VarMap is its variable: the layer shares it.
+        let layer = Self {
+            param: Var::from_tensor(&t)?,
+            cfg,
+        };
+        layer.project()?;
+        Ok(layer)
+    }
+}
+
 impl candle_core::Module for PReLU {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         ops::prelu(xs, &self.slope()?, self.cfg.axis)

@@ -126,6 +126,38 @@ pub fn slope_of(next: &ActivationLayer) -> Result<f64> {
     })
 }
 
+/// He/Kaiming init for a layer followed by a PReLU with slope `a0`, as a
+/// [`candle_nn::Init`]: `N(0, gain(a0)^2 / fan)`, for any
+/// [`candle_nn::VarBuilder`] (`vb.get_with_hints(shape, "weight", init)`).
+/// Candle samples it with its own generator; for seeded, reproducible weights
+/// use [`kaiming_normal`] with your RNG.
+///
+/// ```
+/// use candle_core::{DType, Device};
+/// use candle_nn::{VarBuilder, VarMap};
+/// use prelu::init::{he_prelu_init, FanMode};
+///
+/// # fn main() -> candle_core::Result<()> {
+/// let varmap = VarMap::new();
+/// let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+/// // A 256 -> 512 linear layer followed by PReLU(0.25): std = sqrt(2 / 1.0625 / 256).
+/// let w = vb.get_with_hints((512, 256), "fc1.weight", he_prelu_init(0.25, FanMode::FanIn))?;
+/// let std = w.flatten_all()?.sqr()?.mean_all()?.to_scalar::<f32>()?.sqrt();
+/// assert!((std as f64 - (2.0 / 1.0625 / 256.0f64).sqrt()).abs() < 0.003);
+/// # Ok(())
+/// # }
+/// ```
+pub fn he_prelu_init(a0: f64, mode: FanMode) -> candle_nn::Init {
+    candle_nn::Init::Kaiming {
+        dist: candle_nn::init::NormalOrUniform::Normal,
+        fan: match mode {
+            FanMode::FanIn => candle_nn::init::FanInOut::FanIn,
+            FanMode::FanOut => candle_nn::init::FanInOut::FanOut,
+        },
+        non_linearity: candle_nn::init::NonLinearity::ExplicitGain(gain(a0)),
+    }
+}
+
 /// How the weights of a Linear/Conv layer are initialised.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]

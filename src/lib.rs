@@ -6,6 +6,56 @@
 //! `PReLU_a(x) = x` for `x > 0`, `a x` otherwise, with a learnable slope `a`
 //! (one per layer or one per channel); equivalently `x + (a - 1) min(0, x)`.
 //!
+//! ## Quick start: PReLU in your own candle model
+//!
+//! `prelu = { version = "0.1", default-features = false }` gives the library
+//! without the CLI's dependencies (clap, indicatif).
+//!
+//! ```
+//! use candle_core::{DType, Device, Module, Tensor};
+//! use candle_nn::{Linear, Optimizer, VarBuilder, VarMap, SGD};
+//! use prelu::sentinel::{ActivationSite, Sentinel, SentinelConfig};
+//! use prelu::{he_prelu_init, prelu_layer, FanMode};
+//!
+//! # fn main() -> anyhow::Result<()> {
+//! let dev = Device::Cpu;
+//! let varmap = VarMap::new();
+//! let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+//! // Linear(4 -> 8) with He init for the PReLU(0.25) after it, then nn.PReLU(8).
+//! let w = vb.get_with_hints((8, 4), "fc.weight", he_prelu_init(0.25, FanMode::FanIn))?;
+//! let fc = Linear::new(w, None);
+//! let act = prelu_layer(Some(8), vb.pp("act"))?; // the variable `act.weight`, 8 slopes at 0.25
+//! let head = candle_nn::linear(8, 2, vb.pp("head"))?;
+//!
+//! // The sentinel watches the activation: apply it through the sentinel.
+//! let mut sentinel = Sentinel::from_sites(
+//!     vec![ActivationSite::prelu("act", &act, 8)],
+//!     SentinelConfig::default(),
+//! )?;
+//! let mut opt = SGD::new(varmap.all_vars(), 0.1)?;
+//! let x = Tensor::randn(0f32, 1.0, (16, 4), &dev)?;
+//! let y = Tensor::new(&[0u32, 1, 1, 0, 1, 0, 0, 1, 1, 1, 0, 0, 1, 0, 1, 0], &dev)?;
+//! for _step in 0..5 {
+//!     let logits = head.forward(&sentinel.forward(0, &fc.forward(&x)?)?)?;
+//!     let grads = candle_nn::loss::cross_entropy(&logits, &y)?.backward()?;
+//!     sentinel.after_backward(&grads)?;
+//!     opt.step(&grads)?;
+//! }
+//! let (layers, alarms) = sentinel.close_epoch(1)?;
+//! println!("{}: {:.0}% negative inputs, slopes {:?}", layers[0].layer,
+//!          100.0 * layers[0].negative_share, layers[0].slopes);
+//! for a in &alarms {
+//!     println!("alarm [{}] {}", a.kind, a.message);
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! On the CPU, [`prelu()`] (and the [`PReLU`] layer) runs fused kernels with a
+//! one-pass backward; on other devices it falls back to composed candle ops.
+//! Runnable examples: `cargo run --release --example own_model`
+//! (`sentinel_loop`, `stability_weights`).
+//!
 //! The modules follow the idea they implement:
 //! * [`kernels`]: fused CPU kernels on slices (forward; one-pass backward);
 //! * [`ops`]: those kernels as a candle op with autograd, `prelu(x, slope, axis)`;
@@ -65,12 +115,13 @@ pub mod study;
 pub mod symmetry;
 pub mod train;
 
-pub use activation::{Activation, ActivationLayer, PReLU, PReLUConfig, SlopeConstraint};
+pub use activation::{prelu_layer, Activation, ActivationLayer, PReLU, PReLUConfig, SlopeConstraint};
 pub use candle_core::Device;
 pub use error::{Error, Result};
-pub use init::{gain, FanMode, InitScheme};
+pub use init::{gain, he_prelu_init, FanMode, InitScheme};
 pub use invert::{log_abs_det_jacobian, prelu_inverse, InvertError};
 pub use ops::{prelu, prelu_backward, SlopeAxis};
+pub use sentinel::{ActivationSite, Alarm, AlarmKind, Sentinel, SentinelConfig};
 
 /// Most worker threads accepted (`--threads`).
 pub const MAX_THREADS: usize = 512;

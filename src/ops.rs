@@ -263,28 +263,72 @@ impl CustomOp3 for PreluBwd {
 
 /// Fused PReLU, `y = x > 0 ? x : a * x`, differentiable through candle's
 /// autograd with respect to both `x` and `slope` (one-pass backward).
+///
+/// On the CPU this is the fused kernel; on any other device (CUDA, Metal) it
+/// falls back to the same function composed of candle ops
+/// ([`prelu_composed`]), with candle's autograd, so a model keeps working
+/// wherever its tensors live.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use prelu::{prelu, SlopeAxis};
+///
+/// # fn main() -> candle_core::Result<()> {
+/// let x = Tensor::new(&[[-2f32, 3.0], [1.0, -4.0]], &Device::Cpu)?; // [N = 2, C = 2]
+/// let a = Tensor::new(&[0.25f32, -1.0], &Device::Cpu)?; // one slope per channel
+/// let y = prelu(&x, &a, SlopeAxis::ChannelFirst)?;
+/// assert_eq!(y.to_vec2::<f32>()?, [[-0.5, 3.0], [1.0, 4.0]]);
+/// # Ok(())
+/// # }
+/// ```
 pub fn prelu(x: &Tensor, slope: &Tensor, axis: SlopeAxis) -> Result<Tensor> {
-    if !x.device().is_cpu() {
-        bail!(
-            "prelu: the fused kernels run on the CPU; got a tensor on {:?}",
-            x.device().location()
-        );
-    }
     // Check shapes here too, so that errors name the caller's shapes before any work.
     slope_geometry(x.dims(), slope.dims(), axis)?;
+    if !x.device().is_cpu() || !slope.device().is_cpu() {
+        return prelu_on_device(x, slope, axis);
+    }
     x.apply_op2(slope, PreluFwd { axis, stats: None })
 }
 
-/// [`prelu`] that also adds, in the same pass, the per-channel counts of
-/// negative and positive inputs and the output moments into `stats`.
-pub fn prelu_counting(x: &Tensor, slope: &Tensor, axis: SlopeAxis, stats: &SharedStats) -> Result<Tensor> {
-    if !x.device().is_cpu() {
+/// The non-CPU path of [`prelu`]: composed candle ops on the tensors' device
+/// (both must be on the same one). Public so that the fallback can be
+/// exercised, and compared with the fused op, on the CPU too.
+pub fn prelu_on_device(x: &Tensor, slope: &Tensor, axis: SlopeAxis) -> Result<Tensor> {
+    if !x.device().same_device(slope.device()) {
         bail!(
-            "prelu: the fused kernels run on the CPU; got a tensor on {:?}",
-            x.device().location()
+            "prelu: the input is on {:?} but the slope is on {:?}; move them to the same device",
+            x.device().location(),
+            slope.device().location()
         );
     }
+    if x.dtype() != slope.dtype() {
+        bail!(
+            "prelu: input is {:?} but slope is {:?}; they must have the same dtype",
+            x.dtype(),
+            slope.dtype()
+        );
+    }
+    prelu_composed(x, slope, axis)
+}
+
+/// [`prelu`] that also adds, in the same pass, the per-channel counts of
+/// negative and positive inputs and the output moments into `stats`. Off the
+/// CPU the output is [`prelu_on_device`]'s and the counts come from a CPU
+/// copy of the input (a diagnostic pass, not a fast one).
+pub fn prelu_counting(x: &Tensor, slope: &Tensor, axis: SlopeAxis, stats: &SharedStats) -> Result<Tensor> {
     slope_geometry(x.dims(), slope.dims(), axis)?;
+    if !x.device().is_cpu() || !slope.device().is_cpu() {
+        let y = prelu_on_device(x, slope, axis)?;
+        let cpu = candle_core::Device::Cpu;
+        x.to_device(&cpu)?.apply_op2_no_bwd(
+            &slope.to_device(&cpu)?,
+            &PreluFwd {
+                axis,
+                stats: Some(stats.clone()),
+            },
+        )?;
+        return Ok(y);
+    }
     x.apply_op2(
         slope,
         PreluFwd {
@@ -337,7 +381,12 @@ impl candle_core::CustomOp1 for CountRelu {
 /// ReLU (candle's exact `relu`) that also records the sentinel statistics of
 /// its input; the counting is one extra read of `x`.
 pub fn relu_counting(x: &Tensor, stats: &SharedStats) -> Result<Tensor> {
-    x.apply_op1_no_bwd(&CountRelu { stats: stats.clone() })?;
+    let counter = CountRelu { stats: stats.clone() };
+    if x.device().is_cpu() {
+        x.apply_op1_no_bwd(&counter)?;
+    } else {
+        x.to_device(&candle_core::Device::Cpu)?.apply_op1_no_bwd(&counter)?;
+    }
     x.relu()
 }
 
@@ -345,6 +394,13 @@ pub fn relu_counting(x: &Tensor, stats: &SharedStats) -> Result<Tensor> {
 /// `(dx, dslope)` with `dslope` shaped like `slope`. Not itself differentiable.
 pub fn prelu_backward(x: &Tensor, slope: &Tensor, dy: &Tensor, axis: SlopeAxis) -> Result<(Tensor, Tensor)> {
     slope_geometry(x.dims(), slope.dims(), axis)?;
+    if !x.device().is_cpu() {
+        bail!(
+            "prelu_backward: the one-pass backward kernel runs on the CPU; got a tensor on {:?} \
+             (on other devices, differentiate `prelu` with candle's autograd)",
+            x.device().location()
+        );
+    }
     let n = x.elem_count();
     let out = x.apply_op3_no_bwd(slope, dy, &PreluBwd { axis })?;
     let dx = out.narrow(0, 0, n)?.reshape(x.shape())?;

@@ -14,7 +14,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Result, Var};
+use candle_core::{DType, Result, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::activation::ActivationLayer;
@@ -38,6 +38,10 @@ pub struct SentinelConfig {
     pub grad_ratio: f64,
     /// |slope| below this makes a never-positive PReLU unit stuck.
     pub stuck_slope: f64,
+    /// Width of the bands around 0 (ReLU-like, `|a| < slope_tol`) and 1
+    /// (linear, foldable, `|a - 1| < slope_tol`) in the slope classes of a
+    /// [`LayerReport`].
+    pub slope_tol: f64,
 }
 
 impl Default for SentinelConfig {
@@ -48,6 +52,7 @@ impl Default for SentinelConfig {
             idle_epochs: 2,
             grad_ratio: 1e3,
             stuck_slope: 0.01,
+            slope_tol: 0.05,
         }
     }
 }
@@ -77,6 +82,9 @@ impl SentinelConfig {
                 self.stuck_slope
             );
         }
+        if !(self.slope_tol >= 0.0) || !(self.slope_tol < 0.5) {
+            anyhow::bail!("alarms: slope_tol must be in [0, 0.5), got {}", self.slope_tol);
+        }
         Ok(())
     }
 }
@@ -105,6 +113,11 @@ pub struct LayerReport {
     /// Slope values (PReLU), one per slope parameter.
     #[serde(deserialize_with = "crate::io::nulls_as_nan")]
     pub slopes: Vec<f64>,
+    /// The slopes sorted by sign and size (PReLU; indices into `slopes`, i.e.
+    /// channels, or `[0]` for a shared slope). Absent from runs written
+    /// before the classes existed.
+    #[serde(default)]
+    pub slope_classes: SlopeClasses,
     /// Mean |d loss / d slope| per slope over the steps.
     #[serde(deserialize_with = "crate::io::nulls_as_nan")]
     pub slope_grad: Vec<f64>,
@@ -119,20 +132,184 @@ pub struct LayerReport {
     pub act_var: f64,
 }
 
-/// An alarm, raised once per layer and kind.
+impl LayerReport {
+    /// One line on the slopes of a PReLU layer by class, e.g. `act.1 slopes
+    /// (64): 12 < 0 (non-monotone), 3 ~ 0 (ReLU-like), 2 ~ 1 (linear), 1 > 1;
+    /// not invertible at 15: 0, 3, ...`.
+    pub fn slope_classes_line(&self) -> String {
+        let c = &self.slope_classes;
+        format!(
+            "{} slopes ({}): {} < 0 (non-monotone), {} ~ 0 (ReLU-like), {} ~ 1 (linear), {} > 1; {}",
+            self.layer,
+            self.slopes.len(),
+            c.negative.len(),
+            c.near_zero.len(),
+            c.near_one.len(),
+            c.above_one.len(),
+            if c.non_invertible.is_empty() {
+                "invertible".to_string()
+            } else {
+                format!(
+                    "not invertible at {}: {}",
+                    c.non_invertible.len(),
+                    channel_list(&c.non_invertible, 16)
+                )
+            }
+        )
+    }
+}
+
+/// Trained slopes take any sign: a net trained without constraint has many
+/// negative slopes (`|x|`-like, non-monotone units) and some above 1. The
+/// classes overlap where the bands do (`non_invertible` holds every `a <= 0`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct SlopeClasses {
+    /// `a < -slope_tol`: the unit is non-monotone (`|x|`-like for `a = -1`).
+    pub negative: Vec<usize>,
+    /// `|a| < slope_tol`: ReLU-like.
+    pub near_zero: Vec<usize>,
+    /// `|a - 1| < slope_tol`: the unit is (nearly) the identity and can be
+    /// folded into the next layer.
+    pub near_one: Vec<usize>,
+    /// `a > 1 + slope_tol`: the negative side is steeper than the positive.
+    pub above_one: Vec<usize>,
+    /// `a <= 0` or NaN: the layer is not invertible at these channels.
+    pub non_invertible: Vec<usize>,
+}
+
+impl SlopeClasses {
+    /// Sorts `slopes` into the classes with band width `tol`.
+    pub fn of(slopes: &[f64], tol: f64) -> Self {
+        let pick = |f: &dyn Fn(f64) -> bool| -> Vec<usize> {
+            slopes
+                .iter()
+                .enumerate()
+                .filter(|&(_, &a)| f(a))
+                .map(|(i, _)| i)
+                .collect()
+        };
+        Self {
+            negative: pick(&|a| a < -tol),
+            near_zero: pick(&|a| a.abs() < tol),
+            near_one: pick(&|a| (a - 1.0).abs() < tol),
+            above_one: pick(&|a| a > 1.0 + tol),
+            non_invertible: pick(&|a| !(a > 0.0)),
+        }
+    }
+}
+
+/// What an [`Alarm`] is about. Written in `metrics.jsonl` and `--json` output
+/// as its kebab-case name (`dead-units`, ...), as before it was an enum.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AlarmKind {
+    /// Too many dead (ReLU) or stuck (PReLU) units in a layer.
+    DeadUnits,
+    /// Slopes that have not learned for `idle_epochs` epochs.
+    IdleSlope,
+    /// First-to-last weight-gradient ratio below `1 / grad_ratio`.
+    VanishingGradient,
+    /// First-to-last weight-gradient ratio above `grad_ratio`.
+    ExplodingGradient,
+    /// Slopes `<= 0`: the layer is not invertible at those channels.
+    NonPositiveSlope,
+    /// NaN or infinity in activations, slopes or gradients.
+    NonFinite,
+}
+
+impl AlarmKind {
+    /// Every kind, in declaration order.
+    pub const ALL: [AlarmKind; 6] = [
+        AlarmKind::DeadUnits,
+        AlarmKind::IdleSlope,
+        AlarmKind::VanishingGradient,
+        AlarmKind::ExplodingGradient,
+        AlarmKind::NonPositiveSlope,
+        AlarmKind::NonFinite,
+    ];
+
+    /// The kebab-case name (`dead-units`, ...).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            AlarmKind::DeadUnits => "dead-units",
+            AlarmKind::IdleSlope => "idle-slope",
+            AlarmKind::VanishingGradient => "vanishing-gradient",
+            AlarmKind::ExplodingGradient => "exploding-gradient",
+            AlarmKind::NonPositiveSlope => "non-positive-slope",
+            AlarmKind::NonFinite => "non-finite",
+        }
+    }
+}
+
+impl std::fmt::Display for AlarmKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for AlarmKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        AlarmKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| format!("unknown alarm kind `{s}`"))
+    }
+}
+
+impl PartialEq<str> for AlarmKind {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for AlarmKind {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+/// An alarm, raised once per layer and kind (non-positive slopes: once per
+/// channel, so a channel that turns negative later raises a new alarm).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Alarm {
     pub epoch: usize,
     pub layer: String,
-    /// `dead-units`, `idle-slope`, `vanishing-gradient`, `exploding-gradient`,
-    /// `non-positive-slope` or `non-finite`.
-    pub kind: String,
+    pub kind: AlarmKind,
     pub message: String,
+    /// The channels (slope indices) the alarm is about, where it is about
+    /// some channels of the layer (non-positive slopes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub channels: Vec<usize>,
+}
+
+/// What has been raised: `(layer, kind, channel)`, channel `None` for a
+/// layer-wide alarm.
+type RaisedKey = (String, AlarmKind, Option<usize>);
+
+/// A slope for a message: 3 decimals, or 2 significant digits when tiny.
+fn short_num(v: f64) -> String {
+    if v != 0.0 && v.abs() < 5e-4 {
+        format!("{v:.1e}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+/// `0, 4, 7` (the first `max`, then `and N more`).
+pub fn channel_list(c: &[usize], max: usize) -> String {
+    let mut s: Vec<String> = c.iter().take(max).map(|i| i.to_string()).collect();
+    if c.len() > max {
+        s.push(format!("and {} more", c.len() - max));
+    }
+    s.join(", ")
 }
 
 struct Layer {
     name: String,
     kind: String,
+    act: ActivationLayer,
     channels: usize,
     stats: SharedStats,
     slope: Option<Var>,
@@ -167,7 +344,7 @@ pub struct Sentinel {
     pub cfg: SentinelConfig,
     layers: Vec<Layer>,
     handles: Vec<SharedStats>,
-    raised: HashSet<(String, String)>,
+    raised: HashSet<RaisedKey>,
 }
 
 fn kind_of(a: &ActivationLayer) -> String {
@@ -179,7 +356,139 @@ fn kind_of(a: &ActivationLayer) -> String {
     }
 }
 
+/// One activation of a model the sentinel watches: what
+/// [`Sentinel::from_sites`] needs to watch any candle model, not only this
+/// crate's [`Model`].
+#[derive(Clone, Debug)]
+pub struct ActivationSite {
+    /// The name alarms and reports use (e.g. `act1`).
+    pub name: String,
+    /// The activation applied there (a clone of a [`crate::PReLU`] shares its
+    /// slopes with the model's, so the sentinel sees them train).
+    pub act: ActivationLayer,
+    /// The channel count of the activation's input (dim 1).
+    pub channels: usize,
+    /// The weight of the Linear/Conv layer feeding the activation, for the
+    /// gradient-flow measures (optional).
+    pub weight: Option<Var>,
+}
+
+impl ActivationSite {
+    /// A site applying `act` to inputs with `channels` channels (dim 1).
+    pub fn new(name: impl Into<String>, act: ActivationLayer, channels: usize) -> Self {
+        Self {
+            name: name.into(),
+            act,
+            channels,
+            weight: None,
+        }
+    }
+
+    /// A site applying the PReLU layer `p` (shared with the caller's model:
+    /// same slope variable) to inputs with `channels` channels.
+    pub fn prelu(name: impl Into<String>, p: &crate::PReLU, channels: usize) -> Self {
+        Self::new(name, ActivationLayer::PRelu(p.clone()), channels)
+    }
+
+    /// The weight of the layer feeding this activation, whose gradient norm
+    /// the sentinel tracks (vanishing/exploding-gradient alarms).
+    pub fn with_weight(mut self, weight: &Var) -> Self {
+        self.weight = Some(weight.clone());
+        self
+    }
+}
+
 impl Sentinel {
+    /// A sentinel over the activation sites of any model. In the model's
+    /// forward pass, apply site `i` with [`Sentinel::forward`] (it counts
+    /// while it computes); after `backward`, call [`Sentinel::after_backward`];
+    /// at the end of an epoch, [`Sentinel::close_epoch`].
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor, Var};
+    /// use prelu::sentinel::{ActivationSite, AlarmKind, Sentinel, SentinelConfig};
+    /// use prelu::{PReLU, PReLUConfig};
+    ///
+    /// # fn main() -> candle_core::Result<()> {
+    /// let dev = Device::Cpu;
+    /// // Hand-set slopes of both signs: channel 1 is |x|, channel 2 ReLU-like.
+    /// let act = PReLU::from_slopes(&Tensor::new(&[0.25f32, -1.0, 0.0], &dev)?, PReLUConfig::default())?;
+    /// let w = Var::randn(0f32, 1.0, (3, 4), &dev)?;
+    /// let mut s = Sentinel::from_sites(
+    ///     vec![ActivationSite::prelu("act1", &act, 3).with_weight(&w)],
+    ///     SentinelConfig::default(),
+    /// )?;
+    /// let x = Tensor::randn(0f32, 1.0, (8, 4), &dev)?;
+    /// let h = s.forward(0, &x.matmul(&w.as_tensor().t()?)?)?; // act1(x W^T), counted
+    /// s.after_backward(&h.sqr()?.sum_all()?.backward()?)?;
+    /// let (layers, alarms) = s.close_epoch(1)?;
+    /// assert_eq!(layers[0].slope_classes.negative, vec![1]);
+    /// assert_eq!(layers[0].slope_classes.near_zero, vec![2]);
+    /// let bad = alarms.iter().find(|a| a.kind == AlarmKind::NonPositiveSlope).unwrap();
+    /// assert_eq!(bad.channels, vec![1, 2]);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn from_sites(sites: Vec<ActivationSite>, cfg: SentinelConfig) -> Result<Self> {
+        let mut seen = HashSet::new();
+        let mut layers = Vec::new();
+        for site in sites {
+            if site.channels == 0 {
+                candle_core::bail!("sentinel: site `{}` has 0 channels", site.name);
+            }
+            if !seen.insert(site.name.clone()) {
+                candle_core::bail!("sentinel: two sites are named `{}`", site.name);
+            }
+            let slope = site.act.prelu().map(|p| p.param().clone());
+            if let (Some(s), Some(p)) = (&slope, site.act.prelu()) {
+                let n = s.elem_count();
+                if p.config().axis != crate::SlopeAxis::Shared && n != site.channels {
+                    candle_core::bail!(
+                        "sentinel: site `{}` has {n} slopes but {} channels",
+                        site.name,
+                        site.channels
+                    );
+                }
+            }
+            let n_slopes = slope.as_ref().map(|s| s.elem_count()).unwrap_or(0);
+            layers.push(Layer {
+                kind: kind_of(&site.act),
+                name: site.name,
+                act: site.act,
+                channels: site.channels,
+                stats: Arc::new(Mutex::new(ForwardStats::new(site.channels))),
+                slope,
+                weight: site.weight,
+                grad_norm_sum: 0.0,
+                slope_norm_sum: 0.0,
+                slope_abs: vec![0.0; n_slopes],
+                steps: 0,
+                idle_streak: vec![0; site.channels],
+            });
+        }
+        let handles = layers.iter().map(|l| l.stats.clone()).collect();
+        Ok(Self {
+            cfg,
+            layers,
+            handles,
+            raised: HashSet::new(),
+        })
+    }
+
+    /// Applies site `site`'s activation to `x`, counting its statistics in
+    /// the same pass (the fused kernel on the CPU).
+    pub fn forward(&self, site: usize, x: &Tensor) -> Result<Tensor> {
+        let Some(l) = self.layers.get(site) else {
+            candle_core::bail!("sentinel: no site {site} (there are {})", self.layers.len())
+        };
+        l.act.forward_counting(x, &self.handles[site])
+    }
+
+    /// The names of the watched activations, in order.
+    pub fn site_names(&self) -> Vec<&str> {
+        self.layers.iter().map(|l| l.name.as_str()).collect()
+    }
+
     pub fn new(model: &Model, cfg: SentinelConfig) -> Self {
         let mut layers = Vec::new();
         let r = &model.resolved;
@@ -196,6 +505,7 @@ impl Sentinel {
             layers.push(Layer {
                 name: node.name.clone(),
                 kind: kind_of(a),
+                act: a.clone(),
                 channels: width,
                 stats,
                 slope,
@@ -219,7 +529,12 @@ impl Sentinel {
     /// Records an alarm as already raised (an alarm from before a resume), so
     /// it is not raised again.
     pub fn mark_raised(&mut self, a: &Alarm) {
-        self.raised.insert((a.layer.clone(), a.kind.clone()));
+        if a.channels.is_empty() {
+            self.raised.insert((a.layer.clone(), a.kind, None));
+        }
+        for &c in &a.channels {
+            self.raised.insert((a.layer.clone(), a.kind, Some(c)));
+        }
     }
 
     /// The statistics handles to pass to [`Model::forward_counting`].
@@ -273,20 +588,38 @@ impl Sentinel {
     /// Closes an epoch: per-layer reports and the alarms raised for the first
     /// time; resets the accumulators.
     pub fn end_epoch(&mut self, model: &Model, epoch: usize) -> Result<(Vec<LayerReport>, Vec<Alarm>)> {
-        let acts = model.activations();
+        let acts: Vec<ActivationLayer> = model.activations().into_iter().cloned().collect();
+        self.close(&acts, epoch)
+    }
+
+    /// Closes an epoch of a sentinel built by [`Sentinel::from_sites`] (the
+    /// slopes are read from the sites' layers, which share their variables
+    /// with the model): per-layer reports and the alarms raised for the first
+    /// time; resets the accumulators.
+    pub fn close_epoch(&mut self, epoch: usize) -> Result<(Vec<LayerReport>, Vec<Alarm>)> {
+        let acts: Vec<ActivationLayer> = self.layers.iter().map(|l| l.act.clone()).collect();
+        self.close(&acts, epoch)
+    }
+
+    fn close(&mut self, acts: &[ActivationLayer], epoch: usize) -> Result<(Vec<LayerReport>, Vec<Alarm>)> {
         let mut reports = Vec::new();
         let mut alarms = Vec::new();
-        let mut raise = |raised: &mut HashSet<(String, String)>, layer: &str, kind: &str, message: String| {
-            if raised.insert((layer.to_string(), kind.to_string())) {
+        let raise = |raised: &mut HashSet<RaisedKey>,
+                     alarms: &mut Vec<Alarm>,
+                     layer: &str,
+                     kind: AlarmKind,
+                     message: String| {
+            if raised.insert((layer.to_string(), kind, None)) {
                 alarms.push(Alarm {
                     epoch,
                     layer: layer.into(),
-                    kind: kind.into(),
+                    kind,
                     message,
+                    channels: vec![],
                 });
             }
         };
-        for (l, a) in self.layers.iter_mut().zip(&acts) {
+        for (l, a) in self.layers.iter_mut().zip(acts) {
             let st = {
                 let mut s = l
                     .stats
@@ -295,6 +628,9 @@ impl Sentinel {
                 std::mem::replace(&mut *s, ForwardStats::new(l.channels))
             };
             let channels = st.negative.len();
+            if l.idle_streak.len() != channels {
+                l.idle_streak = vec![0; channels.max(1)];
+            }
             let per_channel = (st.count / channels.max(1) as u64).max(1) as f64;
             let share: Vec<f64> = st.negative.iter().map(|&n| n as f64 / per_channel).collect();
             let seen = st.count > 0;
@@ -352,6 +688,7 @@ impl Sentinel {
                 linear,
                 stuck,
                 idle,
+                slope_classes: SlopeClasses::of(&slopes, self.cfg.slope_tol),
                 slopes,
                 slope_grad,
                 weight_grad_norm: (l.steps > 0 && l.weight.is_some()).then(|| l.grad_norm_sum / steps),
@@ -364,14 +701,15 @@ impl Sentinel {
             let bad = if is_prelu { r.stuck.len() } else { r.dead.len() };
             if seen && channels > 0 && bad as f64 / channels as f64 > self.cfg.dead_share {
                 let what = if is_prelu {
-                    "stuck (never positive, |slope| < 0.01)"
+                    format!("stuck (never positive, |slope| < {})", self.cfg.stuck_slope)
                 } else {
-                    "dead (never positive)"
+                    "dead (never positive)".to_string()
                 };
                 raise(
                     &mut self.raised,
+                    &mut alarms,
                     &r.layer,
-                    "dead-units",
+                    AlarmKind::DeadUnits,
                     format!(
                         "{}: {} of {} units ({:.1}%) are {what}",
                         r.layer,
@@ -384,8 +722,9 @@ impl Sentinel {
             if !r.idle.is_empty() {
                 raise(
                     &mut self.raised,
+                    &mut alarms,
                     &r.layer,
-                    "idle-slope",
+                    AlarmKind::IdleSlope,
                     format!(
                         "{}: {} slope(s) idle {} (negative share < {}% or zero gradient)",
                         r.layer,
@@ -398,13 +737,53 @@ impl Sentinel {
                     ),
                 );
             }
-            if let Some(a) = r.slopes.iter().find(|&&a| !(a > 0.0)) {
-                raise(
-                    &mut self.raised,
-                    &r.layer,
-                    "non-positive-slope",
-                    format!("{}: a slope is {a} (<= 0): the layer is no longer invertible", r.layer),
-                );
+            // Non-positive slopes, per channel: a channel raises once, and
+            // one alarm lists the channels newly found <= 0 in this epoch. A
+            // layer-wide alarm read back from an older run covers every channel.
+            let layer_wide = (r.layer.clone(), AlarmKind::NonPositiveSlope, None);
+            if !self.raised.contains(&layer_wide) {
+                let new: Vec<usize> = r
+                    .slope_classes
+                    .non_invertible
+                    .iter()
+                    .copied()
+                    .filter(|&c| {
+                        self.raised
+                            .insert((r.layer.clone(), AlarmKind::NonPositiveSlope, Some(c)))
+                    })
+                    .collect();
+                if !new.is_empty() {
+                    let shown: Vec<String> = new.iter().take(8).map(|&c| short_num(r.slopes[c])).collect();
+                    let what = if r.slopes.len() == 1 {
+                        "the shared slope".to_string()
+                    } else {
+                        format!("channel(s) {}", channel_list(&new, 16))
+                    };
+                    let neg = new.iter().filter(|c| r.slope_classes.negative.contains(c)).count();
+                    alarms.push(Alarm {
+                        epoch,
+                        layer: r.layer.clone(),
+                        kind: AlarmKind::NonPositiveSlope,
+                        message: format!(
+                            "{}: slope(s) <= 0 at {what} (a = {}{}); {} of {} slopes are now <= 0: the layer is \
+                             not invertible there{}",
+                            r.layer,
+                            shown.join(", "),
+                            if new.len() > 8 { ", ..." } else { "" },
+                            r.slope_classes.non_invertible.len(),
+                            r.slopes.len(),
+                            if neg > 0 {
+                                format!(
+                                    "; {neg} clearly negative (< -{}): non-monotone, |x|-like units",
+                                    self.cfg.slope_tol
+                                )
+                            } else {
+                                String::new()
+                            }
+                        ),
+                        channels: new,
+                    });
+                }
             }
             let finite = r.act_mean.is_finite()
                 && r.act_var.is_finite()
@@ -413,8 +792,9 @@ impl Sentinel {
             if !finite {
                 raise(
                     &mut self.raised,
+                    &mut alarms,
                     &r.layer,
-                    "non-finite",
+                    AlarmKind::NonFinite,
                     format!("{}: NaN or infinity in activations, slopes or gradients", r.layer),
                 );
             }
@@ -429,10 +809,10 @@ impl Sentinel {
             if norms.len() >= 2 && last > 0.0 {
                 let ratio = first / last;
                 if ratio < 1.0 / self.cfg.grad_ratio {
-                    raise(&mut self.raised, "model", "vanishing-gradient", format!(
+                    raise(&mut self.raised, &mut alarms, "model", AlarmKind::VanishingGradient, format!(
                         "first-layer gradient norm is {ratio:.2e} x the last layer's: gradients vanish towards the input"));
                 } else if ratio > self.cfg.grad_ratio {
-                    raise(&mut self.raised, "model", "exploding-gradient", format!(
+                    raise(&mut self.raised, &mut alarms, "model", AlarmKind::ExplodingGradient, format!(
                         "first-layer gradient norm is {ratio:.2e} x the last layer's: gradients explode towards the input"));
                 }
             }

@@ -178,8 +178,9 @@ fn fake_run(dir: &Path) {
     let alarm = prelu::sentinel::Alarm {
         epoch: 1,
         layer: "act.0".into(),
-        kind: "dead-units".into(),
+        kind: prelu::sentinel::AlarmKind::DeadUnits,
         message: "<script>alert('alarm')</script>".into(),
+        channels: vec![],
     };
     let lines = [MetricsLine::Epoch(m), MetricsLine::Alarm { alarm }];
     let text: String = lines.iter().map(|l| serde_json::to_string(l).unwrap() + "\n").collect();

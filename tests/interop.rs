@@ -112,10 +112,14 @@ fn report_is_one_self_contained_page_with_its_plots() {
     prelu::train::train(&cfg, &dir, false, &mut |_| {}).unwrap();
     let out = dir.join("report.html");
     let r = prelu::report::write(&dir, &out).unwrap();
-    // loss, accuracy, slopes, two negative-share heatmaps, dead/idle counts
-    assert_eq!(r.plots, 6);
+    // loss, accuracy, slopes, slope histogram, dead/idle counts, two
+    // negative-share heatmaps
+    assert_eq!(r.plots, 7);
     let html = std::fs::read_to_string(&out).unwrap();
-    assert_eq!(html.matches("<svg").count(), 6);
+    assert_eq!(html.matches("<svg").count(), 7);
+    // Every plot says what to look for; the legends are HTML under the plots.
+    assert_eq!(html.matches("<figcaption>").count(), 7);
+    assert!(html.contains("class=\"legend\""));
     for svg in html.split("<svg").skip(1) {
         let body = &svg[..svg.find("</svg>").expect("closed svg")];
         assert!(body.contains("<polyline") || body.contains("<rect"), "an empty plot");
@@ -326,4 +330,114 @@ fn onnx_import_refuses_what_it_does_not_cover() {
     let e = err(model(vec![node("Conv", &["x", "missing"])], vec![]));
     assert!(e.contains("missing"), "{e}");
     assert!(err(b"not a protobuf at all \xff\xff".to_vec()).contains("not an ONNX model"));
+}
+
+/// A hand-written run: two epochs of metrics with a PReLU layer whose slopes
+/// have both signs, and an alarm naming channels.
+fn fake_run(dir: &std::path::Path, slopes: &[f64], acc: f64) {
+    use prelu::sentinel::{Alarm, AlarmKind, LayerReport, SlopeClasses};
+    use prelu::train::{EpochMetrics, MetricsLine, SlopeSummary};
+    std::fs::create_dir_all(dir).unwrap();
+    let mut lines = Vec::new();
+    for epoch in 1..=2 {
+        let (mn, mx) = slopes
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+        lines.push(MetricsLine::Epoch(EpochMetrics {
+            epoch,
+            step: 10 * epoch as u64,
+            lr: 0.1,
+            train_loss: 1.0 / epoch as f64,
+            train_acc: acc,
+            test_loss: 1.1 / epoch as f64,
+            test_acc: acc - 0.01,
+            seconds: 1.0,
+            samples_per_s: 100.0,
+            slopes: vec![SlopeSummary {
+                layer: "act.0".into(),
+                mean: slopes.iter().sum::<f64>() / slopes.len() as f64,
+                min: mn,
+                max: mx,
+            }],
+        }));
+        lines.push(MetricsLine::Sentinel {
+            epoch,
+            layers: vec![LayerReport {
+                layer: "act.0".into(),
+                kind: "prelu".into(),
+                channels: slopes.len(),
+                negative_share: 0.5,
+                negative_share_per_channel: vec![0.5; slopes.len()],
+                dead: vec![],
+                linear: vec![],
+                stuck: vec![],
+                idle: vec![],
+                slopes: slopes.to_vec(),
+                slope_classes: SlopeClasses::of(slopes, 0.05),
+                slope_grad: vec![0.1; slopes.len()],
+                weight_grad_norm: Some(1.0),
+                slope_grad_norm: Some(0.1),
+                act_mean: 0.0,
+                act_var: 1.0,
+            }],
+        });
+    }
+    lines.push(MetricsLine::Alarm {
+        alarm: Alarm {
+            epoch: 2,
+            layer: "act.0".into(),
+            kind: AlarmKind::NonPositiveSlope,
+            message: "act.0: slope(s) <= 0 at channel(s) 0, 1".into(),
+            channels: vec![0, 1],
+        },
+    });
+    let text: String = lines.iter().map(|l| serde_json::to_string(l).unwrap() + "\n").collect();
+    std::fs::write(dir.join("metrics.jsonl"), text).unwrap();
+}
+
+#[test]
+fn report_overlays_runs_and_describes_slopes_of_any_sign() {
+    let root = std::env::temp_dir().join(format!("prelu-report-overlay-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    // A compare-like folder of two runs, and a file beside them that is not a run.
+    fake_run(&root.join("a-seed0"), &[-1.0, -0.5, 0.0, 0.25, 1.0, 1.8], 0.9);
+    fake_run(&root.join("b-seed0"), &[0.25, 0.3, 0.2, 0.25, 0.25, 0.25], 0.8);
+    std::fs::write(root.join("notes.txt"), "not a run").unwrap();
+    std::fs::create_dir_all(root.join("empty")).unwrap();
+    let runs = prelu::report::expand_runs(std::slice::from_ref(&root)).unwrap();
+    assert_eq!(runs, vec![root.join("a-seed0"), root.join("b-seed0")]);
+    let out = root.join("overlay.html");
+    let r = prelu::report::write_runs(std::slice::from_ref(&root), &out).unwrap();
+    assert_eq!((r.runs, r.alarms), (2, 2));
+    let html = std::fs::read_to_string(&out).unwrap();
+    // One loss plot with both runs' curves, one legend entry per run and curve.
+    assert_eq!(html.matches("id=\"plot-loss\"").count(), 1);
+    for name in ["a-seed0 train", "a-seed0 test", "b-seed0 train", "b-seed0 test"] {
+        assert!(html.contains(name), "no legend entry {name}");
+    }
+    assert!(html.contains("2 runs overlaid"));
+    // The alarm table names epoch, layer, kind and channels.
+    assert!(html.contains("<td>2</td><td>act.0</td><td>non-positive-slope</td><td>0, 1</td>"));
+    // The slope classes of run a: 2 negative, 1 ~0, 1 ~1, 1 > 1, not invertible at 0, 1, 2.
+    assert!(
+        html.contains("<td>a-seed0</td><td>2</td><td>act.0</td><td>6</td><td>0.258 [-1.000, 1.800]</td><td>2</td><td>1</td><td>1</td><td>1</td><td>3 channel(s): 0, 1, 2</td>"),
+        "slope classes of run a"
+    );
+    // The histogram's range covers the negative slopes (and 1.8).
+    let hist = &html[html.find("id=\"plot-slope-histogram\"").unwrap()..];
+    assert!(hist.contains("from -1.06 to 1.86"), "histogram range");
+    // The same runs given one by one make the same page.
+    let out2 = root.join("overlay2.html");
+    prelu::report::write_runs(&[root.join("a-seed0"), root.join("b-seed0")], &out2).unwrap();
+    assert_eq!(std::fs::read_to_string(&out2).unwrap(), html);
+    // A single run keeps the single-run page.
+    let one = prelu::report::write(&root.join("a-seed0"), &root.join("one.html")).unwrap();
+    assert_eq!(one.runs, 1);
+    let single = std::fs::read_to_string(root.join("one.html")).unwrap();
+    assert!(!single.contains("runs overlaid") && single.contains("Negative share per channel"));
+    // Nothing to report is an error naming the folder.
+    let e = prelu::report::write_runs(&[root.join("empty")], &root.join("x.html"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("empty") && e.contains("no epoch"), "{e}");
 }

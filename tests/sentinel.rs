@@ -162,3 +162,152 @@ fn counting_kernel_matches_a_naive_count() {
         assert!((st.sum - sum).abs() < 1e-9 * (1.0 + sum.abs()));
     }
 }
+
+#[test]
+fn slopes_of_both_signs_are_classed_and_alarmed_per_channel() {
+    use prelu::sentinel::{ActivationSite, AlarmKind};
+    use prelu::{PReLU, PReLUConfig};
+    let dev = Device::Cpu;
+    // Hand-set slopes: |x|-like, ReLU-like, linear, steep, ordinary, tiny negative.
+    let slopes = [-1.0f32, 0.0, 1.0, 1.7, 0.25, -0.01];
+    let act = PReLU::from_slopes(&Tensor::new(&slopes, &dev).unwrap(), PReLUConfig::default()).unwrap();
+    let mut s = Sentinel::from_sites(vec![ActivationSite::prelu("act", &act, 6)], SentinelConfig::default()).unwrap();
+    let x = Tensor::new(
+        &[[-1f32, 2.0, -3.0, 4.0, -5.0, 6.0], [1.0, -2.0, 3.0, -4.0, 5.0, -6.0]],
+        &dev,
+    )
+    .unwrap();
+    let y = s.forward(0, &x).unwrap();
+    // The forward is PReLU with these slopes (a = -1 gives |x|).
+    let want = [[1.0f32, 2.0, -3.0, 4.0, -1.25, 6.0], [1.0, 0.0, 3.0, -6.8, 5.0, 0.06]];
+    for (got, want) in y.to_vec2::<f32>().unwrap().iter().zip(&want) {
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 1e-6, "{got:?} vs {want:?}");
+        }
+    }
+    let (r, alarms) = s.close_epoch(1).unwrap();
+    let c = &r[0].slope_classes;
+    assert_eq!(c.negative, vec![0], "-0.01 is within the 0.05 band around 0");
+    assert_eq!(c.near_zero, vec![1, 5]);
+    assert_eq!(c.near_one, vec![2]);
+    assert_eq!(c.above_one, vec![3]);
+    assert_eq!(c.non_invertible, vec![0, 1, 5]);
+    assert_eq!(r[0].negative_share_per_channel, vec![0.5; 6]);
+    let bad: Vec<_> = alarms
+        .iter()
+        .filter(|a| a.kind == AlarmKind::NonPositiveSlope)
+        .collect();
+    assert_eq!(bad.len(), 1, "{alarms:?}");
+    assert_eq!((bad[0].layer.as_str(), &bad[0].channels[..]), ("act", &[0, 1, 5][..]));
+    assert!(bad[0].message.contains("channel(s) 0, 1, 5"), "{}", bad[0].message);
+    assert!(bad[0].message.contains("1 clearly negative"), "{}", bad[0].message);
+    // Same slopes next epoch: nothing new. A channel that turns negative
+    // later raises a new alarm naming only it.
+    s.forward(0, &x).unwrap();
+    assert!(s.close_epoch(2).unwrap().1.is_empty());
+    let moved = [-1.0f32, 0.0, 1.0, -0.4, 0.25, -0.01];
+    act.param().set(&Tensor::new(&moved, &dev).unwrap()).unwrap();
+    s.forward(0, &x).unwrap();
+    let (r3, a3) = s.close_epoch(3).unwrap();
+    assert_eq!(r3[0].slopes[3], -0.4f32 as f64, "the site shares the layer's variable");
+    assert_eq!(a3.len(), 1, "{a3:?}");
+    assert_eq!(
+        (a3[0].kind, a3[0].epoch, &a3[0].channels[..]),
+        (AlarmKind::NonPositiveSlope, 3, &[3][..])
+    );
+    // Resumed from these alarms: nothing is raised again.
+    let mut resumed =
+        Sentinel::from_sites(vec![ActivationSite::prelu("act", &act, 6)], SentinelConfig::default()).unwrap();
+    for a in alarms.iter().chain(&a3) {
+        resumed.mark_raised(a);
+    }
+    resumed.forward(0, &x).unwrap();
+    let again = resumed.close_epoch(4).unwrap().1;
+    assert!(again.iter().all(|a| a.kind != AlarmKind::NonPositiveSlope), "{again:?}");
+    // An alarm from an older run names no channels: it covers the layer.
+    let mut legacy =
+        Sentinel::from_sites(vec![ActivationSite::prelu("act", &act, 6)], SentinelConfig::default()).unwrap();
+    legacy.mark_raised(&prelu::sentinel::Alarm {
+        channels: vec![],
+        ..bad[0].clone()
+    });
+    legacy.forward(0, &x).unwrap();
+    assert!(legacy
+        .close_epoch(1)
+        .unwrap()
+        .1
+        .iter()
+        .all(|a| a.kind != AlarmKind::NonPositiveSlope));
+}
+
+#[test]
+fn model_sentinel_reports_negative_and_steep_slopes() {
+    // The crate's own model path (end_epoch) with slopes of both signs.
+    let m = hand_built([-0.5, 1.5, 1.0], Activation::PRelu { shared: false });
+    let mut s = Sentinel::new(&m, SentinelConfig::default());
+    let (r, alarms) = run_epoch(&m, &mut s, 1);
+    let c = &r[0].slope_classes;
+    assert_eq!(
+        (c.negative.clone(), c.above_one.clone(), c.near_one.clone()),
+        (vec![0], vec![1], vec![2])
+    );
+    assert_eq!(c.non_invertible, vec![0]);
+    // Unit 0 is never positive but |slope| = 0.5: it passes gradient, it is not stuck.
+    assert!(r[0].stuck.is_empty() && r[0].dead == vec![0]);
+    let a = alarms.iter().find(|a| a.kind == "non-positive-slope").expect("alarm");
+    assert_eq!(a.channels, vec![0]);
+    assert!(!alarms.iter().any(|a| a.kind == "dead-units"), "{alarms:?}");
+}
+
+#[test]
+fn alarm_kinds_keep_their_json_names() {
+    use prelu::sentinel::AlarmKind;
+    for k in AlarmKind::ALL {
+        let j = serde_json::to_string(&k).unwrap();
+        assert_eq!(j, format!("\"{}\"", k.as_str()));
+        assert_eq!(serde_json::from_str::<AlarmKind>(&j).unwrap(), k);
+        assert_eq!(k.as_str().parse::<AlarmKind>().unwrap(), k);
+    }
+    assert!(serde_json::from_str::<AlarmKind>("\"dead\"").is_err());
+    // Alarms without channels are written as before (no `channels` key).
+    let a = prelu::sentinel::Alarm {
+        epoch: 2,
+        layer: "act.0".into(),
+        kind: AlarmKind::IdleSlope,
+        message: "m".into(),
+        channels: vec![],
+    };
+    assert_eq!(
+        serde_json::to_string(&a).unwrap(),
+        r#"{"epoch":2,"layer":"act.0","kind":"idle-slope","message":"m"}"#
+    );
+}
+
+#[test]
+fn sites_are_checked() {
+    use prelu::sentinel::ActivationSite;
+    use prelu::{ActivationLayer, PReLU, PReLUConfig};
+    let dev = Device::Cpu;
+    let p = PReLU::new(4, PReLUConfig::default(), candle_core::DType::F32, &dev).unwrap();
+    let e = |sites| {
+        Sentinel::from_sites(sites, SentinelConfig::default())
+            .err()
+            .unwrap()
+            .to_string()
+    };
+    assert!(e(vec![ActivationSite::prelu("a", &p, 3)]).contains("4 slopes but 3 channels"));
+    assert!(e(vec![ActivationSite::new("a", ActivationLayer::Relu, 0)]).contains("0 channels"));
+    assert!(e(vec![
+        ActivationSite::new("a", ActivationLayer::Relu, 2),
+        ActivationSite::new("a", ActivationLayer::Relu, 2)
+    ])
+    .contains("two sites are named `a`"));
+    let s = Sentinel::from_sites(
+        vec![ActivationSite::new("r", ActivationLayer::Relu, 2)],
+        SentinelConfig::default(),
+    )
+    .unwrap();
+    let x = Tensor::new(&[[1f32, -1.0]], &dev).unwrap();
+    assert!(s.forward(1, &x).unwrap_err().to_string().contains("no site 1"));
+    assert_eq!(s.forward(0, &x).unwrap().to_vec2::<f32>().unwrap(), [[1.0, 0.0]]);
+}

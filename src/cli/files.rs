@@ -200,9 +200,11 @@ pub fn cmd_import(a: &ImportArgs) -> Result<()> {
 
 #[derive(Args)]
 pub struct ReportArgs {
-    /// The run folder.
-    pub run: PathBuf,
-    /// Output file [default: RUN/report.html].
+    /// Run folders, overlaid on the same axes when several; a `compare`
+    /// folder stands for the runs inside it.
+    #[arg(required = true, num_args = 1.., value_name = "RUN")]
+    pub runs: Vec<PathBuf>,
+    /// Output file [default: FIRST_RUN/report.html].
     #[arg(long, short, value_name = "FILE.html")]
     pub out: Option<PathBuf>,
     #[command(flatten)]
@@ -219,7 +221,8 @@ impl fmt::Display for ReportOutput {
         let r = &self.0;
         writeln!(
             f,
-            "report ({} epochs, {} plots, {} alarms) written to {}",
+            "report ({} run(s), {} epochs, {} plots, {} alarms) written to {}",
+            r.runs,
             r.epochs,
             r.plots,
             r.alarms,
@@ -229,22 +232,18 @@ impl fmt::Display for ReportOutput {
 }
 
 pub fn cmd_report(a: &ReportArgs) -> Result<()> {
-    if !a.run.exists() {
-        bail!("{}: no such run folder", a.run.display());
+    for run in &a.runs {
+        if !run.exists() {
+            bail!("{}: no such run folder", run.display());
+        }
+        if !run.is_dir() {
+            bail!(
+                "{}: not a run folder (give the folder `prelu train` or `prelu compare` wrote)",
+                run.display()
+            );
+        }
     }
-    if !a.run.is_dir() {
-        bail!(
-            "{}: not a run folder (give the folder `prelu train` wrote)",
-            a.run.display()
-        );
-    }
-    if !a.run.join("metrics.jsonl").exists() {
-        bail!(
-            "{}: not a run folder (it has no metrics.jsonl; give the folder `prelu train` wrote)",
-            a.run.display()
-        );
-    }
-    let out = a.out.clone().unwrap_or_else(|| a.run.join("report.html"));
+    let out = a.out.clone().unwrap_or_else(|| a.runs[0].join("report.html"));
     check_out(None, &out)?;
-    emit(a.json.json, &ReportOutput(prelu::report::write(&a.run, &out)?))
+    emit(a.json.json, &ReportOutput(prelu::report::write_runs(&a.runs, &out)?))
 }

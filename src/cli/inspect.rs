@@ -118,6 +118,9 @@ impl fmt::Display for DiagnoseOutput {
                 list(&l.linear)
             )?;
         }
+        for l in self.layers.iter().filter(|l| !l.slopes.is_empty()) {
+            writeln!(f, "{}", l.slope_classes_line())?;
+        }
         // In layer order (the map is sorted by name).
         let hists = self
             .layers
