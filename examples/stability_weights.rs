@@ -19,7 +19,7 @@ fn main() -> Result<()> {
     let model = match std::env::args_os().nth(1).map(PathBuf::from) {
         Some(path) => {
             let spec = std::env::var_os("PRELU_SPEC").map(PathBuf::from);
-            prelu::io::load_model_with_spec(&path, spec.as_deref())?.0
+            prelu::io::load_model_with_spec(&path, spec.as_deref())?.model
         }
         None => {
             let spec = ModelSpec::new(
