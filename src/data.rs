@@ -485,3 +485,18 @@ pub fn load(name: &str, data_dir: Option<&Path>) -> Result<Split, DataError> {
         }
     }
 }
+
+/// Parses an image size `HxW` (or one number for a square), each 1..=2^16.
+pub fn parse_size(s: &str) -> std::result::Result<[usize; 2], String> {
+    let parse = |v: &str| {
+        v.trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|&v| (1..=1 << 16).contains(&v))
+            .ok_or_else(|| format!("`{s}` is not a size HxW (each 1 to 65536)"))
+    };
+    match s.split_once(['x', 'X']) {
+        Some((h, w)) => Ok([parse(h)?, parse(w)?]),
+        None => parse(s).map(|v| [v, v]),
+    }
+}

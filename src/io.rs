@@ -519,7 +519,9 @@ pub fn load_model_with_spec(path: &Path, spec: Option<&Path>) -> Result<Loaded> 
         }
         let imported = crate::onnx::import(path)?;
         let tensors = imported.model.state_dict()?;
-        return Ok((imported.model, tensors, HashMap::new()));
+        // The original's input/output names and layouts, as `prelu import` keeps them.
+        let metadata = HashMap::from([(crate::onnx::IO_KEY.to_string(), serde_json::to_string(&imported.io)?)]);
+        return Ok((imported.model, tensors, metadata));
     }
     let file = if path.is_dir() {
         path.join("checkpoint.safetensors")

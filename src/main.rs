@@ -187,6 +187,9 @@ struct ImportArgs {
     /// Where to write the checkpoint (.safetensors, PyTorch names, the graph in the header).
     #[arg(short, long)]
     out: PathBuf,
+    /// Input height and width (HxW) for a model whose input leaves them free (fully convolutional).
+    #[arg(long, value_parser = prelu::data::parse_size)]
+    input_size: Option<[usize; 2]>,
     #[arg(long)]
     json: bool,
 }
@@ -1245,8 +1248,14 @@ fn cmd_report(a: &ReportArgs) -> Result<()> {
 }
 
 fn cmd_import(a: &ImportArgs) -> Result<()> {
-    let im = prelu::onnx::import(&a.model)?;
-    prelu::io::save_model(&a.out, &im.model, Default::default(), Default::default())?;
+    let im = prelu::onnx::import_with(
+        &a.model,
+        &prelu::onnx::ImportOptions {
+            input_size: a.input_size,
+        },
+    )?;
+    let meta = std::collections::HashMap::from([(prelu::onnx::IO_KEY.to_string(), serde_json::to_string(&im.io)?)]);
+    prelu::io::save_model(&a.out, &im.model, Default::default(), meta)?;
     let m = &im.model;
     let acts = m.activation_names();
     if a.json {
@@ -1276,7 +1285,8 @@ fn cmd_import(a: &ImportArgs) -> Result<()> {
 }
 
 fn cmd_export(a: &ExportArgs) -> Result<()> {
-    let (model, _, _) = load_ckpt(&a.checkpoint)?;
+    let (model, _, meta) = load_ckpt(&a.checkpoint)?;
+    let io = prelu::onnx::OnnxIo::from_metadata(&meta)?;
     let stem = a.onnx.display().to_string();
     for out in [
         a.onnx.clone(),
@@ -1289,9 +1299,12 @@ fn cmd_export(a: &ExportArgs) -> Result<()> {
             prelu::io::refuse_same_file(spec, &out)?;
         }
     }
-    let bytes = prelu::onnx::export(&model)?;
+    let bytes = prelu::onnx::export_with(&model, io.as_ref())?;
     prelu::io::write_atomic(&a.onnx, &bytes)?;
     let mut reference = serde_json::Value::Null;
+    if a.reference > 0 && io.is_some() {
+        anyhow::bail!("--reference writes prelu's own flat inputs; it is not supported for an imported model (its ONNX input keeps the original layout)");
+    }
     if a.reference > 0 {
         let (data, split) = data_for(&a.checkpoint, &a.data, &a.data_dir, &model)?;
         let ds = split.test.take(a.reference);
