@@ -309,16 +309,21 @@ pub fn export_with(model: &Model, io: Option<&OnnxIo>) -> Result<Vec<u8>> {
                 vec![oc * oh * ow]
             }
         };
-        if let Some(s) = oi.softmax {
-            let op = if s.log { "LogSoftmax" } else { "Softmax" };
-            x = b.node(op, vec![x], vec![int("axis", s.axis as i64)]);
-        }
+        // The last node writes the output (a softmax must be the last op
+        // for the import to drop it again).
+        let (op, attribute) = match oi.softmax {
+            Some(s) => (
+                if s.log { "LogSoftmax" } else { "Softmax" },
+                vec![int("axis", s.axis as i64)],
+            ),
+            None => ("Identity", vec![]),
+        };
         b.g.node.push(NodeProto {
             input: vec![x],
             output: vec![oi.name.clone()],
             name: format!("output_{k}"),
-            op_type: "Identity".into(),
-            attribute: vec![],
+            op_type: op.into(),
+            attribute,
         });
         b.g.output.push(value_info(&oi.name, &with_batch(dims)));
     }

@@ -186,7 +186,47 @@ fn our_name(n: &NodeProto, i: usize, weight: Option<&str>, taken: &mut HashMap<S
     let base = weight
         .and_then(|w| w.strip_suffix(".weight").or(Some(w)))
         .filter(|w| !w.is_empty() && !w.starts_with("onnx::"))
-        .map(str::to_string)
+        .and_then(|w| {
+            if !w.contains('/') {
+                return Some(w.to_string());
+            }
+            // TensorFlow variable paths (`model/conv2d/kernel`,
+            // `model/dense/MatMul/ReadVariableOp:0`): the layer's scope.
+            const LEAVES: [&str; 12] = [
+                "kernel",
+                "bias",
+                "alpha",
+                "gamma",
+                "beta",
+                "moving_mean",
+                "moving_variance",
+                "weights",
+                "ReadVariableOp",
+                "Conv2D",
+                "MatMul",
+                "BiasAdd",
+            ];
+            let mut parts: Vec<&str> = w
+                .split('/')
+                .map(|p| p.split(':').next().unwrap_or(p))
+                .filter(|p| !p.is_empty())
+                .collect();
+            while parts.len() > 1 && parts.last().is_some_and(|l| LEAVES.contains(l)) {
+                parts.pop();
+            }
+            let s: String = parts
+                .join(".")
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '_' || c == '.' {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
+            (!s.is_empty()).then_some(s)
+        })
         .or_else(|| {
             // PyTorch's exporter names nodes by module scope, e.g.
             // `/layer1/layer1.0/act1/Relu`: drop the op, keep the innermost
