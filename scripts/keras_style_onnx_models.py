@@ -22,7 +22,9 @@ the output. Two models:
 
 Writes NAME.onnx and NAME.json ({"cases": [{"input_shape", "input",
 "outputs": [{"name", "shape", "data"}]}]}, data flattened row-major).
-Weights are random (seed 0). Run once; the outputs are committed so tests
+For keras_cnn_opset13 also: its first case's input and random labels as
+.npy files, and in the JSON `prelu_inputs`: the negative share per channel
+of each PRelu's input in the original graph. Weights are random (seed 0). Run once; the outputs are committed so tests
 need no Python.
 """
 import json
@@ -161,8 +163,28 @@ def main():
                 "outputs": [{"name": o.name, "shape": list(y.shape), "data": y.ravel().tolist()}
                             for o, y in zip(sess.get_outputs(), ys)],
             })
+        extra = {}
+        if name == "keras_cnn_opset13":
+            # The first case as .npy files (as NumPy writes them), and the
+            # negative share per channel of every PRelu's input in the
+            # original graph (onnxruntime, the PRelu inputs made outputs).
+            x = np.asarray(cases[0]["input"], dtype=np.float32).reshape(cases[0]["input_shape"])
+            np.save(OUT / f"{name}.input.npy", x)
+            np.save(OUT / f"{name}.labels.npy", rng.integers(0, 5, len(x)).astype(np.int64))
+            probe = onnx.ModelProto()
+            probe.CopyFrom(m)
+            prelus = [n for n in probe.graph.node if n.op_type == "PRelu"]
+            for n in prelus:
+                probe.graph.output.append(helper.make_empty_tensor_value_info(n.input[0]))
+            s2 = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+            vals = s2.run([n.input[0] for n in prelus], {"input_1": x})
+            extra["prelu_inputs"] = [
+                # NHWC maps and dense features both keep channels last.
+                {"node": n.name, "negative_share_per_channel": (v < 0).reshape(-1, v.shape[-1]).mean(0).tolist()}
+                for n, v in zip(prelus, vals)
+            ]
         (OUT / f"{name}.json").write_text(json.dumps({
-            "onnx": onnx.__version__, "onnxruntime": ort.__version__, "opset": opset, "cases": cases,
+            "onnx": onnx.__version__, "onnxruntime": ort.__version__, "opset": opset, "cases": cases, **extra,
         }) + "\n")
         print(f"{name}: {path.stat().st_size} bytes, sizes {sizes}")
 

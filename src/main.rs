@@ -196,11 +196,15 @@ struct ImportArgs {
 
 #[derive(Args)]
 struct DiagnoseArgs {
-    /// A checkpoint (.safetensors) or a run folder.
+    /// A checkpoint (.safetensors), a run folder or an .onnx model.
     checkpoint: PathBuf,
-    /// Data set (default: the run's own data set, else mnist-small).
+    /// Data set (default: the run's own data set, else mnist-small), or FILE.npy: float32 examples
+    /// in the model's own input layout (an imported model's original one, e.g. [N, H, W, C]), fed as is.
     #[arg(long)]
     data: Option<String>,
+    /// Labels for --data FILE.npy (int64/int32/uint8, [N]); without them there is no accuracy or loss.
+    #[arg(long)]
+    labels: Option<PathBuf>,
     #[arg(long)]
     data_dir: Option<PathBuf>,
     /// Which split to run over.
@@ -1340,36 +1344,65 @@ fn cmd_export(a: &ExportArgs) -> Result<()> {
 }
 
 fn cmd_diagnose(a: &DiagnoseArgs) -> Result<()> {
-    let (model, _, _) = load_ckpt(&a.checkpoint)?;
-    let (data, split) = data_for(&a.checkpoint, &a.data, &a.data_dir, &model)?;
-    let ds = match a.split.as_str() {
-        "test" => split.test,
-        "train" => split.train,
-        o => anyhow::bail!("--split must be train or test, got `{o}`"),
+    let (model, _, meta) = load_ckpt(&a.checkpoint)?;
+    let io = prelu::onnx::OnnxIo::from_metadata(&meta)?;
+    let source = match &a.data {
+        Some(d) => prelu::data::load_source(d, a.labels.as_deref(), &model, io.as_ref())?,
+        None if a.labels.is_some() => anyhow::bail!("--labels goes with --data FILE.npy"),
+        None => None,
     };
-    let ds = ds.take(a.limit.unwrap_or(usize::MAX));
+    let (data, ds, labeled) = match source {
+        Some(s) => (s.name, s.data, s.labeled),
+        None => {
+            let (data, split) = data_for(&a.checkpoint, &a.data, &a.data_dir, &model)?;
+            let ds = match a.split.as_str() {
+                "test" => split.test,
+                "train" => split.train,
+                o => anyhow::bail!("--split must be train or test, got `{o}`"),
+            };
+            (data, ds, true)
+        }
+    };
+    let mut ds = ds.take(a.limit.unwrap_or(usize::MAX));
     if ds.is_empty() || a.batch_size == 0 {
         anyhow::bail!("nothing to diagnose: empty data or batch size 0");
     }
+    if !labeled {
+        prelu::data::label_by_model(&model, &mut ds, a.batch_size)?;
+    }
     let pb = spinner();
     pb.set_message(format!("running the sentinel over {} {} examples", ds.len(), data));
-    let d = prelu::sentinel::diagnose(&model, &ds, a.batch_size, Default::default())?;
+    let mut d = prelu::sentinel::diagnose(&model, &ds, a.batch_size, Default::default())?;
     pb.finish_and_clear();
+    if !labeled {
+        // Scored against its own predictions: no accuracy or loss.
+        d.accuracy = f64::NAN;
+        d.loss = f64::NAN;
+    }
     if a.json {
         println!(
             "{}",
-            serde_json::json!({ "checkpoint": a.checkpoint, "data": data, "split": a.split, "diagnosis": d })
+            serde_json::json!({ "checkpoint": a.checkpoint, "data": data, "split": a.split, "labels": labeled, "diagnosis": d })
         );
         return Ok(());
     }
-    println!(
-        "{}: {} {} examples, accuracy {:.4}, loss {:.4}",
-        a.checkpoint.display(),
-        d.examples,
-        data,
-        d.accuracy,
-        d.loss
-    );
+    if labeled {
+        println!(
+            "{}: {} {} examples, accuracy {:.4}, loss {:.4}",
+            a.checkpoint.display(),
+            d.examples,
+            data,
+            d.accuracy,
+            d.loss
+        );
+    } else {
+        println!(
+            "{}: {} {} examples, no labels: no accuracy or loss; gradient columns use the model's own predictions as targets",
+            a.checkpoint.display(),
+            d.examples,
+            data,
+        );
+    }
     let lw = d.layers.iter().map(|l| l.layer.len()).max().unwrap_or(0).max(7);
     println!(
         "{:<lw$} {:<13} {:>5} {:>8} {:>6} {:>6} {:>6} {:>6} {:>22} {:>10}",

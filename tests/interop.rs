@@ -674,3 +674,129 @@ fn hostile_onnx_files_give_errors_not_panics() {
         "{e}"
     );
 }
+
+/// `--data FILE.npy` for an imported Keras-style model: NumPy's own files in
+/// the model's NHWC layout, fed as is; `diagnose` without labels reports
+/// every activation node with negative shares equal to those of the
+/// original graph's PRelu inputs (onnxruntime); with labels, the accuracy is
+/// onnxruntime's.
+#[test]
+fn npy_data_in_the_models_layout_and_diagnose_without_labels() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors/onnx_keras");
+    let path = dir.join("keras_cnn_opset13.onnx");
+    let im = prelu::onnx::import(&path).unwrap();
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path.with_extension("json")).unwrap()).unwrap();
+    let data = dir.join("keras_cnn_opset13.input.npy");
+    let data = data.to_str().unwrap();
+    let src = prelu::data::load_source(data, None, &im.model, Some(&im.io))
+        .unwrap()
+        .unwrap();
+    assert!(!src.labeled);
+    assert_eq!((src.data.len(), src.data.features()), (4, 3 * 11 * 11));
+    let mut ds = src.data.clone();
+    prelu::data::label_by_model(&im.model, &mut ds, 3).unwrap();
+    let d = prelu::sentinel::diagnose(&im.model, &ds, 3, Default::default()).unwrap();
+    let names: Vec<&str> = d.layers.iter().map(|l| l.layer.as_str()).collect();
+    assert_eq!(names, ["model.p_re_lu", "model.leaky_re_lu", "model.p_re_lu_1"]);
+    let mut checked = 0;
+    for p in want["prelu_inputs"].as_array().unwrap() {
+        let layer = p["node"].as_str().unwrap().trim_end_matches("/Relu").replace('/', ".");
+        let l = d.layers.iter().find(|l| l.layer == layer).unwrap();
+        let theirs: Vec<f64> = p["negative_share_per_channel"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert_eq!(l.negative_share_per_channel.len(), theirs.len(), "{layer}");
+        for (a, b) in l.negative_share_per_channel.iter().zip(&theirs) {
+            assert!((a - b).abs() < 1e-9, "{layer}: prelu {a} vs the original graph {b}");
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, 2);
+    // With labels: the accuracy of onnxruntime's own outputs on them.
+    let labels = dir.join("keras_cnn_opset13.labels.npy");
+    let src = prelu::data::load_source(data, Some(&labels), &im.model, Some(&im.io))
+        .unwrap()
+        .unwrap();
+    assert!(src.labeled);
+    let d = prelu::sentinel::diagnose(&im.model, &src.data, 3, Default::default()).unwrap();
+    let case = &ort_cases(&path.with_extension("json"))[0];
+    let probs = &case.outputs[0].2;
+    let ort_acc = probs
+        .chunks(5)
+        .zip(&src.data.labels)
+        .filter(|(p, &l)| {
+            let best = (0..5).max_by(|&a, &b| p[a].total_cmp(&p[b])).unwrap();
+            best == l as usize
+        })
+        .count() as f64
+        / 4.0;
+    assert!((d.accuracy - ort_acc).abs() < 1e-12, "{} vs {ort_acc}", d.accuracy);
+    // The wrong layout is an error naming the expected shape, not a silent transpose.
+    let tmp = std::env::temp_dir().join(format!("prelu-npy-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let nchw = tmp.join("nchw.npy");
+    std::fs::write(
+        &nchw,
+        prelu::data::npy::npy_f32_bytes(&[2, 3, 11, 11], &[0.5; 2 * 3 * 121]),
+    )
+    .unwrap();
+    let e = prelu::data::load_source(nchw.to_str().unwrap(), None, &im.model, Some(&im.io)).unwrap_err();
+    assert!(format!("{e:#}").contains("[11, 11, 3]"), "{e:#}");
+    // Our own writer round-trips through the reader.
+    let x = prelu::data::npy::read_npy(&nchw).unwrap();
+    assert_eq!(x.shape, [2, 3, 11, 11]);
+}
+
+/// Hostile `.npy` files: errors naming the file, never panics or huge allocations.
+#[test]
+fn hostile_npy_files_give_errors() {
+    use prelu::data::npy::parse_npy;
+    let with_header = |h: &str, body: &[u8]| {
+        let mut b = b"\x93NUMPY\x01\x00".to_vec();
+        b.extend((h.len() as u16).to_le_bytes());
+        b.extend(h.as_bytes());
+        b.extend(body);
+        b
+    };
+    let err = |b: Vec<u8>| parse_npy(&b, "f.npy").unwrap_err().to_string();
+    let e = err(with_header(
+        "{'descr': '<f4', 'fortran_order': True, 'shape': (2,), }",
+        &[0; 8],
+    ));
+    assert!(e.starts_with("f.npy") && e.contains("Fortran"), "{e}");
+    let e = err(with_header(
+        "{'descr': '>f4', 'fortran_order': False, 'shape': (2,), }",
+        &[0; 8],
+    ));
+    assert!(e.contains("big-endian"), "{e}");
+    let e = err(with_header(
+        "{'descr': '<f8', 'fortran_order': False, 'shape': (2,), }",
+        &[0; 16],
+    ));
+    assert!(e.contains("not supported"), "{e}");
+    let e = err(with_header(
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (3,), }",
+        &[0; 8],
+    ));
+    assert!(e.contains("needs 12 bytes"), "{e}");
+    let e = err(with_header(
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (4294967296, 4294967296), }",
+        &[],
+    ));
+    assert!(e.contains("implausibly large"), "{e}");
+    let e = err(with_header(
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (a, b), }",
+        &[],
+    ));
+    assert!(e.contains("not a tuple"), "{e}");
+    assert!(err(b"\x93NUMPY\x01\x00\xff\xff{".to_vec()).contains("truncated"));
+    assert!(err(b"PK\x03\x04 a zip".to_vec()).contains("magic"));
+    for cut in 0..60 {
+        let b = with_header("{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }", &[0; 24]);
+        let _ = parse_npy(&b[..cut.min(b.len())], "f.npy");
+    }
+}

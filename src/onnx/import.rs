@@ -888,7 +888,10 @@ pub fn import_bytes_with(bytes: &[u8], opts: &ImportOptions) -> Result<Imported>
                 }
                 let act = match n.op_type.as_str() {
                     "Relu" => Activation::Relu,
-                    "LeakyRelu" => Activation::LeakyRelu(attr_f(n, "alpha", 0.01) as f64),
+                    // The f32 attribute's shortest decimal (0.2, not 0.20000000298...).
+                    "LeakyRelu" => {
+                        Activation::LeakyRelu(attr_f(n, "alpha", 0.01).to_string().parse::<f64>().unwrap_or(0.01))
+                    }
                     _ => {
                         let s = constant(1)?;
                         let (shape, flat) = shape_of(&nodes, in_shape, input_flat, &x)?;
