@@ -800,3 +800,29 @@ fn hostile_npy_files_give_errors() {
         let _ = parse_npy(&b[..cut.min(b.len())], "f.npy");
     }
 }
+
+/// A real third-party PReLU model: MTCNN's PNet from the `facenet-pytorch`
+/// package (MIT licence; scripts/mtcnn_onnx.py exports it). Fully
+/// convolutional: imported at two input sizes, its box and softmax-over-
+/// channels face maps equal onnxruntime's, and export gives them back.
+#[test]
+fn mtcnn_pnet_imports_at_two_sizes_with_onnxruntime_outputs() {
+    use prelu::onnx::{ImportOptions, Layout};
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors/onnx_mtcnn/pnet.onnx");
+    let e = prelu::onnx::import(&path).map(|_| ()).unwrap_err();
+    assert!(format!("{e:#}").contains("[?, 3, ?, ?]"), "{e:#}");
+    for (k, case) in ort_cases(&path.with_extension("json")).iter().enumerate() {
+        let opts = ImportOptions {
+            input_size: Some([case.input_shape[2], case.input_shape[3]]),
+        };
+        let im = prelu::onnx::import_with(&path, &opts).unwrap();
+        assert_eq!(im.model.activation_names(), ["prelu1", "prelu2", "prelu3"]);
+        assert_eq!(im.io.input_layout, Layout::Nchw);
+        assert_eq!(im.io.outputs[1].softmax.map(|s| s.axis), Some(1));
+        check_against_ort(&im, case, &format!("pnet case {k}"));
+        let again =
+            prelu::onnx::import_bytes_with(&prelu::onnx::export_with(&im.model, Some(&im.io)).unwrap(), &opts).unwrap();
+        assert_eq!(again.io, im.io);
+        check_against_ort(&again, case, &format!("pnet case {k}, exported and imported again"));
+    }
+}

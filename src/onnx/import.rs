@@ -382,6 +382,13 @@ pub fn import_bytes_with(bytes: &[u8], opts: &ImportOptions) -> Result<Imported>
                 && n.input.first().is_some_and(|s| scaled.contains(&s.as_str()))
                 && attr(n, "perm").is_some_and(|a| a.ints == [0, 3, 1, 2])
         });
+    let shown = format!(
+        "[{}]",
+        dims.iter()
+            .map(|d| d.map_or("?".to_string(), |v| v.to_string()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     let spatial = |h: Option<usize>, w: Option<usize>| -> Result<[usize; 2]> {
         match (h, w, opts.input_size) {
             (Some(h), Some(w), None) => Ok([h, w]),
@@ -392,11 +399,11 @@ pub fn import_bytes_with(bytes: &[u8], opts: &ImportOptions) -> Result<Imported>
             ),
             (h, w, Some([sh, sw])) if h.is_none_or(|h| h == sh) && w.is_none_or(|w| w == sw) => Ok([sh, sw]),
             (_, _, Some([sh, sw])) => bail!(
-                "input `{}` has shape {dims:?}; --input-size {sh}x{sw} does not fit it",
+                "input `{}` has shape {shown}; --input-size {sh}x{sw} does not fit it",
                 input.name
             ),
             _ => bail!(
-                "input `{}` has a free spatial size {dims:?} (a fully convolutional net); \
+                "input `{}` has a free spatial size {shown} (a fully convolutional net); \
                  give the size to build it for (--input-size HxW)",
                 input.name
             ),
@@ -412,10 +419,9 @@ pub fn import_bytes_with(bytes: &[u8], opts: &ImportOptions) -> Result<Imported>
             (Some([*c, h, w]), Layout::Nchw)
         }
         [_, Some(f)] => (Some([*f, 1, 1]), Layout::Flat),
-        o => bail!(
-            "input `{}` has shape {:?}; expected [N, C, H, W], [N, H, W, C] or [N, features] with a known channel count",
+        _ => bail!(
+            "input `{}` has shape {shown}; expected [N, C, H, W], [N, H, W, C] or [N, features] with a known channel count",
             input.name,
-            o
         ),
     };
     vals.insert(input.name.clone(), Val::Node(INPUT.into()));
