@@ -1266,16 +1266,17 @@ fn cmd_import(a: &ImportArgs) -> Result<()> {
         println!(
             "{}",
             serde_json::json!({ "model": a.model, "out": a.out, "input": im.input_name, "input_shape": m.spec.input,
-                "outputs": im.output_names, "nodes": m.graph.nodes.len(), "activations": acts,
+                "outputs": im.output_names, "io": im.io, "nodes": m.graph.nodes.len(), "activations": acts,
                 "params": m.num_params(), "notes": im.notes })
         );
         return Ok(());
     }
     println!(
-        "{}: input `{}` {:?}, outputs {:?}; {} nodes, {} activation layers, {} parameters",
+        "{}: input `{}` {:?} ({:?}), outputs {:?}; {} nodes, {} activation layers, {} parameters",
         a.model.display(),
         im.input_name,
-        m.spec.input,
+        im.io.input_dims(m.spec.input),
+        im.io.input_layout,
         im.output_names,
         m.graph.nodes.len(),
         acts.len(),
