@@ -1,19 +1,23 @@
 //! ONNX import: a PReLU network exported elsewhere (`torch.onnx.export`,
-//! opsets 9-17, or prelu's own export) becomes a layer graph with its
-//! weights, so every command works on it.
+//! Keras/TensorFlow through tf2onnx, opsets 7-21, or prelu's own export)
+//! becomes a layer graph with its weights, so every command works on it.
 //!
 //! Covered: `Conv` (pads, strides, dilations, `auto_pad`, one group), `Gemm`
 //! (`transB`, `alpha`/`beta` folded), `MatMul` with a constant weight (and a
-//! following `Add` of a constant folded in as its bias), `BatchNormalization`,
-//! `PRelu` (slope `[C]` on flat inputs, `[C,1,1]`, `[1,C,1,1]`, or one value),
-//! `Relu`, `LeakyRelu`, `MaxPool` / `AveragePool` (pads, strides, ceil mode,
-//! `auto_pad`), `GlobalAveragePool` (and `ReduceMean` over H and W), `Flatten` (axis 1), `Reshape` to
-//! `[N, features]`, `Add` of two computed values, `Identity`, `Dropout`,
-//! `Constant`s and initializers; on the input only, `Reshape` to `[N, C, H, W]`
-//! and `Sub`/`Div` by one constant (prelu's own input normalisation). A
-//! trailing `Softmax` on an output is dropped (outputs are logits) and said
-//! so. Anything else is an error naming the node and its op, never a wrong
-//! model.
+//! following `Add` of a constant folded in as its bias),
+//! `BatchNormalization`, `PRelu` (one slope, or one per channel whose non-1
+//! axis broadcasts onto the channels: `[C]` on flat values, `[C,1,1]`,
+//! `[1,C,1,1]`, `[1,1,C]` on NHWC maps), `Relu`, `LeakyRelu`, `MaxPool` /
+//! `AveragePool` (pads, strides, ceil mode, `auto_pad`), `GlobalAveragePool`
+//! and `ReduceMean` over H and W, `Flatten` / `Reshape` / `Squeeze` to
+//! `[N, features]`, `Transpose` between NCHW and NHWC, `Add` of two computed
+//! values, `Identity`, `Dropout`, `Constant`s and initializers; on the input
+//! only, `Reshape` to `[N, C, H, W]` and `Sub`/`Div`/`Mul` by one constant
+//! (the input normalisation). NHWC values are tracked as views of ours; a
+//! flatten in H, W, C order permutes the next linear layer's weight columns.
+//! A `Softmax` on an output is dropped and kept in the [`OnnxIo`] (with the
+//! input/output names and layouts) so that export writes it back. Anything
+//! else is an error naming the node and its op, never a wrong model.
 
 use std::collections::HashMap;
 
