@@ -19,6 +19,8 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
+pub mod npy;
+
 /// Default largest decompressed IDX file accepted (a resource bound against
 /// hostile or corrupt input; the largest real file, MNIST's train images, is
 /// 47 MB).
@@ -484,4 +486,163 @@ pub fn load(name: &str, data_dir: Option<&Path>) -> Result<Split, DataError> {
             Err(DataError::UnknownSet(other.into()))
         }
     }
+}
+
+/// Parses an image size `HxW` (or one number for a square), each 1..=2^16.
+pub fn parse_size(s: &str) -> std::result::Result<[usize; 2], String> {
+    let parse = |v: &str| {
+        v.trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|&v| (1..=1 << 16).contains(&v))
+            .ok_or_else(|| format!("`{s}` is not a size HxW (each 1 to 65536)"))
+    };
+    match s.split_once(['x', 'X']) {
+        Some((h, w)) => Ok([parse(h)?, parse(w)?]),
+        None => parse(s).map(|v| [v, v]),
+    }
+}
+
+/// Examples for a model from a file the user gives (`--data FILE.npy`,
+/// optional `--labels FILE.npy`), as opposed to a named data set.
+#[derive(Clone, Debug)]
+pub struct Source {
+    /// What to call it in output (the file's path).
+    pub name: String,
+    /// The examples in our layout (`[n, C*H*W]`, C, H, W order). Without
+    /// labels, every label is 0 until [`label_by_model`] fills them.
+    pub data: Dataset,
+    pub labeled: bool,
+}
+
+/// Whether `data` names a file source ([`load_source`]) rather than a data set.
+pub fn is_file_source(data: &str) -> bool {
+    data.to_ascii_lowercase().ends_with(".npy")
+}
+
+/// Loads `--data FILE.npy` (float32, in the model's own input layout: the
+/// original ONNX input's for an imported model (`io`), e.g. `[N, H, W, C]`
+/// for a Keras model, else `[N, C, H, W]` or `[N, C*H*W]`), fed as is (no
+/// scaling: the model's own input normalisation applies), and the optional
+/// `--labels FILE.npy` (int64, int32 or uint8, shape `[N]`, each below the
+/// model's output count and 256). Returns `None` when `data` is not a file
+/// source (a named data set).
+pub fn load_source(
+    data: &str,
+    labels: Option<&Path>,
+    model: &crate::model::Model,
+    io: Option<&crate::onnx::OnnxIo>,
+) -> anyhow::Result<Option<Source>> {
+    use crate::onnx::Layout;
+    if !is_file_source(data) {
+        if let Some(l) = labels {
+            anyhow::bail!(
+                "--labels {} is for --data FILE.npy; the data set `{data}` has its own labels",
+                l.display()
+            );
+        }
+        return Ok(None);
+    }
+    let path = Path::new(data);
+    let input = model.spec.input;
+    let [c, h, w] = input;
+    let layout = io.map_or(Layout::Flat, |io| io.input_layout);
+    let x = npy::read_npy(path)?;
+    let npy::NpyData::F32(values) = x.data else {
+        anyhow::bail!("{data}: inputs must be float32 (`<f4`), not integers");
+    };
+    let Some((&n, per)) = x.shape.split_first() else {
+        anyhow::bail!("{data}: a 0-dimensional array; expected [N, ...] examples");
+    };
+    let expected = crate::onnx::dims_in(layout, input);
+    // A C, H, W ordered input takes [N, C, H, W] or [N, C*H*W] alike.
+    let chw_order = !matches!(layout, Layout::Nhwc | Layout::FlatHwc);
+    let fits = per == expected.as_slice() || chw_order && (per == [c, h, w] || per == [c * h * w]);
+    if !fits {
+        anyhow::bail!(
+            "{data}: examples of shape {per:?}; the model takes {expected:?} per example ({} layout{})",
+            match layout {
+                Layout::Nhwc => "NHWC",
+                Layout::Nchw => "NCHW",
+                _ => "flat",
+            },
+            io.map_or(String::new(), |io| format!(", input `{}`", io.input))
+        );
+    }
+    if n == 0 {
+        anyhow::bail!("{data}: no examples");
+    }
+    if let Some((i, v)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        anyhow::bail!("{data}: value {v} at flat index {i} is not finite");
+    }
+    let f = c * h * w;
+    let images = if chw_order {
+        values
+    } else {
+        let mut out = vec![0f32; values.len()];
+        for (src, dst) in values.chunks_exact(f).zip(out.chunks_exact_mut(f)) {
+            for p in 0..h * w {
+                for ch in 0..c {
+                    dst[ch * h * w + p] = src[p * c + ch];
+                }
+            }
+        }
+        out
+    };
+    let (labels, labeled) = match labels {
+        None => (vec![0u8; n], false),
+        Some(lp) => {
+            let l = npy::read_npy(lp)?;
+            let ld = lp.display();
+            let npy::NpyData::Int(v) = l.data else {
+                anyhow::bail!("{ld}: labels must be integers (int64, int32 or uint8), not floats");
+            };
+            if !(l.shape == [n] || l.shape == [n, 1]) {
+                anyhow::bail!("{ld}: labels of shape {:?} for {n} examples; expected [{n}]", l.shape);
+            }
+            let top = model.spec.classes.min(256);
+            if let Some((i, v)) = v.iter().enumerate().find(|(_, &v)| v < 0 || v as usize >= top) {
+                anyhow::bail!(
+                    "{ld}: label {v} at index {i} is outside 0..{top} (the model has {} outputs{})",
+                    model.spec.classes,
+                    if model.spec.classes > 256 {
+                        "; labels above 255 are not supported"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            (v.iter().map(|&v| v as u8).collect(), true)
+        }
+    };
+    Ok(Some(Source {
+        name: data.to_string(),
+        data: Dataset {
+            images,
+            labels,
+            rows: c * h,
+            cols: w,
+        },
+        labeled,
+    }))
+}
+
+/// Labels every example with the model's own prediction (the argmax of its
+/// first output), for diagnosing data without labels: the sentinel's
+/// gradient columns are then those of the loss against the model's own
+/// predictions; accuracy and loss mean nothing and are not reported.
+pub fn label_by_model(model: &crate::model::Model, ds: &mut Dataset, batch: usize) -> anyhow::Result<()> {
+    let mut labels = Vec::with_capacity(ds.len());
+    for b in ds.batches(batch) {
+        let (x, _) = b?;
+        let pred = model.forward_t(&x, false)?.argmax(1)?.to_vec1::<u32>()?;
+        for p in pred {
+            if p > 255 {
+                anyhow::bail!("the model predicts class {p}; diagnosing models with over 256 outputs without labels is not supported");
+            }
+            labels.push(p as u8);
+        }
+    }
+    ds.labels = labels;
+    Ok(())
 }

@@ -558,10 +558,12 @@ fn load_checkpoint(path: &Path, spec: Option<&Path>) -> Result<Loaded> {
         }
         let imported = crate::onnx::import(path)?;
         let tensors = imported.model.state_dict()?;
+        // The original's input/output names and layouts, as `prelu import` keeps them.
+        let metadata = HashMap::from([(crate::onnx::IO_KEY.to_string(), serde_json::to_string(&imported.io)?)]);
         return Ok(Loaded {
             model: imported.model,
             tensors,
-            metadata: HashMap::new(),
+            metadata,
         });
     }
     let file = if path.is_dir() {

@@ -246,6 +246,27 @@ fn torch_exported_onnx_models_import_with_onnxruntime_outputs() {
         let again = prelu::onnx::import_bytes(&prelu::onnx::export(&im.model).unwrap()).unwrap();
         check(&again.model, "exported and imported again");
         assert_eq!(again.model.num_params(), im.model.num_params());
+        // With the original's io: its input `x` (NCHW) and output `y` come back.
+        let bytes = prelu::onnx::export_with(&im.model, Some(&im.io)).unwrap();
+        let g = ModelProto::decode(bytes.as_slice()).unwrap().graph.unwrap();
+        assert_eq!((g.input[0].name.as_str(), g.output[0].name.as_str()), ("x", "y"));
+        let rank = |v: &prelu::onnx::ValueInfoProto| {
+            v.r#type
+                .as_ref()
+                .unwrap()
+                .tensor_type
+                .as_ref()
+                .unwrap()
+                .shape
+                .as_ref()
+                .unwrap()
+                .dim
+                .len()
+        };
+        assert_eq!(rank(&g.input[0]), 4, "{}", path.display());
+        let again = prelu::onnx::import_bytes(&bytes).unwrap();
+        assert_eq!(again.io, im.io);
+        check(&again.model, "exported with its io and imported again");
     }
     assert_eq!(n, 5);
 }
@@ -440,4 +461,481 @@ fn report_overlays_runs_and_describes_slopes_of_any_sign() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("empty") && e.contains("no epoch"), "{e}");
+
+/// One case of a tests/vectors/onnx_keras JSON file: input and onnxruntime's outputs.
+struct OrtCase {
+    input_shape: Vec<usize>,
+    input: Vec<f32>,
+    outputs: Vec<(String, Vec<usize>, Vec<f32>)>,
+}
+
+fn ort_cases(path: &std::path::Path) -> Vec<OrtCase> {
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let floats = |a: &serde_json::Value| -> Vec<f32> {
+        a.as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect()
+    };
+    let sizes = |a: &serde_json::Value| -> Vec<usize> {
+        a.as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as usize)
+            .collect()
+    };
+    v["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| OrtCase {
+            input_shape: sizes(&c["input_shape"]),
+            input: floats(&c["input"]),
+            outputs: c["outputs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|o| {
+                    (
+                        o["name"].as_str().unwrap().to_string(),
+                        sizes(&o["shape"]),
+                        floats(&o["data"]),
+                    )
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+/// The original model's outputs (layout and softmax restored) against
+/// onnxruntime's, to 1e-4 of the largest magnitude (at least 1).
+fn check_against_ort(im: &prelu::onnx::Imported, case: &OrtCase, what: &str) {
+    let x = candle_core::Tensor::from_vec(
+        case.input.clone(),
+        case.input_shape.as_slice(),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let got = im.io.forward(&im.model, &x).unwrap();
+    assert_eq!(got.len(), case.outputs.len(), "{what}");
+    for (g, (name, shape, want)) in got.iter().zip(&case.outputs) {
+        assert_eq!(g.dims(), shape.as_slice(), "{what}: output `{name}` shape");
+        let g = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let scale = want.iter().fold(1f32, |a, v| a.max(v.abs()));
+        let worst = g.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(
+            worst <= 1e-4 * scale,
+            "{what}: output `{name}` differs by {worst} (scale {scale})"
+        );
+    }
+}
+
+/// Keras-style NHWC models as tf2onnx writes them (scripts/keras_style_onnx_models.py,
+/// built with the onnx helper API): an NHWC input transposed to NCHW, a
+/// Keras PReLU on NHWC maps (slope [1,1,C]), SAME pooling, H,W,C flatten order
+/// into MatMul + Add, Softmax on the output, opsets 9/13/17; a fully
+/// convolutional net with a free spatial size, an NHWC map output and a
+/// ReduceMean over H, W. The outputs equal onnxruntime's, and exporting the
+/// imported model gives the original's input/outputs (names, layouts,
+/// softmax) with the same outputs.
+#[test]
+fn keras_style_nhwc_onnx_models_match_onnxruntime_and_export_back() {
+    use prelu::onnx::{ImportOptions, Layout};
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors/onnx_keras");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "onnx") {
+            continue;
+        }
+        n += 1;
+        let cases = ort_cases(&path.with_extension("json"));
+        let fcn = path.file_name().unwrap().to_str().unwrap().starts_with("keras_fcn");
+        if fcn {
+            let e = prelu::onnx::import(&path).map(|_| ()).unwrap_err();
+            assert!(format!("{e:#}").contains("--input-size"), "{e:#}");
+        }
+        for (k, case) in cases.iter().enumerate() {
+            let [_, h, w, _] = case.input_shape[..] else { panic!() };
+            let opts = ImportOptions {
+                input_size: fcn.then_some([h, w]),
+            };
+            let im = prelu::onnx::import_with(&path, &opts).unwrap();
+            assert_eq!(im.io.input_layout, Layout::Nhwc);
+            let what = format!("{} case {k}", path.display());
+            check_against_ort(&im, case, &format!("{what}: imported"));
+            // Export writes the original's input and outputs back.
+            let bytes = prelu::onnx::export_with(&im.model, Some(&im.io)).unwrap();
+            let g = ModelProto::decode(bytes.as_slice()).unwrap().graph.unwrap();
+            assert_eq!(g.input[0].name, im.io.input);
+            let dims: Vec<Option<i64>> = g.input[0]
+                .r#type
+                .as_ref()
+                .unwrap()
+                .tensor_type
+                .as_ref()
+                .unwrap()
+                .shape
+                .as_ref()
+                .unwrap()
+                .dim
+                .iter()
+                .map(|d| d.dim_value)
+                .collect();
+            assert_eq!(dims, vec![None, Some(h as i64), Some(w as i64), Some(3)], "{what}");
+            let names: Vec<&str> = g.output.iter().map(|o| o.name.as_str()).collect();
+            let want: Vec<&str> = case.outputs.iter().map(|o| o.0.as_str()).collect();
+            assert_eq!(names, want, "{what}");
+            let again = prelu::onnx::import_bytes_with(&bytes, &opts).unwrap();
+            assert_eq!(again.io, im.io, "{what}");
+            check_against_ort(&again, case, &format!("{what}: exported and imported again"));
+        }
+        let im = prelu::onnx::import_with(
+            &path,
+            &ImportOptions {
+                input_size: fcn.then_some([10, 8]),
+            },
+        )
+        .unwrap();
+        if fcn {
+            assert_eq!(im.io.outputs[0].layout, Layout::Nhwc);
+            assert_eq!(im.io.outputs[1].layout, Layout::Flat);
+            assert!(im.io.outputs[1].softmax.is_some());
+        } else {
+            // The Keras names survive: `model/p_re_lu/Relu` -> `model.p_re_lu`.
+            let acts = im.model.activation_names();
+            assert!(acts.iter().any(|a| a == "model.p_re_lu"), "{acts:?}");
+            assert!(
+                (im.model.spec.input_std - 255.0).abs() < 1e-3,
+                "Rescaling is the input std"
+            );
+        }
+    }
+    assert_eq!(n, 4);
+}
+
+/// Hostile or broken ONNX files give errors (naming the node and op where
+/// there is one), never panics or huge allocations.
+#[test]
+fn hostile_onnx_files_give_errors_not_panics() {
+    use prelu::onnx::*;
+    let dims = |d: &[i64]| {
+        d.iter()
+            .map(|&v| Dimension {
+                dim_value: Some(v),
+                dim_param: None,
+            })
+            .collect::<Vec<_>>()
+    };
+    let vi = |name: &str, d: &[i64]| ValueInfoProto {
+        name: name.into(),
+        r#type: Some(TypeProto {
+            tensor_type: Some(TypeProtoTensor {
+                elem_type: 1,
+                shape: Some(TensorShapeProto { dim: dims(d) }),
+            }),
+        }),
+    };
+    let model = |input: &[i64], nodes: Vec<NodeProto>, inits: Vec<TensorProto>, opset: i64| {
+        ModelProto {
+            ir_version: 7,
+            graph: Some(GraphProto {
+                node: nodes,
+                initializer: inits,
+                input: vec![vi("x", input)],
+                output: vec![vi("y", &[1, 2])],
+                ..Default::default()
+            }),
+            opset_import: vec![OperatorSetIdProto {
+                domain: String::new(),
+                version: opset,
+            }],
+            ..Default::default()
+        }
+        .encode_to_vec()
+    };
+    let node = |op: &str, inputs: &[&str], out: &str, attrs: Vec<AttributeProto>| NodeProto {
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: vec![out.into()],
+        name: format!("my_{op}_{out}"),
+        op_type: op.into(),
+        attribute: attrs,
+    };
+    let ints = |name: &str, v: &[i64]| AttributeProto {
+        name: name.into(),
+        ints: v.to_vec(),
+        r#type: 7,
+        ..Default::default()
+    };
+    let tensor = |name: &str, d: &[i64], v: &[f32]| TensorProto {
+        dims: d.to_vec(),
+        data_type: 1,
+        name: name.into(),
+        float_data: v.to_vec(),
+        ..Default::default()
+    };
+    let err = |bytes: Vec<u8>| match prelu::onnx::import_bytes(&bytes) {
+        Ok(_) => panic!("accepted"),
+        Err(e) => format!("{e:#}"),
+    };
+    let w = tensor("w", &[2, 1, 1, 1], &[1.0, -1.0]);
+    // Truncated at every length: an error or (rarely) a smaller valid model, never a panic.
+    let good = std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors/onnx_keras/keras_cnn_opset13.onnx"),
+    )
+    .unwrap();
+    assert!(prelu::onnx::import_bytes(&good).is_ok());
+    for cut in (0..good.len()).step_by(13) {
+        let _ = prelu::onnx::import_bytes(&good[..cut]);
+    }
+    // A tensor declaring 2^80 values, and one declaring a billion but holding none.
+    let e = err(model(
+        &[1, 1, 4, 4],
+        vec![],
+        vec![tensor("big", &[1 << 40, 1 << 40], &[])],
+        13,
+    ));
+    assert!(e.contains("too large"), "{e}");
+    let e = err(model(&[1, 1, 4, 4], vec![], vec![tensor("big", &[1 << 27], &[])], 13));
+    assert!(e.contains("holds 0 values"), "{e}");
+    // A cycle: each node reads the other's output.
+    let e = err(model(
+        &[1, 1, 4, 4],
+        vec![node("Relu", &["b"], "a", vec![]), node("Relu", &["a"], "b", vec![])],
+        vec![],
+        13,
+    ));
+    assert!(e.contains("my_Relu_a") && e.contains("not computed before"), "{e}");
+    // A value written twice.
+    let e = err(model(
+        &[1, 1, 4, 4],
+        vec![node("Relu", &["x"], "a", vec![]), node("Relu", &["x"], "a", vec![])],
+        vec![],
+        13,
+    ));
+    assert!(e.contains("already defined"), "{e}");
+    // An absurd input size is refused before anything is allocated.
+    let e = err(model(
+        &[1, 1, 1 << 30, 1 << 30],
+        vec![node("Conv", &["x", "w"], "y", vec![])],
+        vec![w.clone()],
+        13,
+    ));
+    assert!(e.contains("output shape [2, 1073741824, 1073741824]"), "{e}");
+    // Negative pads are not clamped into something else.
+    let e = err(model(
+        &[1, 1, 4, 4],
+        vec![node("Conv", &["x", "w"], "y", vec![ints("pads", &[-1, 0, 0, 0])])],
+        vec![w.clone()],
+        13,
+    ));
+    assert!(e.contains("my_Conv_y") && e.contains("not a size"), "{e}");
+    // A Transpose we do not model, and a Conv reading an NHWC value.
+    let e = err(model(
+        &[1, 1, 4, 4],
+        vec![node("Transpose", &["x"], "y", vec![ints("perm", &[0, 1, 3, 2])])],
+        vec![],
+        13,
+    ));
+    assert!(e.contains("my_Transpose_y") && e.contains("perm [0, 1, 3, 2]"), "{e}");
+    let e = err(model(
+        &[1, 1, 4, 4],
+        vec![
+            node("Transpose", &["x"], "t", vec![ints("perm", &[0, 2, 3, 1])]),
+            node("Conv", &["t", "w"], "y", vec![]),
+        ],
+        vec![w.clone()],
+        13,
+    ));
+    assert!(e.contains("my_Conv_y") && e.contains("NHWC"), "{e}");
+    // A softmax inside the graph changes what follows: refused.
+    let e = err(model(
+        &[1, 4],
+        vec![node("Softmax", &["x"], "s", vec![]), node("Relu", &["s"], "y", vec![])],
+        vec![],
+        13,
+    ));
+    assert!(
+        e.contains("my_Softmax_s") && e.contains("`Softmax` is not supported"),
+        "{e}"
+    );
+    // A reshape of maps to maps, and an unknown opset.
+    let e = err(model(
+        &[1, 1, 4, 4],
+        vec![node("Reshape", &["x", "s"], "y", vec![])],
+        vec![TensorProto {
+            dims: vec![4],
+            data_type: 7,
+            name: "s".into(),
+            int64_data: vec![1, 2, 2, 4],
+            ..Default::default()
+        }],
+        13,
+    ));
+    assert!(e.contains("my_Reshape_y") && e.contains("only reshapes"), "{e}");
+    assert!(err(model(&[1, 4], vec![node("Relu", &["x"], "y", vec![])], vec![], 30)).contains("opset 30"));
+    // A PReLU slope that fits neither the channels nor one value.
+    let e = err(model(
+        &[1, 3, 4, 4],
+        vec![node("PRelu", &["x", "s"], "y", vec![])],
+        vec![tensor("s", &[1, 1, 3], &[0.1, 0.2, 0.3])],
+        13,
+    ));
+    assert!(
+        e.contains("my_PRelu_y") && e.contains("broadcasts along the width"),
+        "{e}"
+    );
+}
+
+/// `--data FILE.npy` for an imported Keras-style model: NumPy's own files in
+/// the model's NHWC layout, fed as is; `diagnose` without labels reports
+/// every activation node with negative shares equal to those of the
+/// original graph's PRelu inputs (onnxruntime); with labels, the accuracy is
+/// onnxruntime's.
+#[test]
+fn npy_data_in_the_models_layout_and_diagnose_without_labels() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors/onnx_keras");
+    let path = dir.join("keras_cnn_opset13.onnx");
+    let im = prelu::onnx::import(&path).unwrap();
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path.with_extension("json")).unwrap()).unwrap();
+    let data = dir.join("keras_cnn_opset13.input.npy");
+    let data = data.to_str().unwrap();
+    let src = prelu::data::load_source(data, None, &im.model, Some(&im.io))
+        .unwrap()
+        .unwrap();
+    assert!(!src.labeled);
+    assert_eq!((src.data.len(), src.data.features()), (4, 3 * 11 * 11));
+    let mut ds = src.data.clone();
+    prelu::data::label_by_model(&im.model, &mut ds, 3).unwrap();
+    let d = prelu::sentinel::diagnose(&im.model, &ds, 3, Default::default()).unwrap();
+    let names: Vec<&str> = d.layers.iter().map(|l| l.layer.as_str()).collect();
+    assert_eq!(names, ["model.p_re_lu", "model.leaky_re_lu", "model.p_re_lu_1"]);
+    let mut checked = 0;
+    for p in want["prelu_inputs"].as_array().unwrap() {
+        let layer = p["node"].as_str().unwrap().trim_end_matches("/Relu").replace('/', ".");
+        let l = d.layers.iter().find(|l| l.layer == layer).unwrap();
+        let theirs: Vec<f64> = p["negative_share_per_channel"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert_eq!(l.negative_share_per_channel.len(), theirs.len(), "{layer}");
+        for (a, b) in l.negative_share_per_channel.iter().zip(&theirs) {
+            assert!((a - b).abs() < 1e-9, "{layer}: prelu {a} vs the original graph {b}");
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, 2);
+    // With labels: the accuracy of onnxruntime's own outputs on them.
+    let labels = dir.join("keras_cnn_opset13.labels.npy");
+    let src = prelu::data::load_source(data, Some(&labels), &im.model, Some(&im.io))
+        .unwrap()
+        .unwrap();
+    assert!(src.labeled);
+    let d = prelu::sentinel::diagnose(&im.model, &src.data, 3, Default::default()).unwrap();
+    let case = &ort_cases(&path.with_extension("json"))[0];
+    let probs = &case.outputs[0].2;
+    let ort_acc = probs
+        .chunks(5)
+        .zip(&src.data.labels)
+        .filter(|(p, &l)| {
+            let best = (0..5).max_by(|&a, &b| p[a].total_cmp(&p[b])).unwrap();
+            best == l as usize
+        })
+        .count() as f64
+        / 4.0;
+    assert!((d.accuracy - ort_acc).abs() < 1e-12, "{} vs {ort_acc}", d.accuracy);
+    // The wrong layout is an error naming the expected shape, not a silent transpose.
+    let tmp = std::env::temp_dir().join(format!("prelu-npy-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let nchw = tmp.join("nchw.npy");
+    std::fs::write(
+        &nchw,
+        prelu::data::npy::npy_f32_bytes(&[2, 3, 11, 11], &[0.5; 2 * 3 * 121]),
+    )
+    .unwrap();
+    let e = prelu::data::load_source(nchw.to_str().unwrap(), None, &im.model, Some(&im.io)).unwrap_err();
+    assert!(format!("{e:#}").contains("[11, 11, 3]"), "{e:#}");
+    // Our own writer round-trips through the reader.
+    let x = prelu::data::npy::read_npy(&nchw).unwrap();
+    assert_eq!(x.shape, [2, 3, 11, 11]);
+}
+
+/// Hostile `.npy` files: errors naming the file, never panics or huge allocations.
+#[test]
+fn hostile_npy_files_give_errors() {
+    use prelu::data::npy::parse_npy;
+    let with_header = |h: &str, body: &[u8]| {
+        let mut b = b"\x93NUMPY\x01\x00".to_vec();
+        b.extend((h.len() as u16).to_le_bytes());
+        b.extend(h.as_bytes());
+        b.extend(body);
+        b
+    };
+    let err = |b: Vec<u8>| parse_npy(&b, "f.npy").unwrap_err().to_string();
+    let e = err(with_header(
+        "{'descr': '<f4', 'fortran_order': True, 'shape': (2,), }",
+        &[0; 8],
+    ));
+    assert!(e.starts_with("f.npy") && e.contains("Fortran"), "{e}");
+    let e = err(with_header(
+        "{'descr': '>f4', 'fortran_order': False, 'shape': (2,), }",
+        &[0; 8],
+    ));
+    assert!(e.contains("big-endian"), "{e}");
+    let e = err(with_header(
+        "{'descr': '<f8', 'fortran_order': False, 'shape': (2,), }",
+        &[0; 16],
+    ));
+    assert!(e.contains("not supported"), "{e}");
+    let e = err(with_header(
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (3,), }",
+        &[0; 8],
+    ));
+    assert!(e.contains("needs 12 bytes"), "{e}");
+    let e = err(with_header(
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (4294967296, 4294967296), }",
+        &[],
+    ));
+    assert!(e.contains("implausibly large"), "{e}");
+    let e = err(with_header(
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (a, b), }",
+        &[],
+    ));
+    assert!(e.contains("not a tuple"), "{e}");
+    assert!(err(b"\x93NUMPY\x01\x00\xff\xff{".to_vec()).contains("truncated"));
+    assert!(err(b"PK\x03\x04 a zip".to_vec()).contains("magic"));
+    for cut in 0..60 {
+        let b = with_header("{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }", &[0; 24]);
+        let _ = parse_npy(&b[..cut.min(b.len())], "f.npy");
+    }
+}
+
+/// A real third-party PReLU model: MTCNN's PNet from the `facenet-pytorch`
+/// package (MIT licence; scripts/mtcnn_onnx.py exports it). Fully
+/// convolutional: imported at two input sizes, its box and softmax-over-
+/// channels face maps equal onnxruntime's, and export gives them back.
+#[test]
+fn mtcnn_pnet_imports_at_two_sizes_with_onnxruntime_outputs() {
+    use prelu::onnx::{ImportOptions, Layout};
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors/onnx_mtcnn/pnet.onnx");
+    let e = prelu::onnx::import(&path).map(|_| ()).unwrap_err();
+    assert!(format!("{e:#}").contains("[?, 3, ?, ?]"), "{e:#}");
+    for (k, case) in ort_cases(&path.with_extension("json")).iter().enumerate() {
+        let opts = ImportOptions {
+            input_size: Some([case.input_shape[2], case.input_shape[3]]),
+        };
+        let im = prelu::onnx::import_with(&path, &opts).unwrap();
+        assert_eq!(im.model.activation_names(), ["prelu1", "prelu2", "prelu3"]);
+        assert_eq!(im.io.input_layout, Layout::Nchw);
+        assert_eq!(im.io.outputs[1].softmax.map(|s| s.axis), Some(1));
+        check_against_ort(&im, case, &format!("pnet case {k}"));
+        let again =
+            prelu::onnx::import_bytes_with(&prelu::onnx::export_with(&im.model, Some(&im.io)).unwrap(), &opts).unwrap();
+        assert_eq!(again.io, im.io);
+        check_against_ort(&again, case, &format!("pnet case {k}, exported and imported again"));
+    }
 }

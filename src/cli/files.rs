@@ -98,7 +98,15 @@ pub fn cmd_export(a: &ExportArgs) -> Result<()> {
     }
     let loaded = load_ckpt(&a.checkpoint, &a.spec)?;
     let model = &loaded.model;
-    let bytes = prelu::onnx::export(model)?;
+    // An imported model keeps the original's input/output names and layouts.
+    let io = prelu::onnx::OnnxIo::from_metadata(&loaded.metadata)?;
+    if a.reference > 0 && io.is_some() {
+        bail!(
+            "--reference writes prelu's own flat inputs; it is not supported for an imported model \
+             (its ONNX input keeps the original layout)"
+        );
+    }
+    let bytes = prelu::onnx::export_with(model, io.as_ref())?;
     prelu::io::write_atomic(&a.out, &bytes)?;
     let mut reference = None;
     if a.reference > 0 {
@@ -139,6 +147,10 @@ pub struct ImportArgs {
     /// Where to write the checkpoint (.safetensors, PyTorch names, the graph in the header).
     #[arg(short, long, value_name = "FILE")]
     pub out: PathBuf,
+    /// Input height and width (HxW) for a model whose input leaves them free
+    /// (fully convolutional) [default: the model's own, refused when free].
+    #[arg(long, value_parser = prelu::data::parse_size, value_name = "HxW")]
+    pub input_size: Option<[usize; 2]>,
     #[command(flatten)]
     pub json: JsonArg,
 }
@@ -150,6 +162,9 @@ pub struct ImportOutput {
     pub out: PathBuf,
     pub input: String,
     pub input_shape: [usize; 3],
+    /// The original's input/output names and layouts (kept in the checkpoint
+    /// header, so `export` writes them back).
+    pub io: prelu::onnx::OnnxIo,
     pub outputs: Vec<String>,
     pub nodes: usize,
     pub activations: Vec<String>,
@@ -161,10 +176,11 @@ impl fmt::Display for ImportOutput {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
         writeln!(
             f,
-            "{}: input `{}` {:?}, outputs {:?}; {} nodes, {} activation layers, {} parameters",
+            "{}: input `{}` {:?} ({:?}), outputs {:?}; {} nodes, {} activation layers, {} parameters",
             self.model.display(),
             self.input,
-            self.input_shape,
+            self.io.input_dims(self.input_shape),
+            self.io.input_layout,
             self.outputs,
             self.nodes,
             self.activations.len(),
@@ -179,8 +195,14 @@ impl fmt::Display for ImportOutput {
 
 pub fn cmd_import(a: &ImportArgs) -> Result<()> {
     check_out(Some(&a.model), &a.out)?;
-    let im = prelu::onnx::import(&a.model)?;
-    prelu::io::save_model(&a.out, &im.model, Default::default(), Default::default())?;
+    let im = prelu::onnx::import_with(
+        &a.model,
+        &prelu::onnx::ImportOptions {
+            input_size: a.input_size,
+        },
+    )?;
+    let meta = std::collections::HashMap::from([(prelu::onnx::IO_KEY.to_string(), serde_json::to_string(&im.io)?)]);
+    prelu::io::save_model(&a.out, &im.model, Default::default(), meta)?;
     let m = &im.model;
     emit(
         a.json.json,
@@ -189,6 +211,7 @@ pub fn cmd_import(a: &ImportArgs) -> Result<()> {
             out: a.out.clone(),
             input: im.input_name.clone(),
             input_shape: m.spec.input,
+            io: im.io.clone(),
             outputs: im.output_names.clone(),
             nodes: m.graph.nodes.len(),
             activations: m.activation_names(),

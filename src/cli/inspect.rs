@@ -24,9 +24,16 @@ pub enum SplitArg {
 pub struct DiagnoseArgs {
     /// A checkpoint (.safetensors), a run folder or an .onnx model.
     pub checkpoint: PathBuf,
+    /// Data: as for every command, or FILE.npy: float32 examples in the
+    /// model's own input layout (an imported model's original one, e.g.
+    /// [N, H, W, C]), fed as is.
     #[command(flatten)]
     pub data: DataArgs,
-    /// Which split to run over.
+    /// Labels for --data FILE.npy (int64/int32/uint8, [N]) [default: none:
+    /// no accuracy or loss, gradients against the model's own predictions].
+    #[arg(long, value_name = "FILE.npy")]
+    pub labels: Option<PathBuf>,
+    /// Which split to run over (named data sets).
     #[arg(long, value_enum, default_value = "test")]
     pub split: SplitArg,
     /// Use only the first N examples [default: all].
@@ -48,6 +55,8 @@ pub struct DiagnoseOutput {
     pub data: String,
     pub split: SplitArg,
     pub examples: usize,
+    /// Whether the examples had labels (without: `acc` and `loss` are null).
+    pub labels: bool,
     /// Accuracy and mean loss on the split.
     pub acc: f64,
     pub loss: f64,
@@ -59,19 +68,30 @@ pub struct DiagnoseOutput {
 
 impl fmt::Display for DiagnoseOutput {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        writeln!(
-            f,
-            "{}: {} {} {} examples, accuracy {:.4}, loss {:.4}",
-            self.checkpoint.display(),
-            self.examples,
-            self.data,
-            match self.split {
-                SplitArg::Train => "train",
-                SplitArg::Test => "test",
-            },
-            self.acc,
-            self.loss
-        )?;
+        if self.labels {
+            writeln!(
+                f,
+                "{}: {} {} {} examples, accuracy {:.4}, loss {:.4}",
+                self.checkpoint.display(),
+                self.examples,
+                self.data,
+                match self.split {
+                    SplitArg::Train => "train",
+                    SplitArg::Test => "test",
+                },
+                self.acc,
+                self.loss
+            )?;
+        } else {
+            writeln!(
+                f,
+                "{}: {} {} examples, no labels: no accuracy or loss; gradient columns use the model's own \
+                 predictions as targets",
+                self.checkpoint.display(),
+                self.examples,
+                self.data
+            )?;
+        }
         let lw = self.layers.iter().map(|l| l.layer.len()).max().unwrap_or(0).max(7);
         writeln!(
             f,
@@ -152,14 +172,29 @@ impl fmt::Display for DiagnoseOutput {
 
 pub fn cmd_diagnose(a: &DiagnoseArgs) -> Result<()> {
     let loaded = load_ckpt(&a.checkpoint, &a.spec)?;
-    let (data, split) = data_for(&a.checkpoint, &a.data, &loaded)?;
-    let ds = match a.split {
-        SplitArg::Test => split.test,
-        SplitArg::Train => split.train,
+    let io = prelu::onnx::OnnxIo::from_metadata(&loaded.metadata)?;
+    let source = match &a.data.data {
+        Some(d) => prelu::data::load_source(d, a.labels.as_deref(), &loaded.model, io.as_ref())?,
+        None if a.labels.is_some() => bail!("--labels goes with --data FILE.npy"),
+        None => None,
     };
-    let ds = ds.take(a.limit.unwrap_or(usize::MAX));
+    let (data, ds, labeled) = match source {
+        Some(s) => (s.name, s.data, s.labeled),
+        None => {
+            let (data, split) = data_for(&a.checkpoint, &a.data, &loaded)?;
+            let ds = match a.split {
+                SplitArg::Test => split.test,
+                SplitArg::Train => split.train,
+            };
+            (data, ds, true)
+        }
+    };
+    let mut ds = ds.take(a.limit.unwrap_or(usize::MAX));
     if ds.is_empty() || a.batch_size == 0 {
         bail!("nothing to diagnose: empty data, --limit 0 or --batch-size 0");
+    }
+    if !labeled {
+        prelu::data::label_by_model(&loaded.model, &mut ds, a.batch_size)?;
     }
     let mut p = Progress::new(&format!("sentinel over {data}"), ds.len() as u64, "examples");
     let d = prelu::sentinel::diagnose_with_progress(
@@ -177,8 +212,10 @@ pub fn cmd_diagnose(a: &DiagnoseArgs) -> Result<()> {
             data,
             split: a.split,
             examples: d.examples,
-            acc: d.accuracy,
-            loss: d.loss,
+            labels: labeled,
+            // Scored against its own predictions without labels: no accuracy or loss.
+            acc: if labeled { d.accuracy } else { f64::NAN },
+            loss: if labeled { d.loss } else { f64::NAN },
             layers: d.layers,
             slope_histograms: d.slope_histograms.into_iter().collect(),
             alarms: d.alarms,

@@ -84,8 +84,24 @@ impl Builder {
 /// The model as ONNX bytes. Input `input`: `[N, C*H*W]` pixels in [0, 1]
 /// (batch size free); output `logits`: `[N, classes]`.
 pub fn export(model: &Model) -> Result<Vec<u8>> {
+    export_with(model, None)
+}
+
+/// [`export`] with the input and outputs of an imported model (`io`, as
+/// `prelu import` keeps it in the checkpoint header): the original's names,
+/// layouts (an NHWC input gets its `Transpose` back) and output softmax.
+pub fn export_with(model: &Model, io: Option<&OnnxIo>) -> Result<Vec<u8>> {
+    let native = OnnxIo::native(model);
+    let io = io.unwrap_or(&native);
     let spec = &model.spec;
     let [c, h, w] = spec.input;
+    if io.outputs.len() != model.resolved.outputs.len() {
+        bail!(
+            "onnx: the model has {} outputs, its ONNX io describes {}",
+            model.resolved.outputs.len(),
+            io.outputs.len()
+        );
+    }
     let mut b = Builder {
         g: GraphProto {
             name: "prelu".into(),
@@ -97,21 +113,26 @@ pub fn export(model: &Model) -> Result<Vec<u8>> {
         dim_param: Some("N".into()),
         dim_value: None,
     };
-    b.g.input.push(value_info(
-        "input",
-        &[
-            batch.clone(),
-            Dimension {
-                dim_value: Some((c * h * w) as i64),
-                dim_param: None,
-            },
-        ],
-    ));
+    let fixed = |v: usize| Dimension {
+        dim_value: Some(v as i64),
+        dim_param: None,
+    };
+    let with_batch =
+        |d: Vec<usize>| -> Vec<Dimension> { std::iter::once(batch.clone()).chain(d.into_iter().map(fixed)).collect() };
+    b.g.input
+        .push(value_info(&io.input, &with_batch(io.input_dims(spec.input))));
     let dev = candle_core::Device::Cpu;
     let mean = b.init_f32("input_mean", &Tensor::new(&[spec.input_mean], &dev)?, &[1])?;
     let std = b.init_f32("input_std", &Tensor::new(&[spec.input_std], &dev)?, &[1])?;
-    let shape = b.init_i64("input_shape", &[-1, c as i64, h as i64, w as i64]);
-    let mut t = b.node("Reshape", vec!["input".into(), shape], vec![]);
+    let mut t = match io.input_layout {
+        Layout::Flat => {
+            let shape = b.init_i64("input_shape", &[-1, c as i64, h as i64, w as i64]);
+            b.node("Reshape", vec![io.input.clone(), shape], vec![])
+        }
+        Layout::Nchw => io.input.clone(),
+        Layout::Nhwc => b.node("Transpose", vec![io.input.clone()], vec![ints("perm", &[0, 3, 1, 2])]),
+        Layout::FlatHwc => bail!("onnx: an input flattened in H, W, C order is not supported"),
+    };
     t = b.node("Sub", vec![t, mean], vec![]);
     t = b.node("Div", vec![t, std], vec![]);
     let r = &model.resolved;
@@ -242,34 +263,69 @@ pub fn export(model: &Model) -> Result<Vec<u8>> {
         names.push(out);
         spatial.push(out_sp);
     }
-    // The heads: the trained one is `logits`, others keep their node's name.
-    for (k, &o) in r.outputs.iter().enumerate() {
+    // The heads, in the layout and with the softmax of `io`.
+    for (k, (&o, oi)) in r.outputs.iter().zip(&io.outputs).enumerate() {
         let mut x = names[o].clone();
-        if spatial[o] {
-            x = b.node("Flatten", vec![x], vec![int("axis", 1)]);
-        }
-        let out = if k == 0 {
-            "logits".to_string()
-        } else {
-            model.graph.nodes[o - 1].name.clone()
+        let [oc, oh, ow] = r.shapes[o];
+        let four_d = |b: &mut Builder, x: String, sp: bool, [c, h, w]: [usize; 3]| -> String {
+            if sp {
+                x
+            } else {
+                let s = b.init_i64(&format!("output_{k}_shape"), &[-1, c as i64, h as i64, w as i64]);
+                b.node("Reshape", vec![x, s], vec![])
+            }
+        };
+        let dims = match oi.layout {
+            Layout::Flat => {
+                if spatial[o] {
+                    x = b.node("Flatten", vec![x], vec![int("axis", 1)]);
+                }
+                vec![oc * oh * ow]
+            }
+            Layout::Nchw => {
+                x = four_d(&mut b, x, spatial[o], r.shapes[o]);
+                vec![oc, oh, ow]
+            }
+            Layout::Nhwc => {
+                x = four_d(&mut b, x, spatial[o], r.shapes[o]);
+                x = b.node("Transpose", vec![x], vec![ints("perm", &[0, 2, 3, 1])]);
+                vec![oh, ow, oc]
+            }
+            Layout::FlatHwc => {
+                // The output is our flatten of a map: that map, transposed to
+                // NHWC and flattened.
+                let node = &model.graph.nodes[o - 1];
+                if !matches!(node.op, crate::graph::Op::Flatten) {
+                    bail!(
+                        "onnx: output `{}` is flattened in H, W, C order after node `{}`; only a Flatten can be written so",
+                        oi.name,
+                        node.name
+                    );
+                }
+                let src = r.inputs[o - 1][0];
+                x = four_d(&mut b, names[src].clone(), spatial[src], r.shapes[src]);
+                x = b.node("Transpose", vec![x], vec![ints("perm", &[0, 2, 3, 1])]);
+                x = b.node("Flatten", vec![x], vec![int("axis", 1)]);
+                vec![oc * oh * ow]
+            }
+        };
+        // The last node writes the output (a softmax must be the last op
+        // for the import to drop it again).
+        let (op, attribute) = match oi.softmax {
+            Some(s) => (
+                if s.log { "LogSoftmax" } else { "Softmax" },
+                vec![int("axis", s.axis as i64)],
+            ),
+            None => ("Identity", vec![]),
         };
         b.g.node.push(NodeProto {
             input: vec![x],
-            output: vec![out.clone()],
+            output: vec![oi.name.clone()],
             name: format!("output_{k}"),
-            op_type: "Identity".into(),
-            attribute: vec![],
+            op_type: op.into(),
+            attribute,
         });
-        b.g.output.push(value_info(
-            &out,
-            &[
-                batch.clone(),
-                Dimension {
-                    dim_value: Some(r.len(o) as i64),
-                    dim_param: None,
-                },
-            ],
-        ));
+        b.g.output.push(value_info(&oi.name, &with_batch(dims)));
     }
     let m = ModelProto {
         ir_version: 7,
