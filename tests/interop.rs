@@ -461,6 +461,7 @@ fn report_overlays_runs_and_describes_slopes_of_any_sign() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("empty") && e.contains("no epoch"), "{e}");
+}
 
 /// One case of a tests/vectors/onnx_keras JSON file: input and onnxruntime's outputs.
 struct OrtCase {
