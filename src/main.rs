@@ -26,7 +26,7 @@ static ALLOC: prelu::memory::HugePageAlloc = prelu::memory::HugePageAlloc;
     about = "Parametric ReLU toolkit: fused kernels, training, diagnostics, analyses"
 )]
 struct Cli {
-    /// Worker threads, 0 = all cores [default: 0].
+    /// Worker threads, 0 = all cores.
     #[arg(long, global = true, default_value_t = 0)]
     threads: usize,
     /// The old place of `--spec` (before the command); give it after the command.
