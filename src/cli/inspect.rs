@@ -53,7 +53,8 @@ pub struct DiagnoseArgs {
 pub struct DiagnoseOutput {
     pub checkpoint: PathBuf,
     pub data: String,
-    pub split: SplitArg,
+    /// The split of a named data set (`None` for a `.npy` file).
+    pub split: Option<SplitArg>,
     pub examples: usize,
     /// Whether the examples had labels (without: `acc` and `loss` are null).
     pub labels: bool,
@@ -71,13 +72,14 @@ impl fmt::Display for DiagnoseOutput {
         if self.labels {
             writeln!(
                 f,
-                "{}: {} {} {} examples, accuracy {:.4}, loss {:.4}",
+                "{}: {} {}{} examples, accuracy {:.4}, loss {:.4}",
                 self.checkpoint.display(),
                 self.examples,
                 self.data,
                 match self.split {
-                    SplitArg::Train => "train",
-                    SplitArg::Test => "test",
+                    Some(SplitArg::Train) => " train",
+                    Some(SplitArg::Test) => " test",
+                    None => "",
                 },
                 self.acc,
                 self.loss
@@ -178,6 +180,7 @@ pub fn cmd_diagnose(a: &DiagnoseArgs) -> Result<()> {
         None if a.labels.is_some() => bail!("--labels goes with --data FILE.npy"),
         None => None,
     };
+    let is_file = source.is_some();
     let (data, ds, labeled) = match source {
         Some(s) => (s.name, s.data, s.labeled),
         None => {
@@ -210,7 +213,7 @@ pub fn cmd_diagnose(a: &DiagnoseArgs) -> Result<()> {
         &DiagnoseOutput {
             checkpoint: a.checkpoint.clone(),
             data,
-            split: a.split,
+            split: (!is_file).then_some(a.split),
             examples: d.examples,
             labels: labeled,
             // Scored against its own predictions without labels: no accuracy or loss.
