@@ -143,9 +143,9 @@ pub(super) fn bn_forward(
     })
 }
 
-/// BatchNorm in evaluation mode: `(x - running_mean) / sqrt(running_var + eps)
-/// * gamma + beta`; the statistics used are kept in `st` for an
-/// evaluation-mode backward.
+/// BatchNorm in evaluation mode, on the running estimates:
+/// `gamma (x - mean) / sqrt(var + eps) + beta`. The statistics used are kept
+/// in `st` for an evaluation-mode backward.
 pub(super) fn bn_forward_eval(
     bn: &Bn,
     batch: usize,
