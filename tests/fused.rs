@@ -503,38 +503,49 @@ fn evaluation_mode_matches_candle_forward() {
     }
 }
 
+/// The three BN PReLU nets of the evaluation-mode tests (MLP, CNN, ResNet-8),
+/// each with its input shape.
+fn eval_archs() -> Vec<(Arch, [usize; 3])> {
+    vec![
+        (Arch::Mlp { hidden: vec![7, 5] }, [1, 4, 3]),
+        (small_cnn(1), [1, 8, 8]),
+        (
+            Arch::Resnet {
+                depth: 8,
+                shortcuts: true,
+            },
+            [1, 8, 8],
+        ),
+    ]
+}
+
+/// A BN PReLU model of `arch` after `steps` fused SGD steps (so weights and
+/// the running estimates have moved), with the step that trained it.
+fn trained_bn_model(arch: &Arch, input: [usize; 3], mean: f32, std: f32, seed: u64, steps: u64) -> (Model, FusedStep) {
+    let spec = ModelSpec {
+        batch_norm: true,
+        input_mean: mean,
+        input_std: std,
+        ..ModelSpec::new(arch.clone(), Activation::PRelu { shared: false }, input, 5)
+    };
+    let m = Model::new(&spec, seed, &Device::Cpu).unwrap();
+    let mut fs = FusedStep::new(&m).unwrap();
+    let mut opt = Optimizer::new(OptimizerKind::Sgd { momentum: 0.9 }, 0.0, m.params(), false).unwrap();
+    for seed in 0..steps {
+        let (x, y) = batch(&m, 8, seed);
+        fs.step(&x, &y, None).unwrap();
+        opt.step_slices(&fs.grads(), 0.05).unwrap();
+    }
+    (m, fs)
+}
+
 /// `FusedStep::gradients` (evaluation mode with backward, what `diagnose`
 /// needs) against candle's autograd through `forward_t(x, false)`, on BN nets
 /// whose running estimates have moved; the running estimates stay untouched.
 #[test]
 fn evaluation_mode_gradients_match_autograd() {
-    for arch in [
-        Arch::Mlp { hidden: vec![7, 5] },
-        small_cnn(1),
-        Arch::Resnet {
-            depth: 8,
-            shortcuts: true,
-        },
-    ] {
-        let input = if matches!(arch, Arch::Mlp { .. }) {
-            [1, 4, 3]
-        } else {
-            [1, 8, 8]
-        };
-        let spec = ModelSpec {
-            batch_norm: true,
-            input_mean: 0.1,
-            input_std: 0.5,
-            ..ModelSpec::new(arch.clone(), Activation::PRelu { shared: false }, input, 5)
-        };
-        let m = Model::new(&spec, 4, &Device::Cpu).unwrap();
-        let mut fs = FusedStep::new(&m).unwrap();
-        let mut opt = Optimizer::new(OptimizerKind::Sgd { momentum: 0.9 }, 0.0, m.params(), false).unwrap();
-        for seed in 0..3 {
-            let (x, y) = batch(&m, 8, seed);
-            fs.step(&x, &y, None).unwrap();
-            opt.step_slices(&fs.grads(), 0.05).unwrap();
-        }
+    for (arch, input) in eval_archs() {
+        let (m, mut fs) = trained_bn_model(&arch, input, 0.1, 0.5, 4, 3);
         let snapshot = |m: &Model| -> Vec<Vec<f32>> {
             m.buffers()
                 .iter()
@@ -573,33 +584,8 @@ fn evaluation_mode_gradients_match_autograd() {
 /// the pixels, in evaluation mode, on an MLP, a BN CNN and a BN ResNet-8.
 #[test]
 fn input_gradient_matches_autograd() {
-    for arch in [
-        Arch::Mlp { hidden: vec![7, 5] },
-        small_cnn(1),
-        Arch::Resnet {
-            depth: 8,
-            shortcuts: true,
-        },
-    ] {
-        let input = if matches!(arch, Arch::Mlp { .. }) {
-            [1, 4, 3]
-        } else {
-            [1, 8, 8]
-        };
-        let spec = ModelSpec {
-            batch_norm: true,
-            input_mean: 0.2,
-            input_std: 0.4,
-            ..ModelSpec::new(arch.clone(), Activation::PRelu { shared: false }, input, 5)
-        };
-        let m = Model::new(&spec, 6, &Device::Cpu).unwrap();
-        let mut train = FusedStep::new(&m).unwrap();
-        let mut opt = Optimizer::new(OptimizerKind::Sgd { momentum: 0.9 }, 0.0, m.params(), false).unwrap();
-        for seed in 0..2 {
-            let (x, y) = batch(&m, 8, seed);
-            train.step(&x, &y, None).unwrap();
-            opt.step_slices(&train.grads(), 0.05).unwrap();
-        }
+    for (arch, input) in eval_archs() {
+        let (m, train) = trained_bn_model(&arch, input, 0.2, 0.4, 6, 2);
         let (x, y) = batch(&m, 5, 77);
         assert_eq!(train.input_gradient(), None, "a plain step has no input gradient");
         let mut fs = FusedStep::with_input_gradient(&m).unwrap();
