@@ -42,6 +42,30 @@ fn in_row(g: &ConvGeom, oi: usize, ki: usize) -> Option<usize> {
 /// im2col of one sample `x` (`[C_in, H, W]`) into `col` (`[C_in kh kw, H' W']`),
 /// zeros where a tap falls in the padding.
 pub fn im2col<T: Float>(g: &ConvGeom, x: &[T], col: &mut [T]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::kernels::has_avx2() {
+        // SAFETY: the CPU supports AVX2 (checked just above).
+        return unsafe { im2col_avx2(g, x, col) };
+    }
+    im2col_generic(g, x, col)
+}
+
+/// [`col2im`] compiled for AVX2 (the same arithmetic, the same bits).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn col2im_avx2<T: Float>(g: &ConvGeom, col: &[T], dx: &mut [T]) {
+    col2im_generic(g, col, dx)
+}
+
+/// [`im2col`] compiled for AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn im2col_avx2<T: Float>(g: &ConvGeom, x: &[T], col: &mut [T]) {
+    im2col_generic(g, x, col)
+}
+
+#[inline(always)]
+fn im2col_generic<T: Float>(g: &ConvGeom, x: &[T], col: &mut [T]) {
     let p = g.pixels();
     debug_assert_eq!(x.len(), g.cin * g.h * g.w);
     debug_assert_eq!(col.len(), g.rows() * p);
@@ -69,14 +93,12 @@ pub fn im2col<T: Float>(g: &ConvGeom, x: &[T], col: &mut [T]) {
                         let s0 = (t0 as isize + off) as usize;
                         row[t0..t1].copy_from_slice(&plane[s0..s0 + (t1 - t0)]);
                     }
-                    if lo > 0 || hi < g.wo {
-                        for out in row.chunks_exact_mut(g.wo) {
-                            for v in &mut out[..lo] {
-                                *v = T::ZERO;
-                            }
-                            for v in &mut out[hi..] {
-                                *v = T::ZERO;
-                            }
+                    // Column by column (strided stores): per-row fills of one
+                    // or two values became a memset call each, which cost
+                    // more than the copy itself on 28-wide images.
+                    for c in (0..lo).chain(hi..g.wo) {
+                        for v in row[c..].iter_mut().step_by(g.wo) {
+                            *v = T::ZERO;
                         }
                     }
                     continue;
@@ -109,6 +131,16 @@ pub fn im2col<T: Float>(g: &ConvGeom, x: &[T], col: &mut [T]) {
 /// The adjoint of [`im2col`]: adds the column gradients back onto the image
 /// gradient `dx` (which the caller zeroes first).
 pub fn col2im<T: Float>(g: &ConvGeom, col: &[T], dx: &mut [T]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::kernels::has_avx2() {
+        // SAFETY: the CPU supports AVX2 (checked just above).
+        return unsafe { col2im_avx2(g, col, dx) };
+    }
+    col2im_generic(g, col, dx)
+}
+
+#[inline(always)]
+fn col2im_generic<T: Float>(g: &ConvGeom, col: &[T], dx: &mut [T]) {
     let p = g.pixels();
     for ci in 0..g.cin {
         let plane = &mut dx[ci * g.h * g.w..(ci + 1) * g.h * g.w];

@@ -308,8 +308,42 @@ unsafe fn backward_avx2<T: Float>(
     backward_generic(x, dy, slope, g, start, dx, acc)
 }
 
+/// Defines `fn name(args) -> R` that runs `body` compiled for AVX2 when the
+/// CPU has it and for the baseline target otherwise (the crate is built for
+/// generic x86-64, where f64 and f32 loops get 128-bit SSE2). The same
+/// arithmetic in the same order either way, so the same bits. For the small
+/// per-run loops of the fused step (BatchNorm statistics, im2col/col2im).
+#[macro_export]
+#[doc(hidden)]
+macro_rules! simd_dispatch {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)? $body:block) => {
+        $(#[$m])*
+        #[allow(clippy::too_many_arguments)]
+        $vis fn $name($($a: $t),*) $(-> $r)? {
+            #[allow(clippy::too_many_arguments)]
+            #[inline(always)]
+            fn generic($($a: $t),*) $(-> $r)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[allow(clippy::too_many_arguments)]
+                #[target_feature(enable = "avx2")]
+                unsafe fn avx2($($a: $t),*) $(-> $r)? {
+                    generic($($a),*)
+                }
+                if $crate::kernels::has_avx2() {
+                    // SAFETY: the CPU supports AVX2 (checked just above).
+                    return unsafe { avx2($($a),*) };
+                }
+            }
+            generic($($a),*)
+        }
+    };
+}
+
+/// Whether the CPU has AVX2 (detected once, then a cached load).
+#[doc(hidden)]
 #[inline]
-fn has_avx2() -> bool {
+pub fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx2")

@@ -45,7 +45,7 @@ fn bn_layout(bn: &Bn, batch: usize) -> (usize, usize) {
 
 /// `sum f(v)` over `r` in 8 interleaved f64 lanes (vectorisable; a fixed
 /// order, so deterministic).
-#[inline]
+#[inline(always)]
 fn lanes(r: &[f32], f: impl Fn(f32) -> f64) -> f64 {
     let mut acc = [0.0f64; 8];
     let mut it = r.chunks_exact(8);
@@ -59,7 +59,7 @@ fn lanes(r: &[f32], f: impl Fn(f32) -> f64) -> f64 {
 }
 
 /// `(sum f(x, d), sum g(x, d))` over pairs, in 8 interleaved f64 lanes.
-#[inline]
+#[inline(always)]
 fn lanes2(x: &[f32], d: &[f32], f: impl Fn(f32, f32) -> (f64, f64)) -> (f64, f64) {
     let (mut a, mut b) = ([0.0f64; 8], [0.0f64; 8]);
     let mut xi = x.chunks_exact(8);
@@ -78,6 +78,60 @@ fn lanes2(x: &[f32], d: &[f32], f: impl Fn(f32, f32) -> (f64, f64)) -> (f64, f64
         tb += z;
     }
     (a.iter().sum::<f64>() + ta, b.iter().sum::<f64>() + tb)
+}
+
+// The per-run loops, compiled for AVX2 where the CPU has it (see
+// `simd_dispatch!`): in the baseline build their f64 lanes ran on SSE2.
+crate::simd_dispatch! {
+    /// `sum v` over a run.
+    fn run_sum(r: &[f32]) -> f64 {
+        lanes(r, |v| v as f64)
+    }
+}
+
+crate::simd_dispatch! {
+    /// `sum (v - mu)^2` over a run.
+    fn run_squared_deviations(r: &[f32], mu: f32) -> f64 {
+        lanes(r, |v| {
+            let d = (v - mu) as f64;
+            d * d
+        })
+    }
+}
+
+crate::simd_dispatch! {
+    /// `y = (x - mu) s + b` over a run.
+    fn run_normalise(y: &mut [f32], x: &[f32], mu: f32, s: f32, b: f32) {
+        for (o, &v) in y.iter_mut().zip(x) {
+            *o = (v - mu) * s + b;
+        }
+    }
+}
+
+crate::simd_dispatch! {
+    /// `(sum dy, sum dy xhat)` over a run.
+    fn run_backward_sums(x: &[f32], dy: &[f32], mu: f32, inv: f32) -> (f64, f64) {
+        lanes2(x, dy, |v, d| (d as f64, (d * ((v - mu) * inv)) as f64))
+    }
+}
+
+crate::simd_dispatch! {
+    /// `dx = k dy` over a run (evaluation mode).
+    fn run_scale(dx: &mut [f32], dy: &[f32], k: f32) {
+        for (o, &d) in dx.iter_mut().zip(dy) {
+            *o = k * d;
+        }
+    }
+}
+
+crate::simd_dispatch! {
+    /// `dx = k (dy - mb - xhat mg)` with `xhat = (x - mu) inv`, over a run.
+    fn run_backward_dx(dx: &mut [f32], x: &[f32], dy: &[f32], k: f32, mu: f32, inv: f32, mb: f32, mg: f32) {
+        for ((o, &v), &d) in dx.iter_mut().zip(x).zip(dy) {
+            let xhat = (v - mu) * inv;
+            *o = k * (d - mb - xhat * mg);
+        }
+    }
 }
 
 /// Per-channel sums of `f(channel, value)` over every block, as partials per
@@ -114,14 +168,9 @@ pub(super) fn bn_forward(
     if m < 2 {
         bail!("batch norm in training needs more than one value per channel (got a batch of {m})");
     }
-    let sums = channel_sums(x, c, run, |_, r| lanes(r, |v| v as f64));
+    let sums = channel_sums(x, c, run, |_, r| run_sum(r));
     let mean: Vec<f32> = sums.iter().map(|s| (s / m as f64) as f32).collect();
-    let sq = channel_sums(x, c, run, |ch, r| {
-        lanes(r, |v| {
-            let d = (v - mean[ch]) as f64;
-            d * d
-        })
-    });
+    let sq = channel_sums(x, c, run, |ch, r| run_squared_deviations(r, mean[ch]));
     let var: Vec<f64> = sq.iter().map(|q| q / m as f64).collect();
     st.mean = mean;
     st.eval = false;
@@ -173,10 +222,7 @@ fn normalise(c: usize, run: usize, mean: &[f32], scale: &[f32], beta: &[f32], x:
         .zip(x.par_chunks(c * run))
         .for_each(|(yb, xb)| {
             for (ch, (yr, xr)) in yb.chunks_exact_mut(run).zip(xb.chunks_exact(run)).enumerate() {
-                let (mu, s, b) = (mean[ch], scale[ch], beta[ch]);
-                for (o, &v) in yr.iter_mut().zip(xr) {
-                    *o = (v - mu) * s + b;
-                }
+                run_normalise(yr, xr, mean[ch], scale[ch], beta[ch]);
             }
         });
 }
@@ -209,10 +255,7 @@ pub(super) fn bn_backward(
             xb.chunks_exact(run)
                 .zip(db.chunks_exact(run))
                 .enumerate()
-                .map(|(ch, (xr, dr))| {
-                    let (mu, is) = (mean[ch], inv[ch]);
-                    lanes2(xr, dr, |v, d| (d as f64, (d * ((v - mu) * is)) as f64))
-                })
+                .map(|(ch, (xr, dr))| run_backward_sums(xr, dr, mean[ch], inv[ch]))
                 .collect()
         })
         .collect();
@@ -240,16 +283,11 @@ pub(super) fn bn_backward(
             {
                 let k = gamma[ch] * inv[ch];
                 if st.eval {
-                    for (o, &d) in o.iter_mut().zip(dr) {
-                        *o = k * d;
-                    }
+                    run_scale(o, dr, k);
                     continue;
                 }
                 let (mb, mg) = (dbeta[ch] / m, dgamma[ch] / m);
-                for ((o, &v), &d) in o.iter_mut().zip(xr).zip(dr) {
-                    let xhat = (v - mean[ch]) * inv[ch];
-                    *o = k * (d - mb - xhat * mg);
-                }
+                run_backward_dx(o, xr, dr, k, mean[ch], inv[ch], mb, mg);
             }
         });
 }
