@@ -43,41 +43,36 @@ fn bn_layout(bn: &Bn, batch: usize) -> (usize, usize) {
     }
 }
 
-/// `sum f(v)` over `r` in 8 interleaved f64 lanes (vectorisable; a fixed
-/// order, so deterministic).
+/// `sum f(v)` over a run: the f32 terms summed in 16 f32 lanes (a run is at
+/// most one sample's plane, or one batch), the lanes then added in f64. A
+/// fixed order, so deterministic. One accumulator per loop: LLVM vectorises
+/// that; two in one loop (or f64 lanes) stayed scalar or 128-bit, and was
+/// the largest BatchNorm cost.
 #[inline(always)]
-fn lanes(r: &[f32], f: impl Fn(f32) -> f64) -> f64 {
-    let mut acc = [0.0f64; 8];
-    let mut it = r.chunks_exact(8);
-    for c in &mut it {
-        for k in 0..8 {
+fn lanes(r: &[f32], f: impl Fn(f32) -> f32) -> f64 {
+    let mut acc = [0.0f32; 16];
+    let (blocks, rest) = r.as_chunks::<16>();
+    for c in blocks {
+        for k in 0..16 {
             acc[k] += f(c[k]);
         }
     }
-    let tail: f64 = it.remainder().iter().map(|&v| f(v)).sum();
-    acc.iter().sum::<f64>() + tail
+    acc.iter().map(|&v| v as f64).sum::<f64>() + rest.iter().map(|&v| f(v) as f64).sum::<f64>()
 }
 
-/// `(sum f(x, d), sum g(x, d))` over pairs, in 8 interleaved f64 lanes.
+/// `sum f(x, d)` over pairs, as [`lanes`].
 #[inline(always)]
-fn lanes2(x: &[f32], d: &[f32], f: impl Fn(f32, f32) -> (f64, f64)) -> (f64, f64) {
-    let (mut a, mut b) = ([0.0f64; 8], [0.0f64; 8]);
-    let mut xi = x.chunks_exact(8);
-    let mut di = d.chunks_exact(8);
-    for (xc, dc) in (&mut xi).zip(&mut di) {
-        for k in 0..8 {
-            let (u, v) = f(xc[k], dc[k]);
-            a[k] += u;
-            b[k] += v;
+fn lanes2(x: &[f32], d: &[f32], f: impl Fn(f32, f32) -> f32) -> f64 {
+    let mut acc = [0.0f32; 16];
+    let n = x.len().min(d.len());
+    let (xb, xr) = x[..n].as_chunks::<16>();
+    let (db, dr) = d[..n].as_chunks::<16>();
+    for (xc, dc) in xb.iter().zip(db) {
+        for k in 0..16 {
+            acc[k] += f(xc[k], dc[k]);
         }
     }
-    let (mut ta, mut tb) = (0.0, 0.0);
-    for (&v, &w) in xi.remainder().iter().zip(di.remainder()) {
-        let (u, z) = f(v, w);
-        ta += u;
-        tb += z;
-    }
-    (a.iter().sum::<f64>() + ta, b.iter().sum::<f64>() + tb)
+    acc.iter().map(|&v| v as f64).sum::<f64>() + xr.iter().zip(dr).map(|(&v, &w)| f(v, w) as f64).sum::<f64>()
 }
 
 // The per-run loops, compiled for AVX2 where the CPU has it (see
@@ -85,7 +80,7 @@ fn lanes2(x: &[f32], d: &[f32], f: impl Fn(f32, f32) -> (f64, f64)) -> (f64, f64
 crate::simd_dispatch! {
     /// `sum v` over a run.
     fn run_sum(r: &[f32]) -> f64 {
-        lanes(r, |v| v as f64)
+        lanes(r, |v| v)
     }
 }
 
@@ -93,7 +88,7 @@ crate::simd_dispatch! {
     /// `sum (v - mu)^2` over a run.
     fn run_squared_deviations(r: &[f32], mu: f32) -> f64 {
         lanes(r, |v| {
-            let d = (v - mu) as f64;
+            let d = v - mu;
             d * d
         })
     }
@@ -109,9 +104,12 @@ crate::simd_dispatch! {
 }
 
 crate::simd_dispatch! {
-    /// `(sum dy, sum dy xhat)` over a run.
+    /// `(sum dy, sum dy xhat)` over a run, `xhat = (x - mu) inv`: two
+    /// passes over the run (in cache), one accumulator each.
     fn run_backward_sums(x: &[f32], dy: &[f32], mu: f32, inv: f32) -> (f64, f64) {
-        lanes2(x, dy, |v, d| (d as f64, (d * ((v - mu) * inv)) as f64))
+        let s = lanes(dy, |d| d);
+        let t = lanes2(x, dy, |v, d| d * (v - mu));
+        (s, t * inv as f64)
     }
 }
 
