@@ -10,7 +10,7 @@
 //! (the model normalises internally), and every adversarial input is clipped
 //! to it.
 
-use candle_core::{DType, Result, Tensor, Var, D};
+use candle_core::{Result, Tensor, Var, D};
 use rand::SeedableRng;
 use rand_distr::{Distribution, Uniform};
 use serde::Serialize;
@@ -56,18 +56,11 @@ impl<'a> Passes<'a> {
         Self { model, fused: None }
     }
 
-    fn slices(x: &Tensor, y: &Tensor) -> Result<(Vec<f32>, Vec<u32>)> {
-        Ok((
-            x.flatten_all()?.to_vec1::<f32>()?,
-            y.to_dtype(DType::U32)?.to_vec1::<u32>()?,
-        ))
-    }
-
     /// Gradient of the summed loss with respect to the input `[N, F]`.
     pub fn input_gradient(&mut self, x: &Tensor, y: &Tensor) -> Result<Tensor> {
         match self.fused.as_mut() {
             Some(fs) if y.dim(0)? > 0 => {
-                let (xv, yv) = Self::slices(x, y)?;
+                let (xv, yv) = crate::fused::batch_slices(x, y)?;
                 fs.gradients(&xv, &yv, None)?;
                 // The step's loss is the mean: scale to the sum.
                 let n = yv.len() as f32;
@@ -87,7 +80,7 @@ impl<'a> Passes<'a> {
     pub fn accuracy_and_loss(&mut self, x: &Tensor, y: &Tensor) -> Result<(usize, f64)> {
         match self.fused.as_mut() {
             Some(fs) if y.dim(0)? > 0 => {
-                let (xv, yv) = Self::slices(x, y)?;
+                let (xv, yv) = crate::fused::batch_slices(x, y)?;
                 let out = fs.evaluate(&xv, &yv)?;
                 Ok((out.correct, out.loss * yv.len() as f64))
             }

@@ -877,14 +877,30 @@ pub fn diagnose_with_progress(
 ) -> Result<Diagnosis> {
     let mut s = Sentinel::new(model, SentinelConfig { idle_epochs: 1, ..cfg });
     let (mut loss_sum, mut correct, mut done) = (0.0f64, 0usize, 0usize);
+    // The fused step's evaluation-mode pass with backward where it covers the
+    // model (the speed of a training step), candle's autograd otherwise. Both
+    // give the gradients of the batch's mean loss.
+    let mut fused = crate::fused::FusedStep::new(model).ok();
     for b in ds.batches(batch) {
         let (x, y) = b?;
-        let logits = model.forward_counting(&x, false, s.handles())?;
-        let (loss, c) = crate::train::loss_and_correct(&logits, &y)?;
-        loss_sum += loss.to_scalar::<f32>()? as f64 * y.dim(0)? as f64;
-        correct += c;
-        s.after_backward(&loss.backward()?)?;
-        done += y.dim(0)?;
+        let n = y.dim(0)?;
+        match fused.as_mut() {
+            Some(fs) if n > 0 => {
+                let (xv, yv) = crate::fused::batch_slices(&x, &y)?;
+                let out = fs.gradients(&xv, &yv, Some(s.handles()))?;
+                loss_sum += out.loss * n as f64;
+                correct += out.correct;
+                s.after_fused(fs);
+            }
+            _ => {
+                let logits = model.forward_counting(&x, false, s.handles())?;
+                let (loss, c) = crate::train::loss_and_correct(&logits, &y)?;
+                loss_sum += loss.to_scalar::<f32>()? as f64 * n as f64;
+                correct += c;
+                s.after_backward(&loss.backward()?)?;
+            }
+        }
+        done += n;
         on_batch(done, ds.len());
     }
     let (layers, alarms) = s.end_epoch(model, 1)?;

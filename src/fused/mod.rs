@@ -861,6 +861,15 @@ fn add_into(dst: &mut [f32], src: &[f32]) {
         });
 }
 
+/// A batch as the slices [`FusedStep`] reads: the inputs flattened, the
+/// labels as `u32`.
+pub fn batch_slices(x: &Tensor, y: &Tensor) -> Result<(Vec<f32>, Vec<u32>)> {
+    Ok((
+        x.flatten_all()?.to_vec1::<f32>()?,
+        y.to_dtype(candle_core::DType::U32)?.to_vec1::<u32>()?,
+    ))
+}
+
 /// GFLOP/s of one `n x n x n` f32 GEMM through the same GEMM kernels as the
 /// step, on the current pool (the median of `reps` after one warm-up): the
 /// machine's reference rate for the step's FLOP rates.
