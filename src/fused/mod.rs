@@ -638,16 +638,24 @@ impl FusedStep {
                     }
                 }
                 Kind::Add => {
-                    out.copy_from_slice(input);
-                    for &u in &stage.ins[1..] {
-                        let other = &self.acts[u];
-                        out.par_chunks_mut(kernels::CHUNK)
-                            .zip(other.par_chunks(kernels::CHUNK))
-                            .for_each(|(o, x)| {
-                                for (o, x) in o.iter_mut().zip(x) {
-                                    *o += x;
-                                }
-                            });
+                    // out = in0 + in1 in one parallel pass (a serial copy
+                    // first was a serial pass over every residual sum).
+                    match stage.ins.get(1) {
+                        Some(&u) => {
+                            let other = &self.acts[u];
+                            out.par_chunks_mut(kernels::CHUNK)
+                                .zip(input.par_chunks(kernels::CHUNK))
+                                .zip(other.par_chunks(kernels::CHUNK))
+                                .for_each(|((o, a), b)| {
+                                    for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
+                                        *o = a + b;
+                                    }
+                                });
+                        }
+                        None => par_copy(&mut out, input),
+                    }
+                    for &u in stage.ins.iter().skip(2) {
+                        add_into(&mut out, &self.acts[u]);
                     }
                 }
             }
@@ -810,7 +818,7 @@ impl FusedStep {
                 }
                 Kind::Add => {
                     if need_din {
-                        din.copy_from_slice(&dout);
+                        par_copy(&mut din, &dout);
                     }
                 }
             }
@@ -837,7 +845,7 @@ impl FusedStep {
                     if self.written[u] {
                         add_into(&mut self.dacts[u], &dout);
                     } else {
-                        self.dacts[u].copy_from_slice(&dout);
+                        par_copy(&mut self.dacts[u], &dout);
                         self.written[u] = true;
                     }
                 }
@@ -848,6 +856,13 @@ impl FusedStep {
         drop(guards);
         Ok(out)
     }
+}
+
+/// `dst = src`, in parallel chunks.
+fn par_copy(dst: &mut [f32], src: &[f32]) {
+    dst.par_chunks_mut(kernels::CHUNK)
+        .zip(src.par_chunks(kernels::CHUNK))
+        .for_each(|(d, s)| d.copy_from_slice(s));
 }
 
 /// `dst += src`, in parallel chunks.
