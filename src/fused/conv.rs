@@ -93,20 +93,19 @@ pub(super) fn conv_forward(
             s.col.resize(rows * p, 0.0);
             for (xi, yi) in xs.chunks_exact(in_len).zip(ys.chunks_exact_mut(out_len)) {
                 im2col(g, xi, &mut s.col);
-                match b {
-                    Some(b) => {
-                        for (plane, &bias) in yi.chunks_exact_mut(p).zip(b) {
-                            plane.fill(bias);
-                        }
+                // With a bias the planes start at it and the GEMM adds onto
+                // them; without one the GEMM overwrites (no zero fill).
+                if let Some(b) = b {
+                    for (plane, &bias) in yi.chunks_exact_mut(p).zip(b) {
+                        plane.fill(bias);
                     }
-                    None => yi.fill(0.0),
                 }
                 matmul(
                     yi,
                     g.cout,
                     p,
                     rows,
-                    true,
+                    b.is_some(),
                     view(w, rows, 1),
                     view(&s.col, p, 1),
                     Parallelism::None,
