@@ -1,5 +1,5 @@
 //! Criterion benchmark of one fused training step (forward, cross-entropy,
-//! backward, SGD update) of the reference CNN and ResNet-20 (BN, per-channel
+//! backward, SGD update) of the reference MLP, CNN and ResNet-20 (BN, per-channel
 //! PReLU, 1x28x28), the networks of `prelu bench train`, without and with the
 //! sentinel. Also the loop to
 //! profile: `cargo bench --bench train_step -- --profile-time 20 resnet20`
@@ -44,6 +44,8 @@ fn bench_arch(c: &mut Criterion, name: &str, arch: Arch, batch: usize, batch_nor
 }
 
 fn bench(c: &mut Criterion) {
+    bench_arch(c, "mlp_b128", Arch::mlp_default(), 128, false, false);
+    bench_arch(c, "mlp_b128_sentinel", Arch::mlp_default(), 128, false, true);
     bench_arch(c, "cnn_b64", Arch::cnn_reference(), 64, false, false);
     bench_arch(c, "cnn_b64_sentinel", Arch::cnn_reference(), 64, false, true);
     let resnet20 = Arch::Resnet {
