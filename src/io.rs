@@ -569,13 +569,25 @@ pub const DATA_KEY: &str = "prelu.data";
 /// checked, and the model's memory estimated against the budget, all before
 /// the model is built.
 pub fn load_model_with_spec(path: &Path, spec: Option<&Path>) -> crate::Result<Loaded> {
-    load_checkpoint(path, spec).map_err(crate::Error::from)
+    load_checkpoint(path, spec).map_err(lib_error)
 }
 
-fn load_checkpoint(path: &Path, spec: Option<&Path>) -> Result<Loaded> {
+/// An `anyhow` error as the library's [`crate::Error`]: typed when it is one
+/// bare error, else [`crate::Error::Other`] with its whole chain (converting
+/// it with `From` would find the typed error inside and drop the context,
+/// such as the file's name).
+pub(crate) fn lib_error(e: anyhow::Error) -> crate::Error {
+    if e.chain().nth(1).is_some() {
+        crate::Error::Other(e)
+    } else {
+        crate::Error::from(e)
+    }
+}
+
+fn load_checkpoint(path: &Path, spec: Option<&Path>) -> anyhow::Result<Loaded> {
     if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("onnx")) {
         if spec.is_some() {
-            bail!(
+            anyhow::bail!(
                 "{}: an ONNX model carries its own graph; a model spec or graph file is only for safetensors state dicts",
                 path.display()
             );
@@ -631,7 +643,7 @@ fn load_checkpoint(path: &Path, spec: Option<&Path>) -> Result<Loaded> {
             spec
         }
         (None, None) => {
-            return Err(crate::Error::Other(anyhow::Error::new(NoSpec { file: file.clone() })));
+            return Err(anyhow::Error::new(NoSpec { file: file.clone() }));
         }
     };
     crate::memory::check(

@@ -1284,7 +1284,10 @@ fn state_dict_and_graph_file_mismatches_are_named() {
     let g = graph_with("renamed.toml", text.replace("\"features.3\"", "\"conv2\""));
     let e = err(&sd, Some(&g));
     assert!(
-        e.contains("1 missing") && e.contains("`conv2.weight` [6, 4, 3, 3]"),
+        e.contains("net.safetensors: the state dict does not fit the graph file")
+            && e.contains("renamed.toml")
+            && e.contains("1 missing")
+            && e.contains("`conv2.weight` [6, 4, 3, 3]"),
         "{e}"
     );
     assert!(

@@ -300,7 +300,9 @@ pub fn import(path: &std::path::Path) -> crate::Result<Imported> {
 pub fn import_with(path: &std::path::Path, opts: &ImportOptions) -> crate::Result<Imported> {
     let bytes = crate::io::read_capped(path, crate::data::file_cap(crate::io::MAX_CHECKPOINT_BYTES))
         .map_err(anyhow::Error::from)?;
-    Ok(import_model(&bytes, opts).with_context(|| format!("{}: ONNX import", path.display()))?)
+    import_model(&bytes, opts)
+        .with_context(|| format!("{}: ONNX import", path.display()))
+        .map_err(crate::io::lib_error)
 }
 
 /// [`import`] from the file's bytes.
@@ -310,7 +312,7 @@ pub fn import_bytes(bytes: &[u8]) -> crate::Result<Imported> {
 
 /// [`import`] from the file's bytes, with options.
 pub fn import_bytes_with(bytes: &[u8], opts: &ImportOptions) -> crate::Result<Imported> {
-    Ok(import_model(bytes, opts)?)
+    import_model(bytes, opts).map_err(crate::io::lib_error)
 }
 
 /// How an ONNX value relates to the value of ours it stands for, when not
@@ -1113,6 +1115,10 @@ fn import_model(bytes: &[u8], opts: &ImportOptions) -> Result<Imported> {
                         let p = to_our_order(row, &map);
                         row.copy_from_slice(&p);
                     }
+                    notes.push(format!(
+                        "{w} reads a flattening of axes {a:?} of [N, C, H, W] (a Transpose before the flatten): \
+                         its weight's columns are permuted to C, H, W order"
+                    ));
                 }
                 let mut bias = vec![0.0f64; out_f];
                 if n.op_type == "Gemm" {
