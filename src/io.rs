@@ -3,7 +3,7 @@
 //! names and the model spec in the header's metadata, so a checkpoint alone is
 //! enough to rebuild its model.
 //!
-//! Every file a user hands us (checkpoints, `--spec`, `--config`, a run's
+//! Every file a user hands us (checkpoints, model specs and graph files, run configs, a run's
 //! `config.toml` and `metrics.jsonl`, JSON beside runs, IDX data) is read
 //! through [`read_capped`]: only regular files (a FIFO, `/dev/zero`, a
 //! directory or a socket is refused without reading), and never more than a

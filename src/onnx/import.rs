@@ -10,11 +10,15 @@
 //! `[1,C,1,1]`, `[1,1,C]` on NHWC maps), `Relu`, `LeakyRelu`, `MaxPool` /
 //! `AveragePool` (pads, strides, ceil mode, `auto_pad`), `GlobalAveragePool`
 //! and `ReduceMean` over H and W, `Flatten` / `Reshape` / `Squeeze` to
-//! `[N, features]`, `Transpose` between NCHW and NHWC, `Add` of two computed
-//! values, `Identity`, `Dropout`, `Constant`s and initializers; on the input
-//! only, `Reshape` to `[N, C, H, W]` and `Sub`/`Div`/`Mul` by one constant
-//! (the input normalisation). NHWC values are tracked as views of ours; a
-//! flatten in H, W, C order permutes the next linear layer's weight columns.
+//! `[N, features]` (the target constant or computed by `Shape`, `Gather`,
+//! `Unsqueeze`, `Concat`, `Cast`: `x.view(x.shape[0], -1)`), `Transpose` (any
+//! permutation keeping the batch first), `Add` of two computed values,
+//! `Identity`, `Dropout`, `Constant`s and initializers; on the input only,
+//! `Reshape` to `[N, C, H, W]` and `Sub`/`Add`/`Div`/`Mul` by one constant or
+//! one per channel (the input normalisation: folded into the first layer
+//! where that is exact, else kept as the model's per-channel step). NHWC and
+//! other transposed values are tracked as views of ours; a flatten in
+//! another order than C, H, W permutes the next linear layer's weight columns.
 //! A `Softmax` on an output is dropped and kept in the [`OnnxIo`] (with the
 //! input/output names and layouts) so that export writes it back. Anything
 //! else is an error naming the node and its op, never a wrong model.
