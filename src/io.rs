@@ -609,11 +609,12 @@ fn load_checkpoint(path: &Path, spec: Option<&Path>) -> anyhow::Result<Loaded> {
         path.to_path_buf()
     };
     let bytes = read_capped(&file, crate::data::file_cap(MAX_CHECKPOINT_BYTES)).map_err(anyhow::Error::from)?;
-    let (tensors, metadata) = parse_safetensors(&bytes).map_err(|e| not_a_checkpoint(&file, &bytes, e))?;
+    let (mut tensors, metadata) = parse_safetensors(&bytes).map_err(|e| not_a_checkpoint(&file, &bytes, e))?;
     let spec: ModelSpec = match (spec, metadata.get(SPEC_KEY)) {
         (Some(p), _) => {
             let text = read_text(p).with_context(|| format!("cannot read the model description {}", p.display()))?;
             if is_graph_file(&text) {
+                tensors = strip_wrapper_prefix(&text, std::mem::take(&mut tensors))?;
                 let spec = spec_from_graph(&text, &tensors).with_context(|| format!("graph file {}", p.display()))?;
                 check_state_dict(&spec, &tensors).with_context(|| {
                     format!(
@@ -672,6 +673,29 @@ fn load_checkpoint(path: &Path, spec: Option<&Path>) -> anyhow::Result<Loaded> {
 )]
 pub struct NoSpec {
     pub file: PathBuf,
+}
+
+/// Prefixes that PyTorch wrappers add to every key of a state dict:
+/// `nn.DataParallel` and DDP (`module.`), `torch.compile` (`_orig_mod.`).
+const WRAPPER_PREFIXES: [&str; 2] = ["module.", "_orig_mod."];
+
+/// A state dict's tensors without a wrapper's prefix ([`WRAPPER_PREFIXES`],
+/// also nested), where every key has it and no node of the graph file
+/// `graph_text` is named with it; otherwise unchanged.
+pub fn strip_wrapper_prefix(graph_text: &str, tensors: HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>> {
+    let graph = crate::graph::Graph::parse(graph_text).map_err(crate::Error::Invalid)?;
+    let mut tensors = tensors;
+    while let Some(p) = WRAPPER_PREFIXES.iter().find(|p| {
+        !tensors.is_empty()
+            && tensors.keys().all(|k| k.starts_with(**p))
+            && !graph.nodes.iter().any(|n| n.name.starts_with(**p))
+    }) {
+        tensors = tensors
+            .into_iter()
+            .map(|(k, t)| (k[p.len()..].to_string(), t))
+            .collect();
+    }
+    Ok(tensors)
 }
 
 /// Whether a description file is a graph file (TOML, or JSON with `nodes`)

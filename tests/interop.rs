@@ -1204,8 +1204,10 @@ fn malformed_permutations_and_shape_arithmetic_give_clear_errors() {
 /// `features.0` Conv2d, `features.1` nn.PReLU(4), `features.3` Conv2d without
 /// bias, `bn` BatchNorm2d, `act` nn.PReLU(), `classifier` Linear) loads with
 /// a graph file whose node names are those module paths: no renaming. The
-/// outputs equal PyTorch's to 1e-4 relative; the same graph as JSON works;
-/// the old JSON model spec still works (tests above).
+/// outputs equal PyTorch's to 1e-4 relative; the same graph as JSON works,
+/// and so do keys saved through `nn.DataParallel` and `torch.compile`
+/// (`module._orig_mod.` prefixes); the old JSON model spec still works
+/// (tests above).
 #[test]
 fn pytorch_state_dict_loads_with_a_graph_file_by_module_names() {
     let sd = vectors("torch_sd/net.safetensors");
@@ -1251,6 +1253,19 @@ fn pytorch_state_dict_loads_with_a_graph_file_by_module_names() {
     let gj = dir.join("net.json");
     std::fs::write(&gj, serde_json::to_string(&j).unwrap()).unwrap();
     check(&prelu::io::load_model_with_spec(&sd, Some(&gj)).unwrap(), "JSON graph");
+    // Keys as `nn.DataParallel` (`module.`) and `torch.compile`
+    // (`_orig_mod.`) save them: the wrappers' prefixes are not module names.
+    let (tensors, _) = prelu::io::load_safetensors(&sd).unwrap();
+    let wrapped: std::collections::HashMap<String, candle_core::Tensor> = tensors
+        .into_iter()
+        .map(|(k, t)| (format!("module._orig_mod.{k}"), t))
+        .collect();
+    let wp = dir.join("wrapped.safetensors");
+    std::fs::write(&wp, prelu::io::safetensors_bytes(&wrapped, Default::default()).unwrap()).unwrap();
+    check(
+        &prelu::io::load_model_with_spec(&wp, Some(&graph)).unwrap(),
+        "wrapped keys",
+    );
     // Exported to ONNX and imported back: the same outputs.
     let im = prelu::onnx::import_bytes(&prelu::onnx::export(&loaded.model).unwrap()).unwrap();
     let re = prelu::io::Loaded {
