@@ -3,7 +3,7 @@
 //! names and the model spec in the header's metadata, so a checkpoint alone is
 //! enough to rebuild its model.
 //!
-//! Every file a user hands us (checkpoints, `--spec`, `--config`, a run's
+//! Every file a user hands us (checkpoints, model specs and graph files, run configs, a run's
 //! `config.toml` and `metrics.jsonl`, JSON beside runs, IDX data) is read
 //! through [`read_capped`]: only regular files (a FIFO, `/dev/zero`, a
 //! directory or a socket is refused without reading), and never more than a
@@ -17,10 +17,19 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 
 use crate::model::{Model, ModelSpec};
+use crate::Result;
+
+/// `bail!` for this module's public functions, which return the library's
+/// [`crate::Error`].
+macro_rules! bail {
+    ($($t:tt)*) => {
+        return Err(crate::Error::from(anyhow::anyhow!($($t)*)))
+    };
+}
 
 /// Metadata key holding the model spec (JSON).
 pub const SPEC_KEY: &str = "prelu.spec";
@@ -142,17 +151,21 @@ pub fn read_capped(path: &Path, cap: u64) -> std::result::Result<Vec<u8>, ReadEr
 /// [`read_capped`] for UTF-8 text, with `$PRELU_MAX_FILE_BYTES` or
 /// [`MAX_TEXT_BYTES`] as the cap.
 pub fn read_text(path: &Path) -> Result<String> {
-    let bytes = read_capped(path, crate::data::file_cap(MAX_TEXT_BYTES))?;
-    String::from_utf8(bytes).map_err(|_| anyhow::anyhow!("{}: not UTF-8 text", path.display()))
+    let bytes = read_capped(path, crate::data::file_cap(MAX_TEXT_BYTES)).map_err(anyhow::Error::from)?;
+    text_of(path, bytes)
+}
+
+fn text_of(path: &Path, bytes: Vec<u8>) -> Result<String> {
+    String::from_utf8(bytes).map_err(|_| crate::Error::Invalid(format!("{}: not UTF-8 text", path.display())))
 }
 
 /// [`read_text`], with `None` when nothing is at the path (a dangling or
 /// looping link is an error, not "missing").
 pub fn read_text_optional(path: &Path) -> Result<Option<String>> {
-    match read_text(path) {
-        Ok(t) => Ok(Some(t)),
-        Err(e) if e.downcast_ref::<ReadError>().is_some_and(ReadError::is_not_found) => Ok(None),
-        Err(e) => Err(e),
+    match read_capped(path, crate::data::file_cap(MAX_TEXT_BYTES)) {
+        Ok(b) => text_of(path, b).map(Some),
+        Err(e) if e.is_not_found() => Ok(None),
+        Err(e) => Err(anyhow::Error::from(e).into()),
     }
 }
 
@@ -168,7 +181,7 @@ const TMP_MARK: &str = ".tmp-";
 /// Creates a fresh temporary file beside `path`, exclusively (`O_CREAT|O_EXCL`:
 /// an existing file or a planted symlink at that name makes the create fail,
 /// and a new random name is tried), under an unpredictable name.
-fn create_temp_beside(path: &Path) -> Result<(File, PathBuf)> {
+fn create_temp_beside(path: &Path) -> anyhow::Result<(File, PathBuf)> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -210,7 +223,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// [`write_atomic`] with a writer callback, for output produced in pieces.
-pub fn write_atomic_with(path: &Path, fill: impl FnOnce(&mut File) -> Result<()>) -> Result<()> {
+pub fn write_atomic_with(path: &Path, fill: impl FnOnce(&mut File) -> anyhow::Result<()>) -> Result<()> {
     let (mut f, tmp) = create_temp_beside(path)?;
     let result = (|| -> Result<()> {
         fill(&mut f).with_context(|| format!("cannot write {}", tmp.display()))?;
@@ -231,7 +244,7 @@ pub fn write_atomic_with(path: &Path, fill: impl FnOnce(&mut File) -> Result<()>
 pub fn remove_stale_temps(dir: &Path) -> Result<usize> {
     let mut n = 0;
     for e in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
-        let e = e?;
+        let e = e.with_context(|| format!("cannot list {}", dir.display()))?;
         let name = e.file_name();
         let name = name.to_string_lossy();
         if !(name.starts_with('.') && name.contains(TMP_MARK)) {
@@ -287,7 +300,11 @@ pub fn lock_run_dir(dir: &Path) -> Result<RunLock> {
     let file = oo
         .open(&path)
         .with_context(|| format!("cannot open the run-folder lock {}", path.display()))?;
-    if !file.metadata()?.is_file() {
+    if !file
+        .metadata()
+        .with_context(|| format!("cannot read {}", path.display()))?
+        .is_file()
+    {
         bail!("{}: the run-folder lock is not a regular file", path.display());
     }
     #[cfg(unix)]
@@ -299,12 +316,14 @@ pub fn lock_run_dir(dir: &Path) -> Result<RunLock> {
             let e = std::io::Error::last_os_error();
             if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
                 bail!(
-                    "run folder {} is in use by another prelu process (it holds {}); wait for it to finish or choose another --out",
+                    "run folder {} is in use by another prelu process (it holds {}); wait for it to finish or choose another folder",
                     dir.display(),
                     path.display()
                 );
             }
-            return Err(e).with_context(|| format!("cannot lock {}", path.display()));
+            return Err(e)
+                .with_context(|| format!("cannot lock {}", path.display()))
+                .map_err(Into::into);
         }
     }
     Ok(RunLock { _file: file, path })
@@ -370,10 +389,8 @@ pub fn safetensors_bytes(tensors: &HashMap<String, Tensor>, metadata: HashMap<St
         items.push((k, t.contiguous()?));
     }
     items.sort_by(|a, b| a.0.cmp(b.0));
-    Ok(safetensors::serialize(
-        items.iter().map(|(k, t)| (k.as_str(), t)),
-        Some(metadata),
-    )?)
+    safetensors::serialize(items.iter().map(|(k, t)| (k.as_str(), t)), Some(metadata))
+        .map_err(|e| crate::Error::Invalid(format!("cannot serialise tensors: {e}")))
 }
 
 /// Refuses tensors holding NaN or an infinity (naming the first one): only
@@ -411,13 +428,13 @@ pub fn save_safetensors(
 
 /// Reads a safetensors file (through [`read_capped`]): tensors and header metadata.
 pub fn load_safetensors(path: &Path) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
-    let bytes = read_capped(path, crate::data::file_cap(MAX_CHECKPOINT_BYTES))?;
-    parse_safetensors(&bytes).with_context(|| format!("{}: not a valid safetensors file", path.display()))
+    let bytes = read_capped(path, crate::data::file_cap(MAX_CHECKPOINT_BYTES)).map_err(anyhow::Error::from)?;
+    Ok(parse_safetensors(&bytes).with_context(|| format!("{}: not a valid safetensors file", path.display()))?)
 }
 
 /// Parses safetensors bytes (tensors and metadata).
 pub fn parse_safetensors(bytes: &[u8]) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
-    let (_, header) = safetensors::SafeTensors::read_metadata(bytes)?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes).map_err(anyhow::Error::from)?;
     let metadata = header.metadata().clone().unwrap_or_default();
     let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu)?;
     Ok((tensors, metadata))
@@ -489,14 +506,17 @@ pub fn save_model(
         }
     }
     tensors.extend(extra);
-    metadata.insert(SPEC_KEY.into(), serde_json::to_string(&model.spec)?);
+    metadata.insert(
+        SPEC_KEY.into(),
+        serde_json::to_string(&model.spec).map_err(anyhow::Error::from)?,
+    );
     save_safetensors(path, &tensors, metadata)
 }
 
 /// The error for a file that does not parse as safetensors: says what the
 /// file is not (and, for text such as `config.toml`, that it is text) before
 /// the parser's detail.
-fn not_a_checkpoint(file: &Path, bytes: &[u8], e: anyhow::Error) -> anyhow::Error {
+fn not_a_checkpoint(file: &Path, bytes: &[u8], e: crate::Error) -> anyhow::Error {
     let head = &bytes[..bytes.len().min(512)];
     let text = !head.is_empty() && std::str::from_utf8(head).is_ok_and(|t| !t.contains('\0'));
     anyhow::anyhow!(
@@ -537,29 +557,46 @@ impl Loaded {
 /// Header key of the data set a derived model was trained on.
 pub const DATA_KEY: &str = "prelu.data";
 
-/// Like [`load_model`]; `spec` (a JSON model spec file) describes weights that
-/// carry no spec of their own, such as a PyTorch `state_dict` saved with
-/// `safetensors.torch.save_file` under prelu's names (`layers.i.*`, `bn.i.*`,
-/// `act.i.weight`; extra tensors such as `num_batches_tracked` are ignored).
-/// The spec is validated, the tensors' presence, shapes and dtypes checked,
-/// and the model's memory estimated against the budget, all before the model
-/// is built.
+/// Like [`load_model`]; `spec` describes weights that carry no spec of their
+/// own, such as a PyTorch `state_dict` saved with
+/// `safetensors.torch.save_file`. It is either a graph file (TOML, or JSON
+/// with `nodes`; the format of `train`'s graph files, plus an optional
+/// `input = [C, H, W]`) whose node names are the module paths of the state
+/// dict's keys (`features.0` for `features.0.weight`), checked strictly by
+/// [`check_state_dict`]; or a JSON model spec under prelu's names
+/// (`layers.i.*`, `bn.i.*`, `act.i.weight`; extra tensors are ignored).
+/// The description is validated, the tensors' presence, shapes and dtypes
+/// checked, and the model's memory estimated against the budget, all before
+/// the model is built.
 pub fn load_model_with_spec(path: &Path, spec: Option<&Path>) -> crate::Result<Loaded> {
-    load_checkpoint(path, spec).map_err(crate::Error::from)
+    load_checkpoint(path, spec).map_err(lib_error)
 }
 
-fn load_checkpoint(path: &Path, spec: Option<&Path>) -> Result<Loaded> {
+/// An `anyhow` error as the library's [`crate::Error`]: typed when it is one
+/// bare error, else [`crate::Error::Other`] with its whole chain (converting
+/// it with `From` would find the typed error inside and drop the context,
+/// such as the file's name).
+pub(crate) fn lib_error(e: anyhow::Error) -> crate::Error {
+    if e.chain().nth(1).is_some() {
+        crate::Error::Other(e)
+    } else {
+        crate::Error::from(e)
+    }
+}
+
+fn load_checkpoint(path: &Path, spec: Option<&Path>) -> anyhow::Result<Loaded> {
     if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("onnx")) {
         if spec.is_some() {
-            bail!(
-                "{}: an ONNX model carries its own graph; --spec is for safetensors state dicts",
+            anyhow::bail!(
+                "{}: an ONNX model carries its own graph; a model spec or graph file is only for safetensors state dicts",
                 path.display()
             );
         }
         let imported = crate::onnx::import(path)?;
         let tensors = imported.model.state_dict()?;
         // The original's input/output names and layouts, as `prelu import` keeps them.
-        let metadata = HashMap::from([(crate::onnx::IO_KEY.to_string(), serde_json::to_string(&imported.io)?)]);
+        let io = serde_json::to_string(&imported.io).map_err(anyhow::Error::from)?;
+        let metadata = HashMap::from([(crate::onnx::IO_KEY.to_string(), io)]);
         return Ok(Loaded {
             model: imported.model,
             tensors,
@@ -571,21 +608,45 @@ fn load_checkpoint(path: &Path, spec: Option<&Path>) -> Result<Loaded> {
     } else {
         path.to_path_buf()
     };
-    let bytes = read_capped(&file, crate::data::file_cap(MAX_CHECKPOINT_BYTES))?;
-    let (tensors, metadata) = parse_safetensors(&bytes).map_err(|e| not_a_checkpoint(&file, &bytes, e))?;
-    let spec_json = match (spec, metadata.get(SPEC_KEY)) {
-        (Some(p), _) => read_text(p).with_context(|| format!("cannot read the model spec {}", p.display()))?,
-        (None, Some(s)) => s.clone(),
-        (None, None) => bail!(
-            "{}: no model spec in the header (key `{SPEC_KEY}`); for weights saved elsewhere (e.g. PyTorch), pass --spec SPEC.json",
-            file.display()
-        ),
+    let bytes = read_capped(&file, crate::data::file_cap(MAX_CHECKPOINT_BYTES)).map_err(anyhow::Error::from)?;
+    let (mut tensors, metadata) = parse_safetensors(&bytes).map_err(|e| not_a_checkpoint(&file, &bytes, e))?;
+    let spec: ModelSpec = match (spec, metadata.get(SPEC_KEY)) {
+        (Some(p), _) => {
+            let text = read_text(p).with_context(|| format!("cannot read the model description {}", p.display()))?;
+            if is_graph_file(&text) {
+                tensors = strip_wrapper_prefix(&text, std::mem::take(&mut tensors))?;
+                let spec = spec_from_graph(&text, &tensors).with_context(|| format!("graph file {}", p.display()))?;
+                check_state_dict(&spec, &tensors).with_context(|| {
+                    format!(
+                        "{}: the state dict does not fit the graph file {}",
+                        file.display(),
+                        p.display()
+                    )
+                })?;
+                spec
+            } else {
+                let spec: ModelSpec = serde_json::from_str(&text)
+                    .with_context(|| format!("{}: the model spec does not parse", p.display()))?;
+                spec.validate()
+                    .with_context(|| format!("{}: bad model spec", p.display()))?;
+                check_tensors(&spec, &tensors)
+                    .with_context(|| format!("{}: weights do not fit the spec", file.display()))?;
+                spec
+            }
+        }
+        (None, Some(s)) => {
+            let spec: ModelSpec = serde_json::from_str(s)
+                .with_context(|| format!("{}: the model spec does not parse", file.display()))?;
+            spec.validate()
+                .with_context(|| format!("{}: bad model spec", file.display()))?;
+            check_tensors(&spec, &tensors)
+                .with_context(|| format!("{}: weights do not fit the spec", file.display()))?;
+            spec
+        }
+        (None, None) => {
+            return Err(anyhow::Error::new(NoSpec { file: file.clone() }));
+        }
     };
-    let spec: ModelSpec = serde_json::from_str(&spec_json)
-        .with_context(|| format!("{}: the model spec does not parse", file.display()))?;
-    spec.validate()
-        .with_context(|| format!("{}: bad model spec", file.display()))?;
-    check_tensors(&spec, &tensors).with_context(|| format!("{}: weights do not fit the spec", file.display()))?;
     crate::memory::check(
         &format!("loading {}", file.display()),
         &crate::memory::load_estimate(&spec, 256, bytes.len() as u64),
@@ -594,10 +655,209 @@ fn load_checkpoint(path: &Path, spec: Option<&Path>) -> Result<Loaded> {
     let model = Model::new(&spec, 0, &Device::Cpu).with_context(|| format!("{}: bad model spec", file.display()))?;
     model
         .load_state_dict(&tensors)
-        .with_context(|| format!("{}: weights do not fit the spec", file.display()))?;
+        .with_context(|| format!("{}: weights do not fit the model", file.display()))?;
     Ok(Loaded {
         model,
         tensors,
         metadata,
     })
+}
+
+/// A checkpoint without a model spec in its header, and none given: weights
+/// saved elsewhere (a PyTorch state dict) need a model spec or a graph file.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{}: no model spec in the header (key `{SPEC_KEY}`); weights saved elsewhere (e.g. a PyTorch state dict) \
+     need a graph file naming their layers (or a model spec)",
+    file.display()
+)]
+pub struct NoSpec {
+    pub file: PathBuf,
+}
+
+/// Prefixes that PyTorch wrappers add to every key of a state dict:
+/// `nn.DataParallel` and DDP (`module.`), `torch.compile` (`_orig_mod.`).
+const WRAPPER_PREFIXES: [&str; 2] = ["module.", "_orig_mod."];
+
+/// A state dict's tensors without a wrapper's prefix ([`WRAPPER_PREFIXES`],
+/// also nested), where every key has it and no node of the graph file
+/// `graph_text` is named with it; otherwise unchanged.
+pub fn strip_wrapper_prefix(graph_text: &str, tensors: HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>> {
+    let graph = crate::graph::Graph::parse(graph_text).map_err(crate::Error::Invalid)?;
+    let mut tensors = tensors;
+    while let Some(p) = WRAPPER_PREFIXES.iter().find(|p| {
+        !tensors.is_empty()
+            && tensors.keys().all(|k| k.starts_with(**p))
+            && !graph.nodes.iter().any(|n| n.name.starts_with(**p))
+    }) {
+        tensors = tensors
+            .into_iter()
+            .map(|(k, t)| (k[p.len()..].to_string(), t))
+            .collect();
+    }
+    Ok(tensors)
+}
+
+/// Whether a description file is a graph file (TOML, or JSON with `nodes`)
+/// rather than a JSON model spec.
+pub fn is_graph_file(text: &str) -> bool {
+    let t = text.trim_start();
+    if !t.starts_with('{') {
+        return true;
+    }
+    serde_json::from_str::<serde_json::Value>(t).is_ok_and(|v| v.get("nodes").is_some())
+}
+
+/// What a graph file may say besides its nodes, for weights without a spec:
+/// the input shape and the input normalisation.
+#[derive(serde::Deserialize)]
+struct GraphExtras {
+    #[serde(default)]
+    input: Option<[usize; 3]>,
+    #[serde(default)]
+    input_mean: Option<f32>,
+    #[serde(default)]
+    input_std: Option<f32>,
+}
+
+/// The model spec of a state dict described by a graph file (the format of
+/// `train`'s graph files; node names are the module paths, so a tensor
+/// `<node>.weight` belongs to node `<node>`). The input shape comes from
+/// the file's `input = [C, H, W]`, or, when the first layer is dense, from
+/// its weight. Checks nothing about the other tensors (see [`check_state_dict`]).
+pub fn spec_from_graph(text: &str, tensors: &HashMap<String, Tensor>) -> Result<ModelSpec> {
+    use crate::graph::{Graph, Op, INPUT};
+    let graph = Graph::parse(text).map_err(crate::Error::Invalid)?;
+    let extras: GraphExtras = if text.trim_start().starts_with('{') {
+        serde_json::from_str(text).map_err(|e| crate::Error::Invalid(format!("graph (JSON): {e}")))?
+    } else {
+        toml::from_str(text).map_err(|e| crate::Error::Invalid(format!("graph (TOML): {e}")))?
+    };
+    let reads = |k: usize, v: &str| {
+        let n = &graph.nodes[k];
+        if n.inputs.is_empty() {
+            if k == 0 {
+                v == INPUT
+            } else {
+                graph.nodes[k - 1].name == v
+            }
+        } else {
+            n.inputs.iter().any(|i| i == v)
+        }
+    };
+    let input = match extras.input {
+        Some(i) => i,
+        None => {
+            let Some(first) = (0..graph.nodes.len()).find(|&k| reads(k, INPUT)) else {
+                bail!("graph: no node reads the input");
+            };
+            // A dense first layer (maybe after a flatten) says the input size.
+            let dense = match graph.nodes[first].op {
+                Op::Linear { .. } => Some(first),
+                Op::Flatten => (0..graph.nodes.len())
+                    .find(|&k| reads(k, &graph.nodes[first].name))
+                    .filter(|&k| matches!(graph.nodes[k].op, Op::Linear { .. })),
+                _ => None,
+            };
+            let name = &graph.nodes[first].name;
+            match dense.and_then(|k| tensors.get(&format!("{}.weight", graph.nodes[k].name))) {
+                Some(t) if t.rank() == 2 => [t.dims()[1], 1, 1],
+                _ => {
+                    let hint = match (&graph.nodes[first].op, tensors.get(&format!("{name}.weight"))) {
+                        (Op::Conv2d { .. }, Some(t)) if t.rank() == 4 => {
+                            format!(
+                                " (its first layer `{name}` is a convolution over {} channels)",
+                                t.dims()[1]
+                            )
+                        }
+                        _ => String::new(),
+                    };
+                    bail!("the graph does not give the input shape: add `input = [C, H, W]`{hint}");
+                }
+            }
+        }
+    };
+    let act = graph
+        .nodes
+        .iter()
+        .find_map(|n| match n.op {
+            Op::Act { act } => Some(act),
+            _ => None,
+        })
+        .unwrap_or(crate::activation::Activation::Relu);
+    let r = graph.resolve(input)?;
+    let classes = r.len(r.outputs[0]);
+    let spec = ModelSpec {
+        input_mean: extras.input_mean.unwrap_or(0.0),
+        input_std: extras.input_std.unwrap_or(1.0),
+        ..ModelSpec::new(crate::model::Arch::Graph { graph }, act, input, classes)
+    };
+    spec.validate()?;
+    Ok(spec)
+}
+
+/// Most problems listed of each kind in [`check_state_dict`]'s error.
+const MAX_LISTED: usize = 12;
+
+/// Checks a state dict against the tensors a spec's model needs, strictly
+/// (as PyTorch's `load_state_dict(strict=True)`): every missing tensor,
+/// every tensor of the wrong shape (expected and found) or dtype, and every
+/// tensor the model does not use (a BatchNorm's `num_batches_tracked`
+/// excepted) is named, all in one error.
+pub fn check_state_dict(spec: &ModelSpec, tensors: &HashMap<String, Tensor>) -> Result<()> {
+    let need = crate::memory::spec_tensors(spec);
+    let graph = spec.graph()?;
+    let bn: std::collections::HashSet<String> = graph
+        .nodes
+        .iter()
+        .filter(|n| matches!(n.op, crate::graph::Op::BatchNorm { .. }))
+        .map(|n| format!("{}.num_batches_tracked", n.name))
+        .collect();
+    let (mut missing, mut shape, mut dtype) = (Vec::new(), Vec::new(), Vec::new());
+    for (name, want) in &need {
+        match tensors.get(name) {
+            None => missing.push(format!("`{name}` {want:?}")),
+            Some(t) if t.dims() != want.as_slice() => {
+                shape.push(format!("`{name}` is {:?}, the graph needs {want:?}", t.dims()))
+            }
+            Some(t) if !readable_dtype(t.dtype()) => dtype.push(format!("`{name}` is {:?}", t.dtype())),
+            Some(_) => {}
+        }
+    }
+    let known: std::collections::HashSet<&str> = need.iter().map(|(n, _)| n.as_str()).collect();
+    let mut unused: Vec<String> = tensors
+        .iter()
+        .filter(|(k, _)| !known.contains(k.as_str()) && !bn.contains(k.as_str()))
+        .map(|(k, t)| format!("`{k}` {:?}", t.dims()))
+        .collect();
+    missing.sort();
+    shape.sort();
+    dtype.sort();
+    unused.sort();
+    let mut parts = Vec::new();
+    for (what, list) in [
+        ("missing (name, shape the graph needs)", &missing),
+        ("of the wrong shape", &shape),
+        ("not float (f32, f64, f16, bf16)", &dtype),
+        ("not used by the graph (name, shape)", &unused),
+    ] {
+        if list.is_empty() {
+            continue;
+        }
+        let more = list.len().saturating_sub(MAX_LISTED);
+        parts.push(format!(
+            "{} {what}: {}{}",
+            list.len(),
+            list[..list.len().min(MAX_LISTED)].join(", "),
+            if more > 0 {
+                format!(", and {more} more")
+            } else {
+                String::new()
+            }
+        ));
+    }
+    if !parts.is_empty() {
+        bail!("{}", parts.join("; "));
+    }
+    Ok(())
 }

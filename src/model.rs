@@ -138,6 +138,13 @@ impl Arch {
 /// mistaken specs: 2^28 parameters, 1 GiB of f32).
 pub const MAX_PARAMS: usize = 1 << 28;
 
+/// A per-channel input normalisation: `(x - mean[c]) / std[c]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChannelNorm {
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+}
+
 /// Everything needed to rebuild a model: stored in checkpoints.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelSpec {
@@ -154,6 +161,11 @@ pub struct ModelSpec {
     /// inputs stay in pixel space `[0, 1]`.
     pub input_mean: f32,
     pub input_std: f32,
+    /// A per-channel normalisation `(x - mean[c]) / std[c]` after that one
+    /// (an imported model's own, where it could not be folded exactly into
+    /// the first layer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_norm: Option<ChannelNorm>,
     /// Initial value of every hidden bias (0 normally; a negative shift
     /// reproduces the dying-ReLU failure).
     #[serde(default)]
@@ -176,6 +188,7 @@ impl ModelSpec {
             classes,
             input_mean: 0.0,
             input_std: 1.0,
+            input_norm: None,
             bias_init: 0.0,
         }
     }
@@ -246,6 +259,18 @@ impl ModelSpec {
         }
         if !(self.input_std > 0.0) || !self.input_mean.is_finite() {
             bail!("model: input normalisation needs a finite mean and std > 0");
+        }
+        if let Some(n) = &self.input_norm {
+            if n.mean.len() != c || n.std.len() != c {
+                bail!(
+                    "model: a per-channel input normalisation of {} means and {} stds for {c} channels",
+                    n.mean.len(),
+                    n.std.len()
+                );
+            }
+            if n.mean.iter().any(|v| !v.is_finite()) || n.std.iter().any(|&v| !(v > 0.0) || !v.is_finite()) {
+                bail!("model: the per-channel input normalisation needs finite means and finite stds > 0");
+            }
         }
         if !self.bias_init.is_finite() {
             bail!("model: bias init must be finite");
@@ -676,7 +701,12 @@ impl Model {
             }
         }
         let mut vals: Vec<Option<Tensor>> = vec![None; r.shapes.len()];
-        vals[0] = Some(((x.reshape((n, c, h, w))? - self.spec.input_mean as f64)? / self.spec.input_std as f64)?);
+        let mut x0 = ((x.reshape((n, c, h, w))? - self.spec.input_mean as f64)? / self.spec.input_std as f64)?;
+        if let Some(cn) = &self.spec.input_norm {
+            let t = |v: &[f32]| Tensor::from_slice(v, (1, c, 1, 1), x.device())?.to_dtype(x.dtype());
+            x0 = x0.broadcast_sub(&t(&cn.mean)?)?.broadcast_div(&t(&cn.std)?)?;
+        }
+        vals[0] = Some(x0);
         let get = |vals: &[Option<Tensor>], v: usize| -> Result<Tensor> {
             vals[v]
                 .clone()

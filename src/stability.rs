@@ -894,7 +894,7 @@ pub fn plot_svg(curves: &[PropagationCurve], path: &std::path::Path) -> anyhow::
     // created exclusively, renamed over `path`): a planted link is never followed.
     let mut svg = String::new();
     plot_svg_into(curves, &mut svg)?;
-    crate::io::write_atomic(path, svg.as_bytes())
+    Ok(crate::io::write_atomic(path, svg.as_bytes())?)
 }
 
 fn plot_svg_into(curves: &[PropagationCurve], svg: &mut String) -> anyhow::Result<()> {

@@ -90,12 +90,13 @@ fn pytorch_trained_example_loads_and_gives_pytorch_accuracy() {
         "prelu {} vs PyTorch {torch_acc}",
         d.accuracy
     );
-    // Without a spec the weights are refused with a clear hint.
+    // Without a spec the weights are refused with a clear hint (the
+    // library names no flags; the CLI adds `--spec`).
     let e = prelu::io::load_model(&dir.join("torch_mlp.safetensors"))
         .map(|_| ())
         .unwrap_err()
         .to_string();
-    assert!(e.contains("--spec"), "{e}");
+    assert!(e.contains("graph file") && !e.contains("--"), "{e}");
 }
 
 #[test]
@@ -555,7 +556,7 @@ fn keras_style_nhwc_onnx_models_match_onnxruntime_and_export_back() {
         let fcn = path.file_name().unwrap().to_str().unwrap().starts_with("keras_fcn");
         if fcn {
             let e = prelu::onnx::import(&path).map(|_| ()).unwrap_err();
-            assert!(format!("{e:#}").contains("--input-size"), "{e:#}");
+            assert!(format!("{e:#}").contains("give the input size"), "{e:#}");
         }
         for (k, case) in cases.iter().enumerate() {
             let [_, h, w, _] = case.input_shape[..] else { panic!() };
@@ -732,14 +733,25 @@ fn hostile_onnx_files_give_errors_not_panics() {
         13,
     ));
     assert!(e.contains("my_Conv_y") && e.contains("not a size"), "{e}");
-    // A Transpose we do not model, and a Conv reading an NHWC value.
+    // A Transpose that moves the batch axis, a Conv reading a value with
+    // transposed axes, and a Conv reading an NHWC value.
     let e = err(model(
         &[1, 1, 4, 4],
-        vec![node("Transpose", &["x"], "y", vec![ints("perm", &[0, 1, 3, 2])])],
+        vec![node("Transpose", &["x"], "y", vec![ints("perm", &[1, 0, 3, 2])])],
         vec![],
         13,
     ));
-    assert!(e.contains("my_Transpose_y") && e.contains("perm [0, 1, 3, 2]"), "{e}");
+    assert!(e.contains("my_Transpose_y") && e.contains("perm [1, 0, 3, 2]"), "{e}");
+    let e = err(model(
+        &[1, 1, 4, 4],
+        vec![
+            node("Transpose", &["x"], "t", vec![ints("perm", &[0, 1, 3, 2])]),
+            node("Conv", &["t", "w"], "y", vec![]),
+        ],
+        vec![w.clone()],
+        13,
+    ));
+    assert!(e.contains("my_Conv_y") && e.contains("[0, 1, 3, 2]"), "{e}");
     let e = err(model(
         &[1, 1, 4, 4],
         vec![
@@ -939,4 +951,436 @@ fn mtcnn_pnet_imports_at_two_sizes_with_onnxruntime_outputs() {
         assert_eq!(again.io, im.io);
         check_against_ort(&again, case, &format!("pnet case {k}, exported and imported again"));
     }
+}
+
+/// A fresh scratch folder for one test.
+fn scratch(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("prelu-interop-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn vectors(rel: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/vectors")
+        .join(rel)
+}
+
+/// The ONNX file at `rel`, decoded, changed by `edit`, and imported: the
+/// error's text (a panic if it is accepted).
+fn import_edited(rel: &str, edit: impl FnOnce(&mut prelu::onnx::GraphProto)) -> String {
+    let mut m = ModelProto::decode(std::fs::read(vectors(rel)).unwrap().as_slice()).unwrap();
+    edit(m.graph.as_mut().unwrap());
+    match prelu::onnx::import_bytes(&m.encode_to_vec()) {
+        Ok(_) => panic!("{rel}: the edited model was accepted"),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+/// Per-channel input normalisation (scripts/torch_norm_onnx.py, from
+/// `torch.onnx.export`): `(x / 255 - mean) / std` before a padded conv stays
+/// a per-channel step of the model (folding it there is not exact at the
+/// borders); `(x + neg_mean) * inv_std` before an unpadded conv without bias
+/// and a per-feature normalisation before a dense layer are folded into that
+/// layer; an NHWC input normalised by `[C]` constants before its Transpose.
+/// Outputs equal onnxruntime's; export writes the kept step back as `Sub` and
+/// `Div` by `[1, C, 1, 1]` constants, and the exported file imports to the
+/// same outputs; a checkpoint keeps the step.
+#[test]
+fn per_channel_input_normalisation_is_folded_where_exact_and_kept_otherwise() {
+    use prelu::onnx::Layout;
+    for (name, kept, layer, layout) in [
+        ("norm_padded", true, None, Layout::Nchw),
+        ("norm_valid", false, Some("conv"), Layout::Nchw),
+        ("norm_nhwc", true, None, Layout::Nhwc),
+        ("norm_mlp", false, Some("fc1"), Layout::Flat),
+    ] {
+        let path = vectors(&format!("onnx_norm/{name}.onnx"));
+        let im = prelu::onnx::import(&path).unwrap();
+        assert_eq!(im.io.input_layout, layout, "{name}");
+        assert_eq!(im.model.spec.input_norm.is_some(), kept, "{name}: {:?}", im.notes);
+        assert_eq!(
+            (im.model.spec.input_mean, im.model.spec.input_std),
+            (0.0, 1.0),
+            "{name}"
+        );
+        if let Some(l) = layer {
+            assert!(
+                im.notes.iter().any(|n| n.contains(&format!("folded into `{l}`"))),
+                "{name}: {:?}",
+                im.notes
+            );
+        }
+        let cases = ort_cases(&path.with_extension("json"));
+        for case in &cases {
+            check_against_ort(&im, case, name);
+        }
+        let bytes = prelu::onnx::export_with(&im.model, Some(&im.io)).unwrap();
+        if kept {
+            let g = ModelProto::decode(bytes.as_slice()).unwrap().graph.unwrap();
+            let c = im.model.spec.input[0] as i64;
+            for (op, init) in [("Sub", "input_channel_mean"), ("Div", "input_channel_std")] {
+                assert!(
+                    g.node
+                        .iter()
+                        .any(|n| n.op_type == op && n.input.iter().any(|i| i == init)),
+                    "{name}: no {op} by {init}"
+                );
+                let t = g.initializer.iter().find(|t| t.name == init).unwrap();
+                assert_eq!(t.dims, [1, c, 1, 1], "{name}: {init}");
+            }
+        }
+        let again = prelu::onnx::import_bytes(&bytes).unwrap();
+        assert_eq!(again.io, im.io, "{name}");
+        assert_eq!(again.model.spec.input_norm, im.model.spec.input_norm, "{name}");
+        for case in &cases {
+            check_against_ort(&again, case, &format!("{name}, exported and imported again"));
+        }
+        // The step survives a checkpoint.
+        let dir = scratch(&format!("norm-{name}"));
+        let ck = dir.join("m.safetensors");
+        prelu::io::save_model(&ck, &im.model, Default::default(), Default::default()).unwrap();
+        let loaded = prelu::io::load_model(&ck).unwrap();
+        assert_eq!(loaded.model.spec, im.model.spec, "{name}");
+        for case in &cases {
+            let re = prelu::onnx::Imported {
+                model: loaded.model.clone(),
+                input_name: im.input_name.clone(),
+                output_names: im.output_names.clone(),
+                io: im.io.clone(),
+                notes: vec![],
+            };
+            check_against_ort(&re, case, &format!("{name}, from a checkpoint"));
+        }
+    }
+}
+
+/// Malformed normalisation constants are errors naming the node: a `[C]`
+/// constant on an NCHW input (it broadcasts along the width), one value
+/// per channel too many, a zero or negative std, a non-finite mean.
+#[test]
+fn malformed_input_normalisation_gives_clear_errors() {
+    use prelu::onnx::TensorProto;
+    // The constant that node `op` applies to the input (its initializer).
+    fn set_const(g: &mut prelu::onnx::GraphProto, op: &str, dims: &[i64], v: &[f32]) {
+        let n = g.node.iter().find(|n| n.op_type == op).unwrap().clone();
+        let name = n
+            .input
+            .iter()
+            .find(|i| g.initializer.iter().any(|t| &t.name == *i))
+            .cloned();
+        let name = match name {
+            Some(s) => s,
+            None => {
+                // A `Constant` node's output: make it an initializer.
+                let s = n.input[1].clone();
+                g.node.retain(|m| !(m.op_type == "Constant" && m.output[0] == s));
+                s
+            }
+        };
+        g.initializer.retain(|t| t.name != name);
+        g.initializer.push(TensorProto {
+            dims: dims.to_vec(),
+            data_type: 1,
+            name,
+            float_data: v.to_vec(),
+            ..Default::default()
+        });
+    }
+    let f = "onnx_norm/norm_padded.onnx";
+    let e = import_edited(f, |g| set_const(g, "Sub", &[3], &[0.1, 0.2, 0.3]));
+    assert!(
+        e.contains("Sub by a constant of shape [3]") && e.contains("[1,3,1,1]"),
+        "{e}"
+    );
+    let e = import_edited(f, |g| set_const(g, "Sub", &[1, 4, 1, 1], &[0.1, 0.2, 0.3, 0.4]));
+    assert!(e.contains("shape [1, 4, 1, 1]") && e.contains("one per channel"), "{e}");
+    let e = import_edited(f, |g| set_const(g, "Sub", &[1, 3, 2, 1], &[0.0; 6]));
+    assert!(e.contains("one per channel"), "{e}");
+    for bad in [0.0, -0.5, f32::NAN, f32::INFINITY] {
+        let e = import_edited("onnx_norm/norm_valid.onnx", |g| {
+            set_const(g, "Mul", &[3, 1, 1], &[1.0, bad, 1.0])
+        });
+        assert!(
+            e.contains("is not a normalisation") && e.contains("channel 1"),
+            "{bad}: {e}"
+        );
+    }
+    let e = import_edited("onnx_norm/norm_nhwc.onnx", |g| {
+        set_const(g, "Sub", &[1, 1, 3], &[f32::NAN; 3])
+    });
+    assert!(e.contains("is not a normalisation"), "{e}");
+}
+
+/// MTCNN's RNet and ONet from `facenet-pytorch` (MIT licence;
+/// scripts/mtcnn_rnet_onet_onnx.py): `x.permute(0, 3, 2, 1)` then
+/// `x.view(x.shape[0], -1)` before the dense layer (a Transpose perm
+/// [0, 3, 2, 1] and a Reshape computed from Shape/Gather/Unsqueeze/Concat)
+/// is folded into that layer's columns; the outputs (two and three heads,
+/// softmax on one) equal onnxruntime's, and again after export and import.
+#[test]
+fn mtcnn_rnet_and_onet_fold_their_permuted_flatten() {
+    for (name, acts) in [
+        ("rnet", vec!["prelu1", "prelu2", "prelu3", "prelu4"]),
+        ("onet", vec!["prelu1", "prelu2", "prelu3", "prelu4", "prelu5"]),
+    ] {
+        let path = vectors(&format!("onnx_mtcnn/{name}.onnx"));
+        let im = prelu::onnx::import(&path).unwrap();
+        assert_eq!(im.model.activation_names(), acts, "{name}");
+        for (k, case) in ort_cases(&path.with_extension("json")).iter().enumerate() {
+            check_against_ort(&im, case, &format!("{name} case {k}"));
+            let again = prelu::onnx::import_bytes(&prelu::onnx::export_with(&im.model, Some(&im.io)).unwrap()).unwrap();
+            assert_eq!(again.io, im.io);
+            check_against_ort(&again, case, &format!("{name} case {k}, exported and imported again"));
+        }
+    }
+}
+
+/// Malformed transposes and shape arithmetic are errors, not panics: a perm
+/// of the wrong length, one that moves the batch axis, one with a repeated
+/// axis, a Gather out of range, a Reshape to the wrong feature count, a
+/// permuted map as an output.
+#[test]
+fn malformed_permutations_and_shape_arithmetic_give_clear_errors() {
+    let f = "onnx_mtcnn/rnet.onnx";
+    let set_perm = |p: Vec<i64>| {
+        move |g: &mut prelu::onnx::GraphProto| {
+            let t = g.node.iter_mut().find(|n| n.op_type == "Transpose").unwrap();
+            t.attribute.iter_mut().find(|a| a.name == "perm").unwrap().ints = p;
+        }
+    };
+    for p in [
+        vec![0, 3, 2],
+        vec![1, 0, 2, 3],
+        vec![0, 1, 1, 2],
+        vec![0, 3, 2, 1, 4],
+        vec![0, 9, 2, 1],
+    ] {
+        let e = import_edited(f, set_perm(p.clone()));
+        assert!(
+            e.contains("Transpose with perm") && e.contains("batch axis first"),
+            "{p:?}: {e}"
+        );
+    }
+    // A Gather index past the end of the shape.
+    let e = import_edited(f, |g| {
+        let gather = g.node.iter().find(|n| n.op_type == "Gather").unwrap().clone();
+        let idx = gather.input[1].clone();
+        g.node.retain(|n| n.output[0] != idx);
+        g.initializer.retain(|t| t.name != idx);
+        g.initializer.push(prelu::onnx::TensorProto {
+            dims: vec![],
+            data_type: 7,
+            name: idx,
+            int64_data: vec![7],
+            ..Default::default()
+        });
+    });
+    assert!(e.contains("out of range"), "{e}");
+    // A Reshape target of the wrong feature count.
+    let e = import_edited(f, |g| {
+        let r = g.node.iter().position(|n| n.op_type == "Reshape").unwrap();
+        let t = "bad_target".to_string();
+        g.node[r].input[1] = t.clone();
+        g.initializer.push(prelu::onnx::TensorProto {
+            dims: vec![2],
+            data_type: 7,
+            name: t,
+            int64_data: vec![-1, 100],
+            ..Default::default()
+        });
+    });
+    assert!(e.contains("Reshape of a value of 576 features to [-1, 100]"), "{e}");
+    // The permuted map itself as an output.
+    let e = import_edited(f, |g| {
+        let t = g.node.iter().find(|n| n.op_type == "Transpose").unwrap().output[0].clone();
+        g.output[0].name = t;
+    });
+    assert!(e.contains("axes in the order [0, 3, 2, 1]"), "{e}");
+}
+
+/// A PyTorch `state_dict` under its own module names (scripts/torch_state_dict_graph.py:
+/// `features.0` Conv2d, `features.1` nn.PReLU(4), `features.3` Conv2d without
+/// bias, `bn` BatchNorm2d, `act` nn.PReLU(), `classifier` Linear) loads with
+/// a graph file whose node names are those module paths: no renaming. The
+/// outputs equal PyTorch's to 1e-4 relative; the same graph as JSON works,
+/// and so do keys saved through `nn.DataParallel` and `torch.compile`
+/// (`module._orig_mod.` prefixes); the old JSON model spec still works
+/// (tests above).
+#[test]
+fn pytorch_state_dict_loads_with_a_graph_file_by_module_names() {
+    let sd = vectors("torch_sd/net.safetensors");
+    let graph = vectors("torch_sd/net.graph.toml");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(vectors("torch_sd/net.json")).unwrap()).unwrap();
+    let floats = |a: &serde_json::Value| -> Vec<f32> {
+        a.as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect()
+    };
+    let (x, want) = (floats(&v["input"]), floats(&v["output"]));
+    let check = |loaded: &prelu::io::Loaded, what: &str| {
+        assert_eq!(loaded.model.activation_names(), ["features.1", "act"], "{what}");
+        let n = x.len() / 100;
+        let xs = candle_core::Tensor::from_vec(x.clone(), (n, 100), &Device::Cpu).unwrap();
+        let y = loaded
+            .model
+            .forward_t(&xs, false)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let scale = want.iter().fold(1f32, |a, v| a.max(v.abs()));
+        let worst = y.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(
+            y.len() == want.len() && worst <= 1e-4 * scale,
+            "{what}: differs by {worst}"
+        );
+    };
+    let loaded = prelu::io::load_model_with_spec(&sd, Some(&graph)).unwrap();
+    assert_eq!(loaded.model.spec.input, [1, 10, 10]);
+    assert_eq!(loaded.model.spec.classes, 5);
+    check(&loaded, "TOML graph");
+    // The same graph as JSON.
+    let dir = scratch("sd-json");
+    let g: prelu::graph::Graph = prelu::graph::Graph::parse(&std::fs::read_to_string(&graph).unwrap()).unwrap();
+    let mut j = serde_json::to_value(&g).unwrap();
+    j["input"] = serde_json::json!([1, 10, 10]);
+    let gj = dir.join("net.json");
+    std::fs::write(&gj, serde_json::to_string(&j).unwrap()).unwrap();
+    check(&prelu::io::load_model_with_spec(&sd, Some(&gj)).unwrap(), "JSON graph");
+    // Keys as `nn.DataParallel` (`module.`) and `torch.compile`
+    // (`_orig_mod.`) save them: the wrappers' prefixes are not module names.
+    let (tensors, _) = prelu::io::load_safetensors(&sd).unwrap();
+    let wrapped: std::collections::HashMap<String, candle_core::Tensor> = tensors
+        .into_iter()
+        .map(|(k, t)| (format!("module._orig_mod.{k}"), t))
+        .collect();
+    let wp = dir.join("wrapped.safetensors");
+    std::fs::write(&wp, prelu::io::safetensors_bytes(&wrapped, Default::default()).unwrap()).unwrap();
+    check(
+        &prelu::io::load_model_with_spec(&wp, Some(&graph)).unwrap(),
+        "wrapped keys",
+    );
+    // Exported to ONNX and imported back: the same outputs.
+    let im = prelu::onnx::import_bytes(&prelu::onnx::export(&loaded.model).unwrap()).unwrap();
+    let re = prelu::io::Loaded {
+        model: im.model,
+        tensors: Default::default(),
+        metadata: Default::default(),
+    };
+    check(&re, "exported and imported");
+}
+
+/// A state dict that does not fit its graph file: every missing, unused and
+/// mis-shaped tensor is named (with the shape expected and found), all in
+/// one error; a NaN weight, an integer weight, a broken header, a graph
+/// without the input shape for a conv net, an ONNX model with a graph file,
+/// and no description at all give clear errors.
+#[test]
+fn state_dict_and_graph_file_mismatches_are_named() {
+    let sd = vectors("torch_sd/net.safetensors");
+    let text = std::fs::read_to_string(vectors("torch_sd/net.graph.toml")).unwrap();
+    let dir = scratch("sd-errors");
+    let graph_with = |name: &str, t: String| {
+        let p = dir.join(name);
+        std::fs::write(&p, t).unwrap();
+        p
+    };
+    let err = |sd: &std::path::Path, g: Option<&std::path::Path>| match prelu::io::load_model_with_spec(sd, g) {
+        Ok(_) => panic!("accepted"),
+        Err(e) => format!("{e:#}"),
+    };
+    // A node under another name: its tensors missing, the state dict's unused.
+    let g = graph_with("renamed.toml", text.replace("\"features.3\"", "\"conv2\""));
+    let e = err(&sd, Some(&g));
+    assert!(
+        e.contains("net.safetensors: the state dict does not fit the graph file")
+            && e.contains("renamed.toml")
+            && e.contains("1 missing")
+            && e.contains("`conv2.weight` [6, 4, 3, 3]"),
+        "{e}"
+    );
+    assert!(
+        e.contains("1 not used by the graph") && e.contains("`features.3.weight` [6, 4, 3, 3]"),
+        "{e}"
+    );
+    // A width that differs: expected and found shapes.
+    let g = graph_with("wide.toml", text.replace("out_features = 5", "out_features = 7"));
+    let e = err(&sd, Some(&g));
+    assert!(
+        e.contains("`classifier.weight` is [5, 54], the graph needs [7, 54]")
+            && e.contains("`classifier.bias` is [5], the graph needs [7]"),
+        "{e}"
+    );
+    // No input shape, and the first layer a convolution.
+    let g = graph_with("noinput.toml", text.replace("input = [1, 10, 10]\n", ""));
+    let e = err(&sd, Some(&g));
+    assert!(
+        e.contains("add `input = [C, H, W]`") && e.contains("over 1 channels"),
+        "{e}"
+    );
+    // A graph file that does not parse.
+    let g = graph_with("broken.toml", "outputs = [\n".into());
+    assert!(err(&sd, Some(&g)).contains("graph (TOML)"));
+    // Tensors: a NaN weight, an integer weight, a wrong-sized header.
+    let (mut tensors, _) = prelu::io::load_safetensors(&sd).unwrap();
+    let w = tensors["features.0.weight"].clone();
+    let mut v = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    v[3] = f32::NAN;
+    tensors.insert(
+        "features.0.weight".into(),
+        candle_core::Tensor::from_vec(v, w.dims(), &Device::Cpu).unwrap(),
+    );
+    let nan = dir.join("nan.safetensors");
+    std::fs::write(
+        &nan,
+        prelu::io::safetensors_bytes(&tensors, Default::default()).unwrap(),
+    )
+    .unwrap();
+    let e = err(&nan, Some(&vectors("torch_sd/net.graph.toml")));
+    assert!(e.contains("`features.0.weight` contains NaN"), "{e}");
+    tensors.insert(
+        "features.0.weight".into(),
+        candle_core::Tensor::zeros(w.dims(), candle_core::DType::I64, &Device::Cpu).unwrap(),
+    );
+    let int = dir.join("int.safetensors");
+    std::fs::write(
+        &int,
+        prelu::io::safetensors_bytes(&tensors, Default::default()).unwrap(),
+    )
+    .unwrap();
+    let e = err(&int, Some(&vectors("torch_sd/net.graph.toml")));
+    assert!(
+        e.contains("`features.0.weight` is I64") && e.contains("not float"),
+        "{e}"
+    );
+    // A header whose shape claims more data than the file holds.
+    let bytes = std::fs::read(&sd).unwrap();
+    let hlen = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = String::from_utf8(bytes[8..8 + hlen].to_vec()).unwrap();
+    let bad = header.replacen("[4,1,3,3]", "[4,1,3,99999999]", 1);
+    assert_ne!(bad, header);
+    let mut out = (bad.len() as u64).to_le_bytes().to_vec();
+    out.extend(bad.as_bytes());
+    out.extend(&bytes[8 + hlen..]);
+    let big = dir.join("big.safetensors");
+    std::fs::write(&big, out).unwrap();
+    let e = err(&big, Some(&vectors("torch_sd/net.graph.toml")));
+    assert!(e.contains("big.safetensors"), "{e}");
+    // No description, and an ONNX model with one.
+    let e = err(&sd, None);
+    assert!(
+        e.contains("no model spec") && e.contains("graph file") && !e.contains("--"),
+        "{e}"
+    );
+    let e = err(
+        &vectors("onnx_mtcnn/rnet.onnx"),
+        Some(&vectors("torch_sd/net.graph.toml")),
+    );
+    assert!(e.contains("carries its own graph") && !e.contains("--"), "{e}");
 }

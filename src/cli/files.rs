@@ -200,7 +200,16 @@ pub fn cmd_import(a: &ImportArgs) -> Result<()> {
         &prelu::onnx::ImportOptions {
             input_size: a.input_size,
         },
-    )?;
+    )
+    .map_err(|e| {
+        // The library names no flags: the input size is `--input-size`.
+        let m = format!("{e}");
+        if m.contains("the input size") {
+            anyhow::anyhow!("{m} (--input-size HxW)")
+        } else {
+            e.into()
+        }
+    })?;
     let meta = std::collections::HashMap::from([(prelu::onnx::IO_KEY.to_string(), serde_json::to_string(&im.io)?)]);
     prelu::io::save_model(&a.out, &im.model, Default::default(), meta)?;
     let m = &im.model;

@@ -67,9 +67,10 @@ pub fn check_data_name(data: Option<&str>) -> Result<()> {
 /// `--spec`: a model spec for weights that carry none.
 #[derive(Args, Clone, Debug, Default)]
 pub struct SpecArg {
-    /// Model spec (JSON) for weights that carry none, e.g. a PyTorch state_dict saved as
+    /// Graph file (.toml/.json, node names = the state dict's module paths) or model spec
+    /// (JSON) for weights that carry no spec, e.g. a PyTorch state_dict saved as
     /// safetensors [default: the spec in the checkpoint's header].
-    #[arg(long, value_name = "SPEC.json")]
+    #[arg(long, value_name = "GRAPH|SPEC")]
     pub spec: Option<PathBuf>,
 }
 
@@ -85,7 +86,13 @@ pub fn emit<T: serde::Serialize + fmt::Display>(json: bool, v: &T) -> Result<()>
 
 /// Loads a checkpoint (a .safetensors file, a run folder or an .onnx model).
 pub fn load_ckpt(p: &Path, spec: &SpecArg) -> Result<prelu::io::Loaded> {
-    Ok(prelu::io::load_model_with_spec(p, spec.spec.as_deref())?)
+    prelu::io::load_model_with_spec(p, spec.spec.as_deref()).map_err(|e| match e {
+        // The library names no flags; say which one gives the description.
+        prelu::Error::Other(a) if a.downcast_ref::<prelu::io::NoSpec>().is_some() => {
+            anyhow::anyhow!("{a:#} (--spec GRAPH.toml)")
+        }
+        e => e.into(),
+    })
 }
 
 /// The run folder a checkpoint belongs to: the folder itself, or the folder

@@ -215,6 +215,9 @@ impl FusedStep {
     /// Compiles the step for `model` (the stages its first head needs); an
     /// error for models it does not cover.
     pub fn new(model: &Model) -> Result<Self> {
+        if model.spec.input_norm.is_some() {
+            bail!("fused step: a per-channel input normalisation is not covered (the autograd step is)");
+        }
         let r = &model.resolved;
         let nv = r.shapes.len();
         // Values the first head depends on.

@@ -83,14 +83,18 @@ impl Builder {
 
 /// The model as ONNX bytes. Input `input`: `[N, C*H*W]` pixels in [0, 1]
 /// (batch size free); output `logits`: `[N, classes]`.
-pub fn export(model: &Model) -> Result<Vec<u8>> {
+pub fn export(model: &Model) -> crate::Result<Vec<u8>> {
     export_with(model, None)
 }
 
 /// [`export`] with the input and outputs of an imported model (`io`, as
 /// `prelu import` keeps it in the checkpoint header): the original's names,
 /// layouts (an NHWC input gets its `Transpose` back) and output softmax.
-pub fn export_with(model: &Model, io: Option<&OnnxIo>) -> Result<Vec<u8>> {
+pub fn export_with(model: &Model, io: Option<&OnnxIo>) -> crate::Result<Vec<u8>> {
+    write_model(model, io).map_err(crate::io::lib_error)
+}
+
+fn write_model(model: &Model, io: Option<&OnnxIo>) -> Result<Vec<u8>> {
     let native = OnnxIo::native(model);
     let io = io.unwrap_or(&native);
     let spec = &model.spec;
@@ -135,6 +139,14 @@ pub fn export_with(model: &Model, io: Option<&OnnxIo>) -> Result<Vec<u8>> {
     };
     t = b.node("Sub", vec![t, mean], vec![]);
     t = b.node("Div", vec![t, std], vec![]);
+    if let Some(cn) = &spec.input_norm {
+        // The per-channel step, on the NCHW value: [1, C, 1, 1] constants.
+        let dims = [1, c as i64, 1, 1];
+        let m = b.init_f32("input_channel_mean", &Tensor::new(cn.mean.as_slice(), &dev)?, &dims)?;
+        let s = b.init_f32("input_channel_std", &Tensor::new(cn.std.as_slice(), &dev)?, &dims)?;
+        t = b.node("Sub", vec![t, m], vec![]);
+        t = b.node("Div", vec![t, s], vec![]);
+    }
     let r = &model.resolved;
     // ONNX name of each graph value, and whether it is [N, C, H, W].
     let mut names = vec![t];

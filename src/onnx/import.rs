@@ -10,11 +10,15 @@
 //! `[1,C,1,1]`, `[1,1,C]` on NHWC maps), `Relu`, `LeakyRelu`, `MaxPool` /
 //! `AveragePool` (pads, strides, ceil mode, `auto_pad`), `GlobalAveragePool`
 //! and `ReduceMean` over H and W, `Flatten` / `Reshape` / `Squeeze` to
-//! `[N, features]`, `Transpose` between NCHW and NHWC, `Add` of two computed
-//! values, `Identity`, `Dropout`, `Constant`s and initializers; on the input
-//! only, `Reshape` to `[N, C, H, W]` and `Sub`/`Div`/`Mul` by one constant
-//! (the input normalisation). NHWC values are tracked as views of ours; a
-//! flatten in H, W, C order permutes the next linear layer's weight columns.
+//! `[N, features]` (the target constant or computed by `Shape`, `Gather`,
+//! `Unsqueeze`, `Concat`, `Cast`: `x.view(x.shape[0], -1)`), `Transpose` (any
+//! permutation keeping the batch first), `Add` of two computed values,
+//! `Identity`, `Dropout`, `Constant`s and initializers; on the input only,
+//! `Reshape` to `[N, C, H, W]` and `Sub`/`Add`/`Div`/`Mul` by one constant or
+//! one per channel (the input normalisation: folded into the first layer
+//! where that is exact, else kept as the model's per-channel step). NHWC and
+//! other transposed values are tracked as views of ours; a flatten in
+//! another order than C, H, W permutes the next linear layer's weight columns.
 //! A `Softmax` on an output is dropped and kept in the [`OnnxIo`] (with the
 //! input/output names and layouts) so that export writes it back. Anything
 //! else is an error naming the node and its op, never a wrong model.
@@ -56,6 +60,15 @@ enum Val {
     /// A value of our graph: `"input"` or a node name.
     Node(String),
     Const(Const),
+    /// A 1-D integer tensor computed from `Shape` (a shape or part of one);
+    /// `None` is the free batch size.
+    Shape(Vec<Option<i64>>),
+}
+
+/// A shape for messages: `[N, -1]` with `N` for the batch size.
+fn show_dims(d: &[Option<i64>]) -> String {
+    let parts: Vec<String> = d.iter().map(|v| v.map_or("N".to_string(), |v| v.to_string())).collect();
+    format!("[{}]", parts.join(", "))
 }
 
 fn tensor_values(t: &TensorProto) -> Result<Const> {
@@ -283,19 +296,27 @@ pub struct ImportOptions {
 const MAX_ONNX_NODES: usize = 40_000;
 
 /// Reads an ONNX file (bounded, regular files only) into a model.
-pub fn import(path: &std::path::Path) -> Result<Imported> {
+pub fn import(path: &std::path::Path) -> crate::Result<Imported> {
     import_with(path, &ImportOptions::default())
 }
 
 /// [`import`] with options.
-pub fn import_with(path: &std::path::Path, opts: &ImportOptions) -> Result<Imported> {
-    let bytes = crate::io::read_capped(path, crate::data::file_cap(crate::io::MAX_CHECKPOINT_BYTES))?;
-    import_bytes_with(&bytes, opts).with_context(|| format!("{}: ONNX import", path.display()))
+pub fn import_with(path: &std::path::Path, opts: &ImportOptions) -> crate::Result<Imported> {
+    let bytes = crate::io::read_capped(path, crate::data::file_cap(crate::io::MAX_CHECKPOINT_BYTES))
+        .map_err(anyhow::Error::from)?;
+    import_model(&bytes, opts)
+        .with_context(|| format!("{}: ONNX import", path.display()))
+        .map_err(crate::io::lib_error)
 }
 
 /// [`import`] from the file's bytes.
-pub fn import_bytes(bytes: &[u8]) -> Result<Imported> {
+pub fn import_bytes(bytes: &[u8]) -> crate::Result<Imported> {
     import_bytes_with(bytes, &ImportOptions::default())
+}
+
+/// [`import`] from the file's bytes, with options.
+pub fn import_bytes_with(bytes: &[u8], opts: &ImportOptions) -> crate::Result<Imported> {
+    import_model(bytes, opts).map_err(crate::io::lib_error)
 }
 
 /// How an ONNX value relates to the value of ours it stands for, when not
@@ -305,6 +326,57 @@ pub fn import_bytes(bytes: &[u8]) -> Result<Imported> {
 enum Perm {
     Nhwc,
     FlatHwc([usize; 3]),
+    /// Another order of our `[N, C, H, W]` axes: ONNX axis `k` holds our
+    /// axis `p[k]` (`p[0] = 0`, e.g. `x.permute(0, 3, 2, 1)`).
+    Axes([usize; 4]),
+    /// The flattening of an [`Perm::Axes`] view of our map of shape `[C, H, W]`.
+    FlatAxes([usize; 3], [usize; 4]),
+}
+
+/// The axes order of a 4-D value's view ([`Perm::Axes`] form), `None` for a
+/// flattened one.
+fn axes_of(p: Option<Perm>) -> Option<[usize; 4]> {
+    match p {
+        None => Some([0, 1, 2, 3]),
+        Some(Perm::Nhwc) => Some([0, 2, 3, 1]),
+        Some(Perm::Axes(a)) => Some(a),
+        Some(Perm::FlatHwc(_) | Perm::FlatAxes(..)) => None,
+    }
+}
+
+/// The view for an axes order: ours (`None`), NHWC, or another.
+fn perm_of_axes(a: [usize; 4]) -> Option<Perm> {
+    match a {
+        [0, 1, 2, 3] => None,
+        [0, 2, 3, 1] => Some(Perm::Nhwc),
+        a => Some(Perm::Axes(a)),
+    }
+}
+
+/// For each feature of the flattening of a view of our map `[C, H, W]` whose
+/// ONNX axis `k` holds our axis `p[k]`, its index in our C, H, W flattening.
+fn flat_index_map([c, h, w]: [usize; 3], p: [usize; 4]) -> Vec<usize> {
+    let full = [1, c, h, w];
+    let stride = [0, h * w, w, 1];
+    let e = [full[p[1]], full[p[2]], full[p[3]]];
+    let mut map = Vec::with_capacity(c * h * w);
+    for i1 in 0..e[0] {
+        for i2 in 0..e[1] {
+            for i3 in 0..e[2] {
+                map.push(i1 * stride[p[1]] + i2 * stride[p[2]] + i3 * stride[p[3]]);
+            }
+        }
+    }
+    map
+}
+
+/// `v` in a view's flattening order moved to ours (`out[map[j]] = v[j]`).
+fn to_our_order(v: &[f64], map: &[usize]) -> Vec<f64> {
+    let mut out = vec![0.0; v.len()];
+    for (j, &k) in map.iter().enumerate() {
+        out[k] = v[j];
+    }
+    out
 }
 
 /// `v[p * C + c]` (H, W, C order) moved to `[c * HW + p]` (C, H, W order).
@@ -319,8 +391,89 @@ fn hwc_to_chw(v: &[f64], [c, h, w]: [usize; 3]) -> Vec<f64> {
     out
 }
 
-/// [`import`] from the file's bytes, with options.
-pub fn import_bytes_with(bytes: &[u8], opts: &ImportOptions) -> Result<Imported> {
+/// Folds a per-channel input normalisation `(x - m[c]) / s[c]` into the
+/// layer that alone reads the input, where that is exact: a dense layer
+/// (directly or after a flatten), or a convolution without zero padding (a
+/// padded border would see `-m/s` instead of 0). Returns that layer's name,
+/// or `None` (nothing changed) when it cannot be folded.
+fn fold_norm(
+    nodes: &mut [Node],
+    weights: &mut HashMap<String, Tensor>,
+    outputs: &[String],
+    [c, h, w]: [usize; 3],
+    m: &[f64],
+    s: &[f64],
+) -> Result<Option<String>> {
+    let readers = |v: &str| -> Vec<usize> {
+        (0..nodes.len())
+            .filter(|&k| nodes[k].inputs.iter().any(|i| i == v))
+            .collect()
+    };
+    let [j] = readers(INPUT)[..] else {
+        return Ok(None);
+    };
+    let target = match &nodes[j].op {
+        Op::Flatten if !outputs.contains(&nodes[j].name) => match readers(&nodes[j].name)[..] {
+            [k] if matches!(nodes[k].op, Op::Linear { .. }) => k,
+            _ => return Ok(None),
+        },
+        Op::Linear { .. } => j,
+        Op::Conv2d {
+            kernel,
+            stride,
+            padding,
+            dilation,
+            ..
+        } if padding.resolve(h, w, *kernel, *stride, *dilation) == [0; 4] => j,
+        _ => return Ok(None),
+    };
+    let name = nodes[target].name.clone();
+    let wt = weights
+        .get(&format!("{name}.weight"))
+        .ok_or_else(|| anyhow!("`{name}` has no weight"))?;
+    let dims = wt.dims().to_vec();
+    let mut wv: Vec<f64> = wt.flatten_all()?.to_vec1::<f32>()?.iter().map(|&v| v as f64).collect();
+    let out = dims[0];
+    let per_out = wv.len() / out.max(1);
+    // The input channel of each weight in a row.
+    let channel_of = |k: usize| -> usize {
+        match dims.len() {
+            4 => (k / (dims[2] * dims[3])) % c,
+            _ => k / (h * w),
+        }
+    };
+    if per_out != c * if dims.len() == 4 { dims[2] * dims[3] } else { h * w } {
+        bail!(
+            "`{name}`: weight of shape {dims:?} for an input of shape {:?}",
+            [c, h, w]
+        );
+    }
+    let mut shift = vec![0.0f64; out];
+    for (o, row) in wv.chunks_mut(per_out).enumerate() {
+        for (k, v) in row.iter_mut().enumerate() {
+            let ch = channel_of(k);
+            *v /= s[ch];
+            shift[o] += *v * m[ch];
+        }
+    }
+    let bias_key = format!("{name}.bias");
+    let old: Vec<f64> = match weights.get(&bias_key) {
+        Some(b) => b.to_vec1::<f32>()?.iter().map(|&v| v as f64).collect(),
+        None => vec![0.0; out],
+    };
+    let bias: Vec<f32> = old.iter().zip(&shift).map(|(b, d)| (b - d) as f32).collect();
+    let dev = wt.device().clone();
+    let wv: Vec<f32> = wv.iter().map(|&v| v as f32).collect();
+    weights.insert(format!("{name}.weight"), Tensor::from_vec(wv, dims.as_slice(), &dev)?);
+    weights.insert(bias_key, Tensor::from_vec(bias, out, &dev)?);
+    match &mut nodes[target].op {
+        Op::Conv2d { bias, .. } | Op::Linear { bias, .. } => *bias = true,
+        _ => {}
+    }
+    Ok(Some(name))
+}
+
+fn import_model(bytes: &[u8], opts: &ImportOptions) -> Result<Imported> {
     let m = ModelProto::decode(bytes).map_err(|e| anyhow!("not an ONNX model ({e})"))?;
     let mut opset = 13;
     if let Some(op) = m
@@ -374,7 +527,7 @@ pub fn import_bytes_with(bytes: &[u8], opts: &ImportOptions) -> Result<Imported>
     // (Element-wise input scaling, e.g. Keras' Rescaling, may come first.)
     let mut scaled = vec![input.name.as_str()];
     for n in &g.node {
-        if matches!(n.op_type.as_str(), "Sub" | "Div" | "Mul" | "Identity")
+        if matches!(n.op_type.as_str(), "Sub" | "Div" | "Mul" | "Add" | "Identity")
             && n.input.first().is_some_and(|s| scaled.contains(&s.as_str()))
         {
             scaled.extend(n.output.first().map(String::as_str));
@@ -398,17 +551,17 @@ pub fn import_bytes_with(bytes: &[u8], opts: &ImportOptions) -> Result<Imported>
             (Some(h), Some(w), None) => Ok([h, w]),
             (Some(h), Some(w), Some(s)) if s == [h, w] => Ok([h, w]),
             (Some(h), Some(w), Some([sh, sw])) => bail!(
-                "input `{}` is fixed at {h}x{w}; --input-size {sh}x{sw} does not fit it",
+                "input `{}` is fixed at {h}x{w}; the input size {sh}x{sw} asked for does not fit it",
                 input.name
             ),
             (h, w, Some([sh, sw])) if h.is_none_or(|h| h == sh) && w.is_none_or(|w| w == sw) => Ok([sh, sw]),
             (_, _, Some([sh, sw])) => bail!(
-                "input `{}` has shape {shown}; --input-size {sh}x{sw} does not fit it",
+                "input `{}` has shape {shown}; the input size {sh}x{sw} asked for does not fit it",
                 input.name
             ),
             _ => bail!(
                 "input `{}` has a free spatial size {shown} (a fully convolutional net); \
-                 give the size to build it for (--input-size HxW)",
+                 give the input size (H x W) to build it for",
                 input.name
             ),
         }
@@ -449,7 +602,8 @@ pub fn import_bytes_with(bytes: &[u8], opts: &ImportOptions) -> Result<Imported>
     let mut taken: HashMap<String, usize> = HashMap::new();
     let mut notes = Vec::new();
     let mut softmax: HashMap<String, SoftmaxIo> = HashMap::new();
-    let (mut mean, mut std) = (0.0f32, 1.0f32);
+    // The input normalisation so far, per channel: `(x - m) / s`.
+    let mut norm: Option<(Vec<f64>, Vec<f64>)> = None;
     let mut first_act: Option<Activation> = None;
     let dev = Device::Cpu;
     let tensor = |c: &Const, shape: &[usize]| -> Result<Tensor> {
@@ -496,13 +650,16 @@ pub fn import_bytes_with(bytes: &[u8], opts: &ImportOptions) -> Result<Imported>
         let node_in = |k: usize| -> Result<String> {
             match get(k)? {
                 Val::Node(s) => Ok(s.clone()),
-                Val::Const(_) => bail!("{w}: input {k} is a constant where a computed value is expected"),
+                Val::Const(_) | Val::Shape(_) => {
+                    bail!("{w}: input {k} is a constant where a computed value is expected")
+                }
             }
         };
         let constant = |k: usize| -> Result<Const> {
             match get(k)? {
                 Val::Const(c) => Ok(c.clone()),
                 Val::Node(_) => bail!("{w}: input {k} must be a constant (an initializer)"),
+                Val::Shape(_) => bail!("{w}: input {k} is computed from a Shape where a constant is expected"),
             }
         };
         let opt_const = |k: usize| -> Result<Option<Const>> {
@@ -517,12 +674,19 @@ pub fn import_bytes_with(bytes: &[u8], opts: &ImportOptions) -> Result<Imported>
         // Ops that compute on NCHW maps (Conv, BatchNormalization, pooling)
         // read an NHWC value as if H were the channels: a different model.
         let native_only = || -> Result<()> {
-            if perm_in.is_some() {
-                bail!(
+            match perm_in {
+                None => {}
+                Some(Perm::Nhwc) => bail!(
                     "{w}: reads an NHWC value (a Transpose to [N, H, W, C] comes before it); \
                      {} computes on [N, C, H, W], which is not supported here",
                     n.op_type
-                );
+                ),
+                Some(Perm::Axes(a)) => bail!(
+                    "{w}: reads a value with its axes in the order {a:?} of [N, C, H, W] (a Transpose comes before it); \
+                     {} computes on [N, C, H, W], which is not supported here",
+                    n.op_type
+                ),
+                Some(_) => bail!("{w}: {} of a flattened value", n.op_type),
             }
             Ok(())
         };
@@ -531,6 +695,8 @@ pub fn import_bytes_with(bytes: &[u8], opts: &ImportOptions) -> Result<Imported>
             bail!("{w}: its output `{out}` is already defined (a value written twice, or a cycle)");
         }
         let wname = n.input.get(1).map(String::as_str);
+        let reads_input =
+            |k: usize| matches!(n.input.get(k).and_then(|s| vals.get(s)), Some(Val::Node(s)) if s == INPUT);
         match n.op_type.as_str() {
             "Constant" => {
                 let t = attr(n, "value")
@@ -557,6 +723,7 @@ pub fn import_bytes_with(bytes: &[u8], opts: &ImportOptions) -> Result<Imported>
                 let axis = if a < 0 { a + rank } else { a };
                 let channel = match perm_in {
                     Some(Perm::Nhwc) => 3,
+                    Some(Perm::Axes(p)) => bail!("{w}: softmax of a value with its axes in the order {p:?}"),
                     _ => 1,
                 };
                 // Before opset 13 a 4-D softmax is taken over everything after
@@ -582,25 +749,108 @@ pub fn import_bytes_with(bytes: &[u8], opts: &ImportOptions) -> Result<Imported>
                 }
                 vals.insert(out, Val::Node(x));
             }
+            // Shape arithmetic as `x.view(x.shape[0], -1)` exports it:
+            // `Shape`, `Gather`, `Unsqueeze`, `Concat`, `Cast`.
+            "Shape" => {
+                let x = node_in(0)?;
+                let (shape, flat) = shape_of(&nodes, in_shape, input_flat, &x)?;
+                let mut d: Vec<Option<i64>> = vec![None];
+                match axes_of(perm_in) {
+                    Some(a) if !flat => {
+                        let full = [1, shape[0], shape[1], shape[2]];
+                        d.extend((1..4).map(|k| Some(full[a[k]] as i64)));
+                    }
+                    _ => d.push(Some(shape.iter().product::<usize>() as i64)),
+                }
+                let rank = d.len() as i64;
+                let clamp = |v: i64| (if v < 0 { v + rank } else { v }).clamp(0, rank) as usize;
+                let start = clamp(attr_i(n, "start", 0));
+                let end = clamp(attr_i(n, "end", rank));
+                vals.insert(out, Val::Shape(d[start..end.max(start)].to_vec()));
+            }
+            "Gather" | "Unsqueeze" | "Concat" | "Cast" | "Squeeze"
+                if n.input.iter().any(|s| matches!(vals.get(s), Some(Val::Shape(_)))) =>
+            {
+                let ints = |v: &Val| -> Result<Vec<Option<i64>>> {
+                    match v {
+                        Val::Shape(d) => Ok(d.clone()),
+                        Val::Const(c) if c.dims.len() <= 1 && c.values.iter().all(|v| v.fract() == 0.0) => {
+                            Ok(c.values.iter().map(|&v| Some(v as i64)).collect())
+                        }
+                        _ => bail!(
+                            "{w}: {} of a shape with a value that is not a constant 1-D integer list",
+                            n.op_type
+                        ),
+                    }
+                };
+                let d = match n.op_type.as_str() {
+                    "Gather" => {
+                        let data = ints(get(0)?)?;
+                        if attr_i(n, "axis", 0) != 0 {
+                            bail!("{w}: Gather of a shape along axis {}", attr_i(n, "axis", 0));
+                        }
+                        let idx = constant(1)?;
+                        idx.values
+                            .iter()
+                            .map(|&k| {
+                                let k = k as i64;
+                                let j = if k < 0 { k + data.len() as i64 } else { k };
+                                usize::try_from(j)
+                                    .ok()
+                                    .and_then(|j| data.get(j).copied())
+                                    .ok_or_else(|| {
+                                        anyhow!("{w}: index {k} out of range for a shape of {} values", data.len())
+                                    })
+                            })
+                            .collect::<Result<Vec<_>>>()?
+                    }
+                    "Concat" => {
+                        if attr_i(n, "axis", 0) != 0 {
+                            bail!("{w}: Concat of shapes along axis {}", attr_i(n, "axis", 0));
+                        }
+                        let mut d = Vec::new();
+                        for k in 0..n.input.len() {
+                            d.extend(ints(get(k)?)?);
+                        }
+                        d
+                    }
+                    // Unsqueeze/Squeeze of a scalar or 1-D list, Cast to
+                    // another integer type: the same values.
+                    _ => ints(get(0)?)?,
+                };
+                if d.len() > 8 {
+                    bail!("{w}: a shape of {} values", d.len());
+                }
+                vals.insert(out, Val::Shape(d));
+            }
             "Transpose" => {
                 let x = node_in(0)?;
-                let p: Vec<i64> = attr(n, "perm").map(|a| a.ints.clone()).unwrap_or_default();
-                match (p.as_slice(), perm_in) {
-                    ([0, 3, 1, 2], Some(Perm::Nhwc)) => {}
-                    ([0, 2, 3, 1], None) if !shape_of(&nodes, in_shape, input_flat, &x)?.1 => {
-                        perm.insert(out.clone(), Perm::Nhwc);
+                let flat = shape_of(&nodes, in_shape, input_flat, &x)?.1;
+                let rank = if flat { 2 } else { 4 };
+                // ONNX's default perm reverses the axes.
+                let p: Vec<i64> = attr(n, "perm").map_or_else(|| (0..rank as i64).rev().collect(), |a| a.ints.clone());
+                let is_perm = p.len() == rank && (0..rank as i64).all(|k| p.contains(&k));
+                if !is_perm || p[0] != 0 {
+                    bail!(
+                        "{w}: Transpose with perm {p:?} of a {rank}-D value; only permutations of a {rank}-D value that keep the batch axis first are supported"
+                    );
+                }
+                match (flat, axes_of(perm_in)) {
+                    // [0, 1] of a flat value: nothing moves.
+                    (true, _) => {
+                        if let Some(q) = perm_in {
+                            perm.insert(out.clone(), q);
+                        }
                     }
-                    ([0, 1], Some(q @ Perm::FlatHwc(_))) => {
-                        perm.insert(out.clone(), q);
+                    (false, Some(cur)) => {
+                        // ONNX axis k of the result is axis p[k] of the
+                        // input, which is our axis cur[p[k]].
+                        let next: [usize; 4] = std::array::from_fn(|k| cur[p[k] as usize]);
+                        if let Some(q) = perm_of_axes(next) {
+                            perm.insert(out.clone(), q);
+                        }
                     }
-                    ([0, 1], None) | ([0, 1, 2, 3], None) => {}
-                    ([0, 1, 2, 3], Some(Perm::Nhwc)) => {
-                        perm.insert(out.clone(), Perm::Nhwc);
-                    }
-                    _ => bail!(
-                        "{w}: Transpose with perm {p:?} of a {} value; only NCHW <-> NHWC ([0,2,3,1], [0,3,1,2]) is supported",
-                        if perm_in.is_some() { "NHWC" } else { "NCHW or flat" }
-                    ),
+                    (false, None) => bail!("{w}: Transpose of a flattened value as a map"),
                 }
                 vals.insert(out, Val::Node(x));
             }
@@ -623,18 +873,30 @@ pub fn import_bytes_with(bytes: &[u8], opts: &ImportOptions) -> Result<Imported>
                         };
                         let mut axes: Vec<i64> = axes.iter().map(|&a| if a < 0 { a + 4 } else { a }).collect();
                         axes.sort();
-                        let want = if perm_in == Some(Perm::Nhwc) { [1, 2] } else { [2, 3] };
+                        // The ONNX axes that hold our H and W.
+                        let want: Vec<i64> = axes_of(perm_in)
+                            .map(|a| (1..4).filter(|&k| a[k] >= 2).map(|k| k as i64).collect())
+                            .unwrap_or_default();
                         if flat_in || axes != want || shape[1] * shape[2] != 1 {
                             bail!("{w}: Squeeze of axes {axes:?}; only the 1x1 spatial axes of a pooled map are supported");
                         }
                         true
                     }
                     _ => {
-                        let target = constant(1)?;
-                        let s: Vec<i64> = target.values.iter().map(|&v| v as i64).collect();
+                        // The target: constant, or computed from `Shape` (the
+                        // free batch size as `None`, e.g. `x.view(x.shape[0], -1)`).
+                        let s: Vec<Option<i64>> = match get(1)? {
+                            Val::Const(c) => c.values.iter().map(|&v| Some(v as i64)).collect(),
+                            Val::Shape(d) => d.clone(),
+                            Val::Node(_) => bail!("{w}: the target shape must be a constant or computed from Shape"),
+                        };
+                        let features = (shape[0] * shape[1] * shape[2]) as i64;
+                        let batch_first = |a: &Option<i64>| a.is_none_or(|a| a >= 0);
                         match s.as_slice() {
-                            [_, -1] | [-1, _] | [0, _] | [_, _] => true,
-                            [_, c, h, wd]
+                            // [N, -1], [0, F], [-1, F], [1, -1] (a fixed batch)...
+                            [a, Some(b)] if batch_first(a) && (*b == -1 || *b == features) => true,
+                            [Some(-1), Some(b)] if *b == features => true,
+                            [_, Some(c), Some(h), Some(wd)]
                                 if x == INPUT
                                     && perm_in.is_none()
                                     && in_shape.is_some_and(|i| {
@@ -643,12 +905,22 @@ pub fn import_bytes_with(bytes: &[u8], opts: &ImportOptions) -> Result<Imported>
                                     }) =>
                             {
                                 // The input reshaped to images (prelu's own export takes it flat).
+                                if let Some((m, s)) = &mut norm {
+                                    if m.iter().any(|&v| v != m[0]) || s.iter().any(|&v| v != s[0]) {
+                                        bail!("{w}: the input is reshaped to images after a per-feature normalisation");
+                                    }
+                                    *m = vec![m[0]; *c as usize];
+                                    *s = vec![s[0]; *c as usize];
+                                }
                                 in_shape = Some([*c as usize, *h as usize, *wd as usize]);
                                 input_flat = false;
                                 vals.insert(out, Val::Node(INPUT.into()));
                                 continue;
                             }
-                            o => bail!("{w}: Reshape to {o:?}; only reshapes to [N, features] are supported"),
+                            o => bail!(
+                                "{w}: Reshape of a value of {features} features to {}; only reshapes to [N, features] are supported",
+                                show_dims(o)
+                            ),
                         }
                     }
                 };
@@ -657,7 +929,15 @@ pub fn import_bytes_with(bytes: &[u8], opts: &ImportOptions) -> Result<Imported>
                         Some(Perm::Nhwc) if shape[1] * shape[2] > 1 => {
                             perm.insert(out.clone(), Perm::FlatHwc(shape));
                         }
-                        Some(q @ Perm::FlatHwc(_)) => {
+                        // Another order: a fixed permutation of the features
+                        // (folded into the next dense layer's columns).
+                        Some(Perm::Axes(a)) => {
+                            let map = flat_index_map(shape, a);
+                            if map.iter().enumerate().any(|(j, &k)| j != k) {
+                                perm.insert(out.clone(), Perm::FlatAxes(shape, a));
+                            }
+                        }
+                        Some(q @ (Perm::FlatHwc(_) | Perm::FlatAxes(..))) => {
                             perm.insert(out.clone(), q);
                         }
                         _ => {}
@@ -670,24 +950,72 @@ pub fn import_bytes_with(bytes: &[u8], opts: &ImportOptions) -> Result<Imported>
                     }
                 }
             }
-            "Sub" | "Div" | "Mul" if matches!(get(0)?, Val::Node(s) if s == INPUT) && nodes.is_empty() => {
-                let c = constant(1)?;
-                if c.values.len() != 1 {
-                    bail!("{w}: input normalisation needs one value (per-channel values are not supported yet)");
-                }
-                let v = c.values[0];
-                match n.op_type.as_str() {
-                    "Sub" if mean == 0.0 && std == 1.0 => mean = v as f32,
-                    "Div" | "Mul" if v > 0.0 && v.is_finite() => {
-                        let s = if n.op_type == "Div" { v } else { 1.0 / v };
-                        // (x - m) / s1 / s2 = (x - m) / (s1 s2); a scale before
-                        // the shift moves it: x / s - m = (x - m s) / s.
-                        std *= s as f32;
+            // The input normalisation: `Sub`/`Add`/`Div`/`Mul` of the input
+            // by one value or one per channel, before any layer.
+            "Sub" | "Div" | "Mul" | "Add"
+                if nodes.is_empty()
+                    && (reads_input(0) || matches!(n.op_type.as_str(), "Add" | "Mul") && reads_input(1)) =>
+            {
+                let op = n.op_type.as_str();
+                let c = constant(if reads_input(0) { 1 } else { 0 })?;
+                let [ch, ih, iw] = in_shape.ok_or_else(|| anyhow!("{w}: the input's shape is unknown"))?;
+                let rank = if input_flat { 2 } else { 4 };
+                // The ONNX axis holding the channels (features of a flat input).
+                let channel = match axes_of(perm_in) {
+                    Some(a) if !input_flat => (1..4).find(|&k| a[k] == 1).unwrap_or(1),
+                    _ => 1,
+                };
+                let per: Vec<f64> = if c.values.len() == 1 {
+                    vec![c.values[0]; ch]
+                } else {
+                    let real: Vec<usize> = (0..c.dims.len()).filter(|&k| c.dims[k] != 1).collect();
+                    let axis = (real.len() == 1 && c.dims.len() <= rank).then(|| rank - c.dims.len() + real[0]);
+                    if axis != Some(channel) || c.values.len() != ch {
+                        let shown: Vec<Option<i64>> = std::iter::once(None)
+                            .chain(
+                                crate::onnx::dims_in(
+                                    match (perm_in, input_flat) {
+                                        (_, true) => Layout::Flat,
+                                        (Some(Perm::Nhwc), _) => Layout::Nhwc,
+                                        _ => Layout::Nchw,
+                                    },
+                                    [ch, ih, iw],
+                                )
+                                .into_iter()
+                                .map(|d| Some(d as i64)),
+                            )
+                            .collect();
+                        bail!(
+                            "{w}: {op} by a constant of shape {:?} on the input {}; an input normalisation takes one value or one per channel ({})",
+                            c.dims,
+                            show_dims(&shown),
+                            match (input_flat, channel) {
+                                (true, _) => format!("[{ch}]"),
+                                (false, 3) => format!("[{ch}], [1,1,{ch}] or [1,1,1,{ch}] on NHWC"),
+                                _ => format!("[{ch},1,1] or [1,{ch},1,1]"),
+                            }
+                        );
                     }
-                    _ => bail!(
-                        "{w}: {} by {v} on the input is not a normalisation (x - mean) / std",
-                        n.op_type
-                    ),
+                    c.values.clone()
+                };
+                // The value so far is (x - m) / s per channel; compose.
+                let (m, s) = norm.get_or_insert_with(|| (vec![0.0; ch], vec![1.0; ch]));
+                for (k, &v) in per.iter().enumerate() {
+                    match op {
+                        "Sub" | "Add" if v.is_finite() => {
+                            // (x - m) / s - v = (x - (m + v s)) / s
+                            m[k] += if op == "Sub" { v } else { -v } * s[k];
+                        }
+                        "Div" | "Mul" if v > 0.0 && v.is_finite() => {
+                            s[k] = if op == "Div" { s[k] * v } else { s[k] / v };
+                        }
+                        _ => bail!(
+                            "{w}: {op} by {v} (channel {k}) on the input is not a normalisation (x - mean) / std with a finite mean and std > 0"
+                        ),
+                    }
+                    if !(m[k].is_finite() && s[k] > 0.0 && s[k].is_finite()) {
+                        bail!("{w}: the input normalisation overflows at channel {k}");
+                    }
                 }
                 if let Some(p) = perm_in {
                     perm.insert(out.clone(), p);
@@ -778,6 +1106,23 @@ pub fn import_bytes_with(bytes: &[u8], opts: &ImportOptions) -> Result<Imported>
                         let p = hwc_to_chw(row, s);
                         row.copy_from_slice(&p);
                     }
+                }
+                // Features flattened after another permutation of the axes
+                // (`x.permute(0, 3, 2, 1)` then a flatten): the columns move
+                // by that fixed permutation.
+                if let Some(Perm::FlatAxes(s, a)) = perm_in {
+                    if s.iter().product::<usize>() != in_f {
+                        bail!("{w}: weight of {in_f} inputs after a flatten of {s:?}");
+                    }
+                    let map = flat_index_map(s, a);
+                    for row in wv.chunks_mut(in_f) {
+                        let p = to_our_order(row, &map);
+                        row.copy_from_slice(&p);
+                    }
+                    notes.push(format!(
+                        "{w} reads a flattening of axes {a:?} of [N, C, H, W] (a Transpose before the flatten): \
+                         its weight's columns are permuted to C, H, W order"
+                    ));
                 }
                 let mut bias = vec![0.0f64; out_f];
                 if n.op_type == "Gemm" {
@@ -914,8 +1259,9 @@ pub fn import_bytes_with(bytes: &[u8], opts: &ImportOptions) -> Result<Imported>
                             // must land on the channels (features).
                             let rank = if flat { 2 } else { 4 };
                             let real: Vec<usize> = (0..s.dims.len()).filter(|&k| s.dims[k] != 1).collect();
-                            let channel = match perm_in {
-                                Some(Perm::Nhwc) => 3,
+                            // The ONNX axis holding our channels.
+                            let channel = match axes_of(perm_in) {
+                                Some(a) if !flat => (1..4).find(|&k| a[k] == 1).unwrap_or(1),
                                 _ => 1,
                             };
                             let axis = (real.len() == 1 && s.dims.len() <= rank).then(|| rank - s.dims.len() + real[0]);
@@ -943,6 +1289,7 @@ pub fn import_bytes_with(bytes: &[u8], opts: &ImportOptions) -> Result<Imported>
                             }
                             match perm_in {
                                 Some(Perm::FlatHwc(sh)) => hwc_to_chw(&s.values, sh),
+                                Some(Perm::FlatAxes(sh, a)) => to_our_order(&s.values, &flat_index_map(sh, a)),
                                 _ => s.values.clone(),
                             }
                         };
@@ -1008,7 +1355,7 @@ pub fn import_bytes_with(bytes: &[u8], opts: &ImportOptions) -> Result<Imported>
                 let nhwc = perm_in == Some(Perm::Nhwc);
                 let want = if nhwc { [1, 2] } else { [2, 3] };
                 if axes != want
-                    || matches!(perm_in, Some(Perm::FlatHwc(_)))
+                    || matches!(perm_in, Some(Perm::FlatHwc(_) | Perm::Axes(_) | Perm::FlatAxes(..)))
                     || shape_of(&nodes, in_shape, input_flat, &x)?.1
                 {
                     bail!("{w}: ReduceMean over axes {axes:?}; only the spatial axes of a map (global average pooling) are supported");
@@ -1049,6 +1396,10 @@ pub fn import_bytes_with(bytes: &[u8], opts: &ImportOptions) -> Result<Imported>
         };
         let flat = shape_of(&nodes, Some(input), input_flat, &s)?.1;
         let layout = match (perm.get(&o.name), flat) {
+            (Some(Perm::Axes(a) | Perm::FlatAxes(_, a)), _) => bail!(
+                "output `{}` has its axes in the order {a:?} of [N, C, H, W]; only NCHW, NHWC and flat outputs are supported",
+                o.name
+            ),
             (Some(Perm::Nhwc), false) => Layout::Nhwc,
             (Some(Perm::Nhwc), true) | (None, true) => Layout::Flat,
             (Some(Perm::FlatHwc(_)), _) => Layout::FlatHwc,
@@ -1064,12 +1415,36 @@ pub fn import_bytes_with(bytes: &[u8], opts: &ImportOptions) -> Result<Imported>
     if outputs.is_empty() {
         bail!("the graph has no outputs");
     }
+    // The input normalisation: one value for all channels stays the
+    // model's own; per channel it is folded into the first layer where that
+    // is exact, else kept as the model's per-channel step.
+    let (mut mean, mut std, mut input_norm) = (0.0f32, 1.0f32, None);
+    if let Some((m, s)) = norm {
+        if m.iter().all(|&v| v == m[0]) && s.iter().all(|&v| v == s[0]) {
+            (mean, std) = (m[0] as f32, s[0] as f32);
+        } else if let Some(layer) = fold_norm(&mut nodes, &mut weights, &outputs, input, &m, &s)? {
+            notes.push(format!(
+                "the per-channel input normalisation is folded into `{layer}` (exact: no zero padding there)"
+            ));
+        } else {
+            notes.push(
+                "the per-channel input normalisation is kept as the model's first step (folding it into a padded \
+                 convolution would not be exact at the borders)"
+                    .to_string(),
+            );
+            input_norm = Some(crate::model::ChannelNorm {
+                mean: m.iter().map(|&v| v as f32).collect(),
+                std: s.iter().map(|&v| v as f32).collect(),
+            });
+        }
+    }
     let graph = Graph { nodes, outputs };
     let r = graph.resolve(input)?;
     let classes = r.len(r.outputs[0]);
     let spec = ModelSpec {
         input_mean: mean,
         input_std: std,
+        input_norm,
         ..ModelSpec::new(
             Arch::Graph { graph },
             first_act.unwrap_or(Activation::Relu),

@@ -106,11 +106,12 @@ impl OnnxIo {
     }
 
     /// The io of a checkpoint's header metadata, if it has one.
-    pub fn from_metadata(metadata: &std::collections::HashMap<String, String>) -> anyhow::Result<Option<Self>> {
+    pub fn from_metadata(metadata: &std::collections::HashMap<String, String>) -> crate::Result<Option<Self>> {
         metadata
             .get(IO_KEY)
             .map(|s| {
-                serde_json::from_str(s).map_err(|e| anyhow::anyhow!("the checkpoint's `{IO_KEY}` does not parse: {e}"))
+                serde_json::from_str(s)
+                    .map_err(|e| crate::Error::Invalid(format!("the checkpoint's `{IO_KEY}` does not parse: {e}")))
             })
             .transpose()
     }
@@ -122,16 +123,16 @@ impl OnnxIo {
 
     /// The model's input `x` given in the original layout (`[N, ...]`),
     /// as ours: `[N, C*H*W]` in `C, H, W` order.
-    pub fn input_to_ours(&self, x: &candle_core::Tensor, shape: [usize; 3]) -> anyhow::Result<candle_core::Tensor> {
+    pub fn input_to_ours(&self, x: &candle_core::Tensor, shape: [usize; 3]) -> crate::Result<candle_core::Tensor> {
         let [c, h, w] = shape;
         let n = x.dim(0)?;
         if x.elem_count() != n * c * h * w {
-            anyhow::bail!(
+            return Err(crate::Error::Invalid(format!(
                 "input `{}` must be {:?} per example, got {:?}",
                 self.input,
                 self.input_dims(shape),
                 x.dims()
-            );
+            )));
         }
         Ok(match self.input_layout {
             Layout::Nhwc | Layout::FlatHwc => x
@@ -149,16 +150,16 @@ impl OnnxIo {
         &self,
         model: &crate::model::Model,
         x: &candle_core::Tensor,
-    ) -> anyhow::Result<Vec<candle_core::Tensor>> {
+    ) -> crate::Result<Vec<candle_core::Tensor>> {
         let xs = self.input_to_ours(x, model.spec.input)?;
         let outs = model.forward_outputs(&xs, false)?;
         let r = &model.resolved;
         if outs.len() != self.outputs.len() {
-            anyhow::bail!(
+            return Err(crate::Error::Invalid(format!(
                 "the model has {} outputs, its ONNX io describes {}",
                 outs.len(),
                 self.outputs.len()
-            );
+            )));
         }
         let mut res = Vec::new();
         for ((y, io), &o) in outs.iter().zip(&self.outputs).zip(&r.outputs) {

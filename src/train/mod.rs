@@ -267,6 +267,7 @@ impl TrainConfig {
             classes: data::CLASSES,
             input_mean: mean,
             input_std: std,
+            input_norm: None,
             bias_init: self.bias_init,
         }
     }
@@ -587,7 +588,7 @@ fn rewrite_metrics(run_dir: &Path, keep: &[MetricsLine]) -> Result<()> {
     if io::read_capped(&path, s.len() as u64).is_ok_and(|old| old == s.as_bytes()) {
         return Ok(());
     }
-    io::write_atomic(&path, s.as_bytes())
+    Ok(io::write_atomic(&path, s.as_bytes())?)
 }
 
 /// How [`train_in`] treats the run folder.
