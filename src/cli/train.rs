@@ -574,8 +574,14 @@ pub fn cmd_study(a: &StudyArgs) -> Result<()> {
     let vary = a
         .vary
         .iter()
-        .map(|v| v.parse::<prelu::study::Vary>())
+        .map(|v| {
+            v.parse::<prelu::study::Vary>()
+                .map_err(|e| anyhow::anyhow!("--vary {e}"))
+        })
         .collect::<Result<Vec<_>>>()?;
+    if vary.iter().any(|v| v.key == "seed") {
+        bail!("--vary seed: the seeds are the replicates of every cell; use --seeds N and --seed S");
+    }
     let spec = prelu::study::StudySpec {
         base,
         vary,
