@@ -592,7 +592,7 @@ impl fmt::Display for SculptReport {
                 l.bypass_would_save.unwrap_or(0)
             )?;
         }
-        write!(
+        writeln!(
             f,
             "  dead = never positive on the statistics data; residual = dead but kept (tied by an add); linear = never negative or slope ~1"
         )

@@ -162,8 +162,15 @@ pub fn cmd_attack(a: &AttackArgs) -> Result<()> {
     if a.eps.is_empty() || a.eps.iter().any(|e| !(*e >= 0.0) || !e.is_finite()) {
         bail!("--eps must be a list of finite numbers >= 0, got {:?}", a.eps);
     }
-    if a.limit == 0 || a.batch_size == 0 || (use_pgd && a.steps == 0) || a.restarts == 0 {
-        bail!("--limit, --batch-size, --steps and --restarts must be at least 1");
+    for (flag, v, used) in [
+        ("--limit", a.limit, true),
+        ("--batch-size", a.batch_size, true),
+        ("--steps", a.steps, use_pgd),
+        ("--restarts", a.restarts, use_pgd),
+    ] {
+        if used && v == 0 {
+            bail!("{flag} must be at least 1, got 0");
+        }
     }
     if let Some(s) = a.step_size {
         if !(s > 0.0) || !s.is_finite() {

@@ -587,6 +587,11 @@ pub fn cmd_study(a: &StudyArgs) -> Result<()> {
         vary,
         seeds: a.seeds,
     };
+    interrupt::on_ctrl_c(format!(
+        "{} keeps every finished run and the last checkpoint of the current one; \
+         run the same `prelu study` command again to continue",
+        a.out.display()
+    ));
     let mut bars = Bars::default();
     let r = prelu::study::run(&spec, &a.out, &mut |rl, e| {
         bars.on(&format!("[{}/{}] {} seed {}", rl.index, rl.total, rl.cell, rl.seed), e)
