@@ -74,7 +74,7 @@ sd = {k: v.contiguous() for k, v in model.state_dict().items() if not k.endswith
 save_file(sd, str(OUT / "torch_mlp.safetensors"))
 spec = {
     "arch": {"kind": "mlp", "hidden": [64]},
-    "act": {"p-relu": {"shared": False}},
+    "act": {"prelu": {"shared": False}},
     "alpha_init": 0.25,
     "slope_constraint": "none",
     "batch_norm": True,

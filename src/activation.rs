@@ -363,13 +363,17 @@ impl ActivationLayer {
     pub fn forward_counting(&self, xs: &Tensor, stats: &ops::SharedStats) -> Result<Tensor> {
         match self {
             ActivationLayer::Relu => ops::relu_counting(xs, stats),
+            // A fixed or shared slope is broadcast over the channels so that
+            // the sentinel counts per channel as for every other activation
+            // (the gradient of the broadcast sums back onto the one slope).
+            ActivationLayer::LeakyRelu(a) if xs.rank() >= 2 => {
+                let slope = Tensor::full(*a, xs.dim(1)?, xs.device())?.to_dtype(xs.dtype())?;
+                ops::prelu_counting(xs, &slope, SlopeAxis::ChannelFirst, stats)
+            }
             ActivationLayer::LeakyRelu(a) => {
                 let slope = Tensor::full(*a, 1, xs.device())?.to_dtype(xs.dtype())?;
                 ops::prelu_counting(xs, &slope, SlopeAxis::Shared, stats)
             }
-            // A shared slope is broadcast over the channels so that the
-            // sentinel counts per channel as for every other activation
-            // (the gradient of the broadcast sums back onto the one slope).
             ActivationLayer::PRelu(p) if p.config().axis == SlopeAxis::Shared && xs.rank() >= 2 => {
                 let c = xs.dim(1)?;
                 let slope = p.slope()?.reshape(())?.broadcast_as(c)?.contiguous()?;

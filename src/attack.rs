@@ -187,12 +187,22 @@ pub struct Masking {
     pub zero_entry_share: f64,
     /// Share of examples whose whole input gradient is zero.
     pub zero_example_share: f64,
-    /// L2 norm of the per-example input gradient: min, 10%, median, 90%, max.
-    pub grad_norm_quantiles: [f64; 5],
+    /// Quantiles of the L2 norm of the per-example input gradient.
+    pub grad_norm: Quantiles,
     /// Mean loss at `x + t * sign(grad)` for t in `loss_curve_t`: flat
     /// stretches show where the gradient direction carries no signal.
     pub loss_curve_t: Vec<f64>,
     pub loss_curve: Vec<f64>,
+}
+
+/// Quantiles of a distribution (the nearest-rank value at each share).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct Quantiles {
+    pub min: f64,
+    pub p10: f64,
+    pub median: f64,
+    pub p90: f64,
+    pub max: f64,
 }
 
 /// Everything `prelu attack` reports for one model.
@@ -212,13 +222,19 @@ fn accuracy_and_loss(model: &Model, x: &Tensor, y: &Tensor) -> Result<(usize, f6
     Ok((correct, loss.to_scalar::<f32>()? as f64 * y.dim(0)? as f64))
 }
 
-fn quantiles(mut v: Vec<f64>) -> [f64; 5] {
+fn quantiles(mut v: Vec<f64>) -> Quantiles {
     if v.is_empty() {
-        return [0.0; 5];
+        return Quantiles::default();
     }
     v.sort_by(|a, b| a.total_cmp(b));
     let q = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
-    [q(0.0), q(0.1), q(0.5), q(0.9), q(1.0)]
+    Quantiles {
+        min: q(0.0),
+        p10: q(0.1),
+        median: q(0.5),
+        p90: q(0.9),
+        max: q(1.0),
+    }
 }
 
 /// Runs the attacks over a data set in batches.
@@ -230,7 +246,7 @@ pub fn evaluate(
     pgd_opts: &PgdOptions,
     batch: usize,
     mut progress: impl FnMut(usize, usize),
-) -> Result<AttackReport> {
+) -> crate::Result<AttackReport> {
     let (use_fgsm, use_pgd) = methods;
     let mut clean = (0usize, 0.0f64);
     let mut per_eps = vec![(0usize, 0.0f64, 0usize, 0.0f64); eps.len()];
@@ -312,7 +328,7 @@ pub fn evaluate(
         masking: Masking {
             zero_entry_share: zero_entries as f64 / entries.max(1) as f64,
             zero_example_share: zero_examples as f64 / n,
-            grad_norm_quantiles: quantiles(norms),
+            grad_norm: quantiles(norms),
             loss_curve_t: curve_t,
             loss_curve: curve.iter().map(|c| c / n).collect(),
         },

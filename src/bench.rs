@@ -337,7 +337,7 @@ fn mnist_epoch(sentinel: bool, data_dir: Option<&std::path::Path>) -> Result<Opt
     let _ = std::fs::remove_dir_all(&dir);
     let err = |e: anyhow::Error| candle_core::Error::Msg(format!("bench epoch: {e:#}"));
     let run = train::train(&cfg, &dir, false, &mut |_| {}).map_err(|e| err(e.into()));
-    let lines = run.and_then(|_| train::read_metrics(&dir).map_err(err));
+    let lines = run.and_then(|_| train::read_metrics(&dir).map_err(|e| err(e.into())));
     let _ = std::fs::remove_dir_all(&dir);
     Ok(lines?.into_iter().find_map(|l| match l {
         MetricsLine::Epoch(m) => Some(m.seconds),

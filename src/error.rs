@@ -1,10 +1,14 @@
-//! The library's error type, [`Error`], and [`Result`]. The public entry
-//! points (training, loading a checkpoint, thread setup) return it, so a
-//! caller can tell the cases it may handle apart (a run folder that is
-//! taken, a data set that is missing, a tensor error) from the rest. Inside,
-//! most code still uses `anyhow` for context; [`Error::Other`] carries that
-//! chain. Messages speak of the library's own terms, never of CLI flags:
-//! the command line adds its flags when it reports them.
+//! The library's error type, [`Error`], and [`Result`]. The library's
+//! entry points (training, studies, reports, diagnostics, stability,
+//! symmetry and sculpting, thread setup) return it, so a caller can tell
+//! the cases it may handle apart (a run folder that is taken, a file or
+//! folder that is missing, a data set that is missing, a value out of range,
+//! a tensor error) from the rest. Inside, code may use `anyhow` for context;
+//! [`Error::Other`] carries that chain. The building blocks that compose
+//! with candle (the op, the layers, the model's forward pass, the layer
+//! graph) return candle's `Result`, which `?` converts into [`Error`].
+//! Messages speak of the library's own terms, never of CLI flags: the
+//! command line adds its flags when it reports them.
 
 use std::path::PathBuf;
 
@@ -14,6 +18,9 @@ pub enum Error {
     /// A data set could not be found or read (names the file).
     #[error(transparent)]
     Data(#[from] crate::data::DataError),
+    /// A user file could not be read (names the file).
+    #[error(transparent)]
+    Read(#[from] crate::io::ReadError),
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
@@ -23,7 +30,11 @@ pub enum Error {
     /// A resumed run was asked to stop before the epochs it has done.
     #[error("{} has already trained {done} epochs; {asked} epochs would shorten it (nothing was changed)", dir.display())]
     WouldShorten { dir: PathBuf, done: usize, asked: usize },
-    /// A value out of range (the message names it).
+    /// A file or folder the call needs is not there.
+    #[error("{}: {what} does not exist", path.display())]
+    NotFound { path: PathBuf, what: &'static str },
+    /// A value out of range, or a file that does not hold what it should
+    /// (the message names it).
     #[error("{0}")]
     Invalid(String),
     /// Anything else, with its chain of context.
@@ -31,22 +42,58 @@ pub enum Error {
     Other(anyhow::Error),
 }
 
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::Other(e.into())
+    }
+}
+
+impl From<serde_json::Error> for Error {
+    fn from(e: serde_json::Error) -> Self {
+        Error::Other(e.into())
+    }
+}
+
 /// `Result` with the library's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl From<anyhow::Error> for Error {
-    /// Keeps a typed error that travelled inside an `anyhow::Error` (when no
-    /// context was added on the way) typed.
+    /// Keeps a typed error that travelled inside an `anyhow::Error` typed,
+    /// when no context was added on the way (a context's text is kept, in
+    /// [`Error::Other`]).
     fn from(e: anyhow::Error) -> Self {
-        match e.downcast::<Error>() {
+        match bare::<Error>(e) {
             Ok(e) => e,
-            Err(e) => match e.downcast::<crate::data::DataError>() {
+            Err(e) => match bare::<crate::data::DataError>(e) {
                 Ok(d) => Error::Data(d),
-                Err(e) => match e.downcast::<candle_core::Error>() {
+                Err(e) => match bare::<candle_core::Error>(e) {
                     Ok(c) => Error::Candle(c),
-                    Err(e) => Error::Other(e),
+                    Err(e) => match bare::<crate::io::ReadError>(e) {
+                        Ok(r) => Error::Read(r),
+                        Err(e) => Error::Other(e),
+                    },
                 },
             },
         }
     }
 }
+
+/// The `T` inside `e` when `e` is just that error: anyhow also finds the
+/// error under a context, whose text would be lost.
+fn bare<T>(e: anyhow::Error) -> std::result::Result<T, anyhow::Error>
+where
+    T: std::fmt::Display + std::fmt::Debug + Send + Sync + 'static,
+{
+    match e.downcast_ref::<T>() {
+        Some(t) if t.to_string() == e.to_string() => e.downcast::<T>(),
+        _ => Err(e),
+    }
+}
+
+/// `return Err(Error::Invalid(format!(...)))`: the library's `bail!`.
+macro_rules! fail {
+    ($($arg:tt)*) => {
+        return Err($crate::Error::Invalid(format!($($arg)*)))
+    };
+}
+pub(crate) use fail;

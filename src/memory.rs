@@ -282,10 +282,12 @@ pub const DEFAULT_BUDGET_SHARE: f64 = 0.75;
 
 /// The memory budget in bytes: `$PRELU_MEMORY_BUDGET` (e.g. `8G`) if set,
 /// else [`DEFAULT_BUDGET_SHARE`] of physical memory (16 GiB if unknown).
-pub fn budget() -> anyhow::Result<u64> {
+pub fn budget() -> crate::Result<u64> {
     if let Ok(v) = std::env::var("PRELU_MEMORY_BUDGET") {
         return parse_size(&v).ok_or_else(|| {
-            anyhow::anyhow!("PRELU_MEMORY_BUDGET=`{v}` is not a size (bytes, or a number with K, M, G or T)")
+            crate::Error::Invalid(format!(
+                "PRELU_MEMORY_BUDGET=`{v}` is not a size (bytes, or a number with K, M, G or T)"
+            ))
         });
     }
     Ok(physical_memory()
@@ -298,10 +300,10 @@ fn gib(b: u64) -> String {
 }
 
 /// Refuses `what` when its estimate is over the budget, with the numbers.
-pub fn check(what: &str, e: &Estimate) -> anyhow::Result<()> {
+pub fn check(what: &str, e: &Estimate) -> crate::Result<()> {
     let b = budget()?;
     if e.total > b {
-        anyhow::bail!(
+        crate::error::fail!(
             "{what} would need about {} of memory ({} parameters: {} for weights, gradients and optimiser state; \
              {} for activations and scratch; {} for the data; {} to write a checkpoint), over the budget of {} \
              (set PRELU_MEMORY_BUDGET, e.g. 32G, to change it)",
@@ -318,10 +320,10 @@ pub fn check(what: &str, e: &Estimate) -> anyhow::Result<()> {
 }
 
 /// Refuses an allocation of `bytes` for `what` over the budget.
-pub fn check_bytes(what: &str, bytes: u64) -> anyhow::Result<()> {
+pub fn check_bytes(what: &str, bytes: u64) -> crate::Result<()> {
     let b = budget()?;
     if bytes > b {
-        anyhow::bail!(
+        crate::error::fail!(
             "{what} would need about {} of memory, over the budget of {} (set PRELU_MEMORY_BUDGET, e.g. 32G, to change it)",
             gib(bytes),
             gib(b)

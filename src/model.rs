@@ -276,7 +276,7 @@ impl ModelSpec {
             bail!("model: bias init must be finite");
         }
         if !self.alpha_init.is_finite() {
-            bail!("model: --alpha-init must be finite");
+            bail!("model: the initial slope (alpha init) must be finite");
         }
         match &self.arch {
             Arch::Mlp { hidden } if hidden.contains(&0) || hidden.iter().any(|&v| big(v)) => {

@@ -15,7 +15,9 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use crate::error::fail;
+use crate::Result;
+use anyhow::Context;
 use plotters::prelude::*;
 
 use crate::sentinel::{Alarm, LayerReport, SentinelConfig, SlopeClasses};
@@ -57,13 +59,13 @@ fn read_json_beside(run_dir: &Path, name: &str) -> Result<Option<serde_json::Val
 /// A number from a JSON file beside a run, or an error naming the field.
 fn json_number(v: &serde_json::Value, file: &str, field: &str) -> Result<f64> {
     v.as_f64()
-        .with_context(|| format!("{file}: `{field}` must be a number, got {}", short(v)))
+        .ok_or_else(|| crate::Error::Invalid(format!("{file}: `{field}` must be a number, got {}", short(v))))
 }
 
 /// A string from a JSON file beside a run, or an error naming the field.
 fn json_str<'a>(v: &'a serde_json::Value, file: &str, field: &str) -> Result<&'a str> {
     v.as_str()
-        .with_context(|| format!("{file}: `{field}` must be a string, got {}", short(v)))
+        .ok_or_else(|| crate::Error::Invalid(format!("{file}: `{field}` must be a string, got {}", short(v))))
 }
 
 fn short(v: &serde_json::Value) -> String {
@@ -179,7 +181,7 @@ fn int_labels(lo: f64, hi: f64) -> usize {
 
 /// A line chart. The legend is not drawn over the data: [`legend`] writes
 /// it under the plot.
-fn lines(ax: &Axes, series: &[Line]) -> Result<Svg> {
+fn lines(ax: &Axes, series: &[Line]) -> anyhow::Result<Svg> {
     let mut out = String::new();
     {
         let root = SVGBackend::with_string(&mut out, (630, 330)).into_drawing_area();
@@ -292,7 +294,7 @@ fn share_color(v: f64) -> RGBColor {
 
 /// Heatmap of the negative share of each channel (rows) over epochs
 /// (columns), with its colour scale on the right.
-fn heatmap(title: &str, epochs: &[usize], shares: &[Vec<f64>]) -> Result<Svg> {
+fn heatmap(title: &str, epochs: &[usize], shares: &[Vec<f64>]) -> anyhow::Result<Svg> {
     let mut out = String::new();
     {
         let root = SVGBackend::with_string(&mut out, (650, 330)).into_drawing_area();
@@ -416,11 +418,19 @@ pub fn attack_table(v: &serde_json::Value) -> Result<String> {
             .with_context(|| format!("{F}: `models` must be a list"))?
             .as_slice(),
     };
+    let mut norms = String::new();
     for m in models {
         let ck = match m.get("checkpoint") {
             None => "",
             Some(c) => json_str(c, F, "checkpoint")?,
         };
+        if let Some(q) = grad_norm_quantiles(m)? {
+            let _ = write!(norms, "<tr><td>{}</td>", html_escape(ck));
+            for v in q {
+                let _ = write!(norms, "<td>{}</td>", html_escape(&num(v, 4)));
+            }
+            norms.push_str("</tr>");
+        }
         let results = match m.get("report").and_then(|r| r.get("results")) {
             None => &[][..],
             Some(r) => r
@@ -446,7 +456,71 @@ pub fn attack_table(v: &serde_json::Value) -> Result<String> {
         }
     }
     out.push_str("</table>");
+    if !norms.is_empty() {
+        out.push_str(
+            "<p>The L2 norm of each clean example's input gradient: many tiny norms \
+             (or a zero minimum) point to gradient masking, where FGSM and PGD find no direction.</p>\
+             <table><tr><th>model</th><th>input-gradient norm: min</th><th>p10</th><th>median</th>\
+             <th>p90</th><th>max</th></tr>",
+        );
+        out.push_str(&norms);
+        out.push_str("</table>");
+    }
     Ok(out)
+}
+
+/// A number for people: `digits` decimals in [1e-3, 1e5) (and for 0),
+/// else scientific with up to `digits` decimals, `1.23e-7` (never Rust's
+/// `1.2300e0`).
+pub fn num(v: f64, digits: usize) -> String {
+    let a = v.abs();
+    if !v.is_finite() || v == 0.0 || (1e-3..1e5).contains(&a) {
+        return format!("{v:.digits$}");
+    }
+    let s = format!("{v:.digits$e}");
+    match s.split_once('e') {
+        Some((m, e)) => {
+            let m = if m.contains('.') {
+                m.trim_end_matches('0').trim_end_matches('.')
+            } else {
+                m
+            };
+            format!("{m}e{e}")
+        }
+        None => s,
+    }
+}
+
+/// The input-gradient norm quantiles (min, p10, median, p90, max) of one
+/// attacked model: `report.masking.grad_norm` (an object), or, in files
+/// written by older versions, the model's `grad_norm` object or the array
+/// `report.masking.grad_norm_quantiles`.
+fn grad_norm_quantiles(m: &serde_json::Value) -> Result<Option<[f64; 5]>> {
+    const F: &str = "attack.json";
+    let masking = m.get("report").and_then(|r| r.get("masking"));
+    let labelled = masking.and_then(|k| k.get("grad_norm")).or_else(|| m.get("grad_norm"));
+    if let Some(q) = labelled {
+        let mut out = [0.0; 5];
+        for (o, k) in out.iter_mut().zip(["min", "p10", "median", "p90", "max"]) {
+            let v = q.get(k).with_context(|| format!("{F}: `grad_norm` has no `{k}`"))?;
+            *o = json_number(v, F, k)?;
+        }
+        return Ok(Some(out));
+    }
+    match masking.and_then(|k| k.get("grad_norm_quantiles")) {
+        None => Ok(None),
+        Some(a) => {
+            let a = a
+                .as_array()
+                .filter(|a| a.len() == 5)
+                .with_context(|| format!("{F}: `grad_norm_quantiles` must be a list of 5 numbers"))?;
+            let mut out = [0.0; 5];
+            for (o, v) in out.iter_mut().zip(a) {
+                *o = json_number(v, F, "grad_norm_quantiles")?;
+            }
+            Ok(Some(out))
+        }
+    }
 }
 
 /// What the report contains, for `--json`.
@@ -489,7 +563,7 @@ fn load_run(dir: &Path) -> Result<RunData> {
         }
     }
     if epochs.is_empty() {
-        anyhow::bail!("{}: no epoch in metrics.jsonl: nothing to report", dir.display());
+        fail!("{}: no epoch in metrics.jsonl: nothing to report", dir.display());
     }
     Ok(RunData {
         name: dir.display().to_string(),
@@ -510,13 +584,27 @@ fn is_run(dir: &Path) -> bool {
 /// The run folders behind the report's arguments: a run folder (one with
 /// `metrics.jsonl`) stands for itself; a folder without one whose subfolders
 /// are run folders (what `prelu compare` writes) stands for those, sorted by
-/// name. Linked folders are not followed.
+/// name. Linked folders are not followed. A path that is not there is
+/// [`crate::Error::NotFound`]; one that is not a folder is refused.
 pub fn expand_runs(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     if paths.is_empty() {
-        anyhow::bail!("no run folder given");
+        fail!("no run folder given");
     }
     let mut runs = Vec::new();
     for p in paths {
+        let Ok(meta) = std::fs::metadata(p) else {
+            return Err(crate::Error::NotFound {
+                path: p.clone(),
+                what: "the run folder",
+            });
+        };
+        if !meta.is_dir() {
+            fail!(
+                "{}: not a run folder (give a folder that training or a comparison wrote)",
+                p.display()
+            );
+        }
+        // A linked folder is read as a run, never listed.
         let is_dir = std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir());
         if is_run(p) || !is_dir {
             runs.push(p.clone());
@@ -539,7 +627,7 @@ pub fn expand_runs(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
         }
     }
     if runs.len() > MAX_RUNS {
-        anyhow::bail!(
+        fail!(
             "{} runs to overlay; a report takes at most {MAX_RUNS} (pass fewer run folders)",
             runs.len()
         );

@@ -28,7 +28,9 @@
 
 use std::fmt;
 
-use anyhow::{bail, Context, Result};
+use crate::error::fail;
+use crate::Result;
+use anyhow::Context;
 use serde::Serialize;
 
 use crate::data::Dataset;
@@ -80,21 +82,28 @@ pub struct LayerSculpt {
     pub bypass_would_save: Option<usize>,
 }
 
+/// Size and accuracy of a model, before or after sculpting.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct ModelMeasure {
+    /// Trainable parameters (real counts: BatchNorm affine before folding,
+    /// slopes only where a PReLU has them).
+    pub params: usize,
+    /// Multiply-adds per example of the conv and linear layers.
+    pub macs: usize,
+    /// Accuracy on the test examples.
+    pub test_acc: f64,
+}
+
 /// What the sculptor did and what it cost.
 #[derive(Clone, Debug, Serialize)]
 pub struct SculptReport {
-    /// Trainable parameters of the model and of the result (real counts: BatchNorm
-    /// affine before folding, slopes only where a PReLU has them).
-    pub params_before: usize,
-    pub params_after: usize,
-    /// Multiply-adds per example of the conv and linear layers.
-    pub macs_before: usize,
-    pub macs_after: usize,
+    /// The model given.
+    pub before: ModelMeasure,
+    /// The sculpted model.
+    pub after: ModelMeasure,
     pub bn: BnFold,
     pub layers: Vec<LayerSculpt>,
     pub test_examples: usize,
-    pub acc_before: f64,
-    pub acc_after: f64,
     /// Max |output difference| over the test examples and every head.
     pub max_output_diff: f64,
 }
@@ -124,19 +133,27 @@ pub struct Canonical {
     pub report: CanonReport,
 }
 
-fn outputs(model: &Model, ds: &Dataset) -> Result<Vec<Vec<f32>>> {
+/// Every head's outputs on `ds` (one row per example, the heads side by
+/// side) and the accuracy of the first head; calls `on(examples)` after each
+/// batch.
+fn outputs(model: &Model, ds: &Dataset, on: &mut dyn FnMut(usize)) -> Result<(Vec<Vec<f32>>, f64)> {
     let mut out = Vec::with_capacity(ds.len());
+    let mut correct = 0usize;
     for b in ds.batches(500) {
-        let heads = model.forward_outputs(&b?.0, false)?;
+        let (x, y) = b?;
+        let heads = model.forward_outputs(&x, false)?;
+        let logits = heads.first().context("the model has no output")?;
+        correct += crate::train::loss_and_correct(logits, &y)?.1;
         let rows: Vec<Vec<Vec<f32>>> = heads
             .iter()
-            .map(|h| h.to_vec2::<f32>())
+            .map(|h| h.flatten_from(1)?.to_vec2::<f32>())
             .collect::<candle_core::Result<_>>()?;
         for i in 0..rows.first().map_or(0, |r| r.len()) {
             out.push(rows.iter().flat_map(|r| r[i].iter().copied()).collect());
         }
+        on(y.dim(0)?);
     }
-    Ok(out)
+    Ok((out, correct as f64 / ds.len().max(1) as f64))
 }
 
 fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
@@ -144,16 +161,6 @@ fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
         .zip(b)
         .flat_map(|(a, b)| a.iter().zip(b).map(|(x, y)| (x - y).abs() as f64))
         .fold(0.0, f64::max)
-}
-
-fn accuracy(model: &Model, ds: &Dataset) -> Result<f64> {
-    let mut ok = 0usize;
-    for b in ds.batches(500) {
-        let (x, y) = b?;
-        let pred = model.forward_t(&x, false)?.argmax(1)?.to_vec1::<u32>()?;
-        ok += pred.iter().zip(y.to_vec1::<u32>()?).filter(|(p, y)| **p == *y).count();
-    }
-    Ok(ok as f64 / ds.len().max(1) as f64)
 }
 
 /// Why dead channel `c` of activation node `t` cannot be removed; `None` when it can.
@@ -212,7 +219,7 @@ fn remove_slots(net: &mut GraphNet, r: &Resolved, ch: &Channels, remove: &[bool]
                     }
                 }
             }
-            Op::BatchNorm { .. } | Op::Add => bail!("sculpt: would remove channels across `{name}` (a bug)"),
+            Op::BatchNorm { .. } | Op::Add => fail!("sculpt: would remove channels across `{name}` (a bug)"),
             _ => {}
         }
     }
@@ -229,7 +236,7 @@ fn merge_pair(net: &mut GraphNet, p: usize, q: usize) -> Result<std::result::Res
     let (m, n, kp) = weight_dims(&r, p, wp.len());
     let (o, m2, kq) = weight_dims(&r, q, wq.len());
     if m != m2 {
-        bail!("sculpt: `{qn}` reads {m2} channels, `{pn}` makes {m}");
+        fail!("sculpt: `{qn}` reads {m2} channels, `{pn}` makes {m}");
     }
     let bp = net.tensors.get(&format!("{pn}.bias")).cloned().unwrap_or(vec![0.0; m]);
     let bq = net.tensors.get(&format!("{qn}.bias")).cloned().unwrap_or(vec![0.0; o]);
@@ -342,12 +349,28 @@ fn merge_pair(net: &mut GraphNet, p: usize, q: usize) -> Result<std::result::Res
 /// Sculpts `model` using unit statistics over `stats_data`, and measures the
 /// result on `test`.
 pub fn sculpt(model: &Model, stats_data: &Dataset, test: &Dataset, o: &SculptOptions) -> Result<Sculpted> {
+    sculpt_with_progress(model, stats_data, test, o, &mut |_, _| {})
+}
+
+/// [`sculpt`], calling `on(examples done, examples)` as it goes: one pass
+/// over `stats_data` (the statistics), then two over `test` (the original
+/// model and the sculpted one), `stats_data.len() + 2 test.len()` in all.
+pub fn sculpt_with_progress(
+    model: &Model,
+    stats_data: &Dataset,
+    test: &Dataset,
+    o: &SculptOptions,
+    on: &mut dyn FnMut(usize, usize),
+) -> Result<Sculpted> {
     for (what, v) in [("dead_slope_tol", o.dead_slope_tol), ("slope_tol", o.slope_tol)] {
         if !(v >= 0.0) || !v.is_finite() {
-            bail!("sculpt: {what} must be finite and >= 0, got {v}");
+            fail!("sculpt: {what} must be finite and >= 0, got {v}");
         }
     }
-    let diag = crate::sentinel::diagnose(model, stats_data, 500, Default::default())?;
+    let total = stats_data.len() + 2 * test.len();
+    let diag =
+        crate::sentinel::diagnose_with_progress(model, stats_data, 500, Default::default(), &mut |d, _| on(d, total))?;
+    let mut done = stats_data.len();
     let mut net = GraphNet::from_model(model)?;
     let macs_before = net.macs()?;
     let bn = net.fold_bn()?;
@@ -357,7 +380,7 @@ pub fn sculpt(model: &Model, stats_data: &Dataset, test: &Dataset, o: &SculptOpt
         .filter(|&i| matches!(net.graph.nodes[i].op, Op::Act { .. }))
         .collect();
     if diag.layers.len() != acts.len() {
-        bail!(
+        fail!(
             "sentinel saw {} activation layers, the model has {}",
             diag.layers.len(),
             acts.len()
@@ -464,17 +487,26 @@ pub fn sculpt(model: &Model, stats_data: &Dataset, test: &Dataset, o: &SculptOpt
         });
     }
     let out = net.to_model()?;
-    let (la, lb) = (outputs(model, test)?, outputs(&out, test)?);
+    let mut step = |n: usize| {
+        done += n;
+        on(done, total)
+    };
+    let (la, acc_before) = outputs(model, test, &mut step)?;
+    let (lb, acc_after) = outputs(&out, test, &mut step)?;
     let report = SculptReport {
-        params_before: model.num_params(),
-        params_after: out.num_params(),
-        macs_before,
-        macs_after: net.macs()?,
+        before: ModelMeasure {
+            params: model.num_params(),
+            macs: macs_before,
+            test_acc: acc_before,
+        },
+        after: ModelMeasure {
+            params: out.num_params(),
+            macs: net.macs()?,
+            test_acc: acc_after,
+        },
         bn,
         layers,
         test_examples: test.len(),
-        acc_before: accuracy(model, test)?,
-        acc_after: accuracy(&out, test)?,
         max_output_diff: max_diff(&la, &lb),
     };
     Ok(Sculpted { model: out, report })
@@ -486,7 +518,7 @@ pub fn canonicalize(model: &Model, ds: &Dataset) -> Result<Canonical> {
     let mut net = GraphNet::from_model(model)?;
     let stats = net.canonicalize()?;
     let out = net.to_model()?;
-    let (la, lb) = (outputs(model, ds)?, outputs(&out, ds)?);
+    let (la, lb) = (outputs(model, ds, &mut |_| {})?.0, outputs(&out, ds, &mut |_| {})?.0);
     Ok(Canonical {
         model: out,
         report: CanonReport {
@@ -536,17 +568,20 @@ impl fmt::Display for SculptReport {
         writeln!(
             f,
             "  parameters {} -> {} ({}), multiply-adds {} -> {} ({})",
-            self.params_before,
-            self.params_after,
-            pct(self.params_before, self.params_after),
-            self.macs_before,
-            self.macs_after,
-            pct(self.macs_before, self.macs_after)
+            self.before.params,
+            self.after.params,
+            pct(self.before.params, self.after.params),
+            self.before.macs,
+            self.after.macs,
+            pct(self.before.macs, self.after.macs)
         )?;
         writeln!(
             f,
-            "  test accuracy {:.4} -> {:.4} on {} images; max |output difference| {:.3e}",
-            self.acc_before, self.acc_after, self.test_examples, self.max_output_diff
+            "  test accuracy {:.4} -> {:.4} on {} images; max |output difference| {}",
+            self.before.test_acc,
+            self.after.test_acc,
+            self.test_examples,
+            crate::report::num(self.max_output_diff, 3)
         )?;
         for l in self.layers.iter().filter(|l| l.bypass_would_save.is_some()) {
             writeln!(
@@ -557,7 +592,7 @@ impl fmt::Display for SculptReport {
                 l.bypass_would_save.unwrap_or(0)
             )?;
         }
-        write!(
+        writeln!(
             f,
             "  dead = never positive on the statistics data; residual = dead but kept (tied by an add); linear = never negative or slope ~1"
         )
@@ -592,8 +627,9 @@ impl fmt::Display for CanonReport {
         }
         writeln!(
             f,
-            "  max |output difference| over every head on {} test images: {:.3e}",
-            self.examples, self.max_output_diff
+            "  max |output difference| over every head on {} test images: {}",
+            self.examples,
+            crate::report::num(self.max_output_diff, 3)
         )?;
         for r in &self.identifiability {
             let n = r.gamma.len().min(4);

@@ -59,31 +59,31 @@ impl Default for SentinelConfig {
 
 impl SentinelConfig {
     /// Checks every threshold (the `[alarms]` table of a run config).
-    pub fn validate(&self) -> anyhow::Result<()> {
+    pub fn validate(&self) -> crate::Result<()> {
         let unit = |v: f64| (0.0..=1.0).contains(&v);
         if !unit(self.dead_share) {
-            anyhow::bail!("alarms: dead_share must be in [0, 1], got {}", self.dead_share);
+            crate::error::fail!("alarms: dead_share must be in [0, 1], got {}", self.dead_share);
         }
         if !unit(self.idle_share) {
-            anyhow::bail!("alarms: idle_share must be in [0, 1], got {}", self.idle_share);
+            crate::error::fail!("alarms: idle_share must be in [0, 1], got {}", self.idle_share);
         }
         if self.idle_epochs == 0 || self.idle_epochs > 1_000_000 {
-            anyhow::bail!("alarms: idle_epochs must be in 1..=1000000, got {}", self.idle_epochs);
+            crate::error::fail!("alarms: idle_epochs must be in 1..=1000000, got {}", self.idle_epochs);
         }
         if !(self.grad_ratio >= 1.0) || !self.grad_ratio.is_finite() {
-            anyhow::bail!(
+            crate::error::fail!(
                 "alarms: grad_ratio must be a finite number >= 1, got {}",
                 self.grad_ratio
             );
         }
         if !(self.stuck_slope >= 0.0) || !self.stuck_slope.is_finite() {
-            anyhow::bail!(
+            crate::error::fail!(
                 "alarms: stuck_slope must be a finite number >= 0, got {}",
                 self.stuck_slope
             );
         }
         if !(self.slope_tol >= 0.0) || !(self.slope_tol < 0.5) {
-            anyhow::bail!("alarms: slope_tol must be in [0, 0.5), got {}", self.slope_tol);
+            crate::error::fail!("alarms: slope_tol must be in [0, 0.5), got {}", self.slope_tol);
         }
         Ok(())
     }
@@ -409,7 +409,7 @@ impl Sentinel {
     /// use prelu::sentinel::{ActivationSite, AlarmKind, Sentinel, SentinelConfig};
     /// use prelu::{PReLU, PReLUConfig};
     ///
-    /// # fn main() -> candle_core::Result<()> {
+    /// # fn main() -> prelu::Result<()> {
     /// let dev = Device::Cpu;
     /// // Hand-set slopes of both signs: channel 1 is |x|, channel 2 ReLU-like.
     /// let act = PReLU::from_slopes(&Tensor::new(&[0.25f32, -1.0, 0.0], &dev)?, PReLUConfig::default())?;
@@ -429,21 +429,21 @@ impl Sentinel {
     /// # Ok(())
     /// # }
     /// ```
-    pub fn from_sites(sites: Vec<ActivationSite>, cfg: SentinelConfig) -> Result<Self> {
+    pub fn from_sites(sites: Vec<ActivationSite>, cfg: SentinelConfig) -> crate::Result<Self> {
         let mut seen = HashSet::new();
         let mut layers = Vec::new();
         for site in sites {
             if site.channels == 0 {
-                candle_core::bail!("sentinel: site `{}` has 0 channels", site.name);
+                crate::error::fail!("sentinel: site `{}` has 0 channels", site.name);
             }
             if !seen.insert(site.name.clone()) {
-                candle_core::bail!("sentinel: two sites are named `{}`", site.name);
+                crate::error::fail!("sentinel: two sites are named `{}`", site.name);
             }
             let slope = site.act.prelu().map(|p| p.param().clone());
             if let (Some(s), Some(p)) = (&slope, site.act.prelu()) {
                 let n = s.elem_count();
                 if p.config().axis != crate::SlopeAxis::Shared && n != site.channels {
-                    candle_core::bail!(
+                    crate::error::fail!(
                         "sentinel: site `{}` has {n} slopes but {} channels",
                         site.name,
                         site.channels
@@ -587,7 +587,7 @@ impl Sentinel {
 
     /// Closes an epoch: per-layer reports and the alarms raised for the first
     /// time; resets the accumulators.
-    pub fn end_epoch(&mut self, model: &Model, epoch: usize) -> Result<(Vec<LayerReport>, Vec<Alarm>)> {
+    pub fn end_epoch(&mut self, model: &Model, epoch: usize) -> crate::Result<(Vec<LayerReport>, Vec<Alarm>)> {
         let acts: Vec<ActivationLayer> = model.activations().into_iter().cloned().collect();
         self.close(&acts, epoch)
     }
@@ -596,12 +596,12 @@ impl Sentinel {
     /// slopes are read from the sites' layers, which share their variables
     /// with the model): per-layer reports and the alarms raised for the first
     /// time; resets the accumulators.
-    pub fn close_epoch(&mut self, epoch: usize) -> Result<(Vec<LayerReport>, Vec<Alarm>)> {
+    pub fn close_epoch(&mut self, epoch: usize) -> crate::Result<(Vec<LayerReport>, Vec<Alarm>)> {
         let acts: Vec<ActivationLayer> = self.layers.iter().map(|l| l.act.clone()).collect();
         self.close(&acts, epoch)
     }
 
-    fn close(&mut self, acts: &[ActivationLayer], epoch: usize) -> Result<(Vec<LayerReport>, Vec<Alarm>)> {
+    fn close(&mut self, acts: &[ActivationLayer], epoch: usize) -> crate::Result<(Vec<LayerReport>, Vec<Alarm>)> {
         let mut reports = Vec::new();
         let mut alarms = Vec::new();
         let raise = |raised: &mut HashSet<RaisedKey>,
@@ -863,7 +863,12 @@ pub struct Diagnosis {
 /// Runs the sentinel over a data set with a trained model (evaluation mode,
 /// gradients from the cross-entropy of each batch). Idle means idle on this
 /// data (one pass).
-pub fn diagnose(model: &Model, ds: &crate::data::Dataset, batch: usize, cfg: SentinelConfig) -> Result<Diagnosis> {
+pub fn diagnose(
+    model: &Model,
+    ds: &crate::data::Dataset,
+    batch: usize,
+    cfg: SentinelConfig,
+) -> crate::Result<Diagnosis> {
     diagnose_with_progress(model, ds, batch, cfg, &mut |_, _| {})
 }
 
@@ -874,7 +879,7 @@ pub fn diagnose_with_progress(
     batch: usize,
     cfg: SentinelConfig,
     on_batch: &mut dyn FnMut(usize, usize),
-) -> Result<Diagnosis> {
+) -> crate::Result<Diagnosis> {
     let mut s = Sentinel::new(model, SentinelConfig { idle_epochs: 1, ..cfg });
     let (mut loss_sum, mut correct, mut done) = (0.0f64, 0usize, 0usize);
     // The fused step's evaluation-mode pass with backward where it covers the

@@ -68,7 +68,7 @@ pub fn chain(weights: &[f64], a: f64, vanish_below: f64, explode_above: f64) -> 
 /// `d x_L / d x_0` by backpropagation through a real chain of
 /// `Linear(1, 1, no bias) + PReLU(a)` layers started at `x0 < 0` (with
 /// positive weights the signal stays on the negative path).
-pub fn chain_backprop(weights: &[f64], a: f64, x0: f64) -> Result<f64> {
+pub fn chain_backprop(weights: &[f64], a: f64, x0: f64) -> crate::Result<f64> {
     let dev = Device::Cpu;
     let x = Var::from_tensor(&Tensor::new(&[[x0]], &dev)?)?;
     let act = ActivationLayer::PRelu(crate::PReLU::from_slopes(
@@ -84,9 +84,9 @@ pub fn chain_backprop(weights: &[f64], a: f64, x0: f64) -> Result<f64> {
         t = act.forward(&t.matmul(&wt.t()?)?)?;
     }
     let g = t.sum_all()?.backward()?;
-    g.get(x.as_tensor())
+    Ok(g.get(x.as_tensor())
         .map(|g| g.to_vec2::<f64>().map(|v| v[0][0]))
-        .unwrap_or(Ok(0.0))
+        .unwrap_or(Ok(0.0))?)
 }
 
 /// Finite-width theory of one layer of a random chain.
@@ -448,12 +448,17 @@ fn renormalise(t: &Tensor) -> Result<(Vec<f64>, Tensor)> {
 /// log-ratios of squared norms (signals renormalised per sample and layer,
 /// logs accumulated in f64). Every scheme draws its own weights (the seed
 /// is mixed with the scheme's name).
-pub fn propagate(init: InitScheme, act: Activation, alpha: f64, o: &PropagationOptions) -> Result<PropagationCurve> {
+pub fn propagate(
+    init: InitScheme,
+    act: Activation,
+    alpha: f64,
+    o: &PropagationOptions,
+) -> crate::Result<PropagationCurve> {
     if o.depth < 2 || o.width == 0 || o.batch == 0 || o.draws == 0 {
-        candle_core::bail!("stability: depth must be >= 2 and width, batch and draws >= 1");
+        crate::error::fail!("stability: depth must be >= 2 and width, batch and draws >= 1");
     }
     if !(o.sds > 0.0) || !o.sds.is_finite() {
-        candle_core::bail!("stability: the band needs a finite number of standard deviations > 0");
+        crate::error::fail!("stability: the band needs a finite number of standard deviations > 0");
     }
     let dev = Device::Cpu;
     let a = act.initial_slope(alpha);
@@ -665,7 +670,7 @@ pub fn describe_slopes(slopes: &[f64]) -> String {
 
 /// Per-layer, per-channel stability of a trained model on a batch `x`
 /// (pixels in [0, 1]) with labels `y`.
-pub fn model_layers(model: &Model, x: &Tensor, y: &Tensor, far: f64) -> Result<Vec<LayerStability>> {
+pub fn model_layers(model: &Model, x: &Tensor, y: &Tensor, far: f64) -> crate::Result<Vec<LayerStability>> {
     // Shapes of the activation inputs, then zero probes there to read their gradients.
     let mut shapes = Vec::new();
     model.forward_inspect(x, false, &mut |_, t| {
@@ -880,7 +885,7 @@ impl std::fmt::Display for LayersTable<'_> {
         )?;
         writeln!(
             f,
-            "(PReLU not invertible there); bwd gain = RMS grad at this act's input / next act's input. Per channel: --json."
+            "(PReLU not invertible there); bwd gain = RMS grad at this act's input / next act's input. Per channel: in the JSON output."
         )
     }
 }
@@ -889,7 +894,7 @@ impl std::fmt::Display for LayersTable<'_> {
 /// curve (log scale), the infinite-width prediction dashed; right, the
 /// per-sample log-ratio `ln(q_l / q_1)` (mean line, 5-95% area) against the
 /// stable band of `chi = 1` at this width (grey), zoomed to the band.
-pub fn plot_svg(curves: &[PropagationCurve], path: &std::path::Path) -> anyhow::Result<()> {
+pub fn plot_svg(curves: &[PropagationCurve], path: &std::path::Path) -> crate::Result<()> {
     // Drawn into memory, then saved by the atomic writer (a temporary file
     // created exclusively, renamed over `path`): a planted link is never followed.
     let mut svg = String::new();

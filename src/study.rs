@@ -17,7 +17,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use crate::error::fail;
+use crate::Result;
+use anyhow::Context;
 use serde::Serialize;
 
 use crate::train::{self, Event, MetricsLine, TrainConfig};
@@ -223,23 +225,23 @@ pub struct Vary {
 }
 
 impl std::str::FromStr for Vary {
-    type Err = anyhow::Error;
+    type Err = crate::Error;
     fn from_str(s: &str) -> Result<Self> {
         let (k, v) = s
             .split_once('=')
-            .with_context(|| format!("--vary `{s}`: expected KEY=V1,V2,..."))?;
+            .with_context(|| format!("`{s}`: expected KEY=V1,V2,..."))?;
         let key = normalise_key(k);
         if key.is_empty() {
-            bail!("--vary `{s}`: empty key");
+            fail!("`{s}`: empty key");
         }
         let values: Vec<String> = v.split(',').map(|x| x.trim().to_string()).collect();
         if values.iter().any(|x| x.is_empty()) {
-            bail!("--vary `{s}`: empty value");
+            fail!("`{s}`: empty value");
         }
         let mut seen = Vec::new();
         for x in &values {
             if seen.contains(x) {
-                bail!("--vary `{s}`: value `{x}` given twice");
+                fail!("`{s}`: value `{x}` given twice");
             }
             seen.push(x.clone());
         }
@@ -267,12 +269,12 @@ pub fn parse_size_list(v: &str) -> Result<Vec<usize>> {
             .parse()
             .with_context(|| format!("bad repeat count `{k}` in `{v}`"))?;
         if k > 10_000 {
-            bail!("repeat count {k} in `{v}` is too large");
+            fail!("repeat count {k} in `{v}` is too large");
         }
         out.extend(std::iter::repeat_n(n, k));
     }
     if out.is_empty() {
-        bail!("empty size list `{v}`");
+        fail!("empty size list `{v}`");
     }
     Ok(out)
 }
@@ -283,7 +285,7 @@ pub fn parse_size_list(v: &str) -> Result<Vec<usize>> {
 pub fn set_key(cfg: &TrainConfig, key: &str, value: &str) -> Result<TrainConfig> {
     let key = normalise_key(key);
     if key == "seed" {
-        bail!("`seed` cannot be varied: the seeds are the replicates of every cell (use --seeds N and --seed S)");
+        fail!("`seed` cannot be varied: the seeds are the replicates of every cell (set the number of seeds and the first seed instead)");
     }
     let mut root = toml::Value::try_from(cfg).context("cannot represent the config")?;
     let mut parts: Vec<&str> = key.split('.').collect();
@@ -310,7 +312,7 @@ pub fn set_key(cfg: &TrainConfig, key: &str, value: &str) -> Result<TrainConfig>
         Some(toml::Value::Boolean(_)) => toml::Value::Boolean(match value.to_ascii_lowercase().as_str() {
             "true" | "yes" | "on" | "1" => true,
             "false" | "no" | "off" | "0" => false,
-            _ => bail!("`{key}` needs true or false, got `{value}`"),
+            _ => fail!("`{key}` needs true or false, got `{value}`"),
         }),
         Some(toml::Value::Array(_)) => toml::Value::Array(
             parse_size_list(value)
@@ -358,14 +360,14 @@ impl StudySpec {
     /// (checked, so a bad value fails before anything trains).
     pub fn cells(&self) -> Result<Vec<Cell>> {
         if self.vary.is_empty() {
-            bail!("a study needs at least one --vary KEY=V1,V2,...");
+            fail!("a study needs at least one varied key (KEY=V1,V2,...)");
         }
         if self.seeds == 0 {
-            bail!("a study needs at least one seed");
+            fail!("a study needs at least one seed");
         }
         for (i, v) in self.vary.iter().enumerate() {
             if self.vary[..i].iter().any(|w| w.key == v.key) {
-                bail!("key `{}` is varied twice", v.key);
+                fail!("key `{}` is varied twice", v.key);
             }
         }
         let mut cells: Vec<Vec<(String, String)>> = vec![vec![]];
@@ -537,7 +539,11 @@ pub fn checkpoint_epoch(run_dir: &Path) -> Result<usize> {
     let mut f = match std::fs::File::open(&path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => return Err(e).with_context(|| format!("cannot open {}", path.display())),
+        Err(e) => {
+            return Err(anyhow::Error::from(e)
+                .context(format!("cannot open {}", path.display()))
+                .into())
+        }
     };
     let size = f.metadata()?.len();
     let mut len = [0u8; 8];
@@ -545,7 +551,7 @@ pub fn checkpoint_epoch(run_dir: &Path) -> Result<usize> {
         .with_context(|| format!("{}: too short for a safetensors header", path.display()))?;
     let n = u64::from_le_bytes(len);
     if n > size.saturating_sub(8) || n > 100 << 20 {
-        bail!("{}: bad safetensors header length {n}", path.display());
+        fail!("{}: bad safetensors header length {n}", path.display());
     }
     let mut header = vec![0u8; n as usize];
     f.read_exact(&mut header)?;
@@ -560,7 +566,7 @@ pub fn checkpoint_epoch(run_dir: &Path) -> Result<usize> {
     p.get("epoch")
         .and_then(|e| e.as_u64())
         .map(|e| e as usize)
-        .with_context(|| format!("{}: no epoch in the training progress", path.display()))
+        .ok_or_else(|| crate::Error::Invalid(format!("{}: no epoch in the training progress", path.display())))
 }
 
 /// Reads a finished (or partial) run's curve and final numbers from its folder.
@@ -634,15 +640,15 @@ fn run_one(cfg: &TrainConfig, dir: &Path, on: &mut dyn FnMut(Event)) -> Result<S
                 crate::io::write_atomic(&marker, msg.as_bytes())?;
                 Ok(("diverged", Some(msg)))
             }
-            Err(e) => Err(e.into()),
+            Err(e) => Err(e),
         }
     };
     let (status, error) = if dir.join("config.toml").exists() {
         let saved = TrainConfig::from_toml_file(&dir.join("config.toml"))?;
         if !same_run(&saved, cfg, dir) {
-            bail!(
+            fail!(
                 "{} holds a run with a different config than this study asks for \
-                 (compare its config.toml); use another --out",
+                 (compare its config.toml); use another study folder",
                 dir.display()
             );
         }
@@ -836,7 +842,7 @@ fn esc(s: &str) -> String {
 }
 
 /// An SVG of test accuracy against epoch: one line per (label, curve).
-fn acc_plot(title: &str, lines: &[PlotLine], size: (u32, u32), legend: bool) -> Result<String> {
+fn acc_plot(title: &str, lines: &[PlotLine], size: (u32, u32), legend: bool) -> anyhow::Result<String> {
     use plotters::prelude::*;
     // Text goes into the SVG as is: keep markup characters out of it.
     let plain = |s: &str| s.replace(['<', '>', '&', '"', '\''], "_");

@@ -19,7 +19,9 @@
 
 use std::collections::HashMap;
 
-use anyhow::{bail, Context, Result};
+use crate::error::fail;
+use crate::Result;
+use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
@@ -143,7 +145,7 @@ impl DenseNet {
     /// no BatchNorm on layer `k`).
     pub fn scale_unit(&mut self, k: usize, u: usize, c: f64) -> Result<()> {
         if !(c > 0.0) || k + 1 >= self.layers.len() || self.layers[k].bn.is_some() {
-            bail!("scale_unit: need c > 0, a hidden layer and no BatchNorm (fold it first)");
+            fail!("scale_unit: need c > 0, a hidden layer and no BatchNorm (fold it first)");
         }
         let l = &mut self.layers[k];
         for w in &mut l.w[u * l.cols..(u + 1) * l.cols] {
@@ -161,7 +163,7 @@ impl DenseNet {
     /// incoming weights and bias negated, `a -> 1/a`, outgoing weights times `-a`.
     pub fn flip_unit(&mut self, k: usize, u: usize) -> Result<()> {
         if k + 1 >= self.layers.len() || self.layers[k].bn.is_some() {
-            bail!("flip_unit: need a hidden layer without BatchNorm (fold it first)");
+            fail!("flip_unit: need a hidden layer without BatchNorm (fold it first)");
         }
         let l = &mut self.layers[k];
         let a = match &mut l.slopes {
@@ -170,7 +172,7 @@ impl DenseNet {
                 s[u] = 1.0 / a;
                 a
             }
-            _ => bail!("flip_unit: needs a per-unit slope > 0"),
+            _ => fail!("flip_unit: needs a per-unit slope > 0"),
         };
         for w in &mut l.w[u * l.cols..(u + 1) * l.cols] {
             *w = -*w;
@@ -218,13 +220,14 @@ fn vec64(t: &Tensor) -> Result<Vec<f64>> {
 }
 
 fn get<'a>(sd: &'a HashMap<String, Tensor>, name: &str) -> Result<&'a Tensor> {
-    sd.get(name).with_context(|| format!("model lacks `{name}`"))
+    sd.get(name)
+        .ok_or_else(|| crate::Error::Invalid(format!("model lacks `{name}`")))
 }
 
 /// The [`DenseNet`] view of an MLP preset model ([`GraphNet`] takes any graph).
 pub fn from_model(model: &Model) -> Result<DenseNet> {
     let Arch::Mlp { hidden } = &model.spec.arch else {
-        bail!(
+        fail!(
             "the DenseNet view takes MLP presets only; this model is `{}` (use GraphNet for any graph)",
             model.spec.arch.name()
         );
@@ -273,7 +276,7 @@ pub fn from_model(model: &Model) -> Result<DenseNet> {
 /// BN-free [`DenseNet`].
 pub fn to_model(net: &DenseNet, like: &ModelSpec) -> Result<Model> {
     if net.layers.iter().any(|l| l.bn.is_some()) {
-        bail!("fold BatchNorm before converting back");
+        fail!("fold BatchNorm before converting back");
     }
     let hidden: Vec<usize> = net.layers[..net.layers.len() - 1].iter().map(|l| l.rows).collect();
     let spec = ModelSpec {
@@ -732,13 +735,15 @@ impl GraphNet {
     }
 
     pub(crate) fn tensor(&self, name: &str) -> Result<&Vec<f64>> {
-        self.tensors.get(name).with_context(|| format!("model lacks `{name}`"))
+        self.tensors
+            .get(name)
+            .ok_or_else(|| crate::Error::Invalid(format!("model lacks `{name}`")))
     }
 
     pub(crate) fn index(&self, name: &str) -> Result<usize> {
         self.graph
             .index(name)
-            .with_context(|| format!("graph has no node `{name}`"))
+            .ok_or_else(|| crate::Error::Invalid(format!("graph has no node `{name}`")))
     }
 
     /// Removes node `i` (one input), making its readers and a head naming it
@@ -769,7 +774,7 @@ impl GraphNet {
     pub fn slopes(&self, r: &Resolved, i: usize) -> Result<(Vec<f64>, bool)> {
         let c = r.shapes[i + 1][0];
         let Op::Act { act } = &self.graph.nodes[i].op else {
-            bail!("node `{}` is not an activation", self.graph.nodes[i].name);
+            fail!("node `{}` is not an activation", self.graph.nodes[i].name);
         };
         Ok(match act {
             Activation::Relu => (vec![0.0; c], false),
@@ -781,7 +786,7 @@ impl GraphNet {
                 } else if v.len() == c {
                     (v.clone(), true)
                 } else {
-                    bail!("`{}` has {} slopes for {c} channels", self.graph.nodes[i].name, v.len());
+                    fail!("`{}` has {} slopes for {c} channels", self.graph.nodes[i].name, v.len());
                 }
             }
         })
@@ -837,7 +842,7 @@ impl GraphNet {
                 .get_mut(&format!("{p}.weight"))
                 .with_context(|| format!("model lacks `{p}.weight`"))?;
             if b.len() != c || w.len() % c.max(1) != 0 || [&beta, &mean, &var].iter().any(|t| t.len() != c) {
-                bail!("BatchNorm `{name}` does not fit `{p}`");
+                fail!("BatchNorm `{name}` does not fit `{p}`");
             }
             let per = w.len() / c.max(1);
             for u in 0..c {
@@ -1096,7 +1101,7 @@ impl GraphNet {
         for (name, t) in model.state_dict()? {
             let v = self.tensor(&name)?;
             if v.len() != t.elem_count() {
-                bail!("`{name}` has {} values, the model needs {}", v.len(), t.elem_count());
+                fail!("`{name}` has {} values, the model needs {}", v.len(), t.elem_count());
             }
             let v32: Vec<f32> = v.iter().map(|&x| x as f32).collect();
             sd.insert(name, Tensor::from_vec(v32, t.shape(), &Device::Cpu)?);

@@ -5,244 +5,15 @@
 
 use candle_core::{Device, Tensor};
 use prelu::fused::FusedStep;
-use prelu::graph::{self, Graph, Node, Op, Padding, Pair, INPUT};
+use prelu::graph::{self, Graph, Op};
 use prelu::model::{Arch, Model, ModelSpec};
 use prelu::Activation;
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 
 mod common;
+use common::graphs::*;
 use common::*;
-
-const CLASSES: usize = 5;
-/// BatchNorm's eps in the random graphs: large enough that a channel of
-/// near-constant values over a batch of six (after heavy pooling) does not
-/// turn f32 rounding into gradient noise (`gamma / sqrt(var + eps)`).
-const BN_EPS: f64 = 1e-2;
-
-/// A random graph on a random small input: stages of conv blocks (any
-/// kernel, stride, padding, dilation, bias), residual blocks, pools; then
-/// global pooling or flatten, an optional hidden linear layer, the head, and
-/// sometimes a second head.
-fn random_graph(seed: u64) -> (Graph, [usize; 3]) {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let input = [
-        rng.random_range(1..=2),
-        rng.random_range(5..=8),
-        rng.random_range(5..=8),
-    ];
-    let mut g = Graph {
-        nodes: vec![],
-        outputs: vec![],
-    };
-    let acts = [
-        Activation::Relu,
-        Activation::LeakyRelu(0.1),
-        Activation::PRelu { shared: false },
-        Activation::PRelu { shared: true },
-    ];
-    let mut n = 0;
-    let mut name = |p: &str| {
-        n += 1;
-        format!("{p}{n}")
-    };
-    // Pushes a node if the graph still resolves; returns its name (or the input's).
-    let push = |g: &mut Graph, node: Node| -> Option<String> {
-        g.nodes.push(node);
-        if g.resolve(input).is_ok() {
-            Some(g.nodes.last().unwrap().name.clone())
-        } else {
-            g.nodes.pop();
-            None
-        }
-    };
-    let mut x = INPUT.to_string();
-    let mut channels = input[0];
-    let bn = rng.random_bool(0.5);
-    for _ in 0..rng.random_range(1..=3) {
-        match rng.random_range(0..3) {
-            0 => {
-                let k = rng.random_range(1..=3);
-                let padding = match rng.random_range(0..3) {
-                    0 => Padding::uniform(rng.random_range(0..=k / 2)),
-                    1 => Padding::Explicit([0, 1, 1, 0]),
-                    _ => Padding::SameUpper,
-                };
-                let out = rng.random_range(2..=4);
-                let conv = Node {
-                    name: name("conv"),
-                    inputs: vec![x.clone()],
-                    op: Op::Conv2d {
-                        out_channels: out,
-                        kernel: Pair::both(k),
-                        stride: Pair([rng.random_range(1..=2), rng.random_range(1..=2)]),
-                        padding,
-                        dilation: Pair::both(rng.random_range(1..=2)),
-                        bias: rng.random_bool(0.5),
-                    },
-                };
-                let Some(y) = push(&mut g, conv) else { continue };
-                let mut y = y;
-                channels = out;
-                if bn {
-                    y = push(
-                        &mut g,
-                        node(
-                            name("bn"),
-                            &y,
-                            Op::BatchNorm {
-                                eps: BN_EPS,
-                                momentum: 0.1,
-                            },
-                        ),
-                    )
-                    .unwrap();
-                }
-                let act = acts[rng.random_range(0..acts.len())];
-                x = push(&mut g, node(name("act"), &y, Op::Act { act })).unwrap();
-            }
-            1 => {
-                // conv-[bn]-act-conv-[bn] + x, then act.
-                let conv = |name: String, from: &str| {
-                    node(
-                        name,
-                        from,
-                        Op::Conv2d {
-                            out_channels: channels,
-                            kernel: Pair::both(3),
-                            stride: Pair::both(1),
-                            padding: Padding::uniform(1),
-                            dilation: Pair::both(1),
-                            bias: !bn,
-                        },
-                    )
-                };
-                let mut y = push(&mut g, conv(name("rconv"), &x)).unwrap();
-                if bn {
-                    y = push(
-                        &mut g,
-                        node(
-                            name("rbn"),
-                            &y,
-                            Op::BatchNorm {
-                                eps: BN_EPS,
-                                momentum: 0.1,
-                            },
-                        ),
-                    )
-                    .unwrap();
-                }
-                let act = acts[rng.random_range(0..acts.len())];
-                y = push(&mut g, node(name("ract"), &y, Op::Act { act })).unwrap();
-                y = push(&mut g, conv(name("rconv"), &y)).unwrap();
-                let add = Node {
-                    name: name("add"),
-                    inputs: vec![y, x.clone()],
-                    op: Op::Add,
-                };
-                let s = push(&mut g, add).unwrap();
-                x = push(&mut g, node(name("ract"), &s, Op::Act { act })).unwrap();
-            }
-            _ => {
-                let k = rng.random_range(2..=3);
-                let stride = Some(Pair::both(rng.random_range(1..=2)));
-                let padding = Padding::uniform(rng.random_range(0..=1));
-                let ceil_mode = rng.random_bool(0.5);
-                let op = if rng.random_bool(0.5) {
-                    Op::MaxPool {
-                        kernel: Pair::both(k),
-                        stride,
-                        padding,
-                        ceil_mode,
-                    }
-                } else {
-                    Op::AvgPool {
-                        kernel: Pair::both(k),
-                        stride,
-                        padding,
-                        ceil_mode,
-                        count_include_pad: rng.random_bool(0.5),
-                    }
-                };
-                if let Some(y) = push(&mut g, node(name("pool"), &x, op)) {
-                    x = y;
-                }
-            }
-        }
-    }
-    if rng.random_bool(0.5) {
-        x = push(&mut g, node(name("gap"), &x, Op::GlobalAvgPool)).unwrap();
-    }
-    let flat = push(&mut g, node(name("flat"), &x, Op::Flatten)).unwrap();
-    x = flat.clone();
-    if rng.random_bool(0.5) {
-        x = push(
-            &mut g,
-            node(
-                name("fc"),
-                &x,
-                Op::Linear {
-                    out_features: 6,
-                    bias: true,
-                },
-            ),
-        )
-        .unwrap();
-        if bn {
-            x = push(
-                &mut g,
-                node(
-                    name("bn"),
-                    &x,
-                    Op::BatchNorm {
-                        eps: BN_EPS,
-                        momentum: 0.1,
-                    },
-                ),
-            )
-            .unwrap();
-        }
-        let act = acts[rng.random_range(0..acts.len())];
-        x = push(&mut g, node(name("act"), &x, Op::Act { act })).unwrap();
-    }
-    let head = push(
-        &mut g,
-        node(
-            name("head"),
-            &x,
-            Op::Linear {
-                out_features: CLASSES,
-                bias: true,
-            },
-        ),
-    )
-    .unwrap();
-    g.outputs = vec![head];
-    if rng.random_bool(0.3) {
-        let second = push(
-            &mut g,
-            node(
-                name("aux"),
-                &flat,
-                Op::Linear {
-                    out_features: 3,
-                    bias: true,
-                },
-            ),
-        )
-        .unwrap();
-        g.outputs.push(second);
-    }
-    (g, input)
-}
-
-fn node(name: String, from: &str, op: Op) -> Node {
-    Node {
-        name,
-        inputs: vec![from.to_string()],
-        op,
-    }
-}
 
 fn graph_spec(g: Graph, input: [usize; 3]) -> ModelSpec {
     ModelSpec {
@@ -261,7 +32,7 @@ proptest! {
     /// random graphs; the graph also survives a JSON round trip.
     #[test]
     fn fused_step_matches_autograd_on_random_graphs(seed in 0u64..1_000_000) {
-        let (g, _) = random_graph(seed);
+        let (g, _) = random_graph(seed, &FUSED_GRAPHS);
         let text = serde_json::to_string(&g).unwrap();
         prop_assert_eq!(&Graph::parse(&text).unwrap(), &g);
         check_random_graph(seed);
@@ -277,11 +48,11 @@ fn fused_step_matches_autograd_on_past_failures() {
     }
 }
 
-/// The fused step against autograd on `random_graph(seed)`. A bias right
+/// The fused step against autograd on `random_graph(seed, &FUSED_GRAPHS)`. A bias right
 /// before BatchNorm has an exactly zero gradient that both sides give as
 /// rounding noise, so graphs with BatchNorm are compared against a floor of 1.
 fn check_random_graph(seed: u64) {
-    let (g, input) = random_graph(seed);
+    let (g, input) = random_graph(seed, &FUSED_GRAPHS);
     let bn = g.nodes.iter().any(|n| matches!(n.op, Op::BatchNorm { .. }));
     let m = randomised(&graph_spec(g, input), seed);
     if bn {

@@ -235,6 +235,35 @@ fn item2_report_escapes_and_type_checks_hostile_files() {
     assert!(e.contains("`forward` must be a number"), "{e}");
 }
 
+/// The report reads the input-gradient norms of `attack.json` from the
+/// labelled object, and from the two shapes older versions wrote; a
+/// non-number is refused, naming the field.
+#[test]
+fn item2_report_reads_labelled_and_old_grad_norms() {
+    let table = |json: &str| prelu::report::attack_table(&serde_json::from_str(json).unwrap());
+    let results = r#""results":[{"eps":0.1,"fgsm_acc":0.5,"pgd_acc":0.4}]"#;
+    let now = format!(
+        r#"{{"models":[{{"checkpoint":"a","report":{{{results},"masking":{{"grad_norm":{{"min":0.5,"p10":1.5,"median":2.5,"p90":3.5,"max":4.5}}}}}}}}]}}"#
+    );
+    let model_level = format!(
+        r#"{{"models":[{{"checkpoint":"a","grad_norm":{{"min":0.5,"p10":1.5,"median":2.5,"p90":3.5,"max":4.5}},"report":{{{results}}}}}]}}"#
+    );
+    let array = format!(
+        r#"{{"models":[{{"checkpoint":"a","report":{{{results},"masking":{{"grad_norm_quantiles":[0.5,1.5,2.5,3.5,4.5]}}}}}}]}}"#
+    );
+    let want = "<td>a</td><td>0.5000</td><td>1.5000</td><td>2.5000</td><td>3.5000</td><td>4.5000</td>";
+    for j in [&now, &model_level, &array] {
+        let h = table(j).unwrap();
+        assert!(h.contains(want), "{j}: {h}");
+    }
+    // Without norms: no norm table.
+    let none = format!(r#"{{"models":[{{"checkpoint":"a","report":{{{results}}}}}]}}"#);
+    assert!(!table(&none).unwrap().contains("input-gradient norm"));
+    let bad = now.replace("2.5", "\"<b>\"");
+    let e = table(&bad).unwrap_err().to_string();
+    assert!(e.contains("`median` must be a number"), "{e}");
+}
+
 // ---------------------------------------------------------------- item 3
 
 #[cfg(unix)]

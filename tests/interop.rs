@@ -131,6 +131,7 @@ fn report_is_one_self_contained_page_with_its_plots() {
         "must be self-contained"
     );
     // A folder without metrics is refused clearly.
+    std::fs::create_dir_all(dir.join("nope")).unwrap();
     let e = prelu::report::write(&dir.join("nope"), &dir.join("x.html"))
         .map(|_| ())
         .unwrap_err()

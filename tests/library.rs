@@ -206,3 +206,54 @@ fn device_fallback_matches_the_fused_op_and_finite_differences() {
         .to_string();
     assert!(e.contains("same dtype"), "{e}");
 }
+
+/// The library's entry points return `prelu::Error`; a caller can act on
+/// the typed cases, and no message names a command-line flag.
+#[test]
+fn library_errors_are_typed_and_name_no_flags() {
+    use prelu::model::{Arch, Model, ModelSpec};
+    use prelu::Error;
+    let missing = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("library-no-such-run");
+    let _ = std::fs::remove_dir_all(&missing);
+    match prelu::report::write_runs(std::slice::from_ref(&missing), &missing.with_extension("html")) {
+        Err(Error::NotFound { path, .. }) => assert_eq!(path, missing),
+        other => panic!("expected NotFound, got {:?}", other.map(|s| s.out)),
+    }
+    // Values out of range are `Invalid`, in the library's own terms.
+    let cfg = prelu::train::TrainConfig::default();
+    let no_vary = prelu::study::StudySpec {
+        base: cfg.clone(),
+        vary: vec![],
+        seeds: 1,
+    };
+    let mut messages = Vec::new();
+    match no_vary.cells() {
+        Err(Error::Invalid(m)) => messages.push(m),
+        other => panic!("expected Invalid, got {:?}", other.map(|c| c.len())),
+    }
+    messages.push(prelu::study::set_key(&cfg, "seed", "3").unwrap_err().to_string());
+    for v in ["act", "=relu", "act=relu,,prelu", "act=relu,relu"] {
+        messages.push(v.parse::<prelu::study::Vary>().unwrap_err().to_string());
+    }
+    let mlp = |act| ModelSpec::new(Arch::Mlp { hidden: vec![4] }, act, [1, 28, 28], 10);
+    let nan_slope = ModelSpec {
+        alpha_init: f64::NAN,
+        ..mlp(prelu::Activation::PRelu { shared: false })
+    };
+    messages.push(nan_slope.validate().unwrap_err().to_string());
+    let m = Model::new(&mlp(prelu::Activation::Relu), 0, &Device::Cpu).unwrap();
+    let ds = prelu::data::load("mnist-small", None).unwrap().test.take(4);
+    let negative_tol = prelu::sculpt::SculptOptions {
+        dead_slope_tol: -1.0,
+        slope_tol: 0.0,
+    };
+    match prelu::sculpt::sculpt(&m, &ds, &ds, &negative_tol) {
+        Err(Error::Invalid(msg)) => messages.push(msg),
+        Err(e) => panic!("expected Invalid, got {e:?}"),
+        Ok(_) => panic!("a negative tolerance was accepted"),
+    }
+    for msg in &messages {
+        assert!(!msg.contains("--"), "a library message names a flag: {msg}");
+    }
+    assert_eq!(messages.len(), 8);
+}

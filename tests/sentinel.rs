@@ -27,9 +27,12 @@ fn hand_built(slopes: [f32; 3], act: Activation) -> Model {
         "layers.1.weight".into(),
         Tensor::new(&[[1f32, 1.0, 1.0], [-1.0, 2.0, 0.5]], &dev).unwrap(),
     );
-    if sd.contains_key("act.0.weight") {
-        sd.insert("act.0.weight".into(), Tensor::new(&slopes, &dev).unwrap());
-    }
+    // A shared slope takes the first of `slopes`.
+    match sd.get("act.0.weight").map(|t| t.elem_count()) {
+        Some(1) => sd.insert("act.0.weight".into(), Tensor::new(&slopes[..1], &dev).unwrap()),
+        Some(_) => sd.insert("act.0.weight".into(), Tensor::new(&slopes, &dev).unwrap()),
+        None => None,
+    };
     m.load_state_dict(&sd).unwrap();
     m
 }
@@ -87,6 +90,39 @@ fn hand_built_layer_counts_are_exact() {
     let (r2, alarms2) = run_epoch(&m, &mut s, 2);
     assert!(alarms2.is_empty(), "{alarms2:?}");
     assert_eq!(r2[0].dead, vec![0]);
+}
+
+/// A Leaky ReLU or shared-slope PReLU layer has one slope but as many units
+/// as channels: each unit is counted on its own (dead, linear, negative share).
+#[test]
+fn leaky_and_shared_slope_layers_count_every_unit() {
+    for act in [Activation::LeakyRelu(0.1), Activation::PRelu { shared: true }] {
+        let m = hand_built([0.0; 3], act);
+        let mut s = Sentinel::new(&m, SentinelConfig::default());
+        let (r, _) = run_epoch(&m, &mut s, 1);
+        assert_eq!(r[0].channels, 3, "{act}");
+        assert_eq!(r[0].negative_share_per_channel, vec![1.0, 0.0, 0.25], "{act}");
+        assert_eq!((r[0].dead.clone(), r[0].linear.clone()), (vec![0], vec![1]), "{act}");
+    }
+    // The same through `diagnose` on a CNN: conv channels and hidden units.
+    let split = prelu::data::load("mnist-small", None).unwrap();
+    let ds = split.test.take(8);
+    for act in [Activation::LeakyRelu(0.2), Activation::PRelu { shared: true }] {
+        let arch = Arch::Cnn {
+            channels: vec![3, 4],
+            kernel: 3,
+            padding: 1,
+            pool_after: vec![0, 1],
+            hidden: 6,
+        };
+        let m = Model::new(&ModelSpec::new(arch, act, [1, 28, 28], 10), 0, &Device::Cpu).unwrap();
+        let d = prelu::sentinel::diagnose(&m, &ds, 4, SentinelConfig::default()).unwrap();
+        let widths: Vec<usize> = d.layers.iter().map(|l| l.channels).collect();
+        assert_eq!(widths, vec![3, 4, 6], "{act}");
+        for l in &d.layers {
+            assert_eq!(l.negative_share_per_channel.len(), l.channels, "{act} {}", l.layer);
+        }
+    }
 }
 
 #[test]

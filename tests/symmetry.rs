@@ -10,6 +10,9 @@ use prelu::Activation;
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 
+mod common;
+use common::graphs::*;
+
 fn random_net(seed: u64, widths: &[usize], bn: bool) -> DenseNet {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut layers = Vec::new();
@@ -142,15 +145,15 @@ fn a_layer_with_slope_exactly_one_is_folded_away() {
         "{r}"
     );
     assert!(r.max_output_diff < 1e-4, "{}", r.max_output_diff);
-    assert_eq!(r.acc_before, r.acc_after);
+    assert_eq!(r.before.test_acc, r.after.test_acc);
     // Real parameter counts: 784*16+16 + 16 slopes + 16*12+12 + 12 slopes + 12*10+10.
-    assert_eq!(r.params_before, 12560 + 16 + 204 + 12 + 130);
-    assert_eq!(r.params_before, m.num_params());
+    assert_eq!(r.before.params, 12560 + 16 + 204 + 12 + 130);
+    assert_eq!(r.before.params, m.num_params());
     // One linear layer 784 -> 12 (+ bias), 12 slopes, the head.
-    assert_eq!(r.params_after, 784 * 12 + 12 + 12 + 130);
-    assert_eq!(r.params_after, s.model.num_params());
+    assert_eq!(r.after.params, 784 * 12 + 12 + 12 + 130);
+    assert_eq!(r.after.params, s.model.num_params());
     assert_eq!(
-        (r.macs_before, r.macs_after),
+        (r.before.macs, r.after.macs),
         (784 * 16 + 16 * 12 + 120, 784 * 12 + 120)
     );
     let widths: Vec<usize> = s
@@ -244,218 +247,7 @@ fn drift_tracker_sees_raw_values_move_while_the_effective_ones_stay() {
 // Conv graphs: canonical form, sculpting and identifiability.
 // ---------------------------------------------------------------------------
 
-use prelu::graph::{Graph, Node, Op, Padding, Pair, INPUT};
-
-const CLASSES: usize = 5;
-
-fn node(name: String, from: &str, op: Op) -> Node {
-    Node {
-        name,
-        inputs: vec![from.to_string()],
-        op,
-    }
-}
-
-fn conv_op(out: usize, k: usize, stride: usize, pad: usize, bias: bool) -> Op {
-    Op::Conv2d {
-        out_channels: out,
-        kernel: Pair::both(k),
-        stride: Pair::both(stride),
-        padding: Padding::uniform(pad),
-        dilation: Pair::both(1),
-        bias,
-    }
-}
-
-fn bn_op() -> Op {
-    Op::BatchNorm {
-        eps: 1e-2,
-        momentum: 0.1,
-    }
-}
-
-/// A random graph on a small input (after the generator of tests/graph.rs):
-/// conv blocks (any kernel, stride, padding, dilation; sometimes a max- or
-/// avg-pool between conv and activation), residual blocks, pools, global
-/// pooling or flatten, an optional hidden linear layer, the head, and
-/// sometimes a second head on the features and a third on a feature map.
-/// Activations: ReLU, Leaky ReLU with slopes 0.1 and -1.5, PReLU per channel
-/// and shared.
-fn random_graph(seed: u64) -> (Graph, [usize; 3]) {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let input = [
-        rng.random_range(1..=2),
-        rng.random_range(5..=8),
-        rng.random_range(5..=8),
-    ];
-    let mut g = Graph {
-        nodes: vec![],
-        outputs: vec![],
-    };
-    let acts = [
-        Activation::Relu,
-        Activation::LeakyRelu(0.1),
-        Activation::LeakyRelu(-1.5),
-        Activation::PRelu { shared: false },
-        Activation::PRelu { shared: false },
-        Activation::PRelu { shared: true },
-    ];
-    let mut n = 0;
-    let mut name = |p: &str| {
-        n += 1;
-        format!("{p}{n}")
-    };
-    let push = |g: &mut Graph, node: Node| -> Option<String> {
-        g.nodes.push(node);
-        if g.resolve(input).is_ok() {
-            Some(g.nodes.last().unwrap().name.clone())
-        } else {
-            g.nodes.pop();
-            None
-        }
-    };
-    let mut x = INPUT.to_string();
-    let mut channels = input[0];
-    let bn = rng.random_bool(0.6);
-    let mut map_head = None;
-    for _ in 0..rng.random_range(1..=4) {
-        match rng.random_range(0..3) {
-            0 => {
-                let k = rng.random_range(1..=3);
-                let padding = match rng.random_range(0..3) {
-                    0 => Padding::uniform(rng.random_range(0..=k / 2)),
-                    1 => Padding::Explicit([0, 1, 1, 0]),
-                    _ => Padding::SameUpper,
-                };
-                let out = rng.random_range(2..=4);
-                let conv = Node {
-                    name: name("conv"),
-                    inputs: vec![x.clone()],
-                    op: Op::Conv2d {
-                        out_channels: out,
-                        kernel: Pair::both(k),
-                        stride: Pair([rng.random_range(1..=2), rng.random_range(1..=2)]),
-                        padding,
-                        dilation: Pair::both(rng.random_range(1..=2)),
-                        bias: rng.random_bool(0.5),
-                    },
-                };
-                let Some(mut y) = push(&mut g, conv) else { continue };
-                channels = out;
-                if bn {
-                    y = push(&mut g, node(name("bn"), &y, bn_op())).unwrap();
-                }
-                if rng.random_bool(0.3) {
-                    let op = if rng.random_bool(0.5) {
-                        Op::MaxPool {
-                            kernel: Pair::both(2),
-                            stride: Some(Pair::both(1)),
-                            padding: Padding::default(),
-                            ceil_mode: false,
-                        }
-                    } else {
-                        Op::AvgPool {
-                            kernel: Pair::both(2),
-                            stride: Some(Pair::both(1)),
-                            padding: Padding::uniform(1),
-                            ceil_mode: false,
-                            count_include_pad: rng.random_bool(0.5),
-                        }
-                    };
-                    if let Some(p) = push(&mut g, node(name("prepool"), &y, op)) {
-                        y = p;
-                    }
-                }
-                let act = acts[rng.random_range(0..acts.len())];
-                x = push(&mut g, node(name("act"), &y, Op::Act { act })).unwrap();
-            }
-            1 => {
-                let conv = |name: String, from: &str| node(name, from, conv_op(channels, 3, 1, 1, !bn));
-                let mut y = push(&mut g, conv(name("rconv"), &x)).unwrap();
-                if bn {
-                    y = push(&mut g, node(name("rbn"), &y, bn_op())).unwrap();
-                }
-                let act = acts[rng.random_range(0..acts.len())];
-                y = push(&mut g, node(name("ract"), &y, Op::Act { act })).unwrap();
-                y = push(&mut g, conv(name("rconv"), &y)).unwrap();
-                if bn {
-                    y = push(&mut g, node(name("rbn"), &y, bn_op())).unwrap();
-                }
-                let add = Node {
-                    name: name("add"),
-                    inputs: vec![y, x.clone()],
-                    op: Op::Add,
-                };
-                let s = push(&mut g, add).unwrap();
-                let act = acts[rng.random_range(0..acts.len())];
-                x = push(&mut g, node(name("ract"), &s, Op::Act { act })).unwrap();
-            }
-            _ => {
-                let k = rng.random_range(2..=3);
-                let stride = Some(Pair::both(rng.random_range(1..=2)));
-                let padding = Padding::uniform(rng.random_range(0..=1));
-                let ceil_mode = rng.random_bool(0.5);
-                let op = if rng.random_bool(0.5) {
-                    Op::MaxPool {
-                        kernel: Pair::both(k),
-                        stride,
-                        padding,
-                        ceil_mode,
-                    }
-                } else {
-                    Op::AvgPool {
-                        kernel: Pair::both(k),
-                        stride,
-                        padding,
-                        ceil_mode,
-                        count_include_pad: rng.random_bool(0.5),
-                    }
-                };
-                if let Some(y) = push(&mut g, node(name("pool"), &x, op)) {
-                    x = y;
-                }
-            }
-        }
-        if x != INPUT && map_head.is_none() && rng.random_bool(0.2) {
-            map_head = Some(x.clone());
-        }
-    }
-    if rng.random_bool(0.5) {
-        x = push(&mut g, node(name("gap"), &x, Op::GlobalAvgPool)).unwrap();
-    }
-    let flat = push(&mut g, node(name("flat"), &x, Op::Flatten)).unwrap();
-    x = flat.clone();
-    if rng.random_bool(0.6) {
-        let lin = Op::Linear {
-            out_features: 6,
-            bias: true,
-        };
-        x = push(&mut g, node(name("fc"), &x, lin)).unwrap();
-        if bn {
-            x = push(&mut g, node(name("bn"), &x, bn_op())).unwrap();
-        }
-        let act = acts[rng.random_range(0..acts.len())];
-        x = push(&mut g, node(name("act"), &x, Op::Act { act })).unwrap();
-    }
-    let head = Op::Linear {
-        out_features: CLASSES,
-        bias: true,
-    };
-    let head = push(&mut g, node(name("head"), &x, head)).unwrap();
-    g.outputs = vec![head];
-    if rng.random_bool(0.4) {
-        let aux = Op::Linear {
-            out_features: 3,
-            bias: true,
-        };
-        let aux = push(&mut g, node(name("aux"), &flat, aux)).unwrap();
-        g.outputs.push(aux);
-    }
-    if let Some(h) = map_head {
-        g.outputs.push(h);
-    }
-    (g, input)
-}
+use prelu::graph::{Graph, Op, Padding, Pair, INPUT};
 
 /// A model of `g` with every slope in [-2.5, 2.5] (so some are negative and
 /// some above 1), biases in [-0.5, 0.5], and BatchNorm affine and running
@@ -546,7 +338,7 @@ proptest! {
     /// leaves no |slope| > 1 that it does not account for.
     #[test]
     fn canonical_form_keeps_every_output_of_random_conv_graphs(seed in 0u64..1_000_000) {
-        let (g, input) = random_graph(seed);
+        let (g, input) = random_graph(seed, &SYMMETRY_GRAPHS);
         let m = graph_model(g, input, seed);
         let x = random_input(&m, 6, seed);
         let mut net = GraphNet::from_model(&m).unwrap();
@@ -676,14 +468,14 @@ fn sculpt_prunes_planted_dead_conv_channels_and_keeps_the_logits() {
         (4, 7, 15)
     );
     assert!(r.max_output_diff < 1e-4, "{}", r.max_output_diff);
-    assert_eq!(r.acc_before, r.acc_after);
+    assert_eq!(r.before.test_acc, r.after.test_acc);
     // c1: 9 weights + bias + slope per channel; c2: 6*9 -> 4*9 inputs, 8 -> 7 outputs
     // (BatchNorm folded: bias instead of gamma and beta); fc: 392 -> 343 inputs.
     let before = 6 * 10 + 6 + 8 * 54 + 16 + 392 * 16 + 16 + 16 + 170;
     let after = 4 * 10 + 4 + 7 * 36 + 7 + 343 * 15 + 15 + 15 + 160;
-    assert_eq!((r.params_before, r.params_after), (before, after));
-    assert_eq!(r.params_after, s.model.num_params());
-    assert!(r.macs_after < r.macs_before);
+    assert_eq!((r.before.params, r.after.params), (before, after));
+    assert_eq!(r.after.params, s.model.num_params());
+    assert!(r.after.macs < r.before.macs);
 }
 
 /// In a ResNet a dead channel of the stem feeds the residual adds: it is kept
@@ -771,7 +563,7 @@ fn identity_activations_between_convs_are_removed_and_merged_where_exact() {
         let merged = s.model.graph.index("c1").is_none();
         assert_eq!(merged, merges, "case {i}: {r}");
         assert!(r.max_output_diff < 1e-4, "case {i}: {}", r.max_output_diff);
-        assert!(r.params_after < r.params_before);
+        assert!(r.after.params < r.before.params);
     }
 }
 

@@ -69,16 +69,6 @@ pub struct AttackArgs {
     pub json: JsonArg,
 }
 
-/// The gradient-norm quantiles, labelled.
-#[derive(Serialize)]
-pub struct Quantiles {
-    pub min: f64,
-    pub p10: f64,
-    pub median: f64,
-    pub p90: f64,
-    pub max: f64,
-}
-
 /// One attacked model.
 #[derive(Serialize)]
 pub struct AttackedModel {
@@ -86,8 +76,6 @@ pub struct AttackedModel {
     pub data: String,
     pub act: String,
     pub report: AttackReport,
-    /// `report.masking.grad_norm_quantiles`, labelled.
-    pub grad_norm: Quantiles,
 }
 
 /// `prelu attack`'s result.
@@ -136,7 +124,7 @@ impl fmt::Display for AttackOutput {
                 100.0 * k.zero_entry_share,
                 100.0 * k.zero_example_share
             )?;
-            let q = &m.grad_norm;
+            let q = &k.grad_norm;
             writeln!(
                 f,
                 "  input-gradient L2 norm: min {}, p10 {}, median {}, p90 {}, max {}",
@@ -174,8 +162,15 @@ pub fn cmd_attack(a: &AttackArgs) -> Result<()> {
     if a.eps.is_empty() || a.eps.iter().any(|e| !(*e >= 0.0) || !e.is_finite()) {
         bail!("--eps must be a list of finite numbers >= 0, got {:?}", a.eps);
     }
-    if a.limit == 0 || a.batch_size == 0 || (use_pgd && a.steps == 0) || a.restarts == 0 {
-        bail!("--limit, --batch-size, --steps and --restarts must be at least 1");
+    for (flag, v, used) in [
+        ("--limit", a.limit, true),
+        ("--batch-size", a.batch_size, true),
+        ("--steps", a.steps, use_pgd),
+        ("--restarts", a.restarts, use_pgd),
+    ] {
+        if used && v == 0 {
+            bail!("{flag} must be at least 1, got 0");
+        }
     }
     if let Some(s) = a.step_size {
         if !(s > 0.0) || !s.is_finite() {
@@ -222,19 +217,11 @@ pub fn cmd_attack(a: &AttackArgs) -> Result<()> {
         })?;
         p.set(n as u64);
         p.finish();
-        let q = r.masking.grad_norm_quantiles;
         models.push(AttackedModel {
             checkpoint: ck.to_path_buf(),
             data,
             act: l.model.spec.act.to_string(),
             report: r,
-            grad_norm: Quantiles {
-                min: q[0],
-                p10: q[1],
-                median: q[2],
-                p90: q[3],
-                max: q[4],
-            },
         });
     }
     emit(a.json.json, &AttackOutput { models, pgd: opts })

@@ -264,17 +264,8 @@ impl fmt::Display for ReportOutput {
 }
 
 pub fn cmd_report(a: &ReportArgs) -> Result<()> {
-    for run in &a.runs {
-        if !run.exists() {
-            bail!("{}: no such run folder", run.display());
-        }
-        if !run.is_dir() {
-            bail!(
-                "{}: not a run folder (give the folder `prelu train` or `prelu compare` wrote)",
-                run.display()
-            );
-        }
-    }
+    // The run folders first (a missing one is named as such), then the output.
+    prelu::report::expand_runs(&a.runs)?;
     let out = a.out.clone().unwrap_or_else(|| a.runs[0].join("report.html"));
     check_out(None, &out)?;
     emit(a.json.json, &ReportOutput(prelu::report::write_runs(&a.runs, &out)?))

@@ -173,23 +173,7 @@ pub fn data_metadata(data: &str) -> std::collections::HashMap<String, String> {
 /// A number for people: fixed-point in [1e-3, 1e5), else `1.23e-7` (never
 /// Rust's `1.2300e0`).
 pub fn num(v: f64, digits: usize) -> String {
-    let a = v.abs();
-    if !v.is_finite() || v == 0.0 || (1e-3..1e5).contains(&a) {
-        return format!("{v:.digits$}");
-    }
-    let s = format!("{v:.digits$e}");
-    // `1.2300e-7` -> `1.23e-7`
-    match s.split_once('e') {
-        Some((m, e)) => {
-            let m = if m.contains('.') {
-                m.trim_end_matches('0').trim_end_matches('.')
-            } else {
-                m
-            };
-            format!("{m}e{e}")
-        }
-        None => s,
-    }
+    prelu::report::num(v, digits)
 }
 
 /// `mean ± sd`, or just the mean when there is one sample (no spread to show).

@@ -9,7 +9,7 @@ use clap::Args;
 use prelu::sculpt::{CanonReport, SculptOptions, SculptReport};
 use serde::Serialize;
 
-use super::{check_out, data_for, data_metadata, emit, load_ckpt, spinner, DataArgs, JsonArg, SpecArg};
+use super::{check_out, data_for, data_metadata, emit, load_ckpt, DataArgs, JsonArg, Progress, SpecArg};
 
 #[derive(Args)]
 pub struct CanonArgs {
@@ -112,12 +112,20 @@ pub fn cmd_sculpt(a: &SculptArgs) -> Result<()> {
         dead_slope_tol: a.dead_slope_tol,
         slope_tol: a.slope_tol,
     };
-    let pb = spinner(&format!(
-        "sculpt: finding dead and linear units on {} {data} training images",
-        stats.len()
-    ));
-    let sculpted = prelu::sculpt::sculpt(&loaded.model, &stats, &split.test, &opts)?;
-    pb.finish_and_clear();
+    // One pass over the statistics images, then two over the test images.
+    let total = stats.len() + 2 * split.test.len();
+    let mut p = Progress::new(
+        &format!(
+            "sculpt: statistics on {} {data} training images, then test outputs",
+            stats.len()
+        ),
+        total as u64,
+        "examples",
+    );
+    let sculpted = prelu::sculpt::sculpt_with_progress(&loaded.model, &stats, &split.test, &opts, &mut |done, _| {
+        p.set(done as u64)
+    })?;
+    p.finish();
     prelu::io::save_model(&a.out, &sculpted.model, Default::default(), data_metadata(&data))?;
     emit(
         a.json.json,

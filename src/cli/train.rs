@@ -574,13 +574,24 @@ pub fn cmd_study(a: &StudyArgs) -> Result<()> {
     let vary = a
         .vary
         .iter()
-        .map(|v| v.parse::<prelu::study::Vary>())
+        .map(|v| {
+            v.parse::<prelu::study::Vary>()
+                .map_err(|e| anyhow::anyhow!("--vary {e}"))
+        })
         .collect::<Result<Vec<_>>>()?;
+    if vary.iter().any(|v| v.key == "seed") {
+        bail!("--vary seed: the seeds are the replicates of every cell; use --seeds N and --seed S");
+    }
     let spec = prelu::study::StudySpec {
         base,
         vary,
         seeds: a.seeds,
     };
+    interrupt::on_ctrl_c(format!(
+        "{} keeps every finished run and the last checkpoint of the current one; \
+         run the same `prelu study` command again to continue",
+        a.out.display()
+    ));
     let mut bars = Bars::default();
     let r = prelu::study::run(&spec, &a.out, &mut |rl, e| {
         bars.on(&format!("[{}/{}] {} seed {}", rl.index, rl.total, rl.cell, rl.seed), e)

@@ -2,7 +2,7 @@
 //! fused step (whole-model, on reused buffers) or candle's autograd, and the
 //! optimiser update from the gradients it produced.
 
-use anyhow::Result;
+use crate::Result;
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor};
 

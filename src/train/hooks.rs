@@ -3,7 +3,7 @@
 //! and the identifiability drift of BatchNorm+PReLU layers. Progress for a
 //! front end goes through the [`Event`](super::Event) callback.
 
-use anyhow::Result;
+use crate::Result;
 use candle_core::backprop::GradStore;
 
 use super::run_folder::RunFolder;

@@ -16,7 +16,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::Context;
+
+use crate::error::fail;
+use crate::Result;
 use candle_core::{DType, Device, Tensor};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -172,23 +175,23 @@ impl TrainConfig {
     /// Reads a TOML config file (unknown keys are an error).
     pub fn from_toml_file(path: &Path) -> Result<Self> {
         let text = io::read_text(path)?;
-        toml::from_str(&text).with_context(|| format!("{}: invalid run config", path.display()))
+        Ok(toml::from_str(&text).with_context(|| format!("{}: invalid run config", path.display()))?)
     }
 
     /// Checks every value and parses the string-valued options.
     pub fn resolve(&self) -> Result<Resolved> {
-        let e = |m: String| anyhow::anyhow!(m);
+        let e = crate::Error::Invalid;
         if self.epochs == 0 || self.epochs > MAX_EPOCHS {
-            bail!("epochs must be in 1..={MAX_EPOCHS}, got {}", self.epochs);
+            fail!("epochs must be in 1..={MAX_EPOCHS}, got {}", self.epochs);
         }
         if self.batch_norm && self.batch_size == 1 {
-            bail!("BatchNorm needs batches of at least 2 examples (batch size 1 has no batch statistics)");
+            fail!("BatchNorm needs batches of at least 2 examples (batch size 1 has no batch statistics)");
         }
         // TOML integers are signed 64-bit: larger values could not be written
         // to the run's config.toml.
         let big = |v: u64| v > i64::MAX as u64;
         if big(self.seed) || self.fault_nan_step.is_some_and(big) || self.fault_inf_step.is_some_and(big) {
-            bail!(
+            fail!(
                 "seed (and every integer option) must be at most 2^63 - 1, got {}",
                 self.seed
             );
@@ -201,41 +204,42 @@ impl TrainConfig {
             ("alarm-idle-epochs", Some(self.alarms.idle_epochs)),
         ] {
             if v.is_some_and(|v| big(v as u64)) {
-                bail!("{name} must be at most 2^63 - 1, got {}", v.unwrap_or(0));
+                fail!("{name} must be at most 2^63 - 1, got {}", v.unwrap_or(0));
             }
         }
         self.alarms.validate()?;
         if self.batch_size == 0 {
-            bail!("batch size must be at least 1");
+            fail!("batch size must be at least 1");
         }
         if !(self.lr > 0.0) || !self.lr.is_finite() {
-            bail!("learning rate must be a finite number > 0, got {}", self.lr);
+            fail!("learning rate must be a finite number > 0, got {}", self.lr);
         }
         if !(0.0..1.0).contains(&self.momentum) {
-            bail!("momentum must be in [0, 1), got {}", self.momentum);
+            fail!("momentum must be in [0, 1), got {}", self.momentum);
         }
         if !(self.weight_decay >= 0.0) || !self.weight_decay.is_finite() {
-            bail!("weight decay must be a finite number >= 0, got {}", self.weight_decay);
+            fail!("weight decay must be a finite number >= 0, got {}", self.weight_decay);
         }
         if !self.alpha_init.is_finite() {
-            bail!("alpha-init must be finite, got {}", self.alpha_init);
+            fail!("alpha-init must be finite, got {}", self.alpha_init);
         }
         if self.train_limit == Some(0) || self.test_limit == Some(0) {
-            bail!("train/test limits must be at least 1");
+            fail!("train/test limits must be at least 1");
         }
         let arch = if self.model.ends_with(".toml") || self.model.ends_with(".json") {
             let path = Path::new(&self.model);
             let text = crate::io::read_text(path)?;
-            let graph = crate::graph::Graph::parse(&text).map_err(|m| anyhow::anyhow!("{}: {m}", path.display()))?;
+            let graph = crate::graph::Graph::parse(&text)
+                .map_err(|m| crate::Error::Invalid(format!("{}: {m}", path.display())))?;
             Arch::Graph { graph }
         } else {
             let arch = Arch::preset(&self.model, &self.hidden, &self.channels).map_err(e)?;
             match &arch {
-                Arch::Mlp { hidden } if hidden.is_empty() || hidden.contains(&0) => bail!(
+                Arch::Mlp { hidden } if hidden.is_empty() || hidden.contains(&0) => fail!(
                     "MLP hidden widths must be a non-empty list of sizes > 0, got {:?}",
                     self.hidden
                 ),
-                Arch::Cnn { channels, .. } if channels.is_empty() || channels.contains(&0) => bail!(
+                Arch::Cnn { channels, .. } if channels.is_empty() || channels.contains(&0) => fail!(
                     "CNN channels must be a non-empty list of sizes > 0, got {:?}",
                     self.channels
                 ),
@@ -282,10 +286,10 @@ impl TrainConfig {
             s.test = s.test.take(n);
         }
         if s.train.is_empty() || s.test.is_empty() {
-            bail!("data set `{}` has an empty train or test split", self.data);
+            fail!("data set `{}` has an empty train or test split", self.data);
         }
         if self.batch_size > s.train.len() {
-            bail!(
+            fail!(
                 "batch size {} is larger than the training set ({} examples)",
                 self.batch_size,
                 s.train.len()
@@ -540,7 +544,7 @@ pub fn read_metrics(run_dir: &Path) -> Result<Vec<MetricsLine>> {
         Err(e) if e.is_not_found() => return Ok(Vec::new()),
         Err(e) => return Err(e.into()),
     };
-    parse_metrics(&bytes).with_context(|| format!("{}: invalid metrics", path.display()))
+    Ok(parse_metrics(&bytes).with_context(|| format!("{}: invalid metrics", path.display()))?)
 }
 
 /// Parses the bytes of a `metrics.jsonl` (see [`read_metrics`]).
@@ -607,8 +611,12 @@ pub enum RunMode {
 pub fn holds_files(dir: &Path) -> Result<bool> {
     match std::fs::metadata(dir) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !io::something_at(dir) => return Ok(false),
-        Err(e) => return Err(e).with_context(|| format!("cannot use {} as a run folder", dir.display())),
-        Ok(m) if !m.is_dir() => bail!("{} exists and is not a folder", dir.display()),
+        Err(e) => {
+            return Err(anyhow::Error::from(e)
+                .context(format!("cannot use {} as a run folder", dir.display()))
+                .into())
+        }
+        Ok(m) if !m.is_dir() => fail!("{} exists and is not a folder", dir.display()),
         Ok(_) => {}
     }
     for e in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
@@ -632,21 +640,21 @@ impl CheckpointProgress {
     fn check(&self, steps_per_epoch: usize) -> Result<()> {
         let want = (self.epoch as u64).checked_mul(steps_per_epoch as u64);
         if self.epoch == 0 || self.epoch > MAX_EPOCHS || want != Some(self.step) {
-            bail!(
+            fail!(
                 "training progress (epoch {}, step {}) does not fit the run's config ({steps_per_epoch} steps per epoch)",
                 self.epoch,
                 self.step
             );
         }
         if self.optimizer_steps > self.step {
-            bail!(
+            fail!(
                 "training progress: {} optimiser steps is more than the {} steps taken",
                 self.optimizer_steps,
                 self.step
             );
         }
         if !(0.0..=1.0).contains(&self.best_test_acc) {
-            bail!(
+            fail!(
                 "training progress: best test accuracy {} is not in [0, 1]",
                 self.best_test_acc
             );
@@ -679,7 +687,7 @@ pub fn train_in(
     mode: RunMode,
     on: &mut dyn FnMut(Event),
 ) -> crate::Result<TrainSummary> {
-    train_loop(cfg, run_dir, mode, on).map_err(crate::Error::from)
+    train_loop(cfg, run_dir, mode, on)
 }
 
 fn train_loop(cfg: &TrainConfig, run_dir: &Path, mode: RunMode, on: &mut dyn FnMut(Event)) -> Result<TrainSummary> {
@@ -778,7 +786,7 @@ fn train_loop(cfg: &TrainConfig, run_dir: &Path, mode: RunMode, on: &mut dyn FnM
                 lv = f64::NAN;
             }
             if !lv.is_finite() {
-                bail!(
+                fail!(
                     "loss became {lv} at epoch {} step {step}; training stopped. {}; try a lower learning rate",
                     epoch + 1,
                     folder.kept_message()
@@ -827,7 +835,7 @@ fn train_loop(cfg: &TrainConfig, run_dir: &Path, mode: RunMode, on: &mut dyn FnM
             // The sentinel's alarms still reach metrics.jsonl and the message.
             let raised = hooks.on_divergence(&model, epoch + 1, &mut folder)?;
             folder.flush()?;
-            bail!(
+            fail!(
                 "training diverged in epoch {}: {why}; training stopped and this state is not saved. {}{}; \
                  try a lower learning rate",
                 epoch + 1,
@@ -930,10 +938,10 @@ pub fn compare(
     on: &mut dyn FnMut(&str, Event),
 ) -> Result<Vec<CompareRow>> {
     if acts.is_empty() || seeds == 0 {
-        bail!("compare needs at least one activation and one seed");
+        fail!("compare needs at least one activation and one seed");
     }
     for a in acts {
-        a.parse::<Activation>().map_err(|e| anyhow::anyhow!(e))?;
+        a.parse::<Activation>().map_err(crate::Error::Invalid)?;
     }
     let mut rows = Vec::new();
     for act in acts {

@@ -6,7 +6,8 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use crate::Result;
+use anyhow::Context;
 
 use super::{
     holds_files, kept_message, read_metrics, rewrite_metrics, CheckpointProgress, EpochMetrics, Event, MetricsLine,
@@ -44,7 +45,7 @@ impl RunFolder {
     /// anything in it changes), creates and locks it, and removes the
     /// temporary files a killed run left.
     pub fn open(dir: &Path, mode: RunMode, on: &mut dyn FnMut(Event)) -> Result<Self> {
-        let taken = |dir: &Path| anyhow::Error::new(crate::Error::RunExists { dir: dir.to_path_buf() });
+        let taken = |dir: &Path| crate::Error::RunExists { dir: dir.to_path_buf() };
         if mode == RunMode::New && holds_files(dir)? {
             return Err(taken(dir));
         }
@@ -108,8 +109,7 @@ impl RunFolder {
                 dir: run_dir.to_path_buf(),
                 done: prog.epoch,
                 asked: epochs,
-            }
-            .into());
+            });
         }
         opt.load_state(&tensors, prog.optimizer_steps)
             .with_context(|| format!("{}: bad optimiser state", ckpt_path.display()))?;

@@ -2,6 +2,8 @@
 //! random batches, and the fused step checked against candle's autograd.
 #![allow(dead_code)]
 
+pub mod graphs;
+
 use candle_core::{Device, Tensor};
 use prelu::fused::FusedStep;
 use prelu::model::{Arch, Model, ModelSpec, ParamKind};
