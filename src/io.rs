@@ -569,19 +569,7 @@ pub const DATA_KEY: &str = "prelu.data";
 /// checked, and the model's memory estimated against the budget, all before
 /// the model is built.
 pub fn load_model_with_spec(path: &Path, spec: Option<&Path>) -> crate::Result<Loaded> {
-    load_checkpoint(path, spec).map_err(lib_error)
-}
-
-/// An `anyhow` error as the library's [`crate::Error`]: typed when it is one
-/// bare error, else [`crate::Error::Other`] with its whole chain (converting
-/// it with `From` would find the typed error inside and drop the context,
-/// such as the file's name).
-pub(crate) fn lib_error(e: anyhow::Error) -> crate::Error {
-    if e.chain().nth(1).is_some() {
-        crate::Error::Other(e)
-    } else {
-        crate::Error::from(e)
-    }
+    load_checkpoint(path, spec).map_err(crate::Error::from)
 }
 
 fn load_checkpoint(path: &Path, spec: Option<&Path>) -> anyhow::Result<Loaded> {

@@ -306,7 +306,7 @@ pub fn import_with(path: &std::path::Path, opts: &ImportOptions) -> crate::Resul
         .map_err(anyhow::Error::from)?;
     import_model(&bytes, opts)
         .with_context(|| format!("{}: ONNX import", path.display()))
-        .map_err(crate::io::lib_error)
+        .map_err(crate::Error::from)
 }
 
 /// [`import`] from the file's bytes.
@@ -316,7 +316,7 @@ pub fn import_bytes(bytes: &[u8]) -> crate::Result<Imported> {
 
 /// [`import`] from the file's bytes, with options.
 pub fn import_bytes_with(bytes: &[u8], opts: &ImportOptions) -> crate::Result<Imported> {
-    import_model(bytes, opts).map_err(crate::io::lib_error)
+    import_model(bytes, opts).map_err(crate::Error::from)
 }
 
 /// How an ONNX value relates to the value of ours it stands for, when not
