@@ -155,8 +155,11 @@ fn png(v: u8) -> Vec<u8> {
     out
 }
 
+/// Files of a class folder: (name, bytes).
+type Files<'a> = &'a [(&'a str, &'a [u8])];
+
 /// A folder `root` with `classes` (name, files) written.
-fn folder(root: &Path, classes: &[(&str, &[(&str, &[u8])])]) {
+fn folder(root: &Path, classes: &[(&str, Files)]) {
     std::fs::create_dir_all(root).unwrap();
     for (c, files) in classes {
         std::fs::create_dir_all(root.join(c)).unwrap();
