@@ -24,9 +24,11 @@ pub enum SplitArg {
 pub struct DiagnoseArgs {
     /// A checkpoint (.safetensors), a run folder or an .onnx model.
     pub checkpoint: PathBuf,
-    /// Data: as for every command, or FILE.npy: float32 examples in the
+    /// Data: as for every command; FILE.npy: float32 examples in the
     /// model's own input layout (an imported model's original one, e.g.
-    /// [N, H, W, C]), fed as is.
+    /// [N, H, W, C]), fed as is; or an image folder DIR (one subfolder of
+    /// PNG/JPEG per class, labels by sorted class name as torchvision's
+    /// ImageFolder), resized bilinearly to the model's input.
     #[command(flatten)]
     pub data: DataArgs,
     /// Labels for --data FILE.npy (int64/int32/uint8, [N]) [default: none:
@@ -175,11 +177,7 @@ impl fmt::Display for DiagnoseOutput {
 pub fn cmd_diagnose(a: &DiagnoseArgs) -> Result<()> {
     let loaded = load_ckpt(&a.checkpoint, &a.spec)?;
     let io = prelu::onnx::OnnxIo::from_metadata(&loaded.metadata)?;
-    let source = match &a.data.data {
-        Some(d) => prelu::data::load_source(d, a.labels.as_deref(), &loaded.model, io.as_ref())?,
-        None if a.labels.is_some() => bail!("--labels goes with --data FILE.npy"),
-        None => None,
-    };
+    let source = a.data.source(a.labels.as_deref(), &loaded.model, io.as_ref())?;
     let is_file = source.is_some();
     let (data, ds, labeled) = match source {
         Some(s) => (s.name, s.data, s.labeled),

@@ -33,22 +33,111 @@ pub struct JsonArg {
 /// to the data the model was trained on.
 #[derive(Args, Clone, Debug, Default)]
 pub struct DataArgs {
-    /// Data set: mnist, fashion-mnist, mnist-small (built in) or a folder of IDX files
-    /// [default: mnist-small to train; a trained model's own data set (run folder or
-    /// checkpoint header), else mnist-small].
+    /// Data set: mnist, fashion-mnist, mnist-small (built in) or a folder of IDX files;
+    /// for a command that reads a model also an image folder: one subfolder of PNG/JPEG
+    /// images per class (labels by sorted folder name, as torchvision's ImageFolder),
+    /// each image resized to the model's input by bilinear interpolation with
+    /// antialiasing (torchvision's Resize((H, W)) default), scaled to [0, 1], grey/RGB
+    /// converted to the model's channels [default: mnist-small to train; a trained
+    /// model's own data set (run folder or checkpoint header), else mnist-small].
     #[arg(long, value_name = "NAME|DIR")]
     pub data: Option<String>,
     /// Folder to look for mnist / fashion-mnist in first [default: $PRELU_DATA,
     /// /usr/share/datasets, ./data].
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Image folder (--data DIR of class subfolders) only: per-channel mean subtracted
+    /// after scaling pixels to [0, 1], one value or one per channel, e.g.
+    /// 0.485,0.456,0.406 [default: none].
+    #[arg(long, value_name = "M[,M,M]", value_delimiter = ',', allow_negative_numbers = true)]
+    pub input_mean: Vec<f32>,
+    /// Image folder only: per-channel std divided by after the mean, e.g.
+    /// 0.229,0.224,0.225 [default: none].
+    #[arg(long, value_name = "S[,S,S]", value_delimiter = ',')]
+    pub input_std: Vec<f32>,
 }
 
 impl DataArgs {
     /// Refuses a `--data` that names a folder which is not there (instead of
-    /// the library's "unknown data set").
+    /// the library's "unknown data set"), and an input mean/std for a named
+    /// data set.
     pub fn check(&self) -> Result<()> {
-        check_data_name(self.data.as_deref())
+        check_data_name(self.data.as_deref())?;
+        if !self.normalize().is_none() {
+            bail!(
+                "--input-mean/--input-std apply to an image folder (--data DIR with one subfolder per class); \
+                 `{}` is a data set with its own scaling",
+                self.data.as_deref().unwrap_or("the default data")
+            );
+        }
+        Ok(())
+    }
+
+    /// `--input-mean` / `--input-std`.
+    pub fn normalize(&self) -> prelu::data::images::Normalize {
+        prelu::data::images::Normalize {
+            mean: self.input_mean.clone(),
+            std: self.input_std.clone(),
+        }
+    }
+
+    /// The examples of `--data FILE.npy` (with `labels`) or `--data DIR` (an
+    /// image folder) for `model`; `None` for a named data set. For an image
+    /// folder, says on stderr what was read.
+    pub fn source(
+        &self,
+        labels: Option<&Path>,
+        model: &prelu::model::Model,
+        io: Option<&prelu::onnx::OnnxIo>,
+    ) -> Result<Option<prelu::data::Source>> {
+        let Some(d) = self.data.as_deref() else {
+            if labels.is_some() {
+                bail!("--labels goes with --data FILE.npy");
+            }
+            return Ok(None);
+        };
+        let norm = self.normalize();
+        if let Some(l) = labels.filter(|_| !prelu::data::is_file_source(d)) {
+            bail!(
+                "--labels {} goes with --data FILE.npy; {}",
+                l.display(),
+                if prelu::data::is_image_folder(d) {
+                    "an image folder is labelled by its class subfolders"
+                } else {
+                    "a data set has its own labels"
+                }
+            );
+        }
+        if !norm.is_none() && prelu::data::is_file_source(d) {
+            bail!("--input-mean/--input-std apply to an image folder; --data {d} (.npy) is fed as is");
+        }
+        let src = prelu::data::load_source_with(d, labels, model, io, &norm)?;
+        if let Some(s) = src.as_ref().filter(|s| !s.classes.is_empty()) {
+            let [c, h, w] = model.spec.input;
+            let names = s.classes.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
+            eprintln!(
+                "{d}: {} images in {} classes ({names}{}), resized (bilinear, antialiased) to {c}x{h}x{w}{}{}",
+                s.data.len(),
+                s.classes.len(),
+                if s.classes.len() > 5 { ", ..." } else { "" },
+                if norm.is_none() {
+                    String::new()
+                } else {
+                    format!(", mean {:?} std {:?}", norm.mean, norm.std)
+                },
+                if s.skipped.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "; skipped {} non-image or hidden entr{} (e.g. {})",
+                        s.skipped.len(),
+                        if s.skipped.len() == 1 { "y" } else { "ies" },
+                        s.skipped[0].display()
+                    )
+                }
+            );
+        }
+        Ok(src)
     }
 }
 
@@ -58,7 +147,10 @@ pub fn check_data_name(data: Option<&str>) -> Result<()> {
         let named = matches!(d, "mnist" | "fashion-mnist" | "mnist-small");
         let looks_like_path = d.contains('/') || d.starts_with('.') || d.starts_with('~');
         if !named && looks_like_path && !Path::new(d).exists() {
-            bail!("--data {d}: no such folder (a data folder must hold the four MNIST-format IDX files)");
+            bail!(
+                "--data {d}: no such folder (a data folder holds the four MNIST-format IDX files, \
+                 or one subfolder of PNG/JPEG images per class)"
+            );
         }
     }
     Ok(())
@@ -114,8 +206,23 @@ pub fn model_data(ckpt: &Path, loaded: &prelu::io::Loaded) -> Option<(String, Op
 
 /// The data set to use with a checkpoint: `--data`, else the model's own
 /// (run folder or header), else the built-in subset. Checks that it fits the
-/// model.
+/// model. An image folder (`--data DIR` of class subfolders) serves as both
+/// splits.
 pub fn data_for(ckpt: &Path, data: &DataArgs, loaded: &prelu::io::Loaded) -> Result<(String, prelu::data::Split)> {
+    if let Some(d) = data.data.as_deref().filter(|d| prelu::data::is_image_folder(d)) {
+        let io = prelu::onnx::OnnxIo::from_metadata(&loaded.metadata)?;
+        if let Some(s) = data.source(None, &loaded.model, io.as_ref())? {
+            return Ok((
+                d.to_string(),
+                prelu::data::Split {
+                    name: d.to_string(),
+                    source: format!("image folder {d}"),
+                    train: s.data.clone(),
+                    test: s.data,
+                },
+            ));
+        }
+    }
     data.check()?;
     let own = model_data(ckpt, loaded);
     let name = data
