@@ -133,7 +133,14 @@ pub(super) fn conv_backward(
     // Stride 1: the input gradient as a correlation of dY with the flipped
     // kernel (a GEMM with K = C_out kh kw and no scatter-add) instead of
     // dcol = Wᵀ dY and col2im.
-    let gt = if dx.is_some() { transposed(g) } else { None };
+    // Only where its columns are no larger than dcol's (C_out H W <= C_in
+    // H' W': same-padded convs with C_out = C_in, as in ResNets); a valid
+    // conv that widens the channels (the reference CNN's 32 -> 64) would
+    // build 2.3x more columns and do 18% more multiply-adds.
+    let gt = match dx {
+        Some(_) if g.cout * g.h * g.w <= g.cin * g.pixels() => transposed(g),
+        _ => None,
+    };
     let wt = gt.as_ref().map(|_| flipped_transposed(g, w));
     let work = |s: &mut ConvScratch, xs: &[f32], dys: &[f32], mut dxs: Option<&mut [f32]>| {
         s.col.resize(rows * p, 0.0);
@@ -276,30 +283,12 @@ mod tests {
 
     #[test]
     fn strided_convolutions_have_no_transposed_form() {
-        let g = ConvGeom::new(
-            2,
-            2,
-            8,
-            8,
-            Pair::both(3),
-            Pair::both(2),
-            Padding::uniform(1),
-            Pair::both(1),
-        )
-        .unwrap();
-        assert!(transposed(&g).is_none());
-        // Padding wider than the kernel reach: some outputs see only zeros.
-        let g = ConvGeom::new(
-            2,
-            2,
-            4,
-            4,
-            Pair::both(1),
-            Pair::both(1),
-            Padding::uniform(1),
-            Pair::both(1),
-        )
-        .unwrap();
-        assert!(transposed(&g).is_none());
+        // A stride of 2; a 1x1 kernel with padding wider than its reach
+        // (border outputs see only zeros).
+        for (k, stride) in [(3, 2), (1, 1)] {
+            let (k, s, pad, d) = (Pair::both(k), Pair::both(stride), Padding::uniform(1), Pair::both(1));
+            let g = ConvGeom::new(2, 2, 8, 8, k, s, pad, d).unwrap();
+            assert!(transposed(&g).is_none(), "{g:?}");
+        }
     }
 }
