@@ -899,7 +899,7 @@ pub fn plot_svg(curves: &[PropagationCurve], path: &std::path::Path) -> crate::R
     // created exclusively, renamed over `path`): a planted link is never followed.
     let mut svg = String::new();
     plot_svg_into(curves, &mut svg)?;
-    Ok(crate::io::write_atomic(path, svg.as_bytes())?)
+    crate::io::write_atomic(path, svg.as_bytes())
 }
 
 fn plot_svg_into(curves: &[PropagationCurve], svg: &mut String) -> anyhow::Result<()> {

@@ -1000,7 +1000,7 @@ pub fn write_report(r: &StudyResult, path: &Path) -> Result<()> {
     h.push_str("</div><h2>Base config</h2><pre>");
     h.push_str(&esc(&toml::to_string(&r.base).unwrap_or_default()));
     h.push_str("</pre></body></html>\n");
-    Ok(crate::io::write_atomic(path, h.as_bytes())?)
+    crate::io::write_atomic(path, h.as_bytes())
 }
 
 // ---------------------------------------------------------------------------

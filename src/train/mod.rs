@@ -592,7 +592,7 @@ fn rewrite_metrics(run_dir: &Path, keep: &[MetricsLine]) -> Result<()> {
     if io::read_capped(&path, s.len() as u64).is_ok_and(|old| old == s.as_bytes()) {
         return Ok(());
     }
-    Ok(io::write_atomic(&path, s.as_bytes())?)
+    io::write_atomic(&path, s.as_bytes())
 }
 
 /// How [`train_in`] treats the run folder.
