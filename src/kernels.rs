@@ -316,18 +316,18 @@ unsafe fn backward_avx2<T: Float>(
 #[macro_export]
 #[doc(hidden)]
 macro_rules! simd_dispatch {
-    ($(#[$m:meta])* $vis:vis fn $name:ident($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)? $body:block) => {
+    ($(#[$m:meta])* $vis:vis fn $name:ident $(<$g:ident: $bound:path>)? ($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)? $body:block) => {
         $(#[$m])*
         #[allow(clippy::too_many_arguments)]
-        $vis fn $name($($a: $t),*) $(-> $r)? {
+        $vis fn $name $(<$g: $bound>)? ($($a: $t),*) $(-> $r)? {
             #[allow(clippy::too_many_arguments)]
             #[inline(always)]
-            fn generic($($a: $t),*) $(-> $r)? $body
+            fn generic $(<$g: $bound>)? ($($a: $t),*) $(-> $r)? $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[allow(clippy::too_many_arguments)]
                 #[target_feature(enable = "avx2")]
-                unsafe fn avx2($($a: $t),*) $(-> $r)? {
+                unsafe fn avx2 $(<$g: $bound>)? ($($a: $t),*) $(-> $r)? {
                     generic($($a),*)
                 }
                 if $crate::kernels::has_avx2() {
@@ -448,69 +448,41 @@ impl ForwardStats {
     }
 }
 
-/// Counts signs of one chunk (already in cache from the forward pass) into
-/// `neg`/`pos` and returns the sum and sum of squares of its outputs.
-fn count_chunk<T: Float>(
-    x: &[T],
-    y: &[T],
-    g: SlopeGeometry,
-    start: usize,
-    neg: &mut [u64],
-    pos: &mut [u64],
-) -> (f64, f64) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: the CPU supports AVX2 (checked just above).
-        return unsafe { count_chunk_avx2(x, y, g, start, neg, pos) };
-    }
-    count_chunk_generic(x, y, g, start, neg, pos)
-}
-
-/// [`count_chunk`] compiled for AVX2: the sentinel's counting pass runs
-/// beside every activation of a step, so its cost is the sentinel's
-/// overhead. Integer counts and the same f64 lane order: the same numbers.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn count_chunk_avx2<T: Float>(
-    x: &[T],
-    y: &[T],
-    g: SlopeGeometry,
-    start: usize,
-    neg: &mut [u64],
-    pos: &mut [u64],
-) -> (f64, f64) {
-    count_chunk_generic(x, y, g, start, neg, pos)
-}
-
-#[inline(always)]
-fn count_chunk_generic<T: Float>(
-    x: &[T],
-    y: &[T],
-    g: SlopeGeometry,
-    start: usize,
-    neg: &mut [u64],
-    pos: &mut [u64],
-) -> (f64, f64) {
-    for r in Runs::new(g, start, x.len()) {
-        let xs = &x[r.off..r.off + r.len];
-        if r.constant {
-            // u32 lanes (a run is at most one chunk): twice the lanes of
-            // `filter().count()`'s usize.
-            let (mut n, mut p) = (0u32, 0u32);
-            for &v in xs {
-                n += (v < T::ZERO) as u32;
-                p += (v > T::ZERO) as u32;
-            }
-            neg[r.c] += n as u64;
-            pos[r.c] += p as u64;
-        } else {
-            for (k, &v) in xs.iter().enumerate() {
-                neg[r.c + k] += (v < T::ZERO) as u64;
-                pos[r.c + k] += (v > T::ZERO) as u64;
+crate::simd_dispatch! {
+    /// Counts signs of one chunk (already in cache from the forward pass)
+    /// into `neg`/`pos` and returns the sum and sum of squares of its
+    /// outputs; compiled for AVX2 where the CPU has it, since this pass runs
+    /// beside every activation of a step and is the sentinel's overhead.
+    /// Integer counts and the same f64 lane order: the same numbers.
+    fn count_chunk<T: Float>(
+        x: &[T],
+        y: &[T],
+        g: SlopeGeometry,
+        start: usize,
+        neg: &mut [u64],
+        pos: &mut [u64],
+    ) -> (f64, f64) {
+        for r in Runs::new(g, start, x.len()) {
+            let xs = &x[r.off..r.off + r.len];
+            if r.constant {
+                // u32 lanes (a run is at most one chunk): twice the lanes of
+                // `filter().count()`'s usize.
+                let (mut n, mut p) = (0u32, 0u32);
+                for &v in xs {
+                    n += (v < T::ZERO) as u32;
+                    p += (v > T::ZERO) as u32;
+                }
+                neg[r.c] += n as u64;
+                pos[r.c] += p as u64;
+            } else {
+                for (k, &v) in xs.iter().enumerate() {
+                    neg[r.c + k] += (v < T::ZERO) as u64;
+                    pos[r.c + k] += (v > T::ZERO) as u64;
+                }
             }
         }
+        moments(y)
     }
-    moments(y)
 }
 
 /// Sum and sum of squares, accumulated in f64 over eight independent lanes so
