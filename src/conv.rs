@@ -39,86 +39,65 @@ fn in_row(g: &ConvGeom, oi: usize, ki: usize) -> Option<usize> {
     (ii >= 0 && (ii as usize) < g.h).then_some(ii as usize)
 }
 
-/// im2col of one sample `x` (`[C_in, H, W]`) into `col` (`[C_in kh kw, H' W']`),
-/// zeros where a tap falls in the padding.
-pub fn im2col<T: Float>(g: &ConvGeom, x: &[T], col: &mut [T]) {
-    #[cfg(target_arch = "x86_64")]
-    if crate::kernels::has_avx2() {
-        // SAFETY: the CPU supports AVX2 (checked just above).
-        return unsafe { im2col_avx2(g, x, col) };
-    }
-    im2col_generic(g, x, col)
-}
-
-/// [`col2im`] compiled for AVX2 (the same arithmetic, the same bits).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn col2im_avx2<T: Float>(g: &ConvGeom, col: &[T], dx: &mut [T]) {
-    col2im_generic(g, col, dx)
-}
-
-/// [`im2col`] compiled for AVX2.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn im2col_avx2<T: Float>(g: &ConvGeom, x: &[T], col: &mut [T]) {
-    im2col_generic(g, x, col)
-}
-
-#[inline(always)]
-fn im2col_generic<T: Float>(g: &ConvGeom, x: &[T], col: &mut [T]) {
-    let p = g.pixels();
-    debug_assert_eq!(x.len(), g.cin * g.h * g.w);
-    debug_assert_eq!(col.len(), g.rows() * p);
-    let shifted = g.sh == 1 && g.sw == 1 && g.wo == g.w;
-    for ci in 0..g.cin {
-        let plane = &x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
-        for ki in 0..g.kh {
-            for kj in 0..g.kw {
-                let r = (ci * g.kh + ki) * g.kw + kj;
-                let row = &mut col[r * p..(r + 1) * p];
-                let (lo, hi) = col_range(g, kj);
-                if shifted {
-                    // Stride 1 with the output as wide as the input: the whole
-                    // row is the plane shifted by one offset (one copy), with
-                    // the taps that fall off the left/right edge zeroed after.
-                    let off = (ki * g.dh) as isize * g.w as isize - (g.pt * g.w) as isize + (kj * g.dw) as isize
-                        - g.pl as isize;
-                    let (n, hw) = (p as isize, (g.h * g.w) as isize);
-                    let t0 = (-off).clamp(0, n);
-                    let t1 = (hw - off).clamp(t0, n);
-                    let (t0, t1) = (t0 as usize, t1 as usize);
-                    row[..t0].fill(T::ZERO);
-                    row[t1..].fill(T::ZERO);
-                    if t1 > t0 {
-                        let s0 = (t0 as isize + off) as usize;
-                        row[t0..t1].copy_from_slice(&plane[s0..s0 + (t1 - t0)]);
-                    }
-                    // Column by column (strided stores): per-row fills of one
-                    // or two values became a memset call each, which cost
-                    // more than the copy itself on 28-wide images.
-                    for c in (0..lo).chain(hi..g.wo) {
-                        for v in row[c..].iter_mut().step_by(g.wo) {
-                            *v = T::ZERO;
+crate::simd_dispatch! {
+    /// im2col of one sample `x` (`[C_in, H, W]`) into `col` (`[C_in kh kw, H' W']`),
+    /// zeros where a tap falls in the padding.
+    /// Compiled for AVX2 where the CPU has it (the same arithmetic, the same bits).
+    pub fn im2col<T: Float>(g: &ConvGeom, x: &[T], col: &mut [T]) {
+        let p = g.pixels();
+        debug_assert_eq!(x.len(), g.cin * g.h * g.w);
+        debug_assert_eq!(col.len(), g.rows() * p);
+        let shifted = g.sh == 1 && g.sw == 1 && g.wo == g.w;
+        for ci in 0..g.cin {
+            let plane = &x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
+            for ki in 0..g.kh {
+                for kj in 0..g.kw {
+                    let r = (ci * g.kh + ki) * g.kw + kj;
+                    let row = &mut col[r * p..(r + 1) * p];
+                    let (lo, hi) = col_range(g, kj);
+                    if shifted {
+                        // Stride 1 with the output as wide as the input: the whole
+                        // row is the plane shifted by one offset (one copy), with
+                        // the taps that fall off the left/right edge zeroed after.
+                        let off = (ki * g.dh) as isize * g.w as isize - (g.pt * g.w) as isize + (kj * g.dw) as isize
+                            - g.pl as isize;
+                        let (n, hw) = (p as isize, (g.h * g.w) as isize);
+                        let t0 = (-off).clamp(0, n);
+                        let t1 = (hw - off).clamp(t0, n);
+                        let (t0, t1) = (t0 as usize, t1 as usize);
+                        row[..t0].fill(T::ZERO);
+                        row[t1..].fill(T::ZERO);
+                        if t1 > t0 {
+                            let s0 = (t0 as isize + off) as usize;
+                            row[t0..t1].copy_from_slice(&plane[s0..s0 + (t1 - t0)]);
                         }
-                    }
-                    continue;
-                }
-                for oi in 0..g.ho {
-                    let out = &mut row[oi * g.wo..(oi + 1) * g.wo];
-                    let Some(ii) = in_row(g, oi, ki) else {
-                        out.fill(T::ZERO);
+                        // Column by column (strided stores): per-row fills of one
+                        // or two values became a memset call each, which cost
+                        // more than the copy itself on 28-wide images.
+                        for c in (0..lo).chain(hi..g.wo) {
+                            for v in row[c..].iter_mut().step_by(g.wo) {
+                                *v = T::ZERO;
+                            }
+                        }
                         continue;
-                    };
-                    let src = &plane[ii * g.w..(ii + 1) * g.w];
-                    out[..lo].fill(T::ZERO);
-                    out[hi..].fill(T::ZERO);
-                    if hi > lo {
-                        let first = lo * g.sw + kj * g.dw - g.pl;
-                        if g.sw == 1 {
-                            out[lo..hi].copy_from_slice(&src[first..first + hi - lo]);
-                        } else {
-                            for (k, o) in out[lo..hi].iter_mut().enumerate() {
-                                *o = src[first + k * g.sw];
+                    }
+                    for oi in 0..g.ho {
+                        let out = &mut row[oi * g.wo..(oi + 1) * g.wo];
+                        let Some(ii) = in_row(g, oi, ki) else {
+                            out.fill(T::ZERO);
+                            continue;
+                        };
+                        let src = &plane[ii * g.w..(ii + 1) * g.w];
+                        out[..lo].fill(T::ZERO);
+                        out[hi..].fill(T::ZERO);
+                        if hi > lo {
+                            let first = lo * g.sw + kj * g.dw - g.pl;
+                            if g.sw == 1 {
+                                out[lo..hi].copy_from_slice(&src[first..first + hi - lo]);
+                            } else {
+                                for (k, o) in out[lo..hi].iter_mut().enumerate() {
+                                    *o = src[first + k * g.sw];
+                                }
                             }
                         }
                     }
@@ -128,41 +107,33 @@ fn im2col_generic<T: Float>(g: &ConvGeom, x: &[T], col: &mut [T]) {
     }
 }
 
-/// The adjoint of [`im2col`]: adds the column gradients back onto the image
-/// gradient `dx` (which the caller zeroes first).
-pub fn col2im<T: Float>(g: &ConvGeom, col: &[T], dx: &mut [T]) {
-    #[cfg(target_arch = "x86_64")]
-    if crate::kernels::has_avx2() {
-        // SAFETY: the CPU supports AVX2 (checked just above).
-        return unsafe { col2im_avx2(g, col, dx) };
-    }
-    col2im_generic(g, col, dx)
-}
-
-#[inline(always)]
-fn col2im_generic<T: Float>(g: &ConvGeom, col: &[T], dx: &mut [T]) {
-    let p = g.pixels();
-    for ci in 0..g.cin {
-        let plane = &mut dx[ci * g.h * g.w..(ci + 1) * g.h * g.w];
-        for ki in 0..g.kh {
-            for kj in 0..g.kw {
-                let r = (ci * g.kh + ki) * g.kw + kj;
-                let row = &col[r * p..(r + 1) * p];
-                let (lo, hi) = col_range(g, kj);
-                if hi <= lo {
-                    continue;
-                }
-                for oi in 0..g.ho {
-                    let Some(ii) = in_row(g, oi, ki) else { continue };
-                    let first = ii * g.w + lo * g.sw + kj * g.dw - g.pl;
-                    let src = &row[oi * g.wo + lo..oi * g.wo + hi];
-                    if g.sw == 1 {
-                        for (d, &s) in plane[first..first + hi - lo].iter_mut().zip(src) {
-                            *d += s;
-                        }
-                    } else {
-                        for (k, &s) in src.iter().enumerate() {
-                            plane[first + k * g.sw] += s;
+crate::simd_dispatch! {
+    /// The adjoint of [`im2col`]: adds the column gradients back onto the image
+    /// gradient `dx` (which the caller zeroes first).
+    pub fn col2im<T: Float>(g: &ConvGeom, col: &[T], dx: &mut [T]) {
+        let p = g.pixels();
+        for ci in 0..g.cin {
+            let plane = &mut dx[ci * g.h * g.w..(ci + 1) * g.h * g.w];
+            for ki in 0..g.kh {
+                for kj in 0..g.kw {
+                    let r = (ci * g.kh + ki) * g.kw + kj;
+                    let row = &col[r * p..(r + 1) * p];
+                    let (lo, hi) = col_range(g, kj);
+                    if hi <= lo {
+                        continue;
+                    }
+                    for oi in 0..g.ho {
+                        let Some(ii) = in_row(g, oi, ki) else { continue };
+                        let first = ii * g.w + lo * g.sw + kj * g.dw - g.pl;
+                        let src = &row[oi * g.wo + lo..oi * g.wo + hi];
+                        if g.sw == 1 {
+                            for (d, &s) in plane[first..first + hi - lo].iter_mut().zip(src) {
+                                *d += s;
+                            }
+                        } else {
+                            for (k, &s) in src.iter().enumerate() {
+                                plane[first + k * g.sw] += s;
+                            }
                         }
                     }
                 }
