@@ -196,6 +196,22 @@ fn padding(n: &NodeProto, node: &str) -> Result<Padding> {
     }
 }
 
+/// Path parts joined with dots, every character other than ASCII
+/// alphanumerics, `_` and `.` replaced by `_`; `None` when empty.
+fn dotted_name(parts: &[&str]) -> Option<String> {
+    let s: String = parts
+        .join(".")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    (!s.is_empty()).then_some(s)
+}
 /// A node name for our graph: the module path of its weight when it has
 /// one (`layer1.0.conv1.weight` -> `layer1.0.conv1`), else the ONNX node
 /// name cleaned up, else op and index; unique.
@@ -231,18 +247,7 @@ fn our_name(n: &NodeProto, i: usize, weight: Option<&str>, taken: &mut HashMap<S
             while parts.len() > 1 && parts.last().is_some_and(|l| LEAVES.contains(l)) {
                 parts.pop();
             }
-            let s: String = parts
-                .join(".")
-                .chars()
-                .map(|c| {
-                    if c.is_ascii_alphanumeric() || c == '_' || c == '.' {
-                        c
-                    } else {
-                        '_'
-                    }
-                })
-                .collect();
-            (!s.is_empty()).then_some(s)
+            dotted_name(&parts)
         })
         .or_else(|| {
             // PyTorch's exporter names nodes by module scope, e.g.
@@ -259,18 +264,7 @@ fn our_name(n: &NodeProto, i: usize, weight: Option<&str>, taken: &mut HashMap<S
                 }
                 kept.push(p);
             }
-            let s: String = kept
-                .join(".")
-                .chars()
-                .map(|c| {
-                    if c.is_ascii_alphanumeric() || c == '_' || c == '.' {
-                        c
-                    } else {
-                        '_'
-                    }
-                })
-                .collect();
-            (!s.is_empty()).then_some(s)
+            dotted_name(&kept)
         })
         .unwrap_or_else(|| format!("{}_{i}", n.op_type.to_ascii_lowercase()));
     let k = taken.entry(base.clone()).or_insert(0);
