@@ -177,28 +177,49 @@ fn same_numbers_for_any_thread_count() {
     }
 }
 
+/// Sign counts and output moments gathered by the fused step equal the
+/// autograd path's: plain activations, and activations fused into the
+/// BatchNorm before them (feature-major after a linear layer, and NCHW).
 #[test]
 fn sentinel_counts_match_the_autograd_path() {
-    let m = model(
+    let plain = model(
         small_cnn(0),
         Activation::PRelu { shared: false },
         SlopeConstraint::None,
         [1, 8, 8],
         2,
     );
-    let (x, y) = batch(&m, 6, 3);
-    let a = prelu::sentinel::Sentinel::new(&m, Default::default());
-    let b = prelu::sentinel::Sentinel::new(&m, Default::default());
-    let mut fs = FusedStep::new(&m).unwrap();
-    fs.step(&x, &y, Some(a.handles())).unwrap();
-    let xt = Tensor::from_slice(&x, (6, 64), &Device::Cpu).unwrap();
-    m.forward_counting(&xt, true, b.handles()).unwrap();
-    for (ha, hb) in a.handles().iter().zip(b.handles()) {
-        let (sa, sb) = (ha.lock().unwrap(), hb.lock().unwrap());
-        assert_eq!(sa.negative, sb.negative);
-        assert_eq!(sa.positive, sb.positive);
-        assert_eq!(sa.count, sb.count);
-        assert!((sa.sum - sb.sum).abs() <= 1e-4 * sb.sum.abs().max(1.0));
+    let bn = |arch: Arch, act| {
+        let spec = ModelSpec {
+            batch_norm: true,
+            input_mean: 0.1,
+            input_std: 0.5,
+            ..ModelSpec::new(arch, act, [1, 8, 8], 3)
+        };
+        Model::new(&spec, 4, &Device::Cpu).unwrap()
+    };
+    for m in [
+        plain,
+        bn(small_cnn(1), Activation::PRelu { shared: false }),
+        bn(Arch::Mlp { hidden: vec![9, 5] }, Activation::PRelu { shared: true }),
+        bn(small_cnn(0), Activation::LeakyRelu(0.2)),
+    ] {
+        let (x, y) = batch(&m, 6, 3);
+        let a = prelu::sentinel::Sentinel::new(&m, Default::default());
+        let b = prelu::sentinel::Sentinel::new(&m, Default::default());
+        let mut fs = FusedStep::new(&m).unwrap();
+        fs.step(&x, &y, Some(a.handles())).unwrap();
+        let xt = Tensor::from_slice(&x, (6, 64), &Device::Cpu).unwrap();
+        m.forward_counting(&xt, true, b.handles()).unwrap();
+        for (ha, hb) in a.handles().iter().zip(b.handles()) {
+            let (sa, sb) = (ha.lock().unwrap(), hb.lock().unwrap());
+            assert!(sb.count > 0);
+            assert_eq!(sa.negative, sb.negative);
+            assert_eq!(sa.positive, sb.positive);
+            assert_eq!(sa.count, sb.count);
+            assert!((sa.sum - sb.sum).abs() <= 1e-4 * sb.sum.abs().max(1.0));
+            assert!((sa.sum_sq - sb.sum_sq).abs() <= 1e-4 * sb.sum_sq.abs().max(1.0));
+        }
     }
 }
 

@@ -6,6 +6,7 @@ use candle_core::{bail, Result, Var};
 use rayon::prelude::*;
 
 use super::{update_in_place, with_f32};
+use crate::kernels::{self, ForwardStats};
 
 /// A BatchNorm stage: parameters by index, running estimates as the model's
 /// buffers (updated in place), and the batch statistics kept for backward.
@@ -20,6 +21,17 @@ pub(super) struct Bn {
     pub(super) channels: usize,
     /// As in [`Stage::Act`]: values per channel and sample, 0 for feature-major.
     pub(super) inner: usize,
+    /// The activation that reads this BatchNorm's output and nothing else,
+    /// fused in: its slopes and its activation node (the sentinel's index).
+    /// The normalised values are then never stored; backward recomputes them.
+    pub(super) act: Option<(super::Slopes, usize)>,
+}
+
+/// The activation of a fused BatchNorm stage in one pass: one slope per
+/// channel, and where to count the sentinel's statistics of its input.
+pub(super) struct ActPass<'a> {
+    pub(super) slope: &'a [f32],
+    pub(super) stats: Option<&'a mut ForwardStats>,
 }
 
 /// Batch mean and `1 / sqrt(var + eps)` per channel, from the forward pass.
@@ -104,6 +116,66 @@ crate::simd_dispatch! {
 }
 
 crate::simd_dispatch! {
+    /// BatchNorm then the activation over a run: `z = (x - mu) s + b`, and
+    /// `y = z` where `z > 0`, else `a z` (the activation kernels' rule).
+    fn run_normalise_act(y: &mut [f32], x: &[f32], mu: f32, s: f32, b: f32, a: f32) {
+        for (o, &v) in y.iter_mut().zip(x) {
+            let z = (v - mu) * s + b;
+            *o = if z > 0.0 { z } else { a * z };
+        }
+    }
+}
+
+crate::simd_dispatch! {
+    /// Signs of the normalised values `z = (x - mu) s + b` over a run:
+    /// `(z < 0, z > 0)` counts.
+    fn run_signs(x: &[f32], mu: f32, s: f32, b: f32) -> (u32, u32) {
+        let (mut n, mut p) = (0u32, 0u32);
+        for &v in x {
+            let z = (v - mu) * s + b;
+            n += (z < 0.0) as u32;
+            p += (z > 0.0) as u32;
+        }
+        (n, p)
+    }
+}
+
+crate::simd_dispatch! {
+    /// Backward sums of the activation after BatchNorm over a run. With
+    /// `z = (x - mu) s + b` and `g = dy` where `z > 0`, else `a dy` (the
+    /// gradient reaching the BatchNorm output): `(sum g, sum g xhat,
+    /// sum dy z over z <= 0)`, the last the slope's gradient.
+    #[allow(clippy::too_many_arguments)]
+    fn run_act_backward_sums(x: &[f32], dy: &[f32], mu: f32, inv: f32, s: f32, b: f32, a: f32) -> (f64, f64, f64) {
+        let g = |v: f32, d: f32| if (v - mu) * s + b > 0.0 { d } else { a * d };
+        let sg = lanes2(x, dy, g);
+        let sgx = lanes2(x, dy, |v, d| g(v, d) * (v - mu));
+        let ds = lanes2(x, dy, |v, d| {
+            let z = (v - mu) * s + b;
+            if z > 0.0 { 0.0 } else { d * z }
+        });
+        (sg, sgx * inv as f64, ds)
+    }
+}
+
+crate::simd_dispatch! {
+    /// `dx = k (g - mb - xhat mg)` over a run, `g` as in
+    /// [`run_act_backward_sums`]; with `eval` (constant statistics) `dx = k g`.
+    #[allow(clippy::too_many_arguments)]
+    fn run_act_backward_dx(dx: &mut [f32], x: &[f32], dy: &[f32], mu: f32, inv: f32, s: f32, b: f32, a: f32, k: f32, mb: f32, mg: f32, eval: bool) {
+        for ((o, &v), &d) in dx.iter_mut().zip(x).zip(dy) {
+            let g = if (v - mu) * s + b > 0.0 { d } else { a * d };
+            *o = if eval {
+                k * g
+            } else {
+                let xhat = (v - mu) * inv;
+                k * (g - mb - xhat * mg)
+            };
+        }
+    }
+}
+
+crate::simd_dispatch! {
     /// `(sum dy, sum dy xhat)` over a run, `xhat = (x - mu) inv`: two
     /// passes over the run (in cache), one accumulator each.
     fn run_backward_sums(x: &[f32], dy: &[f32], mu: f32, inv: f32) -> (f64, f64) {
@@ -151,6 +223,7 @@ fn channel_sums(x: &[f32], channels: usize, run: usize, f: impl Fn(usize, &[f32]
 /// BatchNorm in training mode: normalise with the batch mean and biased
 /// variance, update the running estimates (unbiased variance, PyTorch's
 /// momentum rule), keep the statistics for backward.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn bn_forward(
     bn: &Bn,
     batch: usize,
@@ -159,6 +232,7 @@ pub(super) fn bn_forward(
     x: &[f32],
     y: &mut [f32],
     st: &mut BnStats,
+    act: Option<ActPass>,
 ) -> Result<()> {
     let (outer, run) = bn_layout(bn, batch);
     let c = bn.channels;
@@ -174,7 +248,7 @@ pub(super) fn bn_forward(
     st.eval = false;
     st.inv_std = var.iter().map(|v| (1.0 / (v + bn.eps).sqrt()) as f32).collect();
     let scale: Vec<f32> = st.inv_std.iter().zip(gamma).map(|(i, g)| i * g).collect();
-    normalise(c, run, &st.mean, &scale, beta, x, y);
+    normalise(c, run, &st.mean, &scale, beta, x, y, act);
     let mean = &st.mean;
     let mo = bn.momentum;
     let unbiased = m as f64 / (m as f64 - 1.0);
@@ -193,6 +267,7 @@ pub(super) fn bn_forward(
 /// BatchNorm in evaluation mode, on the running estimates:
 /// `gamma (x - mean) / sqrt(var + eps) + beta`. The statistics used are kept
 /// in `st` for an evaluation-mode backward.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn bn_forward_eval(
     bn: &Bn,
     batch: usize,
@@ -201,6 +276,7 @@ pub(super) fn bn_forward_eval(
     x: &[f32],
     y: &mut [f32],
     st: &mut BnStats,
+    act: Option<ActPass>,
 ) -> Result<()> {
     let (_, run) = bn_layout(bn, batch);
     let c = bn.channels;
@@ -210,19 +286,71 @@ pub(super) fn bn_forward_eval(
     })?;
     st.eval = true;
     let scale: Vec<f32> = st.inv_std.iter().zip(gamma).map(|(&i, &g)| i * g).collect();
-    normalise(c, run, &st.mean, &scale, beta, x, y);
+    normalise(c, run, &st.mean, &scale, beta, x, y, act);
     Ok(())
 }
 
-/// `y = (x - mean[c]) scale[c] + beta[c]` over blocks of `c` runs of `run` values.
-fn normalise(c: usize, run: usize, mean: &[f32], scale: &[f32], beta: &[f32], x: &[f32], y: &mut [f32]) {
-    y.par_chunks_mut(c * run)
+/// `y = (x - mean[c]) scale[c] + beta[c]` over blocks of `c` runs of `run`
+/// values, then the fused activation if any (counting the signs of its
+/// input and the moments of its output for the sentinel, per block, added
+/// in block order).
+#[allow(clippy::too_many_arguments)]
+fn normalise(
+    c: usize,
+    run: usize,
+    mean: &[f32],
+    scale: &[f32],
+    beta: &[f32],
+    x: &[f32],
+    y: &mut [f32],
+    act: Option<ActPass>,
+) {
+    let Some(ActPass { slope, stats }) = act else {
+        y.par_chunks_mut(c * run)
+            .zip(x.par_chunks(c * run))
+            .for_each(|(yb, xb)| {
+                for (ch, (yr, xr)) in yb.chunks_exact_mut(run).zip(xb.chunks_exact(run)).enumerate() {
+                    run_normalise(yr, xr, mean[ch], scale[ch], beta[ch]);
+                }
+            });
+        return;
+    };
+    let apply = |yb: &mut [f32], xb: &[f32], ch: usize| {
+        run_normalise_act(yb, xb, mean[ch], scale[ch], beta[ch], slope[ch]);
+    };
+    let Some(stats) = stats else {
+        y.par_chunks_mut(c * run)
+            .zip(x.par_chunks(c * run))
+            .for_each(|(yb, xb)| {
+                for (ch, (yr, xr)) in yb.chunks_exact_mut(run).zip(xb.chunks_exact(run)).enumerate() {
+                    apply(yr, xr, ch);
+                }
+            });
+        return;
+    };
+    // Per block: (negative, positive) per channel and the output moments.
+    type Counts = (Vec<(u32, u32)>, (f64, f64));
+    let partials: Vec<Counts> = y
+        .par_chunks_mut(c * run)
         .zip(x.par_chunks(c * run))
-        .for_each(|(yb, xb)| {
+        .map(|(yb, xb)| {
+            let mut signs = Vec::with_capacity(c);
             for (ch, (yr, xr)) in yb.chunks_exact_mut(run).zip(xb.chunks_exact(run)).enumerate() {
-                run_normalise(yr, xr, mean[ch], scale[ch], beta[ch]);
+                apply(yr, xr, ch);
+                signs.push(run_signs(xr, mean[ch], scale[ch], beta[ch]));
             }
-        });
+            (signs, kernels::moments(yb))
+        })
+        .collect();
+    stats.count += x.len() as u64;
+    for (signs, (s, q)) in partials {
+        for (ch, (n, p)) in signs.into_iter().enumerate() {
+            stats.negative[ch] += n as u64;
+            stats.positive[ch] += p as u64;
+        }
+        stats.sum += s;
+        stats.sum_sq += q;
+    }
 }
 
 /// BatchNorm backward from the input `x` and the saved statistics, with
@@ -240,11 +368,16 @@ pub(super) fn bn_backward(
     dx: &mut [f32],
     dgamma: &mut [f32],
     dbeta: &mut [f32],
+    act: Option<(&[f32], &[f32], &mut [f32])>,
 ) {
     let (outer, run) = bn_layout(bn, batch);
     let c = bn.channels;
     let m = (outer * run) as f32;
     let (mean, inv) = (&st.mean, &st.inv_std);
+    if let Some((beta, slope, dslope)) = act {
+        act_backward(bn, batch, gamma, beta, st, x, dy, dx, dgamma, dbeta, slope, dslope);
+        return;
+    }
     // Per block: (sum dy, sum dy xhat) for each channel, added in block order.
     let partials: Vec<Vec<(f64, f64)>> = x
         .par_chunks(c * run)
@@ -286,6 +419,73 @@ pub(super) fn bn_backward(
                 }
                 let (mb, mg) = (dbeta[ch] / m, dgamma[ch] / m);
                 run_backward_dx(o, xr, dr, k, mean[ch], inv[ch], mb, mg);
+            }
+        });
+}
+
+/// Backward of BatchNorm with its activation fused in: the activation's
+/// gradient `g` and the normalised values are recomputed from `x` in both
+/// passes (sums, then `dx`) instead of being stored. `dslope[c] = sum dy z`
+/// over `z <= 0`.
+#[allow(clippy::too_many_arguments)]
+fn act_backward(
+    bn: &Bn,
+    batch: usize,
+    gamma: &[f32],
+    beta: &[f32],
+    st: &BnStats,
+    x: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+    slope: &[f32],
+    dslope: &mut [f32],
+) {
+    let (outer, run) = bn_layout(bn, batch);
+    let c = bn.channels;
+    let m = (outer * run) as f32;
+    let (mean, inv) = (&st.mean, &st.inv_std);
+    let scale: Vec<f32> = inv.iter().zip(gamma).map(|(&i, &g)| i * g).collect();
+    let partials: Vec<Vec<(f64, f64, f64)>> = x
+        .par_chunks(c * run)
+        .zip(dy.par_chunks(c * run))
+        .map(|(xb, db)| {
+            xb.chunks_exact(run)
+                .zip(db.chunks_exact(run))
+                .enumerate()
+                .map(|(ch, (xr, dr))| run_act_backward_sums(xr, dr, mean[ch], inv[ch], scale[ch], beta[ch], slope[ch]))
+                .collect()
+        })
+        .collect();
+    let mut sums = vec![(0.0f64, 0.0f64, 0.0f64); c];
+    for p in partials {
+        for (o, (a, b, d)) in sums.iter_mut().zip(p) {
+            o.0 += a;
+            o.1 += b;
+            o.2 += d;
+        }
+    }
+    for (ch, &(s, sx, sd)) in sums.iter().enumerate() {
+        dgamma[ch] = sx as f32;
+        dbeta[ch] = s as f32;
+        dslope[ch] = sd as f32;
+    }
+    let (dgamma, dbeta) = (&*dgamma, &*dbeta);
+    dx.par_chunks_mut(c * run)
+        .zip(x.par_chunks(c * run))
+        .zip(dy.par_chunks(c * run))
+        .for_each(|((dxb, xb), db)| {
+            for (ch, ((o, xr), dr)) in dxb
+                .chunks_exact_mut(run)
+                .zip(xb.chunks_exact(run))
+                .zip(db.chunks_exact(run))
+                .enumerate()
+            {
+                let (mb, mg) = (dbeta[ch] / m, dgamma[ch] / m);
+                run_act_backward_dx(
+                    o, xr, dr, mean[ch], inv[ch], scale[ch], beta[ch], slope[ch], scale[ch], mb, mg, st.eval,
+                );
             }
         });
 }

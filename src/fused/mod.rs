@@ -48,7 +48,7 @@ use rayon::prelude::*;
 
 pub use crate::conv::{col2im, im2col, ConvGeom};
 use crate::pool::PoolGeom;
-use batchnorm::{bn_backward, bn_forward, bn_forward_eval, Bn, BnStats};
+use batchnorm::{bn_backward, bn_forward, bn_forward_eval, ActPass, Bn, BnStats};
 use conv::{conv_backward, conv_forward, ConvScratch, CONV_GROUPS};
 use dense::{lane_sum, matmul, parallelism, transpose, view};
 
@@ -121,7 +121,13 @@ impl Kind {
     fn params(&self) -> Vec<usize> {
         match self {
             Kind::Linear { w, b, .. } | Kind::Conv { w, b, .. } => std::iter::once(*w).chain(*b).collect(),
-            Kind::BatchNorm(bn) => vec![bn.gamma, bn.beta],
+            Kind::BatchNorm(bn) => {
+                let mut p = vec![bn.gamma, bn.beta];
+                if let Some((Slopes::Learned { param, .. }, _)) = bn.act {
+                    p.push(param);
+                }
+                p
+            }
             Kind::Act {
                 slopes: Slopes::Learned { param, .. },
                 ..
@@ -348,6 +354,7 @@ impl FusedStep {
                         momentum: bn.momentum,
                         channels: c,
                         inner,
+                        act: None,
                     })
                 }
                 Block::Add => Kind::Add,
@@ -371,6 +378,7 @@ impl FusedStep {
         } else {
             to_fm(&mut stages, &mut buf_len, buf_of[head])
         };
+        fuse_batchnorm_activations(&mut stages, &mut buf_len, logits_buf);
         let nb = buf_len.len();
         let mut upstream = vec![false; nb];
         for s in &stages {
@@ -634,10 +642,23 @@ impl FusedStep {
                 }
                 Kind::BatchNorm(bn) => {
                     let (gamma, beta) = (params[bn.gamma], params[bn.beta]);
+                    let mut local = None;
+                    let act = bn.act.map(|(slopes, index)| {
+                        expand_slopes(slopes, bn.channels, &params, &mut self.slopes[i]);
+                        let shared = stats.and_then(|s| s.get(index));
+                        local = shared.map(|sh| (sh, ForwardStats::new(bn.channels)));
+                        ActPass {
+                            slope: &self.slopes[i],
+                            stats: local.as_mut().map(|(_, l)| l),
+                        }
+                    });
                     if mode == Mode::Train {
-                        bn_forward(bn, batch, gamma, beta, input, &mut out, &mut self.bn_stats[i])?;
+                        bn_forward(bn, batch, gamma, beta, input, &mut out, &mut self.bn_stats[i], act)?;
                     } else {
-                        bn_forward_eval(bn, batch, gamma, beta, input, &mut out, &mut self.bn_stats[i])?;
+                        bn_forward_eval(bn, batch, gamma, beta, input, &mut out, &mut self.bn_stats[i], act)?;
+                    }
+                    if let Some((shared, l)) = &local {
+                        crate::ops::add_stats(shared, l)?;
                     }
                 }
                 Kind::Add => {
@@ -773,21 +794,7 @@ impl FusedStep {
                     let ds = &mut self.dslopes[i];
                     ds.resize(*channels, 0.0);
                     kernels::backward(input, &dout, &self.slopes[i], g, &mut din, ds);
-                    if let Slopes::Learned { param, positive } = *slopes {
-                        let raw = params[param];
-                        let gr = &mut self.grads[param];
-                        if raw.len() == 1 {
-                            gr[0] = ds.iter().sum();
-                        } else {
-                            gr.copy_from_slice(ds);
-                        }
-                        if positive {
-                            // d softplus(r) / dr = sigmoid(r).
-                            for (g, &r) in gr.iter_mut().zip(raw) {
-                                *g *= 1.0 / (1.0 + (-r).exp());
-                            }
-                        }
-                    }
+                    slope_grads(*slopes, ds, &params, &mut self.grads);
                 }
                 Kind::MaxPool(g) => {
                     if need_din {
@@ -816,8 +823,14 @@ impl FusedStep {
                 }
                 Kind::BatchNorm(bn) => {
                     let (gg, gb) = two_mut(&mut self.grads, bn.gamma, bn.beta);
-                    let gamma = params[bn.gamma];
-                    bn_backward(bn, batch, gamma, &self.bn_stats[i], input, &dout, &mut din, gg, gb);
+                    let (gamma, beta) = (params[bn.gamma], params[bn.beta]);
+                    let ds = &mut self.dslopes[i];
+                    ds.resize(bn.channels, 0.0);
+                    let act = bn.act.map(|_| (beta, self.slopes[i].as_slice(), ds.as_mut_slice()));
+                    bn_backward(bn, batch, gamma, &self.bn_stats[i], input, &dout, &mut din, gg, gb, act);
+                    if let Some((slopes, _)) = bn.act {
+                        slope_grads(slopes, &self.dslopes[i], &params, &mut self.grads);
+                    }
                 }
                 Kind::Add => {
                     if need_din {
@@ -858,6 +871,60 @@ impl FusedStep {
         drop(params);
         drop(guards);
         Ok(out)
+    }
+}
+
+/// The gradient of a learned slope parameter from the per-channel slope
+/// gradients `ds` (summed for a shared slope; through the softplus of a
+/// positive one).
+fn slope_grads(slopes: Slopes, ds: &[f32], params: &[&[f32]], grads: &mut [Vec<f32>]) {
+    let Slopes::Learned { param, positive } = slopes else {
+        return;
+    };
+    let raw = params[param];
+    let gr = &mut grads[param];
+    if raw.len() == 1 {
+        gr[0] = ds.iter().sum();
+    } else {
+        gr.copy_from_slice(ds);
+    }
+    if positive {
+        // d softplus(r) / dr = sigmoid(r).
+        for (g, &r) in gr.iter_mut().zip(raw) {
+            *g *= 1.0 / (1.0 + (-r).exp());
+        }
+    }
+}
+
+/// Merges each BatchNorm stage with the activation stage right after it
+/// when the activation is the only reader of the BatchNorm's output (and
+/// that output is not the logits): one pass forward, two backward, and the
+/// normalised values are never stored (backward recomputes them from the
+/// BatchNorm input). The merged-away buffer is left empty.
+fn fuse_batchnorm_activations(stages: &mut Vec<Stage>, buf_len: &mut [usize], logits_buf: usize) {
+    let mut readers = vec![0usize; buf_len.len()];
+    for s in stages.iter() {
+        for &u in &s.ins {
+            readers[u] += 1;
+        }
+    }
+    let mut i = 0;
+    while i + 1 < stages.len() {
+        let b = stages[i].out;
+        let fusable = matches!(&stages[i].kind, Kind::BatchNorm(bn) if bn.act.is_none())
+            && stages[i + 1].ins == [b]
+            && readers[b] == 1
+            && b != logits_buf;
+        if let (true, Kind::Act { slopes, index, .. }) = (fusable, &stages[i + 1].kind) {
+            let (slopes, index) = (*slopes, *index);
+            let act = stages.remove(i + 1);
+            if let Kind::BatchNorm(bn) = &mut stages[i].kind {
+                bn.act = Some((slopes, index));
+            }
+            stages[i].out = act.out;
+            buf_len[b] = 0;
+        }
+        i += 1;
     }
 }
 
