@@ -34,6 +34,12 @@ pub fn max_forward<T: Float>(g: &PoolGeom, x: &[T], y: &mut [T], mut taps: Optio
         && g.wo > 0
         && (g.ho - 1) * g.sh + g.kh <= g.h
         && (g.wo - 1) * g.sw + g.kw <= g.w;
+    if inside && g.kh == 2 && g.kw == 2 && g.sh == 2 && g.sw == 2 {
+        if let Some(t) = taps.as_deref_mut() {
+            max_2x2(g, x, y, t);
+            return;
+        }
+    }
     if inside {
         // Every window lies inside the map (no padding, no ceil-mode
         // overhang): the same first-largest-wins scan without the per-window
@@ -61,6 +67,36 @@ pub fn max_forward<T: Float>(g: &PoolGeom, x: &[T], y: &mut [T], mut taps: Optio
         return;
     }
     max_forward_clipped(g, x, y, taps)
+}
+
+crate::simd_dispatch! {
+    /// [`max_forward`] with taps for 2x2 windows at stride 2 inside the map
+    /// (the CNN presets' pool): the same first-largest-wins rule written as
+    /// selects over a row pair, so that it vectorises (the scan was 10% of
+    /// the reference CNN's step).
+    fn max_2x2<T: Float>(g: &PoolGeom, x: &[T], y: &mut [T], taps: &mut [u32]) {
+        for oi in 0..g.ho {
+            let r0 = 2 * oi * g.w;
+            let (top, bottom) = (&x[r0..r0 + 2 * g.wo], &x[r0 + g.w..r0 + g.w + 2 * g.wo]);
+            let (yr, tr) = (&mut y[oi * g.wo..(oi + 1) * g.wo], &mut taps[oi * g.wo..(oi + 1) * g.wo]);
+            for (oj, ((o, t), (a, b))) in yr
+                .iter_mut()
+                .zip(tr.iter_mut())
+                .zip(top.chunks_exact(2).zip(bottom.chunks_exact(2)))
+                .enumerate()
+            {
+                let at0 = (r0 + 2 * oj) as u32;
+                let (mut best, mut at) = (a[0], at0);
+                for (v, k) in [(a[1], at0 + 1), (b[0], at0 + g.w as u32), (b[1], at0 + g.w as u32 + 1)] {
+                    let m = v > best;
+                    best = if m { v } else { best };
+                    at = if m { k } else { at };
+                }
+                *o = best;
+                *t = at;
+            }
+        }
+    }
 }
 
 /// [`max_forward`] for any geometry: windows clipped to the map.
@@ -277,13 +313,15 @@ mod tests {
     use super::*;
     use crate::graph::{Padding, Pair};
 
-    /// The unclipped scan of windows inside the map picks the same values
-    /// and taps as the clipped one: ties (first wins), NaN, odd sizes,
-    /// overlapping and strided windows.
+    /// The unclipped scans of windows inside the map (the general one and
+    /// the 2x2 stride-2 selects) pick the same values and taps as the clipped
+    /// one: ties (first wins), NaN first in a window and inside it, odd
+    /// sizes, overlapping and strided windows; without taps the same values.
     #[test]
     fn inside_windows_match_the_clipped_scan() {
         let cases = [
             ([1, 6, 6], Pair::both(2), None, false),
+            ([3, 9, 7], Pair::both(2), None, false),
             ([2, 7, 5], Pair([3, 2]), Some(Pair([2, 1])), false),
             ([1, 9, 9], Pair::both(3), Some(Pair::both(2)), false),
         ];
@@ -295,15 +333,20 @@ mod tests {
                 "{g:?}"
             );
             let n = g.h * g.w;
-            let mut x: Vec<f32> = (0..n).map(|i| ((i * 7919) % 13) as f32 - 6.0).collect();
+            let mut x: Vec<f32> = (0..n).map(|i| ((i * 7919) % 13 / 5) as f32 - 1.0).collect();
             x[n / 2] = f32::NAN;
+            x[0] = f32::NAN;
+            x[n - 1] = f32::NAN;
             let (mut y1, mut y2) = (vec![0.0; g.ho * g.wo], vec![0.0; g.ho * g.wo]);
             let (mut t1, mut t2) = (vec![0u32; g.ho * g.wo], vec![0u32; g.ho * g.wo]);
             max_forward(&g, &x, &mut y1, Some(&mut t1));
             max_forward_clipped(&g, &x, &mut y2, Some(&mut t2));
             assert_eq!(t1, t2, "{g:?}");
-            for (a, b) in y1.iter().zip(&y2) {
+            let mut y3 = vec![0.0; g.ho * g.wo];
+            max_forward(&g, &x, &mut y3, None);
+            for ((a, b), c) in y1.iter().zip(&y2).zip(&y3) {
                 assert!(a == b || (a.is_nan() && b.is_nan()), "{g:?}: {a} vs {b}");
+                assert!(c == b || (c.is_nan() && b.is_nan()), "{g:?}: {c} vs {b}");
             }
         }
     }
