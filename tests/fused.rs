@@ -628,3 +628,40 @@ fn input_gradient_matches_autograd() {
         assert_close_floor(&format!("{arch:?} input"), &got, &want, 1e-3, 0.01);
     }
 }
+
+/// A per-channel input normalisation (an imported model's `Sub`/`Div` step)
+/// runs in the fused step: training gradients and the input gradient equal
+/// autograd's on a 3-channel CNN and MLP.
+#[test]
+fn per_channel_input_normalisation_matches_autograd() {
+    for arch in [small_cnn(1), Arch::Mlp { hidden: vec![6] }] {
+        let spec = ModelSpec {
+            input_mean: 0.1,
+            input_std: 0.5,
+            input_norm: Some(prelu::model::ChannelNorm {
+                mean: vec![0.4, -0.3, 1.1],
+                std: vec![0.25, 2.0, 0.7],
+            }),
+            ..ModelSpec::new(arch.clone(), Activation::PRelu { shared: false }, [3, 5, 4], 4)
+        };
+        let m = Model::new(&spec, 5, &Device::Cpu).unwrap();
+        check_against_autograd(&m, 6);
+        let (x, y) = batch(&m, 4, 21);
+        let mut fs = FusedStep::with_input_gradient(&m).unwrap();
+        fs.gradients(&x, &y, None).unwrap();
+        let got = fs.input_gradient().unwrap();
+        let xt = candle_core::Var::from_slice(&x, (4, 60), &Device::Cpu).unwrap();
+        let yt = Tensor::from_slice(&y, 4, &Device::Cpu).unwrap();
+        let loss = candle_nn::loss::cross_entropy(&m.forward_t(xt.as_tensor(), false).unwrap(), &yt).unwrap();
+        let want = loss
+            .backward()
+            .unwrap()
+            .get(xt.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_close_floor(&format!("{arch:?} input"), &got, &want, 1e-3, 0.01);
+    }
+}

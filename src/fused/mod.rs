@@ -165,6 +165,9 @@ pub struct FusedStep {
     classes: usize,
     mean: f32,
     inv_std: f32,
+    /// The per-channel normalisation after that one (an imported model's):
+    /// means, stds, and values per channel plane.
+    channel_norm: Option<(Vec<f32>, Vec<f32>, usize)>,
     /// Parameters of the model, in [`Model::params`] order.
     vars: Vec<Var>,
     /// Gradients by parameter index (empty for parameters no stage uses).
@@ -221,9 +224,6 @@ impl FusedStep {
     /// Compiles the step for `model` (the stages its first head needs); an
     /// error for models it does not cover.
     pub fn new(model: &Model) -> Result<Self> {
-        if model.spec.input_norm.is_some() {
-            bail!("fused step: a per-channel input normalisation is not covered (the autograd step is)");
-        }
         let r = &model.resolved;
         let nv = r.shapes.len();
         // Values the first head depends on.
@@ -405,6 +405,11 @@ impl FusedStep {
             classes: model.spec.classes,
             mean: model.spec.input_mean,
             inv_std: (1.0 / model.spec.input_std as f64) as f32,
+            channel_norm: model
+                .spec
+                .input_norm
+                .as_ref()
+                .map(|n| (n.mean.clone(), n.std.clone(), h0 * w0)),
             vars: params.iter().map(|p| p.var.clone()).collect(),
             grads,
             buf_len,
@@ -444,8 +449,20 @@ impl FusedStep {
         if !self.upstream[0] || self.dacts[0].is_empty() {
             return None;
         }
-        // The step normalises x: z = (x - mean) inv_std, so d/dx = inv_std d/dz.
-        Some(self.dacts[0].iter().map(|&g| g * self.inv_std).collect())
+        // The step normalises x: z = (x - mean) inv_std, so d/dx = inv_std d/dz;
+        // a per-channel normalisation after it divides by std[c] once more.
+        let inv = self.inv_std;
+        Some(match &self.channel_norm {
+            None => self.dacts[0].iter().map(|&g| g * inv).collect(),
+            Some((_, std, plane)) => self.dacts[0]
+                .chunks(*plane)
+                .enumerate()
+                .flat_map(|(k, gs)| {
+                    let s = std[k % std.len()];
+                    gs.iter().map(move |&g| g * inv / s)
+                })
+                .collect(),
+        })
     }
 
     /// The gradient of the last step for a parameter of the model, if a stage
@@ -552,14 +569,27 @@ impl FusedStep {
         }
 
         let (mean, inv) = (self.mean, self.inv_std);
-        self.acts[0]
-            .par_chunks_mut(kernels::CHUNK)
-            .zip(x.par_chunks(kernels::CHUNK))
-            .for_each(|(d, s)| {
-                for (d, s) in d.iter_mut().zip(s) {
-                    *d = (s - mean) * inv;
-                }
-            });
+        match &self.channel_norm {
+            None => self.acts[0]
+                .par_chunks_mut(kernels::CHUNK)
+                .zip(x.par_chunks(kernels::CHUNK))
+                .for_each(|(d, s)| {
+                    for (d, s) in d.iter_mut().zip(s) {
+                        *d = (s - mean) * inv;
+                    }
+                }),
+            // ((x - mean) inv - mean[c]) / std[c], the model's own order.
+            Some((cm, cs, plane)) => self.acts[0]
+                .par_chunks_mut(*plane)
+                .zip(x.par_chunks(*plane))
+                .enumerate()
+                .for_each(|(k, (d, s))| {
+                    let (m, sd) = (cm[k % cm.len()], cs[k % cs.len()]);
+                    for (d, s) in d.iter_mut().zip(s) {
+                        *d = ((s - mean) * inv - m) / sd;
+                    }
+                }),
+        }
 
         // Forward.
         for i in 0..self.stages.len() {
