@@ -179,7 +179,8 @@ fn same_numbers_for_any_thread_count() {
 
 /// Sign counts and output moments gathered by the fused step equal the
 /// autograd path's: plain activations, and activations fused into the
-/// BatchNorm before them (feature-major after a linear layer, and NCHW).
+/// BatchNorm before them (feature-major after a linear layer, and NCHW) or
+/// into a residual sum (ResNet-8).
 #[test]
 fn sentinel_counts_match_the_autograd_path() {
     let plain = model(
@@ -203,6 +204,13 @@ fn sentinel_counts_match_the_autograd_path() {
         bn(small_cnn(1), Activation::PRelu { shared: false }),
         bn(Arch::Mlp { hidden: vec![9, 5] }, Activation::PRelu { shared: true }),
         bn(small_cnn(0), Activation::LeakyRelu(0.2)),
+        bn(
+            Arch::Resnet {
+                depth: 8,
+                shortcuts: true,
+            },
+            Activation::PRelu { shared: false },
+        ),
     ] {
         let (x, y) = batch(&m, 6, 3);
         let a = prelu::sentinel::Sentinel::new(&m, Default::default());

@@ -74,7 +74,7 @@ fn lanes(r: &[f32], f: impl Fn(f32) -> f32) -> f64 {
 
 /// `sum f(x, d)` over pairs, as [`lanes`].
 #[inline(always)]
-fn lanes2(x: &[f32], d: &[f32], f: impl Fn(f32, f32) -> f32) -> f64 {
+pub(super) fn lanes2(x: &[f32], d: &[f32], f: impl Fn(f32, f32) -> f32) -> f64 {
     let mut acc = [0.0f32; 16];
     let n = x.len().min(d.len());
     let (xb, xr) = x[..n].as_chunks::<16>();

@@ -42,6 +42,7 @@
 mod batchnorm;
 mod conv;
 mod dense;
+mod residual;
 
 use candle_core::{bail, CpuStorage, Layout, Result, Storage, Tensor, Var};
 use rayon::prelude::*;
@@ -51,6 +52,7 @@ use crate::pool::PoolGeom;
 use batchnorm::{bn_backward, bn_forward, bn_forward_eval, ActPass, Bn, BnStats};
 use conv::{conv_backward, conv_forward, ConvScratch, CONV_GROUPS};
 use dense::{lane_sum, matmul, parallelism, transpose, view};
+use residual::{add_act_backward, add_act_forward};
 
 use crate::activation::{ActivationLayer, SlopeConstraint};
 use crate::kernels::{self, ForwardStats, SlopeGeometry};
@@ -98,7 +100,22 @@ enum Kind {
         pixels: usize,
     },
     BatchNorm(Bn),
-    Add,
+    /// The sum of the inputs; with `act`, the activation that reads the sum
+    /// and nothing else, fused in (two distinct inputs).
+    Add {
+        act: Option<FusedAct>,
+    },
+}
+
+/// An activation stage merged into the stage before it.
+#[derive(Clone, Copy, Debug)]
+struct FusedAct {
+    slopes: Slopes,
+    channels: usize,
+    /// As in [`Kind::Act`].
+    inner: usize,
+    /// The activation node (the sentinel's index).
+    index: usize,
 }
 
 /// One stage: reads buffers `ins`, writes buffer `out`.
@@ -113,7 +130,10 @@ impl Kind {
     fn has_params(&self) -> bool {
         match self {
             Kind::Linear { .. } | Kind::Conv { .. } | Kind::BatchNorm(_) => true,
-            Kind::Act { slopes, .. } => matches!(slopes, Slopes::Learned { .. }),
+            Kind::Act { slopes, .. }
+            | Kind::Add {
+                act: Some(FusedAct { slopes, .. }),
+            } => matches!(slopes, Slopes::Learned { .. }),
             _ => false,
         }
     }
@@ -131,6 +151,13 @@ impl Kind {
             Kind::Act {
                 slopes: Slopes::Learned { param, .. },
                 ..
+            }
+            | Kind::Add {
+                act:
+                    Some(FusedAct {
+                        slopes: Slopes::Learned { param, .. },
+                        ..
+                    }),
             } => vec![*param],
             _ => vec![],
         }
@@ -357,7 +384,7 @@ impl FusedStep {
                         act: None,
                     })
                 }
-                Block::Add => Kind::Add,
+                Block::Add => Kind::Add { act: None },
             };
             let out = buf_len.len();
             buf_len.push(r.len(v));
@@ -691,7 +718,21 @@ impl FusedStep {
                         crate::ops::add_stats(shared, l)?;
                     }
                 }
-                Kind::Add => {
+                Kind::Add { act: Some(fa) } => {
+                    let slope = &mut self.slopes[i];
+                    expand_slopes(fa.slopes, fa.channels, &params, slope);
+                    let run = if fa.inner == 0 { batch } else { fa.inner };
+                    let other = &self.acts[stage.ins[1]];
+                    match stats.and_then(|s| s.get(fa.index)) {
+                        Some(shared) => {
+                            let mut local = ForwardStats::new(fa.channels);
+                            add_act_forward(input, other, &mut out, fa.channels, run, slope, Some(&mut local));
+                            crate::ops::add_stats(shared, &local)?;
+                        }
+                        None => add_act_forward(input, other, &mut out, fa.channels, run, slope, None),
+                    }
+                }
+                Kind::Add { act: None } => {
                     // out = in0 + in1 in one parallel pass (a serial copy
                     // first was a serial pass over every residual sum).
                     match stage.ins.get(1) {
@@ -862,7 +903,18 @@ impl FusedStep {
                         slope_grads(slopes, &self.dslopes[i], &params, &mut self.grads);
                     }
                 }
-                Kind::Add => {
+                Kind::Add { act: Some(fa) } => {
+                    // The gradient in front of the activation, for both
+                    // inputs: computed into the first input's buffer, from
+                    // where the other input gets it below.
+                    let run = if fa.inner == 0 { batch } else { fa.inner };
+                    let ds = &mut self.dslopes[i];
+                    ds.resize(fa.channels, 0.0);
+                    let other = &self.acts[stage.ins[1]];
+                    add_act_backward(input, other, &dout, &mut din, fa.channels, run, &self.slopes[i], ds);
+                    slope_grads(fa.slopes, &self.dslopes[i], &params, &mut self.grads);
+                }
+                Kind::Add { act: None } => {
                     if need_din {
                         par_copy(&mut din, &dout);
                     }
@@ -882,18 +934,31 @@ impl FusedStep {
             } else {
                 self.tmp = din;
             }
-            // The other inputs of an add get the same gradient.
-            if let Kind::Add = stage.kind {
+            // The other inputs of an add get the same gradient as the first:
+            // `dout`, or with a fused activation the gradient in front of it,
+            // which the first input's buffer (`fresh`) or `tmp` now holds.
+            if let Kind::Add { act } = &stage.kind {
+                let g = match (act.is_some(), fresh) {
+                    (false, _) => None,
+                    (true, true) => Some(std::mem::take(&mut self.dacts[u0])),
+                    (true, false) => Some(std::mem::take(&mut self.tmp)),
+                };
+                let src = g.as_deref().unwrap_or(&dout);
                 for &u in &stage.ins[1..] {
                     if !self.upstream[u] {
                         continue;
                     }
                     if self.written[u] {
-                        add_into(&mut self.dacts[u], &dout);
+                        add_into(&mut self.dacts[u], src);
                     } else {
-                        par_copy(&mut self.dacts[u], &dout);
+                        par_copy(&mut self.dacts[u], src);
                         self.written[u] = true;
                     }
+                }
+                match g {
+                    Some(g) if fresh => self.dacts[u0] = g,
+                    Some(g) => self.tmp = g,
+                    None => {}
                 }
             }
             self.dacts[stage.out] = dout;
@@ -926,11 +991,13 @@ fn slope_grads(slopes: Slopes, ds: &[f32], params: &[&[f32]], grads: &mut [Vec<f
     }
 }
 
-/// Merges each BatchNorm stage with the activation stage right after it
-/// when the activation is the only reader of the BatchNorm's output (and
-/// that output is not the logits): one pass forward, two backward, and the
-/// normalised values are never stored (backward recomputes them from the
-/// BatchNorm input). The merged-away buffer is left empty.
+/// Merges each BatchNorm stage, and each sum of two distinct buffers, with
+/// the activation stage right after it when the activation is the only
+/// reader of its output (and that output is not the logits): the
+/// normalised values or the sum are then never stored, backward recomputes
+/// them (from the BatchNorm input; from the two summands). BatchNorm: one
+/// pass forward, two backward; a residual sum: one each way. The
+/// merged-away buffer is left empty.
 fn fuse_batchnorm_activations(stages: &mut Vec<Stage>, buf_len: &mut [usize], logits_buf: usize) {
     let mut readers = vec![0usize; buf_len.len()];
     for s in stages.iter() {
@@ -941,15 +1008,33 @@ fn fuse_batchnorm_activations(stages: &mut Vec<Stage>, buf_len: &mut [usize], lo
     let mut i = 0;
     while i + 1 < stages.len() {
         let b = stages[i].out;
-        let fusable = matches!(&stages[i].kind, Kind::BatchNorm(bn) if bn.act.is_none())
-            && stages[i + 1].ins == [b]
-            && readers[b] == 1
-            && b != logits_buf;
-        if let (true, Kind::Act { slopes, index, .. }) = (fusable, &stages[i + 1].kind) {
-            let (slopes, index) = (*slopes, *index);
+        let host = match &stages[i].kind {
+            Kind::BatchNorm(bn) => bn.act.is_none(),
+            Kind::Add { act: None } => stages[i].ins.len() == 2 && stages[i].ins[0] != stages[i].ins[1],
+            _ => false,
+        };
+        let fusable = host && stages[i + 1].ins == [b] && readers[b] == 1 && b != logits_buf;
+        if let (
+            true,
+            Kind::Act {
+                slopes,
+                channels,
+                inner,
+                index,
+            },
+        ) = (fusable, &stages[i + 1].kind)
+        {
+            let fa = FusedAct {
+                slopes: *slopes,
+                channels: *channels,
+                inner: *inner,
+                index: *index,
+            };
             let act = stages.remove(i + 1);
-            if let Kind::BatchNorm(bn) = &mut stages[i].kind {
-                bn.act = Some((slopes, index));
+            match &mut stages[i].kind {
+                Kind::BatchNorm(bn) => bn.act = Some((fa.slopes, fa.index)),
+                Kind::Add { act } => *act = Some(fa),
+                _ => {}
             }
             stages[i].out = act.out;
             buf_len[b] = 0;
