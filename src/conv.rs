@@ -94,6 +94,15 @@ crate::simd_dispatch! {
                             let first = lo * g.sw + kj * g.dw - g.pl;
                             if g.sw == 1 {
                                 out[lo..hi].copy_from_slice(&src[first..first + hi - lo]);
+                            } else if g.sw == 2 {
+                                // Every other value, as pairs (this vectorises;
+                                // the strided index below stays scalar).
+                                let n = hi - lo;
+                                let (body, last) = out[lo..hi].split_at_mut(n - 1);
+                                for (o, pair) in body.iter_mut().zip(src[first..first + 2 * (n - 1)].chunks_exact(2)) {
+                                    *o = pair[0];
+                                }
+                                last[0] = src[first + 2 * (n - 1)];
                             } else {
                                 for (k, o) in out[lo..hi].iter_mut().enumerate() {
                                     *o = src[first + k * g.sw];
