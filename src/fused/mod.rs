@@ -16,18 +16,22 @@
 //!   power-of-two width packed its transposed weight at 60 (cache-set
 //!   conflicts). One transpose enters the
 //!   layout (after the input or the last conv) and the logits leave it;
-//! * Conv (stride 1, square kernel, zero padding): per sample, im2col into a
-//!   `[C k k, H' W']` scratch and one GEMM whose output is already the NCHW
-//!   plane; samples are split into a fixed number of groups that run in
-//!   parallel, each with its own scratch and weight-gradient partial, summed in
-//!   group order (so the result does not depend on the thread count);
+//! * Conv (any stride, dilation, padding): per sample, lowered to GEMMs
+//!   whose output is already the NCHW plane ([`conv`]: a kernel-row split
+//!   where the vertical stride is 1, im2col otherwise); samples are split
+//!   into a fixed number of groups that run in parallel, each with its own
+//!   scratch and weight-gradient partial, summed in group order (so the
+//!   result does not depend on the thread count);
 //! * activation: the fused PReLU kernels of [`crate::kernels`] (ReLU is slope
 //!   0, Leaky ReLU a fixed slope), counting the sentinel's statistics in the
-//!   same pass when asked;
-//! * 2x2 max-pool with the winning tap kept (one byte per output) for a
-//!   direct backward;
+//!   same pass when asked. An activation that is the only reader of a
+//!   BatchNorm's output or of a residual sum is merged into that stage
+//!   (`fuse_batchnorm_activations`): the normalised values or the sum are
+//!   never stored, backward recomputes them;
+//! * max-pool with the winning tap kept for a direct backward; average pools;
 //! * BatchNorm in training mode (batch statistics, PyTorch's running-estimate
 //!   update), with per-sample partial sums added in sample order;
+//! * the input normalisation, scalar and (an imported model's) per channel;
 //! * softmax cross-entropy and its gradient in one pass over the logits.
 //!
 //! The parameters stay the model's candle [`Var`]s: the step reads them in
