@@ -609,6 +609,23 @@ fn evaluation_mode_gradients_match_autograd() {
     }
 }
 
+/// Candle autograd's gradient of the mean cross-entropy (evaluation mode)
+/// with respect to the pixels of the batch `x`.
+fn autograd_input_gradient(m: &Model, x: &[f32], y: &[u32]) -> Vec<f32> {
+    let n = y.len();
+    let xt = candle_core::Var::from_slice(x, (n, x.len() / n), &Device::Cpu).unwrap();
+    let yt = Tensor::from_slice(y, n, &Device::Cpu).unwrap();
+    let loss = candle_nn::loss::cross_entropy(&m.forward_t(xt.as_tensor(), false).unwrap(), &yt).unwrap();
+    loss.backward()
+        .unwrap()
+        .get(xt.as_tensor())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}
+
 /// The input gradient (for attacks) against candle's autograd with respect to
 /// the pixels, in evaluation mode, on an MLP, a BN CNN and a BN ResNet-8.
 #[test]
@@ -620,19 +637,7 @@ fn input_gradient_matches_autograd() {
         let mut fs = FusedStep::with_input_gradient(&m).unwrap();
         fs.gradients(&x, &y, None).unwrap();
         let got = fs.input_gradient().unwrap();
-        let f: usize = input.iter().product();
-        let xt = candle_core::Var::from_slice(&x, (5, f), &Device::Cpu).unwrap();
-        let yt = Tensor::from_slice(&y, 5, &Device::Cpu).unwrap();
-        let loss = candle_nn::loss::cross_entropy(&m.forward_t(xt.as_tensor(), false).unwrap(), &yt).unwrap();
-        let want = loss
-            .backward()
-            .unwrap()
-            .get(xt.as_tensor())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let want = autograd_input_gradient(&m, &x, &y);
         assert_close_floor(&format!("{arch:?} input"), &got, &want, 1e-3, 0.01);
     }
 }
@@ -658,18 +663,7 @@ fn per_channel_input_normalisation_matches_autograd() {
         let mut fs = FusedStep::with_input_gradient(&m).unwrap();
         fs.gradients(&x, &y, None).unwrap();
         let got = fs.input_gradient().unwrap();
-        let xt = candle_core::Var::from_slice(&x, (4, 60), &Device::Cpu).unwrap();
-        let yt = Tensor::from_slice(&y, 4, &Device::Cpu).unwrap();
-        let loss = candle_nn::loss::cross_entropy(&m.forward_t(xt.as_tensor(), false).unwrap(), &yt).unwrap();
-        let want = loss
-            .backward()
-            .unwrap()
-            .get(xt.as_tensor())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let want = autograd_input_gradient(&m, &x, &y);
         assert_close_floor(&format!("{arch:?} input"), &got, &want, 1e-3, 0.01);
     }
 }

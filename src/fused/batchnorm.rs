@@ -3,10 +3,10 @@
 //! sums added in block order so the numbers do not depend on the threads.
 
 use candle_core::{bail, Result, Var};
-use rayon::prelude::*;
 
+use super::runs::{channel_sums, runs_mut, write_counting};
 use super::{update_in_place, with_f32};
-use crate::kernels::{self, ForwardStats};
+use crate::kernels::ForwardStats;
 
 /// A BatchNorm stage: parameters by index, running estimates as the model's
 /// buffers (updated in place), and the batch statistics kept for backward.
@@ -204,22 +204,6 @@ crate::simd_dispatch! {
     }
 }
 
-/// Per-channel sums of `f(channel, value)` over every block, as partials per
-/// block added in block order (deterministic for any thread count).
-fn channel_sums(x: &[f32], channels: usize, run: usize, f: impl Fn(usize, &[f32]) -> f64 + Sync) -> Vec<f64> {
-    let partials: Vec<Vec<f64>> = x
-        .par_chunks(channels * run)
-        .map(|block| block.chunks_exact(run).enumerate().map(|(c, r)| f(c, r)).collect())
-        .collect();
-    let mut out = vec![0.0f64; channels];
-    for p in partials {
-        for (o, v) in out.iter_mut().zip(p) {
-            *o += v;
-        }
-    }
-    out
-}
-
 /// BatchNorm in training mode: normalise with the batch mean and biased
 /// variance, update the running estimates (unbiased variance, PyTorch's
 /// momentum rule), keep the statistics for backward.
@@ -240,10 +224,12 @@ pub(super) fn bn_forward(
     if m < 2 {
         bail!("batch norm in training needs more than one value per channel (got a batch of {m})");
     }
-    let sums = channel_sums(x, c, run, |_, r| run_sum(r));
-    let mean: Vec<f32> = sums.iter().map(|s| (s / m as f64) as f32).collect();
-    let sq = channel_sums(x, c, run, |ch, r| run_squared_deviations(r, mean[ch]));
-    let var: Vec<f64> = sq.iter().map(|q| q / m as f64).collect();
+    let sums = channel_sums(x.len(), c, run, |o, _| [run_sum(&x[o..o + run])]);
+    let mean: Vec<f32> = sums.iter().map(|[s]| (s / m as f64) as f32).collect();
+    let sq = channel_sums(x.len(), c, run, |o, ch| {
+        [run_squared_deviations(&x[o..o + run], mean[ch])]
+    });
+    let var: Vec<f64> = sq.iter().map(|[q]| q / m as f64).collect();
     st.mean = mean;
     st.eval = false;
     st.inv_std = var.iter().map(|v| (1.0 / (v + bn.eps).sqrt()) as f32).collect();
@@ -305,52 +291,28 @@ fn normalise(
     y: &mut [f32],
     act: Option<ActPass>,
 ) {
-    let Some(ActPass { slope, stats }) = act else {
-        y.par_chunks_mut(c * run)
-            .zip(x.par_chunks(c * run))
-            .for_each(|(yb, xb)| {
-                for (ch, (yr, xr)) in yb.chunks_exact_mut(run).zip(xb.chunks_exact(run)).enumerate() {
-                    run_normalise(yr, xr, mean[ch], scale[ch], beta[ch]);
-                }
-            });
-        return;
+    let (slope, stats) = match act {
+        Some(ActPass { slope, stats }) => (Some(slope), stats),
+        None => (None, None),
     };
-    let apply = |yb: &mut [f32], xb: &[f32], ch: usize| {
-        run_normalise_act(yb, xb, mean[ch], scale[ch], beta[ch], slope[ch]);
-    };
-    let Some(stats) = stats else {
-        y.par_chunks_mut(c * run)
-            .zip(x.par_chunks(c * run))
-            .for_each(|(yb, xb)| {
-                for (ch, (yr, xr)) in yb.chunks_exact_mut(run).zip(xb.chunks_exact(run)).enumerate() {
-                    apply(yr, xr, ch);
-                }
-            });
-        return;
-    };
-    // Per block: (negative, positive) per channel and the output moments.
-    type Counts = (Vec<(u32, u32)>, (f64, f64));
-    let partials: Vec<Counts> = y
-        .par_chunks_mut(c * run)
-        .zip(x.par_chunks(c * run))
-        .map(|(yb, xb)| {
-            let mut signs = Vec::with_capacity(c);
-            for (ch, (yr, xr)) in yb.chunks_exact_mut(run).zip(xb.chunks_exact(run)).enumerate() {
-                apply(yr, xr, ch);
-                signs.push(run_signs(xr, mean[ch], scale[ch], beta[ch]));
+    write_counting(y, c, run, stats, |o, off, ch, count| {
+        let xr = &x[off..off + run];
+        let (mu, s, b) = (mean[ch], scale[ch], beta[ch]);
+        match slope {
+            None => {
+                run_normalise(o, xr, mu, s, b);
+                (0, 0)
             }
-            (signs, kernels::moments(yb))
-        })
-        .collect();
-    stats.count += x.len() as u64;
-    for (signs, (s, q)) in partials {
-        for (ch, (n, p)) in signs.into_iter().enumerate() {
-            stats.negative[ch] += n as u64;
-            stats.positive[ch] += p as u64;
+            Some(a) => {
+                run_normalise_act(o, xr, mu, s, b, a[ch]);
+                if count {
+                    run_signs(xr, mu, s, b)
+                } else {
+                    (0, 0)
+                }
+            }
         }
-        stats.sum += s;
-        stats.sum_sq += q;
-    }
+    });
 }
 
 /// BatchNorm backward from the input `x` and the saved statistics, with
@@ -378,49 +340,26 @@ pub(super) fn bn_backward(
         act_backward(bn, batch, gamma, beta, st, x, dy, dx, dgamma, dbeta, slope, dslope);
         return;
     }
-    // Per block: (sum dy, sum dy xhat) for each channel, added in block order.
-    let partials: Vec<Vec<(f64, f64)>> = x
-        .par_chunks(c * run)
-        .zip(dy.par_chunks(c * run))
-        .map(|(xb, db)| {
-            xb.chunks_exact(run)
-                .zip(db.chunks_exact(run))
-                .enumerate()
-                .map(|(ch, (xr, dr))| run_backward_sums(xr, dr, mean[ch], inv[ch]))
-                .collect()
-        })
-        .collect();
-    let mut sums = vec![(0.0f64, 0.0f64); c];
-    for p in partials {
-        for (o, (a, b)) in sums.iter_mut().zip(p) {
-            o.0 += a;
-            o.1 += b;
-        }
-    }
-    for ((g, b), &(s, sx)) in dgamma.iter_mut().zip(dbeta.iter_mut()).zip(&sums) {
+    // Per channel: (sum dy, sum dy xhat), partials added in block order.
+    let sums = channel_sums(x.len(), c, run, |o, ch| {
+        let (s, t) = run_backward_sums(&x[o..o + run], &dy[o..o + run], mean[ch], inv[ch]);
+        [s, t]
+    });
+    for ((g, b), &[s, sx]) in dgamma.iter_mut().zip(dbeta.iter_mut()).zip(&sums) {
         *g = sx as f32;
         *b = s as f32;
     }
     let (dgamma, dbeta) = (&*dgamma, &*dbeta);
-    dx.par_chunks_mut(c * run)
-        .zip(x.par_chunks(c * run))
-        .zip(dy.par_chunks(c * run))
-        .for_each(|((dxb, xb), db)| {
-            for (ch, ((o, xr), dr)) in dxb
-                .chunks_exact_mut(run)
-                .zip(xb.chunks_exact(run))
-                .zip(db.chunks_exact(run))
-                .enumerate()
-            {
-                let k = gamma[ch] * inv[ch];
-                if st.eval {
-                    run_scale(o, dr, k);
-                    continue;
-                }
-                let (mb, mg) = (dbeta[ch] / m, dgamma[ch] / m);
-                run_backward_dx(o, xr, dr, k, mean[ch], inv[ch], mb, mg);
-            }
-        });
+    runs_mut(dx, c, run, |o, off, ch| {
+        let (xr, dr) = (&x[off..off + run], &dy[off..off + run]);
+        let k = gamma[ch] * inv[ch];
+        if st.eval {
+            run_scale(o, dr, k);
+        } else {
+            let (mb, mg) = (dbeta[ch] / m, dgamma[ch] / m);
+            run_backward_dx(o, xr, dr, k, mean[ch], inv[ch], mb, mg);
+        }
+    });
 }
 
 /// Backward of BatchNorm with its activation fused in: the activation's
@@ -447,45 +386,29 @@ fn act_backward(
     let m = (outer * run) as f32;
     let (mean, inv) = (&st.mean, &st.inv_std);
     let scale: Vec<f32> = inv.iter().zip(gamma).map(|(&i, &g)| i * g).collect();
-    let partials: Vec<Vec<(f64, f64, f64)>> = x
-        .par_chunks(c * run)
-        .zip(dy.par_chunks(c * run))
-        .map(|(xb, db)| {
-            xb.chunks_exact(run)
-                .zip(db.chunks_exact(run))
-                .enumerate()
-                .map(|(ch, (xr, dr))| run_act_backward_sums(xr, dr, mean[ch], inv[ch], scale[ch], beta[ch], slope[ch]))
-                .collect()
-        })
-        .collect();
-    let mut sums = vec![(0.0f64, 0.0f64, 0.0f64); c];
-    for p in partials {
-        for (o, (a, b, d)) in sums.iter_mut().zip(p) {
-            o.0 += a;
-            o.1 += b;
-            o.2 += d;
-        }
-    }
-    for (ch, &(s, sx, sd)) in sums.iter().enumerate() {
+    let sums = channel_sums(x.len(), c, run, |o, ch| {
+        let (a, b, d) = run_act_backward_sums(
+            &x[o..o + run],
+            &dy[o..o + run],
+            mean[ch],
+            inv[ch],
+            scale[ch],
+            beta[ch],
+            slope[ch],
+        );
+        [a, b, d]
+    });
+    for (ch, &[s, sx, sd]) in sums.iter().enumerate() {
         dgamma[ch] = sx as f32;
         dbeta[ch] = s as f32;
         dslope[ch] = sd as f32;
     }
     let (dgamma, dbeta) = (&*dgamma, &*dbeta);
-    dx.par_chunks_mut(c * run)
-        .zip(x.par_chunks(c * run))
-        .zip(dy.par_chunks(c * run))
-        .for_each(|((dxb, xb), db)| {
-            for (ch, ((o, xr), dr)) in dxb
-                .chunks_exact_mut(run)
-                .zip(xb.chunks_exact(run))
-                .zip(db.chunks_exact(run))
-                .enumerate()
-            {
-                let (mb, mg) = (dbeta[ch] / m, dgamma[ch] / m);
-                run_act_backward_dx(
-                    o, xr, dr, mean[ch], inv[ch], scale[ch], beta[ch], slope[ch], scale[ch], mb, mg, st.eval,
-                );
-            }
-        });
+    runs_mut(dx, c, run, |o, off, ch| {
+        let (mb, mg) = (dbeta[ch] / m, dgamma[ch] / m);
+        let (xr, dr) = (&x[off..off + run], &dy[off..off + run]);
+        run_act_backward_dx(
+            o, xr, dr, mean[ch], inv[ch], scale[ch], beta[ch], slope[ch], scale[ch], mb, mg, st.eval,
+        );
+    });
 }

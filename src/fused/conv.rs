@@ -478,74 +478,15 @@ mod tests {
     /// not split evenly over the groups.
     #[test]
     fn convolution_matches_direct_reference() {
+        #[rustfmt::skip]
         let cases = [
             // (cin, cout, h, w, kernel, stride, padding, dilation, batch)
-            (
-                6,
-                5,
-                7,
-                9,
-                Pair([3, 3]),
-                Pair::both(1),
-                Padding::uniform(1),
-                Pair::both(1),
-                3,
-            ),
-            (
-                8,
-                3,
-                6,
-                5,
-                Pair([3, 2]),
-                Pair::both(1),
-                Padding::uniform(0),
-                Pair::both(1),
-                2,
-            ),
-            (
-                6,
-                4,
-                9,
-                8,
-                Pair([3, 3]),
-                Pair::both(1),
-                Padding::uniform(2),
-                Pair::both(2),
-                11,
-            ),
-            (
-                4,
-                2,
-                8,
-                11,
-                Pair([2, 5]),
-                Pair([1, 2]),
-                Padding::Explicit([2, 1, 1, 0]),
-                Pair::both(1),
-                1,
-            ),
-            (
-                7,
-                3,
-                9,
-                9,
-                Pair([3, 3]),
-                Pair([2, 1]),
-                Padding::uniform(1),
-                Pair::both(1),
-                2,
-            ),
-            (
-                1,
-                3,
-                6,
-                7,
-                Pair([3, 3]),
-                Pair::both(1),
-                Padding::uniform(1),
-                Pair::both(1),
-                2,
-            ),
+            (6, 5, 7, 9, Pair([3, 3]), Pair::both(1), Padding::uniform(1), Pair::both(1), 3),
+            (8, 3, 6, 5, Pair([3, 2]), Pair::both(1), Padding::uniform(0), Pair::both(1), 2),
+            (6, 4, 9, 8, Pair([3, 3]), Pair::both(1), Padding::uniform(2), Pair::both(2), 11),
+            (4, 2, 8, 11, Pair([2, 5]), Pair([1, 2]), Padding::Explicit([2, 1, 1, 0]), Pair::both(1), 1),
+            (7, 3, 9, 9, Pair([3, 3]), Pair([2, 1]), Padding::uniform(1), Pair::both(1), 2),
+            (1, 3, 6, 7, Pair([3, 3]), Pair::both(1), Padding::uniform(1), Pair::both(1), 2),
         ];
         let (mut splits, mut padded) = (0, 0);
         for (cin, cout, h, wd, k, st, pad, dil, batch) in cases {

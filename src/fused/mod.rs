@@ -47,6 +47,7 @@ mod batchnorm;
 mod conv;
 mod dense;
 mod residual;
+mod runs;
 
 use candle_core::{bail, CpuStorage, Layout, Result, Storage, Tensor, Var};
 use rayon::prelude::*;

@@ -4,15 +4,11 @@
 //! two stored inputs (the sum itself is never stored). Both inputs of the
 //! sum receive `g`.
 //!
-//! Values are `outer` blocks of `channels` runs of `run` values, as in
-//! BatchNorm (NCHW: outer = batch, run = H W; feature-major: one block,
-//! run = batch); per-block partials are added in block order, so the
-//! numbers do not depend on the threads.
-
-use rayon::prelude::*;
+//! Values are walked as per-channel runs ([`super::runs`]), as in BatchNorm.
 
 use super::batchnorm::lanes2;
-use crate::kernels::{self, ForwardStats};
+use super::runs::{fold, runs_mut, write_counting};
+use crate::kernels::ForwardStats;
 
 crate::simd_dispatch! {
     /// `y = z` where `z = a + b > 0`, else `s z`, over a run.
@@ -66,51 +62,15 @@ pub(super) fn add_act_forward(
     slope: &[f32],
     stats: Option<&mut ForwardStats>,
 ) {
-    let block = channels * run;
-    let Some(stats) = stats else {
-        y.par_chunks_mut(block)
-            .zip(a.par_chunks(block))
-            .zip(b.par_chunks(block))
-            .for_each(|((yb, ab), bb)| {
-                for (ch, ((yr, ar), br)) in yb
-                    .chunks_exact_mut(run)
-                    .zip(ab.chunks_exact(run))
-                    .zip(bb.chunks_exact(run))
-                    .enumerate()
-                {
-                    run_add_act(yr, ar, br, slope[ch]);
-                }
-            });
-        return;
-    };
-    type Counts = (Vec<(u32, u32)>, (f64, f64));
-    let partials: Vec<Counts> = y
-        .par_chunks_mut(block)
-        .zip(a.par_chunks(block))
-        .zip(b.par_chunks(block))
-        .map(|((yb, ab), bb)| {
-            let mut signs = Vec::with_capacity(channels);
-            for (ch, ((yr, ar), br)) in yb
-                .chunks_exact_mut(run)
-                .zip(ab.chunks_exact(run))
-                .zip(bb.chunks_exact(run))
-                .enumerate()
-            {
-                run_add_act(yr, ar, br, slope[ch]);
-                signs.push(run_sum_signs(ar, br));
-            }
-            (signs, kernels::moments(yb))
-        })
-        .collect();
-    stats.count += y.len() as u64;
-    for (signs, (s, q)) in partials {
-        for (ch, (n, p)) in signs.into_iter().enumerate() {
-            stats.negative[ch] += n as u64;
-            stats.positive[ch] += p as u64;
+    write_counting(y, channels, run, stats, |o, off, ch, count| {
+        let (ar, br) = (&a[off..off + run], &b[off..off + run]);
+        run_add_act(o, ar, br, slope[ch]);
+        if count {
+            run_sum_signs(ar, br)
+        } else {
+            (0, 0)
         }
-        stats.sum += s;
-        stats.sum_sq += q;
-    }
+    });
 }
 
 /// Backward of [`add_act_forward`]: `g` (the gradient of the sum, which
@@ -126,29 +86,17 @@ pub(super) fn add_act_backward(
     slope: &[f32],
     dslope: &mut [f32],
 ) {
-    let block = channels * run;
-    let partials: Vec<Vec<f64>> = g
-        .par_chunks_mut(block)
-        .zip(a.par_chunks(block))
-        .zip(b.par_chunks(block))
-        .zip(dy.par_chunks(block))
-        .map(|(((gb, ab), bb), db)| {
-            gb.chunks_exact_mut(run)
-                .zip(ab.chunks_exact(run))
-                .zip(bb.chunks_exact(run))
-                .zip(db.chunks_exact(run))
-                .enumerate()
-                .map(|(ch, (((gr, ar), br), dr))| run_add_act_backward(gr, ar, br, dr, slope[ch]))
-                .collect()
-        })
-        .collect();
-    let mut sums = vec![0.0f64; channels];
-    for p in partials {
-        for (o, v) in sums.iter_mut().zip(p) {
-            *o += v;
-        }
-    }
-    for (d, s) in dslope.iter_mut().zip(sums) {
+    let partials = runs_mut(g, channels, run, |gr, off, ch| {
+        let r = off..off + run;
+        [run_add_act_backward(
+            gr,
+            &a[r.clone()],
+            &b[r.clone()],
+            &dy[r],
+            slope[ch],
+        )]
+    });
+    for (d, [s]) in dslope.iter_mut().zip(fold(partials, channels)) {
         *d = s as f32;
     }
 }
