@@ -350,3 +350,57 @@ fn presets_and_graph_files_train_and_resume() {
         ["stem_act", "block.act1", "block.act2", "down_act"]
     );
 }
+
+/// Hand-made graphs for the fused BatchNorm + residual sum + activation
+/// stage: the BatchNorm on the sum's second input, the residual input read
+/// again by a later sum (its gradient is then added to, not written), a
+/// Leaky ReLU after the later sum; and the same after linear layers
+/// (feature-major BatchNorm, a shared slope). Fused gradients equal
+/// autograd's.
+#[test]
+fn fused_batchnorm_residual_sums_match_autograd() {
+    let add = |name: &str, a: &str, b: &str| graph::Node {
+        name: name.into(),
+        inputs: vec![a.into(), b.into()],
+        op: Op::Add,
+    };
+    let act = |a: Activation| Op::Act { act: a };
+    let prelu = Activation::PRelu { shared: false };
+    let lin = |n| Op::Linear {
+        out_features: n,
+        bias: true,
+    };
+    let conv_net = Graph {
+        nodes: vec![
+            node("c0".into(), graph::INPUT, conv_op(4, 3, 1, 1, true)),
+            node("a0".into(), "c0", act(prelu)),
+            node("c1".into(), "a0", conv_op(4, 3, 1, 1, false)),
+            node("b1".into(), "c1", bn_op()),
+            add("s1", "a0", "b1"),
+            node("r1".into(), "s1", act(prelu)),
+            add("s2", "r1", "a0"),
+            node("r2".into(), "s2", act(Activation::LeakyRelu(0.1))),
+            node("gap".into(), "r2", Op::GlobalAvgPool),
+            node("flat".into(), "gap", Op::Flatten),
+            node("head".into(), "flat", lin(CLASSES)),
+        ],
+        outputs: vec!["head".into()],
+    };
+    let dense_net = Graph {
+        nodes: vec![
+            node("flat".into(), graph::INPUT, Op::Flatten),
+            node("fc1".into(), "flat", lin(6)),
+            node("a1".into(), "fc1", act(Activation::PRelu { shared: true })),
+            node("fc2".into(), "a1", lin(6)),
+            node("b2".into(), "fc2", bn_op()),
+            add("s", "b2", "a1"),
+            node("r".into(), "s", act(prelu)),
+            node("head".into(), "r", lin(CLASSES)),
+        ],
+        outputs: vec!["head".into()],
+    };
+    for (seed, g) in [(3, conv_net), (4, dense_net)] {
+        let m = randomised(&graph_spec(g, [2, 5, 6]), seed);
+        check_against_autograd_tol(&m, 6, 1e-4, 1.0);
+    }
+}

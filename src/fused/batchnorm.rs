@@ -4,7 +4,7 @@
 
 use candle_core::{bail, Result, Var};
 
-use super::runs::{channel_sums, runs_mut, write_counting};
+use super::runs::{channel_sums, fold, runs_mut, write_counting};
 use super::{update_in_place, with_f32};
 use crate::kernels::ForwardStats;
 
@@ -204,22 +204,21 @@ crate::simd_dispatch! {
     }
 }
 
-/// BatchNorm in training mode: normalise with the batch mean and biased
-/// variance, update the running estimates (unbiased variance, PyTorch's
-/// momentum rule), keep the statistics for backward.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn bn_forward(
-    bn: &Bn,
-    batch: usize,
-    gamma: &[f32],
-    beta: &[f32],
-    x: &[f32],
-    y: &mut [f32],
-    st: &mut BnStats,
-    act: Option<ActPass>,
-) -> Result<()> {
+/// The statistics BatchNorm normalises `x` with, into `st`: in training
+/// (`train`) the batch mean and biased variance, with the running estimates
+/// updated (unbiased variance, PyTorch's momentum rule); in evaluation the
+/// running estimates (kept in `st` for an evaluation-mode backward).
+fn statistics(bn: &Bn, batch: usize, x: &[f32], st: &mut BnStats, train: bool) -> Result<()> {
     let (outer, run) = bn_layout(bn, batch);
     let c = bn.channels;
+    if !train {
+        st.mean = with_f32(bn.running_mean.as_tensor(), |m| m.to_vec())?;
+        st.inv_std = with_f32(bn.running_var.as_tensor(), |v| {
+            v.iter().map(|&v| (v + bn.eps as f32).sqrt().recip()).collect()
+        })?;
+        st.eval = true;
+        return Ok(());
+    }
     let m = outer * run;
     if m < 2 {
         bail!("batch norm in training needs more than one value per channel (got a batch of {m})");
@@ -233,8 +232,6 @@ pub(super) fn bn_forward(
     st.mean = mean;
     st.eval = false;
     st.inv_std = var.iter().map(|v| (1.0 / (v + bn.eps).sqrt()) as f32).collect();
-    let scale: Vec<f32> = st.inv_std.iter().zip(gamma).map(|(i, g)| i * g).collect();
-    normalise(c, run, &st.mean, &scale, beta, x, y, act);
     let mean = &st.mean;
     let mo = bn.momentum;
     let unbiased = m as f64 / (m as f64 - 1.0);
@@ -250,11 +247,11 @@ pub(super) fn bn_forward(
     })
 }
 
-/// BatchNorm in evaluation mode, on the running estimates:
-/// `gamma (x - mean) / sqrt(var + eps) + beta`. The statistics used are kept
-/// in `st` for an evaluation-mode backward.
+/// BatchNorm forward, in training (`train`: batch statistics, running
+/// estimates updated) or evaluation mode (running estimates), with the
+/// fused activation if any: `y = gamma (x - mean) / sqrt(var + eps) + beta`.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn bn_forward_eval(
+pub(super) fn bn_forward(
     bn: &Bn,
     batch: usize,
     gamma: &[f32],
@@ -263,16 +260,12 @@ pub(super) fn bn_forward_eval(
     y: &mut [f32],
     st: &mut BnStats,
     act: Option<ActPass>,
+    train: bool,
 ) -> Result<()> {
+    statistics(bn, batch, x, st, train)?;
     let (_, run) = bn_layout(bn, batch);
-    let c = bn.channels;
-    st.mean = with_f32(bn.running_mean.as_tensor(), |m| m.to_vec())?;
-    st.inv_std = with_f32(bn.running_var.as_tensor(), |v| {
-        v.iter().map(|&v| (v + bn.eps as f32).sqrt().recip()).collect()
-    })?;
-    st.eval = true;
     let scale: Vec<f32> = st.inv_std.iter().zip(gamma).map(|(&i, &g)| i * g).collect();
-    normalise(c, run, &st.mean, &scale, beta, x, y, act);
+    normalise(bn.channels, run, &st.mean, &scale, beta, x, y, act);
     Ok(())
 }
 
@@ -410,5 +403,141 @@ fn act_backward(
         run_act_backward_dx(
             o, xr, dr, mean[ch], inv[ch], scale[ch], beta[ch], slope[ch], scale[ch], mb, mg, st.eval,
         );
+    });
+}
+
+crate::simd_dispatch! {
+    /// `z = (x - mu) s + b + r` over a run (BatchNorm plus a residual).
+    fn run_normalise_add(z: &mut [f32], x: &[f32], r: &[f32], mu: f32, s: f32, b: f32) {
+        for ((o, &v), &u) in z.iter_mut().zip(x).zip(r) {
+            *o = (v - mu) * s + b + u;
+        }
+    }
+}
+
+crate::simd_dispatch! {
+    /// `(z < 0, z > 0)` counts over a run, then `z` replaced by the
+    /// activation `z` where `z > 0`, else `a z`.
+    fn run_count_act_in_place(z: &mut [f32], a: f32, count: bool) -> (u32, u32) {
+        let (mut n, mut p) = (0u32, 0u32);
+        if count {
+            for &v in z.iter() {
+                n += (v < 0.0) as u32;
+                p += (v > 0.0) as u32;
+            }
+        }
+        for v in z.iter_mut() {
+            *v = if *v > 0.0 { *v } else { a * *v };
+        }
+        (n, p)
+    }
+}
+
+crate::simd_dispatch! {
+    /// With `z` in `g` on entry: `g = dy` where `z > 0`, else `a dy`, in
+    /// place; returns `(sum g, sum g (x - mu), sum dy z over z <= 0)`.
+    fn run_act_grad_in_place(g: &mut [f32], x: &[f32], dy: &[f32], a: f32, mu: f32) -> (f64, f64, f64) {
+        let ds = lanes2(g, dy, |z, d| if z > 0.0 { 0.0 } else { d * z });
+        for (o, &d) in g.iter_mut().zip(dy) {
+            *o = if *o > 0.0 { d } else { a * d };
+        }
+        (lanes(g, |v| v), lanes2(g, x, |v, w| v * (w - mu)), ds)
+    }
+}
+
+crate::simd_dispatch! {
+    /// With `g` in `dx` on entry: `dx = k (g - mb - xhat mg)` in place
+    /// (`xhat = (x - mu) inv`); with `eval` (constant statistics) `dx = k g`.
+    #[allow(clippy::too_many_arguments)]
+    fn run_dx_in_place(dx: &mut [f32], x: &[f32], k: f32, mu: f32, inv: f32, mb: f32, mg: f32, eval: bool) {
+        for (o, &v) in dx.iter_mut().zip(x) {
+            *o = if eval { k * *o } else { k * (*o - mb - (v - mu) * inv * mg) };
+        }
+    }
+}
+
+/// `y = act(BatchNorm(x) + r)`: a BatchNorm whose output goes only into a
+/// residual sum, merged with that sum and its activation (the normalised
+/// values and the sum are never stored). Statistics as [`bn_forward`].
+#[allow(clippy::too_many_arguments)]
+pub(super) fn bn_add_act_forward(
+    bn: &Bn,
+    batch: usize,
+    gamma: &[f32],
+    beta: &[f32],
+    x: &[f32],
+    r: &[f32],
+    y: &mut [f32],
+    st: &mut BnStats,
+    train: bool,
+    slope: &[f32],
+    stats: Option<&mut ForwardStats>,
+) -> Result<()> {
+    statistics(bn, batch, x, st, train)?;
+    let (_, run) = bn_layout(bn, batch);
+    let scale: Vec<f32> = st.inv_std.iter().zip(gamma).map(|(&i, &g)| i * g).collect();
+    let mean = &st.mean;
+    write_counting(y, bn.channels, run, stats, |o, off, ch, count| {
+        let w = off..off + run;
+        run_normalise_add(o, &x[w.clone()], &r[w], mean[ch], scale[ch], beta[ch]);
+        run_count_act_in_place(o, slope[ch], count)
+    });
+    Ok(())
+}
+
+/// Backward of [`bn_add_act_forward`]. Pass one writes the gradient in
+/// front of the activation, `g`, into `dx` (recomputing the sum from `x` and
+/// `r`) with the sums BatchNorm needs; `g` is the residual input's gradient,
+/// written to `dr` (added where `dr_add`); pass two turns `dx` into
+/// BatchNorm's input gradient in place.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn bn_add_act_backward(
+    bn: &Bn,
+    batch: usize,
+    gamma: &[f32],
+    beta: &[f32],
+    st: &BnStats,
+    x: &[f32],
+    r: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    dr: Option<(&mut [f32], bool)>,
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+    slope: &[f32],
+    dslope: &mut [f32],
+) {
+    let (outer, run) = bn_layout(bn, batch);
+    let c = bn.channels;
+    let m = (outer * run) as f32;
+    let (mean, inv) = (&st.mean, &st.inv_std);
+    let scale: Vec<f32> = inv.iter().zip(gamma).map(|(&i, &g)| i * g).collect();
+    let partials = runs_mut(dx, c, run, |o, off, ch| {
+        let w = off..off + run;
+        run_normalise_add(o, &x[w.clone()], &r[w.clone()], mean[ch], scale[ch], beta[ch]);
+        let (sg, sgx, ds) = run_act_grad_in_place(o, &x[w.clone()], &dy[w], slope[ch], mean[ch]);
+        [sg, sgx * inv[ch] as f64, ds]
+    });
+    for (ch, [s, sx, sd]) in fold(partials, c).into_iter().enumerate() {
+        dgamma[ch] = sx as f32;
+        dbeta[ch] = s as f32;
+        dslope[ch] = sd as f32;
+    }
+    if let Some((dr, add)) = dr {
+        runs_mut(dr, c, run, |o, off, _| {
+            let g = &dx[off..off + run];
+            if add {
+                for (a, &b) in o.iter_mut().zip(g) {
+                    *a += b;
+                }
+            } else {
+                o.copy_from_slice(g);
+            }
+        });
+    }
+    let (dgamma, dbeta) = (&*dgamma, &*dbeta);
+    runs_mut(dx, c, run, |o, off, ch| {
+        let (mb, mg) = (dbeta[ch] / m, dgamma[ch] / m);
+        run_dx_in_place(o, &x[off..off + run], scale[ch], mean[ch], inv[ch], mb, mg, st.eval);
     });
 }

@@ -54,7 +54,7 @@ use rayon::prelude::*;
 
 pub use crate::conv::{col2im, im2col, ConvGeom};
 use crate::pool::PoolGeom;
-use batchnorm::{bn_backward, bn_forward, bn_forward_eval, ActPass, Bn, BnStats};
+use batchnorm::{bn_add_act_backward, bn_add_act_forward, bn_backward, bn_forward, ActPass, Bn, BnStats};
 use conv::{conv_backward, conv_forward, ConvScratch, CONV_GROUPS};
 use dense::{lane_sum, matmul, parallelism, transpose, view};
 use residual::{add_act_backward, add_act_forward};
@@ -109,6 +109,9 @@ enum Kind {
     /// and nothing else, fused in (two distinct inputs).
     Add {
         act: Option<FusedAct>,
+        /// A BatchNorm on the first input, merged in with the activation
+        /// (`act(BN(in0) + in1)`; its output went only into this sum).
+        bn: Option<Bn>,
     },
 }
 
@@ -134,16 +137,28 @@ struct Stage {
 impl Kind {
     fn has_params(&self) -> bool {
         match self {
-            Kind::Linear { .. } | Kind::Conv { .. } | Kind::BatchNorm(_) => true,
+            Kind::Linear { .. } | Kind::Conv { .. } | Kind::BatchNorm(_) | Kind::Add { bn: Some(_), .. } => true,
             Kind::Act { slopes, .. }
             | Kind::Add {
                 act: Some(FusedAct { slopes, .. }),
+                ..
             } => matches!(slopes, Slopes::Learned { .. }),
             _ => false,
         }
     }
 
     fn params(&self) -> Vec<usize> {
+        if let Kind::Add { act, bn: Some(bn) } = self {
+            let mut p = vec![bn.gamma, bn.beta];
+            if let Some(FusedAct {
+                slopes: Slopes::Learned { param, .. },
+                ..
+            }) = act
+            {
+                p.push(*param);
+            }
+            return p;
+        }
         match self {
             Kind::Linear { w, b, .. } | Kind::Conv { w, b, .. } => std::iter::once(*w).chain(*b).collect(),
             Kind::BatchNorm(bn) => {
@@ -163,6 +178,7 @@ impl Kind {
                         slopes: Slopes::Learned { param, .. },
                         ..
                     }),
+                ..
             } => vec![*param],
             _ => vec![],
         }
@@ -389,7 +405,7 @@ impl FusedStep {
                         act: None,
                     })
                 }
-                Block::Add => Kind::Add { act: None },
+                Block::Add => Kind::Add { act: None, bn: None },
             };
             let out = buf_len.len();
             buf_len.push(r.len(v));
@@ -714,16 +730,52 @@ impl FusedStep {
                             stats: local.as_mut().map(|(_, l)| l),
                         }
                     });
-                    if mode == Mode::Train {
-                        bn_forward(bn, batch, gamma, beta, input, &mut out, &mut self.bn_stats[i], act)?;
-                    } else {
-                        bn_forward_eval(bn, batch, gamma, beta, input, &mut out, &mut self.bn_stats[i], act)?;
-                    }
+                    let train = mode == Mode::Train;
+                    bn_forward(
+                        bn,
+                        batch,
+                        gamma,
+                        beta,
+                        input,
+                        &mut out,
+                        &mut self.bn_stats[i],
+                        act,
+                        train,
+                    )?;
                     if let Some((shared, l)) = &local {
                         crate::ops::add_stats(shared, l)?;
                     }
                 }
-                Kind::Add { act: Some(fa) } => {
+                Kind::Add {
+                    act: Some(fa),
+                    bn: Some(bn),
+                } => {
+                    let slope = &mut self.slopes[i];
+                    expand_slopes(fa.slopes, fa.channels, &params, slope);
+                    let (gamma, beta) = (params[bn.gamma], params[bn.beta]);
+                    let other = &self.acts[stage.ins[1]];
+                    let shared = stats.and_then(|s| s.get(fa.index));
+                    let mut local = shared.map(|_| ForwardStats::new(fa.channels));
+                    let st = &mut self.bn_stats[i];
+                    let train = mode == Mode::Train;
+                    bn_add_act_forward(
+                        bn,
+                        batch,
+                        gamma,
+                        beta,
+                        input,
+                        other,
+                        &mut out,
+                        st,
+                        train,
+                        slope,
+                        local.as_mut(),
+                    )?;
+                    if let (Some(shared), Some(l)) = (shared, &local) {
+                        crate::ops::add_stats(shared, l)?;
+                    }
+                }
+                Kind::Add { act: Some(fa), .. } => {
                     let slope = &mut self.slopes[i];
                     expand_slopes(fa.slopes, fa.channels, &params, slope);
                     let run = if fa.inner == 0 { batch } else { fa.inner };
@@ -737,7 +789,7 @@ impl FusedStep {
                         None => add_act_forward(input, other, &mut out, fa.channels, run, slope, None),
                     }
                 }
-                Kind::Add { act: None } => {
+                Kind::Add { act: None, .. } => {
                     // out = in0 + in1 in one parallel pass (a serial copy
                     // first was a serial pass over every residual sum).
                     match stage.ins.get(1) {
@@ -908,7 +960,33 @@ impl FusedStep {
                         slope_grads(slopes, &self.dslopes[i], &params, &mut self.grads);
                     }
                 }
-                Kind::Add { act: Some(fa) } => {
+                Kind::Add {
+                    act: Some(fa),
+                    bn: Some(bn),
+                } => {
+                    // din gets BatchNorm's input gradient; the residual
+                    // input the gradient in front of the activation.
+                    let u1 = stage.ins[1];
+                    let (gg, gb) = two_mut(&mut self.grads, bn.gamma, bn.beta);
+                    let (gamma, beta) = (params[bn.gamma], params[bn.beta]);
+                    let ds = &mut self.dslopes[i];
+                    ds.resize(fa.channels, 0.0);
+                    let mut dr = std::mem::take(&mut self.dacts[u1]);
+                    let add = self.written[u1];
+                    let r = &self.acts[u1];
+                    let dr_arg = self.upstream[u1].then_some((dr.as_mut_slice(), add));
+                    let st = &self.bn_stats[i];
+                    let sl = &self.slopes[i];
+                    bn_add_act_backward(
+                        bn, batch, gamma, beta, st, input, r, &dout, &mut din, dr_arg, gg, gb, sl, ds,
+                    );
+                    if self.upstream[u1] {
+                        self.written[u1] = true;
+                    }
+                    self.dacts[u1] = dr;
+                    slope_grads(fa.slopes, &self.dslopes[i], &params, &mut self.grads);
+                }
+                Kind::Add { act: Some(fa), .. } => {
                     // The gradient in front of the activation, for both
                     // inputs: computed into the first input's buffer, from
                     // where the other input gets it below.
@@ -919,7 +997,7 @@ impl FusedStep {
                     add_act_backward(input, other, &dout, &mut din, fa.channels, run, &self.slopes[i], ds);
                     slope_grads(fa.slopes, &self.dslopes[i], &params, &mut self.grads);
                 }
-                Kind::Add { act: None } => {
+                Kind::Add { act: None, .. } => {
                     if need_din {
                         par_copy(&mut din, &dout);
                     }
@@ -942,7 +1020,7 @@ impl FusedStep {
             // The other inputs of an add get the same gradient as the first:
             // `dout`, or with a fused activation the gradient in front of it,
             // which the first input's buffer (`fresh`) or `tmp` now holds.
-            if let Kind::Add { act } = &stage.kind {
+            if let Kind::Add { act, bn: None } = &stage.kind {
                 let g = match (act.is_some(), fresh) {
                     (false, _) => None,
                     (true, true) => Some(std::mem::take(&mut self.dacts[u0])),
@@ -1015,7 +1093,7 @@ fn fuse_batchnorm_activations(stages: &mut Vec<Stage>, buf_len: &mut [usize], lo
         let b = stages[i].out;
         let host = match &stages[i].kind {
             Kind::BatchNorm(bn) => bn.act.is_none(),
-            Kind::Add { act: None } => stages[i].ins.len() == 2 && stages[i].ins[0] != stages[i].ins[1],
+            Kind::Add { act: None, bn: None } => stages[i].ins.len() == 2 && stages[i].ins[0] != stages[i].ins[1],
             _ => false,
         };
         let fusable = host && stages[i + 1].ins == [b] && readers[b] == 1 && b != logits_buf;
@@ -1038,7 +1116,7 @@ fn fuse_batchnorm_activations(stages: &mut Vec<Stage>, buf_len: &mut [usize], lo
             let act = stages.remove(i + 1);
             match &mut stages[i].kind {
                 Kind::BatchNorm(bn) => bn.act = Some((fa.slopes, fa.index)),
-                Kind::Add { act } => *act = Some(fa),
+                Kind::Add { act, .. } => *act = Some(fa),
                 _ => {}
             }
             stages[i].out = act.out;
@@ -1046,6 +1124,47 @@ fn fuse_batchnorm_activations(stages: &mut Vec<Stage>, buf_len: &mut [usize], lo
         }
         i += 1;
     }
+    // A BatchNorm (without activation) whose output only a sum with a fused
+    // activation reads: merged into that sum, which then reads the
+    // BatchNorm's input first (the ResNet block's second BatchNorm).
+    let mut producer = vec![usize::MAX; buf_len.len()];
+    for (k, s) in stages.iter().enumerate() {
+        producer[s.out] = k;
+    }
+    let mut gone = vec![false; stages.len()];
+    for j in 0..stages.len() {
+        if !matches!(stages[j].kind, Kind::Add { act: Some(_), bn: None }) {
+            continue;
+        }
+        for p in 0..2 {
+            let b = stages[j].ins[p];
+            let k = producer[b];
+            let ok = k < j
+                && !gone[k]
+                && readers[b] == 1
+                && matches!(&stages[k].kind, Kind::BatchNorm(bn) if bn.act.is_none())
+                && stages[k].ins[0] != stages[j].ins[1 - p];
+            if !ok {
+                continue;
+            }
+            let Kind::BatchNorm(bn) = stages[k].kind.clone() else {
+                continue;
+            };
+            let (x, r) = (stages[k].ins[0], stages[j].ins[1 - p]);
+            if let Kind::Add { bn: slot, .. } = &mut stages[j].kind {
+                *slot = Some(bn);
+            }
+            stages[j].ins = vec![x, r];
+            gone[k] = true;
+            buf_len[b] = 0;
+            break;
+        }
+    }
+    let mut k = 0;
+    stages.retain(|_| {
+        k += 1;
+        !gone[k - 1]
+    });
 }
 
 /// `dst = src`, in parallel chunks.
@@ -1225,4 +1344,48 @@ pub fn update_in_place(t: &Tensor, f: &mut Update<'_>) -> Result<()> {
 pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let (s, l) = t.storage_and_layout();
     Ok(f(as_f32(&s, l, "tensor")?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Arch, ModelSpec};
+    use crate::Activation;
+
+    /// A BN ResNet-8 compiles to fused stages: every activation is merged
+    /// into the BatchNorm or the residual sum before it, and every block's
+    /// second BatchNorm into its sum; only the two projection shortcuts'
+    /// BatchNorms stay apart (a sum takes one). The gradients of these
+    /// stages are checked against autograd and finite differences in tests/.
+    #[test]
+    fn resnet_blocks_fuse_batchnorm_sum_and_activation() {
+        let spec = ModelSpec {
+            batch_norm: true,
+            ..ModelSpec::new(
+                Arch::Resnet {
+                    depth: 8,
+                    shortcuts: true,
+                },
+                Activation::PRelu { shared: false },
+                [1, 8, 8],
+                3,
+            )
+        };
+        let m = Model::new(&spec, 0, &candle_core::Device::Cpu).unwrap();
+        let fs = FusedStep::new(&m).unwrap();
+        let count = |f: &dyn Fn(&Kind) -> bool| fs.stages.iter().filter(|s| f(&s.kind)).count();
+        assert_eq!(count(&|k| matches!(k, Kind::Act { .. })), 0);
+        assert_eq!(count(&|k| matches!(k, Kind::BatchNorm(bn) if bn.act.is_none())), 2);
+        assert_eq!(count(&|k| matches!(k, Kind::BatchNorm(bn) if bn.act.is_some())), 4);
+        assert_eq!(
+            count(&|k| matches!(
+                k,
+                Kind::Add {
+                    act: Some(_),
+                    bn: Some(_)
+                }
+            )),
+            3
+        );
+    }
 }
