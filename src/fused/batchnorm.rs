@@ -355,6 +355,14 @@ pub(super) fn bn_backward(
     });
 }
 
+/// For a backward pass: the run length, the values per channel (`m`), and
+/// `gamma inv_std` per channel.
+fn backward_frame(bn: &Bn, batch: usize, st: &BnStats, gamma: &[f32]) -> (usize, f32, Vec<f32>) {
+    let (outer, run) = bn_layout(bn, batch);
+    let scale = st.inv_std.iter().zip(gamma).map(|(&i, &g)| i * g).collect();
+    (run, (outer * run) as f32, scale)
+}
+
 /// Backward of BatchNorm with its activation fused in: the activation's
 /// gradient `g` and the normalised values are recomputed from `x` in both
 /// passes (sums, then `dx`) instead of being stored. `dslope[c] = sum dy z`
@@ -374,11 +382,8 @@ fn act_backward(
     slope: &[f32],
     dslope: &mut [f32],
 ) {
-    let (outer, run) = bn_layout(bn, batch);
-    let c = bn.channels;
-    let m = (outer * run) as f32;
-    let (mean, inv) = (&st.mean, &st.inv_std);
-    let scale: Vec<f32> = inv.iter().zip(gamma).map(|(&i, &g)| i * g).collect();
+    let (run, m, scale) = backward_frame(bn, batch, st, gamma);
+    let (c, mean, inv) = (bn.channels, &st.mean, &st.inv_std);
     let sums = channel_sums(x.len(), c, run, |o, ch| {
         let (a, b, d) = run_act_backward_sums(
             &x[o..o + run],
@@ -507,11 +512,8 @@ pub(super) fn bn_add_act_backward(
     slope: &[f32],
     dslope: &mut [f32],
 ) {
-    let (outer, run) = bn_layout(bn, batch);
-    let c = bn.channels;
-    let m = (outer * run) as f32;
-    let (mean, inv) = (&st.mean, &st.inv_std);
-    let scale: Vec<f32> = inv.iter().zip(gamma).map(|(&i, &g)| i * g).collect();
+    let (run, m, scale) = backward_frame(bn, batch, st, gamma);
+    let (c, mean, inv) = (bn.channels, &st.mean, &st.inv_std);
     let partials = runs_mut(dx, c, run, |o, off, ch| {
         let w = off..off + run;
         run_normalise_add(o, &x[w.clone()], &r[w.clone()], mean[ch], scale[ch], beta[ch]);

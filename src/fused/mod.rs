@@ -25,8 +25,9 @@
 //! * activation: the fused PReLU kernels of [`crate::kernels`] (ReLU is slope
 //!   0, Leaky ReLU a fixed slope), counting the sentinel's statistics in the
 //!   same pass when asked. An activation that is the only reader of a
-//!   BatchNorm's output or of a residual sum is merged into that stage
-//!   (`fuse_batchnorm_activations`): the normalised values or the sum are
+//!   BatchNorm's output or of a residual sum is merged into that stage, and
+//!   a BatchNorm that only such a sum reads into the sum
+//!   (`fuse_batchnorm_activations`): the normalised values and the sum are
 //!   never stored, backward recomputes them;
 //! * max-pool with the winning tap kept for a direct backward; average pools;
 //! * BatchNorm in training mode (batch statistics, PyTorch's running-estimate
@@ -1079,8 +1080,10 @@ fn slope_grads(slopes: Slopes, ds: &[f32], params: &[&[f32]], grads: &mut [Vec<f
 /// reader of its output (and that output is not the logits): the
 /// normalised values or the sum are then never stored, backward recomputes
 /// them (from the BatchNorm input; from the two summands). BatchNorm: one
-/// pass forward, two backward; a residual sum: one each way. The
-/// merged-away buffer is left empty.
+/// pass forward, two backward; a residual sum: one each way. Then a
+/// BatchNorm without activation whose output only such a sum reads is
+/// merged into the sum (`act(BN(x) + r)`). The merged-away buffers are
+/// left empty.
 fn fuse_batchnorm_activations(stages: &mut Vec<Stage>, buf_len: &mut [usize], logits_buf: usize) {
     let mut readers = vec![0usize; buf_len.len()];
     for s in stages.iter() {
