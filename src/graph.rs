@@ -268,6 +268,19 @@ pub enum Op {
 }
 
 impl Op {
+    /// A square-kernel convolution with uniform stride and zero padding
+    /// (no dilation): the presets' convs.
+    pub fn conv(out: usize, k: usize, stride: usize, pad: usize, bias: bool) -> Op {
+        Op::Conv2d {
+            out_channels: out,
+            kernel: Pair::both(k),
+            stride: Pair::both(stride),
+            padding: Padding::uniform(pad),
+            dilation: Pair::both(1),
+            bias,
+        }
+    }
+
     /// The op's name in graph files.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -802,18 +815,7 @@ impl Builder {
         pad: usize,
         bias: bool,
     ) -> String {
-        self.push(
-            name,
-            &[input],
-            Op::Conv2d {
-                out_channels: out,
-                kernel: Pair::both(k),
-                stride: Pair::both(stride),
-                padding: Padding::uniform(pad),
-                dilation: Pair::both(1),
-                bias,
-            },
-        )
+        self.push(name, &[input], Op::conv(out, k, stride, pad, bias))
     }
     fn bn(&mut self, name: String, input: &str) -> String {
         self.push(

@@ -372,9 +372,9 @@ fn fused_batchnorm_residual_sums_match_autograd() {
     };
     let conv_net = Graph {
         nodes: vec![
-            node("c0".into(), graph::INPUT, conv_op(4, 3, 1, 1, true)),
+            node("c0".into(), graph::INPUT, Op::conv(4, 3, 1, 1, true)),
             node("a0".into(), "c0", act(prelu)),
-            node("c1".into(), "a0", conv_op(4, 3, 1, 1, false)),
+            node("c1".into(), "a0", Op::conv(4, 3, 1, 1, false)),
             node("b1".into(), "c1", bn_op()),
             add("s1", "a0", "b1"),
             node("r1".into(), "s1", act(prelu)),

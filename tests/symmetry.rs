@@ -416,10 +416,10 @@ fn sculpt_prunes_planted_dead_conv_channels_and_keeps_the_logits() {
     };
     let g = Graph {
         nodes: vec![
-            node("c1".into(), INPUT, conv_op(6, 3, 1, 1, true)),
+            node("c1".into(), INPUT, Op::conv(6, 3, 1, 1, true)),
             node("a1".into(), "c1", prelu.clone()),
             node("p1".into(), "a1", pool(true)),
-            node("c2".into(), "p1", conv_op(8, 3, 1, 1, false)),
+            node("c2".into(), "p1", Op::conv(8, 3, 1, 1, false)),
             node("b2".into(), "c2", bn_op()),
             node("a2".into(), "b2", Op::Act { act: Activation::Relu }),
             node("p2".into(), "a2", pool(false)),
@@ -549,9 +549,9 @@ fn identity_activations_between_convs_are_removed_and_merged_where_exact() {
     };
     let (stats, test) = small_data();
     let cases = [
-        (conv_op(4, 3, 1, 1, true), conv_op(3, 1, 1, 0, true), true),
-        (conv_op(4, 1, 1, 0, true), conv_op(3, 3, 1, 0, true), true),
-        (conv_op(4, 1, 1, 0, true), conv_op(3, 3, 1, 1, true), false),
+        (Op::conv(4, 3, 1, 1, true), Op::conv(3, 1, 1, 0, true), true),
+        (Op::conv(4, 1, 1, 0, true), Op::conv(3, 3, 1, 0, true), true),
+        (Op::conv(4, 1, 1, 0, true), Op::conv(3, 3, 1, 1, true), false),
     ];
     for (i, (first, second, merges)) in cases.into_iter().enumerate() {
         let m = mnist_model(net(first, second), i as u64);
@@ -738,7 +738,7 @@ fn canonical_form_of_a_resnet_keeps_its_logits() {
 fn sign_flip_is_refused_through_a_max_pool_only_when_it_would_negate() {
     let g = Graph {
         nodes: vec![
-            node("c1".into(), INPUT, conv_op(2, 3, 1, 1, true)),
+            node("c1".into(), INPUT, Op::conv(2, 3, 1, 1, true)),
             node(
                 "a1".into(),
                 "c1",
@@ -756,7 +756,7 @@ fn sign_flip_is_refused_through_a_max_pool_only_when_it_would_negate() {
                     ceil_mode: false,
                 },
             ),
-            node("c2".into(), "p1", conv_op(3, 3, 1, 0, true)),
+            node("c2".into(), "p1", Op::conv(3, 3, 1, 0, true)),
             node("gap".into(), "c2", Op::GlobalAvgPool),
             node("flat".into(), "gap", Op::Flatten),
             node(

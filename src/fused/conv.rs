@@ -91,9 +91,9 @@ const SLACK: usize = 16;
 /// The GEMM width for `p` output pixels: `p` rounded up to a multiple of 16
 /// where that adds at most 1/8 (14x14 maps: 196 -> 208; not 7x7). With a
 /// width that is not a multiple of 16 the GEMM crate copies (packs) the
-/// columns on every call; computing a few junk columns instead took
-/// ResNet-20's 14x14 kernel-row GEMMs from 32 to 24-29 us per sample
-/// (one-off timing of the `gemm` crate on these shapes).
+/// columns on every call; computing a few junk columns instead takes
+/// ResNet-20's 14x14 kernel-row GEMMs from 31.0 to 29.5 us per sample
+/// (`cargo bench --bench conv_gemm`).
 fn padded_width(p: usize) -> usize {
     let pp = p.next_multiple_of(16);
     if (pp - p) * 8 <= p {

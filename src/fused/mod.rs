@@ -1362,17 +1362,10 @@ mod tests {
     /// stages are checked against autograd and finite differences in tests/.
     #[test]
     fn resnet_blocks_fuse_batchnorm_sum_and_activation() {
+        let arch = Arch::preset("resnet-8", &[], &[]).unwrap();
         let spec = ModelSpec {
             batch_norm: true,
-            ..ModelSpec::new(
-                Arch::Resnet {
-                    depth: 8,
-                    shortcuts: true,
-                },
-                Activation::PRelu { shared: false },
-                [1, 8, 8],
-                3,
-            )
+            ..ModelSpec::new(arch, Activation::PRelu { shared: false }, [1, 8, 8], 3)
         };
         let m = Model::new(&spec, 0, &candle_core::Device::Cpu).unwrap();
         let fs = FusedStep::new(&m).unwrap();

@@ -81,17 +81,6 @@ pub fn node(name: String, from: &str, op: Op) -> Node {
     }
 }
 
-pub fn conv_op(out: usize, k: usize, stride: usize, pad: usize, bias: bool) -> Op {
-    Op::Conv2d {
-        out_channels: out,
-        kernel: Pair::both(k),
-        stride: Pair::both(stride),
-        padding: Padding::uniform(pad),
-        dilation: Pair::both(1),
-        bias,
-    }
-}
-
 pub fn bn_op() -> Op {
     Op::BatchNorm {
         eps: BN_EPS,
@@ -187,7 +176,7 @@ pub fn random_graph(seed: u64, o: &GraphGen) -> (Graph, [usize; 3]) {
             }
             1 => {
                 // conv-[bn]-act-conv-[bn] + x, then act.
-                let conv = |name: String, from: &str| node(name, from, conv_op(channels, 3, 1, 1, !bn));
+                let conv = |name: String, from: &str| node(name, from, Op::conv(channels, 3, 1, 1, !bn));
                 let mut y = push(&mut g, conv(name("rconv"), &x)).unwrap();
                 if bn {
                     y = push(&mut g, node(name("rbn"), &y, bn_op())).unwrap();
