@@ -6,7 +6,7 @@
 use candle_core::{Device, Tensor, Var};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use prelu::kernels::{self, SlopeGeometry};
-use prelu::ops::{self, SlopeAxis};
+use prelu::nn::ops::SlopeAxis;
 
 fn data(n: usize) -> Vec<f32> {
     (0..n)
@@ -52,7 +52,7 @@ fn bench(c: &mut Criterion) {
         group.throughput(Throughput::Bytes((n * 4 * 5) as u64));
         group.bench_function(BenchmarkId::new("op_fwd_bwd_autograd", &id), |b| {
             b.iter(|| {
-                ops::prelu(&xv, &sv, SlopeAxis::ChannelFirst)
+                prelu::nn::ops::prelu(&xv, &sv, SlopeAxis::ChannelFirst)
                     .unwrap()
                     .backward()
                     .unwrap()
@@ -60,7 +60,7 @@ fn bench(c: &mut Criterion) {
         });
         group.bench_function(BenchmarkId::new("candle_composed_fwd_bwd_autograd", &id), |b| {
             b.iter(|| {
-                ops::prelu_composed(&xv, &sv, SlopeAxis::ChannelFirst)
+                prelu::nn::ops::prelu_composed(&xv, &sv, SlopeAxis::ChannelFirst)
                     .unwrap()
                     .backward()
                     .unwrap()

@@ -8,10 +8,11 @@
 
 use candle_core::Device;
 use criterion::{criterion_group, criterion_main, Criterion};
-use prelu::fused::FusedStep;
+use prelu::engine::fused::FusedStep;
 use prelu::model::{Arch, Model, ModelSpec};
 use prelu::optim::{Optimizer, OptimizerKind};
-use prelu::{Activation, Sentinel};
+use prelu::Activation;
+use prelu::Sentinel;
 use rand::{Rng, SeedableRng};
 
 fn bench_arch(c: &mut Criterion, name: &str, arch: Arch, batch: usize, batch_norm: bool, sentinel: bool) {

@@ -6,12 +6,15 @@
 //! `cargo run --release --example own_model` (a few seconds). Candle samples
 //! `candle_nn::Init` with its own generator, which cannot be seeded on the
 //! CPU, so the numbers differ a little from run to run; the `sentinel_loop`
-//! example shows seeded init with `prelu::init::kaiming_normal`.
+//! example shows seeded init with `prelu::nn::init::kaiming_normal`.
 
 use anyhow::Result;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Linear, Optimizer, VarBuilder, VarMap, SGD};
-use prelu::{he_prelu_init, prelu_layer, FanMode, PReLU};
+use prelu::he_prelu_init;
+use prelu::prelu_layer;
+use prelu::FanMode;
+use prelu::PReLU;
 
 /// A linear layer whose weights suit the PReLU(0.25) that follows it.
 fn linear(inp: usize, out: usize, vb: VarBuilder) -> Result<Linear> {
@@ -56,7 +59,7 @@ fn main() -> Result<()> {
     let model = Mlp::new(VarBuilder::from_varmap(&varmap, DType::F32, &dev))?;
     // Plain SGD has no weight decay, so the slopes are not pulled towards 0.
     let mut opt = SGD::new(varmap.all_vars(), 0.05)?;
-    let order = prelu::train::epoch_order(train.len(), 7, 0);
+    let order = prelu::run::epoch_order(train.len(), 7, 0);
     let shuffled = prelu::data::Dataset {
         images: order
             .iter()

@@ -14,9 +14,13 @@
 use anyhow::Result;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Linear, Optimizer, VarBuilder, VarMap, SGD};
-use prelu::init::kaiming_normal;
-use prelu::sentinel::{ActivationSite, Sentinel, SentinelConfig};
-use prelu::{prelu_layer, FanMode, PReLU};
+use prelu::analyses::sentinel::ActivationSite;
+use prelu::analyses::sentinel::Sentinel;
+use prelu::analyses::sentinel::SentinelConfig;
+use prelu::nn::init::kaiming_normal;
+use prelu::prelu_layer;
+use prelu::FanMode;
+use prelu::PReLU;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 

@@ -19,7 +19,7 @@ fn main() -> Result<()> {
     let model = match std::env::args_os().nth(1).map(PathBuf::from) {
         Some(path) => {
             let spec = std::env::var_os("PRELU_SPEC").map(PathBuf::from);
-            prelu::io::load_model_with_spec(&path, spec.as_deref())?.model
+            prelu::store::checkpoint::load_model_with_spec(&path, spec.as_deref())?.model
         }
         None => {
             let spec = ModelSpec::new(
@@ -48,7 +48,7 @@ fn main() -> Result<()> {
     let data = prelu::data::mnist_small()?;
     let batch = data.test.take(256);
     let (x, y) = batch.batches(256).next().expect("256 test images")?;
-    let layers = prelu::stability::model_layers(&model, &x, &y, 4.0)?;
+    let layers = prelu::analyses::stability::model_layers(&model, &x, &y, 4.0)?;
     println!(
         "{:<8} {:>4} {:>22} {:>4} {:>7} {:>7} {:>20} {:>11} {:>9}",
         "layer", "ch", "slope mean [min, max]", "a<0", "gain", "a*", "chi mean [min, max]", "chi(mean a)", "bwd gain"
@@ -76,7 +76,7 @@ fn main() -> Result<()> {
     }
     // The scalar-chain view of the same depth: gain of the negative path.
     let gains: Vec<f64> = layers.iter().map(|l| l.weight_gain).collect();
-    let c = prelu::stability::chain(&gains, 0.25, 1e-3, 1e3);
+    let c = prelu::analyses::stability::chain(&gains, 0.25, 1e-3, 1e3);
     println!(
         "negative path with a = 0.25 through these weight gains: gain {:.3e}, a* = {:.3}",
         c.gain, c.a_star

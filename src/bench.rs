@@ -27,7 +27,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::kernels::{self, SlopeGeometry};
-use crate::ops::{self, SlopeAxis};
+use crate::nn::ops::SlopeAxis;
 
 /// What to measure.
 #[derive(Clone, Debug)]
@@ -126,7 +126,7 @@ fn bench_shape(shape: &[usize], o: &KernelBenchOptions, mut progress: impl FnMut
     let dy: Vec<f32> = (0..numel).map(|_| rng.random_range(-1.0f32..1.0)).collect();
     let c = if shape.len() >= 2 { shape[1] } else { 1 };
     let slope: Vec<f32> = (0..c).map(|i| 0.1 + 0.2 * (i as f32 / c as f32)).collect();
-    let g = ops::slope_geometry(shape, &[c], SlopeAxis::ChannelFirst)?;
+    let g = crate::nn::ops::slope_geometry(shape, &[c], SlopeAxis::ChannelFirst)?;
     let g = if shape.len() >= 2 {
         g
     } else {
@@ -168,17 +168,19 @@ fn bench_shape(shape: &[usize], o: &KernelBenchOptions, mut progress: impl FnMut
         SlopeAxis::Shared
     };
     progress("op forward");
-    let op_fwd = median_secs(o.reps, || ops::prelu(&xt, &sv, axis).map(drop))?;
+    let op_fwd = median_secs(o.reps, || crate::nn::ops::prelu(&xt, &sv, axis).map(drop))?;
     progress("op forward+backward (autograd)");
     let op_fwdbwd = median_secs(o.reps, || {
-        let y = ops::prelu(xv.as_tensor(), sv.as_tensor(), axis)?;
+        let y = crate::nn::ops::prelu(xv.as_tensor(), sv.as_tensor(), axis)?;
         y.backward().map(drop)
     })?;
     progress("candle composed forward");
-    let candle_fwd = median_secs(o.candle_reps, || ops::prelu_composed(&xt, &sv, axis).map(drop))?;
+    let candle_fwd = median_secs(o.candle_reps, || {
+        crate::nn::ops::prelu_composed(&xt, &sv, axis).map(drop)
+    })?;
     progress("candle composed forward+backward (autograd)");
     let candle_fwdbwd = median_secs(o.candle_reps, || {
-        let y = ops::prelu_composed(xv.as_tensor(), sv.as_tensor(), axis)?;
+        let y = crate::nn::ops::prelu_composed(xv.as_tensor(), sv.as_tensor(), axis)?;
         y.backward().map(drop)
     })?;
 
@@ -308,11 +310,12 @@ pub struct TrainBenchReport {
     pub gemm_gflops: f64,
 }
 
-/// One epoch of the MLP on MNIST through [`crate::train::train`], in a
+/// One epoch of the MLP on MNIST through [`crate::run::train`], in a
 /// temporary run folder; the epoch's training seconds (evaluation and the
 /// checkpoint excluded, as in the PyTorch reference).
 fn mnist_epoch(sentinel: bool, data_dir: Option<&std::path::Path>) -> Result<Option<f64>> {
-    use crate::train::{self, MetricsLine, TrainConfig};
+    use crate::run::MetricsLine;
+    use crate::run::TrainConfig;
     let cfg = TrainConfig {
         data: "mnist".into(),
         data_dir: data_dir.map(|d| d.to_path_buf()),
@@ -336,8 +339,8 @@ fn mnist_epoch(sentinel: bool, data_dir: Option<&std::path::Path>) -> Result<Opt
     let dir = std::env::temp_dir().join(format!("prelu-bench-epoch-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let err = |e: anyhow::Error| candle_core::Error::Msg(format!("bench epoch: {e:#}"));
-    let run = train::train(&cfg, &dir, false, &mut |_| {}).map_err(|e| err(e.into()));
-    let lines = run.and_then(|_| train::read_metrics(&dir).map_err(|e| err(e.into())));
+    let run = crate::run::train(&cfg, &dir, false, &mut |_| {}).map_err(|e| err(e.into()));
+    let lines = run.and_then(|_| crate::run::read_metrics(&dir).map_err(|e| err(e.into())));
     let _ = std::fs::remove_dir_all(&dir);
     Ok(lines?.into_iter().find_map(|l| match l {
         MetricsLine::Epoch(m) => Some(m.seconds),
@@ -368,8 +371,8 @@ fn step_time(
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
     let xv: Vec<f32> = (0..batch * 784).map(|_| rng.random_range(0.0f32..1.0)).collect();
     let yv: Vec<u32> = (0..batch).map(|_| rng.random_range(0..10u32)).collect();
-    let mut sen = sentinel.then(|| crate::sentinel::Sentinel::new(&model, Default::default()));
-    let mut fs = crate::fused::FusedStep::new(&model)?;
+    let mut sen = sentinel.then(|| crate::analyses::sentinel::Sentinel::new(&model, Default::default()));
+    let mut fs = crate::engine::fused::FusedStep::new(&model)?;
     let flops = 2.0 * (fs.train_macs_per_sample() * batch) as f64;
     if fused {
         let t = median_secs_after(o.warmup, o.steps, || {
@@ -426,7 +429,7 @@ pub fn train(o: &TrainBenchOptions, mut progress: impl FnMut(&str)) -> Result<Tr
     progress("ResNet-20 steps with the sentinel (fused)");
     let (resnet_s, _) = step_time(resnet20, o.resnet_batch, o, true, true)?;
     progress("one 1024^3 GEMM");
-    let gemm = crate::fused::gemm_gflops(1024, 5)?;
+    let gemm = gemm_gflops(1024, 5)?;
     let (mut epoch, mut epoch_s) = (None, None);
     if o.epoch {
         progress("one MNIST epoch of the MLP");
@@ -557,4 +560,17 @@ impl std::fmt::Display for TrainBenchReport {
             _ => writeln!(f, "one MNIST epoch: not timed (MNIST not found, or --no-epoch)"),
         }
     }
+}
+/// GFLOP/s of one `n x n x n` f32 GEMM through the same GEMM kernels as the
+/// fused step, on the current pool (the median of `reps` after one warm-up):
+/// the machine's reference rate for the step's FLOP rates.
+pub fn gemm_gflops(n: usize, reps: usize) -> Result<f64> {
+    let a: Vec<f32> = (0..n * n).map(|i| (i % 7) as f32 * 0.1).collect();
+    let b = a.clone();
+    let mut c = vec![0.0f32; n * n];
+    let secs = median_secs_after(1, reps, || {
+        crate::engine::fused::square_gemm(&mut c, &a, &b, n);
+        Ok(())
+    })?;
+    Ok(2.0 * (n * n * n) as f64 / secs / 1e9)
 }

@@ -12,15 +12,60 @@
 
 use std::path::PathBuf;
 
+/// What went wrong reading a data set; every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("{path}: not an IDX file (magic {magic:#010x}; expected 0x00000801 for labels or 0x00000803 for images)")]
+    BadMagic { path: String, magic: u32 },
+    #[error("{path}: unsupported IDX element type {code:#04x} (only unsigned bytes, 0x08, are supported)")]
+    BadType { path: String, code: u8 },
+    #[error("{path}: truncated: {what}")]
+    Truncated { path: String, what: String },
+    #[error("{path}: {what}")]
+    Invalid { path: String, what: String },
+    #[error("images ({images}) and labels ({labels}) disagree: {what}")]
+    Mismatch {
+        images: String,
+        labels: String,
+        what: String,
+    },
+    #[error("data set `{name}` not found; looked in: {looked}. Pass --data-dir DIR, set PRELU_DATA, or use `mnist-small` (built in){hint}")]
+    NotFound { name: String, looked: String, hint: String },
+    #[error("unknown data set `{0}`; expected mnist, fashion-mnist or mnist-small")]
+    UnknownSet(String),
+}
+
+/// Why a user file could not be read; every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("cannot read {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("{path}: not a regular file (a {kind}); prelu reads user files only from regular files")]
+    NotRegular { path: String, kind: &'static str },
+    #[error("{path}: over the {cap}-byte cap for this kind of file (set PRELU_MAX_FILE_BYTES to change it)")]
+    TooLarge { path: String, cap: u64 },
+    #[error("{path}: a symbolic link to nothing (dangling); refusing to treat it as missing")]
+    Dangling { path: String },
+}
+
+impl ReadError {
+    /// True when nothing at all is at the path (not even a dangling link).
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, ReadError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+    }
+}
+
 /// What went wrong in a library call.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A data set could not be found or read (names the file).
     #[error(transparent)]
-    Data(#[from] crate::data::DataError),
+    Data(#[from] crate::error::DataError),
     /// A user file could not be read (names the file).
     #[error(transparent)]
-    Read(#[from] crate::io::ReadError),
+    Read(#[from] crate::error::ReadError),
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
@@ -64,11 +109,11 @@ impl From<anyhow::Error> for Error {
     fn from(e: anyhow::Error) -> Self {
         match bare::<Error>(e) {
             Ok(e) => e,
-            Err(e) => match bare::<crate::data::DataError>(e) {
+            Err(e) => match bare::<crate::error::DataError>(e) {
                 Ok(d) => Error::Data(d),
                 Err(e) => match bare::<candle_core::Error>(e) {
                     Ok(c) => Error::Candle(c),
-                    Err(e) => match bare::<crate::io::ReadError>(e) {
+                    Err(e) => match bare::<crate::error::ReadError>(e) {
                         Ok(r) => Error::Read(r),
                         Err(e) => Error::Other(e),
                     },
@@ -93,7 +138,7 @@ where
 /// `return Err(Error::Invalid(format!(...)))`: the library's `bail!`.
 macro_rules! fail {
     ($($arg:tt)*) => {
-        return Err($crate::Error::Invalid(format!($($arg)*)))
+        return Err($crate::error::Error::Invalid(format!($($arg)*)))
     };
 }
 pub(crate) use fail;

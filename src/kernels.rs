@@ -313,8 +313,6 @@ unsafe fn backward_avx2<T: Float>(
 /// generic x86-64, where f64 and f32 loops get 128-bit SSE2). The same
 /// arithmetic in the same order either way, so the same bits. For the small
 /// per-run loops of the fused step (BatchNorm statistics, im2col/col2im).
-#[macro_export]
-#[doc(hidden)]
 macro_rules! simd_dispatch {
     ($(#[$m:meta])* $vis:vis fn $name:ident $(<$g:ident: $bound:path>)? ($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)? $body:block) => {
         $(#[$m])*
@@ -339,6 +337,7 @@ macro_rules! simd_dispatch {
         }
     };
 }
+pub(crate) use simd_dispatch;
 
 /// Whether the CPU has AVX2 (detected once, then a cached load).
 #[doc(hidden)]
@@ -448,7 +447,7 @@ impl ForwardStats {
     }
 }
 
-crate::simd_dispatch! {
+crate::kernels::simd_dispatch! {
     /// Counts signs of one chunk (already in cache from the forward pass)
     /// into `neg`/`pos` and returns the sum and sum of squares of its
     /// outputs; compiled for AVX2 where the CPU has it, since this pass runs

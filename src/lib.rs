@@ -14,7 +14,7 @@
 //! ```
 //! use candle_core::{DType, Device, Module, Tensor};
 //! use candle_nn::{Linear, Optimizer, VarBuilder, VarMap, SGD};
-//! use prelu::sentinel::{ActivationSite, Sentinel, SentinelConfig};
+//! use prelu::analyses::sentinel::{ActivationSite, Sentinel, SentinelConfig};
 //! use prelu::{he_prelu_init, prelu_layer, FanMode};
 //!
 //! # fn main() -> anyhow::Result<()> {
@@ -56,72 +56,58 @@
 //! Runnable examples: `cargo run --release --example own_model`
 //! (`sentinel_loop`, `stability_weights`).
 //!
-//! The modules follow the idea they implement:
-//! * [`kernels`]: fused CPU kernels on slices (forward; one-pass backward);
-//! * [`ops`]: those kernels as a candle op with autograd, `prelu(x, slope, axis)`;
-//! * [`activation`]: ReLU / Leaky ReLU / PReLU, the [`PReLU`] layer and its
-//!   slope options (constraints, weight-decay exemption);
-//! * [`init`]: He/Kaiming init for PReLU, `Var(W) = 2 / (fan (1 + a0^2))`;
-//! * [`invert`]: the inverse and log-determinant, with an error for `a <= 0`;
-//! * [`data`]: IDX reader, named data sets, the built-in MNIST subset;
-//! * [`graph`]: the layer graph every part reads (nodes, shapes, presets
-//!   `mlp`/`cnn`/`resnet-N`/`plain-N`, graph files);
-//! * [`conv`], [`pool`]: convolution (any stride, dilation, padding) and pooling;
-//! * [`model`]: a graph's layers with PyTorch parameter names, BatchNorm;
-//! * [`optim`]: SGD/AdamW with weight-decay groups (slopes never decayed), LR schedules;
-//! * [`fused`]: the fused training step (whole-model forward/backward on reused buffers, GEMM-based);
-//! * [`train`]: the training loop, run folders, resume, `compare`;
-//! * [`sentinel`]: dying units, negative share, idle slopes, gradient flow, alarms;
-//! * [`attack`]: FGSM, PGD and gradient-masking measures;
-//! * [`stability`]: negative-path gain, optimal slope, variance propagation by depth
-//!   with finite-width bands;
-//! * [`study`]: controlled experiments over a grid of configs and seeds, paired t-intervals;
-//! * [`symmetry`]: exact symmetries, BatchNorm folding, canonical form;
-//! * [`sculpt`]: pruning dead units and folding linear ones;
-//! * [`onnx`]: ONNX export (opset 13, `PRelu` with correctly broadcasting slopes)
-//!   and import of PReLU networks exported by PyTorch;
-//! * [`report`]: a self-contained HTML report of a run with SVG plots;
-//! * [`io`]: the capped reader of user files, atomic writes, the run-folder lock, safetensors checkpoints;
-//! * [`memory`]: allocator hints, and the memory estimate and budget of a run;
-//! * [`bench`]: the benchmarks behind `prelu bench`.
+//! The modules are layers, from the ground up; each imports only from the
+//! layers before it (a test, `tests/layers.rs`, reads every `crate::` path
+//! against the order in `docs/design.md`, "What is where"):
+//!
+//! 1. base: [`error`] (the one error type), [`fs`] (the capped reader,
+//!    atomic writer, run-folder lock), [`json`], [`memory`] (allocator, budget),
+//!    [`page`] (HTML escaping, number formatting, SVG charts);
+//! 2. [`kernels`]: fused CPU kernels on slices;
+//! 3. [`graph`]: the layer graph every part reads (ops, activation kinds,
+//!    geometry, one resolution into shapes and parameters, presets);
+//! 4. [`nn`]: the PReLU op, layers, init, inverse, conv, pool, loss;
+//! 5. [`model`]: a graph's layers with PyTorch parameter names, BatchNorm;
+//! 6. [`optim`]: SGD/AdamW with weight-decay groups (slopes never decayed);
+//! 7. [`engine`]: the fused step or candle's autograd, picked once per model;
+//! 8. [`store`]: memory estimates, ONNX export and import, checkpoints;
+//! 9. [`data`]: IDX sets, `.npy` files, image folders, data for a model;
+//! 10. [`analyses`]: sentinel, diagnose, stability, attack, symmetry, sculpt;
+//! 11. [`run`]: run folders, metrics, the training loop, `compare`, `study`;
+//! 12. [`report`]: the HTML report of runs; [`bench`]: `prelu bench`.
+//!
+//! The CLI (`src/main.rs`, `src/cli/`) sits on top, as a separate binary.
 
 // `!(a > 0.0)` is deliberate throughout: it is true for NaN, which must count
 // as "not positive".
 #![allow(clippy::neg_cmp_op_on_partial_ord)]
 
-pub mod activation;
-pub mod attack;
-pub mod bench;
-pub mod conv;
-pub mod data;
 pub mod error;
-pub mod fused;
-pub mod graph;
-pub mod init;
-pub mod invert;
-pub mod io;
-pub mod kernels;
+pub mod fs;
+pub mod json;
 pub mod memory;
-pub mod model;
-pub mod onnx;
-pub mod ops;
-pub mod optim;
-pub mod pool;
-pub mod report;
-pub mod sculpt;
-pub mod sentinel;
-pub mod stability;
-pub mod study;
-pub mod symmetry;
-pub mod train;
 
-pub use activation::{prelu_layer, Activation, ActivationLayer, PReLU, PReLUConfig, SlopeConstraint};
+pub mod analyses;
+pub mod bench;
+pub mod data;
+pub mod engine;
+pub mod graph;
+pub mod kernels;
+pub mod model;
+pub mod nn;
+pub mod optim;
+pub mod report;
+pub mod run;
+pub mod store;
+
+pub use analyses::sentinel::{ActivationSite, Alarm, AlarmKind, Sentinel, SentinelConfig};
 pub use candle_core::Device;
 pub use error::{Error, Result};
-pub use init::{gain, he_prelu_init, FanMode, InitScheme};
-pub use invert::{log_abs_det_jacobian, prelu_inverse, InvertError};
-pub use ops::{prelu, prelu_backward, SlopeAxis};
-pub use sentinel::{ActivationSite, Alarm, AlarmKind, Sentinel, SentinelConfig};
+pub use graph::Activation;
+pub use nn::activation::{prelu_layer, ActivationLayer, PReLU, PReLUConfig, SlopeConstraint};
+pub use nn::init::{gain, he_prelu_init, FanMode, InitScheme};
+pub use nn::invert::{log_abs_det_jacobian, prelu_inverse, InvertError};
+pub use nn::ops::{prelu, prelu_backward, SlopeAxis};
 
 /// Most worker threads accepted (`--threads`).
 pub const MAX_THREADS: usize = 512;

@@ -13,9 +13,12 @@ use candle_core::{bail, DType, Device, Module, Result, Tensor, Var};
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
-use crate::activation::{Activation, ActivationLayer, PReLUConfig, SlopeConstraint};
 use crate::graph::{self, ConvGeom, Graph, Op, PoolGeom, Resolved};
-use crate::init::InitScheme;
+use crate::nn::activation::Activation;
+use crate::nn::activation::ActivationLayer;
+use crate::nn::activation::PReLUConfig;
+use crate::nn::activation::SlopeConstraint;
+use crate::nn::init::InitScheme;
 
 /// Network architecture.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -180,7 +183,7 @@ impl ModelSpec {
         Self {
             arch,
             act,
-            alpha_init: crate::activation::DEFAULT_SLOPE,
+            alpha_init: crate::nn::activation::DEFAULT_SLOPE,
             slope_constraint: SlopeConstraint::None,
             batch_norm: false,
             init: InitScheme::HePrelu,
@@ -633,7 +636,7 @@ impl Model {
 
     /// Like [`Model::forward_t`], adding each activation layer's input
     /// statistics into `stats[i]` (the diagnostic sentinel).
-    pub fn forward_counting(&self, x: &Tensor, train: bool, stats: &[crate::ops::SharedStats]) -> Result<Tensor> {
+    pub fn forward_counting(&self, x: &Tensor, train: bool, stats: &[crate::nn::ops::SharedStats]) -> Result<Tensor> {
         self.forward_full(x, train, Some(stats), None, &mut |_, _| Ok(()))
     }
 
@@ -652,7 +655,7 @@ impl Model {
         &self,
         x: &Tensor,
         train: bool,
-        stats: Option<&[crate::ops::SharedStats]>,
+        stats: Option<&[crate::nn::ops::SharedStats]>,
         probes: Option<&[Var]>,
         inspect: &mut dyn FnMut(usize, &Tensor) -> Result<()>,
     ) -> Result<Tensor> {
@@ -672,7 +675,7 @@ impl Model {
         &self,
         x: &Tensor,
         train: bool,
-        stats: Option<&[crate::ops::SharedStats]>,
+        stats: Option<&[crate::nn::ops::SharedStats]>,
         probes: Option<&[Var]>,
         inspect: &mut dyn FnMut(usize, &Tensor) -> Result<()>,
         first_only: bool,
@@ -735,7 +738,7 @@ impl Model {
                     }
                 }
                 Block::Conv { weight, bias, geom } => {
-                    crate::conv::conv2d(&t, weight, bias.as_ref().map(|b| b.as_tensor()), geom)?
+                    crate::nn::conv::conv2d(&t, weight, bias.as_ref().map(|b| b.as_tensor()), geom)?
                 }
                 Block::BatchNorm(bn) => bn.forward_t(&t, train)?,
                 Block::Act(a) => {
@@ -750,8 +753,8 @@ impl Model {
                         None => a.forward(&t)?,
                     }
                 }
-                Block::MaxPool(g) => crate::pool::max_pool(&t, g)?,
-                Block::AvgPool(g) => crate::pool::avg_pool(&t, g)?,
+                Block::MaxPool(g) => crate::nn::pool::max_pool(&t, g)?,
+                Block::AvgPool(g) => crate::nn::pool::avg_pool(&t, g)?,
                 Block::GlobalAvgPool => {
                     let (n, c, _, _) = t.dims4()?;
                     t.flatten_from(2)?.mean_keepdim(2)?.reshape((n, c, 1, 1))?
@@ -859,7 +862,7 @@ impl Model {
                 let p = &slopes[si];
                 si += 1;
                 // Convert PyTorch-meaning slopes back to the stored parameter.
-                let fresh = crate::activation::PReLU::from_slopes(&t, *p.config())?;
+                let fresh = crate::nn::activation::PReLU::from_slopes(&t, *p.config())?;
                 fresh.param().as_tensor().clone()
             } else {
                 t

@@ -13,8 +13,8 @@ use candle_core::{bail, DType, Result, Tensor, Var};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::fused::update_in_place;
 use crate::model::{Param, ParamKind};
+use crate::nn::inplace::update_in_place;
 
 /// Which optimiser.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]

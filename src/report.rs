@@ -16,12 +16,17 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use crate::error::fail;
-use crate::Result;
+use crate::error::Result;
 use anyhow::Context;
 use plotters::prelude::*;
 
-use crate::sentinel::{Alarm, LayerReport, SentinelConfig, SlopeClasses};
-use crate::train::{read_metrics, EpochMetrics, MetricsLine};
+use crate::analyses::sentinel::Alarm;
+use crate::analyses::sentinel::LayerReport;
+use crate::analyses::sentinel::SentinelConfig;
+use crate::analyses::sentinel::SlopeClasses;
+use crate::run::read_metrics;
+use crate::run::EpochMetrics;
+use crate::run::MetricsLine;
 
 type Svg = String;
 
@@ -48,7 +53,7 @@ pub fn html_escape(s: &str) -> String {
 /// file is `None`, anything else that cannot be read is an error).
 fn read_json_beside(run_dir: &Path, name: &str) -> Result<Option<serde_json::Value>> {
     let path = run_dir.join(name);
-    match crate::io::read_text_optional(&path)? {
+    match crate::fs::read_text_optional(&path)? {
         None => Ok(None),
         Some(t) => Ok(Some(
             serde_json::from_str(&t).with_context(|| format!("{}: not valid JSON", path.display()))?,
@@ -571,7 +576,7 @@ fn load_run(dir: &Path) -> Result<RunData> {
         epochs,
         sentinel,
         alarms,
-        config: crate::io::read_text_optional(&dir.join("config.toml"))?.unwrap_or_default(),
+        config: crate::fs::read_text_optional(&dir.join("config.toml"))?.unwrap_or_default(),
     })
 }
 
@@ -762,8 +767,7 @@ pub fn write_runs(paths: &[PathBuf], out: &Path) -> Result<ReportSummary> {
     for (ri, r) in runs.iter().enumerate() {
         let layers: Vec<String> = r.epochs[0].slopes.iter().map(|l| l.layer.clone()).collect();
         for (li, name) in layers.iter().enumerate() {
-            let at =
-                |f: fn(&crate::train::SlopeSummary) -> f64| per_epoch(r, &|m| m.slopes.get(li).map_or(f64::NAN, f));
+            let at = |f: fn(&crate::run::SlopeSummary) -> f64| per_epoch(r, &|m| m.slopes.get(li).map_or(f64::NAN, f));
             s.push(Line::new(
                 label(r, &format!("{name} mean")),
                 at(|x| x.mean),
@@ -773,8 +777,8 @@ pub fn write_runs(paths: &[PathBuf], out: &Path) -> Result<ReportSummary> {
             ));
             if !multi {
                 for (what, f) in [
-                    ("min", (|x: &crate::train::SlopeSummary| x.min) as fn(&_) -> f64),
-                    ("max", |x: &crate::train::SlopeSummary| x.max),
+                    ("min", (|x: &crate::run::SlopeSummary| x.min) as fn(&_) -> f64),
+                    ("max", |x: &crate::run::SlopeSummary| x.max),
                 ] {
                     let mut l = Line::new(format!("{name} {what}"), at(f), li, true);
                     l.markers = false;
@@ -1064,7 +1068,7 @@ pub fn write_runs(paths: &[PathBuf], out: &Path) -> Result<ReportSummary> {
                     if a.channels.is_empty() {
                         "-".to_string()
                     } else {
-                        html_escape(&crate::sentinel::channel_list(&a.channels, 24))
+                        html_escape(&crate::analyses::sentinel::channel_list(&a.channels, 24))
                     },
                     html_escape(&a.message)
                 );
@@ -1133,7 +1137,7 @@ pub fn write_runs(paths: &[PathBuf], out: &Path) -> Result<ReportSummary> {
                     format!(
                         "{} channel(s): {}",
                         c.non_invertible.len(),
-                        crate::sentinel::channel_list(&c.non_invertible, 24)
+                        crate::analyses::sentinel::channel_list(&c.non_invertible, 24)
                     )
                 }
             );
@@ -1186,7 +1190,7 @@ pub fn write_runs(paths: &[PathBuf], out: &Path) -> Result<ReportSummary> {
         }
     }
     h.push_str("</body></html>");
-    crate::io::write_atomic(out, h.as_bytes())?;
+    crate::fs::write_atomic(out, h.as_bytes())?;
     Ok(ReportSummary {
         out: out.to_path_buf(),
         runs: runs.len(),

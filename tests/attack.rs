@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
-use prelu::attack::{self, PgdOptions};
+use prelu::analyses::attack::PgdOptions;
 use prelu::model::{Arch, Model, ModelSpec};
 use prelu::Activation;
 
@@ -35,7 +35,7 @@ fn fgsm_step_is_eps_times_sign_of_the_hand_computed_gradient() {
     let xs = x.to_vec2::<f32>().unwrap();
     let loss = |v: &Vec<Vec<f32>>| -> f64 {
         let t = Tensor::new(v.clone(), &Device::Cpu).unwrap();
-        attack::losses(&m, &t, &y)
+        prelu::analyses::attack::losses(&m, &t, &y)
             .unwrap()
             .sum_all()
             .unwrap()
@@ -43,7 +43,10 @@ fn fgsm_step_is_eps_times_sign_of_the_hand_computed_gradient() {
             .unwrap() as f64
     };
     let eps = 0.1;
-    let adv = attack::fgsm(&m, &x, &y, eps).unwrap().to_vec2::<f32>().unwrap();
+    let adv = prelu::analyses::attack::fgsm(&m, &x, &y, eps)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
     for i in 0..3 {
         for j in 0..4 {
             let (mut p, mut q) = (xs.clone(), xs.clone());
@@ -72,7 +75,7 @@ fn pgd_stays_in_the_ball_and_one_full_step_is_fgsm() {
             restarts: 3,
             seed: 1,
         };
-        let adv = attack::pgd(&m, &x, &y, eps, &opts).unwrap();
+        let adv = prelu::analyses::attack::pgd(&m, &x, &y, eps, &opts).unwrap();
         let d = (&adv - &x)
             .unwrap()
             .abs()
@@ -91,13 +94,13 @@ fn pgd_stays_in_the_ball_and_one_full_step_is_fgsm() {
             restarts: 1,
             seed: 0,
         };
-        let p1 = attack::pgd(&m, &x, &y, eps, &one)
+        let p1 = prelu::analyses::attack::pgd(&m, &x, &y, eps, &one)
             .unwrap()
             .flatten_all()
             .unwrap()
             .to_vec1::<f32>()
             .unwrap();
-        let f = attack::fgsm(&m, &x, &y, eps)
+        let f = prelu::analyses::attack::fgsm(&m, &x, &y, eps)
             .unwrap()
             .flatten_all()
             .unwrap()
@@ -112,7 +115,7 @@ fn pgd_stays_in_the_ball_and_one_full_step_is_fgsm() {
 
 #[test]
 fn pgd_hurts_a_trained_model_at_least_as_much_as_fgsm() {
-    let cfg = prelu::train::TrainConfig {
+    let cfg = prelu::run::TrainConfig {
         hidden: vec![64],
         epochs: 2,
         train_limit: Some(2000),
@@ -122,8 +125,8 @@ fn pgd_hurts_a_trained_model_at_least_as_much_as_fgsm() {
     };
     let dir = std::env::temp_dir().join(format!("prelu-attack-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    prelu::train::train(&cfg, &dir, false, &mut |_| {}).unwrap();
-    let prelu::io::Loaded { model, .. } = prelu::io::load_model(&dir).unwrap();
+    prelu::run::train(&cfg, &dir, false, &mut |_| {}).unwrap();
+    let prelu::store::checkpoint::Loaded { model, .. } = prelu::store::checkpoint::load_model(&dir).unwrap();
     let ds = cfg.load_data().unwrap().test;
     let opts = PgdOptions {
         steps: 10,
@@ -132,7 +135,7 @@ fn pgd_hurts_a_trained_model_at_least_as_much_as_fgsm() {
         restarts: 1,
         seed: 0,
     };
-    let r = attack::evaluate(&model, &ds, &[0.03, 0.1], (true, true), &opts, 150, |_, _| {}).unwrap();
+    let r = prelu::analyses::attack::evaluate(&model, &ds, &[0.03, 0.1], (true, true), &opts, 150, |_, _| {}).unwrap();
     for e in &r.results {
         assert!(
             e.pgd_loss.unwrap() >= e.fgsm_loss.unwrap(),
@@ -180,7 +183,8 @@ fn zero_gradient_share_is_exact_on_a_hand_built_case() {
             cols: 2,
         };
         let _ = y;
-        let r = attack::evaluate(&m, &ds, &[0.1], (true, false), &PgdOptions::default(), 3, |_, _| {}).unwrap();
+        let r = prelu::analyses::attack::evaluate(&m, &ds, &[0.1], (true, false), &PgdOptions::default(), 3, |_, _| {})
+            .unwrap();
         // ReLU: example 0 all zero (4), example 2 has unit 1 dead -> pixel 1 zero too, plus pixels 2,3 everywhere.
         let zeros_expected = match act {
             Activation::Relu => 4 + 2 + 3,
@@ -229,8 +233,8 @@ fn fused_passes_match_autograd() {
             let xv: Vec<f32> = (0..5 * f).map(|i| ((i * 37 % 17) as f32) / 17.0).collect();
             let x = Tensor::from_vec(xv, (5, f), &dev).unwrap();
             let y = Tensor::new(&[0u32, 1, 2, 1, 0], &dev).unwrap();
-            let mut fused = attack::Passes::new(&m);
-            let mut auto = attack::Passes::autograd(&m);
+            let mut fused = prelu::analyses::attack::Passes::new(&m);
+            let mut auto = prelu::analyses::attack::Passes::autograd(&m);
             let (g1, g2) = (
                 fused
                     .input_gradient(&x, &y)

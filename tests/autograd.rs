@@ -3,8 +3,11 @@
 
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::Optimizer;
-use prelu::activation::{ActivationLayer, PReLU, PReLUConfig, SlopeConstraint};
-use prelu::ops::{self, SlopeAxis};
+use prelu::nn::activation::ActivationLayer;
+use prelu::nn::activation::PReLU;
+use prelu::nn::activation::PReLUConfig;
+use prelu::nn::activation::SlopeConstraint;
+use prelu::nn::ops::SlopeAxis;
 use prelu::Activation;
 use rand::{Rng, SeedableRng};
 use serde::Deserialize;
@@ -38,7 +41,7 @@ fn gradcheck(shape: &[usize], slope_shape: &[usize], axis: SlopeAxis, seed: u64)
     let loss = |x: &[f64], a: &[f64]| -> f64 {
         let xt = Tensor::from_vec(x.to_vec(), shape, &dev).unwrap();
         let at = Tensor::from_vec(a.to_vec(), slope_shape, &dev).unwrap();
-        (ops::prelu(&xt, &at, axis).unwrap() * &w)
+        (prelu::nn::ops::prelu(&xt, &at, axis).unwrap() * &w)
             .unwrap()
             .sum_all()
             .unwrap()
@@ -47,7 +50,7 @@ fn gradcheck(shape: &[usize], slope_shape: &[usize], axis: SlopeAxis, seed: u64)
     };
     let xv = Var::from_tensor(&Tensor::from_vec(x0.clone(), shape, &dev).unwrap()).unwrap();
     let av = Var::from_tensor(&Tensor::from_vec(a0.clone(), slope_shape, &dev).unwrap()).unwrap();
-    let l = (ops::prelu(xv.as_tensor(), av.as_tensor(), axis).unwrap() * &w)
+    let l = (prelu::nn::ops::prelu(xv.as_tensor(), av.as_tensor(), axis).unwrap() * &w)
         .unwrap()
         .sum_all()
         .unwrap();
@@ -181,7 +184,7 @@ fn matches_pytorch_forward_and_backward() {
         let x = Var::from_tensor(&Tensor::from_vec(c.x.clone(), c.shape.as_slice(), &dev).unwrap()).unwrap();
         let a = Var::from_tensor(&Tensor::from_vec(c.weight.clone(), c.weight.len(), &dev).unwrap()).unwrap();
         let dy = Tensor::from_vec(c.dy.clone(), c.shape.as_slice(), &dev).unwrap();
-        let y = ops::prelu(x.as_tensor(), a.as_tensor(), c.axis).unwrap();
+        let y = prelu::nn::ops::prelu(x.as_tensor(), a.as_tensor(), c.axis).unwrap();
         let got_y = y.flatten_all().unwrap().to_vec1::<f64>().unwrap();
         let grads = (&y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
         let got_dx = grads

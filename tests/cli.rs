@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use anyhow::{ensure, Context, Result};
-use prelu::train::TrainConfig;
+use prelu::run::TrainConfig;
 use serde_json::Value;
 
 mod common;

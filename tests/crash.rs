@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use prelu::train::{read_metrics, MetricsLine};
+use prelu::run::read_metrics;
+use prelu::run::MetricsLine;
 
 mod common;
 use common::{bin, tmp};
@@ -70,7 +71,7 @@ fn sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run() {
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     // The folder is intact: the last checkpoint loads, metrics parse.
-    prelu::io::load_model(&crashed).unwrap();
+    prelu::store::checkpoint::load_model(&crashed).unwrap();
     let done = epoch_numbers(&crashed);
     assert!(!done.is_empty() && done.len() <= 3);
     let status = bin()
@@ -196,9 +197,9 @@ fn full_or_read_only_run_folder_keeps_the_previous_checkpoint() {
         "{err}"
     );
     assert!(!err.contains("panicked"));
-    let prelu::io::Loaded { metadata: meta, .. } = prelu::io::load_model(&run).unwrap();
+    let prelu::store::checkpoint::Loaded { metadata: meta, .. } = prelu::store::checkpoint::load_model(&run).unwrap();
     assert!(
-        meta[prelu::io::PROGRESS_KEY].contains("\"epoch\":1"),
+        meta[prelu::store::checkpoint::PROGRESS_KEY].contains("\"epoch\":1"),
         "the epoch-1 checkpoint must survive: {meta:?}"
     );
     // No temporary files are left behind.

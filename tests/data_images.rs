@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 use prelu::data::images::{self, Normalize};
-use prelu::data::{self, npy};
+use prelu::data::npy;
 use prelu::model::{Arch, Model, ModelSpec};
 use prelu::Activation;
 
@@ -140,7 +140,7 @@ fn normalisation_per_channel_and_its_errors() {
     }
     // A .npy source is fed as is: a mean/std for it is an error.
     let npy = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors/onnx_keras/keras_cnn_opset13.input.npy");
-    let e = data::load_source_with(npy.to_str().unwrap(), None, &mlp([1, 28, 28], 10), None, &one)
+    let e = prelu::data::load_source_with(npy.to_str().unwrap(), None, &mlp([1, 28, 28], 10), None, &one)
         .unwrap_err()
         .to_string();
     assert!(e.contains("image folders only") && e.contains("fed as is"), "{e}");
@@ -254,7 +254,7 @@ fn labels_of_256_classes_and_more() {
     }
     let dir = root.to_str().unwrap();
     let m = mlp([1, 2, 2], 300);
-    let s = data::load_source(dir, None, &m, None).unwrap().unwrap();
+    let s = prelu::data::load_source(dir, None, &m, None).unwrap().unwrap();
     assert!(s.labeled);
     assert_eq!(s.classes.len(), 300);
     assert_eq!(s.classes[299], "c299");
@@ -268,11 +268,11 @@ fn labels_of_256_classes_and_more() {
     assert!(s.data.images.iter().all(|&v| (v - 9.0 / 255.0).abs() < 1e-7));
     // The model predicts with labels over 255.
     let mut ds = s.data.clone();
-    data::label_by_model(&m, &mut ds, 100).unwrap();
+    prelu::data::label_by_model(&m, &mut ds, 100).unwrap();
     assert!(ds.labels.iter().all(|&l| l < 300));
 
     // Fewer outputs than classes.
-    let e = data::load_source(dir, None, &mlp([1, 2, 2], 200), None)
+    let e = prelu::data::load_source(dir, None, &mlp([1, 2, 2], 200), None)
         .unwrap_err()
         .to_string();
     assert!(e.contains("300 class subfolders but the model has 200 outputs"), "{e}");
@@ -301,17 +301,17 @@ fn labels_of_256_classes_and_more() {
     };
     let m = mlp([1, 2, 2], 1000);
     let ok = labels(&[999, 256, 0]);
-    let s = data::load_source(x.to_str().unwrap(), Some(&ok), &m, None)
+    let s = prelu::data::load_source(x.to_str().unwrap(), Some(&ok), &m, None)
         .unwrap()
         .unwrap();
     assert_eq!(s.data.labels, [999, 256, 0]);
     let bad = labels(&[1000, 1, 2]);
-    let e = data::load_source(x.to_str().unwrap(), Some(&bad), &m, None)
+    let e = prelu::data::load_source(x.to_str().unwrap(), Some(&bad), &m, None)
         .unwrap_err()
         .to_string();
     assert!(e.contains("label 1000 at index 0 is outside 0..1000"), "{e}");
     // A labels file with an image folder is refused (its folders label it).
-    let e = data::load_source(dir, Some(&ok), &mlp([1, 2, 2], 300), None)
+    let e = prelu::data::load_source(dir, Some(&ok), &mlp([1, 2, 2], 300), None)
         .unwrap_err()
         .to_string();
     assert!(e.contains("labelled by its class subfolders"), "{e}");
@@ -326,7 +326,7 @@ fn diagnose_reads_an_image_folder() {
     std::fs::create_dir_all(&d).unwrap();
     let dir = vectors().join("folder");
     let ck = d.join("mlp.safetensors");
-    prelu::io::save_model(&ck, &mlp([3, 12, 12], 3), HashMap::new(), HashMap::new()).unwrap();
+    prelu::store::checkpoint::save_model(&ck, &mlp([3, 12, 12], 3), HashMap::new(), HashMap::new()).unwrap();
     let o = bin()
         .args([
             "diagnose",

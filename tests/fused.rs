@@ -3,10 +3,14 @@
 //! across thread counts, and the in-place optimiser against its formulas.
 
 use candle_core::{DType, Device, Tensor};
-use prelu::fused::{col2im, im2col, ConvGeom, FusedStep};
+use prelu::engine::fused::FusedStep;
+use prelu::graph::ConvGeom;
 use prelu::model::{Arch, Model, ModelSpec, ParamKind};
+use prelu::nn::conv::col2im;
+use prelu::nn::conv::im2col;
 use prelu::optim::{Optimizer, OptimizerKind};
-use prelu::{Activation, SlopeConstraint};
+use prelu::Activation;
+use prelu::SlopeConstraint;
 use rand::{Rng, SeedableRng};
 
 mod common;
@@ -213,8 +217,8 @@ fn sentinel_counts_match_the_autograd_path() {
         ),
     ] {
         let (x, y) = batch(&m, 6, 3);
-        let a = prelu::sentinel::Sentinel::new(&m, Default::default());
-        let b = prelu::sentinel::Sentinel::new(&m, Default::default());
+        let a = prelu::analyses::sentinel::Sentinel::new(&m, Default::default());
+        let b = prelu::analyses::sentinel::Sentinel::new(&m, Default::default());
         let mut fs = FusedStep::new(&m).unwrap();
         fs.step(&x, &y, Some(a.handles())).unwrap();
         let xt = Tensor::from_slice(&x, (6, 64), &Device::Cpu).unwrap();
@@ -398,7 +402,7 @@ fn in_place_optimizers_follow_their_formulas() {
 
 #[test]
 fn training_through_the_fused_step_matches_autograd_training() {
-    use prelu::train::{self, TrainConfig};
+    use prelu::run::TrainConfig;
     let dir = |n: &str| std::env::temp_dir().join(format!("prelu-fused-{}-{n}", std::process::id()));
     for model in ["mlp", "cnn"] {
         let cfg = TrainConfig {
@@ -416,7 +420,7 @@ fn training_through_the_fused_step_matches_autograd_training() {
             .map(|&autograd| {
                 let d = dir(&format!("{model}-{autograd}"));
                 let _ = std::fs::remove_dir_all(&d);
-                let s = train::train(
+                let s = prelu::run::train(
                     &TrainConfig {
                         autograd,
                         ..cfg.clone()

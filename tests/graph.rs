@@ -4,7 +4,7 @@
 //! residual net; graph files; presets and their PyTorch names.
 
 use candle_core::{Device, Tensor};
-use prelu::fused::FusedStep;
+use prelu::engine::fused::FusedStep;
 use prelu::graph::{self, Graph, Op};
 use prelu::model::{Arch, Model, ModelSpec};
 use prelu::Activation;
@@ -307,7 +307,8 @@ fn hidden_shorthand_and_presets() {
 /// original file is gone, from the copy in the run folder.
 #[test]
 fn presets_and_graph_files_train_and_resume() {
-    use prelu::train::{train, TrainConfig};
+    use prelu::run::train;
+    use prelu::run::TrainConfig;
     let base = TrainConfig {
         epochs: 1,
         train_limit: Some(160),
@@ -344,7 +345,7 @@ fn presets_and_graph_files_train_and_resume() {
     let more = TrainConfig { epochs: 2, ..cfg };
     let s = train(&more, &run, true, &mut |_| {}).unwrap();
     assert_eq!(s.epochs, 2);
-    let prelu::io::Loaded { model: m, .. } = prelu::io::load_model(&run).unwrap();
+    let prelu::store::checkpoint::Loaded { model: m, .. } = prelu::store::checkpoint::load_model(&run).unwrap();
     assert_eq!(
         m.activation_names(),
         ["stem_act", "block.act1", "block.act2", "down_act"]

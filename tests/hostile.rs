@@ -7,7 +7,9 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::process::Output;
 
-use prelu::train::{read_metrics, EpochMetrics, MetricsLine};
+use prelu::run::read_metrics;
+use prelu::run::EpochMetrics;
+use prelu::run::MetricsLine;
 
 mod common;
 use common::{bin, tmp};
@@ -135,18 +137,18 @@ fn item1_metrics_reader_is_strict_and_reads_legacy_alarm_lines() {
     // The duplicated-key alarm line older versions wrote is still read.
     let legacy = br#"{"kind":"alarm","epoch":3,"layer":"act.1","kind":"dead-units","message":"act.1: all dead"}
 "#;
-    let v = prelu::train::parse_metrics(legacy).unwrap();
+    let v = prelu::run::parse_metrics(legacy).unwrap();
     assert!(matches!(&v[..], [MetricsLine::Alarm { alarm }] if alarm.kind == "dead-units" && alarm.epoch == 3));
     // A bad complete line is an error naming it; a torn last line is skipped.
     let good = r#"{"kind":"step","epoch":1,"step":1,"loss":0.5,"lr":0.1}"#;
-    let e = prelu::train::parse_metrics(format!("{good}\nnot json\n{good}\n").as_bytes())
+    let e = prelu::run::parse_metrics(format!("{good}\nnot json\n{good}\n").as_bytes())
         .unwrap_err()
         .to_string();
     assert!(e.contains("line 2"), "{e}");
-    let v = prelu::train::parse_metrics(format!("{good}\n{{\"kind\":\"ep").as_bytes()).unwrap();
+    let v = prelu::run::parse_metrics(format!("{good}\n{{\"kind\":\"ep").as_bytes()).unwrap();
     assert_eq!(v.len(), 1);
     // NaN is written as null by serde_json and reads back as NaN.
-    let v = prelu::train::parse_metrics(
+    let v = prelu::run::parse_metrics(
         br#"{"kind":"step","epoch":1,"step":1,"loss":null,"lr":0.1}
 "#,
     )
@@ -168,17 +170,17 @@ fn fake_run(dir: &Path) {
         test_acc: 0.5,
         seconds: 1.0,
         samples_per_s: 100.0,
-        slopes: vec![prelu::train::SlopeSummary {
+        slopes: vec![prelu::run::SlopeSummary {
             layer: "<script>alert('layer')</script>".into(),
             mean: 0.25,
             min: 0.2,
             max: 0.3,
         }],
     };
-    let alarm = prelu::sentinel::Alarm {
+    let alarm = prelu::analyses::sentinel::Alarm {
         epoch: 1,
         layer: "act.0".into(),
-        kind: prelu::sentinel::AlarmKind::DeadUnits,
+        kind: prelu::analyses::sentinel::AlarmKind::DeadUnits,
         message: "<script>alert('alarm')</script>".into(),
         channels: vec![],
     };
@@ -276,7 +278,7 @@ fn item3_planted_symlinks_are_never_followed() {
     std::fs::write(&victim, b"precious").unwrap();
     // The old predictable temporary name, and the destination itself.
     symlink(&victim, dir.join(format!(".config.toml.tmp-{}", std::process::id()))).unwrap();
-    prelu::io::write_atomic(&dir.join("config.toml"), b"new").unwrap();
+    prelu::fs::write_atomic(&dir.join("config.toml"), b"new").unwrap();
     assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
     assert_eq!(std::fs::read(dir.join("config.toml")).unwrap(), b"new");
     // stability --plot: a link planted at the plot's path is replaced, not followed.
@@ -325,7 +327,7 @@ fn item3_stale_temporary_files_are_removed_on_resume() {
         .unwrap();
     assert_ok(&o);
     assert!(stderr(&o).contains("removed 2 temporary file(s)"), "{}", stderr(&o));
-    assert!(!prelu::io::something_at(&stale_file) && !prelu::io::something_at(&stale_link));
+    assert!(!prelu::fs::something_at(&stale_file) && !prelu::fs::something_at(&stale_link));
     assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
 }
 
@@ -333,7 +335,8 @@ fn item3_stale_temporary_files_are_removed_on_resume() {
 
 #[test]
 fn item4_a_diverged_epoch_is_never_checkpointed() {
-    use prelu::train::{train, TrainConfig};
+    use prelu::run::train;
+    use prelu::run::TrainConfig;
     let cfg = TrainConfig {
         hidden: vec![16],
         epochs: 2,
@@ -362,8 +365,11 @@ fn item4_a_diverged_epoch_is_never_checkpointed() {
         e.contains(&ckpt.display().to_string()) && e.contains("after epoch 1"),
         "{e}"
     );
-    let prelu::io::Loaded { metadata: meta, .. } = prelu::io::load_model(&dir).unwrap();
-    assert!(meta[prelu::io::PROGRESS_KEY].contains("\"epoch\":1,"), "{meta:?}");
+    let prelu::store::checkpoint::Loaded { metadata: meta, .. } = prelu::store::checkpoint::load_model(&dir).unwrap();
+    assert!(
+        meta[prelu::store::checkpoint::PROGRESS_KEY].contains("\"epoch\":1,"),
+        "{meta:?}"
+    );
     // The metrics hold epoch 1 only, and the report still works.
     let epochs = read_metrics(&dir)
         .unwrap()
@@ -386,7 +392,7 @@ fn item4_a_diverged_epoch_is_never_checkpointed() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("No checkpoint was written"), "{e}");
-    assert!(!prelu::io::something_at(&dir.join("checkpoint.safetensors")));
+    assert!(!prelu::fs::something_at(&dir.join("checkpoint.safetensors")));
 }
 
 // ---------------------------------------------------------------- item 5
@@ -395,9 +401,9 @@ fn item4_a_diverged_epoch_is_never_checkpointed() {
 fn item5_a_second_process_cannot_use_a_locked_run_folder() {
     let dir = tmp("locked");
     std::fs::create_dir_all(&dir).unwrap();
-    let lock = prelu::io::lock_run_dir(&dir).unwrap();
+    let lock = prelu::fs::lock_run_dir(&dir).unwrap();
     // In this process, a second lock is refused...
-    let e = prelu::io::lock_run_dir(&dir).unwrap_err().to_string();
+    let e = prelu::fs::lock_run_dir(&dir).unwrap_err().to_string();
     assert!(e.contains("in use by another prelu process"), "{e}");
     // ...and so is a second process.
     let o = train_tiny(&dir, &["--epochs", "1"]);
@@ -551,7 +557,7 @@ fn item7_special_files_are_refused_without_reading() {
         .unwrap();
     assert_refused(&o, "over the 1000-byte cap");
     // /proc files say 0 bytes in their metadata.
-    let e = prelu::io::read_capped(Path::new("/proc/self/status"), 10)
+    let e = prelu::fs::read_capped(Path::new("/proc/self/status"), 10)
         .unwrap_err()
         .to_string();
     assert!(e.contains("over the 10-byte cap"), "{e}");
@@ -678,9 +684,9 @@ fn item8_spec_tensors_match_the_models_tensors() {
             .into_iter()
             .map(|(k, t)| (k, t.dims().to_vec()))
             .collect();
-        let want: HashMap<String, Vec<usize>> = prelu::memory::spec_tensors(&spec).into_iter().collect();
+        let want: HashMap<String, Vec<usize>> = prelu::store::estimate::spec_tensors(&spec).into_iter().collect();
         assert_eq!(have, want, "{spec:?}");
-        let e = prelu::memory::train_estimate(&spec, 128, 2, 0, false);
+        let e = prelu::store::estimate::train_estimate(&spec, 128, 2, 0, false);
         let elems: usize = have.values().map(|s| s.iter().product::<usize>()).sum();
         assert_eq!(e.params as usize, elems);
     }
@@ -758,10 +764,10 @@ fn item9_batchnorm_leaves_a_lone_last_example_out_and_says_so() {
 
 fn resave(dir: &Path, edit: impl FnOnce(&mut HashMap<String, candle_core::Tensor>, &mut HashMap<String, String>)) {
     let p = dir.join("checkpoint.safetensors");
-    let (mut t, mut m) = prelu::io::load_safetensors(&p).unwrap();
+    let (mut t, mut m) = prelu::store::checkpoint::load_safetensors(&p).unwrap();
     edit(&mut t, &mut m);
     // Written raw: the library itself refuses to save such states.
-    std::fs::write(&p, prelu::io::safetensors_bytes(&t, m).unwrap()).unwrap();
+    std::fs::write(&p, prelu::store::checkpoint::safetensors_bytes(&t, m).unwrap()).unwrap();
 }
 
 #[test]
@@ -789,14 +795,14 @@ fn item9_bad_optimiser_state_and_progress_are_refused_on_resume() {
             "does not fit the run's config",
             Box::new(|_, m| {
                 let p = r#"{"epoch":1,"step":18446744073709551615,"optimizer_steps":4,"best_test_acc":0.1}"#;
-                m.insert(prelu::io::PROGRESS_KEY.into(), p.into());
+                m.insert(prelu::store::checkpoint::PROGRESS_KEY.into(), p.into());
             }),
         ),
         (
             "optimiser steps is more than",
             Box::new(|_, m| {
                 let p = r#"{"epoch":1,"step":4,"optimizer_steps":18446744073709551615,"best_test_acc":0.1}"#;
-                m.insert(prelu::io::PROGRESS_KEY.into(), p.into());
+                m.insert(prelu::store::checkpoint::PROGRESS_KEY.into(), p.into());
             }),
         ),
         (

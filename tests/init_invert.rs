@@ -2,10 +2,15 @@
 //! for bad input.
 
 use candle_core::{DType, Device, Module, Tensor};
-use prelu::activation::{ActivationLayer, PReLU, PReLUConfig, SlopeConstraint};
-use prelu::init::{self, FanMode, InitScheme};
-use prelu::ops::{self, SlopeAxis};
-use prelu::{Activation, InvertError};
+use prelu::nn::activation::ActivationLayer;
+use prelu::nn::activation::PReLU;
+use prelu::nn::activation::PReLUConfig;
+use prelu::nn::activation::SlopeConstraint;
+use prelu::nn::init::FanMode;
+use prelu::nn::init::InitScheme;
+use prelu::nn::ops::SlopeAxis;
+use prelu::Activation;
+use prelu::InvertError;
 use rand::SeedableRng;
 
 fn variance(t: &Tensor) -> f64 {
@@ -31,11 +36,11 @@ fn kaiming_variance_is_two_over_fan_times_one_plus_a_squared() {
         (vec![64, 32, 3, 3], 0.5),
         (vec![300, 400], 1.0),
     ] {
-        let (fan_in, fan_out) = init::fans(&shape).unwrap();
+        let (fan_in, fan_out) = prelu::nn::init::fans(&shape).unwrap();
         for (mode, fan) in [(FanMode::FanIn, fan_in), (FanMode::FanOut, fan_out)] {
             let expected = 2.0 / (fan as f64 * (1.0 + a0 * a0));
-            let n = init::kaiming_normal(&shape, a0, mode, DType::F32, &dev, &mut rng).unwrap();
-            let u = init::kaiming_uniform(&shape, a0, mode, DType::F32, &dev, &mut rng).unwrap();
+            let n = prelu::nn::init::kaiming_normal(&shape, a0, mode, DType::F32, &dev, &mut rng).unwrap();
+            let u = prelu::nn::init::kaiming_uniform(&shape, a0, mode, DType::F32, &dev, &mut rng).unwrap();
             for (kind, t) in [("normal", n), ("uniform", u)] {
                 let v = variance(&t);
                 assert!(
@@ -78,10 +83,13 @@ fn he_prelu_takes_the_slope_of_the_next_layer() {
         &dev,
     )
     .unwrap();
-    assert!((init::slope_of(&ActivationLayer::PRelu(p)).unwrap() - 0.4).abs() < 1e-7);
-    assert_eq!(init::slope_of(&ActivationLayer::Relu).unwrap(), 0.0);
-    assert_eq!(init::slope_of(&ActivationLayer::LeakyRelu(0.01)).unwrap(), 0.01);
-    assert!(init::fans(&[5]).is_err());
+    assert!((prelu::nn::init::slope_of(&ActivationLayer::PRelu(p)).unwrap() - 0.4).abs() < 1e-7);
+    assert_eq!(prelu::nn::init::slope_of(&ActivationLayer::Relu).unwrap(), 0.0);
+    assert_eq!(
+        prelu::nn::init::slope_of(&ActivationLayer::LeakyRelu(0.01)).unwrap(),
+        0.01
+    );
+    assert!(prelu::nn::init::fans(&[5]).is_err());
     assert_eq!("std:0.1".parse::<InitScheme>().unwrap(), InitScheme::FixedStd(0.1));
     assert!("std:-1".parse::<InitScheme>().is_err());
     assert!("orthogonal".parse::<InitScheme>().is_err());
@@ -93,7 +101,7 @@ fn inverse_round_trips_and_log_det_is_exact() {
     let x = Tensor::new(&[[-2.0f64, -0.5, 0.0, 1.5], [3.0, -1.0, -4.0, 0.25]], &dev).unwrap();
     let a = Tensor::new(&[0.25f64, 0.5, 2.0, 1e-3], &dev).unwrap();
     for axis in [SlopeAxis::ChannelFirst, SlopeAxis::ChannelLast] {
-        let y = ops::prelu(&x, &a, axis).unwrap();
+        let y = prelu::nn::ops::prelu(&x, &a, axis).unwrap();
         let back = prelu::prelu_inverse(&y, &a, axis).unwrap();
         let (bv, xv) = (
             back.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
@@ -113,7 +121,12 @@ fn inverse_round_trips_and_log_det_is_exact() {
     // f32 round trip on random data with a shared slope.
     let xr = Tensor::randn(0f32, 1.0, (64, 3, 5), &dev).unwrap();
     let s = Tensor::new(&[0.2f32], &dev).unwrap();
-    let back = prelu::prelu_inverse(&ops::prelu(&xr, &s, SlopeAxis::Shared).unwrap(), &s, SlopeAxis::Shared).unwrap();
+    let back = prelu::prelu_inverse(
+        &prelu::nn::ops::prelu(&xr, &s, SlopeAxis::Shared).unwrap(),
+        &s,
+        SlopeAxis::Shared,
+    )
+    .unwrap();
     let diff = (back - &xr)
         .unwrap()
         .abs()
@@ -153,30 +166,30 @@ fn bad_shapes_give_clear_errors() {
     let dev = Device::Cpu;
     let x = Tensor::zeros((2, 3, 5), DType::F32, &dev).unwrap();
     let a4 = Tensor::zeros(4, DType::F32, &dev).unwrap();
-    let e = err_of(ops::prelu(&x, &a4, SlopeAxis::ChannelFirst));
+    let e = err_of(prelu::nn::ops::prelu(&x, &a4, SlopeAxis::ChannelFirst));
     assert!(e.contains("slope has 4 values") && e.contains("dim 1"), "{e}");
     // Slope on the wrong axis: its length matches the last dim.
     let a5 = Tensor::zeros(5, DType::F32, &dev).unwrap();
-    let e = err_of(ops::prelu(&x, &a5, SlopeAxis::ChannelFirst));
+    let e = err_of(prelu::nn::ops::prelu(&x, &a5, SlopeAxis::ChannelFirst));
     assert!(e.contains("channel-last"), "{e}");
     // Rank-0 input.
     let s = Tensor::new(1.0f32, &dev).unwrap();
     let one = Tensor::zeros(1, DType::F32, &dev).unwrap();
-    let e = err_of(ops::prelu(&s, &one, SlopeAxis::Shared));
+    let e = err_of(prelu::nn::ops::prelu(&s, &one, SlopeAxis::Shared));
     assert!(e.contains("rank 0"), "{e}");
     // Shared needs exactly one slope; per-element needs the sample's shape.
-    assert!(err_of(ops::prelu(&x, &a4, SlopeAxis::Shared)).contains("exactly 1"));
-    assert!(err_of(ops::prelu(&x, &a5, SlopeAxis::Elementwise)).contains("per-element"));
-    assert!(err_of(ops::prelu(&x, &a4, SlopeAxis::ChannelLast)).contains("last dim"));
+    assert!(err_of(prelu::nn::ops::prelu(&x, &a4, SlopeAxis::Shared)).contains("exactly 1"));
+    assert!(err_of(prelu::nn::ops::prelu(&x, &a5, SlopeAxis::Elementwise)).contains("per-element"));
+    assert!(err_of(prelu::nn::ops::prelu(&x, &a4, SlopeAxis::ChannelLast)).contains("last dim"));
     // Per-channel slope on rank-1 input.
     let v = Tensor::zeros(3, DType::F32, &dev).unwrap();
-    assert!(err_of(ops::prelu(&v, &v, SlopeAxis::ChannelFirst)).contains("no channel dim"));
+    assert!(err_of(prelu::nn::ops::prelu(&v, &v, SlopeAxis::ChannelFirst)).contains("no channel dim"));
     // Dtype mismatch and unsupported dtypes.
     let a3 = Tensor::zeros(3, DType::F64, &dev).unwrap();
-    assert!(err_of(ops::prelu(&x, &a3, SlopeAxis::ChannelFirst)).contains("same dtype"));
+    assert!(err_of(prelu::nn::ops::prelu(&x, &a3, SlopeAxis::ChannelFirst)).contains("same dtype"));
     let xi = Tensor::zeros((2, 3), DType::U32, &dev).unwrap();
     let ai = Tensor::zeros(3, DType::U32, &dev).unwrap();
-    assert!(err_of(ops::prelu(&xi, &ai, SlopeAxis::ChannelFirst)).contains("only f32 and f64"));
+    assert!(err_of(prelu::nn::ops::prelu(&xi, &ai, SlopeAxis::ChannelFirst)).contains("only f32 and f64"));
     // Through the layer.
     let layer = PReLU::new(4, PReLUConfig::default(), DType::F32, &dev).unwrap();
     assert!(layer.forward(&x).is_err());

@@ -4,7 +4,7 @@
 
 use candle_core::Device;
 use prelu::model::{Arch, Model, ModelSpec};
-use prelu::onnx::ModelProto;
+use prelu::store::onnx::ModelProto;
 use prelu::Activation;
 use prost::Message;
 
@@ -21,7 +21,7 @@ fn model(arch: Arch, act: Activation, bn: bool) -> Model {
 #[test]
 fn cnn_export_has_channel_shaped_slopes_and_standard_ops() {
     let m = model(Arch::cnn_default(), Activation::PRelu { shared: false }, true);
-    let p = ModelProto::decode(prelu::onnx::export(&m).unwrap().as_slice()).unwrap();
+    let p = ModelProto::decode(prelu::store::onnx::export(&m).unwrap().as_slice()).unwrap();
     assert_eq!(p.opset_import[0].version, 13);
     let g = p.graph.unwrap();
     let ops: Vec<&str> = g.node.iter().map(|n| n.op_type.as_str()).collect();
@@ -54,7 +54,7 @@ fn mlp_export_with_shared_slopes_and_relu() {
         Activation::PRelu { shared: true },
         false,
     );
-    let g = ModelProto::decode(prelu::onnx::export(&m).unwrap().as_slice())
+    let g = ModelProto::decode(prelu::store::onnx::export(&m).unwrap().as_slice())
         .unwrap()
         .graph
         .unwrap();
@@ -63,7 +63,7 @@ fn mlp_export_with_shared_slopes_and_relu() {
         vec![1]
     );
     let r = model(Arch::Mlp { hidden: vec![16] }, Activation::Relu, false);
-    let g = ModelProto::decode(prelu::onnx::export(&r).unwrap().as_slice())
+    let g = ModelProto::decode(prelu::store::onnx::export(&r).unwrap().as_slice())
         .unwrap()
         .graph
         .unwrap();
@@ -74,7 +74,7 @@ fn mlp_export_with_shared_slopes_and_relu() {
 #[test]
 fn pytorch_trained_example_loads_and_gives_pytorch_accuracy() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors");
-    let prelu::io::Loaded { model: m, tensors, .. } = prelu::io::load_model_with_spec(
+    let prelu::store::checkpoint::Loaded { model: m, tensors, .. } = prelu::store::checkpoint::load_model_with_spec(
         &dir.join("torch_mlp.safetensors"),
         Some(&dir.join("torch_mlp.spec.json")),
     )
@@ -83,7 +83,7 @@ fn pytorch_trained_example_loads_and_gives_pytorch_accuracy() {
     let want: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("torch_mlp.json")).unwrap()).unwrap();
     let test = prelu::data::load("mnist-small", None).unwrap().test;
-    let d = prelu::sentinel::diagnose(&m, &test, 500, Default::default()).unwrap();
+    let d = prelu::analyses::diagnose::diagnose(&m, &test, 500, Default::default()).unwrap();
     let torch_acc = want["test_acc"].as_f64().unwrap();
     assert!(
         (d.accuracy - torch_acc).abs() < 1e-6,
@@ -92,7 +92,7 @@ fn pytorch_trained_example_loads_and_gives_pytorch_accuracy() {
     );
     // Without a spec the weights are refused with a clear hint (the
     // library names no flags; the CLI adds `--spec`).
-    let e = prelu::io::load_model(&dir.join("torch_mlp.safetensors"))
+    let e = prelu::store::checkpoint::load_model(&dir.join("torch_mlp.safetensors"))
         .map(|_| ())
         .unwrap_err()
         .to_string();
@@ -103,14 +103,14 @@ fn pytorch_trained_example_loads_and_gives_pytorch_accuracy() {
 fn report_is_one_self_contained_page_with_its_plots() {
     let dir = std::env::temp_dir().join(format!("prelu-report-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let cfg = prelu::train::TrainConfig {
+    let cfg = prelu::run::TrainConfig {
         hidden: vec![16, 16],
         epochs: 2,
         train_limit: Some(600),
         test_limit: Some(200),
         ..Default::default()
     };
-    prelu::train::train(&cfg, &dir, false, &mut |_| {}).unwrap();
+    prelu::run::train(&cfg, &dir, false, &mut |_| {}).unwrap();
     let out = dir.join("report.html");
     let r = prelu::report::write(&dir, &out).unwrap();
     // loss, accuracy, slopes, slope histogram, dead/idle counts, two
@@ -155,7 +155,7 @@ fn pytorch_twins_of_the_presets_give_the_same_logits() {
         "resnet8_leaky",
         "plain8_bn_shared",
     ] {
-        let prelu::io::Loaded { model: m, .. } = prelu::io::load_model_with_spec(
+        let prelu::store::checkpoint::Loaded { model: m, .. } = prelu::store::checkpoint::load_model_with_spec(
             &dir.join(format!("{case}.safetensors")),
             Some(&dir.join(format!("{case}.spec.json"))),
         )
@@ -185,8 +185,8 @@ fn pytorch_twins_of_the_presets_give_the_same_logits() {
         }
         // Our checkpoint's tensor names are exactly the PyTorch module's.
         let path = out.join(format!("{case}.safetensors"));
-        prelu::io::save_model(&path, &m, Default::default(), Default::default()).unwrap();
-        let (tensors, _) = prelu::io::load_safetensors(&path).unwrap();
+        prelu::store::checkpoint::save_model(&path, &m, Default::default(), Default::default()).unwrap();
+        let (tensors, _) = prelu::store::checkpoint::load_safetensors(&path).unwrap();
         let mut ours: Vec<String> = tensors.keys().cloned().collect();
         ours.sort();
         let theirs: Vec<String> = io["state_dict_keys"]
@@ -214,7 +214,7 @@ fn torch_exported_onnx_models_import_with_onnxruntime_outputs() {
             continue;
         }
         n += 1;
-        let im = prelu::onnx::import(&path).unwrap();
+        let im = prelu::store::onnx::import(&path).unwrap();
         let want: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(path.with_extension("json")).unwrap()).unwrap();
         let rows = |k: &str| -> Vec<Vec<f32>> {
@@ -245,14 +245,14 @@ fn torch_exported_onnx_models_import_with_onnxruntime_outputs() {
             }
         };
         check(&im.model, "imported");
-        let again = prelu::onnx::import_bytes(&prelu::onnx::export(&im.model).unwrap()).unwrap();
+        let again = prelu::store::onnx::import_bytes(&prelu::store::onnx::export(&im.model).unwrap()).unwrap();
         check(&again.model, "exported and imported again");
         assert_eq!(again.model.num_params(), im.model.num_params());
         // With the original's io: its input `x` (NCHW) and output `y` come back.
-        let bytes = prelu::onnx::export_with(&im.model, Some(&im.io)).unwrap();
+        let bytes = prelu::store::onnx::export_with(&im.model, Some(&im.io)).unwrap();
         let g = ModelProto::decode(bytes.as_slice()).unwrap().graph.unwrap();
         assert_eq!((g.input[0].name.as_str(), g.output[0].name.as_str()), ("x", "y"));
-        let rank = |v: &prelu::onnx::ValueInfoProto| {
+        let rank = |v: &prelu::store::onnx::ValueInfoProto| {
             v.r#type
                 .as_ref()
                 .unwrap()
@@ -266,7 +266,7 @@ fn torch_exported_onnx_models_import_with_onnxruntime_outputs() {
                 .len()
         };
         assert_eq!(rank(&g.input[0]), 4, "{}", path.display());
-        let again = prelu::onnx::import_bytes(&bytes).unwrap();
+        let again = prelu::store::onnx::import_bytes(&bytes).unwrap();
         assert_eq!(again.io, im.io);
         check(&again.model, "exported with its io and imported again");
     }
@@ -276,7 +276,7 @@ fn torch_exported_onnx_models_import_with_onnxruntime_outputs() {
 /// Unsupported ONNX content is an error naming the node and op.
 #[test]
 fn onnx_import_refuses_what_it_does_not_cover() {
-    use prelu::onnx::*;
+    use prelu::store::onnx::*;
     use prost::Message;
     let dims = |d: &[i64]| {
         d.iter()
@@ -327,7 +327,7 @@ fn onnx_import_refuses_what_it_does_not_cover() {
         float_data: v.to_vec(),
         ..Default::default()
     };
-    let err = |bytes: Vec<u8>| match prelu::onnx::import_bytes(&bytes) {
+    let err = |bytes: Vec<u8>| match prelu::store::onnx::import_bytes(&bytes) {
         Ok(_) => panic!("accepted"),
         Err(e) => format!("{e:#}"),
     };
@@ -358,8 +358,13 @@ fn onnx_import_refuses_what_it_does_not_cover() {
 /// A hand-written run: two epochs of metrics with a PReLU layer whose slopes
 /// have both signs, and an alarm naming channels.
 fn fake_run(dir: &std::path::Path, slopes: &[f64], acc: f64) {
-    use prelu::sentinel::{Alarm, AlarmKind, LayerReport, SlopeClasses};
-    use prelu::train::{EpochMetrics, MetricsLine, SlopeSummary};
+    use prelu::analyses::sentinel::Alarm;
+    use prelu::analyses::sentinel::AlarmKind;
+    use prelu::analyses::sentinel::LayerReport;
+    use prelu::analyses::sentinel::SlopeClasses;
+    use prelu::run::EpochMetrics;
+    use prelu::run::MetricsLine;
+    use prelu::run::SlopeSummary;
     std::fs::create_dir_all(dir).unwrap();
     let mut lines = Vec::new();
     for epoch in 1..=2 {
@@ -513,7 +518,7 @@ fn ort_cases(path: &std::path::Path) -> Vec<OrtCase> {
 
 /// The original model's outputs (layout and softmax restored) against
 /// onnxruntime's, to 1e-4 of the largest magnitude (at least 1).
-fn check_against_ort(im: &prelu::onnx::Imported, case: &OrtCase, what: &str) {
+fn check_against_ort(im: &prelu::store::onnx::Imported, case: &OrtCase, what: &str) {
     let x = candle_core::Tensor::from_vec(
         case.input.clone(),
         case.input_shape.as_slice(),
@@ -544,7 +549,8 @@ fn check_against_ort(im: &prelu::onnx::Imported, case: &OrtCase, what: &str) {
 /// softmax) with the same outputs.
 #[test]
 fn keras_style_nhwc_onnx_models_match_onnxruntime_and_export_back() {
-    use prelu::onnx::{ImportOptions, Layout};
+    use prelu::store::onnx::ImportOptions;
+    use prelu::store::onnx::Layout;
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors/onnx_keras");
     let mut n = 0;
     for entry in std::fs::read_dir(&dir).unwrap() {
@@ -556,7 +562,7 @@ fn keras_style_nhwc_onnx_models_match_onnxruntime_and_export_back() {
         let cases = ort_cases(&path.with_extension("json"));
         let fcn = path.file_name().unwrap().to_str().unwrap().starts_with("keras_fcn");
         if fcn {
-            let e = prelu::onnx::import(&path).map(|_| ()).unwrap_err();
+            let e = prelu::store::onnx::import(&path).map(|_| ()).unwrap_err();
             assert!(format!("{e:#}").contains("give the input size"), "{e:#}");
         }
         for (k, case) in cases.iter().enumerate() {
@@ -564,12 +570,12 @@ fn keras_style_nhwc_onnx_models_match_onnxruntime_and_export_back() {
             let opts = ImportOptions {
                 input_size: fcn.then_some([h, w]),
             };
-            let im = prelu::onnx::import_with(&path, &opts).unwrap();
+            let im = prelu::store::onnx::import_with(&path, &opts).unwrap();
             assert_eq!(im.io.input_layout, Layout::Nhwc);
             let what = format!("{} case {k}", path.display());
             check_against_ort(&im, case, &format!("{what}: imported"));
             // Export writes the original's input and outputs back.
-            let bytes = prelu::onnx::export_with(&im.model, Some(&im.io)).unwrap();
+            let bytes = prelu::store::onnx::export_with(&im.model, Some(&im.io)).unwrap();
             let g = ModelProto::decode(bytes.as_slice()).unwrap().graph.unwrap();
             assert_eq!(g.input[0].name, im.io.input);
             let dims: Vec<Option<i64>> = g.input[0]
@@ -590,11 +596,11 @@ fn keras_style_nhwc_onnx_models_match_onnxruntime_and_export_back() {
             let names: Vec<&str> = g.output.iter().map(|o| o.name.as_str()).collect();
             let want: Vec<&str> = case.outputs.iter().map(|o| o.0.as_str()).collect();
             assert_eq!(names, want, "{what}");
-            let again = prelu::onnx::import_bytes_with(&bytes, &opts).unwrap();
+            let again = prelu::store::onnx::import_bytes_with(&bytes, &opts).unwrap();
             assert_eq!(again.io, im.io, "{what}");
             check_against_ort(&again, case, &format!("{what}: exported and imported again"));
         }
-        let im = prelu::onnx::import_with(
+        let im = prelu::store::onnx::import_with(
             &path,
             &ImportOptions {
                 input_size: fcn.then_some([10, 8]),
@@ -622,7 +628,7 @@ fn keras_style_nhwc_onnx_models_match_onnxruntime_and_export_back() {
 /// there is one), never panics or huge allocations.
 #[test]
 fn hostile_onnx_files_give_errors_not_panics() {
-    use prelu::onnx::*;
+    use prelu::store::onnx::*;
     let dims = |d: &[i64]| {
         d.iter()
             .map(|&v| Dimension {
@@ -678,7 +684,7 @@ fn hostile_onnx_files_give_errors_not_panics() {
         float_data: v.to_vec(),
         ..Default::default()
     };
-    let err = |bytes: Vec<u8>| match prelu::onnx::import_bytes(&bytes) {
+    let err = |bytes: Vec<u8>| match prelu::store::onnx::import_bytes(&bytes) {
         Ok(_) => panic!("accepted"),
         Err(e) => format!("{e:#}"),
     };
@@ -688,9 +694,9 @@ fn hostile_onnx_files_give_errors_not_panics() {
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors/onnx_keras/keras_cnn_opset13.onnx"),
     )
     .unwrap();
-    assert!(prelu::onnx::import_bytes(&good).is_ok());
+    assert!(prelu::store::onnx::import_bytes(&good).is_ok());
     for cut in (0..good.len()).step_by(13) {
-        let _ = prelu::onnx::import_bytes(&good[..cut]);
+        let _ = prelu::store::onnx::import_bytes(&good[..cut]);
     }
     let shape_tensor = TensorProto {
         dims: vec![4],
@@ -804,7 +810,7 @@ fn hostile_onnx_files_give_errors_not_panics() {
 fn npy_data_in_the_models_layout_and_diagnose_without_labels() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors/onnx_keras");
     let path = dir.join("keras_cnn_opset13.onnx");
-    let im = prelu::onnx::import(&path).unwrap();
+    let im = prelu::store::onnx::import(&path).unwrap();
     let want: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(path.with_extension("json")).unwrap()).unwrap();
     let data = dir.join("keras_cnn_opset13.input.npy");
@@ -816,7 +822,7 @@ fn npy_data_in_the_models_layout_and_diagnose_without_labels() {
     assert_eq!((src.data.len(), src.data.features()), (4, 3 * 11 * 11));
     let mut ds = src.data.clone();
     prelu::data::label_by_model(&im.model, &mut ds, 3).unwrap();
-    let d = prelu::sentinel::diagnose(&im.model, &ds, 3, Default::default()).unwrap();
+    let d = prelu::analyses::diagnose::diagnose(&im.model, &ds, 3, Default::default()).unwrap();
     let names: Vec<&str> = d.layers.iter().map(|l| l.layer.as_str()).collect();
     assert_eq!(names, ["model.p_re_lu", "model.leaky_re_lu", "model.p_re_lu_1"]);
     let mut checked = 0;
@@ -842,7 +848,7 @@ fn npy_data_in_the_models_layout_and_diagnose_without_labels() {
         .unwrap()
         .unwrap();
     assert!(src.labeled);
-    let d = prelu::sentinel::diagnose(&im.model, &src.data, 3, Default::default()).unwrap();
+    let d = prelu::analyses::diagnose::diagnose(&im.model, &src.data, 3, Default::default()).unwrap();
     let case = &ort_cases(&path.with_extension("json"))[0];
     let probs = &case.outputs[0].2;
     let ort_acc = probs
@@ -927,21 +933,25 @@ fn hostile_npy_files_give_errors() {
 /// channels face maps equal onnxruntime's, and export gives them back.
 #[test]
 fn mtcnn_pnet_imports_at_two_sizes_with_onnxruntime_outputs() {
-    use prelu::onnx::{ImportOptions, Layout};
+    use prelu::store::onnx::ImportOptions;
+    use prelu::store::onnx::Layout;
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors/onnx_mtcnn/pnet.onnx");
-    let e = prelu::onnx::import(&path).map(|_| ()).unwrap_err();
+    let e = prelu::store::onnx::import(&path).map(|_| ()).unwrap_err();
     assert!(format!("{e:#}").contains("[?, 3, ?, ?]"), "{e:#}");
     for (k, case) in ort_cases(&path.with_extension("json")).iter().enumerate() {
         let opts = ImportOptions {
             input_size: Some([case.input_shape[2], case.input_shape[3]]),
         };
-        let im = prelu::onnx::import_with(&path, &opts).unwrap();
+        let im = prelu::store::onnx::import_with(&path, &opts).unwrap();
         assert_eq!(im.model.activation_names(), ["prelu1", "prelu2", "prelu3"]);
         assert_eq!(im.io.input_layout, Layout::Nchw);
         assert_eq!(im.io.outputs[1].softmax.map(|s| s.axis), Some(1));
         check_against_ort(&im, case, &format!("pnet case {k}"));
-        let again =
-            prelu::onnx::import_bytes_with(&prelu::onnx::export_with(&im.model, Some(&im.io)).unwrap(), &opts).unwrap();
+        let again = prelu::store::onnx::import_bytes_with(
+            &prelu::store::onnx::export_with(&im.model, Some(&im.io)).unwrap(),
+            &opts,
+        )
+        .unwrap();
         assert_eq!(again.io, im.io);
         check_against_ort(&again, case, &format!("pnet case {k}, exported and imported again"));
     }
@@ -963,10 +973,10 @@ fn vectors(rel: &str) -> std::path::PathBuf {
 
 /// The ONNX file at `rel`, decoded, changed by `edit`, and imported: the
 /// error's text (a panic if it is accepted).
-fn import_edited(rel: &str, edit: impl FnOnce(&mut prelu::onnx::GraphProto)) -> String {
+fn import_edited(rel: &str, edit: impl FnOnce(&mut prelu::store::onnx::GraphProto)) -> String {
     let mut m = ModelProto::decode(std::fs::read(vectors(rel)).unwrap().as_slice()).unwrap();
     edit(m.graph.as_mut().unwrap());
-    match prelu::onnx::import_bytes(&m.encode_to_vec()) {
+    match prelu::store::onnx::import_bytes(&m.encode_to_vec()) {
         Ok(_) => panic!("{rel}: the edited model was accepted"),
         Err(e) => format!("{e:#}"),
     }
@@ -983,7 +993,7 @@ fn import_edited(rel: &str, edit: impl FnOnce(&mut prelu::onnx::GraphProto)) -> 
 /// same outputs; a checkpoint keeps the step.
 #[test]
 fn per_channel_input_normalisation_is_folded_where_exact_and_kept_otherwise() {
-    use prelu::onnx::Layout;
+    use prelu::store::onnx::Layout;
     for (name, kept, layer, layout) in [
         ("norm_padded", true, None, Layout::Nchw),
         ("norm_valid", false, Some("conv"), Layout::Nchw),
@@ -991,7 +1001,7 @@ fn per_channel_input_normalisation_is_folded_where_exact_and_kept_otherwise() {
         ("norm_mlp", false, Some("fc1"), Layout::Flat),
     ] {
         let path = vectors(&format!("onnx_norm/{name}.onnx"));
-        let im = prelu::onnx::import(&path).unwrap();
+        let im = prelu::store::onnx::import(&path).unwrap();
         assert_eq!(im.io.input_layout, layout, "{name}");
         assert_eq!(im.model.spec.input_norm.is_some(), kept, "{name}: {:?}", im.notes);
         assert_eq!(
@@ -1010,7 +1020,7 @@ fn per_channel_input_normalisation_is_folded_where_exact_and_kept_otherwise() {
         for case in &cases {
             check_against_ort(&im, case, name);
         }
-        let bytes = prelu::onnx::export_with(&im.model, Some(&im.io)).unwrap();
+        let bytes = prelu::store::onnx::export_with(&im.model, Some(&im.io)).unwrap();
         if kept {
             let g = ModelProto::decode(bytes.as_slice()).unwrap().graph.unwrap();
             let c = im.model.spec.input[0] as i64;
@@ -1025,7 +1035,7 @@ fn per_channel_input_normalisation_is_folded_where_exact_and_kept_otherwise() {
                 assert_eq!(t.dims, [1, c, 1, 1], "{name}: {init}");
             }
         }
-        let again = prelu::onnx::import_bytes(&bytes).unwrap();
+        let again = prelu::store::onnx::import_bytes(&bytes).unwrap();
         assert_eq!(again.io, im.io, "{name}");
         assert_eq!(again.model.spec.input_norm, im.model.spec.input_norm, "{name}");
         for case in &cases {
@@ -1034,11 +1044,11 @@ fn per_channel_input_normalisation_is_folded_where_exact_and_kept_otherwise() {
         // The step survives a checkpoint.
         let dir = scratch(&format!("norm-{name}"));
         let ck = dir.join("m.safetensors");
-        prelu::io::save_model(&ck, &im.model, Default::default(), Default::default()).unwrap();
-        let loaded = prelu::io::load_model(&ck).unwrap();
+        prelu::store::checkpoint::save_model(&ck, &im.model, Default::default(), Default::default()).unwrap();
+        let loaded = prelu::store::checkpoint::load_model(&ck).unwrap();
         assert_eq!(loaded.model.spec, im.model.spec, "{name}");
         for case in &cases {
-            let re = prelu::onnx::Imported {
+            let re = prelu::store::onnx::Imported {
                 model: loaded.model.clone(),
                 input_name: im.input_name.clone(),
                 output_names: im.output_names.clone(),
@@ -1055,9 +1065,9 @@ fn per_channel_input_normalisation_is_folded_where_exact_and_kept_otherwise() {
 /// per channel too many, a zero or negative std, a non-finite mean.
 #[test]
 fn malformed_input_normalisation_gives_clear_errors() {
-    use prelu::onnx::TensorProto;
+    use prelu::store::onnx::TensorProto;
     // The constant that node `op` applies to the input (its initializer).
-    fn set_const(g: &mut prelu::onnx::GraphProto, op: &str, dims: &[i64], v: &[f32]) {
+    fn set_const(g: &mut prelu::store::onnx::GraphProto, op: &str, dims: &[i64], v: &[f32]) {
         let n = g.node.iter().find(|n| n.op_type == op).unwrap().clone();
         let name = n
             .input
@@ -1120,11 +1130,13 @@ fn mtcnn_rnet_and_onet_fold_their_permuted_flatten() {
         ("onet", vec!["prelu1", "prelu2", "prelu3", "prelu4", "prelu5"]),
     ] {
         let path = vectors(&format!("onnx_mtcnn/{name}.onnx"));
-        let im = prelu::onnx::import(&path).unwrap();
+        let im = prelu::store::onnx::import(&path).unwrap();
         assert_eq!(im.model.activation_names(), acts, "{name}");
         for (k, case) in ort_cases(&path.with_extension("json")).iter().enumerate() {
             check_against_ort(&im, case, &format!("{name} case {k}"));
-            let again = prelu::onnx::import_bytes(&prelu::onnx::export_with(&im.model, Some(&im.io)).unwrap()).unwrap();
+            let again =
+                prelu::store::onnx::import_bytes(&prelu::store::onnx::export_with(&im.model, Some(&im.io)).unwrap())
+                    .unwrap();
             assert_eq!(again.io, im.io);
             check_against_ort(&again, case, &format!("{name} case {k}, exported and imported again"));
         }
@@ -1139,7 +1151,7 @@ fn mtcnn_rnet_and_onet_fold_their_permuted_flatten() {
 fn malformed_permutations_and_shape_arithmetic_give_clear_errors() {
     let f = "onnx_mtcnn/rnet.onnx";
     let set_perm = |p: Vec<i64>| {
-        move |g: &mut prelu::onnx::GraphProto| {
+        move |g: &mut prelu::store::onnx::GraphProto| {
             let t = g.node.iter_mut().find(|n| n.op_type == "Transpose").unwrap();
             t.attribute.iter_mut().find(|a| a.name == "perm").unwrap().ints = p;
         }
@@ -1163,7 +1175,7 @@ fn malformed_permutations_and_shape_arithmetic_give_clear_errors() {
         let idx = gather.input[1].clone();
         g.node.retain(|n| n.output[0] != idx);
         g.initializer.retain(|t| t.name != idx);
-        g.initializer.push(prelu::onnx::TensorProto {
+        g.initializer.push(prelu::store::onnx::TensorProto {
             dims: vec![],
             data_type: 7,
             name: idx,
@@ -1177,7 +1189,7 @@ fn malformed_permutations_and_shape_arithmetic_give_clear_errors() {
         let r = g.node.iter().position(|n| n.op_type == "Reshape").unwrap();
         let t = "bad_target".to_string();
         g.node[r].input[1] = t.clone();
-        g.initializer.push(prelu::onnx::TensorProto {
+        g.initializer.push(prelu::store::onnx::TensorProto {
             dims: vec![2],
             data_type: 7,
             name: t,
@@ -1216,7 +1228,7 @@ fn pytorch_state_dict_loads_with_a_graph_file_by_module_names() {
             .collect()
     };
     let (x, want) = (floats(&v["input"]), floats(&v["output"]));
-    let check = |loaded: &prelu::io::Loaded, what: &str| {
+    let check = |loaded: &prelu::store::checkpoint::Loaded, what: &str| {
         assert_eq!(loaded.model.activation_names(), ["features.1", "act"], "{what}");
         let n = x.len() / 100;
         let xs = candle_core::Tensor::from_vec(x.clone(), (n, 100), &Device::Cpu).unwrap();
@@ -1235,7 +1247,7 @@ fn pytorch_state_dict_loads_with_a_graph_file_by_module_names() {
             "{what}: differs by {worst}"
         );
     };
-    let loaded = prelu::io::load_model_with_spec(&sd, Some(&graph)).unwrap();
+    let loaded = prelu::store::checkpoint::load_model_with_spec(&sd, Some(&graph)).unwrap();
     assert_eq!(loaded.model.spec.input, [1, 10, 10]);
     assert_eq!(loaded.model.spec.classes, 5);
     check(&loaded, "TOML graph");
@@ -1246,23 +1258,30 @@ fn pytorch_state_dict_loads_with_a_graph_file_by_module_names() {
     j["input"] = serde_json::json!([1, 10, 10]);
     let gj = dir.join("net.json");
     std::fs::write(&gj, serde_json::to_string(&j).unwrap()).unwrap();
-    check(&prelu::io::load_model_with_spec(&sd, Some(&gj)).unwrap(), "JSON graph");
+    check(
+        &prelu::store::checkpoint::load_model_with_spec(&sd, Some(&gj)).unwrap(),
+        "JSON graph",
+    );
     // Keys as `nn.DataParallel` (`module.`) and `torch.compile`
     // (`_orig_mod.`) save them: the wrappers' prefixes are not module names.
-    let (tensors, _) = prelu::io::load_safetensors(&sd).unwrap();
+    let (tensors, _) = prelu::store::checkpoint::load_safetensors(&sd).unwrap();
     let wrapped: std::collections::HashMap<String, candle_core::Tensor> = tensors
         .into_iter()
         .map(|(k, t)| (format!("module._orig_mod.{k}"), t))
         .collect();
     let wp = dir.join("wrapped.safetensors");
-    std::fs::write(&wp, prelu::io::safetensors_bytes(&wrapped, Default::default()).unwrap()).unwrap();
+    std::fs::write(
+        &wp,
+        prelu::store::checkpoint::safetensors_bytes(&wrapped, Default::default()).unwrap(),
+    )
+    .unwrap();
     check(
-        &prelu::io::load_model_with_spec(&wp, Some(&graph)).unwrap(),
+        &prelu::store::checkpoint::load_model_with_spec(&wp, Some(&graph)).unwrap(),
         "wrapped keys",
     );
     // Exported to ONNX and imported back: the same outputs.
-    let im = prelu::onnx::import_bytes(&prelu::onnx::export(&loaded.model).unwrap()).unwrap();
-    let re = prelu::io::Loaded {
+    let im = prelu::store::onnx::import_bytes(&prelu::store::onnx::export(&loaded.model).unwrap()).unwrap();
+    let re = prelu::store::checkpoint::Loaded {
         model: im.model,
         tensors: Default::default(),
         metadata: Default::default(),
@@ -1285,10 +1304,12 @@ fn state_dict_and_graph_file_mismatches_are_named() {
         std::fs::write(&p, t).unwrap();
         p
     };
-    let err = |sd: &std::path::Path, g: Option<&std::path::Path>| match prelu::io::load_model_with_spec(sd, g) {
-        Ok(_) => panic!("accepted"),
-        Err(e) => format!("{e:#}"),
-    };
+    let err =
+        |sd: &std::path::Path, g: Option<&std::path::Path>| match prelu::store::checkpoint::load_model_with_spec(sd, g)
+        {
+            Ok(_) => panic!("accepted"),
+            Err(e) => format!("{e:#}"),
+        };
     // A node under another name: its tensors missing, the state dict's unused.
     let g = graph_with("renamed.toml", text.replace("\"features.3\"", "\"conv2\""));
     let e = err(&sd, Some(&g));
@@ -1322,7 +1343,7 @@ fn state_dict_and_graph_file_mismatches_are_named() {
     let g = graph_with("broken.toml", "outputs = [\n".into());
     assert!(err(&sd, Some(&g)).contains("graph (TOML)"));
     // Tensors: a NaN weight, an integer weight, a wrong-sized header.
-    let (mut tensors, _) = prelu::io::load_safetensors(&sd).unwrap();
+    let (mut tensors, _) = prelu::store::checkpoint::load_safetensors(&sd).unwrap();
     let w = tensors["features.0.weight"].clone();
     let mut v = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     v[3] = f32::NAN;
@@ -1333,7 +1354,7 @@ fn state_dict_and_graph_file_mismatches_are_named() {
     let nan = dir.join("nan.safetensors");
     std::fs::write(
         &nan,
-        prelu::io::safetensors_bytes(&tensors, Default::default()).unwrap(),
+        prelu::store::checkpoint::safetensors_bytes(&tensors, Default::default()).unwrap(),
     )
     .unwrap();
     let e = err(&nan, Some(&vectors("torch_sd/net.graph.toml")));
@@ -1345,7 +1366,7 @@ fn state_dict_and_graph_file_mismatches_are_named() {
     let int = dir.join("int.safetensors");
     std::fs::write(
         &int,
-        prelu::io::safetensors_bytes(&tensors, Default::default()).unwrap(),
+        prelu::store::checkpoint::safetensors_bytes(&tensors, Default::default()).unwrap(),
     )
     .unwrap();
     let e = err(&int, Some(&vectors("torch_sd/net.graph.toml")));

@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use prelu::kernels::{self, SlopeGeometry, CHUNK};
-use prelu::ops::{self, SlopeAxis};
+use prelu::nn::ops::SlopeAxis;
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 
@@ -217,9 +217,9 @@ fn op_handles_empty_tensors() {
     let dev = Device::Cpu;
     let x = Tensor::zeros((0, 3, 4), DType::F32, &dev).unwrap();
     let a = Tensor::new(&[0.1f32, 0.2, 0.3], &dev).unwrap();
-    let y = ops::prelu(&x, &a, SlopeAxis::ChannelFirst).unwrap();
+    let y = prelu::nn::ops::prelu(&x, &a, SlopeAxis::ChannelFirst).unwrap();
     assert_eq!(y.dims(), &[0, 3, 4]);
-    let (dx, ds) = ops::prelu_backward(&x, &a, &x, SlopeAxis::ChannelFirst).unwrap();
+    let (dx, ds) = prelu::nn::ops::prelu_backward(&x, &a, &x, SlopeAxis::ChannelFirst).unwrap();
     assert_eq!(dx.dims(), &[0, 3, 4]);
     assert_eq!(ds.to_vec1::<f32>().unwrap(), vec![0.0; 3]);
 }
@@ -232,8 +232,8 @@ fn op_handles_strided_input() {
     let x = base.transpose(1, 2).unwrap();
     assert!(!x.is_contiguous());
     let a = Tensor::new(&[0.1f64, -0.2, 0.7], &dev).unwrap();
-    let y = ops::prelu(&x, &a, SlopeAxis::ChannelFirst).unwrap();
-    let y_ref = ops::prelu(&x.contiguous().unwrap(), &a, SlopeAxis::ChannelFirst).unwrap();
+    let y = prelu::nn::ops::prelu(&x, &a, SlopeAxis::ChannelFirst).unwrap();
+    let y_ref = prelu::nn::ops::prelu(&x.contiguous().unwrap(), &a, SlopeAxis::ChannelFirst).unwrap();
     assert_eq!(
         y.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
         y_ref.flatten_all().unwrap().to_vec1::<f64>().unwrap()
@@ -243,8 +243,8 @@ fn op_handles_strided_input() {
         .unwrap()
         .transpose(1, 2)
         .unwrap();
-    let (dx, ds) = ops::prelu_backward(&x, &a, &dy, SlopeAxis::ChannelFirst).unwrap();
-    let (rdx, rds) = ops::prelu_backward(
+    let (dx, ds) = prelu::nn::ops::prelu_backward(&x, &a, &dy, SlopeAxis::ChannelFirst).unwrap();
+    let (rdx, rds) = prelu::nn::ops::prelu_backward(
         &x.contiguous().unwrap(),
         &a,
         &dy.contiguous().unwrap(),
@@ -257,8 +257,8 @@ fn op_handles_strided_input() {
     );
     assert_eq!(ds.to_vec1::<f64>().unwrap(), rds.to_vec1::<f64>().unwrap());
     let shared = Tensor::new(&[0.3f64], &dev).unwrap().broadcast_as((1,)).unwrap();
-    let y = ops::prelu(&x, &shared, SlopeAxis::Shared).unwrap();
-    let y_ref = ops::prelu_composed(&x, &shared, SlopeAxis::Shared).unwrap();
+    let y = prelu::nn::ops::prelu(&x, &shared, SlopeAxis::Shared).unwrap();
+    let y_ref = prelu::nn::ops::prelu_composed(&x, &shared, SlopeAxis::Shared).unwrap();
     assert_eq!(
         y.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
         y_ref.flatten_all().unwrap().to_vec1::<f64>().unwrap()
@@ -277,13 +277,13 @@ fn op_matches_candle_composed_prelu_for_every_axis() {
     ] {
         let n: usize = slope_shape.iter().product();
         let a = Tensor::from_vec(rand_vec(n, 12), slope_shape, &dev).unwrap();
-        let y = ops::prelu(&x, &a, axis)
+        let y = prelu::nn::ops::prelu(&x, &a, axis)
             .unwrap()
             .flatten_all()
             .unwrap()
             .to_vec1::<f64>()
             .unwrap();
-        let r = ops::prelu_composed(&x, &a, axis)
+        let r = prelu::nn::ops::prelu_composed(&x, &a, axis)
             .unwrap()
             .flatten_all()
             .unwrap()

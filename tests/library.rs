@@ -5,9 +5,14 @@
 
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{Optimizer, VarBuilder, VarMap, SGD};
-use prelu::init::{he_prelu_init, FanMode};
-use prelu::ops::{prelu_on_device, SlopeAxis};
-use prelu::{prelu_layer, PReLU, PReLUConfig, SlopeConstraint};
+use prelu::nn::init::he_prelu_init;
+use prelu::nn::init::FanMode;
+use prelu::nn::ops::prelu_on_device;
+use prelu::nn::ops::SlopeAxis;
+use prelu::prelu_layer;
+use prelu::PReLU;
+use prelu::PReLUConfig;
+use prelu::SlopeConstraint;
 
 #[test]
 fn prelu_layer_from_a_var_map_trains_in_place() {
@@ -103,7 +108,7 @@ fn he_prelu_init_has_the_prelu_variance() {
         // 120,000 or 9,216 samples: the sample variance is within 5%.
         assert!((var / want - 1.0).abs() < 0.05, "a0 {a0}: {var} vs {want}");
         assert_eq!(
-            prelu::init::kaiming_std(&shape, a0, mode).unwrap(),
+            prelu::nn::init::kaiming_std(&shape, a0, mode).unwrap(),
             prelu::gain(a0) / fan.sqrt()
         );
     }
@@ -220,8 +225,8 @@ fn library_errors_are_typed_and_name_no_flags() {
         other => panic!("expected NotFound, got {:?}", other.map(|s| s.out)),
     }
     // Values out of range are `Invalid`, in the library's own terms.
-    let cfg = prelu::train::TrainConfig::default();
-    let no_vary = prelu::study::StudySpec {
+    let cfg = prelu::run::TrainConfig::default();
+    let no_vary = prelu::run::study::StudySpec {
         base: cfg.clone(),
         vary: vec![],
         seeds: 1,
@@ -231,9 +236,9 @@ fn library_errors_are_typed_and_name_no_flags() {
         Err(Error::Invalid(m)) => messages.push(m),
         other => panic!("expected Invalid, got {:?}", other.map(|c| c.len())),
     }
-    messages.push(prelu::study::set_key(&cfg, "seed", "3").unwrap_err().to_string());
+    messages.push(prelu::run::study::set_key(&cfg, "seed", "3").unwrap_err().to_string());
     for v in ["act", "=relu", "act=relu,,prelu", "act=relu,relu"] {
-        messages.push(v.parse::<prelu::study::Vary>().unwrap_err().to_string());
+        messages.push(v.parse::<prelu::run::study::Vary>().unwrap_err().to_string());
     }
     let mlp = |act| ModelSpec::new(Arch::Mlp { hidden: vec![4] }, act, [1, 28, 28], 10);
     let nan_slope = ModelSpec {
@@ -243,11 +248,11 @@ fn library_errors_are_typed_and_name_no_flags() {
     messages.push(nan_slope.validate().unwrap_err().to_string());
     let m = Model::new(&mlp(prelu::Activation::Relu), 0, &Device::Cpu).unwrap();
     let ds = prelu::data::load("mnist-small", None).unwrap().test.take(4);
-    let negative_tol = prelu::sculpt::SculptOptions {
+    let negative_tol = prelu::analyses::sculpt::SculptOptions {
         dead_slope_tol: -1.0,
         slope_tol: 0.0,
     };
-    match prelu::sculpt::sculpt(&m, &ds, &ds, &negative_tol) {
+    match prelu::analyses::sculpt::sculpt(&m, &ds, &ds, &negative_tol) {
         Err(Error::Invalid(msg)) => messages.push(msg),
         Err(e) => panic!("expected Invalid, got {e:?}"),
         Ok(_) => panic!("a negative tolerance was accepted"),

@@ -4,9 +4,10 @@
 use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
+use prelu::analyses::sentinel::Sentinel;
+use prelu::analyses::sentinel::SentinelConfig;
 use prelu::kernels::{self, ForwardStats, SlopeGeometry, CHUNK};
 use prelu::model::{Arch, Model, ModelSpec};
-use prelu::sentinel::{Sentinel, SentinelConfig};
 use prelu::Activation;
 use rand::{Rng, SeedableRng};
 
@@ -41,7 +42,10 @@ fn run_epoch(
     m: &Model,
     s: &mut Sentinel,
     epoch: usize,
-) -> (Vec<prelu::sentinel::LayerReport>, Vec<prelu::sentinel::Alarm>) {
+) -> (
+    Vec<prelu::analyses::sentinel::LayerReport>,
+    Vec<prelu::analyses::sentinel::Alarm>,
+) {
     let dev = Device::Cpu;
     let x = Tensor::new(&[[-1f32, 5.0], [2.0, 5.0], [3.0, 5.0], [4.0, 5.0]], &dev).unwrap();
     let y = Tensor::new(&[0u32, 1, 0, 1], &dev).unwrap();
@@ -116,7 +120,7 @@ fn leaky_and_shared_slope_layers_count_every_unit() {
             hidden: 6,
         };
         let m = Model::new(&ModelSpec::new(arch, act, [1, 28, 28], 10), 0, &Device::Cpu).unwrap();
-        let d = prelu::sentinel::diagnose(&m, &ds, 4, SentinelConfig::default()).unwrap();
+        let d = prelu::analyses::diagnose::diagnose(&m, &ds, 4, SentinelConfig::default()).unwrap();
         let widths: Vec<usize> = d.layers.iter().map(|l| l.channels).collect();
         assert_eq!(widths, vec![3, 4, 6], "{act}");
         for l in &d.layers {
@@ -201,8 +205,10 @@ fn counting_kernel_matches_a_naive_count() {
 
 #[test]
 fn slopes_of_both_signs_are_classed_and_alarmed_per_channel() {
-    use prelu::sentinel::{ActivationSite, AlarmKind};
-    use prelu::{PReLU, PReLUConfig};
+    use prelu::analyses::sentinel::ActivationSite;
+    use prelu::analyses::sentinel::AlarmKind;
+    use prelu::PReLU;
+    use prelu::PReLUConfig;
     let dev = Device::Cpu;
     // Hand-set slopes: |x|-like, ReLU-like, linear, steep, ordinary, tiny negative.
     let slopes = [-1.0f32, 0.0, 1.0, 1.7, 0.25, -0.01];
@@ -263,7 +269,7 @@ fn slopes_of_both_signs_are_classed_and_alarmed_per_channel() {
     // An alarm from an older run names no channels: it covers the layer.
     let mut legacy =
         Sentinel::from_sites(vec![ActivationSite::prelu("act", &act, 6)], SentinelConfig::default()).unwrap();
-    legacy.mark_raised(&prelu::sentinel::Alarm {
+    legacy.mark_raised(&prelu::analyses::sentinel::Alarm {
         channels: vec![],
         ..bad[0].clone()
     });
@@ -297,7 +303,7 @@ fn model_sentinel_reports_negative_and_steep_slopes() {
 
 #[test]
 fn alarm_kinds_keep_their_json_names() {
-    use prelu::sentinel::AlarmKind;
+    use prelu::analyses::sentinel::AlarmKind;
     for k in AlarmKind::ALL {
         let j = serde_json::to_string(&k).unwrap();
         assert_eq!(j, format!("\"{}\"", k.as_str()));
@@ -306,7 +312,7 @@ fn alarm_kinds_keep_their_json_names() {
     }
     assert!(serde_json::from_str::<AlarmKind>("\"dead\"").is_err());
     // Alarms without channels are written as before (no `channels` key).
-    let a = prelu::sentinel::Alarm {
+    let a = prelu::analyses::sentinel::Alarm {
         epoch: 2,
         layer: "act.0".into(),
         kind: AlarmKind::IdleSlope,
@@ -321,8 +327,10 @@ fn alarm_kinds_keep_their_json_names() {
 
 #[test]
 fn sites_are_checked() {
-    use prelu::sentinel::ActivationSite;
-    use prelu::{ActivationLayer, PReLU, PReLUConfig};
+    use prelu::analyses::sentinel::ActivationSite;
+    use prelu::ActivationLayer;
+    use prelu::PReLU;
+    use prelu::PReLUConfig;
     let dev = Device::Cpu;
     let p = PReLU::new(4, PReLUConfig::default(), candle_core::DType::F32, &dev).unwrap();
     let e = |sites| {

@@ -1,8 +1,9 @@
 //! Depth-stability analysis: closed forms against backpropagation and
 //! against measured variance propagation.
 
-use prelu::stability::{self, PropagationOptions};
-use prelu::{Activation, InitScheme};
+use prelu::analyses::stability::PropagationOptions;
+use prelu::Activation;
+use prelu::InitScheme;
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 
@@ -12,47 +13,47 @@ fn chain_gain_equals_closed_form_and_backprop() {
     for (l, a) in [(1usize, 0.25), (7, 0.5), (20, 0.3), (40, 1.7)] {
         let ws: Vec<f64> = (0..l).map(|_| rng.random_range(0.3..2.5)).collect();
         let closed: f64 = ws.iter().map(|w| a * w).product();
-        let r = stability::chain(&ws, a, 1e-3, 1e3);
+        let r = prelu::analyses::stability::chain(&ws, a, 1e-3, 1e3);
         assert!((r.gain - closed).abs() <= 1e-12 * closed.abs());
-        let bp = stability::chain_backprop(&ws, a, -0.7).unwrap();
+        let bp = prelu::analyses::stability::chain_backprop(&ws, a, -0.7).unwrap();
         assert!(
             (bp - closed).abs() <= 1e-6 * closed.abs(),
             "L={l}: backprop {bp} vs closed form {closed}"
         );
         // a* makes the gain exactly 1, by formula and by backprop.
-        let star = stability::chain(&ws, r.a_star, 1e-3, 1e3);
+        let star = prelu::analyses::stability::chain(&ws, r.a_star, 1e-3, 1e3);
         assert!((star.gain - 1.0).abs() < 1e-9, "{}", star.gain);
-        let bp = stability::chain_backprop(&ws, r.a_star, -0.7).unwrap();
+        let bp = prelu::analyses::stability::chain_backprop(&ws, r.a_star, -0.7).unwrap();
         assert!((bp - 1.0).abs() < 1e-6, "{bp}");
     }
     // (a w)^L with a w = 0.5 falls below 1e-3 at depth 10 (0.5^10 = 9.8e-4).
-    let r = stability::chain(&[2.0; 30], 0.25, 1e-3, 1e3);
+    let r = prelu::analyses::stability::chain(&[2.0; 30], 0.25, 1e-3, 1e3);
     assert_eq!(r.vanishes_at, Some(10));
     assert_eq!(r.explodes_at, None);
-    let r = stability::chain(&[4.0; 30], 0.5, 1e-3, 1e3);
+    let r = prelu::analyses::stability::chain(&[4.0; 30], 0.5, 1e-3, 1e3);
     assert_eq!(r.explodes_at, Some(10));
 }
 
 #[test]
 fn finite_width_constants_match_the_closed_forms() {
     // c = v / (2 m^2): 2.17 at a = 0.25, 2.5 for ReLU, 1 for the identity.
-    let m = stability::layer_log_moments(0.25, 1_000_000);
+    let m = prelu::analyses::stability::layer_log_moments(0.25, 1_000_000);
     assert!((m.c - 2.1678).abs() < 1e-3, "{}", m.c);
-    assert!((stability::layer_log_moments(0.0, 10).c - 2.5).abs() < 1e-12);
-    assert!((stability::layer_log_moments(1.0, 10).c - 1.0).abs() < 1e-12);
+    assert!((prelu::analyses::stability::layer_log_moments(0.0, 10).c - 2.5).abs() < 1e-12);
+    assert!((prelu::analyses::stability::layer_log_moments(1.0, 10).c - 1.0).abs() < 1e-12);
     // The sign of the slope does not matter, only a^2.
     let (p, q) = (
-        stability::layer_log_moments(0.3, 64),
-        stability::layer_log_moments(-0.3, 64),
+        prelu::analyses::stability::layer_log_moments(0.3, 64),
+        prelu::analyses::stability::layer_log_moments(-0.3, 64),
     );
     assert_eq!((p.mean, p.var), (q.mean, q.var));
     // Identity (a = 1): R = chi2_n / n exactly, E ln R = psi(n/2) - ln(n/2),
     // Var ln R = psi'(n/2); at n = 200: -0.0050083 and 0.0100502.
-    let m = stability::layer_log_moments(1.0, 200);
+    let m = prelu::analyses::stability::layer_log_moments(1.0, 200);
     assert!((m.mean + 0.0050083).abs() < 2e-6, "{}", m.mean);
     assert!((m.var - 0.0100502).abs() < 2e-6, "{}", m.var);
     // The band at depth 100, width 256, a = 0.25: mean -(L-1) c / n, sd sqrt(2 c (L-1) / n).
-    let b = stability::StableBand::new(0.25, 256, 100, 1, 4.0);
+    let b = prelu::analyses::stability::StableBand::new(0.25, 256, 100, 1, 4.0);
     assert!((b.mean + 99.0 * 2.1678 / 256.0).abs() < 0.01, "{}", b.mean);
     assert!(
         (b.sd - (2.0 * 2.1678 * 99.0 / 256.0f64).sqrt()).abs() < 0.01,
@@ -66,7 +67,7 @@ fn finite_width_constants_match_the_closed_forms() {
     assert_eq!(b.verdict(f64::NEG_INFINITY), "vanishing");
     assert_eq!(b.verdict(f64::NAN), "exploding");
     // Three draws narrow the band by sqrt(3).
-    let b3 = stability::StableBand::new(0.25, 256, 100, 3, 4.0);
+    let b3 = prelu::analyses::stability::StableBand::new(0.25, 256, 100, 3, 4.0);
     assert!(((b3.hi - b3.lo) * 3f64.sqrt() - (b.hi - b.lo)).abs() < 1e-9);
 }
 
@@ -86,13 +87,13 @@ proptest! {
     ) {
         let chains = 400;
         let s2 = chi * 2.0 / (1.0 + a * a);
-        let sims = stability::simulate_chains(n, depth, a, s2, chains, seed);
-        let (pm, psd) = stability::predicted_log_ratio(chi, a, n, depth - 1);
+        let sims = prelu::analyses::stability::simulate_chains(n, depth, a, s2, chains, seed);
+        let (pm, psd) = prelu::analyses::stability::predicted_log_ratio(chi, a, n, depth - 1);
         for (name, v) in [
             ("forward", sims.iter().map(|s| s.0).collect::<Vec<_>>()),
             ("backward", sims.iter().map(|s| s.1).collect::<Vec<_>>()),
         ] {
-            let sp = stability::Spread::of(&v);
+            let sp = prelu::analyses::stability::Spread::of(&v);
             let se = psd / (chains as f64).sqrt();
             // 4.5 standard errors, plus 0.03 for the O(n^-2) terms left out.
             prop_assert!(
@@ -124,7 +125,7 @@ fn he_prelu_is_judged_stable_at_finite_width_and_the_others_drift_as_predicted()
             seed,
             sds: 4.0,
         };
-        let he = stability::propagate(InitScheme::HePrelu, prelu, 0.25, &o).unwrap();
+        let he = prelu::analyses::stability::propagate(InitScheme::HePrelu, prelu, 0.25, &o).unwrap();
         assert_eq!(he.verdict, "stable", "seed {seed}: {:?}", he.forward_samples);
         assert!((he.predicted_factor - 1.0).abs() < 1e-12);
     }
@@ -138,10 +139,10 @@ fn he_prelu_is_judged_stable_at_finite_width_and_the_others_drift_as_predicted()
             seed,
             sds: 4.0,
         };
-        let c = stability::propagate(InitScheme::HeRelu, prelu, 0.25, &o).unwrap();
+        let c = prelu::analyses::stability::propagate(InitScheme::HeRelu, prelu, 0.25, &o).unwrap();
         assert!((c.predicted_factor - 1.0625).abs() < 1e-12);
         assert_eq!(c.verdict, "exploding", "seed {seed}: {:?}", c.forward_samples);
-        let x = stability::propagate(InitScheme::Xavier, prelu, 0.25, &o).unwrap();
+        let x = prelu::analyses::stability::propagate(InitScheme::Xavier, prelu, 0.25, &o).unwrap();
         assert_eq!(x.verdict, "vanishing");
     }
     // The measured mean log-ratio lies within 4 predicted sd of the
@@ -157,7 +158,7 @@ fn he_prelu_is_judged_stable_at_finite_width_and_the_others_drift_as_predicted()
     };
     let mut firsts = Vec::new();
     for init in [InitScheme::HePrelu, InitScheme::HeRelu, InitScheme::Xavier] {
-        let c = stability::propagate(init, prelu, 0.25, &o).unwrap();
+        let c = prelu::analyses::stability::propagate(init, prelu, 0.25, &o).unwrap();
         for (name, m) in [
             ("forward", c.forward_samples.mean),
             ("backward", c.backward_samples.mean),
@@ -190,7 +191,8 @@ fn very_deep_chains_do_not_overflow() {
         seed: 1,
         sds: 4.0,
     };
-    let c = stability::propagate(InitScheme::Xavier, Activation::PRelu { shared: false }, 0.25, &o).unwrap();
+    let c = prelu::analyses::stability::propagate(InitScheme::Xavier, Activation::PRelu { shared: false }, 0.25, &o)
+        .unwrap();
     assert!(c.forward_samples.mean.is_finite() && c.forward_samples.mean < -200.0);
     assert!((c.forward_samples.mean - c.predicted_mean).abs() < 4.0 * c.predicted_sd);
     assert_eq!(c.verdict, "vanishing");
@@ -219,7 +221,7 @@ fn per_layer_analysis_of_a_model_reads_gradients_at_every_activation() {
     let m = Model::new(&spec, 1, &dev).unwrap();
     let x = Tensor::rand(0f32, 1.0, (32, 256), &dev).unwrap();
     let y = Tensor::from_iter((0..32u32).map(|i| i % 3), &dev).unwrap();
-    let layers = stability::model_layers(&m, &x, &y, 4.0).unwrap();
+    let layers = prelu::analyses::stability::model_layers(&m, &x, &y, 4.0).unwrap();
     assert_eq!(layers.len(), 3);
     for l in &layers[..2] {
         let g = l
@@ -282,7 +284,7 @@ fn per_layer_analysis_works_per_channel_with_slopes_of_both_signs() {
     m.load_state_dict(&sd).unwrap();
     let x = Tensor::rand(0f32, 1.0, (16, 16), &dev).unwrap();
     let y = Tensor::from_iter((0..16u32).map(|i| i % 3), &dev).unwrap();
-    let layers = stability::model_layers(&m, &x, &y, 4.0).unwrap();
+    let layers = prelu::analyses::stability::model_layers(&m, &x, &y, 4.0).unwrap();
     let l = &layers[0];
     assert_eq!(l.channels, 8);
     assert_eq!(l.slopes_negative, 4);
@@ -328,7 +330,7 @@ fn per_layer_analysis_works_per_channel_with_slopes_of_both_signs() {
         "2 negative (|x|-like, not invertible), 1 zero (ReLU-like, not invertible), \
          3 in (0, 1] (leaky, invertible), 2 above 1 (steeper negative side, invertible)"
     );
-    let table = stability::LayersTable(&layers).to_string();
+    let table = prelu::analyses::stability::LayersTable(&layers).to_string();
     assert!(
         table.contains("act.1: slopes 2 negative") && table.contains("warning: act.0: 4 of 8"),
         "{table}"

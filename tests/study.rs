@@ -4,8 +4,10 @@
 
 use std::path::PathBuf;
 
-use prelu::study::{self, StudyRun, StudySpec, Vary};
-use prelu::train::TrainConfig;
+use prelu::run::study::StudyRun;
+use prelu::run::study::StudySpec;
+use prelu::run::study::Vary;
+use prelu::run::TrainConfig;
 
 #[test]
 fn student_t_quantiles_match_tables() {
@@ -23,26 +25,29 @@ fn student_t_quantiles_match_tables() {
         (0.9, 1.0, 3.0777),
         (0.975, 1e7, 1.95996),
     ] {
-        let q = study::t_quantile(p, df);
+        let q = prelu::run::study::t_quantile(p, df);
         assert!((q - t).abs() < 1e-4 * t.max(1.0), "t({p}, {df}) = {q}, table {t}");
-        assert!((study::t_quantile(1.0 - p, df) + q).abs() < 1e-9, "symmetry");
-        assert!((study::t_cdf(q, df) - p).abs() < 1e-10);
+        assert!(
+            (prelu::run::study::t_quantile(1.0 - p, df) + q).abs() < 1e-9,
+            "symmetry"
+        );
+        assert!((prelu::run::study::t_cdf(q, df) - p).abs() < 1e-10);
     }
-    assert_eq!(study::t_cdf(0.0, 3.0), 0.5);
+    assert_eq!(prelu::run::study::t_cdf(0.0, 3.0), 0.5);
     // df = 1 is Cauchy: F(t) = 1/2 + atan(t)/pi.
     for t in [-3.0, -0.5, 0.7, 10.0] {
         let f: f64 = 0.5 + f64::atan(t) / std::f64::consts::PI;
-        assert!((study::t_cdf(t, 1.0) - f).abs() < 1e-12);
+        assert!((prelu::run::study::t_cdf(t, 1.0) - f).abs() < 1e-12);
     }
     // Incomplete beta and ln Gamma against closed forms.
-    assert!((study::inc_beta(2.0, 3.0, 0.5) - 0.6875).abs() < 1e-12);
-    assert!((study::ln_gamma(5.0) - 24f64.ln()).abs() < 1e-12);
-    assert!((study::ln_gamma(0.5) - std::f64::consts::PI.sqrt().ln()).abs() < 1e-12);
+    assert!((prelu::run::study::inc_beta(2.0, 3.0, 0.5) - 0.6875).abs() < 1e-12);
+    assert!((prelu::run::study::ln_gamma(5.0) - 24f64.ln()).abs() < 1e-12);
+    assert!((prelu::run::study::ln_gamma(0.5) - std::f64::consts::PI.sqrt().ln()).abs() < 1e-12);
 }
 
 #[test]
 fn mean_interval_is_the_t_interval() {
-    let m = study::mean_interval(&[1.0, 2.0, 3.0, 4.0, 5.0]);
+    let m = prelu::run::study::mean_interval(&[1.0, 2.0, 3.0, 4.0, 5.0]);
     assert_eq!(m.n, 5);
     assert!((m.mean - 3.0).abs() < 1e-12 && (m.sd - 2.5f64.sqrt()).abs() < 1e-12);
     let [lo, hi] = m.ci95.unwrap();
@@ -57,12 +62,12 @@ fn mean_interval_is_the_t_interval() {
         vec![-0.1, 0.2],
         vec![0.001, 0.002],
     ] {
-        let m = study::mean_interval(&v);
+        let m = prelu::run::study::mean_interval(&v);
         let [lo, hi] = m.ci95.unwrap();
         assert_eq!(lo > 0.0 || hi < 0.0, m.p_value.unwrap() < 0.05, "{v:?}: {m:?}");
     }
     // One value: no interval.
-    let m = study::mean_interval(&[0.5]);
+    let m = prelu::run::study::mean_interval(&[0.5]);
     assert!(m.ci95.is_none() && m.p_value.is_none() && m.sd == 0.0);
 }
 
@@ -71,29 +76,29 @@ fn vary_values_and_keys() {
     let v: Vary = "hidden=256x3,512-256,64+64x2".parse().unwrap();
     assert_eq!(v.key, "hidden");
     assert_eq!(v.values, ["256x3", "512-256", "64+64x2"]);
-    assert_eq!(study::parse_size_list("256x3").unwrap(), [256, 256, 256]);
-    assert_eq!(study::parse_size_list("512-256").unwrap(), [512, 256]);
-    assert_eq!(study::parse_size_list("64+64x2").unwrap(), [64, 64, 64]);
-    assert!(study::parse_size_list("x3").is_err());
+    assert_eq!(prelu::run::study::parse_size_list("256x3").unwrap(), [256, 256, 256]);
+    assert_eq!(prelu::run::study::parse_size_list("512-256").unwrap(), [512, 256]);
+    assert_eq!(prelu::run::study::parse_size_list("64+64x2").unwrap(), [64, 64, 64]);
+    assert!(prelu::run::study::parse_size_list("x3").is_err());
     assert!("act".parse::<Vary>().is_err());
     assert!("act=relu,,prelu".parse::<Vary>().is_err());
     assert!("act=relu,relu".parse::<Vary>().is_err());
     assert_eq!("batch-norm=true,false".parse::<Vary>().unwrap().key, "batch_norm");
 
     let base = TrainConfig::default();
-    let c = study::set_key(&base, "hidden", "256x30").unwrap();
+    let c = prelu::run::study::set_key(&base, "hidden", "256x30").unwrap();
     assert_eq!(c.hidden, vec![256; 30]);
-    let c = study::set_key(&base, "batch-norm", "true").unwrap();
+    let c = prelu::run::study::set_key(&base, "batch-norm", "true").unwrap();
     assert!(c.batch_norm);
-    let c = study::set_key(&base, "lr", "0.01").unwrap();
+    let c = prelu::run::study::set_key(&base, "lr", "0.01").unwrap();
     assert_eq!(c.lr, 0.01);
-    let c = study::set_key(&base, "epochs", "3").unwrap();
+    let c = prelu::run::study::set_key(&base, "epochs", "3").unwrap();
     assert_eq!(c.epochs, 3);
-    let c = study::set_key(&base, "train_limit", "1000").unwrap();
+    let c = prelu::run::study::set_key(&base, "train_limit", "1000").unwrap();
     assert_eq!(c.train_limit, Some(1000));
-    let c = study::set_key(&base, "alarms.dead_share", "0.5").unwrap();
+    let c = prelu::run::study::set_key(&base, "alarms.dead_share", "0.5").unwrap();
     assert_eq!(c.alarms.dead_share, 0.5);
-    let c = study::set_key(&base, "init", "xavier").unwrap();
+    let c = prelu::run::study::set_key(&base, "init", "xavier").unwrap();
     assert_eq!(c.init, "xavier");
     for (k, v) in [
         ("no_such_key", "1"),
@@ -102,7 +107,10 @@ fn vary_values_and_keys() {
         ("batch_norm", "maybe"),
         ("seed", "3"),
     ] {
-        assert!(study::set_key(&base, k, v).is_err(), "{k}={v} should be refused");
+        assert!(
+            prelu::run::study::set_key(&base, k, v).is_err(),
+            "{k}={v} should be refused"
+        );
     }
     // Bad values are caught when the grid is built, before anything trains.
     let spec = StudySpec {
@@ -122,14 +130,17 @@ fn vary_values_and_keys() {
     };
     let cells = spec.cells().unwrap();
     assert_eq!(cells.len(), 6);
-    assert_eq!(study::label(&cells[0].0), "act=relu init=xavier");
-    assert_eq!(study::label(&cells[5].0), "act=prelu init=he-prelu");
+    assert_eq!(prelu::run::study::label(&cells[0].0), "act=relu init=xavier");
+    assert_eq!(prelu::run::study::label(&cells[5].0), "act=prelu init=he-prelu");
     assert_eq!(
         (cells[4].1.act.as_str(), cells[4].1.init.as_str()),
         ("prelu", "he-relu")
     );
-    assert_eq!(study::cell_dir_name(&cells[1].0), "act-relu__init-he-relu");
-    assert_eq!(study::cell_dir_name(&[("data".into(), "../x/y".into())]), "data-.._x_y");
+    assert_eq!(prelu::run::study::cell_dir_name(&cells[1].0), "act-relu__init-he-relu");
+    assert_eq!(
+        prelu::run::study::cell_dir_name(&[("data".into(), "../x/y".into())]),
+        "data-.._x_y"
+    );
 }
 
 fn fake_run(seed: u64, acc: f64) -> StudyRun {
@@ -153,22 +164,22 @@ fn contrasts_pair_runs_by_seed_within_each_context() {
     // prelu beats relu by 0.10, 0.12, 0.08 on seeds 0, 1, 2 under xavier; runs
     // listed out of seed order to check the pairing.
     let cells = vec![
-        study::summarise_cell(
+        prelu::run::study::summarise_cell(
             kv("relu", "xavier"),
             PathBuf::new(),
             vec![fake_run(0, 0.5), fake_run(1, 0.6), fake_run(2, 0.7)],
         ),
-        study::summarise_cell(
+        prelu::run::study::summarise_cell(
             kv("relu", "he-prelu"),
             PathBuf::new(),
             vec![fake_run(0, 0.9), fake_run(1, 0.9)],
         ),
-        study::summarise_cell(
+        prelu::run::study::summarise_cell(
             kv("prelu", "xavier"),
             PathBuf::new(),
             vec![fake_run(2, 0.78), fake_run(0, 0.6), fake_run(1, 0.72)],
         ),
-        study::summarise_cell(
+        prelu::run::study::summarise_cell(
             kv("prelu", "he-prelu"),
             PathBuf::new(),
             vec![fake_run(0, 0.91), fake_run(1, 0.93)],
@@ -180,7 +191,7 @@ fn contrasts_pair_runs_by_seed_within_each_context() {
         "act=relu,prelu".parse::<Vary>().unwrap(),
         "init=xavier,he-prelu".parse::<Vary>().unwrap(),
     ];
-    let cs = study::contrasts(&vary, &cells);
+    let cs = prelu::run::study::contrasts(&vary, &cells);
     assert_eq!(cs.len(), 2);
     let x = &cs[0];
     assert_eq!((x.a.as_str(), x.b.as_str(), x.n), ("relu", "prelu", 3));
@@ -227,7 +238,7 @@ fn a_study_trains_every_cell_and_seed_and_resumes() {
         seeds: 2,
     };
     let dir = tmp("full");
-    let r = study::run(&spec, &dir, &mut |_, _| {}).unwrap();
+    let r = prelu::run::study::run(&spec, &dir, &mut |_, _| {}).unwrap();
     assert_eq!((r.cells.len(), r.runs_trained, r.runs_skipped), (2, 4, 0));
     assert_eq!(r.seeds, vec![0, 1]);
     for c in &r.cells {
@@ -236,7 +247,7 @@ fn a_study_trains_every_cell_and_seed_and_resumes() {
             assert!(run.run_dir.join("checkpoint.safetensors").exists());
             assert!(run.run_dir.join("config.toml").exists());
             assert_eq!(run.curve.len(), 2);
-            assert_eq!(study::checkpoint_epoch(&run.run_dir).unwrap(), 2);
+            assert_eq!(prelu::run::study::checkpoint_epoch(&run.run_dir).unwrap(), 2);
         }
     }
     assert_eq!(r.cells[0].runs[1].run_dir, dir.join("act-relu").join("seed1"));
@@ -252,7 +263,7 @@ fn a_study_trains_every_cell_and_seed_and_resumes() {
     assert_eq!(c.diffs, want);
 
     // The same study again: nothing trains, the numbers are the same.
-    let again = study::run(&spec, &dir, &mut |_, _| {}).unwrap();
+    let again = prelu::run::study::run(&spec, &dir, &mut |_, _| {}).unwrap();
     assert_eq!((again.runs_trained, again.runs_skipped), (0, 4));
     for (a, b) in r.cells.iter().zip(&again.cells) {
         for (x, y) in a.runs.iter().zip(&b.runs) {
@@ -271,10 +282,10 @@ fn a_study_trains_every_cell_and_seed_and_resumes() {
         fault_nan_step: Some(10),
         ..full_cfg.clone()
     };
-    assert!(prelu::train::train(&faulty, &run_dir, false, &mut |_| {}).is_err());
-    assert_eq!(study::checkpoint_epoch(&run_dir).unwrap(), 1);
+    assert!(prelu::run::train(&faulty, &run_dir, false, &mut |_| {}).is_err());
+    assert_eq!(prelu::run::study::checkpoint_epoch(&run_dir).unwrap(), 1);
     std::fs::write(run_dir.join("config.toml"), toml::to_string(&full_cfg).unwrap()).unwrap();
-    let r2 = study::run(&spec, &dir2, &mut |_, _| {}).unwrap();
+    let r2 = prelu::run::study::run(&spec, &dir2, &mut |_, _| {}).unwrap();
     assert_eq!((r2.runs_trained, r2.runs_resumed, r2.runs_skipped), (3, 1, 0));
     assert_eq!(r2.cells[1].runs[0].status, "resumed");
     // Resuming reproduces the uninterrupted run exactly.
@@ -289,7 +300,7 @@ fn a_study_trains_every_cell_and_seed_and_resumes() {
         base: TrainConfig { lr: 0.5, ..tiny_base() },
         ..spec.clone()
     };
-    let e = study::run(&other, &dir, &mut |_, _| {}).unwrap_err();
+    let e = prelu::run::study::run(&other, &dir, &mut |_, _| {}).unwrap_err();
     assert!(format!("{e:#}").contains("different config"), "{e:#}");
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_dir_all(&dir2);
@@ -308,7 +319,7 @@ fn a_diverged_run_is_recorded_and_the_study_goes_on() {
         seeds: 2,
     };
     let dir = tmp("diverge");
-    let r = study::run(&spec, &dir, &mut |_, _| {}).unwrap();
+    let r = prelu::run::study::run(&spec, &dir, &mut |_, _| {}).unwrap();
     let (ok, bad) = (&r.cells[0], &r.cells[1]);
     assert_eq!((ok.diverged, bad.diverged), (0, 2));
     assert_eq!((r.runs_trained, r.runs_diverged), (2, 2));
@@ -322,7 +333,7 @@ fn a_diverged_run_is_recorded_and_the_study_goes_on() {
     assert_eq!((c.n, c.excluded), (0, 2));
     assert!(c.ci95.is_none());
     // Running it again trains nothing: the diverged runs are read back.
-    let again = study::run(&spec, &dir, &mut |_, _| {}).unwrap();
+    let again = prelu::run::study::run(&spec, &dir, &mut |_, _| {}).unwrap();
     assert_eq!((again.runs_trained, again.runs_skipped, again.runs_diverged), (0, 2, 2));
     assert!(again.cells[1].runs[0]
         .error

@@ -4,8 +4,11 @@
 use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
+use prelu::analyses::symmetry::Bn;
+use prelu::analyses::symmetry::Dense;
+use prelu::analyses::symmetry::DenseNet;
+use prelu::analyses::symmetry::GraphNet;
 use prelu::model::{Arch, Model, ModelSpec};
-use prelu::symmetry::{Bn, Dense, DenseNet, GraphNet};
 use prelu::Activation;
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
@@ -137,7 +140,7 @@ fn a_layer_with_slope_exactly_one_is_folded_away() {
     m.load_state_dict(&sd).unwrap();
     let split = prelu::data::load("mnist-small", None).unwrap();
     let (stats, test) = (split.train.take(300), split.test.take(300));
-    let s = prelu::sculpt::sculpt(&m, &stats, &test, &Default::default()).unwrap();
+    let s = prelu::analyses::sculpt::sculpt(&m, &stats, &test, &Default::default()).unwrap();
     let r = &s.report;
     assert!(r.layers[0].removed && !r.layers[1].removed, "{r}");
     assert!(
@@ -181,7 +184,7 @@ fn canonical_form_of_a_bn_model_keeps_its_outputs() {
     for _ in 0..3 {
         m.forward_t(&x, true).unwrap();
     }
-    let c = prelu::sculpt::canonicalize(&m, &ds).unwrap();
+    let c = prelu::analyses::sculpt::canonicalize(&m, &ds).unwrap();
     // Still the MLP preset, without BatchNorm.
     assert!(!c.model.spec.batch_norm && c.report.stats.scaled_groups > 0);
     assert_eq!(c.model.spec.arch, Arch::Mlp { hidden: vec![20, 10] });
@@ -204,7 +207,7 @@ fn drift_tracker_sees_raw_values_move_while_the_effective_ones_stay() {
     // exact symmetry (PReLU is positively homogeneous). Raw gamma drifts by 2
     // (200%), the effective slopes not at all, and neither does the output.
     let m = mlp(vec![12, 8], true);
-    let mut t = prelu::symmetry::DriftTracker::default();
+    let mut t = prelu::analyses::symmetry::DriftTracker::default();
     let d0 = t.update(&m).unwrap();
     assert!(d0
         .iter()
@@ -454,7 +457,7 @@ fn sculpt_prunes_planted_dead_conv_channels_and_keeps_the_logits() {
     set(&m, "b2.bias", |v| v[3] = -1000.0);
     set(&m, "fc.bias", |v| v[5] = -1000.0);
     set(&m, "a3.weight", |v| v[5] = 0.0);
-    let s = prelu::sculpt::sculpt(&m, &stats, &test, &Default::default()).unwrap();
+    let s = prelu::analyses::sculpt::sculpt(&m, &stats, &test, &Default::default()).unwrap();
     let r = &s.report;
     let pruned: Vec<usize> = r.layers.iter().map(|l| l.pruned).collect();
     assert_eq!(pruned, vec![2, 1, 1], "{r}");
@@ -502,7 +505,7 @@ fn sculpt_keeps_dead_channels_tied_by_residual_adds() {
     let (stats, test) = (stats.take(100), test.take(100));
     set(&m, "bn1.bias", |v| v[2] = -1000.0);
     set(&m, "layer1.0.bn1.bias", |v| v[5] = -1000.0);
-    let s = prelu::sculpt::sculpt(&m, &stats, &test, &Default::default()).unwrap();
+    let s = prelu::analyses::sculpt::sculpt(&m, &stats, &test, &Default::default()).unwrap();
     let r = &s.report;
     let layer = |n: &str| r.layers.iter().find(|l| l.layer == n).unwrap();
     let stem = layer("act1");
@@ -557,7 +560,7 @@ fn identity_activations_between_convs_are_removed_and_merged_where_exact() {
         let m = mnist_model(net(first, second), i as u64);
         set(&m, "c1.bias", |v| v.iter_mut().for_each(|b| *b = 0.3));
         set(&m, "a1.weight", |v| v.iter_mut().for_each(|a| *a = 1.0));
-        let s = prelu::sculpt::sculpt(&m, &stats, &test, &Default::default()).unwrap();
+        let s = prelu::analyses::sculpt::sculpt(&m, &stats, &test, &Default::default()).unwrap();
         let r = &s.report;
         assert!(r.layers[0].removed, "case {i}: {r}");
         let merged = s.model.graph.index("c1").is_none();
@@ -603,7 +606,7 @@ fn identifiability_on_conv_batchnorm_prelu() {
         .unwrap()
         .to_vec1::<f32>()
         .unwrap();
-    let ids0 = prelu::symmetry::identifiability(&m).unwrap();
+    let ids0 = prelu::analyses::symmetry::identifiability(&m).unwrap();
     assert_eq!(
         ids0.iter().map(|r| r.layer.as_str()).collect::<Vec<_>>(),
         vec!["bn.0+act.0", "bn.1+act.1", "bn.2+act.2"]
@@ -630,7 +633,7 @@ fn identifiability_on_conv_batchnorm_prelu() {
     for (a, b) in before.iter().zip(&after) {
         assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "{a} vs {b}");
     }
-    let ids1 = prelu::symmetry::identifiability(&m).unwrap();
+    let ids1 = prelu::analyses::symmetry::identifiability(&m).unwrap();
     assert!((ids1[0].gamma[c] / ids0[0].gamma[c] - 3.0).abs() < 1e-5);
     for u in 0..4 {
         for (p, q) in [
@@ -655,7 +658,7 @@ fn identifiability_on_conv_batchnorm_prelu() {
             10,
         )
     };
-    let ids = prelu::symmetry::identifiability(&Model::new(&spec, 1, &Device::Cpu).unwrap()).unwrap();
+    let ids = prelu::analyses::symmetry::identifiability(&Model::new(&spec, 1, &Device::Cpu).unwrap()).unwrap();
     let find = |n: &str| ids.iter().find(|r| r.layer == n).unwrap();
     assert!(find("bn1+act1").tied.iter().all(|&t| t));
     assert!(find("layer1.0.bn1+layer1.0.act1").tied.iter().all(|&t| !t));
@@ -694,14 +697,15 @@ fn canonical_form_of_a_resnet_keeps_its_logits() {
     let test = test.take(100);
     let x = Tensor::from_slice(&test.images, (100, 784), &Device::Cpu).unwrap();
     m.forward_t(&x, true).unwrap();
-    let c = prelu::sculpt::canonicalize(&m, &test).unwrap();
+    let c = prelu::analyses::sculpt::canonicalize(&m, &test).unwrap();
     let s = &c.report.stats;
     assert!(s.bn.kept.is_empty() && s.bn.folded.len() == 9, "{:?}", s.bn);
     assert!(s.flipped > 0);
     assert!(s
         .not_flipped
         .iter()
-        .all(|n| n.reason == prelu::symmetry::Blocker::Residual || n.reason == prelu::symmetry::Blocker::Fixed));
+        .all(|n| n.reason == prelu::analyses::symmetry::Blocker::Residual
+            || n.reason == prelu::analyses::symmetry::Blocker::Fixed));
     // Without BatchNorm it is still the resnet-8 preset.
     assert_eq!(c.model.spec.arch, spec.arch);
     assert!(!c.model.spec.batch_norm);
@@ -778,7 +782,7 @@ fn sign_flip_is_refused_through_a_max_pool_only_when_it_would_negate() {
     let stats = net.canonicalize().unwrap();
     assert_eq!(stats.flipped, 1);
     assert_eq!(stats.not_flipped.len(), 1);
-    assert_eq!(stats.not_flipped[0].reason, prelu::symmetry::Blocker::MaxPool);
+    assert_eq!(stats.not_flipped[0].reason, prelu::analyses::symmetry::Blocker::MaxPool);
     assert_eq!(net.tensors["a1.weight"], vec![2.0, -0.5]);
     let out = net.to_model().unwrap();
     assert!(heads_rel_diff(&m, &out, &x) <= 1e-5);

@@ -5,10 +5,11 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor, Var};
-use prelu::data::{self, DataError};
+use prelu::error::DataError;
 use prelu::model::{Arch, Model, ModelSpec, ParamKind};
 use prelu::optim::{Optimizer, OptimizerKind};
-use prelu::train::{self, MetricsLine, TrainConfig};
+use prelu::run::MetricsLine;
+use prelu::run::TrainConfig;
 use prelu::Activation;
 use rand::{Rng, SeedableRng};
 
@@ -27,7 +28,7 @@ fn idx(magic: [u8; 4], dims: &[u32], body: &[u8]) -> Vec<u8> {
 #[test]
 fn idx_reader_accepts_good_files_raw_and_gzip() {
     let raw = idx([0, 0, 8, 3], &[2, 2, 3], &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]);
-    let a = data::parse_idx(&raw, "x").unwrap();
+    let a = prelu::data::parse_idx(&raw, "x").unwrap();
     assert_eq!(a.dims, vec![2, 2, 3]);
     let mut gz = Vec::new();
     {
@@ -35,9 +36,9 @@ fn idx_reader_accepts_good_files_raw_and_gzip() {
         let mut e = flate2::write::GzEncoder::new(&mut gz, flate2::Compression::default());
         e.write_all(&raw).unwrap();
     }
-    assert_eq!(data::parse_idx(&gz, "x.gz").unwrap(), a);
+    assert_eq!(prelu::data::parse_idx(&gz, "x.gz").unwrap(), a);
     // The built-in subset parses and has the documented sizes.
-    let s = data::load("mnist-small", None).unwrap();
+    let s = prelu::data::load("mnist-small", None).unwrap();
     assert_eq!(
         (s.train.len(), s.test.len(), s.train.rows, s.train.cols),
         (10_000, 2_000, 28, 28)
@@ -59,7 +60,7 @@ fn idx_reader_rejects_every_bad_file_with_its_name() {
         (idx([0, 0, 8, 3], &[60_000, 28, 28], &[1, 2, 3]), "truncated"),
     ];
     for (bytes, want) in cases {
-        let e = data::parse_idx(&bytes, "bad-file.idx").unwrap_err().to_string();
+        let e = prelu::data::parse_idx(&bytes, "bad-file.idx").unwrap_err().to_string();
         assert!(
             e.contains("bad-file.idx") && e.contains(want),
             "wanted `{want}` in: {e}"
@@ -69,36 +70,40 @@ fn idx_reader_rejects_every_bad_file_with_its_name() {
     // allocation, even when the file would be big enough.
     let body = vec![7u8; 64];
     let ok = idx([0, 0, 8, 1], &[64], &body);
-    assert!(data::parse_idx_capped(&ok, "capped.idx", 64).is_ok());
-    let e = data::parse_idx_capped(&ok, "capped.idx", 63).unwrap_err().to_string();
+    assert!(prelu::data::parse_idx_capped(&ok, "capped.idx", 64).is_ok());
+    let e = prelu::data::parse_idx_capped(&ok, "capped.idx", 63)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("capped.idx") && e.contains("63-byte cap"), "{e}");
     // Wrong dimensions and image/label mismatch.
-    let imgs = data::parse_idx(&idx([0, 0, 8, 3], &[2, 1, 1], &[0, 255]), "i").unwrap();
-    let labels3 = data::parse_idx(&idx([0, 0, 8, 1], &[3], &[0, 1, 2]), "l").unwrap();
-    let e = data::Dataset::from_idx(imgs.clone(), labels3, "imgs.idx", "labels.idx").unwrap_err();
+    let imgs = prelu::data::parse_idx(&idx([0, 0, 8, 3], &[2, 1, 1], &[0, 255]), "i").unwrap();
+    let labels3 = prelu::data::parse_idx(&idx([0, 0, 8, 1], &[3], &[0, 1, 2]), "l").unwrap();
+    let e = prelu::data::Dataset::from_idx(imgs.clone(), labels3, "imgs.idx", "labels.idx").unwrap_err();
     assert!(
         matches!(e, DataError::Mismatch { .. }) && e.to_string().contains("2 images but 3 labels"),
         "{e}"
     );
-    let flat = data::parse_idx(&idx([0, 0, 8, 1], &[2], &[0, 1]), "f").unwrap();
-    let e = data::Dataset::from_idx(flat.clone(), flat.clone(), "imgs.idx", "labels.idx")
+    let flat = prelu::data::parse_idx(&idx([0, 0, 8, 1], &[2], &[0, 1]), "f").unwrap();
+    let e = prelu::data::Dataset::from_idx(flat.clone(), flat.clone(), "imgs.idx", "labels.idx")
         .unwrap_err()
         .to_string();
     assert!(e.contains("imgs.idx") && e.contains("3 dimensions"), "{e}");
-    let bad_label = data::parse_idx(&idx([0, 0, 8, 1], &[2], &[0, 10]), "l").unwrap();
-    let e = data::Dataset::from_idx(imgs, bad_label, "i", "labels.idx")
+    let bad_label = prelu::data::parse_idx(&idx([0, 0, 8, 1], &[2], &[0, 10]), "l").unwrap();
+    let e = prelu::data::Dataset::from_idx(imgs, bad_label, "i", "labels.idx")
         .unwrap_err()
         .to_string();
     assert!(e.contains("labels.idx") && e.contains("label 10"), "{e}");
     // A missing named set says where it looked; an unknown name is refused.
-    let e = data::load("fashion-mnist", Some(&tmp("nowhere")))
+    let e = prelu::data::load("fashion-mnist", Some(&tmp("nowhere")))
         .map(|_| ())
         .unwrap_err()
         .to_string();
     assert!(e.contains("not found") && e.contains("nowhere"), "{e}");
-    assert!(data::load("cifar", None).is_err());
+    assert!(prelu::data::load("cifar", None).is_err());
     // A file on disk that is not there.
-    let e = data::read_idx(&tmp("missing").join("x.idx")).unwrap_err().to_string();
+    let e = prelu::data::read_idx(&tmp("missing").join("x.idx"))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("x.idx"), "{e}");
 }
 
@@ -106,9 +111,9 @@ fn idx_reader_rejects_every_bad_file_with_its_name() {
 #[ignore = "needs full MNIST and Fashion-MNIST in ../shared/data; .ci/run runs it with --ignored"]
 fn reads_the_full_sets() -> anyhow::Result<()> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data");
-    let l = data::read_idx(&root.join("fashion-mnist/t10k-labels-idx1-ubyte.gz"))?;
+    let l = prelu::data::read_idx(&root.join("fashion-mnist/t10k-labels-idx1-ubyte.gz"))?;
     assert_eq!(l.dims, vec![10_000]);
-    let s = data::load("mnist", Some(&root))?;
+    let s = prelu::data::load("mnist", Some(&root))?;
     assert_eq!((s.train.len(), s.test.len()), (60_000, 10_000));
     Ok(())
 }
@@ -144,10 +149,10 @@ fn checkpoint_round_trip_keeps_outputs() {
             .to_vec1::<f32>()
             .unwrap();
         let path = dir.join("m.safetensors");
-        prelu::io::save_model(&path, &m, HashMap::new(), HashMap::new()).unwrap();
-        let prelu::io::Loaded {
+        prelu::store::checkpoint::save_model(&path, &m, HashMap::new(), HashMap::new()).unwrap();
+        let prelu::store::checkpoint::Loaded {
             model: back, tensors, ..
-        } = prelu::io::load_model(&path).unwrap();
+        } = prelu::store::checkpoint::load_model(&path).unwrap();
         assert!(tensors.contains_key("act.0.weight"));
         if bn {
             assert!(tensors.contains_key("bn.0.running_mean") && tensors.contains_key("bn.0.running_var"));
@@ -246,7 +251,7 @@ fn conv_and_pool_gradients_match_finite_differences() {
         .unwrap();
         // Same numbers as candle's conv2d.
         let x = Tensor::rand(-1.0f64, 1.0, (2, 3, 6, 5), &dev).unwrap();
-        let ours = prelu::conv::conv2d(&x, &wt, Some(&b), &g).unwrap();
+        let ours = prelu::nn::conv::conv2d(&x, &wt, Some(&b), &g).unwrap();
         let theirs = x
             .conv2d(&wt, pad, stride, dil, 1)
             .unwrap()
@@ -263,7 +268,7 @@ fn conv_and_pool_gradients_match_finite_differences() {
             .unwrap();
         assert!(d < 1e-12, "{d}");
         fd_check(
-            &|x| prelu::conv::conv2d(x, &wt, Some(&b), &g).unwrap(),
+            &|x| prelu::nn::conv::conv2d(x, &wt, Some(&b), &g).unwrap(),
             &[2, 3, 6, 5],
             1 + pad as u64,
         );
@@ -281,7 +286,7 @@ fn conv_and_pool_gradients_match_finite_differences() {
     )
     .unwrap();
     let x = Tensor::rand(-1.0f64, 1.0, (2, 3, 6, 5), &dev).unwrap();
-    let ours = prelu::conv::conv2d(&x, &wt, None, &g).unwrap();
+    let ours = prelu::nn::conv::conv2d(&x, &wt, None, &g).unwrap();
     let padded = x.pad_with_zeros(2, 0, 2).unwrap().pad_with_zeros(3, 1, 0).unwrap();
     let theirs = padded.conv2d(&wt, 0, 1, 1, 1).unwrap();
     // Stride 2 in rows: every other row of the stride-1 result.
@@ -300,7 +305,11 @@ fn conv_and_pool_gradients_match_finite_differences() {
         .to_scalar::<f64>()
         .unwrap();
     assert!(d < 1e-12, "{d}");
-    fd_check(&|x| prelu::conv::conv2d(x, &wt, None, &g).unwrap(), &[2, 3, 6, 5], 3);
+    fd_check(
+        &|x| prelu::nn::conv::conv2d(x, &wt, None, &g).unwrap(),
+        &[2, 3, 6, 5],
+        3,
+    );
     // Pooling: 2x2/2, 3x3/2 padded with ceil mode, and average pooling both ways.
     for (k, s, p, ceil) in [(2, 2, 0, false), (3, 2, 1, true), (3, 1, 1, false), (2, 2, 1, true)] {
         let g = PoolGeom::new(
@@ -312,19 +321,27 @@ fn conv_and_pool_gradients_match_finite_differences() {
             true,
         )
         .unwrap();
-        fd_check(&|x| prelu::pool::max_pool(x, &g).unwrap(), &[2, 3, 5, 4], 7 + k as u64);
+        fd_check(
+            &|x| prelu::nn::pool::max_pool(x, &g).unwrap(),
+            &[2, 3, 5, 4],
+            7 + k as u64,
+        );
         for include in [true, false] {
             let g = PoolGeom {
                 count_include_pad: include,
                 ..g
             };
-            fd_check(&|x| prelu::pool::avg_pool(x, &g).unwrap(), &[2, 3, 5, 4], 8);
+            fd_check(&|x| prelu::nn::pool::avg_pool(x, &g).unwrap(), &[2, 3, 5, 4], 8);
         }
     }
     // Gradient w.r.t. the conv weight too.
     let g = ConvGeom::simple(3, 4, 5, 5, 3, 1).unwrap();
     let x = Tensor::rand(-1.0f64, 1.0, (2, 3, 5, 5), &dev).unwrap();
-    fd_check(&|w| prelu::conv::conv2d(&x, w, Some(&b), &g).unwrap(), &[4, 3, 3, 3], 9);
+    fd_check(
+        &|w| prelu::nn::conv::conv2d(&x, w, Some(&b), &g).unwrap(),
+        &[4, 3, 3, 3],
+        9,
+    );
 }
 
 #[test]
@@ -400,12 +417,12 @@ fn epochs_of(lines: &[MetricsLine]) -> Vec<(usize, u64, f64, f64, f64, f64)> {
 #[test]
 fn same_seed_same_numbers_and_resume_is_exact() {
     let (cfg, a) = quick("full");
-    let s1 = train::train(&cfg, &a, false, &mut |_| {}).unwrap();
-    let full = train::read_metrics(&a).unwrap();
+    let s1 = prelu::run::train(&cfg, &a, false, &mut |_| {}).unwrap();
+    let full = prelu::run::read_metrics(&a).unwrap();
     assert_eq!(epochs_of(&full).len(), 2);
     // Same seed again: bit-identical.
     let b = tmp("again");
-    let s2 = train::train(&cfg, &b, false, &mut |_| {}).unwrap();
+    let s2 = prelu::run::train(&cfg, &b, false, &mut |_| {}).unwrap();
     assert_eq!((s1.test_acc, s1.test_loss), (s2.test_acc, s2.test_loss));
     // Interrupted during epoch 2 (after the epoch-1 checkpoint), then resumed:
     // the same metrics as the uninterrupted run.
@@ -414,9 +431,9 @@ fn same_seed_same_numbers_and_resume_is_exact() {
         fault_nan_step: Some(13),
         ..cfg.clone()
     };
-    assert!(train::train(&stop, &c, false, &mut |_| {}).is_err());
-    let s3 = train::train(&cfg, &c, true, &mut |_| {}).unwrap();
-    assert_eq!(epochs_of(&train::read_metrics(&c).unwrap()), epochs_of(&full));
+    assert!(prelu::run::train(&stop, &c, false, &mut |_| {}).is_err());
+    let s3 = prelu::run::train(&cfg, &c, true, &mut |_| {}).unwrap();
+    assert_eq!(epochs_of(&prelu::run::read_metrics(&c).unwrap()), epochs_of(&full));
     assert_eq!(s3.test_acc, s1.test_acc);
     let steps = |v: &[MetricsLine]| {
         v.iter()
@@ -424,10 +441,10 @@ fn same_seed_same_numbers_and_resume_is_exact() {
             .cloned()
             .collect::<Vec<_>>()
     };
-    assert_eq!(steps(&train::read_metrics(&c).unwrap()), steps(&full));
+    assert_eq!(steps(&prelu::run::read_metrics(&c).unwrap()), steps(&full));
     // The run folder holds a loadable checkpoint and the resolved config.
     assert!(c.join("config.toml").is_file());
-    prelu::io::load_model(&c).unwrap();
+    prelu::store::checkpoint::load_model(&c).unwrap();
 }
 
 #[test]
@@ -438,14 +455,19 @@ fn nan_loss_stops_cleanly_and_keeps_the_last_checkpoint() {
         fault_nan_step: Some(13),
         ..cfg
     };
-    let e = train::train(&cfg, &dir, false, &mut |_| {}).unwrap_err().to_string();
+    let e = prelu::run::train(&cfg, &dir, false, &mut |_| {})
+        .unwrap_err()
+        .to_string();
     assert!(
         e.contains("loss became NaN") && e.contains("epoch 2") && e.contains("checkpoint"),
         "{e}"
     );
-    let prelu::io::Loaded { metadata: meta, .. } = prelu::io::load_model(&dir).unwrap();
-    assert!(meta[prelu::io::PROGRESS_KEY].contains("\"epoch\":1"), "{meta:?}");
-    assert_eq!(epochs_of(&train::read_metrics(&dir).unwrap()).len(), 1);
+    let prelu::store::checkpoint::Loaded { metadata: meta, .. } = prelu::store::checkpoint::load_model(&dir).unwrap();
+    assert!(
+        meta[prelu::store::checkpoint::PROGRESS_KEY].contains("\"epoch\":1"),
+        "{meta:?}"
+    );
+    assert_eq!(epochs_of(&prelu::run::read_metrics(&dir).unwrap()).len(), 1);
 }
 
 #[test]

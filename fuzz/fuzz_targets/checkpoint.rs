@@ -6,12 +6,12 @@ use libfuzzer_sys::fuzz_target;
 use prelu::model::{Arch, Model, ModelSpec};
 
 fuzz_target!(|data: &[u8]| {
-    let Ok((tensors, meta)) = prelu::io::parse_safetensors(data) else { return };
+    let Ok((tensors, meta)) = prelu::store::checkpoint::parse_safetensors(data) else { return };
     // The checkpoint's own spec, when it has one that validates and is small.
-    if let Some(spec) = meta.get(prelu::io::SPEC_KEY).and_then(|s| serde_json::from_str::<ModelSpec>(s).ok()) {
+    if let Some(spec) = meta.get(prelu::store::checkpoint::SPEC_KEY).and_then(|s| serde_json::from_str::<ModelSpec>(s).ok()) {
         if spec.validate().is_ok() {
             // The checks `load_model` makes before building anything.
-            let fits = prelu::io::check_tensors(&spec, &tensors).is_ok();
+            let fits = prelu::store::checkpoint::check_tensors(&spec, &tensors).is_ok();
             if fits && spec.param_estimate() <= 1 << 20 {
                 if let Ok(m) = Model::new(&spec, 0, &candle_core_device()) {
                     let _ = m.load_state_dict(&tensors);

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
-use prelu::attack::{self, AttackReport, PgdOptions};
+use prelu::analyses::attack::AttackReport;
+use prelu::analyses::attack::PgdOptions;
 use serde::Serialize;
 
 use super::{data_for, emit, load_ckpt, model_data, num, DataArgs, JsonArg, Progress, SpecArg};
@@ -212,7 +213,7 @@ pub fn cmd_attack(a: &AttackArgs) -> Result<()> {
         let mut p = Progress::new(&format!("attacking {}", ck.display()), ds.len() as u64, "examples");
         let bs = a.batch_size;
         let n = ds.len();
-        let r = attack::evaluate(&l.model, &ds, &a.eps, (use_fgsm, use_pgd), &opts, bs, |i, _| {
+        let r = prelu::analyses::attack::evaluate(&l.model, &ds, &a.eps, (use_fgsm, use_pgd), &opts, bs, |i, _| {
             p.set((i * bs).min(n) as u64)
         })?;
         p.set(n as u64);

@@ -88,26 +88,26 @@ pub fn cmd_export(a: &ExportArgs) -> Result<()> {
     let suffixes = [".inputs.f32", ".logits.f32", ".ref.json"];
     check_out(Some(&a.checkpoint), &a.out)?;
     for out in suffixes.iter().map(|s| beside(&a.out, s)) {
-        prelu::io::refuse_same_file(&a.checkpoint, &out)?;
+        prelu::fs::refuse_same_file(&a.checkpoint, &out)?;
         if let Some(spec) = &a.spec.spec {
-            prelu::io::refuse_same_file(spec, &out)?;
+            prelu::fs::refuse_same_file(spec, &out)?;
         }
     }
     if let Some(spec) = &a.spec.spec {
-        prelu::io::refuse_same_file(spec, &a.out)?;
+        prelu::fs::refuse_same_file(spec, &a.out)?;
     }
     let loaded = load_ckpt(&a.checkpoint, &a.spec)?;
     let model = &loaded.model;
     // An imported model keeps the original's input/output names and layouts.
-    let io = prelu::onnx::OnnxIo::from_metadata(&loaded.metadata)?;
+    let io = prelu::store::onnx::OnnxIo::from_metadata(&loaded.metadata)?;
     if a.reference > 0 && io.is_some() {
         bail!(
             "--reference writes prelu's own flat inputs; it is not supported for an imported model \
              (its ONNX input keeps the original layout)"
         );
     }
-    let bytes = prelu::onnx::export_with(model, io.as_ref())?;
-    prelu::io::write_atomic(&a.out, &bytes)?;
+    let bytes = prelu::store::onnx::export_with(model, io.as_ref())?;
+    prelu::fs::write_atomic(&a.out, &bytes)?;
     let mut reference = None;
     if a.reference > 0 {
         let (data, split) = data_for(&a.checkpoint, &a.data, &loaded)?;
@@ -116,8 +116,8 @@ pub fn cmd_export(a: &ExportArgs) -> Result<()> {
         let logits = model.forward_t(&x, false)?.flatten_all()?.to_vec1::<f32>()?;
         let bytes_of = |v: &[f32]| v.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<u8>>();
         let [inputs, logits_path, ref_json] = suffixes.map(|s| beside(&a.out, s));
-        prelu::io::write_atomic(&inputs, &bytes_of(&ds.images))?;
-        prelu::io::write_atomic(&logits_path, &bytes_of(&logits))?;
+        prelu::fs::write_atomic(&inputs, &bytes_of(&ds.images))?;
+        prelu::fs::write_atomic(&logits_path, &bytes_of(&logits))?;
         let r = Reference {
             n: ds.len(),
             features: ds.features(),
@@ -126,7 +126,7 @@ pub fn cmd_export(a: &ExportArgs) -> Result<()> {
             inputs: file_name(&inputs),
             logits: file_name(&logits_path),
         };
-        prelu::io::write_atomic(&ref_json, serde_json::to_string(&r)?.as_bytes())?;
+        prelu::fs::write_atomic(&ref_json, serde_json::to_string(&r)?.as_bytes())?;
         reference = Some(r);
     }
     emit(
@@ -164,7 +164,7 @@ pub struct ImportOutput {
     pub input_shape: [usize; 3],
     /// The original's input/output names and layouts (kept in the checkpoint
     /// header, so `export` writes them back).
-    pub io: prelu::onnx::OnnxIo,
+    pub io: prelu::store::onnx::OnnxIo,
     pub outputs: Vec<String>,
     pub nodes: usize,
     pub activations: Vec<String>,
@@ -195,9 +195,9 @@ impl fmt::Display for ImportOutput {
 
 pub fn cmd_import(a: &ImportArgs) -> Result<()> {
     check_out(Some(&a.model), &a.out)?;
-    let im = prelu::onnx::import_with(
+    let im = prelu::store::onnx::import_with(
         &a.model,
-        &prelu::onnx::ImportOptions {
+        &prelu::store::onnx::ImportOptions {
             input_size: a.input_size,
         },
     )
@@ -210,8 +210,9 @@ pub fn cmd_import(a: &ImportArgs) -> Result<()> {
             e.into()
         }
     })?;
-    let meta = std::collections::HashMap::from([(prelu::onnx::IO_KEY.to_string(), serde_json::to_string(&im.io)?)]);
-    prelu::io::save_model(&a.out, &im.model, Default::default(), meta)?;
+    let meta =
+        std::collections::HashMap::from([(prelu::store::onnx::IO_KEY.to_string(), serde_json::to_string(&im.io)?)]);
+    prelu::store::checkpoint::save_model(&a.out, &im.model, Default::default(), meta)?;
     let m = &im.model;
     emit(
         a.json.json,

@@ -6,8 +6,9 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
-use prelu::sentinel::{Alarm, Histogram, LayerReport};
-use prelu::stability;
+use prelu::analyses::diagnose::Histogram;
+use prelu::analyses::sentinel::Alarm;
+use prelu::analyses::sentinel::LayerReport;
 use serde::Serialize;
 
 use super::{data_for, emit, list, load_ckpt, num, DataArgs, JsonArg, Progress, SpecArg};
@@ -176,7 +177,7 @@ impl fmt::Display for DiagnoseOutput {
 
 pub fn cmd_diagnose(a: &DiagnoseArgs) -> Result<()> {
     let loaded = load_ckpt(&a.checkpoint, &a.spec)?;
-    let io = prelu::onnx::OnnxIo::from_metadata(&loaded.metadata)?;
+    let io = prelu::store::onnx::OnnxIo::from_metadata(&loaded.metadata)?;
     let source = a.data.source(a.labels.as_deref(), &loaded.model, io.as_ref())?;
     let is_file = source.is_some();
     let (data, ds, labeled) = match source {
@@ -198,7 +199,7 @@ pub fn cmd_diagnose(a: &DiagnoseArgs) -> Result<()> {
         prelu::data::label_by_model(&loaded.model, &mut ds, a.batch_size)?;
     }
     let mut p = Progress::new(&format!("sentinel over {data}"), ds.len() as u64, "examples");
-    let d = prelu::sentinel::diagnose_with_progress(
+    let d = prelu::analyses::diagnose::diagnose_with_progress(
         &loaded.model,
         &ds,
         a.batch_size,
@@ -279,7 +280,7 @@ pub struct ModelStability {
     pub checkpoint: PathBuf,
     pub data: String,
     pub examples: usize,
-    pub layers: Vec<stability::LayerStability>,
+    pub layers: Vec<prelu::analyses::stability::LayerStability>,
 }
 
 impl fmt::Display for ModelStability {
@@ -291,21 +292,21 @@ impl fmt::Display for ModelStability {
             self.examples,
             self.data
         )?;
-        write!(f, "{}", stability::LayersTable(&self.layers))
+        write!(f, "{}", prelu::analyses::stability::LayersTable(&self.layers))
     }
 }
 
 /// `prelu stability`'s result for random nets.
 #[derive(Serialize)]
 pub struct StabilityOutput {
-    pub chain: stability::ChainReport,
+    pub chain: prelu::analyses::stability::ChainReport,
     pub depth: usize,
     pub width: usize,
     pub draws: usize,
     pub batch: usize,
     pub seed: u64,
     pub sds: f64,
-    pub curves: Vec<stability::PropagationCurve>,
+    pub curves: Vec<prelu::analyses::stability::PropagationCurve>,
     /// The SVG plot written, if any.
     pub out: Option<PathBuf>,
     #[serde(skip)]
@@ -395,7 +396,7 @@ pub fn cmd_stability(a: &StabilityArgs) -> Result<()> {
         let dev = candle_core::Device::Cpu;
         let x = candle_core::Tensor::from_slice(&test.images, (test.len(), test.features()), &dev)?;
         let y = candle_core::Tensor::from_iter(test.labels.iter().map(|&l| l as u32), &dev)?;
-        let layers = stability::model_layers(&loaded.model, &x, &y, 4.0)?;
+        let layers = prelu::analyses::stability::model_layers(&loaded.model, &x, &y, 4.0)?;
         return emit(
             a.json.json,
             &ModelStability {
@@ -429,8 +430,8 @@ pub fn cmd_stability(a: &StabilityArgs) -> Result<()> {
         )
         .saturating_mul(4),
     )?;
-    let ch = stability::chain(&vec![a.chain_weight; a.depth], a.alpha, 1e-3, 1e3);
-    let opts = stability::PropagationOptions {
+    let ch = prelu::analyses::stability::chain(&vec![a.chain_weight; a.depth], a.alpha, 1e-3, 1e3);
+    let opts = prelu::analyses::stability::PropagationOptions {
         depth: a.depth,
         width: a.width,
         batch: a.batch,
@@ -453,12 +454,12 @@ pub fn cmd_stability(a: &StabilityArgs) -> Result<()> {
     );
     let mut curves = Vec::new();
     for (i, (init, act)) in schemes.into_iter().enumerate() {
-        curves.push(stability::propagate(init, act, a.alpha, &opts)?);
+        curves.push(prelu::analyses::stability::propagate(init, act, a.alpha, &opts)?);
         p.set(i as u64 + 1);
     }
     p.finish();
     if let Some(p) = &a.out {
-        stability::plot_svg(&curves, p)?;
+        prelu::analyses::stability::plot_svg(&curves, p)?;
     }
     emit(
         a.json.json,

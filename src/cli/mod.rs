@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use prelu::train::TrainConfig;
+use prelu::run::TrainConfig;
 
 pub mod attack;
 pub mod bench;
@@ -88,7 +88,7 @@ impl DataArgs {
         &self,
         labels: Option<&Path>,
         model: &prelu::model::Model,
-        io: Option<&prelu::onnx::OnnxIo>,
+        io: Option<&prelu::store::onnx::OnnxIo>,
     ) -> Result<Option<prelu::data::Source>> {
         let Some(d) = self.data.as_deref() else {
             if labels.is_some() {
@@ -177,10 +177,10 @@ pub fn emit<T: serde::Serialize + fmt::Display>(json: bool, v: &T) -> Result<()>
 }
 
 /// Loads a checkpoint (a .safetensors file, a run folder or an .onnx model).
-pub fn load_ckpt(p: &Path, spec: &SpecArg) -> Result<prelu::io::Loaded> {
-    prelu::io::load_model_with_spec(p, spec.spec.as_deref()).map_err(|e| match e {
+pub fn load_ckpt(p: &Path, spec: &SpecArg) -> Result<prelu::store::checkpoint::Loaded> {
+    prelu::store::checkpoint::load_model_with_spec(p, spec.spec.as_deref()).map_err(|e| match e {
         // The library names no flags; say which one gives the description.
-        prelu::Error::Other(a) if a.downcast_ref::<prelu::io::NoSpec>().is_some() => {
+        prelu::Error::Other(a) if a.downcast_ref::<prelu::store::checkpoint::NoSpec>().is_some() => {
             anyhow::anyhow!("{a:#} (--spec GRAPH.toml)")
         }
         e => e.into(),
@@ -197,7 +197,7 @@ fn run_config_of(ckpt: &Path) -> Option<TrainConfig> {
 
 /// The data set a model was trained on: its run folder's config, else the
 /// data set recorded in the checkpoint's header (derived models), if any.
-pub fn model_data(ckpt: &Path, loaded: &prelu::io::Loaded) -> Option<(String, Option<PathBuf>)> {
+pub fn model_data(ckpt: &Path, loaded: &prelu::store::checkpoint::Loaded) -> Option<(String, Option<PathBuf>)> {
     if let Some(c) = run_config_of(ckpt) {
         return Some((c.data, c.data_dir));
     }
@@ -208,9 +208,13 @@ pub fn model_data(ckpt: &Path, loaded: &prelu::io::Loaded) -> Option<(String, Op
 /// (run folder or header), else the built-in subset. Checks that it fits the
 /// model. An image folder (`--data DIR` of class subfolders) serves as both
 /// splits.
-pub fn data_for(ckpt: &Path, data: &DataArgs, loaded: &prelu::io::Loaded) -> Result<(String, prelu::data::Split)> {
+pub fn data_for(
+    ckpt: &Path,
+    data: &DataArgs,
+    loaded: &prelu::store::checkpoint::Loaded,
+) -> Result<(String, prelu::data::Split)> {
     if let Some(d) = data.data.as_deref().filter(|d| prelu::data::is_image_folder(d)) {
-        let io = prelu::onnx::OnnxIo::from_metadata(&loaded.metadata)?;
+        let io = prelu::store::onnx::OnnxIo::from_metadata(&loaded.metadata)?;
         if let Some(s) = data.source(None, &loaded.model, io.as_ref())? {
             return Ok((
                 d.to_string(),
@@ -266,7 +270,7 @@ pub fn check_out(input: Option<&Path>, out: &Path) -> Result<()> {
         bail!("cannot write {}: it is a folder (give a file name)", out.display());
     }
     if let Some(i) = input {
-        prelu::io::refuse_same_file(i, out)?;
+        prelu::fs::refuse_same_file(i, out)?;
     }
     Ok(())
 }
@@ -274,7 +278,7 @@ pub fn check_out(input: Option<&Path>, out: &Path) -> Result<()> {
 /// The metadata that makes a derived model (canonical, sculpted) remember the
 /// data set it was trained on.
 pub fn data_metadata(data: &str) -> std::collections::HashMap<String, String> {
-    [(prelu::io::DATA_KEY.to_string(), data.to_string())].into()
+    [(prelu::store::checkpoint::DATA_KEY.to_string(), data.to_string())].into()
 }
 
 /// A number for people: fixed-point in [1e-3, 1e5), else `1.23e-7` (never

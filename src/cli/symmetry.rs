@@ -6,7 +6,9 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
-use prelu::sculpt::{CanonReport, SculptOptions, SculptReport};
+use prelu::analyses::sculpt::CanonReport;
+use prelu::analyses::sculpt::SculptOptions;
+use prelu::analyses::sculpt::SculptReport;
 use serde::Serialize;
 
 use super::{check_out, data_for, data_metadata, emit, load_ckpt, DataArgs, JsonArg, Progress, SpecArg};
@@ -50,8 +52,8 @@ pub fn cmd_canonicalize(a: &CanonArgs) -> Result<()> {
     let model = &loaded.model;
     let (data, split) = data_for(&a.checkpoint, &a.data, &loaded)?;
     let test = split.test.take(a.limit);
-    let c = prelu::sculpt::canonicalize(model, &test)?;
-    prelu::io::save_model(&a.out, &c.model, Default::default(), data_metadata(&data))?;
+    let c = prelu::analyses::sculpt::canonicalize(model, &test)?;
+    prelu::store::checkpoint::save_model(&a.out, &c.model, Default::default(), data_metadata(&data))?;
     emit(
         a.json.json,
         &CanonOutput {
@@ -122,11 +124,12 @@ pub fn cmd_sculpt(a: &SculptArgs) -> Result<()> {
         total as u64,
         "examples",
     );
-    let sculpted = prelu::sculpt::sculpt_with_progress(&loaded.model, &stats, &split.test, &opts, &mut |done, _| {
-        p.set(done as u64)
-    })?;
+    let sculpted =
+        prelu::analyses::sculpt::sculpt_with_progress(&loaded.model, &stats, &split.test, &opts, &mut |done, _| {
+            p.set(done as u64)
+        })?;
     p.finish();
-    prelu::io::save_model(&a.out, &sculpted.model, Default::default(), data_metadata(&data))?;
+    prelu::store::checkpoint::save_model(&a.out, &sculpted.model, Default::default(), data_metadata(&data))?;
     emit(
         a.json.json,
         &SculptOutput {

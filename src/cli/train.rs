@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use prelu::train::{self, CompareRow, Event, TrainConfig};
+use prelu::run::CompareRow;
+use prelu::run::Event;
+use prelu::run::TrainConfig;
 use serde::Serialize;
 
 use super::{emit, mean_sd, DataArgs, JsonArg};
@@ -457,7 +459,7 @@ pub fn cmd_train(a: &TrainArgs) -> Result<()> {
                 cfg.act.replace(':', "_"),
                 cfg.seed
             );
-            train::fresh_run_dir(Path::new("runs"), &base)
+            prelu::run::fresh_run_dir(Path::new("runs"), &base)
         }
     };
     interrupt::on_ctrl_c(format!(
@@ -467,12 +469,12 @@ pub fn cmd_train(a: &TrainArgs) -> Result<()> {
     ));
     let mut p = TrainProgress::new(&cfg.act);
     let mode = match (a.resume, a.overwrite) {
-        (true, _) => train::RunMode::Resume,
-        (false, true) => train::RunMode::Overwrite,
-        (false, false) => train::RunMode::New,
+        (true, _) => prelu::run::RunMode::Resume,
+        (false, true) => prelu::run::RunMode::Overwrite,
+        (false, false) => prelu::run::RunMode::New,
     };
     // The library's errors in the command line's terms.
-    let s = train::train_in(&cfg, &dir, mode, &mut |e| p.on(e)).map_err(|e| match e {
+    let s = prelu::run::train_in(&cfg, &dir, mode, &mut |e| p.on(e)).map_err(|e| match e {
         prelu::Error::RunExists { dir } => anyhow::anyhow!(
             "{} already holds a run (or other files); pass --resume to continue it, --overwrite to replace it, \
              or choose another --out",
@@ -555,7 +557,7 @@ pub fn cmd_compare(a: &CompareArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("runs/compare-{}-{}", cfg.data.replace('/', "_"), cfg.model)));
     let mut bars = Bars::default();
-    let rows = train::compare(&cfg, &a.acts, a.seeds, &root, &mut |label, e| bars.on(label, e))?;
+    let rows = prelu::run::compare(&cfg, &a.acts, a.seeds, &root, &mut |label, e| bars.on(label, e))?;
     emit(
         a.json.json,
         &CompareOutput {
@@ -575,14 +577,14 @@ pub fn cmd_study(a: &StudyArgs) -> Result<()> {
         .vary
         .iter()
         .map(|v| {
-            v.parse::<prelu::study::Vary>()
+            v.parse::<prelu::run::study::Vary>()
                 .map_err(|e| anyhow::anyhow!("--vary {e}"))
         })
         .collect::<Result<Vec<_>>>()?;
     if vary.iter().any(|v| v.key == "seed") {
         bail!("--vary seed: the seeds are the replicates of every cell; use --seeds N and --seed S");
     }
-    let spec = prelu::study::StudySpec {
+    let spec = prelu::run::study::StudySpec {
         base,
         vary,
         seeds: a.seeds,
@@ -593,7 +595,7 @@ pub fn cmd_study(a: &StudyArgs) -> Result<()> {
         a.out.display()
     ));
     let mut bars = Bars::default();
-    let r = prelu::study::run(&spec, &a.out, &mut |rl, e| {
+    let r = prelu::run::study::run(&spec, &a.out, &mut |rl, e| {
         bars.on(&format!("[{}/{}] {} seed {}", rl.index, rl.total, rl.cell, rl.seed), e)
     })?;
     emit(a.json.json, &r)
@@ -601,8 +603,8 @@ pub fn cmd_study(a: &StudyArgs) -> Result<()> {
 
 /// The demo's depth study: a 30-hidden-layer MLP (width 128) on the built-in
 /// subset, ReLU and PReLU, Xavier and He-for-the-activation init.
-fn demo_depth_spec(seeds: usize, epochs: usize) -> prelu::study::StudySpec {
-    prelu::study::StudySpec {
+fn demo_depth_spec(seeds: usize, epochs: usize) -> prelu::run::study::StudySpec {
+    prelu::run::study::StudySpec {
         base: TrainConfig {
             hidden: vec![128; 30],
             optimizer: "sgd".into(),
@@ -613,11 +615,11 @@ fn demo_depth_spec(seeds: usize, epochs: usize) -> prelu::study::StudySpec {
             ..TrainConfig::default()
         },
         vary: vec![
-            prelu::study::Vary {
+            prelu::run::study::Vary {
                 key: "act".into(),
                 values: vec!["relu".into(), "prelu".into()],
             },
-            prelu::study::Vary {
+            prelu::run::study::Vary {
                 key: "init".into(),
                 values: vec!["xavier".into(), "he-prelu".into()],
             },
@@ -629,10 +631,10 @@ fn demo_depth_spec(seeds: usize, epochs: usize) -> prelu::study::StudySpec {
 /// The demo's result: the depth study and the dying-ReLU pair.
 #[derive(Serialize)]
 pub struct DemoOutput {
-    pub depth: prelu::study::StudyResult,
+    pub depth: prelu::run::study::StudyResult,
     pub dying: Vec<CompareRow>,
     /// The sentinel's layers over the last epoch, by activation.
-    pub dying_sentinel: std::collections::BTreeMap<String, Vec<prelu::sentinel::LayerReport>>,
+    pub dying_sentinel: std::collections::BTreeMap<String, Vec<prelu::analyses::sentinel::LayerReport>>,
     pub reports: Vec<PathBuf>,
     #[serde(skip)]
     seeds: usize,
@@ -687,7 +689,7 @@ pub fn cmd_demo(a: &DemoArgs) -> Result<()> {
         a.seeds, a.depth_epochs
     );
     let mut bars = Bars::default();
-    let depth = prelu::study::run(&spec, &a.out.join("depth"), &mut |rl, e| {
+    let depth = prelu::run::study::run(&spec, &a.out.join("depth"), &mut |rl, e| {
         bars.on(&format!("[{}/{}] {} seed {}", rl.index, rl.total, rl.cell, rl.seed), e)
     })?;
     let cfg = TrainConfig {
@@ -702,7 +704,7 @@ pub fn cmd_demo(a: &DemoArgs) -> Result<()> {
         ..cfg.clone()
     };
     let mut bars = Bars::default();
-    let dying = train::compare(
+    let dying = prelu::run::compare(
         &dying_cfg,
         &["relu".into(), "prelu".into()],
         1,
@@ -711,7 +713,12 @@ pub fn cmd_demo(a: &DemoArgs) -> Result<()> {
     )?;
     let dying_sentinel = dying
         .iter()
-        .map(|r| (r.act.clone(), train::last_sentinel(&r.run_dirs[0]).unwrap_or_default()))
+        .map(|r| {
+            (
+                r.act.clone(),
+                prelu::run::last_sentinel(&r.run_dirs[0]).unwrap_or_default(),
+            )
+        })
         .collect();
     let report_relu = a.out.join("report-dying-relu.html");
     prelu::report::write(&dying[0].run_dirs[0], &report_relu)?;

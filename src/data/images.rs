@@ -47,7 +47,9 @@ use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
-use super::{invalid, DataError, Dataset};
+use super::dataset::{invalid, strip_path, Dataset, MAX_CLASSES};
+use crate::error::DataError;
+use crate::fs::file_cap;
 
 /// Largest image file read (64 MiB; `PRELU_MAX_FILE_BYTES` overrides).
 pub const MAX_IMAGE_FILE_BYTES: u64 = 64 << 20;
@@ -82,8 +84,8 @@ impl Normalize {
     /// The mean and std of each of `channels` channels: each list must have
     /// no value (0 and 1), one value, or one per channel; every std must be
     /// positive and finite, every mean finite.
-    pub fn per_channel(&self, channels: usize) -> crate::Result<(Vec<f32>, Vec<f32>)> {
-        let expand = |v: &[f32], what: &str, default: f32| -> crate::Result<Vec<f32>> {
+    pub fn per_channel(&self, channels: usize) -> crate::error::Result<(Vec<f32>, Vec<f32>)> {
+        let expand = |v: &[f32], what: &str, default: f32| -> crate::error::Result<Vec<f32>> {
             match v.len() {
                 0 => Ok(vec![default; channels]),
                 1 => Ok(vec![v[0]; channels]),
@@ -131,13 +133,13 @@ pub struct ImageFolder {
     pub skipped: Vec<PathBuf>,
 }
 
-fn err(path: &Path, what: impl Into<String>) -> crate::Error {
+fn err(path: &Path, what: impl Into<String>) -> crate::error::Error {
     crate::Error::Data(invalid(&path.display().to_string(), what))
 }
 
 /// The entries of `dir`, sorted by name (bytes), with their types (links
 /// not followed).
-fn entries(dir: &Path) -> crate::Result<Vec<(OsString, PathBuf, std::fs::FileType)>> {
+fn entries(dir: &Path) -> crate::error::Result<Vec<(OsString, PathBuf, std::fs::FileType)>> {
     let io = |e: std::io::Error| {
         crate::Error::Data(DataError::Io {
             path: dir.display().to_string(),
@@ -158,14 +160,14 @@ fn is_hidden(name: &OsString) -> bool {
     name.as_encoded_bytes().first() == Some(&b'.')
 }
 
-fn refuse_link(path: &Path) -> crate::Error {
+fn refuse_link(path: &Path) -> crate::error::Error {
     err(
         path,
         "a symbolic link; an image folder is read only through regular files and folders (copy the files in)",
     )
 }
 
-fn refuse_special(path: &Path) -> crate::Error {
+fn refuse_special(path: &Path) -> crate::error::Error {
     err(path, "not a regular file or folder")
 }
 
@@ -177,7 +179,7 @@ fn walk(
     label: usize,
     out: &mut Vec<(PathBuf, Vec<(PathBuf, usize)>)>,
     skipped: &mut Vec<PathBuf>,
-) -> crate::Result<()> {
+) -> crate::error::Result<()> {
     if depth > MAX_DEPTH {
         return Err(err(
             dir,
@@ -219,7 +221,7 @@ fn walk(
 /// without decoding any. Errors: no class subfolders, a class without
 /// images, a symbolic link or special file, a non-UTF-8 class name, an image
 /// format other than PNG and JPEG.
-pub fn list_image_folder(dir: &Path) -> crate::Result<Listing> {
+pub fn list_image_folder(dir: &Path) -> crate::error::Result<Listing> {
     let meta = std::fs::symlink_metadata(dir).map_err(|e| {
         crate::Error::Data(DataError::Io {
             path: dir.display().to_string(),
@@ -291,13 +293,13 @@ pub struct Decoded {
 /// Decodes a PNG or JPEG file: regular files only, at most
 /// [`MAX_IMAGE_FILE_BYTES`] (or `PRELU_MAX_FILE_BYTES`), at most
 /// [`MAX_IMAGE_PIXELS`] declared pixels (checked before decoding).
-pub fn decode_image(path: &Path) -> crate::Result<Decoded> {
+pub fn decode_image(path: &Path) -> crate::error::Result<Decoded> {
     use image::ImageDecoder;
     let p = path.display().to_string();
-    let bytes = crate::io::read_capped(path, super::file_cap(MAX_IMAGE_FILE_BYTES)).map_err(|e| {
+    let bytes = crate::fs::read_capped(path, file_cap(MAX_IMAGE_FILE_BYTES)).map_err(|e| {
         crate::Error::Data(DataError::Invalid {
             path: p.clone(),
-            what: super::strip_path(&e.to_string(), &p),
+            what: strip_path(&e.to_string(), &p),
         })
     })?;
     let bad = |e: &dyn std::fmt::Display| err(path, format!("not a readable PNG or JPEG image: {e}"));
@@ -318,7 +320,7 @@ pub fn decode_image(path: &Path) -> crate::Result<Decoded> {
     reader.limits(limits);
     // A decoder should never panic on bad input; if one does, it is this
     // file's error, not a crash.
-    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> crate::Result<_> {
+    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> crate::error::Result<_> {
         let decoder = reader.into_decoder().map_err(|e| bad(&e))?;
         let (w, h) = decoder.dimensions();
         let pixels = w as u64 * h as u64;
@@ -443,7 +445,7 @@ pub fn to_input(img: &Decoded, input: [usize; 3], mean: &[f32], std: &[f32]) -> 
 /// the module notes say, labelled with its class folder's index. The
 /// result's order is the listing's (deterministic); the memory it needs is
 /// checked against the budget before it is allocated.
-pub fn load_image_folder(dir: &Path, input: [usize; 3], norm: &Normalize) -> crate::Result<ImageFolder> {
+pub fn load_image_folder(dir: &Path, input: [usize; 3], norm: &Normalize) -> crate::error::Result<ImageFolder> {
     let [c, h, w] = input;
     if !matches!(c, 1 | 3) {
         return Err(err(
@@ -456,13 +458,13 @@ pub fn load_image_folder(dir: &Path, input: [usize; 3], norm: &Normalize) -> cra
     }
     let (mean, std) = norm.per_channel(c)?;
     let listing = list_image_folder(dir)?;
-    if listing.classes.len() > super::MAX_CLASSES {
+    if listing.classes.len() > MAX_CLASSES {
         return Err(err(
             dir,
             format!(
                 "{} classes; at most {} are supported",
                 listing.classes.len(),
-                super::MAX_CLASSES
+                MAX_CLASSES
             ),
         ));
     }
@@ -476,7 +478,7 @@ pub fn load_image_folder(dir: &Path, input: [usize; 3], norm: &Normalize) -> cra
     let mut images = vec![0f32; n * f];
     // In parallel, one image per task; the first error in the listing's
     // order is the one reported.
-    let results: Vec<crate::Result<()>> = images
+    let results: Vec<crate::error::Result<()>> = images
         .par_chunks_mut(f)
         .zip(listing.files.par_iter())
         .map(|(out, (path, _))| {
@@ -486,7 +488,7 @@ pub fn load_image_folder(dir: &Path, input: [usize; 3], norm: &Normalize) -> cra
             Ok(())
         })
         .collect();
-    results.into_iter().collect::<crate::Result<Vec<()>>>()?;
+    results.into_iter().collect::<crate::error::Result<Vec<()>>>()?;
     let (files, labels): (Vec<PathBuf>, Vec<u16>) = listing.files.into_iter().map(|(p, l)| (p, l as u16)).unzip();
     Ok(ImageFolder {
         classes: listing.classes,

@@ -6,7 +6,9 @@
 
 use std::path::Path;
 
-use super::{invalid, DataError};
+use super::dataset::{invalid, strip_path};
+use crate::error::DataError;
+use crate::fs::file_cap;
 
 /// Largest `.npy` file read (1 GiB; `PRELU_MAX_FILE_BYTES` overrides).
 pub const MAX_NPY_BYTES: u64 = 1 << 30;
@@ -155,9 +157,9 @@ pub fn parse_npy(bytes: &[u8], path: &str) -> Result<Npy, DataError> {
 /// Reads a `.npy` file (regular files only, at most [`MAX_NPY_BYTES`]).
 pub fn read_npy(path: &Path) -> Result<Npy, DataError> {
     let p = path.display().to_string();
-    let bytes = crate::io::read_capped(path, super::file_cap(MAX_NPY_BYTES)).map_err(|e| DataError::Invalid {
+    let bytes = crate::fs::read_capped(path, file_cap(MAX_NPY_BYTES)).map_err(|e| DataError::Invalid {
         path: p.clone(),
-        what: super::strip_path(&e.to_string(), &p),
+        what: strip_path(&e.to_string(), &p),
     })?;
     parse_npy(&bytes, &p)
 }

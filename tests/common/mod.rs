@@ -5,9 +5,10 @@
 pub mod graphs;
 
 use candle_core::{Device, Tensor};
-use prelu::fused::FusedStep;
+use prelu::engine::fused::FusedStep;
 use prelu::model::{Arch, Model, ModelSpec, ParamKind};
-use prelu::{Activation, SlopeConstraint};
+use prelu::Activation;
+use prelu::SlopeConstraint;
 use rand::{Rng, SeedableRng};
 
 /// A model with random slopes and biases, so every gradient is non-trivial.

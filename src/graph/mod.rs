@@ -1,0 +1,671 @@
+//! The layer graph: the one description of a network that every part of the
+//! toolkit reads (the model builder, the fused training step, the sentinel,
+//! stability, attacks, export and reports).
+//!
+//! A [`Graph`] is a list of named [`Node`]s in topological order, each with
+//! the names of its inputs (`"input"` is the image batch; an empty list means
+//! "the previous node"), and the names of its outputs (heads). Parameter names
+//! are `{node}.weight`, `{node}.bias`, `{node}.running_mean|running_var`, as
+//! in the `state_dict` of the equivalent PyTorch module tree.
+//!
+//! Graphs are written by hand as JSON or TOML:
+//!
+//! ```toml
+//! outputs = ["fc"]
+//! [[nodes]]
+//! name = "conv1"
+//! op = "conv2d"
+//! out_channels = 16
+//! kernel = 3
+//! padding = 1          # or [h, w], [top, left, bottom, right], "same", "valid"
+//! [[nodes]]
+//! name = "act1"
+//! op = "act"
+//! act = "prelu"        # relu | leaky:A | prelu | prelu-shared
+//! [[nodes]]
+//! name = "pool"
+//! op = "global_avg_pool"
+//! [[nodes]]
+//! name = "flat"
+//! op = "flatten"
+//! [[nodes]]
+//! name = "fc"
+//! op = "linear"
+//! out_features = 10
+//! ```
+//!
+//! and the presets (`mlp`, `cnn`, `resnet-N`, `plain-N`) are built as graphs
+//! by the functions of this module.
+
+use std::collections::HashMap;
+
+use candle_core::{bail, Result};
+use serde::{Deserialize, Serialize};
+
+pub mod activation;
+pub mod geom;
+
+pub use activation::Activation;
+pub use geom::{ConvGeom, Padding, Pair, PoolGeom, Shape, MAX_KERNEL};
+
+/// The name of the graph's input.
+pub const INPUT: &str = "input";
+
+/// Limits that keep a hostile or mistaken graph from allocating absurd sizes.
+const MAX_NODES: usize = 10_000;
+const MAX_DIM: usize = 1 << 20;
+
+fn one() -> Pair {
+    Pair::both(1)
+}
+fn yes() -> bool {
+    true
+}
+fn bn_eps() -> f64 {
+    1e-5
+}
+fn bn_momentum() -> f64 {
+    0.1
+}
+
+mod act_str {
+    use super::Activation;
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(a: &Activation, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&a.to_string())
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Activation, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// What a node computes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Op {
+    /// 2-D convolution over NCHW maps (PyTorch `nn.Conv2d`, no groups).
+    Conv2d {
+        out_channels: usize,
+        kernel: Pair,
+        #[serde(default = "one")]
+        stride: Pair,
+        #[serde(default)]
+        padding: Padding,
+        #[serde(default = "one")]
+        dilation: Pair,
+        #[serde(default = "yes")]
+        bias: bool,
+    },
+    /// Fully connected layer on flat features (`nn.Linear`).
+    Linear {
+        out_features: usize,
+        #[serde(default = "yes")]
+        bias: bool,
+    },
+    /// BatchNorm over channels (`nn.BatchNorm1d/2d`).
+    BatchNorm {
+        #[serde(default = "bn_eps")]
+        eps: f64,
+        #[serde(default = "bn_momentum")]
+        momentum: f64,
+    },
+    /// ReLU, Leaky ReLU or PReLU (per channel or shared).
+    Act {
+        #[serde(with = "act_str")]
+        act: Activation,
+    },
+    /// Max pooling (`nn.MaxPool2d`; padding never wins).
+    MaxPool {
+        kernel: Pair,
+        /// Defaults to the kernel, as in PyTorch.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stride: Option<Pair>,
+        #[serde(default)]
+        padding: Padding,
+        #[serde(default)]
+        ceil_mode: bool,
+    },
+    /// Average pooling (`nn.AvgPool2d`).
+    AvgPool {
+        kernel: Pair,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stride: Option<Pair>,
+        #[serde(default)]
+        padding: Padding,
+        #[serde(default)]
+        ceil_mode: bool,
+        /// Whether padded zeros count in the average (PyTorch's default).
+        #[serde(default = "yes")]
+        count_include_pad: bool,
+    },
+    /// Mean over each channel's map: `[N, C, H, W] -> [N, C, 1, 1]`.
+    GlobalAvgPool,
+    /// `[N, C, H, W] -> [N, C H W]`.
+    Flatten,
+    /// Element-wise sum of its inputs (residual connections).
+    Add,
+}
+
+impl Op {
+    /// A square-kernel convolution with uniform stride and zero padding
+    /// (no dilation): the presets' convs.
+    pub fn conv(out: usize, k: usize, stride: usize, pad: usize, bias: bool) -> Op {
+        Op::Conv2d {
+            out_channels: out,
+            kernel: Pair::both(k),
+            stride: Pair::both(stride),
+            padding: Padding::uniform(pad),
+            dilation: Pair::both(1),
+            bias,
+        }
+    }
+
+    /// The op's name in graph files.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Op::Conv2d { .. } => "conv2d",
+            Op::Linear { .. } => "linear",
+            Op::BatchNorm { .. } => "batch_norm",
+            Op::Act { .. } => "act",
+            Op::MaxPool { .. } => "max_pool",
+            Op::AvgPool { .. } => "avg_pool",
+            Op::GlobalAvgPool => "global_avg_pool",
+            Op::Flatten => "flatten",
+            Op::Add => "add",
+        }
+    }
+}
+
+/// A node: a name (the PyTorch module path of its parameters), its inputs,
+/// and its op.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Node {
+    pub name: String,
+    /// Names of the nodes (or `"input"`) this one reads; empty: the previous
+    /// node (the input for the first).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inputs: Vec<String>,
+    #[serde(flatten)]
+    pub op: Op,
+}
+
+/// A network as a graph of named nodes (see the module docs).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Graph {
+    pub nodes: Vec<Node>,
+    /// The heads; empty: the last node. The first is the one trained.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outputs: Vec<String>,
+}
+
+/// A graph checked against an input shape: node inputs as indices (0 is the
+/// model input, `i + 1` node `i`), every node's output shape, the heads.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Resolved {
+    pub input: Shape,
+    /// `inputs[i]`: value indices node `i` reads.
+    pub inputs: Vec<Vec<usize>>,
+    /// `shapes[v]`: per-sample shape of value `v` (0 the input).
+    pub shapes: Vec<Shape>,
+    /// Value indices of the heads, the trained one first.
+    pub outputs: Vec<usize>,
+    /// `dense[v]`: value `v` is flat features after a linear layer (the part of
+    /// a network that the fused step keeps feature-major).
+    pub dense: Vec<bool>,
+}
+
+impl Resolved {
+    /// Nodes reading value `v`.
+    pub fn consumers(&self, v: usize) -> Vec<usize> {
+        (0..self.inputs.len())
+            .filter(|&i| self.inputs[i].contains(&v))
+            .collect()
+    }
+
+    /// Values per sample of value `v`.
+    pub fn len(&self, v: usize) -> usize {
+        self.shapes[v].iter().product()
+    }
+}
+
+impl Graph {
+    /// Parses a graph file, JSON (`{`) or TOML.
+    pub fn parse(text: &str) -> std::result::Result<Self, String> {
+        let g: Graph = if text.trim_start().starts_with('{') {
+            serde_json::from_str(text).map_err(|e| format!("graph (JSON): {e}"))?
+        } else {
+            toml::from_str(text).map_err(|e| format!("graph (TOML): {e}"))?
+        };
+        Ok(g)
+    }
+
+    /// The index of the node called `name`.
+    pub fn index(&self, name: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| n.name == name)
+    }
+
+    /// Checks the graph against an input shape and infers every shape.
+    pub fn resolve(&self, input: Shape) -> Result<Resolved> {
+        if self.nodes.is_empty() {
+            bail!("graph: no nodes");
+        }
+        if self.nodes.len() > MAX_NODES {
+            bail!("graph: {} nodes, over the limit of {MAX_NODES}", self.nodes.len());
+        }
+        let mut ids: HashMap<&str, usize> = HashMap::new();
+        ids.insert(INPUT, 0);
+        let mut shapes = vec![input];
+        let mut dense = vec![false];
+        let mut inputs = Vec::new();
+        for (i, node) in self.nodes.iter().enumerate() {
+            let name = node.name.as_str();
+            if name.is_empty() || name.len() > 200 || name.chars().any(|c| c.is_control()) {
+                bail!("graph: node {i} has an empty, overlong or unprintable name");
+            }
+            if ids.contains_key(name) {
+                bail!("graph: two nodes called `{name}` (or a node called `input`)");
+            }
+            let ins: Vec<usize> = if node.inputs.is_empty() {
+                vec![i]
+            } else {
+                node.inputs
+                    .iter()
+                    .map(|n| {
+                        ids.get(n.as_str()).copied().ok_or_else(|| {
+                            candle_core::Error::Msg(format!(
+                                "graph: node `{name}` reads `{n}`, which is not the input or an earlier node"
+                            ))
+                        })
+                    })
+                    .collect::<Result<_>>()?
+            };
+            let arity_ok = match node.op {
+                Op::Add => ins.len() >= 2,
+                _ => ins.len() == 1,
+            };
+            if !arity_ok {
+                bail!(
+                    "graph: node `{name}` ({}) has {} inputs ({})",
+                    node.op.kind(),
+                    ins.len(),
+                    if matches!(node.op, Op::Add) {
+                        "add needs two or more"
+                    } else {
+                        "it takes one"
+                    }
+                );
+            }
+            let s = shapes[ins[0]];
+            let d = dense[ins[0]];
+            let spatial = |what: &str| -> Result<()> {
+                if d {
+                    bail!("graph: {what} `{name}` after a linear layer (feature maps end at the first linear layer)");
+                }
+                Ok(())
+            };
+            let (out, out_dense) = match &node.op {
+                Op::Conv2d {
+                    out_channels,
+                    kernel,
+                    stride,
+                    padding,
+                    dilation,
+                    ..
+                } => {
+                    spatial("conv")?;
+                    if *out_channels == 0 || *out_channels > MAX_DIM {
+                        bail!("graph: conv `{name}` has {out_channels} output channels");
+                    }
+                    let g = ConvGeom::new(s[0], *out_channels, s[1], s[2], *kernel, *stride, *padding, *dilation)
+                        .map_err(|e| candle_core::Error::Msg(format!("graph: node `{name}`: {e}")))?;
+                    ([*out_channels, g.ho, g.wo], false)
+                }
+                Op::Linear { out_features, .. } => {
+                    if s[1] != 1 || s[2] != 1 {
+                        bail!(
+                            "graph: linear `{name}` gets {}x{}x{} maps; put a flatten node before it",
+                            s[0],
+                            s[1],
+                            s[2]
+                        );
+                    }
+                    if *out_features == 0 || *out_features > MAX_DIM {
+                        bail!("graph: linear `{name}` has {out_features} outputs");
+                    }
+                    ([*out_features, 1, 1], true)
+                }
+                Op::BatchNorm { eps, momentum } => {
+                    if !(*eps > 0.0) || !eps.is_finite() || !(0.0..=1.0).contains(momentum) {
+                        bail!("graph: batch norm `{name}` needs eps > 0 and momentum in [0, 1]");
+                    }
+                    (s, d)
+                }
+                Op::Act { .. } => (s, d),
+                Op::MaxPool {
+                    kernel,
+                    stride,
+                    padding,
+                    ceil_mode,
+                }
+                | Op::AvgPool {
+                    kernel,
+                    stride,
+                    padding,
+                    ceil_mode,
+                    ..
+                } => {
+                    spatial("pooling")?;
+                    let g = PoolGeom::new(s, *kernel, *stride, *padding, *ceil_mode, true)
+                        .map_err(|e| candle_core::Error::Msg(format!("graph: node `{name}`: {e}")))?;
+                    ([s[0], g.ho, g.wo], false)
+                }
+                Op::GlobalAvgPool => {
+                    spatial("global pooling")?;
+                    ([s[0], 1, 1], false)
+                }
+                Op::Flatten => ([s[0] * s[1] * s[2], 1, 1], d),
+                Op::Add => {
+                    for &j in &ins[1..] {
+                        if shapes[j] != s || dense[j] != d {
+                            bail!("graph: add `{name}` sums shapes {:?} and {:?}", s, shapes[j]);
+                        }
+                    }
+                    (s, d)
+                }
+            };
+            if out.iter().any(|&v| v == 0 || v > MAX_DIM)
+                || out
+                    .iter()
+                    .try_fold(1usize, |a, &v| a.checked_mul(v))
+                    .is_none_or(|n| n > 1 << 28)
+            {
+                bail!("graph: node `{name}` has output shape {out:?}");
+            }
+            ids.insert(name, i + 1);
+            shapes.push(out);
+            dense.push(out_dense);
+            inputs.push(ins);
+        }
+        let outputs: Vec<usize> = if self.outputs.is_empty() {
+            vec![self.nodes.len()]
+        } else {
+            self.outputs
+                .iter()
+                .map(|n| {
+                    ids.get(n.as_str())
+                        .copied()
+                        .filter(|&v| v > 0)
+                        .ok_or_else(|| candle_core::Error::Msg(format!("graph: output `{n}` is not a node")))
+                })
+                .collect::<Result<_>>()?
+        };
+        Ok(Resolved {
+            input,
+            inputs,
+            shapes,
+            outputs,
+            dense,
+        })
+    }
+
+    /// Trainable parameters of the graph on an input (saturating; for
+    /// bounding before anything is allocated). `None` if it does not resolve.
+    pub fn param_count(&self, r: &Resolved) -> usize {
+        let mut n = 0usize;
+        for (i, node) in self.nodes.iter().enumerate() {
+            let s = r.shapes[r.inputs[i][0]];
+            n = n.saturating_add(match &node.op {
+                Op::Conv2d {
+                    out_channels,
+                    kernel,
+                    bias,
+                    ..
+                } => s[0]
+                    .saturating_mul(kernel.h() * kernel.w())
+                    .saturating_add(*bias as usize)
+                    .saturating_mul(*out_channels),
+                Op::Linear { out_features, bias } => s[0].saturating_add(*bias as usize).saturating_mul(*out_features),
+                Op::BatchNorm { .. } => 2 * s[0],
+                Op::Act {
+                    act: Activation::PRelu { shared },
+                } => {
+                    if *shared {
+                        1
+                    } else {
+                        s[0]
+                    }
+                }
+                _ => 0,
+            });
+        }
+        n
+    }
+
+    /// The activation kind the output of node `i` reaches next (through
+    /// BatchNorm, pooling, flatten and adds), for the init gain; `None` when it
+    /// reaches a head first.
+    pub fn next_activation(&self, r: &Resolved, i: usize) -> Option<Activation> {
+        let mut v = i + 1;
+        loop {
+            if r.outputs.contains(&v) {
+                return None;
+            }
+            let next = r.consumers(v);
+            let &j = next.first()?;
+            match &self.nodes[j].op {
+                Op::Act { act } => return Some(*act),
+                Op::BatchNorm { .. }
+                | Op::MaxPool { .. }
+                | Op::AvgPool { .. }
+                | Op::GlobalAvgPool
+                | Op::Flatten
+                | Op::Add => v = j + 1,
+                Op::Conv2d { .. } | Op::Linear { .. } => return None,
+            }
+        }
+    }
+}
+
+/// Builder of preset graphs.
+#[derive(Default)]
+struct Builder {
+    nodes: Vec<Node>,
+}
+
+impl Builder {
+    fn push(&mut self, name: impl Into<String>, inputs: &[&str], op: Op) -> String {
+        let name = name.into();
+        self.nodes.push(Node {
+            name: name.clone(),
+            inputs: inputs.iter().map(|s| s.to_string()).collect(),
+            op,
+        });
+        name
+    }
+    #[allow(clippy::too_many_arguments)]
+    fn conv(
+        &mut self,
+        name: String,
+        input: &str,
+        out: usize,
+        k: usize,
+        stride: usize,
+        pad: usize,
+        bias: bool,
+    ) -> String {
+        self.push(name, &[input], Op::conv(out, k, stride, pad, bias))
+    }
+    fn bn(&mut self, name: String, input: &str) -> String {
+        self.push(
+            name,
+            &[input],
+            Op::BatchNorm {
+                eps: bn_eps(),
+                momentum: bn_momentum(),
+            },
+        )
+    }
+    fn act(&mut self, name: String, input: &str, act: Activation) -> String {
+        self.push(name, &[input], Op::Act { act })
+    }
+    fn linear(&mut self, name: String, input: &str, out: usize) -> String {
+        self.push(
+            name,
+            &[input],
+            Op::Linear {
+                out_features: out,
+                bias: true,
+            },
+        )
+    }
+    fn finish(self, output: String) -> Graph {
+        Graph {
+            nodes: self.nodes,
+            outputs: vec![output],
+        }
+    }
+}
+
+/// `Flatten`, then `layers.i (Linear) -> [bn.i] -> act.i` per hidden width,
+/// then the head `layers.{n}`: the MLP preset (names as its PyTorch twin's).
+pub fn mlp(hidden: &[usize], act: Activation, batch_norm: bool, classes: usize) -> Graph {
+    let mut b = Builder::default();
+    let mut x = b.push("flatten", &[INPUT], Op::Flatten);
+    for (i, &h) in hidden.iter().enumerate() {
+        x = b.linear(format!("layers.{i}"), &x, h);
+        if batch_norm {
+            x = b.bn(format!("bn.{i}"), &x);
+        }
+        x = b.act(format!("act.{i}"), &x, act);
+    }
+    let head = b.linear(format!("layers.{}", hidden.len()), &x, classes);
+    b.finish(head)
+}
+
+/// The CNN presets: per entry of `channels`, `convs.i (k x k, padding) ->
+/// [bn.j] -> act.j`, a 2x2 max-pool `pools.i` after the convs in `pool_after`;
+/// then flatten, `layers.0 -> [bn] -> act`, head `layers.1`.
+#[allow(clippy::too_many_arguments)]
+pub fn cnn(
+    channels: &[usize],
+    kernel: usize,
+    padding: usize,
+    pool_after: &[usize],
+    hidden: usize,
+    act: Activation,
+    batch_norm: bool,
+    classes: usize,
+) -> Graph {
+    let mut b = Builder::default();
+    let mut x = INPUT.to_string();
+    let mut j = 0;
+    for (i, &co) in channels.iter().enumerate() {
+        x = b.conv(format!("convs.{i}"), &x, co, kernel, 1, padding, true);
+        if batch_norm {
+            x = b.bn(format!("bn.{j}"), &x);
+        }
+        x = b.act(format!("act.{j}"), &x, act);
+        j += 1;
+        if pool_after.contains(&i) {
+            x = b.push(
+                format!("pools.{i}"),
+                &[&x],
+                Op::MaxPool {
+                    kernel: Pair::both(2),
+                    stride: None,
+                    padding: Padding::default(),
+                    ceil_mode: false,
+                },
+            );
+        }
+    }
+    x = b.push("flatten", &[&x], Op::Flatten);
+    x = b.linear("layers.0".into(), &x, hidden);
+    if batch_norm {
+        x = b.bn(format!("bn.{j}"), &x);
+    }
+    x = b.act(format!("act.{j}"), &x, act);
+    let head = b.linear("layers.1".into(), &x, classes);
+    b.finish(head)
+}
+
+/// The ResNet family for small images (He et al. 2016, section 4.2), depth
+/// `6n + 2`: `conv1 (3x3, 16) [bn1] act1`; stages `layer1..3` of `n` basic
+/// blocks (`conv1 [bn1] act1 conv2 [bn2]`, plus the shortcut, then `act2`) at
+/// widths 16/32/64, the first block of stages 2 and 3 with stride 2 and a 1x1
+/// convolution `shortcut.0` [+ BatchNorm `shortcut.1`] as projection;
+/// global average pool; head `fc`. With `shortcuts: false` the same net
+/// without shortcuts (the "plain" nets of He et al.). Convs have no bias
+/// when BatchNorm follows them, as in PyTorch's ResNets.
+pub fn resnet(depth: usize, shortcuts: bool, act: Activation, batch_norm: bool, classes: usize) -> Result<Graph> {
+    if depth < 8 || !(depth - 2).is_multiple_of(6) || depth > 1202 {
+        bail!("resnet/plain depth must be 6n + 2 between 8 and 1202 (8, 14, 20, 32, 44, 56, 110), got {depth}");
+    }
+    let n = (depth - 2) / 6;
+    let bias = !batch_norm;
+    let mut b = Builder::default();
+    let mut x = b.conv("conv1".into(), INPUT, 16, 3, 1, 1, bias);
+    if batch_norm {
+        x = b.bn("bn1".into(), &x);
+    }
+    x = b.act("act1".into(), &x, act);
+    let mut width = 16;
+    for stage in 0..3 {
+        let out = 16 << stage;
+        for blk in 0..n {
+            let p = format!("layer{}.{blk}", stage + 1);
+            let stride = if stage > 0 && blk == 0 { 2 } else { 1 };
+            let block_in = x.clone();
+            let mut y = b.conv(format!("{p}.conv1"), &block_in, out, 3, stride, 1, bias);
+            if batch_norm {
+                y = b.bn(format!("{p}.bn1"), &y);
+            }
+            y = b.act(format!("{p}.act1"), &y, act);
+            y = b.conv(format!("{p}.conv2"), &y, out, 3, 1, 1, bias);
+            if batch_norm {
+                y = b.bn(format!("{p}.bn2"), &y);
+            }
+            if shortcuts {
+                let sc = if stride != 1 || width != out {
+                    let s = b.conv(format!("{p}.shortcut.0"), &block_in, out, 1, stride, 0, bias);
+                    if batch_norm {
+                        b.bn(format!("{p}.shortcut.1"), &s)
+                    } else {
+                        s
+                    }
+                } else {
+                    block_in.clone()
+                };
+                y = b.push(format!("{p}.add"), &[&y, &sc], Op::Add);
+            }
+            x = b.act(format!("{p}.act2"), &y, act);
+            width = out;
+        }
+    }
+    x = b.push("pool", &[&x], Op::GlobalAvgPool);
+    x = b.push("flatten", &[&x], Op::Flatten);
+    let head = b.linear("fc".into(), &x, classes);
+    Ok(b.finish(head))
+}
+
+/// Parses `--hidden`: `512,512` or `256x30` (30 layers of 256), mixed as
+/// `512,256x3`.
+pub fn parse_hidden(s: &str) -> std::result::Result<Vec<usize>, String> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (w, n) = match part.split_once(['x', 'X']) {
+            Some((w, n)) => (
+                w,
+                n.parse::<usize>()
+                    .map_err(|_| format!("`{part}`: expected WIDTHxCOUNT"))?,
+            ),
+            None => (part, 1),
+        };
+        let w: usize = w.parse().map_err(|_| format!("`{part}`: `{w}` is not a width"))?;
+        if n > 10_000 || out.len() + n > 10_000 {
+            return Err(format!("`{part}`: at most 10,000 hidden layers"));
+        }
+        out.extend(std::iter::repeat_n(w, n));
+    }
+    Ok(out)
+}
