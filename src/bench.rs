@@ -363,7 +363,7 @@ fn step_time(
         input_mean: 0.13,
         input_std: 0.31,
         batch_norm: matches!(arch, Arch::Resnet { .. }),
-        ..ModelSpec::new(arch, crate::Activation::PRelu { shared: false }, [1, 28, 28], 10)
+        ..ModelSpec::new(arch, crate::graph::Activation::PRelu { shared: false }, [1, 28, 28], 10)
     };
     let model = Model::new(&spec, 0, &dev)?;
     let mut opt = Optimizer::new(OptimizerKind::Sgd { momentum: 0.9 }, 0.0, model.params(), false)?;

@@ -129,7 +129,7 @@ pub fn read_text(path: &Path) -> Result<String> {
 }
 
 fn text_of(path: &Path, bytes: Vec<u8>) -> Result<String> {
-    String::from_utf8(bytes).map_err(|_| crate::Error::Invalid(format!("{}: not UTF-8 text", path.display())))
+    String::from_utf8(bytes).map_err(|_| crate::error::Error::Invalid(format!("{}: not UTF-8 text", path.display())))
 }
 
 /// [`read_text`], with `None` when nothing is at the path (a dangling or

@@ -143,7 +143,7 @@ pub const DEFAULT_BUDGET_SHARE: f64 = 0.75;
 pub fn budget() -> crate::error::Result<u64> {
     if let Ok(v) = std::env::var("PRELU_MEMORY_BUDGET") {
         return parse_size(&v).ok_or_else(|| {
-            crate::Error::Invalid(format!(
+            crate::error::Error::Invalid(format!(
                 "PRELU_MEMORY_BUDGET=`{v}` is not a size (bytes, or a number with K, M, G or T)"
             ))
         });

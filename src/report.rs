@@ -64,13 +64,13 @@ fn read_json_beside(run_dir: &Path, name: &str) -> Result<Option<serde_json::Val
 /// A number from a JSON file beside a run, or an error naming the field.
 fn json_number(v: &serde_json::Value, file: &str, field: &str) -> Result<f64> {
     v.as_f64()
-        .ok_or_else(|| crate::Error::Invalid(format!("{file}: `{field}` must be a number, got {}", short(v))))
+        .ok_or_else(|| crate::error::Error::Invalid(format!("{file}: `{field}` must be a number, got {}", short(v))))
 }
 
 /// A string from a JSON file beside a run, or an error naming the field.
 fn json_str<'a>(v: &'a serde_json::Value, file: &str, field: &str) -> Result<&'a str> {
     v.as_str()
-        .ok_or_else(|| crate::Error::Invalid(format!("{file}: `{field}` must be a string, got {}", short(v))))
+        .ok_or_else(|| crate::error::Error::Invalid(format!("{file}: `{field}` must be a string, got {}", short(v))))
 }
 
 fn short(v: &serde_json::Value) -> String {
@@ -590,7 +590,7 @@ fn is_run(dir: &Path) -> bool {
 /// `metrics.jsonl`) stands for itself; a folder without one whose subfolders
 /// are run folders (what `prelu compare` writes) stands for those, sorted by
 /// name. Linked folders are not followed. A path that is not there is
-/// [`crate::Error::NotFound`]; one that is not a folder is refused.
+/// [`crate::error::Error::NotFound`]; one that is not a folder is refused.
 pub fn expand_runs(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     if paths.is_empty() {
         fail!("no run folder given");
@@ -598,7 +598,7 @@ pub fn expand_runs(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     let mut runs = Vec::new();
     for p in paths {
         let Ok(meta) = std::fs::metadata(p) else {
-            return Err(crate::Error::NotFound {
+            return Err(crate::error::Error::NotFound {
                 path: p.clone(),
                 what: "the run folder",
             });

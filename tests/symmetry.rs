@@ -4,9 +4,6 @@
 use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
-use prelu::analyses::symmetry::Bn;
-use prelu::analyses::symmetry::Dense;
-use prelu::analyses::symmetry::DenseNet;
 use prelu::analyses::symmetry::GraphNet;
 use prelu::model::{Arch, Model, ModelSpec};
 use prelu::Activation;
@@ -14,6 +11,7 @@ use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 
 mod common;
+use common::dense_net::{Bn, Dense, DenseNet};
 use common::graphs::*;
 
 fn random_net(seed: u64, widths: &[usize], bn: bool) -> DenseNet {

@@ -351,7 +351,7 @@ fn kind_of(a: &ActivationLayer) -> String {
     match a {
         ActivationLayer::Relu => "relu".into(),
         ActivationLayer::LeakyRelu(s) => format!("leaky:{s}"),
-        ActivationLayer::PRelu(p) if p.config().axis == crate::SlopeAxis::Shared => "prelu-shared".into(),
+        ActivationLayer::PRelu(p) if p.config().axis == crate::nn::ops::SlopeAxis::Shared => "prelu-shared".into(),
         ActivationLayer::PRelu(_) => "prelu".into(),
     }
 }
@@ -442,7 +442,7 @@ impl Sentinel {
             let slope = site.act.prelu().map(|p| p.param().clone());
             if let (Some(s), Some(p)) = (&slope, site.act.prelu()) {
                 let n = s.elem_count();
-                if p.config().axis != crate::SlopeAxis::Shared && n != site.channels {
+                if p.config().axis != crate::nn::ops::SlopeAxis::Shared && n != site.channels {
                     crate::error::fail!(
                         "sentinel: site `{}` has {n} slopes but {} channels",
                         site.name,

@@ -73,10 +73,10 @@ pub fn chain(weights: &[f64], a: f64, vanish_below: f64, explode_above: f64) -> 
 pub fn chain_backprop(weights: &[f64], a: f64, x0: f64) -> crate::error::Result<f64> {
     let dev = Device::Cpu;
     let x = Var::from_tensor(&Tensor::new(&[[x0]], &dev)?)?;
-    let act = ActivationLayer::PRelu(crate::PReLU::from_slopes(
+    let act = ActivationLayer::PRelu(crate::nn::activation::PReLU::from_slopes(
         &Tensor::new(&[a], &dev)?,
         PReLUConfig {
-            axis: crate::SlopeAxis::Shared,
+            axis: crate::nn::ops::SlopeAxis::Shared,
             ..Default::default()
         },
     )?);

@@ -9,7 +9,7 @@ use prelu::analyses::attack::AttackReport;
 use prelu::analyses::attack::PgdOptions;
 use serde::Serialize;
 
-use super::{data_for, emit, load_ckpt, model_data, num, DataArgs, JsonArg, Progress, SpecArg};
+use super::common::{data_for, emit, load_ckpt, model_data, num, DataArgs, JsonArg, Progress, SpecArg};
 
 /// An attack.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

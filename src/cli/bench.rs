@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 
-use super::{emit, spinner, JsonArg};
+use super::common::{emit, spinner, JsonArg};
 
 #[derive(Subcommand)]
 pub enum BenchCommand {

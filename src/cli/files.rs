@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 use serde::Serialize;
 
-use super::{check_out, data_for, emit, load_ckpt, DataArgs, JsonArg, SpecArg};
+use super::common::{check_out, data_for, emit, load_ckpt, DataArgs, JsonArg, SpecArg};
 
 #[derive(Args)]
 pub struct ExportArgs {

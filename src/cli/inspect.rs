@@ -11,7 +11,7 @@ use prelu::analyses::sentinel::Alarm;
 use prelu::analyses::sentinel::LayerReport;
 use serde::Serialize;
 
-use super::{data_for, emit, list, load_ckpt, num, DataArgs, JsonArg, Progress, SpecArg};
+use super::common::{data_for, emit, list, load_ckpt, num, DataArgs, JsonArg, Progress, SpecArg};
 
 /// Which split of a data set.
 #[derive(Clone, Copy, Debug, ValueEnum, Serialize)]
@@ -418,7 +418,7 @@ pub fn cmd_stability(a: &StabilityArgs) -> Result<()> {
         );
     }
     if let Some(p) = &a.out {
-        super::check_out(None, p)?;
+        super::common::check_out(None, p)?;
     }
     // Every layer's weights are kept, and each layer's inputs and gradients.
     let (d, w, b) = (a.depth as u64, a.width as u64, a.batch as u64);

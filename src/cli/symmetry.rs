@@ -11,7 +11,7 @@ use prelu::analyses::sculpt::SculptOptions;
 use prelu::analyses::sculpt::SculptReport;
 use serde::Serialize;
 
-use super::{check_out, data_for, data_metadata, emit, load_ckpt, DataArgs, JsonArg, Progress, SpecArg};
+use super::common::{check_out, data_for, data_metadata, emit, load_ckpt, DataArgs, JsonArg, Progress, SpecArg};
 
 #[derive(Args)]
 pub struct CanonArgs {

@@ -11,7 +11,7 @@ use prelu::run::Event;
 use prelu::run::TrainConfig;
 use serde::Serialize;
 
-use super::{emit, mean_sd, DataArgs, JsonArg};
+use super::common::{emit, mean_sd, DataArgs, JsonArg};
 
 /// Hidden widths as given on the command line (`512,512` or `256x30`).
 #[derive(Clone, Debug)]

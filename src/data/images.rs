@@ -90,7 +90,7 @@ impl Normalize {
                 0 => Ok(vec![default; channels]),
                 1 => Ok(vec![v[0]; channels]),
                 n if n == channels => Ok(v.to_vec()),
-                n => Err(crate::Error::Invalid(format!(
+                n => Err(crate::error::Error::Invalid(format!(
                     "{n} input {what} values for a model with {channels} input channel{}; give one value, or one per channel",
                     if channels == 1 { "" } else { "s" }
                 ))),
@@ -99,10 +99,10 @@ impl Normalize {
         let mean = expand(&self.mean, "mean", 0.0)?;
         let std = expand(&self.std, "std", 1.0)?;
         if let Some(m) = mean.iter().find(|m| !m.is_finite()) {
-            return Err(crate::Error::Invalid(format!("input mean {m} is not finite")));
+            return Err(crate::error::Error::Invalid(format!("input mean {m} is not finite")));
         }
         if let Some(s) = std.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
-            return Err(crate::Error::Invalid(format!(
+            return Err(crate::error::Error::Invalid(format!(
                 "input std {s} is not a positive finite number"
             )));
         }
@@ -134,14 +134,14 @@ pub struct ImageFolder {
 }
 
 fn err(path: &Path, what: impl Into<String>) -> crate::error::Error {
-    crate::Error::Data(invalid(&path.display().to_string(), what))
+    crate::error::Error::Data(invalid(&path.display().to_string(), what))
 }
 
 /// The entries of `dir`, sorted by name (bytes), with their types (links
 /// not followed).
 fn entries(dir: &Path) -> crate::error::Result<Vec<(OsString, PathBuf, std::fs::FileType)>> {
     let io = |e: std::io::Error| {
-        crate::Error::Data(DataError::Io {
+        crate::error::Error::Data(DataError::Io {
             path: dir.display().to_string(),
             source: e,
         })
@@ -223,7 +223,7 @@ fn walk(
 /// format other than PNG and JPEG.
 pub fn list_image_folder(dir: &Path) -> crate::error::Result<Listing> {
     let meta = std::fs::symlink_metadata(dir).map_err(|e| {
-        crate::Error::Data(DataError::Io {
+        crate::error::Error::Data(DataError::Io {
             path: dir.display().to_string(),
             source: e,
         })
@@ -297,7 +297,7 @@ pub fn decode_image(path: &Path) -> crate::error::Result<Decoded> {
     use image::ImageDecoder;
     let p = path.display().to_string();
     let bytes = crate::fs::read_capped(path, file_cap(MAX_IMAGE_FILE_BYTES)).map_err(|e| {
-        crate::Error::Data(DataError::Invalid {
+        crate::error::Error::Data(DataError::Invalid {
             path: p.clone(),
             what: strip_path(&e.to_string(), &p),
         })

@@ -90,7 +90,7 @@ pub fn load_source_with(
 ) -> crate::error::Result<Option<Source>> {
     if is_image_folder(data) {
         if let Some(l) = labels {
-            return Err(crate::Error::Invalid(format!(
+            return Err(crate::error::Error::Invalid(format!(
                 "a labels file ({}) is for a .npy source; the image folder {data} is labelled by its class subfolders",
                 l.display()
             )));
@@ -99,7 +99,7 @@ pub fn load_source_with(
         let folder = images::load_image_folder(dir, model.spec.input, norm)?;
         let classes = model.spec.classes;
         if folder.classes.len() > classes {
-            return Err(crate::Error::Data(invalid(
+            return Err(crate::error::Error::Data(invalid(
                 data,
                 format!(
                     "{} class subfolders but the model has {classes} outputs; class k (in sorted order) is label k, \
@@ -118,7 +118,7 @@ pub fn load_source_with(
     }
     if !is_file_source(data) {
         if let Some(l) = labels {
-            return Err(crate::Error::Invalid(format!(
+            return Err(crate::error::Error::Invalid(format!(
                 "a labels file ({}) is for a .npy source; the data set `{data}` has its own labels",
                 l.display()
             )));
@@ -126,7 +126,7 @@ pub fn load_source_with(
         return Ok(None);
     }
     if !norm.is_none() {
-        return Err(crate::Error::Invalid(format!(
+        return Err(crate::error::Error::Invalid(format!(
             "an input mean/std applies to image folders only; {data} (.npy) is fed as is"
         )));
     }
@@ -140,7 +140,7 @@ fn load_npy_source(
     io: Option<&crate::store::onnx::OnnxIo>,
 ) -> crate::error::Result<Source> {
     use crate::store::onnx::Layout;
-    let fail = |path: &str, what: String| crate::Error::Data(invalid(path, what));
+    let fail = |path: &str, what: String| crate::error::Error::Data(invalid(path, what));
     let path = Path::new(data);
     let input = model.spec.input;
     let [c, h, w] = input;
@@ -212,7 +212,7 @@ fn load_npy_source(
 /// or `[n, 1]`), each in `0..classes` (the model's output count).
 pub fn read_labels(path: &Path, n: usize, classes: usize) -> crate::error::Result<Vec<u16>> {
     let ld = path.display().to_string();
-    let fail = |what: String| crate::Error::Data(invalid(&ld, what));
+    let fail = |what: String| crate::error::Error::Data(invalid(&ld, what));
     let l = npy::read_npy(path)?;
     let npy::NpyData::Int(v) = l.data else {
         return Err(fail(
@@ -249,7 +249,7 @@ pub fn label_by_model(model: &crate::model::Model, ds: &mut Dataset, batch: usiz
         let pred = model.forward_t(&x, false)?.argmax(1)?.to_vec1::<u32>()?;
         for p in pred {
             let Ok(p) = u16::try_from(p) else {
-                return Err(crate::Error::Invalid(format!(
+                return Err(crate::error::Error::Invalid(format!(
                     "the model predicts class {p}; labels are supported for up to {MAX_CLASSES} classes"
                 )));
             };

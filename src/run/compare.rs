@@ -53,7 +53,7 @@ pub fn compare(
         fail!("compare needs at least one activation and one seed");
     }
     for a in acts {
-        a.parse::<Activation>().map_err(crate::Error::Invalid)?;
+        a.parse::<Activation>().map_err(crate::error::Error::Invalid)?;
     }
     let mut rows = Vec::new();
     for act in acts {

@@ -153,7 +153,7 @@ impl TrainConfig {
 
     /// Checks every value and parses the string-valued options.
     pub fn resolve(&self) -> Result<Resolved> {
-        let e = crate::Error::Invalid;
+        let e = crate::error::Error::Invalid;
         if self.epochs == 0 || self.epochs > MAX_EPOCHS {
             fail!("epochs must be in 1..={MAX_EPOCHS}, got {}", self.epochs);
         }
@@ -203,7 +203,7 @@ impl TrainConfig {
             let path = Path::new(&self.model);
             let text = crate::fs::read_text(path)?;
             let graph = crate::graph::Graph::parse(&text)
-                .map_err(|m| crate::Error::Invalid(format!("{}: {m}", path.display())))?;
+                .map_err(|m| crate::error::Error::Invalid(format!("{}: {m}", path.display())))?;
             Arch::Graph { graph }
         } else {
             let arch = Arch::preset(&self.model, &self.hidden, &self.channels).map_err(e)?;

@@ -123,7 +123,7 @@ impl RunFolder {
     /// anything in it changes), creates and locks it, and removes the
     /// temporary files a killed run left.
     pub fn open(dir: &Path, mode: RunMode, on: &mut dyn FnMut(Event)) -> Result<Self> {
-        let taken = |dir: &Path| crate::Error::RunExists { dir: dir.to_path_buf() };
+        let taken = |dir: &Path| crate::error::Error::RunExists { dir: dir.to_path_buf() };
         if mode == RunMode::New && holds_files(dir)? {
             return Err(taken(dir));
         }
@@ -183,7 +183,7 @@ impl RunFolder {
         prog.check(steps_per_epoch)
             .with_context(|| format!("{}: cannot resume", ckpt_path.display()))?;
         if epochs < prog.epoch {
-            return Err(crate::Error::WouldShorten {
+            return Err(crate::error::Error::WouldShorten {
                 dir: run_dir.to_path_buf(),
                 done: prog.epoch,
                 asked: epochs,

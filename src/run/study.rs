@@ -22,9 +22,11 @@ use crate::error::Result;
 use anyhow::Context;
 use serde::Serialize;
 
-use crate::run::Event;
-use crate::run::MetricsLine;
-use crate::run::TrainConfig;
+use super::compare::mean_std;
+use super::config::TrainConfig;
+use super::event::Event;
+use super::metrics::{read_metrics, EpochMetrics, MetricsLine};
+use super::train::train;
 
 // ---------------------------------------------------------------------------
 // Student-t distribution
@@ -183,11 +185,7 @@ pub struct MeanInterval {
 
 pub fn mean_interval(v: &[f64]) -> MeanInterval {
     let n = v.len();
-    let (mean, sd) = if n == 0 {
-        (f64::NAN, f64::NAN)
-    } else {
-        crate::run::mean_std(v)
-    };
+    let (mean, sd) = if n == 0 { (f64::NAN, f64::NAN) } else { mean_std(v) };
     if n < 2 {
         return MeanInterval {
             n,
@@ -568,12 +566,12 @@ pub fn checkpoint_epoch(run_dir: &Path) -> Result<usize> {
     p.get("epoch")
         .and_then(|e| e.as_u64())
         .map(|e| e as usize)
-        .ok_or_else(|| crate::Error::Invalid(format!("{}: no epoch in the training progress", path.display())))
+        .ok_or_else(|| crate::error::Error::Invalid(format!("{}: no epoch in the training progress", path.display())))
 }
 
 /// Reads a finished (or partial) run's curve and final numbers from its folder.
 pub fn read_run(run_dir: &Path, seed: u64, status: &str) -> Result<StudyRun> {
-    let epochs: Vec<crate::run::EpochMetrics> = crate::run::read_metrics(run_dir)?
+    let epochs: Vec<EpochMetrics> = read_metrics(run_dir)?
         .into_iter()
         .filter_map(|l| match l {
             MetricsLine::Epoch(m) => Some(m),
@@ -635,7 +633,7 @@ pub const DIVERGED_FILE: &str = "study-diverged.txt";
 fn run_one(cfg: &TrainConfig, dir: &Path, on: &mut dyn FnMut(Event)) -> Result<StudyRun> {
     let marker = dir.join(DIVERGED_FILE);
     let mut train = |resume: bool, ok: &'static str| -> Result<(&'static str, Option<String>)> {
-        match crate::run::train(cfg, dir, resume, on) {
+        match train(cfg, dir, resume, on) {
             Ok(_) => Ok((ok, None)),
             Err(e) if is_divergence(&e) => {
                 let msg = format!("{e:#}");
@@ -764,8 +762,8 @@ pub fn summarise_cell(kv: Vec<(String, String)>, dir: PathBuf, runs: Vec<StudyRu
         test_acc_min: acc.iter().copied().reduce(f64::min).unwrap_or(f64::NAN),
         test_acc_max: acc.iter().copied().reduce(f64::max).unwrap_or(f64::NAN),
         test_acc_ci95: mi.ci95,
-        best_test_acc_mean: crate::run::mean_std(&finite(runs.iter().map(|r| r.best_test_acc).collect())).0,
-        seconds_mean: crate::run::mean_std(&runs.iter().map(|r| r.seconds).collect::<Vec<_>>()).0,
+        best_test_acc_mean: mean_std(&finite(runs.iter().map(|r| r.best_test_acc).collect())).0,
+        seconds_mean: mean_std(&runs.iter().map(|r| r.seconds).collect::<Vec<_>>()).0,
         runs,
         kv,
     }
@@ -818,8 +816,8 @@ pub fn contrasts(vary: &[Vary], cells: &[StudyCell]) -> Vec<Contrast> {
                     context: ctx.iter().cloned().collect(),
                     n: diffs.len(),
                     excluded,
-                    a_mean: crate::run::mean_std(&sa).0,
-                    b_mean: crate::run::mean_std(&sb).0,
+                    a_mean: mean_std(&sa).0,
+                    b_mean: mean_std(&sb).0,
                     diff_mean: mi.mean,
                     diff_sd: mi.sd,
                     ci95: mi.ci95,

@@ -28,7 +28,7 @@ pub fn safetensors_bytes(tensors: &HashMap<String, Tensor>, metadata: HashMap<St
     }
     items.sort_by(|a, b| a.0.cmp(b.0));
     safetensors::serialize(items.iter().map(|(k, t)| (k.as_str(), t)), Some(metadata))
-        .map_err(|e| crate::Error::Invalid(format!("cannot serialise tensors: {e}")))
+        .map_err(|e| crate::error::Error::Invalid(format!("cannot serialise tensors: {e}")))
 }
 
 /// Refuses tensors holding NaN or an infinity (naming the first one): only
@@ -207,7 +207,7 @@ pub const DATA_KEY: &str = "prelu.data";
 /// checked, and the model's memory estimated against the budget, all before
 /// the model is built.
 pub fn load_model_with_spec(path: &Path, spec: Option<&Path>) -> crate::error::Result<Loaded> {
-    load_checkpoint(path, spec).map_err(crate::Error::from)
+    load_checkpoint(path, spec).map_err(crate::error::Error::from)
 }
 
 fn load_checkpoint(path: &Path, spec: Option<&Path>) -> anyhow::Result<Loaded> {
@@ -309,7 +309,7 @@ const WRAPPER_PREFIXES: [&str; 2] = ["module.", "_orig_mod."];
 /// also nested), where every key has it and no node of the graph file
 /// `graph_text` is named with it; otherwise unchanged.
 pub fn strip_wrapper_prefix(graph_text: &str, tensors: HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>> {
-    let graph = crate::graph::Graph::parse(graph_text).map_err(crate::Error::Invalid)?;
+    let graph = crate::graph::Graph::parse(graph_text).map_err(crate::error::Error::Invalid)?;
     let mut tensors = tensors;
     while let Some(p) = WRAPPER_PREFIXES.iter().find(|p| {
         !tensors.is_empty()
@@ -353,11 +353,11 @@ struct GraphExtras {
 /// its weight. Checks nothing about the other tensors (see [`check_state_dict`]).
 pub fn spec_from_graph(text: &str, tensors: &HashMap<String, Tensor>) -> Result<ModelSpec> {
     use crate::graph::{Graph, Op, INPUT};
-    let graph = Graph::parse(text).map_err(crate::Error::Invalid)?;
+    let graph = Graph::parse(text).map_err(crate::error::Error::Invalid)?;
     let extras: GraphExtras = if text.trim_start().starts_with('{') {
-        serde_json::from_str(text).map_err(|e| crate::Error::Invalid(format!("graph (JSON): {e}")))?
+        serde_json::from_str(text).map_err(|e| crate::error::Error::Invalid(format!("graph (JSON): {e}")))?
     } else {
-        toml::from_str(text).map_err(|e| crate::Error::Invalid(format!("graph (TOML): {e}")))?
+        toml::from_str(text).map_err(|e| crate::error::Error::Invalid(format!("graph (TOML): {e}")))?
     };
     let reads = |k: usize, v: &str| {
         let n = &graph.nodes[k];

@@ -2,6 +2,7 @@
 //! random batches, and the fused step checked against candle's autograd.
 #![allow(dead_code)]
 
+pub mod dense_net;
 pub mod graphs;
 
 use candle_core::{Device, Tensor};

@@ -91,7 +91,7 @@ pub fn export(model: &Model) -> crate::error::Result<Vec<u8>> {
 /// `prelu import` keeps it in the checkpoint header): the original's names,
 /// layouts (an NHWC input gets its `Transpose` back) and output softmax.
 pub fn export_with(model: &Model, io: Option<&OnnxIo>) -> crate::error::Result<Vec<u8>> {
-    write_model(model, io).map_err(crate::Error::from)
+    write_model(model, io).map_err(crate::error::Error::from)
 }
 
 fn write_model(model: &Model, io: Option<&OnnxIo>) -> Result<Vec<u8>> {

@@ -300,7 +300,7 @@ pub fn import_with(path: &std::path::Path, opts: &ImportOptions) -> crate::error
         .map_err(anyhow::Error::from)?;
     import_model(&bytes, opts)
         .with_context(|| format!("{}: ONNX import", path.display()))
-        .map_err(crate::Error::from)
+        .map_err(crate::error::Error::from)
 }
 
 /// [`import`] from the file's bytes.
@@ -310,7 +310,7 @@ pub fn import_bytes(bytes: &[u8]) -> crate::error::Result<Imported> {
 
 /// [`import`] from the file's bytes, with options.
 pub fn import_bytes_with(bytes: &[u8], opts: &ImportOptions) -> crate::error::Result<Imported> {
-    import_model(bytes, opts).map_err(crate::Error::from)
+    import_model(bytes, opts).map_err(crate::error::Error::from)
 }
 
 /// How an ONNX value relates to the value of ours it stands for, when not

@@ -110,8 +110,9 @@ impl OnnxIo {
         metadata
             .get(IO_KEY)
             .map(|s| {
-                serde_json::from_str(s)
-                    .map_err(|e| crate::Error::Invalid(format!("the checkpoint's `{IO_KEY}` does not parse: {e}")))
+                serde_json::from_str(s).map_err(|e| {
+                    crate::error::Error::Invalid(format!("the checkpoint's `{IO_KEY}` does not parse: {e}"))
+                })
             })
             .transpose()
     }
@@ -131,7 +132,7 @@ impl OnnxIo {
         let [c, h, w] = shape;
         let n = x.dim(0)?;
         if x.elem_count() != n * c * h * w {
-            return Err(crate::Error::Invalid(format!(
+            return Err(crate::error::Error::Invalid(format!(
                 "input `{}` must be {:?} per example, got {:?}",
                 self.input,
                 self.input_dims(shape),
@@ -159,7 +160,7 @@ impl OnnxIo {
         let outs = model.forward_outputs(&xs, false)?;
         let r = &model.resolved;
         if outs.len() != self.outputs.len() {
-            return Err(crate::Error::Invalid(format!(
+            return Err(crate::error::Error::Invalid(format!(
                 "the model has {} outputs, its ONNX io describes {}",
                 outs.len(),
                 self.outputs.len()
