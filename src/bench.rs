@@ -214,7 +214,7 @@ fn bench_shape(shape: &[usize], o: &KernelBenchOptions, mut progress: impl FnMut
 
 /// Runs the kernel benchmark on the current rayon pool. `progress` is told
 /// what is being measured (shape, step).
-pub fn kernels(o: &KernelBenchOptions, mut progress: impl FnMut(&str)) -> Result<KernelBenchReport> {
+pub fn bench_kernels(o: &KernelBenchOptions, mut progress: impl FnMut(&str)) -> Result<KernelBenchReport> {
     if o.shapes.is_empty() {
         candle_core::bail!("bench kernels: no shapes to measure");
     }
@@ -403,7 +403,7 @@ fn step_time(
 }
 
 /// Times training steps of the reference MLP and CNN on the current pool.
-pub fn train(o: &TrainBenchOptions, mut progress: impl FnMut(&str)) -> Result<TrainBenchReport> {
+pub fn bench_train(o: &TrainBenchOptions, mut progress: impl FnMut(&str)) -> Result<TrainBenchReport> {
     if o.steps == 0 || o.mlp_batch == 0 || o.cnn_batch == 0 || o.resnet_batch == 0 {
         candle_core::bail!("bench train: steps and batch sizes must be at least 1");
     }

@@ -48,9 +48,9 @@ enum Command {
     Diagnose(inspect::DiagnoseArgs),
     /// FGSM/PGD robustness and gradient-masking measures of a trained model (ReLU vs PReLU with --compare).
     Attack(attack::AttackArgs),
-    /// Canonical form: BatchNorm folded, unit weight norms 1, slopes <= 1 by the sign flip (MLPs).
+    /// Canonical form: BatchNorm folded, unit weight norms 1, slopes <= 1 by the sign flip (any graph: MLPs, CNNs, ResNets, imported models).
     Canonicalize(symmetry::CanonArgs),
-    /// Prune dead units and fold linear ones, checking accuracy and outputs (MLPs).
+    /// Prune dead units and fold linear ones, checking accuracy and outputs (dense units and conv channels, any graph).
     Sculpt(symmetry::SculptArgs),
     /// Write a self-contained HTML report of a run folder (plots of curves, slopes, sentinel).
     Report(files::ReportArgs),

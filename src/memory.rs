@@ -102,7 +102,7 @@ pub struct Estimate {
 
 /// Parses a size such as `8G`, `512M`, `1.5G` or `1000000` (bytes; K, M, G, T
 /// are powers of 1024).
-pub fn parse_size(s: &str) -> Option<u64> {
+pub fn parse_bytes(s: &str) -> Option<u64> {
     let s = s.trim();
     let (num, mult) = match s.char_indices().last()? {
         (i, c) if c.is_ascii_alphabetic() => {
@@ -142,7 +142,7 @@ pub const DEFAULT_BUDGET_SHARE: f64 = 0.75;
 /// else [`DEFAULT_BUDGET_SHARE`] of physical memory (16 GiB if unknown).
 pub fn budget() -> crate::error::Result<u64> {
     if let Ok(v) = std::env::var("PRELU_MEMORY_BUDGET") {
-        return parse_size(&v).ok_or_else(|| {
+        return parse_bytes(&v).ok_or_else(|| {
             crate::error::Error::Invalid(format!(
                 "PRELU_MEMORY_BUDGET=`{v}` is not a size (bytes, or a number with K, M, G or T)"
             ))

@@ -484,11 +484,6 @@ impl Sentinel {
         l.act.forward_counting(x, &self.handles[site])
     }
 
-    /// The names of the watched activations, in order.
-    pub fn site_names(&self) -> Vec<&str> {
-        self.layers.iter().map(|l| l.name.as_str()).collect()
-    }
-
     pub fn new(model: &Model, cfg: SentinelConfig) -> Self {
         let mut layers = Vec::new();
         let r = &model.resolved;

@@ -90,7 +90,7 @@ fn kernels(a: &KernelsArgs) -> Result<()> {
         ..Default::default()
     };
     let pb = spinner("bench kernels");
-    let report = prelu::bench::kernels(&opts, |m| pb.set_message(m.to_string()))?;
+    let report = prelu::bench::bench_kernels(&opts, |m| pb.set_message(m.to_string()))?;
     pb.finish_and_clear();
     emit(a.json.json, &report)
 }
@@ -100,7 +100,7 @@ fn train(a: &BenchTrainArgs) -> Result<()> {
         bail!("--steps and --warmup must be at most 100000");
     }
     let pb = spinner("bench train");
-    let r = prelu::bench::train(
+    let r = prelu::bench::bench_train(
         &prelu::bench::TrainBenchOptions {
             steps: a.steps,
             warmup: a.warmup,

@@ -149,7 +149,7 @@ pub struct ImportArgs {
     pub out: PathBuf,
     /// Input height and width (HxW) for a model whose input leaves them free
     /// (fully convolutional) [default: the model's own, refused when free].
-    #[arg(long, value_parser = prelu::data::parse_size, value_name = "HxW")]
+    #[arg(long, value_parser = prelu::data::parse_image_size, value_name = "HxW")]
     pub input_size: Option<[usize; 2]>,
     #[command(flatten)]
     pub json: JsonArg,

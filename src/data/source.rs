@@ -7,7 +7,7 @@ use super::dataset::{has_set, invalid, Dataset, MAX_CLASSES};
 use super::{images, npy};
 
 /// Parses an image size `HxW` (or one number for a square), each 1..=2^16.
-pub fn parse_size(s: &str) -> std::result::Result<[usize; 2], String> {
+pub fn parse_image_size(s: &str) -> std::result::Result<[usize; 2], String> {
     let parse = |v: &str| {
         v.trim()
             .parse::<usize>()

@@ -38,11 +38,6 @@ impl Activation {
             Activation::PRelu { .. } => alpha_init,
         }
     }
-
-    /// Whether the activation has learnable parameters.
-    pub fn is_learnable(&self) -> bool {
-        matches!(self, Activation::PRelu { .. })
-    }
 }
 
 impl fmt::Display for Activation {

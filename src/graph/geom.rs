@@ -218,11 +218,6 @@ impl PoolGeom {
             count_include_pad,
         })
     }
-
-    /// The 2x2 stride-2 pool of the CNN presets.
-    pub fn two_by_two(c: usize, h: usize, w: usize) -> Result<Self> {
-        Self::new([c, h, w], Pair::both(2), None, Padding::default(), false, true)
-    }
 }
 
 /// Geometry of a convolution on one sample.

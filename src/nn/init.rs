@@ -107,16 +107,6 @@ pub fn kaiming_uniform<R: Rng + ?Sized>(
     )
 }
 
-/// Xavier/Glorot normal: `N(0, 2 / (fan_in + fan_out))`.
-pub fn xavier_normal<R: Rng + ?Sized>(shape: &[usize], dtype: DType, device: &Device, rng: &mut R) -> Result<Tensor> {
-    let (fi, fo) = fans(shape)?;
-    if fi + fo == 0 {
-        bail!("cannot initialise a weight with zero fan (shape {shape:?})");
-    }
-    let std = (2.0 / (fi + fo) as f64).sqrt();
-    to_tensor(sample_normal(shape.iter().product(), std, rng)?, shape, dtype, device)
-}
-
 /// The initial negative slope of the activation that follows a layer: what
 /// He init for PReLU must use. For a PReLU layer, the mean of its current slopes.
 pub fn slope_of(next: &ActivationLayer) -> Result<f64> {

@@ -439,27 +439,3 @@ pub fn prelu_composed(x: &Tensor, slope: &Tensor, axis: SlopeAxis) -> Result<Ten
     let zeros = x.zeros_like()?;
     x.maximum(&zeros)? + x.minimum(&zeros)?.broadcast_mul(&a)?
 }
-
-/// Sum of squares of all elements, read straight from the storage in one pass
-/// (no temporary tensors).
-struct SumSq;
-
-impl candle_core::CustomOp1 for SumSq {
-    fn name(&self) -> &'static str {
-        "sum-sq"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let q = match s.dtype() {
-            DType::F32 => kernels::moments(&logical(s.as_slice::<f32>()?, l)).1,
-            DType::F64 => kernels::moments(&logical(s.as_slice::<f64>()?, l)).1,
-            d => bail!("sum of squares: only f32 and f64 are supported, got {d:?}"),
-        };
-        Ok((CpuStorage::F64(vec![q]), Shape::from(())))
-    }
-}
-
-/// `sqrt(sum x^2)` of a tensor, in one pass over its storage.
-pub fn l2_norm(t: &Tensor) -> Result<f64> {
-    Ok(t.apply_op1_no_bwd(&SumSq)?.to_scalar::<f64>()?.sqrt())
-}

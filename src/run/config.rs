@@ -134,8 +134,8 @@ pub fn parse_constraint(s: &str) -> std::result::Result<SlopeConstraint, String>
 /// schedule's arithmetic far from overflow).
 pub const MAX_EPOCHS: usize = 1_000_000;
 
-/// A config turned into typed parts, every value checked.
-pub struct Resolved {
+/// A config turned into typed parts, every value checked (`TrainConfig::resolve`).
+pub struct RunPlan {
     pub act: Activation,
     pub init: InitScheme,
     pub constraint: SlopeConstraint,
@@ -152,7 +152,7 @@ impl TrainConfig {
     }
 
     /// Checks every value and parses the string-valued options.
-    pub fn resolve(&self) -> Result<Resolved> {
+    pub fn resolve(&self) -> Result<RunPlan> {
         let e = crate::error::Error::Invalid;
         if self.epochs == 0 || self.epochs > MAX_EPOCHS {
             fail!("epochs must be in 1..={MAX_EPOCHS}, got {}", self.epochs);
@@ -220,7 +220,7 @@ impl TrainConfig {
             }
             arch
         };
-        Ok(Resolved {
+        Ok(RunPlan {
             act: self.act.parse().map_err(e)?,
             init: self.init.parse().map_err(e)?,
             constraint: parse_constraint(&self.slope_constraint).map_err(e)?,
@@ -231,7 +231,7 @@ impl TrainConfig {
     }
 
     /// The model spec this config trains, for a data set.
-    pub fn model_spec(&self, r: &Resolved, train: &Dataset) -> ModelSpec {
+    pub fn model_spec(&self, r: &RunPlan, train: &Dataset) -> ModelSpec {
         let (mean, std) = train.pixel_stats();
         ModelSpec {
             arch: r.arch.clone(),
