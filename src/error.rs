@@ -75,6 +75,11 @@ pub enum Error {
     /// A resumed run was asked to stop before the epochs it has done.
     #[error("{} has already trained {done} epochs; {asked} epochs would shorten it (nothing was changed)", dir.display())]
     WouldShorten { dir: PathBuf, done: usize, asked: usize },
+    /// Training diverged: the loss or a pre-activation became NaN or
+    /// infinite (the message says where and which checkpoint is kept). A
+    /// study records such a run as diverged rather than failing.
+    #[error("{0}")]
+    Diverged(String),
     /// A file or folder the call needs is not there.
     #[error("{}: {what} does not exist", path.display())]
     NotFound { path: PathBuf, what: &'static str },

@@ -306,7 +306,7 @@ pub fn lock_run_dir(dir: &Path) -> Result<RunLock> {
 /// never overwrite the checkpoint it reads).
 pub fn refuse_same_file(input: &Path, out: &Path) -> Result<()> {
     let input = if input.is_dir() {
-        input.join("checkpoint.safetensors")
+        input.join(crate::layout::CHECKPOINT)
     } else {
         input.to_path_buf()
     };

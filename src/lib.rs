@@ -61,7 +61,8 @@
 //! against the order in `docs/design.md`, "What is where"):
 //!
 //! 1. base: [`error`] (the one error type), [`fs`] (the capped reader,
-//!    atomic writer, run-folder lock), [`json`], [`memory`] (allocator, budget),
+//!    atomic writer, run-folder lock), [`json`], [`layout`] (the run folder's
+//!    file names), [`memory`] (allocator, budget),
 //!    [`page`] (HTML escaping, number formatting, SVG charts);
 //! 2. [`kernels`]: fused CPU kernels on slices;
 //! 3. [`graph`]: the layer graph every part reads (ops, activation kinds,
@@ -85,6 +86,7 @@
 pub mod error;
 pub mod fs;
 pub mod json;
+pub mod layout;
 pub mod memory;
 
 pub mod analyses;

@@ -183,7 +183,7 @@ pub fn load_ckpt(p: &Path, spec: &SpecArg) -> Result<prelu::store::checkpoint::L
 /// of a `checkpoint.safetensors` / `best.safetensors` inside a run folder.
 fn run_config_of(ckpt: &Path) -> Option<TrainConfig> {
     let dir = if ckpt.is_dir() { ckpt } else { ckpt.parent()? };
-    let cfg = dir.join("config.toml");
+    let cfg = dir.join(prelu::layout::CONFIG);
     cfg.is_file().then(|| TrainConfig::from_toml_file(&cfg).ok()).flatten()
 }
 

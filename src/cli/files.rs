@@ -267,7 +267,7 @@ impl fmt::Display for ReportOutput {
 pub fn cmd_report(a: &ReportArgs) -> Result<()> {
     // The run folders first (a missing one is named as such), then the output.
     prelu::report::expand_runs(&a.runs)?;
-    let out = a.out.clone().unwrap_or_else(|| a.runs[0].join("report.html"));
+    let out = a.out.clone().unwrap_or_else(|| a.runs[0].join(prelu::layout::REPORT));
     check_out(None, &out)?;
     emit(a.json.json, &ReportOutput(prelu::report::write_runs(&a.runs, &out)?))
 }

@@ -437,7 +437,7 @@ pub fn cmd_train(a: &TrainArgs) -> Result<()> {
             if !dir.is_dir() {
                 bail!("cannot resume {}: no such run folder", dir.display());
             }
-            let mut c = TrainConfig::from_toml_file(&dir.join("config.toml"))
+            let mut c = TrainConfig::from_toml_file(&dir.join(prelu::layout::CONFIG))
                 .with_context(|| format!("cannot resume {}", dir.display()))?;
             if let Some(e) = a.cfg.epochs {
                 c.epochs = e;

@@ -141,7 +141,7 @@ impl RunFolder {
         }
         Ok(Self {
             dir: dir.to_path_buf(),
-            ckpt_path: dir.join("checkpoint.safetensors"),
+            ckpt_path: dir.join(crate::layout::CHECKPOINT),
             _lock: lock,
             metrics: None,
             kept: None,
@@ -255,7 +255,7 @@ impl RunFolder {
                 cfg.model = copy.to_string_lossy().into_owned();
             }
         }
-        let config_path = self.dir.join("config.toml");
+        let config_path = self.dir.join(crate::layout::CONFIG);
         let config_text = toml::to_string(&cfg).context("the run config cannot be written as TOML")?;
         if crate::fs::read_text_optional(&config_path).ok().flatten().as_deref() != Some(config_text.as_str()) {
             crate::fs::write_atomic(&config_path, config_text.as_bytes())?;
@@ -274,7 +274,7 @@ impl RunFolder {
             oo.custom_flags(libc::O_NOFOLLOW);
         }
         self.metrics = Some(
-            oo.open(self.dir.join("metrics.jsonl"))
+            oo.open(self.dir.join(crate::layout::METRICS))
                 .with_context(|| format!("cannot open {}/metrics.jsonl", self.dir.display()))?,
         );
         Ok(())

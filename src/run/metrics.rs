@@ -91,7 +91,7 @@ pub struct EpochMetrics {
 /// newline at its end, as a crash can leave) that does not parse is skipped.
 /// A missing file reads as no lines.
 pub fn read_metrics(run_dir: &Path) -> Result<Vec<MetricsLine>> {
-    let path = run_dir.join("metrics.jsonl");
+    let path = run_dir.join(crate::layout::METRICS);
     let bytes = match crate::fs::read_capped(&path, crate::fs::file_cap(crate::fs::MAX_METRICS_BYTES)) {
         Ok(b) => b,
         Err(e) if e.is_not_found() => return Ok(Vec::new()),
@@ -141,7 +141,7 @@ pub(crate) fn rewrite_metrics(run_dir: &Path, keep: &[MetricsLine]) -> Result<()
         s.push_str(&serde_json::to_string(l)?);
         s.push('\n');
     }
-    let path = run_dir.join("metrics.jsonl");
+    let path = run_dir.join(crate::layout::METRICS);
     if crate::fs::read_capped(&path, s.len() as u64).is_ok_and(|old| old == s.as_bytes()) {
         return Ok(());
     }

@@ -535,7 +535,7 @@ pub struct StudyResult {
 /// safetensors header alone (0 when there is none).
 pub fn checkpoint_epoch(run_dir: &Path) -> Result<usize> {
     use std::io::Read;
-    let path = run_dir.join("checkpoint.safetensors");
+    let path = run_dir.join(crate::layout::CHECKPOINT);
     let mut f = match std::fs::File::open(&path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
@@ -619,13 +619,13 @@ fn same_run(saved: &TrainConfig, want: &TrainConfig, dir: &Path) -> bool {
 /// Whether a training error is the loss becoming NaN or infinite (a
 /// diverged run: a result of the experiment, not a failure of the study).
 fn is_divergence(e: &crate::error::Error) -> bool {
-    format!("{e:#}").contains("loss became")
+    matches!(e, crate::error::Error::Diverged(_))
 }
 
 /// The file a study leaves in a run folder whose loss diverged (the error
 /// message), so that running the study again does not train it again: the
 /// same seed diverges the same way.
-pub const DIVERGED_FILE: &str = "study-diverged.txt";
+pub const DIVERGED_FILE: &str = crate::layout::DIVERGED;
 
 /// Trains (or resumes, or reads back) one cell-seed run in `dir`. A run
 /// whose loss diverges is recorded as `diverged` (test accuracy NaN, the
@@ -643,8 +643,8 @@ fn run_one(cfg: &TrainConfig, dir: &Path, on: &mut dyn FnMut(Event)) -> Result<S
             Err(e) => Err(e),
         }
     };
-    let (status, error) = if dir.join("config.toml").exists() {
-        let saved = TrainConfig::from_toml_file(&dir.join("config.toml"))?;
+    let (status, error) = if dir.join(crate::layout::CONFIG).exists() {
+        let saved = TrainConfig::from_toml_file(&dir.join(crate::layout::CONFIG))?;
         if !same_run(&saved, cfg, dir) {
             fail!(
                 "{} holds a run with a different config than this study asks for \
@@ -738,10 +738,10 @@ pub fn run(spec: &StudySpec, root: &Path, on: &mut dyn FnMut(&RunLabel, Event)) 
         contrasts,
     };
     crate::fs::write_atomic(
-        &root.join("study.json"),
+        &root.join(crate::layout::STUDY),
         serde_json::to_string_pretty(&result)?.as_bytes(),
     )?;
-    write_report(&result, &root.join("report.html"))?;
+    write_report(&result, &root.join(crate::layout::REPORT))?;
     Ok(result)
 }
 

@@ -5,8 +5,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 
-use crate::error::fail;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use candle_core::{DType, Device};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -155,7 +154,7 @@ pub fn train_in(
 fn train_loop(cfg: &TrainConfig, run_dir: &Path, mode: RunMode, on: &mut dyn FnMut(Event)) -> Result<TrainSummary> {
     let resume = mode == RunMode::Resume;
     let cfg = if resume {
-        let mut saved = TrainConfig::from_toml_file(&run_dir.join("config.toml"))
+        let mut saved = TrainConfig::from_toml_file(&run_dir.join(crate::layout::CONFIG))
             .with_context(|| format!("cannot resume {}: no readable config.toml", run_dir.display()))?;
         saved.epochs = cfg.epochs;
         saved.fault_nan_step = cfg.fault_nan_step;
@@ -254,11 +253,11 @@ fn train_loop(cfg: &TrainConfig, run_dir: &Path, mode: RunMode, on: &mut dyn FnM
                 lv = f64::NAN;
             }
             if !lv.is_finite() {
-                fail!(
+                return Err(Error::Diverged(format!(
                     "loss became {lv} at epoch {} step {step}; training stopped. {}; try a lower learning rate",
                     epoch + 1,
                     folder.kept_message()
-                );
+                )));
             }
             lr = r.schedule.lr(cfg.lr, epoch, step as usize, steps_per_epoch, cfg.epochs);
             backend.update(&out, &mut opt, &mut hooks, lr)?;
@@ -303,7 +302,7 @@ fn train_loop(cfg: &TrainConfig, run_dir: &Path, mode: RunMode, on: &mut dyn FnM
             // The sentinel's alarms still reach metrics.jsonl and the message.
             let raised = hooks.on_divergence(&model, epoch + 1, &mut folder)?;
             folder.flush()?;
-            fail!(
+            return Err(Error::Diverged(format!(
                 "training diverged in epoch {}: {why}; training stopped and this state is not saved. {}{}; \
                  try a lower learning rate",
                 epoch + 1,
@@ -313,7 +312,7 @@ fn train_loop(cfg: &TrainConfig, run_dir: &Path, mode: RunMode, on: &mut dyn FnM
                 } else {
                     format!(". Sentinel alarms: {}", raised.join("; "))
                 }
-            );
+            )));
         }
         best = best.max(test_acc);
         let m = EpochMetrics {

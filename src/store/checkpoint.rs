@@ -230,7 +230,7 @@ fn load_checkpoint(path: &Path, spec: Option<&Path>) -> anyhow::Result<Loaded> {
         });
     }
     let file = if path.is_dir() {
-        path.join("checkpoint.safetensors")
+        path.join(crate::layout::CHECKPOINT)
     } else {
         path.to_path_buf()
     };
