@@ -13,7 +13,7 @@ use candle_core::{bail, DType, Device, Module, Result, Tensor, Var};
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
-use crate::graph::{self, ConvGeom, Graph, Op, PoolGeom, Resolved};
+use crate::graph::{self, tensor_name, ConvGeom, Graph, Op, PoolGeom, Resolved, TensorRole};
 use crate::nn::activation::Activation;
 use crate::nn::activation::ActivationLayer;
 use crate::nn::activation::PReLUConfig;
@@ -235,10 +235,15 @@ impl ModelSpec {
     /// spec can be sized before anything is allocated); `usize::MAX` for a
     /// spec that does not describe a valid network.
     pub fn param_estimate(&self) -> usize {
-        self.graph()
-            .and_then(|g| Ok((g.resolve(self.input)?, g)))
-            .map(|(r, g)| g.param_count(&r))
-            .unwrap_or(usize::MAX)
+        self.resolve().map_or(usize::MAX, |(_, r)| r.param_count())
+    }
+
+    /// The spec's layer graph, resolved on its input: shapes, window
+    /// geometry, tensors ([`Resolved`]).
+    pub fn resolve(&self) -> Result<(Graph, Resolved)> {
+        let g = self.graph()?;
+        let r = g.resolve(self.input)?;
+        Ok((g, r))
     }
 
     /// Checks sizes, so a bad spec is an error and never a panic later, and
@@ -303,9 +308,8 @@ impl ModelSpec {
             }
             _ => {}
         }
-        let g = self.graph()?;
-        let r = g.resolve(self.input)?;
-        let n = g.param_count(&r);
+        let (g, r) = self.resolve()?;
+        let n = r.param_count();
         if n > MAX_PARAMS {
             bail!("model: the spec needs {n} parameters, over the limit of {MAX_PARAMS}");
         }
@@ -482,12 +486,10 @@ impl Model {
                 Op::Conv2d {
                     out_channels,
                     kernel,
-                    stride,
-                    padding,
-                    dilation,
                     bias,
+                    ..
                 } => {
-                    let geom = ConvGeom::new(c, *out_channels, h, w, *kernel, *stride, *padding, *dilation)?;
+                    let geom = *resolved.conv_geom(i).ok_or_else(|| geom_missing(name))?;
                     let wt = spec.init.sample(
                         &[*out_channels, c, kernel.h(), kernel.w()],
                         next,
@@ -502,51 +504,34 @@ impl Model {
                 Op::BatchNorm { eps, momentum } => {
                     let bn = BatchNorm::new(c, *eps, *momentum, dt, device)?;
                     m.params.push(Param {
-                        name: format!("{name}.weight"),
+                        name: tensor_name(name, TensorRole::BnWeight),
                         var: bn.weight.clone(),
                         kind: ParamKind::BnWeight,
                     });
                     m.params.push(Param {
-                        name: format!("{name}.bias"),
+                        name: tensor_name(name, TensorRole::BnBias),
                         var: bn.bias.clone(),
                         kind: ParamKind::BnBias,
                     });
                     m.buffers
-                        .push((format!("{name}.running_mean"), bn.running_mean.clone()));
-                    m.buffers.push((format!("{name}.running_var"), bn.running_var.clone()));
+                        .push((tensor_name(name, TensorRole::RunningMean), bn.running_mean.clone()));
+                    m.buffers
+                        .push((tensor_name(name, TensorRole::RunningVar), bn.running_var.clone()));
                     Block::BatchNorm(bn)
                 }
                 Op::Act { act } => {
                     let a = ActivationLayer::new(*act, c, spec.alpha_init, pcfg, dt, device)?;
                     if let Some(p) = a.prelu() {
                         m.params.push(Param {
-                            name: format!("{name}.weight"),
+                            name: tensor_name(name, TensorRole::Slope),
                             var: p.param().clone(),
                             kind: ParamKind::Slope,
                         });
                     }
                     Block::Act(a)
                 }
-                Op::MaxPool {
-                    kernel,
-                    stride,
-                    padding,
-                    ceil_mode,
-                } => Block::MaxPool(PoolGeom::new([c, h, w], *kernel, *stride, *padding, *ceil_mode, true)?),
-                Op::AvgPool {
-                    kernel,
-                    stride,
-                    padding,
-                    ceil_mode,
-                    count_include_pad,
-                } => Block::AvgPool(PoolGeom::new(
-                    [c, h, w],
-                    *kernel,
-                    *stride,
-                    *padding,
-                    *ceil_mode,
-                    *count_include_pad,
-                )?),
+                Op::MaxPool { .. } => Block::MaxPool(*resolved.pool_geom(i).ok_or_else(|| geom_missing(name))?),
+                Op::AvgPool { .. } => Block::AvgPool(*resolved.pool_geom(i).ok_or_else(|| geom_missing(name))?),
                 Op::GlobalAvgPool => Block::GlobalAvgPool,
                 Op::Flatten => Block::Flatten,
                 Op::Add => Block::Add,
@@ -560,7 +545,7 @@ impl Model {
     fn push_weight_bias(&mut self, prefix: &str, w: &Tensor, b0: Option<f64>) -> Result<(Var, Option<Var>)> {
         let weight = Var::from_tensor(w)?;
         self.params.push(Param {
-            name: format!("{prefix}.weight"),
+            name: tensor_name(prefix, TensorRole::Weight),
             var: weight.clone(),
             kind: ParamKind::Weight,
         });
@@ -568,7 +553,7 @@ impl Model {
             Some(b0) => {
                 let bias = Var::from_tensor(&Tensor::full(b0 as f32, w.dim(0)?, w.device())?)?;
                 self.params.push(Param {
-                    name: format!("{prefix}.bias"),
+                    name: tensor_name(prefix, TensorRole::Bias),
                     var: bias.clone(),
                     kind: ParamKind::Bias,
                 });
@@ -882,6 +867,12 @@ impl Model {
         }
         Ok(())
     }
+}
+
+/// The error for a conv or pooling node whose resolution has no window
+/// geometry (a graph resolved by other code).
+fn geom_missing(node: &str) -> candle_core::Error {
+    candle_core::Error::Msg(format!("model: node `{node}` has no resolved window geometry"))
 }
 
 impl candle_nn::ModuleT for Model {

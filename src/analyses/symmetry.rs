@@ -24,7 +24,7 @@ use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
-use crate::graph::{self, Graph, Op, Resolved, INPUT};
+use crate::graph::{self, tensor_name, Graph, Op, Resolved, TensorRole};
 use crate::model::{Arch, Model, ModelSpec};
 use crate::nn::activation::Activation;
 use crate::nn::activation::SlopeConstraint;
@@ -427,17 +427,7 @@ pub(crate) fn weight_dims(r: &Resolved, i: usize, len: usize) -> (usize, usize, 
 impl GraphNet {
     /// The f64 view of any model.
     pub fn from_model(model: &Model) -> Result<Self> {
-        let mut graph = model.graph.clone();
-        for i in 0..graph.nodes.len() {
-            if graph.nodes[i].inputs.is_empty() {
-                let prev = if i == 0 {
-                    INPUT.to_string()
-                } else {
-                    graph.nodes[i - 1].name.clone()
-                };
-                graph.nodes[i].inputs = vec![prev];
-            }
-        }
+        let mut graph = model.graph.with_explicit_inputs();
         if graph.outputs.is_empty() {
             if let Some(last) = graph.nodes.last() {
                 graph.outputs = vec![last.name.clone()];
@@ -552,19 +542,19 @@ impl GraphNet {
                 continue;
             }
             let p = self.graph.nodes[v - 1].name.clone();
-            let gamma = self.tensor(&format!("{name}.weight"))?.clone();
-            let beta = self.tensor(&format!("{name}.bias"))?.clone();
-            let mean = self.tensor(&format!("{name}.running_mean"))?.clone();
-            let var = self.tensor(&format!("{name}.running_var"))?.clone();
+            let gamma = self.tensor(&tensor_name(&name, TensorRole::BnWeight))?.clone();
+            let beta = self.tensor(&tensor_name(&name, TensorRole::BnBias))?.clone();
+            let mean = self.tensor(&tensor_name(&name, TensorRole::RunningMean))?.clone();
+            let var = self.tensor(&tensor_name(&name, TensorRole::RunningVar))?.clone();
             let c = gamma.len();
             let mut b = self
                 .tensors
-                .get(&format!("{p}.bias"))
+                .get(&tensor_name(&p, TensorRole::Bias))
                 .cloned()
                 .unwrap_or_else(|| vec![0.0; c]);
             let w = self
                 .tensors
-                .get_mut(&format!("{p}.weight"))
+                .get_mut(&tensor_name(&p, TensorRole::Weight))
                 .with_context(|| format!("model lacks `{p}.weight`"))?;
             if b.len() != c || w.len() % c.max(1) != 0 || [&beta, &mean, &var].iter().any(|t| t.len() != c) {
                 fail!("BatchNorm `{name}` does not fit `{p}`");
@@ -577,7 +567,7 @@ impl GraphNet {
                 }
                 b[u] = (b[u] - mean[u]) * s + beta[u];
             }
-            self.tensors.insert(format!("{p}.bias"), b);
+            self.tensors.insert(tensor_name(&p, TensorRole::Bias), b);
             if let Op::Conv2d { bias, .. } | Op::Linear { bias, .. } = &mut self.graph.nodes[v - 1].op {
                 *bias = true;
             }
@@ -605,7 +595,7 @@ impl GraphNet {
             let name = self.graph.nodes[i].name.clone();
             let w = self
                 .tensors
-                .get_mut(&format!("{name}.weight"))
+                .get_mut(&tensor_name(&name, TensorRole::Weight))
                 .with_context(|| format!("model lacks `{name}.weight`"))?;
             let (co, ci, k) = weight_dims(r, i, w.len());
             for o in 0..co {
@@ -618,7 +608,7 @@ impl GraphNet {
                     }
                 }
             }
-            if let Some(b) = self.tensors.get_mut(&format!("{name}.bias")) {
+            if let Some(b) = self.tensors.get_mut(&tensor_name(&name, TensorRole::Bias)) {
                 for (x, s) in b.iter_mut().zip(fo) {
                     *x *= s;
                 }
@@ -722,7 +712,7 @@ impl GraphNet {
                     act: Activation::PRelu { .. },
                 } => {
                     let v = if per_channel { s } else { vec![s[0]] };
-                    self.tensors.insert(format!("{name}.weight"), v);
+                    self.tensors.insert(tensor_name(&name, TensorRole::Weight), v);
                 }
                 Op::Act { act } => *act = Activation::LeakyRelu(s[0]),
                 _ => {}
@@ -777,10 +767,10 @@ impl GraphNet {
             let mut norm2 = 0.0;
             for &(i, c) in &rows[g] {
                 let name = &self.graph.nodes[i].name;
-                let w = self.tensor(&format!("{name}.weight"))?;
+                let w = self.tensor(&tensor_name(&name, TensorRole::Weight))?;
                 let per = w.len() / r.shapes[i + 1][0];
                 norm2 += w[c * per..(c + 1) * per].iter().map(|x| x * x).sum::<f64>();
-                if let Some(b) = self.tensors.get(&format!("{name}.bias")) {
+                if let Some(b) = self.tensors.get(&tensor_name(&name, TensorRole::Bias)) {
                     norm2 += b[c] * b[c];
                 }
             }

@@ -198,6 +198,65 @@ pub struct Graph {
     pub outputs: Vec<String>,
 }
 
+/// What a tensor of a node is; its PyTorch name is `{node}.{suffix}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TensorRole {
+    /// A linear or conv layer's weight.
+    Weight,
+    /// A linear or conv layer's bias.
+    Bias,
+    /// BatchNorm's gamma.
+    BnWeight,
+    /// BatchNorm's beta.
+    BnBias,
+    /// BatchNorm's running mean (a buffer, not trained).
+    RunningMean,
+    /// BatchNorm's running variance (a buffer, not trained).
+    RunningVar,
+    /// A PReLU's slopes.
+    Slope,
+}
+
+impl TensorRole {
+    /// The last part of the tensor's name, as in PyTorch's `state_dict`.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            TensorRole::Weight | TensorRole::BnWeight | TensorRole::Slope => "weight",
+            TensorRole::Bias | TensorRole::BnBias => "bias",
+            TensorRole::RunningMean => "running_mean",
+            TensorRole::RunningVar => "running_var",
+        }
+    }
+
+    /// Whether the tensor is a buffer (running statistics), not a parameter.
+    pub fn is_buffer(self) -> bool {
+        matches!(self, TensorRole::RunningMean | TensorRole::RunningVar)
+    }
+}
+
+/// The PyTorch name of node `node`'s tensor: `{node}.{suffix}`.
+pub fn tensor_name(node: &str, role: TensorRole) -> String {
+    format!("{node}.{}", role.suffix())
+}
+
+/// One tensor of the model a graph describes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorSpec {
+    /// The node that holds it.
+    pub node: usize,
+    pub role: TensorRole,
+    /// Its PyTorch name ([`tensor_name`]).
+    pub name: String,
+    pub shape: Vec<usize>,
+}
+
+/// The windows of a convolution or pooling node.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum NodeGeom {
+    Conv(ConvGeom),
+    Pool(PoolGeom),
+}
+
 /// A graph checked against an input shape: node inputs as indices (0 is the
 /// model input, `i + 1` node `i`), every node's output shape, the heads.
 #[derive(Clone, Debug, PartialEq)]
@@ -212,9 +271,40 @@ pub struct Resolved {
     /// `dense[v]`: value `v` is flat features after a linear layer (the part of
     /// a network that the fused step keeps feature-major).
     pub dense: Vec<bool>,
+    /// `geoms[i]`: the windows of node `i`, if it is a convolution or pooling.
+    pub geoms: Vec<Option<NodeGeom>>,
+    /// Every tensor of the model (parameters and buffers), in the order the
+    /// model creates them.
+    pub tensors: Vec<TensorSpec>,
 }
 
 impl Resolved {
+    /// Trainable parameters (saturating; for bounding before anything is
+    /// allocated).
+    pub fn param_count(&self) -> usize {
+        self.tensors
+            .iter()
+            .filter(|t| !t.role.is_buffer())
+            .map(|t| t.shape.iter().fold(1usize, |a, &d| a.saturating_mul(d)))
+            .fold(0usize, usize::saturating_add)
+    }
+
+    /// The window geometry of conv node `i`.
+    pub fn conv_geom(&self, i: usize) -> Option<&ConvGeom> {
+        match &self.geoms[i] {
+            Some(NodeGeom::Conv(g)) => Some(g),
+            _ => None,
+        }
+    }
+
+    /// The window geometry of pooling node `i`.
+    pub fn pool_geom(&self, i: usize) -> Option<&PoolGeom> {
+        match &self.geoms[i] {
+            Some(NodeGeom::Pool(g)) => Some(g),
+            _ => None,
+        }
+    }
+
     /// Nodes reading value `v`.
     pub fn consumers(&self, v: usize) -> Vec<usize> {
         (0..self.inputs.len())
@@ -244,7 +334,27 @@ impl Graph {
         self.nodes.iter().position(|n| n.name == name)
     }
 
-    /// Checks the graph against an input shape and infers every shape.
+    /// The names node `i` reads: its `inputs`, or the previous node (the
+    /// input for the first) when they are empty.
+    pub fn input_names(&self, i: usize) -> Vec<&str> {
+        match (self.nodes[i].inputs.is_empty(), i) {
+            (false, _) => self.nodes[i].inputs.iter().map(String::as_str).collect(),
+            (true, 0) => vec![INPUT],
+            (true, _) => vec![self.nodes[i - 1].name.as_str()],
+        }
+    }
+
+    /// The graph with every node's inputs written out ([`Graph::input_names`]).
+    pub fn with_explicit_inputs(&self) -> Graph {
+        let mut g = self.clone();
+        for i in 0..g.nodes.len() {
+            g.nodes[i].inputs = self.input_names(i).into_iter().map(String::from).collect();
+        }
+        g
+    }
+
+    /// Checks the graph against an input shape and infers every shape,
+    /// window geometry and tensor: the one resolution every part reads.
     pub fn resolve(&self, input: Shape) -> Result<Resolved> {
         if self.nodes.is_empty() {
             bail!("graph: no nodes");
@@ -254,9 +364,15 @@ impl Graph {
         }
         let mut ids: HashMap<&str, usize> = HashMap::new();
         ids.insert(INPUT, 0);
-        let mut shapes = vec![input];
-        let mut dense = vec![false];
-        let mut inputs = Vec::new();
+        let mut r = Resolved {
+            input,
+            inputs: Vec::new(),
+            shapes: vec![input],
+            outputs: Vec::new(),
+            dense: vec![false],
+            geoms: Vec::new(),
+            tensors: Vec::new(),
+        };
         for (i, node) in self.nodes.iter().enumerate() {
             let name = node.name.as_str();
             if name.is_empty() || name.len() > 200 || name.chars().any(|c| c.is_control()) {
@@ -265,114 +381,8 @@ impl Graph {
             if ids.contains_key(name) {
                 bail!("graph: two nodes called `{name}` (or a node called `input`)");
             }
-            let ins: Vec<usize> = if node.inputs.is_empty() {
-                vec![i]
-            } else {
-                node.inputs
-                    .iter()
-                    .map(|n| {
-                        ids.get(n.as_str()).copied().ok_or_else(|| {
-                            candle_core::Error::Msg(format!(
-                                "graph: node `{name}` reads `{n}`, which is not the input or an earlier node"
-                            ))
-                        })
-                    })
-                    .collect::<Result<_>>()?
-            };
-            let arity_ok = match node.op {
-                Op::Add => ins.len() >= 2,
-                _ => ins.len() == 1,
-            };
-            if !arity_ok {
-                bail!(
-                    "graph: node `{name}` ({}) has {} inputs ({})",
-                    node.op.kind(),
-                    ins.len(),
-                    if matches!(node.op, Op::Add) {
-                        "add needs two or more"
-                    } else {
-                        "it takes one"
-                    }
-                );
-            }
-            let s = shapes[ins[0]];
-            let d = dense[ins[0]];
-            let spatial = |what: &str| -> Result<()> {
-                if d {
-                    bail!("graph: {what} `{name}` after a linear layer (feature maps end at the first linear layer)");
-                }
-                Ok(())
-            };
-            let (out, out_dense) = match &node.op {
-                Op::Conv2d {
-                    out_channels,
-                    kernel,
-                    stride,
-                    padding,
-                    dilation,
-                    ..
-                } => {
-                    spatial("conv")?;
-                    if *out_channels == 0 || *out_channels > MAX_DIM {
-                        bail!("graph: conv `{name}` has {out_channels} output channels");
-                    }
-                    let g = ConvGeom::new(s[0], *out_channels, s[1], s[2], *kernel, *stride, *padding, *dilation)
-                        .map_err(|e| candle_core::Error::Msg(format!("graph: node `{name}`: {e}")))?;
-                    ([*out_channels, g.ho, g.wo], false)
-                }
-                Op::Linear { out_features, .. } => {
-                    if s[1] != 1 || s[2] != 1 {
-                        bail!(
-                            "graph: linear `{name}` gets {}x{}x{} maps; put a flatten node before it",
-                            s[0],
-                            s[1],
-                            s[2]
-                        );
-                    }
-                    if *out_features == 0 || *out_features > MAX_DIM {
-                        bail!("graph: linear `{name}` has {out_features} outputs");
-                    }
-                    ([*out_features, 1, 1], true)
-                }
-                Op::BatchNorm { eps, momentum } => {
-                    if !(*eps > 0.0) || !eps.is_finite() || !(0.0..=1.0).contains(momentum) {
-                        bail!("graph: batch norm `{name}` needs eps > 0 and momentum in [0, 1]");
-                    }
-                    (s, d)
-                }
-                Op::Act { .. } => (s, d),
-                Op::MaxPool {
-                    kernel,
-                    stride,
-                    padding,
-                    ceil_mode,
-                }
-                | Op::AvgPool {
-                    kernel,
-                    stride,
-                    padding,
-                    ceil_mode,
-                    ..
-                } => {
-                    spatial("pooling")?;
-                    let g = PoolGeom::new(s, *kernel, *stride, *padding, *ceil_mode, true)
-                        .map_err(|e| candle_core::Error::Msg(format!("graph: node `{name}`: {e}")))?;
-                    ([s[0], g.ho, g.wo], false)
-                }
-                Op::GlobalAvgPool => {
-                    spatial("global pooling")?;
-                    ([s[0], 1, 1], false)
-                }
-                Op::Flatten => ([s[0] * s[1] * s[2], 1, 1], d),
-                Op::Add => {
-                    for &j in &ins[1..] {
-                        if shapes[j] != s || dense[j] != d {
-                            bail!("graph: add `{name}` sums shapes {:?} and {:?}", s, shapes[j]);
-                        }
-                    }
-                    (s, d)
-                }
-            };
+            let ins = self.input_ids(i, &ids)?;
+            let (out, out_dense, geom) = node_output(node, &ins, &r.shapes, &r.dense)?;
             if out.iter().any(|&v| v == 0 || v > MAX_DIM)
                 || out
                     .iter()
@@ -381,12 +391,14 @@ impl Graph {
             {
                 bail!("graph: node `{name}` has output shape {out:?}");
             }
+            r.tensors.extend(node_tensors(i, node, r.shapes[ins[0]]));
             ids.insert(name, i + 1);
-            shapes.push(out);
-            dense.push(out_dense);
-            inputs.push(ins);
+            r.shapes.push(out);
+            r.dense.push(out_dense);
+            r.geoms.push(geom);
+            r.inputs.push(ins);
         }
-        let outputs: Vec<usize> = if self.outputs.is_empty() {
+        r.outputs = if self.outputs.is_empty() {
             vec![self.nodes.len()]
         } else {
             self.outputs
@@ -399,46 +411,41 @@ impl Graph {
                 })
                 .collect::<Result<_>>()?
         };
-        Ok(Resolved {
-            input,
-            inputs,
-            shapes,
-            outputs,
-            dense,
-        })
+        Ok(r)
     }
 
-    /// Trainable parameters of the graph on an input (saturating; for
-    /// bounding before anything is allocated). `None` if it does not resolve.
-    pub fn param_count(&self, r: &Resolved) -> usize {
-        let mut n = 0usize;
-        for (i, node) in self.nodes.iter().enumerate() {
-            let s = r.shapes[r.inputs[i][0]];
-            n = n.saturating_add(match &node.op {
-                Op::Conv2d {
-                    out_channels,
-                    kernel,
-                    bias,
-                    ..
-                } => s[0]
-                    .saturating_mul(kernel.h() * kernel.w())
-                    .saturating_add(*bias as usize)
-                    .saturating_mul(*out_channels),
-                Op::Linear { out_features, bias } => s[0].saturating_add(*bias as usize).saturating_mul(*out_features),
-                Op::BatchNorm { .. } => 2 * s[0],
-                Op::Act {
-                    act: Activation::PRelu { shared },
-                } => {
-                    if *shared {
-                        1
-                    } else {
-                        s[0]
-                    }
+    /// The value indices node `i` reads, checked for number.
+    fn input_ids(&self, i: usize, ids: &HashMap<&str, usize>) -> Result<Vec<usize>> {
+        let node = &self.nodes[i];
+        let name = &node.name;
+        let ins: Vec<usize> = self
+            .input_names(i)
+            .into_iter()
+            .map(|n| {
+                ids.get(n).copied().ok_or_else(|| {
+                    candle_core::Error::Msg(format!(
+                        "graph: node `{name}` reads `{n}`, which is not the input or an earlier node"
+                    ))
+                })
+            })
+            .collect::<Result<_>>()?;
+        let arity_ok = match node.op {
+            Op::Add => ins.len() >= 2,
+            _ => ins.len() == 1,
+        };
+        if !arity_ok {
+            bail!(
+                "graph: node `{name}` ({}) has {} inputs ({})",
+                node.op.kind(),
+                ins.len(),
+                if matches!(node.op, Op::Add) {
+                    "add needs two or more"
+                } else {
+                    "it takes one"
                 }
-                _ => 0,
-            });
+            );
         }
-        n
+        Ok(ins)
     }
 
     /// The activation kind the output of node `i` reaches next (through
@@ -463,6 +470,145 @@ impl Graph {
                 Op::Conv2d { .. } | Op::Linear { .. } => return None,
             }
         }
+    }
+}
+
+/// A node's output shape, whether it is flat features, and its window
+/// geometry, from the shapes of the values it reads.
+fn node_output(
+    node: &Node,
+    ins: &[usize],
+    shapes: &[Shape],
+    dense: &[bool],
+) -> Result<(Shape, bool, Option<NodeGeom>)> {
+    let name = node.name.as_str();
+    let s = shapes[ins[0]];
+    let d = dense[ins[0]];
+    let spatial = |what: &str| -> Result<()> {
+        if d {
+            bail!("graph: {what} `{name}` after a linear layer (feature maps end at the first linear layer)");
+        }
+        Ok(())
+    };
+    Ok(match &node.op {
+        Op::Conv2d {
+            out_channels,
+            kernel,
+            stride,
+            padding,
+            dilation,
+            ..
+        } => {
+            spatial("conv")?;
+            if *out_channels == 0 || *out_channels > MAX_DIM {
+                bail!("graph: conv `{name}` has {out_channels} output channels");
+            }
+            let g = ConvGeom::new(s[0], *out_channels, s[1], s[2], *kernel, *stride, *padding, *dilation)
+                .map_err(|e| candle_core::Error::Msg(format!("graph: node `{name}`: {e}")))?;
+            ([*out_channels, g.ho, g.wo], false, Some(NodeGeom::Conv(g)))
+        }
+        Op::Linear { out_features, .. } => {
+            if s[1] != 1 || s[2] != 1 {
+                bail!(
+                    "graph: linear `{name}` gets {}x{}x{} maps; put a flatten node before it",
+                    s[0],
+                    s[1],
+                    s[2]
+                );
+            }
+            if *out_features == 0 || *out_features > MAX_DIM {
+                bail!("graph: linear `{name}` has {out_features} outputs");
+            }
+            ([*out_features, 1, 1], true, None)
+        }
+        Op::BatchNorm { eps, momentum } => {
+            if !(*eps > 0.0) || !eps.is_finite() || !(0.0..=1.0).contains(momentum) {
+                bail!("graph: batch norm `{name}` needs eps > 0 and momentum in [0, 1]");
+            }
+            (s, d, None)
+        }
+        Op::Act { .. } => (s, d, None),
+        Op::MaxPool {
+            kernel,
+            stride,
+            padding,
+            ceil_mode,
+        } => {
+            spatial("pooling")?;
+            let g = PoolGeom::new(s, *kernel, *stride, *padding, *ceil_mode, true)
+                .map_err(|e| candle_core::Error::Msg(format!("graph: node `{name}`: {e}")))?;
+            ([s[0], g.ho, g.wo], false, Some(NodeGeom::Pool(g)))
+        }
+        Op::AvgPool {
+            kernel,
+            stride,
+            padding,
+            ceil_mode,
+            count_include_pad,
+        } => {
+            spatial("pooling")?;
+            let g = PoolGeom::new(s, *kernel, *stride, *padding, *ceil_mode, *count_include_pad)
+                .map_err(|e| candle_core::Error::Msg(format!("graph: node `{name}`: {e}")))?;
+            ([s[0], g.ho, g.wo], false, Some(NodeGeom::Pool(g)))
+        }
+        Op::GlobalAvgPool => {
+            spatial("global pooling")?;
+            ([s[0], 1, 1], false, None)
+        }
+        Op::Flatten => ([s[0] * s[1] * s[2], 1, 1], d, None),
+        Op::Add => {
+            for &j in &ins[1..] {
+                if shapes[j] != s || dense[j] != d {
+                    bail!("graph: add `{name}` sums shapes {:?} and {:?}", s, shapes[j]);
+                }
+            }
+            (s, d, None)
+        }
+    })
+}
+
+/// The tensors node `i` holds (PyTorch names and shapes, in the order the
+/// model creates them), given the shape of its (first) input.
+fn node_tensors(i: usize, node: &Node, [c, h, w]: Shape) -> Vec<TensorSpec> {
+    let t = |role: TensorRole, shape: Vec<usize>| TensorSpec {
+        node: i,
+        role,
+        name: tensor_name(&node.name, role),
+        shape,
+    };
+    match &node.op {
+        Op::Conv2d {
+            out_channels,
+            kernel,
+            bias,
+            ..
+        } => {
+            let mut v = vec![t(TensorRole::Weight, vec![*out_channels, c, kernel.h(), kernel.w()])];
+            if *bias {
+                v.push(t(TensorRole::Bias, vec![*out_channels]));
+            }
+            v
+        }
+        Op::Linear { out_features, bias } => {
+            let mut v = vec![t(TensorRole::Weight, vec![*out_features, c * h * w])];
+            if *bias {
+                v.push(t(TensorRole::Bias, vec![*out_features]));
+            }
+            v
+        }
+        Op::BatchNorm { .. } => [
+            TensorRole::BnWeight,
+            TensorRole::BnBias,
+            TensorRole::RunningMean,
+            TensorRole::RunningVar,
+        ]
+        .into_iter()
+        .map(|r| t(r, vec![c]))
+        .collect(),
+        Op::Act {
+            act: Activation::PRelu { shared },
+        } => vec![t(TensorRole::Slope, vec![if *shared { 1 } else { c }])],
+        _ => Vec::new(),
     }
 }
 

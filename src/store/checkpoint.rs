@@ -359,18 +359,7 @@ pub fn spec_from_graph(text: &str, tensors: &HashMap<String, Tensor>) -> Result<
     } else {
         toml::from_str(text).map_err(|e| crate::error::Error::Invalid(format!("graph (TOML): {e}")))?
     };
-    let reads = |k: usize, v: &str| {
-        let n = &graph.nodes[k];
-        if n.inputs.is_empty() {
-            if k == 0 {
-                v == INPUT
-            } else {
-                graph.nodes[k - 1].name == v
-            }
-        } else {
-            n.inputs.iter().any(|i| i == v)
-        }
-    };
+    let reads = |k: usize, v: &str| graph.input_names(k).contains(&v);
     let input = match extras.input {
         Some(i) => i,
         None => {
@@ -389,7 +378,10 @@ pub fn spec_from_graph(text: &str, tensors: &HashMap<String, Tensor>) -> Result<
             match dense.and_then(|k| tensors.get(&format!("{}.weight", graph.nodes[k].name))) {
                 Some(t) if t.rank() == 2 => [t.dims()[1], 1, 1],
                 _ => {
-                    let hint = match (&graph.nodes[first].op, tensors.get(&format!("{name}.weight"))) {
+                    let hint = match (
+                        &graph.nodes[first].op,
+                        tensors.get(&crate::graph::tensor_name(name, crate::graph::TensorRole::Weight)),
+                    ) {
                         (Op::Conv2d { .. }, Some(t)) if t.rank() == 4 => {
                             format!(
                                 " (its first layer `{name}` is a convolution over {} channels)",

@@ -3,7 +3,6 @@
 //! tensors a spec's model holds ([`spec_tensors`]); the budget they are
 //! checked against is [`crate::memory::check`].
 
-use crate::graph::{Activation, ConvGeom, Op};
 use crate::memory::Estimate;
 use crate::model::ModelSpec;
 
@@ -11,43 +10,10 @@ use crate::model::ModelSpec;
 /// order the model creates them, read from the spec's layer graph. Call on a
 /// validated spec (an invalid one gives an empty list).
 pub fn spec_tensors(spec: &ModelSpec) -> Vec<(String, Vec<usize>)> {
-    let mut out = Vec::new();
-    let Ok(g) = spec.graph() else { return out };
-    let Ok(r) = g.resolve(spec.input) else { return out };
-    for (i, node) in g.nodes.iter().enumerate() {
-        let [c, h, w] = r.shapes[r.inputs[i][0]];
-        let n = &node.name;
-        let mut push = |suffix: &str, shape: Vec<usize>| out.push((format!("{n}.{suffix}"), shape));
-        match &node.op {
-            Op::Conv2d {
-                out_channels,
-                kernel,
-                bias,
-                ..
-            } => {
-                push("weight", vec![*out_channels, c, kernel.h(), kernel.w()]);
-                if *bias {
-                    push("bias", vec![*out_channels]);
-                }
-            }
-            Op::Linear { out_features, bias } => {
-                push("weight", vec![*out_features, c * h * w]);
-                if *bias {
-                    push("bias", vec![*out_features]);
-                }
-            }
-            Op::BatchNorm { .. } => {
-                for s in ["weight", "bias", "running_mean", "running_var"] {
-                    push(s, vec![c]);
-                }
-            }
-            Op::Act {
-                act: Activation::PRelu { shared },
-            } => push("weight", vec![if *shared { 1 } else { c }]),
-            _ => {}
-        }
-    }
-    out
+    spec.resolve().map_or_else(
+        |_| Vec::new(),
+        |(_, r)| r.tensors.into_iter().map(|t| (t.name, t.shape)).collect(),
+    )
 }
 
 /// Per-sample output sizes (elements) of every value of the network, input
@@ -55,30 +21,13 @@ pub fn spec_tensors(spec: &ModelSpec) -> Vec<(String, Vec<usize>)> {
 /// (`C_in kh kw H' W'`). Call on a validated spec.
 pub fn layer_outputs(spec: &ModelSpec) -> (Vec<usize>, Vec<usize>) {
     let [c0, h0, w0] = spec.input;
-    let mut cols = Vec::new();
-    let (Ok(g), mut outs) = (spec.graph(), vec![c0 * h0 * w0]) else {
-        return (vec![c0 * h0 * w0], cols);
+    let Ok((_, r)) = spec.resolve() else {
+        return (vec![c0 * h0 * w0], Vec::new());
     };
-    let Ok(r) = g.resolve(spec.input) else {
-        return (outs, cols);
-    };
-    for (i, node) in g.nodes.iter().enumerate() {
-        outs.push(r.len(i + 1));
-        if let Op::Conv2d {
-            out_channels,
-            kernel,
-            stride,
-            padding,
-            dilation,
-            ..
-        } = &node.op
-        {
-            let [c, h, w] = r.shapes[r.inputs[i][0]];
-            if let Ok(geom) = ConvGeom::new(c, *out_channels, h, w, *kernel, *stride, *padding, *dilation) {
-                cols.push(geom.rows() * geom.pixels());
-            }
-        }
-    }
+    let outs = (0..r.shapes.len()).map(|v| r.len(v)).collect();
+    let cols = (0..r.inputs.len())
+        .filter_map(|i| r.conv_geom(i).map(|g| g.rows() * g.pixels()))
+        .collect();
     (outs, cols)
 }
 
