@@ -280,6 +280,13 @@ pub fn lock_run_dir(dir: &Path) -> Result<RunLock> {
     {
         fail!("{}: the run-folder lock is not a regular file", path.display());
     }
+    flock_or_refuse(&file, dir, &path)?;
+    Ok(RunLock { _file: file, path })
+}
+
+/// Takes the exclusive lock on `file` (the lock of run folder `dir`), or
+/// refuses at once when another process holds it.
+fn flock_or_refuse(file: &File, dir: &Path, path: &Path) -> Result<()> {
     #[cfg(unix)]
     {
         use std::os::unix::io::AsRawFd;
@@ -299,7 +306,25 @@ pub fn lock_run_dir(dir: &Path) -> Result<RunLock> {
                 .map_err(Into::into);
         }
     }
-    Ok(RunLock { _file: file, path })
+    Ok(())
+}
+
+/// Refuses at once when another process holds the lock of run folder `dir`
+/// (without creating the lock file): so a folder in use is reported as in
+/// use, not as a folder that holds a run.
+pub fn refuse_if_locked(dir: &Path) -> Result<()> {
+    let path = dir.join(LOCK_NAME);
+    let mut oo = std::fs::OpenOptions::new();
+    oo.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        oo.custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK);
+    }
+    match oo.open(&path) {
+        Ok(file) if file.metadata().is_ok_and(|m| m.is_file()) => flock_or_refuse(&file, dir, &path),
+        _ => Ok(()),
+    }
 }
 
 /// Refuses to write `out` when it is the same file as `input` (a command must

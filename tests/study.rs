@@ -398,3 +398,128 @@ fn the_cli_prints_one_json_object_with_cells_and_contrasts() {
     assert!(err.contains("error:") && !err.contains("panicked"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The study's command line for the tests of `--plan` / `--cell`.
+fn study_args(out: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "--threads", "1", "study", "--vary", "act=relu,prelu", "--seeds", "2", "--hidden", "16", "--epochs", "1",
+        "--train-limit", "256", "--test-limit", "128", "--batch-size", "64", "--out",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    v.push(out.display().to_string());
+    v
+}
+
+fn prelu_cmd(args: &[String]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_prelu")).args(args).output().unwrap()
+}
+
+/// The numbers of a study.json: per cell, its label and per run the seed and
+/// the metrics (not the folders, the timings or how the run was obtained).
+fn study_numbers(dir: &std::path::Path) -> Vec<(String, Vec<(u64, String)>)> {
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("study.json")).unwrap()).unwrap();
+    v["cells"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let runs = c["runs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| {
+                    let m = [&r["test_acc"], &r["best_test_acc"], &r["test_loss"], &r["train_loss"]];
+                    (r["seed"].as_u64().unwrap(), format!("{m:?} {}", r["curve"]))
+                })
+                .collect();
+            (c["label"].as_str().unwrap().to_string(), runs)
+        })
+        .collect()
+}
+
+#[test]
+fn a_planned_study_run_by_two_parallel_workers_merges_into_the_serial_result() {
+    let (serial, planned) = (tmp("plan-serial"), tmp("plan-jobs"));
+    let out = prelu_cmd(&study_args(&serial));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The plan: one command per cell and seed, each starting with `prelu`.
+    let mut args = study_args(&planned);
+    args.push("--plan".into());
+    let out = prelu_cmd(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let plan = String::from_utf8(out.stdout).unwrap();
+    let commands: Vec<&str> = plan.lines().collect();
+    assert_eq!(commands.len(), 4, "{plan}");
+    for (k, c) in commands.iter().enumerate() {
+        assert!(c.starts_with("prelu ") && c.ends_with(&format!("--cell {k}")), "{c}");
+    }
+    assert!(!planned.join("study.json").exists(), "--plan trains nothing");
+    // Two workers, as `xargs -P 2` would run them, through a shell with
+    // `prelu` on the PATH.
+    let bin_dir = std::path::Path::new(env!("CARGO_BIN_EXE_prelu")).parent().unwrap().to_path_buf();
+    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+    let workers: Vec<_> = [0usize, 1]
+        .into_iter()
+        .map(|w| {
+            let mine: Vec<String> = commands.iter().skip(w).step_by(2).map(|c| c.to_string()).collect();
+            let path = path.clone();
+            std::thread::spawn(move || {
+                for c in mine {
+                    let out = std::process::Command::new("sh").arg("-c").arg(&c).env("PATH", &path).output().unwrap();
+                    assert!(out.status.success(), "{c}: {}", String::from_utf8_lossy(&out.stderr));
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    // The merge: the same command without --cell trains nothing new.
+    let mut args = study_args(&planned);
+    args.push("--json".into());
+    let out = prelu_cmd(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((v["runs_skipped"].as_u64(), v["runs_trained"].as_u64()), (Some(4), Some(0)));
+    assert_eq!(study_numbers(&planned), study_numbers(&serial));
+    let _ = std::fs::remove_dir_all(&serial);
+    let _ = std::fs::remove_dir_all(&planned);
+}
+
+#[test]
+fn a_study_refuses_a_second_process_and_restarts_a_run_killed_before_its_checkpoint() {
+    let spec = StudySpec {
+        base: TrainConfig {
+            epochs: 1,
+            ..tiny_base()
+        },
+        vary: vec!["act=relu,prelu".parse().unwrap()],
+        seeds: 1,
+    };
+    let dir = tmp("killed");
+    // A run killed before its first checkpoint leaves its config and a
+    // metrics file: the study trains it again instead of refusing it.
+    let runs = spec.runs().unwrap();
+    let first = dir.join(&runs[0].dir);
+    std::fs::create_dir_all(&first).unwrap();
+    std::fs::write(first.join("config.toml"), toml::to_string(&runs[0].cfg).unwrap()).unwrap();
+    std::fs::write(first.join("metrics.jsonl"), "").unwrap();
+    let r = prelu::run::study::run(&spec, &dir, &mut |_, _| {}).unwrap();
+    assert_eq!(r.runs_trained, 2);
+    // A second study on a study folder another process holds is told so.
+    let held = prelu::fs::lock_run_dir(&dir).unwrap();
+    let other = prelu_cmd(&study_args(&dir));
+    drop(held);
+    let err = String::from_utf8_lossy(&other.stderr);
+    assert!(!other.status.success() && err.contains("in use by another prelu process"), "{err}");
+    // Two spellings of one value are one cell: refused, not run twice.
+    let dup = StudySpec {
+        vary: vec!["lr=0.01,0.010".parse().unwrap()],
+        ..spec.clone()
+    };
+    let e = dup.cells().unwrap_err().to_string();
+    assert!(e.contains("same run config"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -276,11 +276,90 @@ pub struct StudyArgs {
     #[arg(long, default_value_t = 3)]
     pub seeds: usize,
     /// Folder of the study: one run folder per cell and seed, study.json, report.html.
-    /// Running the same command again resumes.
+    /// Running the same command again resumes, and merges the runs that jobs of --cell finished.
     #[arg(long, short, value_name = "DIR")]
     pub out: PathBuf,
+    /// Print one command per cell and seed (`prelu study ... --cell K`) on stdout, for a
+    /// Slurm job array, GNU parallel or any batch system; trains nothing.
+    #[arg(long, conflicts_with = "cell")]
+    pub plan: bool,
+    /// Train only run K of the grid (0-based, in the order --plan prints), as one job of a
+    /// batch system; run the command without --cell afterwards to merge into study.json.
+    #[arg(long, value_name = "K")]
+    pub cell: Option<usize>,
     #[command(flatten)]
     pub json: JsonArg,
+}
+
+/// `prelu study --plan`: the commands of a study's jobs.
+#[derive(Serialize)]
+struct StudyPlan {
+    runs: usize,
+    commands: Vec<String>,
+}
+
+impl fmt::Display for StudyPlan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for c in &self.commands {
+            writeln!(f, "{c}")?;
+        }
+        Ok(())
+    }
+}
+
+/// `prelu study --cell K`: the one run a job trained.
+#[derive(Serialize)]
+struct StudyJob {
+    index: usize,
+    cell: String,
+    #[serde(flatten)]
+    run: prelu::run::study::StudyRun,
+}
+
+impl fmt::Display for StudyJob {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "run {} ({} seed {}): {}, test accuracy {:.4}, in {}",
+            self.index,
+            self.cell,
+            self.run.seed,
+            self.run.status,
+            self.run.test_acc,
+            self.run.run_dir.display()
+        )
+    }
+}
+
+/// A word for a POSIX shell: as it is when it holds only safe characters,
+/// else in single quotes.
+fn shell_word(s: &str) -> String {
+    let safe = |c: char| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c);
+    if !s.is_empty() && s.chars().all(safe) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+/// This invocation's arguments as a `prelu` command line without `--plan`,
+/// `--json` and `--cell`, for the jobs of a plan.
+fn job_command(k: usize) -> String {
+    let mut words = vec!["prelu".to_string()];
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--plan" | "--json" => {}
+            "--cell" => {
+                args.next();
+            }
+            _ if a.starts_with("--cell=") => {}
+            _ => words.push(shell_word(&a)),
+        }
+    }
+    words.push("--cell".into());
+    words.push(k.to_string());
+    words.join(" ")
 }
 
 #[derive(Args)]
@@ -589,12 +668,25 @@ pub fn cmd_study(a: &StudyArgs) -> Result<()> {
         vary,
         seeds: a.seeds,
     };
+    if a.plan {
+        let runs = spec.runs()?.len();
+        let commands = (0..runs).map(job_command).collect();
+        return emit(a.json.json, &StudyPlan { runs, commands });
+    }
     interrupt::on_ctrl_c(format!(
         "{} keeps every finished run and the last checkpoint of the current one; \
          run the same `prelu study` command again to continue",
         a.out.display()
     ));
     let mut bars = Bars::default();
+    if let Some(k) = a.cell {
+        let planned = spec.runs()?;
+        let cell = planned.get(k).map(|r| r.label.clone()).unwrap_or_default();
+        let run = prelu::run::study::run_one_of(&spec, &a.out, k, &mut |rl, e| {
+            bars.on(&format!("[{}/{}] {} seed {}", rl.index, rl.total, rl.cell, rl.seed), e)
+        })?;
+        return emit(a.json.json, &StudyJob { index: k, cell, run });
+    }
     let r = prelu::run::study::run(&spec, &a.out, &mut |rl, e| {
         bars.on(&format!("[{}/{}] {} seed {}", rl.index, rl.total, rl.cell, rl.seed), e)
     })?;

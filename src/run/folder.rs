@@ -124,6 +124,7 @@ impl RunFolder {
     /// temporary files a killed run left.
     pub fn open(dir: &Path, mode: RunMode, on: &mut dyn FnMut(Event)) -> Result<Self> {
         let taken = |dir: &Path| crate::error::Error::RunExists { dir: dir.to_path_buf() };
+        crate::fs::refuse_if_locked(dir)?;
         if mode == RunMode::New && holds_files(dir)? {
             return Err(taken(dir));
         }

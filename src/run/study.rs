@@ -26,7 +26,8 @@ use super::compare::mean_std;
 use super::config::TrainConfig;
 use super::event::Event;
 use super::metrics::{read_metrics, EpochMetrics, MetricsLine};
-use super::train::train;
+use super::folder::RunMode;
+use super::train::train_in;
 
 // ---------------------------------------------------------------------------
 // Student-t distribution
@@ -383,7 +384,7 @@ impl StudySpec {
                 })
                 .collect();
         }
-        cells
+        let cells: Vec<Cell> = cells
             .into_iter()
             .map(|kv| {
                 let mut cfg = self.base.clone();
@@ -393,7 +394,38 @@ impl StudySpec {
                 cfg.resolve().with_context(|| format!("cell {}", label(&kv)))?;
                 Ok((kv, cfg))
             })
-            .collect()
+            .collect::<Result<_>>()?;
+        for (i, (kv, cfg)) in cells.iter().enumerate() {
+            if let Some((other, _)) = cells[..i].iter().find(|(_, c)| c == cfg) {
+                fail!(
+                    "cells {} and {} are the same run config (two spellings of one value); give each value once",
+                    label(other),
+                    label(kv)
+                );
+            }
+        }
+        Ok(cells)
+    }
+
+    /// Every run of the study in the order [`run`] trains them: cell by
+    /// cell, seed by seed. [`run_one_of`] trains one of them by its index.
+    pub fn runs(&self) -> Result<Vec<PlannedRun>> {
+        let cells = self.cells()?;
+        let mut out = Vec::new();
+        for (cell, (kv, cfg)) in cells.into_iter().enumerate() {
+            for k in 0..self.seeds as u64 {
+                let seed = self.base.seed + k;
+                out.push(PlannedRun {
+                    cell,
+                    label: label(&kv),
+                    kv: kv.clone(),
+                    seed,
+                    cfg: TrainConfig { seed, ..cfg.clone() },
+                    dir: PathBuf::from(cell_dir_name(&kv)).join(format!("seed{seed}")),
+                });
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -632,8 +664,8 @@ pub const DIVERGED_FILE: &str = crate::layout::DIVERGED;
 /// error in [`DIVERGED_FILE`]), and the study goes on.
 fn run_one(cfg: &TrainConfig, dir: &Path, on: &mut dyn FnMut(Event)) -> Result<StudyRun> {
     let marker = dir.join(DIVERGED_FILE);
-    let mut train = |resume: bool, ok: &'static str| -> Result<(&'static str, Option<String>)> {
-        match train(cfg, dir, resume, on) {
+    let mut train = |mode: RunMode, ok: &'static str| -> Result<(&'static str, Option<String>)> {
+        match train_in(cfg, dir, mode, on) {
             Ok(_) => Ok((ok, None)),
             Err(e) if is_divergence(&e) => {
                 let msg = format!("{e:#}");
@@ -658,12 +690,14 @@ fn run_one(cfg: &TrainConfig, dir: &Path, on: &mut dyn FnMut(Event)) -> Result<S
         } else if done >= cfg.epochs {
             ("skipped", None)
         } else if done > 0 {
-            train(true, "resumed")?
+            train(RunMode::Resume, "resumed")?
         } else {
-            train(false, "trained")?
+            // This study's own run, stopped before its first checkpoint (a
+            // killed process): nothing to keep, so it starts again.
+            train(RunMode::Overwrite, "trained")?
         }
     } else {
-        train(false, "trained")?
+        train(RunMode::New, "trained")?
     };
     if status == "diverged" {
         let mut r = read_run(dir, cfg.seed, status).unwrap_or_else(|_| StudyRun {
@@ -694,34 +728,67 @@ pub struct RunLabel<'a> {
     pub seed: u64,
 }
 
+/// One run of a study's grid ([`StudySpec::runs`]).
+#[derive(Clone, Debug)]
+pub struct PlannedRun {
+    /// The cell's index in the grid.
+    pub cell: usize,
+    pub label: String,
+    pub kv: Vec<(String, String)>,
+    pub seed: u64,
+    pub cfg: TrainConfig,
+    /// The run folder, relative to the study folder.
+    pub dir: PathBuf,
+}
+
+/// Trains (or resumes, or reads back) run `index` (0-based, in the order of
+/// [`StudySpec::runs`]) of the study under `root`, alone: what one job of a
+/// batch system does (`prelu study ... --cell K`). Running the whole study
+/// again ([`run`]) then merges the finished runs into `study.json`.
+pub fn run_one_of(spec: &StudySpec, root: &Path, index: usize, on: &mut dyn FnMut(&RunLabel, Event)) -> Result<StudyRun> {
+    let runs = spec.runs()?;
+    let Some(r) = runs.get(index) else {
+        fail!("run {index} is not in the study: it has {} runs (0 to {})", runs.len(), runs.len().saturating_sub(1));
+    };
+    std::fs::create_dir_all(root).with_context(|| format!("cannot create {}", root.display()))?;
+    let rl = RunLabel {
+        index: index + 1,
+        total: runs.len(),
+        cell: &r.label,
+        seed: r.seed,
+    };
+    let run_dir = root.join(&r.dir);
+    Ok(run_one(&r.cfg, &run_dir, &mut |e| on(&rl, e)).with_context(|| format!("run {}", run_dir.display()))?)
+}
+
 /// Runs (or resumes) the study under `root`, then writes `root/study.json`
-/// and the report page `root/report.html`.
+/// and the report page `root/report.html`. The study folder is locked for
+/// the whole study (a second study on it is refused at once); runs that
+/// jobs of a batch system finished ([`run_one_of`]) are read back, not
+/// trained again.
 pub fn run(spec: &StudySpec, root: &Path, on: &mut dyn FnMut(&RunLabel, Event)) -> Result<StudyResult> {
-    let cells = spec.cells()?;
+    let planned = spec.runs()?;
     let seeds: Vec<u64> = (0..spec.seeds as u64).map(|k| spec.base.seed + k).collect();
     std::fs::create_dir_all(root).with_context(|| format!("cannot create {}", root.display()))?;
-    let total = cells.len() * seeds.len();
+    let _lock = crate::fs::lock_run_dir(root)?;
+    let total = planned.len();
     let mut out_cells = Vec::new();
-    let mut index = 0;
-    for (kv, cfg) in &cells {
-        let dir = root.join(cell_dir_name(kv));
-        let lab = label(kv);
+    for cell in planned.chunks(seeds.len()) {
         let mut runs = Vec::new();
-        for &seed in &seeds {
-            index += 1;
-            let c = TrainConfig { seed, ..cfg.clone() };
+        for r in cell {
             let rl = RunLabel {
-                index,
+                index: runs.len() + 1 + out_cells.len() * seeds.len(),
                 total,
-                cell: &lab,
-                seed,
+                cell: &r.label,
+                seed: r.seed,
             };
-            let run_dir = dir.join(format!("seed{seed}"));
+            let run_dir = root.join(&r.dir);
             runs.push(
-                run_one(&c, &run_dir, &mut |e| on(&rl, e)).with_context(|| format!("run {}", run_dir.display()))?,
+                run_one(&r.cfg, &run_dir, &mut |e| on(&rl, e)).with_context(|| format!("run {}", run_dir.display()))?,
             );
         }
-        out_cells.push(summarise_cell(kv.clone(), dir, runs));
+        let dir = root.join(cell_dir_name(&cell[0].kv));
+        out_cells.push(summarise_cell(cell[0].kv.clone(), dir, runs));
     }
     let contrasts = contrasts(&spec.vary, &out_cells);
     let count = |s: &str| out_cells.iter().flat_map(|c| &c.runs).filter(|r| r.status == s).count();
