@@ -327,6 +327,33 @@ pub fn refuse_if_locked(dir: &Path) -> Result<()> {
     }
 }
 
+/// Refuses to write `out` when it names a file that a run or study folder
+/// owns (its config, metrics, checkpoint, study result or lock) in a folder
+/// that holds a run or a study: no command's output replaces a run's own
+/// files, whether the run is finished or still training.
+pub fn refuse_run_file(out: &Path) -> Result<()> {
+    use crate::layout::{CHECKPOINT, CONFIG, METRICS, RUN_FILES, STUDY};
+    let Some(name) = out.file_name().and_then(|n| n.to_str()) else {
+        return Ok(());
+    };
+    let owned = RUN_FILES.contains(&name) || name == LOCK_NAME || name.starts_with(TMP_MARK);
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let is_run = [CONFIG, METRICS, CHECKPOINT, STUDY, LOCK_NAME]
+        .iter()
+        .any(|f| std::fs::symlink_metadata(parent.join(f)).is_ok());
+    if owned && is_run {
+        fail!(
+            "{} is a file of the run or study in {}; refusing to write over it, choose another output path",
+            out.display(),
+            parent.display()
+        );
+    }
+    Ok(())
+}
+
 /// Refuses to write `out` when it is the same file as `input` (a command must
 /// never overwrite the checkpoint it reads).
 pub fn refuse_same_file(input: &Path, out: &Path) -> Result<()> {

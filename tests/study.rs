@@ -402,8 +402,24 @@ fn the_cli_prints_one_json_object_with_cells_and_contrasts() {
 /// The study's command line for the tests of `--plan` / `--cell`.
 fn study_args(out: &std::path::Path) -> Vec<String> {
     let mut v: Vec<String> = [
-        "--threads", "1", "study", "--vary", "act=relu,prelu", "--seeds", "2", "--hidden", "16", "--epochs", "1",
-        "--train-limit", "256", "--test-limit", "128", "--batch-size", "64", "--out",
+        "--threads",
+        "1",
+        "study",
+        "--vary",
+        "act=relu,prelu",
+        "--seeds",
+        "2",
+        "--hidden",
+        "16",
+        "--epochs",
+        "1",
+        "--train-limit",
+        "256",
+        "--test-limit",
+        "128",
+        "--batch-size",
+        "64",
+        "--out",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -413,7 +429,10 @@ fn study_args(out: &std::path::Path) -> Vec<String> {
 }
 
 fn prelu_cmd(args: &[String]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_prelu")).args(args).output().unwrap()
+    std::process::Command::new(env!("CARGO_BIN_EXE_prelu"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 /// The numbers of a study.json: per cell, its label and per run the seed and
@@ -458,7 +477,10 @@ fn a_planned_study_run_by_two_parallel_workers_merges_into_the_serial_result() {
     assert!(!planned.join("study.json").exists(), "--plan trains nothing");
     // Two workers, as `xargs -P 2` would run them, through a shell with
     // `prelu` on the PATH.
-    let bin_dir = std::path::Path::new(env!("CARGO_BIN_EXE_prelu")).parent().unwrap().to_path_buf();
+    let bin_dir = std::path::Path::new(env!("CARGO_BIN_EXE_prelu"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
     let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
     let workers: Vec<_> = [0usize, 1]
         .into_iter()
@@ -467,7 +489,12 @@ fn a_planned_study_run_by_two_parallel_workers_merges_into_the_serial_result() {
             let path = path.clone();
             std::thread::spawn(move || {
                 for c in mine {
-                    let out = std::process::Command::new("sh").arg("-c").arg(&c).env("PATH", &path).output().unwrap();
+                    let out = std::process::Command::new("sh")
+                        .arg("-c")
+                        .arg(&c)
+                        .env("PATH", &path)
+                        .output()
+                        .unwrap();
                     assert!(out.status.success(), "{c}: {}", String::from_utf8_lossy(&out.stderr));
                 }
             })
@@ -482,7 +509,10 @@ fn a_planned_study_run_by_two_parallel_workers_merges_into_the_serial_result() {
     let out = prelu_cmd(&args);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!((v["runs_skipped"].as_u64(), v["runs_trained"].as_u64()), (Some(4), Some(0)));
+    assert_eq!(
+        (v["runs_skipped"].as_u64(), v["runs_trained"].as_u64()),
+        (Some(4), Some(0))
+    );
     assert_eq!(study_numbers(&planned), study_numbers(&serial));
     let _ = std::fs::remove_dir_all(&serial);
     let _ = std::fs::remove_dir_all(&planned);
@@ -513,7 +543,10 @@ fn a_study_refuses_a_second_process_and_restarts_a_run_killed_before_its_checkpo
     let other = prelu_cmd(&study_args(&dir));
     drop(held);
     let err = String::from_utf8_lossy(&other.stderr);
-    assert!(!other.status.success() && err.contains("in use by another prelu process"), "{err}");
+    assert!(
+        !other.status.success() && err.contains("in use by another prelu process"),
+        "{err}"
+    );
     // Two spellings of one value are one cell: refused, not run twice.
     let dup = StudySpec {
         vary: vec!["lr=0.01,0.010".parse().unwrap()],

@@ -264,6 +264,7 @@ pub fn check_out(input: Option<&Path>, out: &Path) -> Result<()> {
     if let Some(i) = input {
         prelu::fs::refuse_same_file(i, out)?;
     }
+    prelu::fs::refuse_run_file(out)?;
     Ok(())
 }
 

@@ -96,6 +96,36 @@ impl CheckpointProgress {
     }
 }
 
+/// The top-level keys of JSON object `saved` (text) and `now` whose values
+/// differ, each as `key (checkpoint V, now W)`, but for `skip`.
+fn json_diff(saved: &str, now: &serde_json::Value, skip: &[&str]) -> Result<Vec<String>> {
+    let saved: serde_json::Value = serde_json::from_str(saved)?;
+    let (Some(a), Some(b)) = (saved.as_object(), now.as_object()) else {
+        return Ok(Vec::new());
+    };
+    let null = serde_json::Value::Null;
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    Ok(keys
+        .into_iter()
+        .filter(|k| !skip.contains(&k.as_str()))
+        .filter_map(|k| {
+            let (x, y) = (a.get(k).unwrap_or(&null), b.get(k).unwrap_or(&null));
+            (x != y).then(|| format!("`{k}` (checkpoint {}, config.toml {})", short_json(x), short_json(y)))
+        })
+        .collect())
+}
+
+/// A JSON value in at most 60 characters.
+fn short_json(v: &serde_json::Value) -> String {
+    let s = v.to_string();
+    match s.char_indices().nth(60) {
+        Some((i, _)) => format!("{}...", &s[..i]),
+        None => s,
+    }
+}
+
 /// A locked run folder.
 pub(super) struct RunFolder {
     dir: PathBuf,
@@ -104,6 +134,8 @@ pub(super) struct RunFolder {
     metrics: Option<std::fs::File>,
     /// The epoch of the checkpoint on disk, if this run has one.
     kept: Option<usize>,
+    /// The config as written to `config.toml` (JSON), for the checkpoints' header.
+    config: Option<String>,
 }
 
 /// Where a run starts: from scratch, or from its checkpoint.
@@ -146,6 +178,7 @@ impl RunFolder {
             _lock: lock,
             metrics: None,
             kept: None,
+            config: None,
         })
     }
 
@@ -173,6 +206,7 @@ impl RunFolder {
     ) -> Result<Start> {
         let (ckpt_path, run_dir) = (&self.ckpt_path, &self.dir);
         let (tensors, meta) = crate::store::checkpoint::load_safetensors(ckpt_path)?;
+        self.check_header_agrees(spec, &meta)?;
         crate::store::checkpoint::check_tensors(spec, &tensors)
             .and_then(|_| model.load_state_dict(&tensors).map_err(Into::into))
             .with_context(|| format!("{}: does not fit the run's config", ckpt_path.display()))?;
@@ -248,7 +282,7 @@ impl RunFolder {
     /// Writes `config.toml` (when it changed); a hand-written graph is copied
     /// into the folder first, so that the run resumes (and its config reads)
     /// without the original file. Returns the config as written.
-    pub fn write_config(&self, mut cfg: TrainConfig, spec: &ModelSpec) -> Result<TrainConfig> {
+    pub fn write_config(&mut self, mut cfg: TrainConfig, spec: &ModelSpec) -> Result<TrainConfig> {
         if let Arch::Graph { graph } = &spec.arch {
             let copy = self.dir.join("model.json");
             if Path::new(&cfg.model) != copy {
@@ -261,7 +295,38 @@ impl RunFolder {
         if crate::fs::read_text_optional(&config_path).ok().flatten().as_deref() != Some(config_text.as_str()) {
             crate::fs::write_atomic(&config_path, config_text.as_bytes())?;
         }
+        self.config = Some(serde_json::to_string(&cfg)?);
         Ok(cfg)
+    }
+
+    /// Refuses a resume whose `config.toml` (or the model spec made from it)
+    /// disagrees with what the checkpoint's header says it was trained
+    /// with, naming the keys: the checkpoint is the truth.
+    fn check_header_agrees(&self, spec: &ModelSpec, meta: &HashMap<String, String>) -> Result<()> {
+        use crate::store::checkpoint::{CONFIG_KEY, SPEC_KEY};
+        let mut diffs = Vec::new();
+        if let Some(saved) = meta.get(CONFIG_KEY) {
+            let now = TrainConfig::from_toml_file(&self.dir.join(crate::layout::CONFIG))?;
+            // Extending a run (more epochs) and the testing faults are allowed.
+            let skip = ["epochs", "fault_nan_step", "fault_inf_step"];
+            diffs.extend(json_diff(saved, &serde_json::to_value(&now)?, &skip)?);
+        }
+        if let Some(saved) = meta.get(SPEC_KEY) {
+            diffs.extend(
+                json_diff(saved, &serde_json::to_value(spec)?, &[])?
+                    .into_iter()
+                    .map(|d| format!("model {d}")),
+            );
+        }
+        if !diffs.is_empty() {
+            fail!(
+                "cannot resume {}: its config.toml disagrees with the checkpoint it resumes from on {}; \
+                 restore config.toml, or start a new run",
+                self.dir.display(),
+                diffs.join(", ")
+            );
+        }
+        Ok(())
     }
 
     /// Opens `metrics.jsonl` for appending.
@@ -304,10 +369,13 @@ impl RunFolder {
         progress: &CheckpointProgress,
     ) -> Result<()> {
         let epoch = progress.epoch;
-        let meta = HashMap::from([(
+        let mut meta = HashMap::from([(
             crate::store::checkpoint::PROGRESS_KEY.to_string(),
             serde_json::to_string(progress)?,
         )]);
+        if let Some(c) = &self.config {
+            meta.insert(crate::store::checkpoint::CONFIG_KEY.to_string(), c.clone());
+        }
         let (kept, path) = (self.kept, &self.ckpt_path);
         crate::store::checkpoint::save_model(path, model, extra, meta).with_context(|| match kept {
             Some(e) => format!(

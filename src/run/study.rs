@@ -25,8 +25,8 @@ use serde::Serialize;
 use super::compare::mean_std;
 use super::config::TrainConfig;
 use super::event::Event;
-use super::metrics::{read_metrics, EpochMetrics, MetricsLine};
 use super::folder::RunMode;
+use super::metrics::{read_metrics, EpochMetrics, MetricsLine};
 use super::train::train_in;
 
 // ---------------------------------------------------------------------------
@@ -745,10 +745,19 @@ pub struct PlannedRun {
 /// [`StudySpec::runs`]) of the study under `root`, alone: what one job of a
 /// batch system does (`prelu study ... --cell K`). Running the whole study
 /// again ([`run`]) then merges the finished runs into `study.json`.
-pub fn run_one_of(spec: &StudySpec, root: &Path, index: usize, on: &mut dyn FnMut(&RunLabel, Event)) -> Result<StudyRun> {
+pub fn run_one_of(
+    spec: &StudySpec,
+    root: &Path,
+    index: usize,
+    on: &mut dyn FnMut(&RunLabel, Event),
+) -> Result<StudyRun> {
     let runs = spec.runs()?;
     let Some(r) = runs.get(index) else {
-        fail!("run {index} is not in the study: it has {} runs (0 to {})", runs.len(), runs.len().saturating_sub(1));
+        fail!(
+            "run {index} is not in the study: it has {} runs (0 to {})",
+            runs.len(),
+            runs.len().saturating_sub(1)
+        );
     };
     std::fs::create_dir_all(root).with_context(|| format!("cannot create {}", root.display()))?;
     let rl = RunLabel {

@@ -17,6 +17,9 @@ use crate::model::{Model, ModelSpec};
 
 /// Metadata key holding the model spec (JSON).
 pub const SPEC_KEY: &str = "prelu.spec";
+/// Metadata key holding the run config (JSON), in training checkpoints:
+/// what a resume checks the run folder's `config.toml` against.
+pub const CONFIG_KEY: &str = "prelu.config";
 /// Metadata key holding training progress (JSON), in training checkpoints.
 pub const PROGRESS_KEY: &str = "prelu.progress";
 
