@@ -26,6 +26,7 @@ use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 use serde::Serialize;
 
+use crate::engine::{Engine, EngineOptions, NoObserver, Observer};
 use crate::kernels::{self, SlopeGeometry};
 use crate::nn::ops::SlopeAxis;
 
@@ -372,32 +373,27 @@ fn step_time(
     let xv: Vec<f32> = (0..batch * 784).map(|_| rng.random_range(0.0f32..1.0)).collect();
     let yv: Vec<u32> = (0..batch).map(|_| rng.random_range(0..10u32)).collect();
     let mut sen = sentinel.then(|| crate::analyses::sentinel::Sentinel::new(&model, Default::default()));
-    let mut fs = crate::engine::fused::FusedStep::new(&model)?;
-    let flops = 2.0 * (fs.train_macs_per_sample() * batch) as f64;
-    if fused {
-        let t = median_secs_after(o.warmup, o.steps, || {
-            fs.step(&xv, &yv, sen.as_ref().map(|s| s.handles()))?;
-            opt.step_slices(&fs.grads(), 0.01)?;
-            if let Some(s) = sen.as_mut() {
-                s.after_update(&fs, &opt);
-            }
-            Ok(())
-        })?;
-        return Ok((t, flops));
-    }
-    let x = Tensor::from_vec(xv, (batch, 784), &dev)?;
-    let y = Tensor::from_vec(yv, batch, &dev)?;
-    let t = median_secs_after(o.warmup.min(2), o.steps.min(10), || {
-        let logits = match &sen {
-            Some(s) => model.forward_counting(&x, true, s.handles())?,
-            None => model.forward_t(&x, true)?,
+    let flops = 2.0 * (crate::engine::fused::FusedStep::new(&model)?.train_macs_per_sample() * batch) as f64;
+    let opts = EngineOptions {
+        autograd: !fused,
+        ..EngineOptions::default()
+    };
+    let mut engine = Engine::new(&model, opts);
+    // candle's autograd is an order of magnitude slower: fewer rounds.
+    let (warmup, steps) = if fused {
+        (o.warmup, o.steps)
+    } else {
+        (o.warmup.min(2), o.steps.min(10))
+    };
+    let t = median_secs_after(warmup, steps, || {
+        let out = engine.train_step(&model, &xv, &yv, sen.as_ref().map(|s| s.handles()))?;
+        let observer: &mut dyn Observer = match sen.as_mut() {
+            Some(s) => s,
+            None => &mut NoObserver,
         };
-        let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
-        let g = loss.backward()?;
-        if let Some(s) = sen.as_mut() {
-            s.after_backward(&g)?;
-        }
-        opt.step(&g, 0.01)
+        engine
+            .update(&out, &mut opt, observer, 0.01)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))
     })?;
     Ok((t, flops))
 }

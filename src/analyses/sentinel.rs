@@ -819,3 +819,14 @@ impl Sentinel {
         Ok((reports, alarms))
     }
 }
+
+/// The sentinel watches a training step through the engine.
+impl crate::engine::Observer for Sentinel {
+    fn after_backward(&mut self, grads: &GradStore) -> crate::error::Result<()> {
+        Ok(Sentinel::after_backward(self, grads)?)
+    }
+
+    fn after_update(&mut self, step: &crate::engine::fused::FusedStep, opt: &crate::optim::Optimizer) {
+        Sentinel::after_update(self, step, opt)
+    }
+}

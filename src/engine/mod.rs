@@ -57,6 +57,17 @@ pub trait Observer {
     fn after_update(&mut self, step: &FusedStep, opt: &Optimizer);
 }
 
+/// An [`Observer`] that watches nothing.
+pub struct NoObserver;
+
+impl Observer for NoObserver {
+    fn after_backward(&mut self, _: &GradStore) -> Result<()> {
+        Ok(())
+    }
+
+    fn after_update(&mut self, _: &FusedStep, _: &Optimizer) {}
+}
+
 /// The gradients of an evaluation-mode pass ([`Engine::gradients`]).
 pub enum Gradients<'a> {
     /// The fused step holds them (read them through its accessors).
