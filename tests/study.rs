@@ -147,7 +147,7 @@ fn fake_run(seed: u64, acc: f64) -> StudyRun {
     StudyRun {
         seed,
         run_dir: PathBuf::new(),
-        status: "trained".into(),
+        status: prelu::run::study::RunStatus::Trained,
         test_acc: acc,
         best_test_acc: acc,
         test_loss: 0.0,

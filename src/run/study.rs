@@ -479,14 +479,51 @@ pub struct CurvePoint {
     pub test_acc: f64,
 }
 
+/// What a study invocation did with one of its runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RunStatus {
+    /// Trained from the start.
+    Trained,
+    /// Continued from its checkpoint.
+    Resumed,
+    /// Already finished: read back.
+    Skipped,
+    /// Its loss became NaN or infinite: no final accuracy.
+    Diverged,
+}
+
+impl RunStatus {
+    /// The status as written in `study.json`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Trained => "trained",
+            RunStatus::Resumed => "resumed",
+            RunStatus::Skipped => "skipped",
+            RunStatus::Diverged => "diverged",
+        }
+    }
+}
+
+impl std::fmt::Display for RunStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for RunStatus {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
 /// One cell-seed run, read back from its run folder.
 #[derive(Clone, Debug, Serialize)]
 pub struct StudyRun {
     pub seed: u64,
     pub run_dir: PathBuf,
-    /// `trained`, `resumed` or `skipped` (already finished) in this
-    /// invocation, or `diverged` (the loss became NaN/inf: no final accuracy).
-    pub status: String,
+    /// What this invocation did with the run.
+    pub status: RunStatus,
     /// For a diverged run, the training error.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -602,7 +639,7 @@ pub fn checkpoint_epoch(run_dir: &Path) -> Result<usize> {
 }
 
 /// Reads a finished (or partial) run's curve and final numbers from its folder.
-pub fn read_run(run_dir: &Path, seed: u64, status: &str) -> Result<StudyRun> {
+pub fn read_run(run_dir: &Path, seed: u64, status: RunStatus) -> Result<StudyRun> {
     let epochs: Vec<EpochMetrics> = read_metrics(run_dir)?
         .into_iter()
         .filter_map(|l| match l {
@@ -616,7 +653,7 @@ pub fn read_run(run_dir: &Path, seed: u64, status: &str) -> Result<StudyRun> {
     Ok(StudyRun {
         seed,
         run_dir: run_dir.to_path_buf(),
-        status: status.into(),
+        status,
         test_acc: last.test_acc,
         best_test_acc: epochs.iter().map(|m| m.test_acc).fold(f64::NEG_INFINITY, f64::max),
         test_loss: last.test_loss,
@@ -664,13 +701,13 @@ pub const DIVERGED_FILE: &str = crate::layout::DIVERGED;
 /// error in [`DIVERGED_FILE`]), and the study goes on.
 fn run_one(cfg: &TrainConfig, dir: &Path, on: &mut dyn FnMut(Event)) -> Result<StudyRun> {
     let marker = dir.join(DIVERGED_FILE);
-    let mut train = |mode: RunMode, ok: &'static str| -> Result<(&'static str, Option<String>)> {
+    let mut train = |mode: RunMode, ok: RunStatus| -> Result<(RunStatus, Option<String>)> {
         match train_in(cfg, dir, mode, on) {
             Ok(_) => Ok((ok, None)),
             Err(e) if is_divergence(&e) => {
                 let msg = format!("{e:#}");
                 crate::fs::write_atomic(&marker, msg.as_bytes())?;
-                Ok(("diverged", Some(msg)))
+                Ok((RunStatus::Diverged, Some(msg)))
             }
             Err(e) => Err(e),
         }
@@ -686,24 +723,24 @@ fn run_one(cfg: &TrainConfig, dir: &Path, on: &mut dyn FnMut(Event)) -> Result<S
         }
         let done = checkpoint_epoch(dir)?;
         if marker.exists() {
-            ("diverged", std::fs::read_to_string(&marker).ok())
+            (RunStatus::Diverged, std::fs::read_to_string(&marker).ok())
         } else if done >= cfg.epochs {
-            ("skipped", None)
+            (RunStatus::Skipped, None)
         } else if done > 0 {
-            train(RunMode::Resume, "resumed")?
+            train(RunMode::Resume, RunStatus::Resumed)?
         } else {
             // This study's own run, stopped before its first checkpoint (a
             // killed process): nothing to keep, so it starts again.
-            train(RunMode::Overwrite, "trained")?
+            train(RunMode::Overwrite, RunStatus::Trained)?
         }
     } else {
-        train(RunMode::New, "trained")?
+        train(RunMode::New, RunStatus::Trained)?
     };
-    if status == "diverged" {
+    if status == RunStatus::Diverged {
         let mut r = read_run(dir, cfg.seed, status).unwrap_or_else(|_| StudyRun {
             seed: cfg.seed,
             run_dir: dir.to_path_buf(),
-            status: status.into(),
+            status,
             test_acc: f64::NAN,
             best_test_acc: f64::NAN,
             test_loss: f64::NAN,
@@ -800,16 +837,16 @@ pub fn run(spec: &StudySpec, root: &Path, on: &mut dyn FnMut(&RunLabel, Event)) 
         out_cells.push(summarise_cell(cell[0].kv.clone(), dir, runs));
     }
     let contrasts = contrasts(&spec.vary, &out_cells);
-    let count = |s: &str| out_cells.iter().flat_map(|c| &c.runs).filter(|r| r.status == s).count();
+    let count = |s: RunStatus| out_cells.iter().flat_map(|c| &c.runs).filter(|r| r.status == s).count();
     let result = StudyResult {
         out: root.to_path_buf(),
         base: spec.base.clone(),
         vary: spec.vary.clone(),
         seeds,
-        runs_trained: count("trained"),
-        runs_resumed: count("resumed"),
-        runs_skipped: count("skipped"),
-        runs_diverged: count("diverged"),
+        runs_trained: count(RunStatus::Trained),
+        runs_resumed: count(RunStatus::Resumed),
+        runs_skipped: count(RunStatus::Skipped),
+        runs_diverged: count(RunStatus::Diverged),
         cells: out_cells,
         contrasts,
     };
