@@ -406,7 +406,7 @@ impl Sentinel {
     ///
     /// ```
     /// use candle_core::{DType, Device, Tensor, Var};
-    /// use prelu::sentinel::{ActivationSite, AlarmKind, Sentinel, SentinelConfig};
+    /// use prelu::analyses::sentinel::{ActivationSite, AlarmKind, Sentinel, SentinelConfig};
     /// use prelu::{PReLU, PReLUConfig};
     ///
     /// # fn main() -> prelu::Result<()> {

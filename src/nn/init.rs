@@ -126,7 +126,7 @@ pub fn slope_of(next: &ActivationLayer) -> Result<f64> {
 /// ```
 /// use candle_core::{DType, Device};
 /// use candle_nn::{VarBuilder, VarMap};
-/// use prelu::init::{he_prelu_init, FanMode};
+/// use prelu::nn::init::{he_prelu_init, FanMode};
 ///
 /// # fn main() -> candle_core::Result<()> {
 /// let varmap = VarMap::new();
