@@ -7,6 +7,8 @@
 #   model_spec  JSON model specs
 #   metrics     metrics.jsonl (the strict reader)
 #   run_json    JSON beside a run (stability.json, attack.json) as the report reads it
+#   npy         .npy files (header and data)
+#   graph       graph files (TOML or JSON), resolved on a few inputs
 #     bash scripts/fuzz.sh 600
 # Seeds are the committed real files in fuzz/corpus/<target>; what the fuzzer
 # finds goes to fuzz/target/corpus-<target> (not committed). A crash stops
@@ -30,7 +32,7 @@ run() {
     echo "$t: $execs executions in ${secs}s, no crash"
 }
 status=0
-for pair in "idx checkpoint" "run_config model_spec" "metrics run_json"; do
+for pair in "idx checkpoint" "run_config model_spec" "metrics run_json" "npy graph"; do
     set -- $pair
     run "$1" & a=$!
     run "$2" & b=$!
