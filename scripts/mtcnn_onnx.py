@@ -4,7 +4,7 @@
 
     pip download facenet-pytorch==2.6.0 --no-deps -d /tmp/fnp
     unzip -q /tmp/fnp/facenet_pytorch-2.6.0-py3-none-any.whl -d /tmp/fnp/x
-    /work/venv-torch/bin/python scripts/mtcnn_onnx.py /tmp/fnp/x [OUT_DIR] [FASHION_MNIST_DIR]
+    python3 scripts/mtcnn_onnx.py /tmp/fnp/x [OUT_DIR] [FASHION_MNIST_DIR]   # a Python with torch
 
 Loads facenet_pytorch/data/pnet.pt (its state dict; the class below is the
 package's PNet, layer for layer, so the names match) and writes to OUT_DIR

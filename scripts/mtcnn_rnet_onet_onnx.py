@@ -5,7 +5,7 @@ Esler), exported to ONNX as `torch.onnx.export` writes them.
 
     pip download facenet-pytorch==2.6.0 --no-deps -d /tmp/fnp
     unzip -q /tmp/fnp/facenet_pytorch-2.6.0-py3-none-any.whl -d /tmp/fnp/x
-    /work/venv-torch/bin/python scripts/mtcnn_rnet_onet_onnx.py /tmp/fnp/x [OUT_DIR] [FASHION_MNIST_DIR]
+    python3 scripts/mtcnn_rnet_onet_onnx.py /tmp/fnp/x [OUT_DIR] [FASHION_MNIST_DIR]   # a Python with torch
 
 The classes below are the package's RNet and ONet, layer for layer and with
 the same `forward` (so the state dicts in facenet_pytorch/data/{rnet,onet}.pt
