@@ -17,7 +17,12 @@ package's PNet, layer for layer, so the names match) and writes to OUT_DIR
 * pnet.json: onnxruntime's outputs for random inputs at 12x12 and 23x17;
 * with FASHION_MNIST_DIR: /tmp/pnet_windows.npy, 512 12x12 windows cut from
   Fashion-MNIST test images (grayscale repeated to RGB; no faces), normalised
-  as MTCNN normalises its input, (x - 127.5) / 128. Not committed.
+  as MTCNN normalises its input, (x - 127.5) / 128. Not committed. (The
+  docs' example cuts its windows with `scripts/make_npy.py windows`, which
+  needs no torch.)
+
+Give an OUT_DIR outside tests/vectors (e.g. /tmp/mtcnn) unless the
+committed files are to be replaced.
 """
 import gzip
 import json

@@ -22,7 +22,12 @@ OUT_DIR (default tests/vectors/onnx_mtcnn):
   `landmarks` [N, 10], `face_prob` [N, 2]; onet.json likewise;
 * with FASHION_MNIST_DIR: /tmp/rnet_windows.npy, 512 24x24 windows cut from
   Fashion-MNIST test images (grey repeated to RGB; no faces), normalised
-  as MTCNN normalises its input, (x - 127.5) / 128. Not committed.
+  as MTCNN normalises its input, (x - 127.5) / 128. Not committed. (The
+  docs' example cuts its windows with `scripts/make_npy.py windows`, which
+  needs no torch.)
+
+Give an OUT_DIR outside tests/vectors (e.g. /tmp/mtcnn) unless the
+committed files are to be replaced.
 """
 import gzip
 import json
