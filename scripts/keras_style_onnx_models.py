@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Keras-style (NHWC) ONNX files for the import tests, with onnxruntime's outputs.
 
-    /work/venv-torch/bin/python scripts/keras_style_onnx_models.py [OUT_DIR]
+    python3 scripts/keras_style_onnx_models.py [OUT_DIR]   # a Python with onnx, onnxruntime and NumPy
     # default tests/vectors/onnx_keras
 
 TensorFlow is not needed: the graphs are built with the `onnx.helper` API the

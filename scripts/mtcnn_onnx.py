@@ -4,7 +4,7 @@
 
     pip download facenet-pytorch==2.6.0 --no-deps -d /tmp/fnp
     unzip -q /tmp/fnp/facenet_pytorch-2.6.0-py3-none-any.whl -d /tmp/fnp/x
-    /work/venv-torch/bin/python scripts/mtcnn_onnx.py /tmp/fnp/x [OUT_DIR] [FASHION_MNIST_DIR]
+    python3 scripts/mtcnn_onnx.py /tmp/fnp/x [OUT_DIR] [FASHION_MNIST_DIR]   # a Python with torch
 
 Loads facenet_pytorch/data/pnet.pt (its state dict; the class below is the
 package's PNet, layer for layer, so the names match) and writes to OUT_DIR
@@ -17,7 +17,12 @@ package's PNet, layer for layer, so the names match) and writes to OUT_DIR
 * pnet.json: onnxruntime's outputs for random inputs at 12x12 and 23x17;
 * with FASHION_MNIST_DIR: /tmp/pnet_windows.npy, 512 12x12 windows cut from
   Fashion-MNIST test images (grayscale repeated to RGB; no faces), normalised
-  as MTCNN normalises its input, (x - 127.5) / 128. Not committed.
+  as MTCNN normalises its input, (x - 127.5) / 128. Not committed. (The
+  docs' example cuts its windows with `scripts/make_npy.py windows`, which
+  needs no torch.)
+
+Give an OUT_DIR outside tests/vectors (e.g. /tmp/mtcnn) unless the
+committed files are to be replaced.
 """
 import gzip
 import json

@@ -5,7 +5,7 @@ Esler), exported to ONNX as `torch.onnx.export` writes them.
 
     pip download facenet-pytorch==2.6.0 --no-deps -d /tmp/fnp
     unzip -q /tmp/fnp/facenet_pytorch-2.6.0-py3-none-any.whl -d /tmp/fnp/x
-    /work/venv-torch/bin/python scripts/mtcnn_rnet_onet_onnx.py /tmp/fnp/x [OUT_DIR] [FASHION_MNIST_DIR]
+    python3 scripts/mtcnn_rnet_onet_onnx.py /tmp/fnp/x [OUT_DIR] [FASHION_MNIST_DIR]   # a Python with torch
 
 The classes below are the package's RNet and ONet, layer for layer and with
 the same `forward` (so the state dicts in facenet_pytorch/data/{rnet,onet}.pt
@@ -22,7 +22,12 @@ OUT_DIR (default tests/vectors/onnx_mtcnn):
   `landmarks` [N, 10], `face_prob` [N, 2]; onet.json likewise;
 * with FASHION_MNIST_DIR: /tmp/rnet_windows.npy, 512 24x24 windows cut from
   Fashion-MNIST test images (grey repeated to RGB; no faces), normalised
-  as MTCNN normalises its input, (x - 127.5) / 128. Not committed.
+  as MTCNN normalises its input, (x - 127.5) / 128. Not committed. (The
+  docs' example cuts its windows with `scripts/make_npy.py windows`, which
+  needs no torch.)
+
+Give an OUT_DIR outside tests/vectors (e.g. /tmp/mtcnn) unless the
+committed files are to be replaced.
 """
 import gzip
 import json

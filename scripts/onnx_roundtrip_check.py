@@ -4,7 +4,7 @@
 original's layout) to the original and the exported model and compare every
 output by name.
 
-    /work/venv-torch/bin/python scripts/onnx_roundtrip_check.py [--prelu BIN] MODEL.onnx[:HxW] ...
+    python3 scripts/onnx_roundtrip_check.py [--prelu BIN] MODEL.onnx[:HxW] ...   # a Python with onnxruntime
 
 `:HxW` gives the input size of a model whose spatial size is free. Exits 1
 if an output is missing, has another shape, or differs by more than 1e-4

@@ -2,7 +2,7 @@
 """ONNX files whose graphs start with a per-channel input normalisation, as
 `torch.onnx.export` writes them, with onnxruntime's outputs.
 
-    /work/venv-torch/bin/python scripts/torch_norm_onnx.py [OUT_DIR]   # default tests/vectors/onnx_norm
+    python3 scripts/torch_norm_onnx.py [OUT_DIR]   # a Python with torch; default tests/vectors/onnx_norm
 
 * norm_padded: `(x / 255 - mean) / std` with mean/std shaped [1, 3, 1, 1]
   (torchvision style: Div by a scalar, Sub and Div per channel), then a

@@ -3,7 +3,7 @@
 safetensors, and the prelu graph file that describes it (node names = the
 module paths, so the state dict's keys map onto the graph without renaming).
 
-    /work/venv-torch/bin/python scripts/torch_state_dict_graph.py [OUT_DIR]   # default tests/vectors/torch_sd
+    python3 scripts/torch_state_dict_graph.py [OUT_DIR]   # a Python with torch; default tests/vectors/torch_sd
 
 Writes:
   net.safetensors  `safetensors.torch.save_file(net.state_dict())`: keys
