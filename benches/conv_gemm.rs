@@ -3,7 +3,7 @@
 //! `K = 3 C_in` into one `[C_out, pixels]` output, columns read at row
 //! offsets with a row stride), with the output width as is and rounded up
 //! to a multiple of 16 (the `gemm` crate packs a column operand whose
-//! width is not). The README's "GEMM width a multiple of 16" numbers:
+//! width is not). The "GEMM width a multiple of 16" numbers in docs/benchmarks.md:
 //! `cargo bench --bench conv_gemm`, 1 thread.
 
 use criterion::{criterion_group, criterion_main, Criterion};

@@ -15,7 +15,7 @@ use prelu::run::TrainConfig;
 /// `--json`: one JSON object on stdout at the end instead of text.
 #[derive(Args, Clone, Copy, Debug, Default)]
 pub struct JsonArg {
-    /// Print one JSON object on stdout instead of text (schema: README, "JSON output");
+    /// Print one JSON object on stdout instead of text (schema: docs/json.md);
     /// errors too, as {"error": {...}} with a non-zero exit.
     #[arg(long)]
     pub json: bool,

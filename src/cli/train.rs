@@ -54,7 +54,7 @@ pub struct ConfigArgs {
     #[command(flatten)]
     pub data: DataArgs,
     /// Model: mlp, cnn, cnn-reference, resnet-N, plain-N (N = 8, 14, 20, 32, 44, 56, ...)
-    /// or a graph file (.toml/.json, see the README) [default: mlp].
+    /// or a graph file (.toml/.json, see docs/train.md) [default: mlp].
     #[arg(long)]
     pub model: Option<String>,
     /// MLP hidden widths, e.g. 512,512, or 256x30 for 30 layers of 256 [default: 512,512].
