@@ -80,6 +80,7 @@
 //! * [`sculpt`]: pruning dead units and folding linear ones;
 //! * [`onnx`]: ONNX export (opset 13, `PRelu` with correctly broadcasting slopes)
 //!   and import of PReLU networks exported by PyTorch;
+//! * [`page`]: the kit of the HTML and SVG pages (escaping, numbers, charts, legends, heatmaps);
 //! * [`report`]: a self-contained HTML report of a run with SVG plots;
 //! * [`io`]: the capped reader of user files, atomic writes, the run-folder lock, safetensors checkpoints;
 //! * [`memory`]: allocator hints, and the memory estimate and budget of a run;
@@ -106,6 +107,7 @@ pub mod model;
 pub mod onnx;
 pub mod ops;
 pub mod optim;
+pub mod page;
 pub mod pool;
 pub mod report;
 pub mod sculpt;
