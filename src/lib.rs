@@ -60,10 +60,10 @@
 //! layers before it (a test, `tests/layers.rs`, reads every `crate::` path
 //! against the order in `docs/design.md`, "What is where"):
 //!
-//! 1. base: [`error`] (the one error type), [`fs`] (the capped reader,
-//!    atomic writer, run-folder lock), [`json`], [`layout`] (the run folder's
-//!    file names), [`memory`] (allocator, budget),
-//!    [`page`] (HTML escaping, number formatting, SVG charts);
+//! 1. base: [`error`] (the one error type), [`layout`] (the run folder's
+//!    file names), [`fs`] (the capped reader, atomic writer, run-folder
+//!    lock), [`json`], [`page`] (HTML escaping, number formatting, SVG
+//!    charts), [`memory`] (allocator, budget);
 //! 2. [`kernels`]: fused CPU kernels on slices;
 //! 3. [`graph`]: the layer graph every part reads (ops, activation kinds,
 //!    geometry, one resolution into shapes and parameters, presets);
@@ -88,6 +88,7 @@ pub mod fs;
 pub mod json;
 pub mod layout;
 pub mod memory;
+pub mod page;
 
 pub mod analyses;
 pub mod bench;

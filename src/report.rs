@@ -1,462 +1,87 @@
 //! `prelu report`: one self-contained HTML page for a run folder, or for
 //! several runs overlaid on the same axes (one colour per run; a `compare`
-//! folder stands for the runs in it), with SVG plots (plotters) inline: loss
-//! and accuracy curves, slope trajectories per layer with the a = 0 and a = 1
+//! folder stands for the runs in it), with SVG plots inline: loss and
+//! accuracy curves, slope trajectories per layer with the a = 0 and a = 1
 //! lines, a histogram of the slopes (any sign), dead/stuck and idle counts,
 //! a negative-share heatmap per layer (channel x epoch) with its colour
 //! scale, the alarms as a table (epoch, layer, kind, channels), the slope
 //! classes of the last epoch, and stability or attack results when a folder
-//! holds `stability.json` / `attack.json` (the `--json` output of those
-//! commands). Every plot has a caption saying what to look for; legends sit
-//! under the plots, never over the data. Nothing is fetched from the network
-//! to view it; every text from a file is escaped; the page is written
-//! atomically.
+//! holds [`crate::analyses::stability::RESULT_FILE`] / [`crate::analyses::attack::RESULT_FILE`]
+//! (the `--json` output of those analyses, read into their types:
+//! [`StabilityResult`], [`AttackResult`]). Every plot has a caption saying
+//! what to look for; legends sit under the plots, never over the data.
+//!
+//! [`write_runs`] loads the runs, then builds one figure per function
+//! (curves, slopes, histogram, dead units, stability, heatmaps) and one
+//! section per function (summary, alarms, slope classes, attack, config),
+//! all drawn with the kit in [`crate::page`]. Nothing is fetched from the
+//! network to view it; every text from a file is escaped; the page is
+//! written atomically.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use crate::error::fail;
-use crate::error::Result;
 use anyhow::Context;
-use plotters::prelude::*;
 
+use crate::analyses::attack::AttackResult;
 use crate::analyses::sentinel::Alarm;
 use crate::analyses::sentinel::LayerReport;
 use crate::analyses::sentinel::SentinelConfig;
 use crate::analyses::sentinel::SlopeClasses;
+use crate::analyses::stability::StabilityResult;
+use crate::error::fail;
+use crate::error::Result;
+use crate::page::{self, esc, tick, Axes, Chart, Line, YAxis};
 use crate::run::read_metrics;
 use crate::run::EpochMetrics;
 use crate::run::MetricsLine;
+use crate::run::SlopeSummary;
 
-type Svg = String;
+/// Numbers for people, [`crate::page::num`] (the command line's path to it).
+pub use crate::page::num;
 
 /// A named line of (x, y) points.
 pub type Series = (String, Vec<(f64, f64)>);
 
-/// Escapes text for HTML content and attribute values.
-pub fn html_escape(s: &str) -> String {
-    let mut o = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => o.push_str("&amp;"),
-            '<' => o.push_str("&lt;"),
-            '>' => o.push_str("&gt;"),
-            '"' => o.push_str("&quot;"),
-            '\'' => o.push_str("&#39;"),
-            c => o.push(c),
-        }
-    }
-    o
+/// The pixel size of a line chart on the page.
+const CHART: (u32, u32) = (630, 330);
+
+/// The curves of a stability result as plot series: per curve `init /
+/// act` and the log10 of its forward variance against depth (none for the
+/// result of a trained model, which has no curves).
+pub fn stability_series(r: &StabilityResult) -> Vec<Series> {
+    r.curves()
+        .iter()
+        .map(|c| {
+            let pts = c.forward.iter().enumerate().map(|(i, q)| ((i + 1) as f64, q.log10()));
+            (format!("{} / {}", c.init, c.act), pts.collect())
+        })
+        .collect()
 }
 
-/// Reads an optional JSON file beside a run (the capped reader; a missing
-/// file is `None`, anything else that cannot be read is an error).
-fn read_json_beside(run_dir: &Path, name: &str) -> Result<Option<serde_json::Value>> {
-    let path = run_dir.join(name);
-    match crate::fs::read_text_optional(&path)? {
-        None => Ok(None),
-        Some(t) => Ok(Some(
-            serde_json::from_str(&t).with_context(|| format!("{}: not valid JSON", path.display()))?,
-        )),
-    }
-}
-
-/// A number from a JSON file beside a run, or an error naming the field.
-fn json_number(v: &serde_json::Value, file: &str, field: &str) -> Result<f64> {
-    v.as_f64()
-        .ok_or_else(|| crate::error::Error::Invalid(format!("{file}: `{field}` must be a number, got {}", short(v))))
-}
-
-/// A string from a JSON file beside a run, or an error naming the field.
-fn json_str<'a>(v: &'a serde_json::Value, file: &str, field: &str) -> Result<&'a str> {
-    v.as_str()
-        .ok_or_else(|| crate::error::Error::Invalid(format!("{file}: `{field}` must be a string, got {}", short(v))))
-}
-
-fn short(v: &serde_json::Value) -> String {
-    let s = v.to_string();
-    if s.len() > 40 {
-        format!("{}...", &s[..s.floor_char_boundary(40)])
-    } else {
-        s
-    }
-}
-
-/// The plot colours (Tableau 10): one per run in an overlay, one per series
-/// otherwise.
-const PALETTE: [RGBColor; 10] = [
-    RGBColor(31, 119, 180),
-    RGBColor(255, 127, 14),
-    RGBColor(44, 160, 44),
-    RGBColor(214, 39, 40),
-    RGBColor(148, 103, 189),
-    RGBColor(140, 86, 75),
-    RGBColor(227, 119, 194),
-    RGBColor(127, 127, 127),
-    RGBColor(188, 189, 34),
-    RGBColor(23, 190, 207),
-];
-
-fn color(i: usize) -> RGBColor {
-    PALETTE[i % PALETTE.len()]
-}
-
-/// One line of a plot: its name (in the legend under the plot), points,
-/// colour index and dash.
-#[derive(Clone, Debug)]
-struct Line {
-    name: String,
-    pts: Vec<(f64, f64)>,
-    color: usize,
-    dashed: bool,
-    markers: bool,
-}
-
-impl Line {
-    fn new(name: impl Into<String>, pts: Vec<(f64, f64)>, color: usize, dashed: bool) -> Self {
-        Self {
-            name: name.into(),
-            pts,
-            color,
-            dashed,
-            markers: true,
-        }
-    }
-}
-
-/// Axes of a line plot: titles, whether ticks are integers, and reference
-/// lines (horizontal at y = `hrefs`, vertical at x = `vrefs`).
-struct Axes<'a> {
-    title: &'a str,
-    x: &'a str,
-    y: &'a str,
-    int_x: bool,
-    int_y: bool,
-    hrefs: &'a [f64],
-    vrefs: &'a [f64],
-}
-
-fn range(vals: impl Iterator<Item = f64>) -> (f64, f64) {
-    let (lo, hi) = vals
-        .filter(|v| v.is_finite())
-        .fold((f64::MAX, f64::MIN), |(a, b), v| (a.min(v), b.max(v)));
-    if lo > hi {
-        (0.0, 1.0)
-    } else if (hi - lo).abs() < 1e-12 {
-        (lo - 0.5, hi + 0.5)
-    } else {
-        let pad = (hi - lo) * 0.05;
-        (lo - pad, hi + pad)
-    }
-}
-
-/// A tick label: integers only on integer axes, otherwise a short number.
-fn tick(v: f64, int: bool) -> String {
-    if int {
-        return if (v - v.round()).abs() < 1e-9 {
-            format!("{}", v.round() as i64)
-        } else {
-            String::new()
-        };
-    }
-    let a = v.abs();
-    let s = if a == 0.0 {
-        "0".to_string()
-    } else if !(1e-3..1e5).contains(&a) {
-        format!("{v:.1e}")
-    } else if a >= 100.0 {
-        format!("{v:.0}")
-    } else if a >= 1.0 {
-        format!("{v:.2}")
-    } else {
-        format!("{v:.3}")
-    };
-    if s.contains('.') && !s.contains('e') {
-        s.trim_end_matches('0').trim_end_matches('.').to_string()
-    } else {
-        s
-    }
-}
-
-/// How many labels an integer axis over `lo..hi` gets (every integer when
-/// few, otherwise about ten).
-fn int_labels(lo: f64, hi: f64) -> usize {
-    ((hi - lo).ceil() as usize + 1).clamp(2, 11)
-}
-
-/// A line chart. The legend is not drawn over the data: [`legend`] writes
-/// it under the plot.
-fn lines(ax: &Axes, series: &[Line]) -> anyhow::Result<Svg> {
-    let mut out = String::new();
-    {
-        let root = SVGBackend::with_string(&mut out, (630, 330)).into_drawing_area();
-        root.fill(&WHITE)?;
-        let finite = |p: &(f64, f64)| p.0.is_finite() && p.1.is_finite();
-        let xs = range(
-            series
-                .iter()
-                .flat_map(|s| s.pts.iter().filter(|p| finite(p)).map(|p| p.0))
-                .chain(ax.vrefs.iter().copied()),
-        );
-        let mut ys = range(
-            series
-                .iter()
-                .flat_map(|s| s.pts.iter().filter(|p| finite(p)).map(|p| p.1))
-                .chain(ax.hrefs.iter().copied()),
-        );
-        if ax.int_y {
-            // Counts: from 0 (a hair below, so a line at 0 clears the axis) to at least 1.
-            let hi = ys.1.ceil().max(1.0);
-            ys = (-0.03 * hi, hi);
-        }
-        let mut chart = ChartBuilder::on(&root)
-            .caption(ax.title, ("sans-serif", 17))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(62)
-            .build_cartesian_2d(xs.0..xs.1, ys.0..ys.1)?;
-        let (int_x, int_y) = (ax.int_x, ax.int_y);
-        let xfmt = move |v: &f64| tick(*v, int_x);
-        let yfmt = move |v: &f64| tick(*v, int_y);
-        chart
-            .configure_mesh()
-            .x_desc(ax.x)
-            .y_desc(ax.y)
-            .x_labels(if int_x { int_labels(xs.0, xs.1) } else { 8 })
-            .y_labels(if int_y { int_labels(ys.0, ys.1) } else { 8 })
-            .x_label_formatter(&xfmt)
-            .y_label_formatter(&yfmt)
-            .light_line_style(RGBColor(238, 238, 238))
-            .axis_desc_style(("sans-serif", 14))
-            .draw()?;
-        let grey = RGBColor(130, 130, 130).stroke_width(1);
-        for &r in ax.hrefs {
-            chart.draw_series(DashedLineSeries::new(vec![(xs.0, r), (xs.1, r)], 4, 4, grey))?;
-        }
-        for &r in ax.vrefs {
-            chart.draw_series(DashedLineSeries::new(vec![(r, ys.0), (r, ys.1)], 4, 4, grey))?;
-        }
-        for l in series {
-            let pts: Vec<(f64, f64)> = l.pts.iter().copied().filter(finite).collect();
-            let style = color(l.color).stroke_width(2);
-            if l.dashed {
-                chart.draw_series(DashedLineSeries::new(pts.clone(), 7, 4, style))?;
-            } else {
-                chart.draw_series(LineSeries::new(pts.clone(), style))?;
-            }
-            if l.markers {
-                chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, color(l.color).filled())))?;
-            }
-        }
-        root.present()?;
-    }
-    Ok(out)
-}
-
-/// The legend of a plot, in HTML under it (so it never covers the data).
-fn legend(series: &[Line]) -> String {
-    let mut h = String::from("<div class=\"legend\">");
-    for l in series {
-        let RGBColor(r, g, b) = color(l.color);
-        let _ = write!(
-            h,
-            "<span class=\"key\"><span class=\"sw\" style=\"border-top:3px {} rgb({r},{g},{b})\"></span>{}</span>",
-            if l.dashed { "dashed" } else { "solid" },
-            html_escape(&l.name)
-        );
-    }
-    h.push_str("</div>");
-    h
-}
-
-/// The heatmap colour of a negative share: a viridis-like scale over (0, 1);
-/// exactly 1 (never positive: dead unless the slope passes gradient) is red,
-/// exactly 0 (never negative: the slope cannot learn) light grey.
-fn share_color(v: f64) -> RGBColor {
-    const STOPS: [(f64, f64, f64); 5] = [
-        (68.0, 1.0, 84.0),
-        (59.0, 82.0, 139.0),
-        (33.0, 145.0, 140.0),
-        (94.0, 201.0, 98.0),
-        (253.0, 231.0, 37.0),
-    ];
-    if v.is_nan() {
-        return WHITE;
-    }
-    if v >= 1.0 {
-        return RGBColor(214, 39, 40);
-    }
-    if v <= 0.0 {
-        return RGBColor(222, 222, 222);
-    }
-    let t = v * (STOPS.len() - 1) as f64;
-    let i = (t.floor() as usize).min(STOPS.len() - 2);
-    let f = t - i as f64;
-    let (a, b) = (STOPS[i], STOPS[i + 1]);
-    let mix = |x: f64, y: f64| (x + (y - x) * f).round() as u8;
-    RGBColor(mix(a.0, b.0), mix(a.1, b.1), mix(a.2, b.2))
-}
-
-/// Heatmap of the negative share of each channel (rows) over epochs
-/// (columns), with its colour scale on the right.
-fn heatmap(title: &str, epochs: &[usize], shares: &[Vec<f64>]) -> anyhow::Result<Svg> {
-    let mut out = String::new();
-    {
-        let root = SVGBackend::with_string(&mut out, (650, 330)).into_drawing_area();
-        root.fill(&WHITE)?;
-        let (left, right) = root.split_horizontally(545);
-        let channels = shares.iter().map(|s| s.len()).max().unwrap_or(1).max(1);
-        let e0 = epochs.iter().copied().min().unwrap_or(1) as f64;
-        let e1 = epochs.iter().copied().max().unwrap_or(1) as f64;
-        let xs = (e0 - 0.5, e1 + 0.5);
-        let mut chart = ChartBuilder::on(&left)
-            .caption(title, ("sans-serif", 15))
-            .margin(10)
-            .x_label_area_size(40)
-            .y_label_area_size(55)
-            .build_cartesian_2d(xs.0..xs.1, 0.0..channels as f64)?;
-        let fmt = |v: &f64| tick(*v, true);
-        chart
-            .configure_mesh()
-            .disable_mesh()
-            .x_desc("epoch")
-            .y_desc("channel")
-            .x_labels(int_labels(xs.0 + 0.5, xs.1 - 0.5))
-            .y_labels(int_labels(0.0, channels as f64))
-            .x_label_formatter(&fmt)
-            .y_label_formatter(&fmt)
-            .axis_desc_style(("sans-serif", 14))
-            .draw()?;
-        chart.draw_series(epochs.iter().zip(shares).flat_map(|(&e, col)| {
-            let e = e as f64;
-            col.iter().enumerate().map(move |(c, &v)| {
-                Rectangle::new(
-                    [(e - 0.5, c as f64), (e + 0.5, c as f64 + 1.0)],
-                    share_color(v).filled(),
-                )
-            })
-        }))?;
-        // The colour scale: 0 at the bottom, 1 at the top.
-        let font = ("sans-serif", 12).into_font();
-        right.draw(&Text::new("negative", (8, 22), font.clone()))?;
-        right.draw(&Text::new("share", (8, 36), font.clone()))?;
-        let (top, bottom, steps) = (50, 250, 40);
-        for k in 0..steps {
-            let v = 1.0 - (k as f64 + 0.5) / steps as f64;
-            let y0 = top + (bottom - top) * k / steps;
-            let y1 = top + (bottom - top) * (k + 1) / steps;
-            right.draw(&Rectangle::new([(10, y0), (30, y1)], share_color(v).filled()))?;
-        }
-        right.draw(&Rectangle::new([(10, top), (30, bottom)], BLACK.stroke_width(1)))?;
-        for (v, label) in [(1.0, "1"), (0.5, "0.5"), (0.0, "0")] {
-            let y = bottom - ((bottom - top) as f64 * v) as i32;
-            right.draw(&PathElement::new(vec![(30, y), (34, y)], BLACK.stroke_width(1)))?;
-            right.draw(&Text::new(label, (37, y - 6), font.clone()))?;
-        }
-        right.draw(&Rectangle::new([(10, 268), (30, 280)], share_color(1.0).filled()))?;
-        right.draw(&Text::new("= 1, dead", (34, 268), font.clone()))?;
-        right.draw(&Rectangle::new([(10, 290), (30, 302)], share_color(0.0).filled()))?;
-        right.draw(&Text::new("= 0", (34, 290), font))?;
-        root.present()?;
-    }
-    Ok(out)
-}
-
-/// A histogram of `v` over `bins` bins of `lo..hi` as a step outline.
-fn histogram_steps(v: &[f64], lo: f64, hi: f64, bins: usize) -> Vec<(f64, f64)> {
-    let w = (hi - lo) / bins as f64;
-    let mut counts = vec![0usize; bins];
-    for &x in v.iter().filter(|x| x.is_finite()) {
-        counts[(((x - lo) / w).floor().max(0.0) as usize).min(bins - 1)] += 1;
-    }
-    let mut pts = vec![(lo, 0.0)];
-    for (i, &c) in counts.iter().enumerate() {
-        let (a, b) = (lo + w * i as f64, lo + w * (i + 1) as f64);
-        pts.push((a, c as f64));
-        pts.push((b, c as f64));
-    }
-    pts.push((hi, 0.0));
-    pts
-}
-
-/// The curves of a `stability.json` (the `--json` output of `prelu
-/// stability`) as plot series, every value type-checked; `None` without curves.
-pub fn stability_series(v: &serde_json::Value) -> Result<Option<Vec<Series>>> {
-    const F: &str = "stability.json";
-    let Some(curves) = v.get("curves") else { return Ok(None) };
-    let curves = curves
-        .as_array()
-        .with_context(|| format!("{F}: `curves` must be a list"))?;
-    let mut series: Vec<Series> = Vec::new();
-    for c in curves {
-        let name = format!(
-            "{} / {}",
-            json_str(&c["init"], F, "init")?,
-            json_str(&c["act"], F, "act")?
-        );
-        let fwd = c["forward"]
-            .as_array()
-            .with_context(|| format!("{F}: `forward` must be a list of numbers"))?;
-        let pts = fwd
-            .iter()
-            .enumerate()
-            .map(|(i, q)| Ok(((i + 1) as f64, json_number(q, F, "forward")?.log10())))
-            .collect::<Result<Vec<_>>>()?;
-        // plotters escapes every text and attribute it writes into the SVG.
-        series.push((name, pts));
-    }
-    Ok(Some(series))
-}
-
-/// The HTML table of an `attack.json` (the `--json` output of `prelu
-/// attack`): numbers must be numbers, the checkpoint a string, every value
-/// is escaped.
-pub fn attack_table(v: &serde_json::Value) -> Result<String> {
-    const F: &str = "attack.json";
+/// The HTML tables of an attack result: accuracy per model and eps, then
+/// the input-gradient norm quantiles per model; every value is escaped.
+pub fn attack_table(r: &AttackResult) -> String {
     let mut out = String::from(
         "<h2>Attack results</h2><table><tr><th>model</th><th>eps</th><th>FGSM acc</th><th>PGD acc</th></tr>",
     );
-    let models = match v.get("models") {
-        None => &[][..],
-        Some(m) => m
-            .as_array()
-            .with_context(|| format!("{F}: `models` must be a list"))?
-            .as_slice(),
-    };
+    let opt = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| v.to_string());
     let mut norms = String::new();
-    for m in models {
-        let ck = match m.get("checkpoint") {
-            None => "",
-            Some(c) => json_str(c, F, "checkpoint")?,
-        };
-        if let Some(q) = grad_norm_quantiles(m)? {
-            let _ = write!(norms, "<tr><td>{}</td>", html_escape(ck));
-            for v in q {
-                let _ = write!(norms, "<td>{}</td>", html_escape(&num(v, 4)));
-            }
-            norms.push_str("</tr>");
+    for m in &r.models {
+        let ck = esc(&m.checkpoint.display().to_string());
+        let q = &m.report.masking.grad_norm;
+        let _ = write!(norms, "<tr><td>{ck}</td>");
+        for v in [q.min, q.p10, q.median, q.p90, q.max] {
+            let _ = write!(norms, "<td>{}</td>", esc(&num(v, 4)));
         }
-        let results = match m.get("report").and_then(|r| r.get("results")) {
-            None => &[][..],
-            Some(r) => r
-                .as_array()
-                .with_context(|| format!("{F}: `results` must be a list"))?
-                .as_slice(),
-        };
-        for r in results {
-            let num = |k: &str| -> Result<String> {
-                match r.get(k) {
-                    None | Some(serde_json::Value::Null) => Ok("-".into()),
-                    Some(x) => Ok(format!("{}", json_number(x, F, k)?)),
-                }
-            };
+        norms.push_str("</tr>");
+        for e in &m.report.results {
             let _ = write!(
                 out,
-                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-                html_escape(ck),
-                html_escape(&num("eps")?),
-                html_escape(&num("fgsm_acc")?),
-                html_escape(&num("pgd_acc")?)
+                "<tr><td>{ck}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                esc(&e.eps.to_string()),
+                esc(&opt(e.fgsm_acc)),
+                esc(&opt(e.pgd_acc))
             );
         }
     }
@@ -471,60 +96,43 @@ pub fn attack_table(v: &serde_json::Value) -> Result<String> {
         out.push_str(&norms);
         out.push_str("</table>");
     }
-    Ok(out)
+    out
 }
 
-/// A number for people: `digits` decimals in [1e-3, 1e5) (and for 0),
-/// else scientific with up to `digits` decimals, `1.23e-7` (never Rust's
-/// `1.2300e0`).
-pub fn num(v: f64, digits: usize) -> String {
-    let a = v.abs();
-    if !v.is_finite() || v == 0.0 || (1e-3..1e5).contains(&a) {
-        return format!("{v:.digits$}");
-    }
-    let s = format!("{v:.digits$e}");
-    match s.split_once('e') {
-        Some((m, e)) => {
-            let m = if m.contains('.') {
-                m.trim_end_matches('0').trim_end_matches('.')
-            } else {
-                m
-            };
-            format!("{m}e{e}")
-        }
-        None => s,
+/// Reads an optional result file `name` beside a run with `parse` (the
+/// capped reader; a missing file is `None`). A file that does not parse is
+/// an error naming it, what it should be, the place and the text before it.
+fn read_beside<T>(
+    run_dir: &Path,
+    name: &str,
+    what: &str,
+    parse: impl Fn(&str) -> serde_json::Result<T>,
+) -> Result<Option<T>> {
+    let path = run_dir.join(name);
+    let Some(text) = crate::fs::read_text_optional(&path)? else {
+        return Ok(None);
+    };
+    match parse(&text) {
+        Ok(v) => Ok(Some(v)),
+        Err(e) => Err(crate::error::Error::Invalid(format!(
+            "{}: not {what}: {e}{}",
+            path.display(),
+            text_before(&text, &e)
+        ))),
     }
 }
 
-/// The input-gradient norm quantiles (min, p10, median, p90, max) of one
-/// attacked model: `report.masking.grad_norm` (an object), or, in files
-/// written by older versions, the model's `grad_norm` object or the array
-/// `report.masking.grad_norm_quantiles`.
-fn grad_norm_quantiles(m: &serde_json::Value) -> Result<Option<[f64; 5]>> {
-    const F: &str = "attack.json";
-    let masking = m.get("report").and_then(|r| r.get("masking"));
-    let labelled = masking.and_then(|k| k.get("grad_norm")).or_else(|| m.get("grad_norm"));
-    if let Some(q) = labelled {
-        let mut out = [0.0; 5];
-        for (o, k) in out.iter_mut().zip(["min", "p10", "median", "p90", "max"]) {
-            let v = q.get(k).with_context(|| format!("{F}: `grad_norm` has no `{k}`"))?;
-            *o = json_number(v, F, k)?;
-        }
-        return Ok(Some(out));
-    }
-    match masking.and_then(|k| k.get("grad_norm_quantiles")) {
-        None => Ok(None),
-        Some(a) => {
-            let a = a
-                .as_array()
-                .filter(|a| a.len() == 5)
-                .with_context(|| format!("{F}: `grad_norm_quantiles` must be a list of 5 numbers"))?;
-            let mut out = [0.0; 5];
-            for (o, v) in out.iter_mut().zip(a) {
-                *o = json_number(v, F, "grad_norm_quantiles")?;
-            }
-            Ok(Some(out))
-        }
+/// The text just before the place of a JSON error (it names the field), as
+/// ` (after `...`)`; empty when the error has no place.
+fn text_before(text: &str, e: &serde_json::Error) -> String {
+    let Some(line) = e.line().checked_sub(1).and_then(|l| text.lines().nth(l)) else {
+        return String::new();
+    };
+    let end = line.floor_char_boundary(e.column().min(line.len()));
+    let start = line.floor_char_boundary(end.saturating_sub(48));
+    match line[start..end].trim() {
+        "" => String::new(),
+        s => format!(" (after `{s}`)"),
     }
 }
 
@@ -545,7 +153,7 @@ pub struct ReportSummary {
 /// Most runs one report overlays.
 pub const MAX_RUNS: usize = 32;
 
-/// One run's lines, as the report reads them.
+/// One run's lines and result files, as the report reads them.
 struct RunData {
     name: String,
     dir: PathBuf,
@@ -553,6 +161,8 @@ struct RunData {
     sentinel: Vec<(usize, Vec<LayerReport>)>,
     alarms: Vec<Alarm>,
     config: String,
+    attack: Option<AttackResult>,
+    stability: Option<StabilityResult>,
 }
 
 fn load_run(dir: &Path) -> Result<RunData> {
@@ -576,14 +186,23 @@ fn load_run(dir: &Path) -> Result<RunData> {
         epochs,
         sentinel,
         alarms,
-        config: crate::fs::read_text_optional(&dir.join("config.toml"))?.unwrap_or_default(),
+        config: crate::fs::read_text_optional(&dir.join(crate::layout::CONFIG))?.unwrap_or_default(),
+        attack: read_beside(dir, crate::analyses::attack::RESULT_FILE, "an attack result", |t| {
+            serde_json::from_str(t)
+        })?,
+        stability: read_beside(
+            dir,
+            crate::analyses::stability::RESULT_FILE,
+            "a stability result",
+            StabilityResult::from_json,
+        )?,
     })
 }
 
 /// Whether `dir` is a run folder: it holds a regular `metrics.jsonl` (links
 /// are not followed).
 fn is_run(dir: &Path) -> bool {
-    std::fs::symlink_metadata(dir.join("metrics.jsonl")).is_ok_and(|m| m.is_file())
+    std::fs::symlink_metadata(dir.join(crate::layout::METRICS)).is_ok_and(|m| m.is_file())
 }
 
 /// The run folders behind the report's arguments: a run folder (one with
@@ -663,14 +282,6 @@ fn run_names(dirs: &[PathBuf]) -> Vec<String> {
         .collect()
 }
 
-/// A figure of the page.
-struct Figure {
-    id: String,
-    svg: Svg,
-    legend: String,
-    caption: String,
-}
-
 /// The slope classes of a layer report (recomputed with the default band for
 /// runs written before the classes were recorded).
 fn classes(r: &LayerReport) -> SlopeClasses {
@@ -687,6 +298,572 @@ fn classes(r: &LayerReport) -> SlopeClasses {
     }
 }
 
+/// The runs of a page, and how their series are coloured and named.
+struct View<'a> {
+    runs: &'a [RunData],
+    /// More than one run: overlaid, one colour per run.
+    multi: bool,
+}
+
+impl View<'_> {
+    /// Colour of series `k` of run `ri`: the run's in an overlay, the series' otherwise.
+    fn col(&self, ri: usize, k: usize) -> usize {
+        if self.multi {
+            ri
+        } else {
+            k
+        }
+    }
+
+    /// The name of a series: prefixed with the run's name in an overlay.
+    fn label(&self, r: &RunData, what: &str) -> String {
+        if self.multi {
+            format!("{} {what}", r.name)
+        } else {
+            what.to_string()
+        }
+    }
+
+    /// The run's name as the first cell of a table row in an overlay; nothing otherwise.
+    fn run_cell(&self, r: &RunData) -> String {
+        if self.multi {
+            format!("<td>{}</td>", esc(&r.name))
+        } else {
+            String::new()
+        }
+    }
+
+    /// The last sentinel epoch's PReLU layers of every run: (run index, epoch, layer).
+    fn last_prelu_layers(&self) -> Vec<(usize, usize, &LayerReport)> {
+        self.runs
+            .iter()
+            .enumerate()
+            .filter_map(|(ri, r)| r.sentinel.last().map(|(e, ls)| (ri, *e, ls)))
+            .flat_map(|(ri, e, ls)| ls.iter().filter(|l| !l.slopes.is_empty()).map(move |l| (ri, e, l)))
+            .collect()
+    }
+}
+
+/// A figure of the page: its SVG, the HTML legend under it, and a caption.
+struct Figure {
+    id: String,
+    svg: String,
+    legend: String,
+    caption: String,
+}
+
+impl Figure {
+    /// A line chart of `lines` with its legend.
+    fn chart(id: &str, axes: Axes, lines: &[Line], caption: String) -> Result<Self> {
+        Ok(Figure {
+            id: id.into(),
+            svg: page::svg(
+                CHART,
+                &Chart {
+                    axes,
+                    bands: &[],
+                    lines,
+                },
+            )?,
+            legend: page::legend(lines),
+            caption,
+        })
+    }
+
+    fn html(&self) -> String {
+        format!(
+            "<figure id=\"{}\">{}{}<figcaption>{}</figcaption></figure>",
+            self.id,
+            self.svg,
+            self.legend,
+            esc(&self.caption)
+        )
+    }
+}
+
+/// A run's (epoch, value) points.
+fn per_epoch(r: &RunData, f: &dyn Fn(&EpochMetrics) -> f64) -> Vec<(f64, f64)> {
+    r.epochs.iter().map(|m| (m.epoch as f64, f(m))).collect()
+}
+
+/// Axes with epochs (integers) along x.
+fn epoch_axes<'a>(title: &'a str, y: &'a str) -> Axes<'a> {
+    Axes {
+        int_x: true,
+        ..Axes::new(title, "epoch", y)
+    }
+}
+
+/// A plot of one metric per epoch, train (solid) and test (dashed).
+struct TrainTest {
+    id: &'static str,
+    title: &'static str,
+    y: &'static str,
+    train: fn(&EpochMetrics) -> f64,
+    test: fn(&EpochMetrics) -> f64,
+    caption: &'static str,
+}
+
+const LOSS: TrainTest = TrainTest {
+    id: "plot-loss",
+    title: "loss",
+    y: "cross-entropy",
+    train: |m| m.train_loss,
+    test: |m| m.test_loss,
+    caption: "Cross-entropy per epoch, train (solid) and test (dashed). Look for test loss rising while \
+              train loss falls (overfitting) and for curves that flatten early.",
+};
+
+const ACCURACY: TrainTest = TrainTest {
+    id: "plot-accuracy",
+    title: "accuracy",
+    y: "accuracy",
+    train: |m| m.train_acc,
+    test: |m| m.test_acc,
+    caption: "Accuracy per epoch, train (solid) and test (dashed). The gap between them is the \
+              generalisation gap.",
+};
+
+fn train_test_figure(v: &View, t: &TrainTest) -> Result<Figure> {
+    let mut s = Vec::new();
+    for (ri, r) in v.runs.iter().enumerate() {
+        s.push(Line::new(
+            v.label(r, "train"),
+            per_epoch(r, &t.train),
+            v.col(ri, 0),
+            false,
+        ));
+        s.push(Line::new(v.label(r, "test"), per_epoch(r, &t.test), v.col(ri, 1), true));
+    }
+    Figure::chart(t.id, epoch_axes(t.title, t.y), &s, t.caption.into())
+}
+
+/// Mean slope per layer and epoch (a single run: with its min and max dashed).
+fn slopes_figure(v: &View) -> Result<Option<Figure>> {
+    let mut s = Vec::new();
+    for (ri, r) in v.runs.iter().enumerate() {
+        let layers = r.epochs.first().map_or(&[][..], |m| &m.slopes[..]);
+        for (li, layer) in layers.iter().enumerate() {
+            let name = &layer.layer;
+            let at = |f: fn(&SlopeSummary) -> f64| per_epoch(r, &|m| m.slopes.get(li).map_or(f64::NAN, f));
+            // In an overlay the colour is the run's: odd layers are dashed.
+            let mean = Line::new(
+                v.label(r, &format!("{name} mean")),
+                at(|x| x.mean),
+                v.col(ri, li),
+                v.multi && li % 2 == 1,
+            );
+            s.push(mean);
+            if !v.multi {
+                s.push(Line::new(format!("{name} min"), at(|x| x.min), li, true).plain());
+                s.push(Line::new(format!("{name} max"), at(|x| x.max), li, true).plain());
+            }
+        }
+    }
+    if s.is_empty() {
+        return Ok(None);
+    }
+    // The a = 1 line only where slopes come near it, so small slopes are not squashed.
+    let top = s
+        .iter()
+        .flat_map(|l| l.pts.iter().map(|p| p.1))
+        .filter(|v| v.is_finite())
+        .fold(f64::MIN, f64::max);
+    let ax = Axes {
+        hrefs: if top > 0.5 { &[0.0, 1.0] } else { &[0.0] },
+        ..epoch_axes("PReLU slopes per layer", "slope a")
+    };
+    let what = if v.multi {
+        "Mean PReLU slope per layer and run (odd layers dashed)"
+    } else {
+        "Mean PReLU slope per layer (dashed: min and max over its channels)"
+    };
+    let caption = format!(
+        "{what}; grey lines at a = 0 and (when in range) a = 1. Below 0 a unit is non-monotone (|x|-like) and the layer \
+         is not invertible; near 0 it is ReLU-like; near 1 it is linear and can be folded into the next \
+         layer; above 1 its negative side is steeper than its positive side."
+    );
+    Figure::chart("plot-slopes", ax, &s, caption).map(Some)
+}
+
+/// Histogram of the slopes (any sign) at the last sentinel epoch.
+fn slope_histogram_figure(v: &View) -> Result<Option<Figure>> {
+    let last = v.last_prelu_layers();
+    if last.is_empty() {
+        return Ok(None);
+    }
+    let all = || {
+        last.iter()
+            .flat_map(|(_, _, l)| l.slopes.iter().copied())
+            .filter(|v| v.is_finite())
+    };
+    let lo = all().fold(0.0f64, f64::min);
+    let top = all().fold(f64::MIN, f64::max);
+    let hi = if top > 0.5 { top.max(1.0) } else { top.max(0.0) };
+    let pad = ((hi - lo) * 0.02).max(0.01);
+    let (lo, hi) = (lo - pad, hi + pad);
+    let s: Vec<Line> = last
+        .iter()
+        .enumerate()
+        .map(|(k, (ri, _, l))| {
+            let steps = page::histogram_steps(&l.slopes, lo, hi, 40);
+            Line::new(
+                v.label(&v.runs[*ri], &l.layer),
+                steps,
+                v.col(*ri, k),
+                v.multi && k % 2 == 1,
+            )
+            .plain()
+        })
+        .collect();
+    let mut epochs: Vec<usize> = last.iter().map(|(_, e, _)| *e).collect();
+    epochs.sort_unstable();
+    epochs.dedup();
+    let epochs: Vec<String> = epochs.iter().map(|e| e.to_string()).collect();
+    let ax = Axes {
+        y_axis: YAxis::Count,
+        vrefs: if hi >= 1.0 { &[0.0, 1.0] } else { &[0.0] },
+        ..Axes::new("slope histogram, last epoch", "slope a", "channels")
+    };
+    let caption = format!(
+        "How many channels have each slope at the last recorded epoch ({}), over 40 bins from {} to {}, \
+         negative slopes included; grey lines at a = 0 and (when in range) a = 1. Mass left of 0 means non-monotone units; \
+         a peak at 1 means foldable, linear units. The table of slope classes below counts them.",
+        epochs.join(", "),
+        tick(lo, false),
+        tick(hi, false)
+    );
+    Figure::chart("plot-slope-histogram", ax, &s, caption).map(Some)
+}
+
+/// Dead (ReLU), stuck (PReLU) and idle (dashed) units per layer and epoch.
+fn dead_units_figure(v: &View) -> Result<Option<Figure>> {
+    let mut s = Vec::new();
+    for (ri, r) in v.runs.iter().enumerate() {
+        let Some((_, first)) = r.sentinel.first() else { continue };
+        for (li, l) in first.iter().enumerate() {
+            let pts = |f: fn(&LayerReport) -> usize| {
+                r.sentinel
+                    .iter()
+                    .filter_map(|(e, ls)| ls.get(li).map(|x| (*e as f64, f(x) as f64)))
+                    .collect::<Vec<_>>()
+            };
+            let line = |what: &str, f: fn(&LayerReport) -> usize, dashed: bool| {
+                Line::new(
+                    v.label(r, &format!("{} {what}", l.layer)),
+                    pts(f),
+                    v.col(ri, li),
+                    dashed,
+                )
+            };
+            if l.slopes.is_empty() {
+                s.push(line("dead", |x| x.dead.len(), false));
+            } else {
+                s.push(line("stuck", |x| x.stuck.len(), false));
+                s.push(line("idle", |x| x.idle.len(), true));
+            }
+        }
+    }
+    if s.is_empty() {
+        return Ok(None);
+    }
+    let ax = Axes {
+        y_axis: YAxis::Count,
+        ..epoch_axes("units with no or little gradient", "units")
+    };
+    let caption = "Per layer and epoch: dead ReLU units (never positive: no gradient at all), stuck PReLU units \
+                   (never positive and |a| below the stuck threshold) and idle slopes (dashed: too few negative \
+                   inputs to learn, epoch after epoch). Rising counts mean the layer is losing capacity.";
+    Figure::chart("plot-dead", ax, &s, caption.into()).map(Some)
+}
+
+/// The stability curves of the runs' stability results.
+fn stability_figure(v: &View) -> Result<Option<Figure>> {
+    let mut s = Vec::new();
+    for (ri, r) in v.runs.iter().enumerate() {
+        let series = r.stability.as_ref().map(stability_series).unwrap_or_default();
+        for (k, (name, pts)) in series.into_iter().enumerate() {
+            s.push(Line::new(v.label(r, &name), pts, v.col(ri, k), v.multi && k % 2 == 1));
+        }
+    }
+    if s.is_empty() {
+        return Ok(None);
+    }
+    let ax = Axes {
+        int_x: true,
+        ..Axes::new(
+            "log10 pre-activation variance vs depth",
+            "depth (layer)",
+            "log10 variance",
+        )
+    };
+    let caption = "From stability.json (prelu stability --json): the pre-activation variance through depth for each \
+                   init and activation. A flat line keeps the signal; a line going up explodes and one going down \
+                   vanishes with depth.";
+    Figure::chart("plot-stability", ax, &s, caption.into()).map(Some)
+}
+
+/// Every line-chart figure of the page, in page order.
+fn figures(v: &View) -> Result<Vec<Figure>> {
+    let mut figs = vec![train_test_figure(v, &LOSS)?, train_test_figure(v, &ACCURACY)?];
+    figs.extend(slopes_figure(v)?);
+    figs.extend(slope_histogram_figure(v)?);
+    figs.extend(dead_units_figure(v)?);
+    figs.extend(stability_figure(v)?);
+    Ok(figs)
+}
+
+/// The negative-share heatmaps of each run with a sentinel: one per layer.
+fn heatmaps(v: &View) -> Result<Vec<(usize, Vec<Figure>)>> {
+    let mut heat = Vec::new();
+    for (ri, r) in v.runs.iter().enumerate() {
+        let Some((_, first)) = r.sentinel.first() else { continue };
+        let eps: Vec<usize> = r.sentinel.iter().map(|s| s.0).collect();
+        let mut figs = Vec::new();
+        for (li, l) in first.iter().enumerate() {
+            let shares: Vec<Vec<f64>> = r
+                .sentinel
+                .iter()
+                .map(|s| {
+                    s.1.get(li)
+                        .map(|x| x.negative_share_per_channel.clone())
+                        .unwrap_or_default()
+                })
+                .collect();
+            let title = format!("{} ({}): negative share per channel", l.layer, l.kind);
+            let map = page::Heatmap {
+                title: &title,
+                x: "epoch",
+                y: "channel",
+                columns: &eps,
+                cells: &shares,
+                scale: ["negative", "share"],
+                one: "= 1, dead",
+                zero: "= 0",
+            };
+            figs.push(Figure {
+                id: format!("heatmap-{ri}-{li}"),
+                svg: page::heatmap(&map)?,
+                legend: String::new(),
+                caption: format!(
+                    "{}{}: share of negative inputs per channel (rows) and epoch (columns). Red: never positive \
+                     in the epoch (a dead ReLU unit; a PReLU unit still passes a times the gradient); grey: never \
+                     negative (the slope gets no gradient). Look for rows turning red or grey.",
+                    if v.multi {
+                        format!("{}: ", r.name)
+                    } else {
+                        String::new()
+                    },
+                    l.layer
+                ),
+            });
+        }
+        heat.push((ri, figs));
+    }
+    Ok(heat)
+}
+
+/// The page's head and title line.
+fn head(v: &View) -> String {
+    let title = v.runs.iter().map(|r| r.name.as_str()).collect::<Vec<_>>().join(", ");
+    let what = if v.multi {
+        format!("{} runs overlaid, one colour per run.", v.runs.len())
+    } else {
+        esc(&v.runs[0].dir.display().to_string())
+    };
+    format!(
+        "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>prelu report: {}</title><style>\
+         body{{font-family:sans-serif;max-width:1400px;margin:20px auto;color:#222;padding:0 12px}}\
+         .plots{{display:flex;flex-wrap:wrap;gap:14px}} figure{{margin:0;width:650px}}\
+         figcaption{{font-size:13px;color:#444;line-height:1.35}} {}\
+         table{{border-collapse:collapse;margin:6px 0}} td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:left}}\
+         th{{background:#f2f2f2}} pre{{background:#f6f6f6;padding:8px;font-size:12px}} .alarm td{{color:#a00}}\
+         details{{margin:8px 0}} summary{{cursor:pointer;font-weight:bold}}</style></head><body>\
+         <h1>prelu run report</h1><p>{what}</p>",
+        esc(&title),
+        page::CSS
+    )
+}
+
+/// One row per run: epochs, final and best test accuracy, losses, speed.
+fn summary_table(v: &View) -> String {
+    let mut h = String::from(
+        "<table id=\"summary\"><tr><th>run</th><th>epochs</th><th>final test accuracy</th><th>best test accuracy</th>\
+         <th>final test loss</th><th>final train loss</th><th>samples/s (last epoch)</th></tr>",
+    );
+    for (ri, r) in v.runs.iter().enumerate() {
+        let Some(last) = r.epochs.last() else { continue };
+        let best = r.epochs.iter().map(|m| m.test_acc).fold(f64::NAN, f64::max);
+        let _ = write!(
+            h,
+            "<tr><td>{}{}</td><td>{}</td><td>{:.4}</td><td>{:.4}</td><td>{:.4}</td><td>{:.4}</td><td>{:.0}</td></tr>",
+            if v.multi {
+                page::swatch(v.col(ri, 0), false)
+            } else {
+                String::new()
+            },
+            esc(&r.name),
+            last.epoch,
+            last.test_acc,
+            best,
+            last.test_loss,
+            last.train_loss,
+            last.samples_per_s
+        );
+    }
+    h.push_str("</table>");
+    h
+}
+
+/// The alarms of every run by epoch (run, epoch, layer, kind, channels, message).
+fn alarms_table(v: &View) -> String {
+    if v.runs.iter().all(|r| r.alarms.is_empty()) {
+        return "<h2>Alarms</h2><p>none</p>".into();
+    }
+    let mut h = String::from("<h2>Alarms</h2><table id=\"alarms\"><tr>");
+    if v.multi {
+        h.push_str("<th>run</th>");
+    }
+    h.push_str("<th>epoch</th><th>layer</th><th>kind</th><th>channels</th><th>message</th></tr>");
+    for r in v.runs {
+        let mut alarms: Vec<&Alarm> = r.alarms.iter().collect();
+        alarms.sort_by_key(|a| a.epoch);
+        for a in alarms {
+            let channels = if a.channels.is_empty() {
+                "-".to_string()
+            } else {
+                esc(&crate::analyses::sentinel::channel_list(&a.channels, 24))
+            };
+            let _ = write!(
+                h,
+                "<tr class=\"alarm\">{}<td>{}</td><td>{}</td><td>{}</td><td>{channels}</td><td>{}</td></tr>",
+                v.run_cell(r),
+                a.epoch,
+                esc(&a.layer),
+                a.kind,
+                esc(&a.message)
+            );
+        }
+    }
+    h.push_str("</table>");
+    h
+}
+
+/// The line-chart figures.
+fn plots_section(figs: &[Figure]) -> String {
+    let mut h = String::from("<h2>Plots</h2><div class=\"plots\">");
+    for f in figs {
+        h.push_str(&f.html());
+    }
+    h.push_str("</div>");
+    h
+}
+
+/// The slope classes at the last sentinel epoch, one row per PReLU layer.
+fn slope_classes_table(v: &View) -> String {
+    let rows = v.last_prelu_layers();
+    if rows.is_empty() {
+        return String::new();
+    }
+    let mut h = String::from(
+        "<h2>Slope classes, last epoch</h2><p>Counts of channels by slope (band 0.05 unless the run's \
+         <code>slope_tol</code> says otherwise). a &lt; 0: non-monotone, |x|-like; a ~ 0: ReLU-like; \
+         a ~ 1: linear, foldable; a &gt; 1: steeper negative side; a &lt;= 0: the layer is not invertible \
+         at these channels.</p><table id=\"slope-classes\"><tr>",
+    );
+    if v.multi {
+        h.push_str("<th>run</th>");
+    }
+    h.push_str(
+        "<th>epoch</th><th>layer</th><th>slopes</th><th>mean [min, max]</th><th>a &lt; 0</th><th>a ~ 0</th>\
+         <th>a ~ 1</th><th>a &gt; 1</th><th>not invertible (a &lt;= 0) at</th></tr>",
+    );
+    for (ri, e, l) in rows {
+        let c = classes(l);
+        let fin = l.slopes.iter().copied().filter(|v| v.is_finite());
+        let (mn, mx) = fin
+            .clone()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
+        let mean = fin.clone().sum::<f64>() / fin.count().max(1) as f64;
+        let not_invertible = if c.non_invertible.is_empty() {
+            "-".to_string()
+        } else {
+            format!(
+                "{} channel(s): {}",
+                c.non_invertible.len(),
+                crate::analyses::sentinel::channel_list(&c.non_invertible, 24)
+            )
+        };
+        let _ = write!(
+            h,
+            "<tr>{}<td>{e}</td><td>{}</td><td>{}</td><td>{mean:.3} [{mn:.3}, {mx:.3}]</td><td>{}</td><td>{}</td>\
+             <td>{}</td><td>{}</td><td>{not_invertible}</td></tr>",
+            v.run_cell(&v.runs[ri]),
+            esc(&l.layer),
+            l.slopes.len(),
+            c.negative.len(),
+            c.near_zero.len(),
+            c.near_one.len(),
+            c.above_one.len(),
+        );
+    }
+    h.push_str("</table>");
+    h
+}
+
+/// The heatmaps: under a collapsible section per run in an overlay.
+fn heatmap_sections(v: &View, heat: &[(usize, Vec<Figure>)]) -> String {
+    let mut h = String::new();
+    for (ri, figs) in heat {
+        if v.multi {
+            let _ = write!(
+                h,
+                "<details><summary>{}: negative-share heatmaps</summary><div class=\"plots\">",
+                esc(&v.runs[*ri].name)
+            );
+        } else {
+            h.push_str("<h2>Negative share per channel</h2><div class=\"plots\">");
+        }
+        for f in figs {
+            h.push_str(&f.html());
+        }
+        h.push_str(if v.multi { "</div></details>" } else { "</div>" });
+    }
+    h
+}
+
+/// The attack tables of the runs that have an attack result.
+fn attack_sections(v: &View) -> String {
+    let mut h = String::new();
+    for r in v.runs {
+        if let Some(a) = &r.attack {
+            if v.multi {
+                let _ = write!(h, "<p>{}</p>", esc(&r.name));
+            }
+            h.push_str(&attack_table(a));
+        }
+    }
+    h
+}
+
+/// Each run's config.toml.
+fn config_section(v: &View) -> String {
+    let mut h = String::from("<h2>Configuration</h2>");
+    for r in v.runs {
+        if v.multi {
+            let _ = write!(
+                h,
+                "<details><summary>{}</summary><pre>{}</pre></details>",
+                esc(&r.name),
+                esc(&r.config)
+            );
+        } else {
+            let _ = write!(h, "<pre>{}</pre>", esc(&r.config));
+        }
+    }
+    h
+}
+
 /// Writes the HTML report of the run folder `run_dir` to `out`.
 pub fn write(run_dir: &Path, out: &Path) -> Result<ReportSummary> {
     write_runs(&[run_dir.to_path_buf()], out)
@@ -701,502 +878,31 @@ pub fn write_runs(paths: &[PathBuf], out: &Path) -> Result<ReportSummary> {
     for (r, n) in runs.iter_mut().zip(run_names(&dirs)) {
         r.name = n;
     }
-    let multi = runs.len() > 1;
-    // Colour of series `k` of run `ri`: the run's in an overlay, the series' otherwise.
-    let col = |ri: usize, k: usize| if multi { ri } else { k };
-    let label = |r: &RunData, what: &str| {
-        if multi {
-            format!("{} {what}", r.name)
-        } else {
-            what.to_string()
-        }
+    let v = View {
+        runs: &runs,
+        multi: runs.len() > 1,
     };
-    let mut figs: Vec<Figure> = Vec::new();
-    let mut fig = |id: &str, svg: Svg, series: &[Line], caption: String| {
-        figs.push(Figure {
-            id: id.into(),
-            svg,
-            legend: legend(series),
-            caption,
-        })
-    };
-    let per_epoch = |r: &RunData, f: &dyn Fn(&EpochMetrics) -> f64| {
-        r.epochs.iter().map(|m| (m.epoch as f64, f(m))).collect::<Vec<_>>()
-    };
-    let epoch_axes = |title: &'static str, y: &'static str| Axes {
-        title,
-        x: "epoch",
-        y,
-        int_x: true,
-        int_y: false,
-        hrefs: &[],
-        vrefs: &[],
-    };
-
-    // Loss and accuracy.
-    for (id, title, y, train, test, caption) in [
-        (
-            "plot-loss",
-            "loss",
-            "cross-entropy",
-            (|m: &EpochMetrics| m.train_loss) as fn(&EpochMetrics) -> f64,
-            (|m: &EpochMetrics| m.test_loss) as fn(&EpochMetrics) -> f64,
-            "Cross-entropy per epoch, train (solid) and test (dashed). Look for test loss rising while \
-             train loss falls (overfitting) and for curves that flatten early.",
-        ),
-        (
-            "plot-accuracy",
-            "accuracy",
-            "accuracy",
-            |m: &EpochMetrics| m.train_acc,
-            |m: &EpochMetrics| m.test_acc,
-            "Accuracy per epoch, train (solid) and test (dashed). The gap between them is the \
-             generalisation gap.",
-        ),
-    ] {
-        let mut s = Vec::new();
-        for (ri, r) in runs.iter().enumerate() {
-            s.push(Line::new(label(r, "train"), per_epoch(r, &train), col(ri, 0), false));
-            s.push(Line::new(label(r, "test"), per_epoch(r, &test), col(ri, 1), true));
-        }
-        fig(id, lines(&epoch_axes(title, y), &s)?, &s, caption.into());
-    }
-
-    // Slope trajectories.
-    let mut s = Vec::new();
-    for (ri, r) in runs.iter().enumerate() {
-        let layers: Vec<String> = r.epochs[0].slopes.iter().map(|l| l.layer.clone()).collect();
-        for (li, name) in layers.iter().enumerate() {
-            let at = |f: fn(&crate::run::SlopeSummary) -> f64| per_epoch(r, &|m| m.slopes.get(li).map_or(f64::NAN, f));
-            s.push(Line::new(
-                label(r, &format!("{name} mean")),
-                at(|x| x.mean),
-                col(ri, li),
-                // In an overlay the colour is the run's: odd layers are dashed.
-                multi && li % 2 == 1,
-            ));
-            if !multi {
-                for (what, f) in [
-                    ("min", (|x: &crate::run::SlopeSummary| x.min) as fn(&_) -> f64),
-                    ("max", |x: &crate::run::SlopeSummary| x.max),
-                ] {
-                    let mut l = Line::new(format!("{name} {what}"), at(f), li, true);
-                    l.markers = false;
-                    s.push(l);
-                }
-            }
-        }
-    }
-    if !s.is_empty() {
-        // The a = 1 line only where slopes come near it, so small slopes are not squashed.
-        let top = s
-            .iter()
-            .flat_map(|l| l.pts.iter().map(|p| p.1))
-            .filter(|v| v.is_finite())
-            .fold(f64::MIN, f64::max);
-        let ax = Axes {
-            hrefs: if top > 0.5 { &[0.0, 1.0] } else { &[0.0] },
-            ..epoch_axes("PReLU slopes per layer", "slope a")
-        };
-        let what = if multi {
-            "Mean PReLU slope per layer and run (odd layers dashed)"
-        } else {
-            "Mean PReLU slope per layer (dashed: min and max over its channels)"
-        };
-        fig(
-            "plot-slopes",
-            lines(&ax, &s)?,
-            &s,
-            format!(
-                "{what}; grey lines at a = 0 and (when in range) a = 1. Below 0 a unit is non-monotone (|x|-like) and the layer \
-                 is not invertible; near 0 it is ReLU-like; near 1 it is linear and can be folded into the next \
-                 layer; above 1 its negative side is steeper than its positive side."
-            ),
-        );
-    }
-
-    // Slope histogram at the last sentinel epoch (any sign).
-    let last_layers: Vec<(usize, usize, &LayerReport)> = runs
-        .iter()
-        .enumerate()
-        .filter_map(|(ri, r)| r.sentinel.last().map(|(e, ls)| (ri, *e, ls)))
-        .flat_map(|(ri, e, ls)| ls.iter().filter(|l| !l.slopes.is_empty()).map(move |l| (ri, e, l)))
-        .collect();
-    if !last_layers.is_empty() {
-        let all = || {
-            last_layers
-                .iter()
-                .flat_map(|(_, _, l)| l.slopes.iter().copied())
-                .filter(|v| v.is_finite())
-        };
-        let lo = all().fold(0.0f64, f64::min);
-        let top = all().fold(f64::MIN, f64::max);
-        let hi = if top > 0.5 { top.max(1.0) } else { top.max(0.0) };
-        let pad = ((hi - lo) * 0.02).max(0.01);
-        let (lo, hi) = (lo - pad, hi + pad);
-        let mut s = Vec::new();
-        for (k, (ri, _, l)) in last_layers.iter().enumerate() {
-            let mut line = Line::new(
-                label(&runs[*ri], &l.layer),
-                histogram_steps(&l.slopes, lo, hi, 40),
-                col(*ri, k),
-                multi && k % 2 == 1,
-            );
-            line.markers = false;
-            s.push(line);
-        }
-        let mut epochs: Vec<usize> = last_layers.iter().map(|(_, e, _)| *e).collect();
-        epochs.sort_unstable();
-        epochs.dedup();
-        let epochs: Vec<String> = epochs.iter().map(|e| e.to_string()).collect();
-        let ax = Axes {
-            title: "slope histogram, last epoch",
-            x: "slope a",
-            y: "channels",
-            int_x: false,
-            int_y: true,
-            hrefs: &[],
-            vrefs: if hi >= 1.0 { &[0.0, 1.0] } else { &[0.0] },
-        };
-        fig(
-            "plot-slope-histogram",
-            lines(&ax, &s)?,
-            &s,
-            format!(
-                "How many channels have each slope at the last recorded epoch ({}), over 40 bins from {} to {}, \
-                 negative slopes included; grey lines at a = 0 and (when in range) a = 1. Mass left of 0 means non-monotone units; \
-                 a peak at 1 means foldable, linear units. The table of slope classes below counts them.",
-                epochs.join(", "),
-                tick(lo, false),
-                tick(hi, false)
-            ),
-        );
-    }
-
-    // Dead, stuck and idle units over epochs.
-    let mut s = Vec::new();
-    for (ri, r) in runs.iter().enumerate() {
-        let Some((_, first)) = r.sentinel.first() else { continue };
-        for (li, l) in first.iter().enumerate() {
-            let pts = |f: &dyn Fn(&LayerReport) -> usize| {
-                r.sentinel
-                    .iter()
-                    .filter_map(|(e, ls)| ls.get(li).map(|x| (*e as f64, f(x) as f64)))
-                    .collect::<Vec<_>>()
-            };
-            if l.slopes.is_empty() {
-                s.push(Line::new(
-                    label(r, &format!("{} dead", l.layer)),
-                    pts(&|x| x.dead.len()),
-                    col(ri, li),
-                    false,
-                ));
-            } else {
-                s.push(Line::new(
-                    label(r, &format!("{} stuck", l.layer)),
-                    pts(&|x| x.stuck.len()),
-                    col(ri, li),
-                    false,
-                ));
-                s.push(Line::new(
-                    label(r, &format!("{} idle", l.layer)),
-                    pts(&|x| x.idle.len()),
-                    col(ri, li),
-                    true,
-                ));
-            }
-        }
-    }
-    if !s.is_empty() {
-        let ax = Axes {
-            int_y: true,
-            ..epoch_axes("units with no or little gradient", "units")
-        };
-        fig(
-            "plot-dead",
-            lines(&ax, &s)?,
-            &s,
-            "Per layer and epoch: dead ReLU units (never positive: no gradient at all), stuck PReLU units \
-             (never positive and |a| below the stuck threshold) and idle slopes (dashed: too few negative \
-             inputs to learn, epoch after epoch). Rising counts mean the layer is losing capacity."
-                .into(),
-        );
-    }
-
-    // Stability curves beside the runs.
-    let mut s = Vec::new();
-    for (ri, r) in runs.iter().enumerate() {
-        if let Some(v) = read_json_beside(&r.dir, "stability.json")? {
-            for (k, (name, pts)) in stability_series(&v)?.unwrap_or_default().into_iter().enumerate() {
-                s.push(Line::new(label(r, &name), pts, col(ri, k), multi && k % 2 == 1));
-            }
-        }
-    }
-    if !s.is_empty() {
-        let ax = Axes {
-            title: "log10 pre-activation variance vs depth",
-            x: "depth (layer)",
-            y: "log10 variance",
-            int_x: true,
-            int_y: false,
-            hrefs: &[],
-            vrefs: &[],
-        };
-        fig(
-            "plot-stability",
-            lines(&ax, &s)?,
-            &s,
-            "From stability.json (prelu stability --json): the pre-activation variance through depth for each \
-             init and activation. A flat line keeps the signal; a line going up explodes and one going down \
-             vanishes with depth."
-                .into(),
-        );
-    }
-
-    // Negative-share heatmaps, per run.
-    let mut heat: Vec<(usize, Vec<Figure>)> = Vec::new();
-    for (ri, r) in runs.iter().enumerate() {
-        let Some((_, first)) = r.sentinel.first() else { continue };
-        let eps: Vec<usize> = r.sentinel.iter().map(|s| s.0).collect();
-        let mut v = Vec::new();
-        for (li, l) in first.iter().enumerate() {
-            let shares: Vec<Vec<f64>> = r
-                .sentinel
-                .iter()
-                .map(|s| {
-                    s.1.get(li)
-                        .map(|x| x.negative_share_per_channel.clone())
-                        .unwrap_or_default()
-                })
-                .collect();
-            v.push(Figure {
-                id: format!("heatmap-{ri}-{li}"),
-                svg: heatmap(
-                    &format!("{} ({}): negative share per channel", l.layer, l.kind),
-                    &eps,
-                    &shares,
-                )?,
-                legend: String::new(),
-                caption: format!(
-                    "{}{}: share of negative inputs per channel (rows) and epoch (columns). Red: never positive \
-                     in the epoch (a dead ReLU unit; a PReLU unit still passes a times the gradient); grey: never \
-                     negative (the slope gets no gradient). Look for rows turning red or grey.",
-                    if multi { format!("{}: ", r.name) } else { String::new() },
-                    l.layer
-                ),
-            });
-        }
-        heat.push((ri, v));
-    }
-
-    // The page.
-    let title = runs.iter().map(|r| r.name.as_str()).collect::<Vec<_>>().join(", ");
-    let mut h = String::new();
-    let _ = write!(
-        h,
-        "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>prelu report: {}</title><style>\
-         body{{font-family:sans-serif;max-width:1400px;margin:20px auto;color:#222;padding:0 12px}}\
-         .plots{{display:flex;flex-wrap:wrap;gap:14px}} figure{{margin:0;width:650px}}\
-         figcaption{{font-size:13px;color:#444;line-height:1.35}}\
-         .legend{{font-size:12px;margin:2px 0 4px 60px}} .key{{display:inline-block;margin-right:12px;white-space:nowrap}}\
-         .sw{{display:inline-block;width:22px;height:0;margin-right:4px;vertical-align:middle}}\
-         table{{border-collapse:collapse;margin:6px 0}} td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:left}}\
-         th{{background:#f2f2f2}} pre{{background:#f6f6f6;padding:8px;font-size:12px}} .alarm td{{color:#a00}}\
-         details{{margin:8px 0}} summary{{cursor:pointer;font-weight:bold}}</style></head><body>",
-        html_escape(&title)
-    );
-    let _ = write!(
-        h,
-        "<h1>prelu run report</h1><p>{}</p>",
-        if multi {
-            format!("{} runs overlaid, one colour per run.", runs.len())
-        } else {
-            html_escape(&runs[0].dir.display().to_string())
-        }
-    );
-    h.push_str(
-        "<table id=\"summary\"><tr><th>run</th><th>epochs</th><th>final test accuracy</th><th>best test accuracy</th>\
-         <th>final test loss</th><th>final train loss</th><th>samples/s (last epoch)</th></tr>",
-    );
-    for (ri, r) in runs.iter().enumerate() {
-        let last = r.epochs.last().expect("non-empty");
-        let best = r.epochs.iter().map(|m| m.test_acc).fold(f64::NAN, f64::max);
-        let RGBColor(cr, cg, cb) = color(col(ri, 0));
-        let _ = write!(
-            h,
-            "<tr><td>{}{}</td><td>{}</td><td>{:.4}</td><td>{:.4}</td><td>{:.4}</td><td>{:.4}</td><td>{:.0}</td></tr>",
-            if multi {
-                format!("<span class=\"sw\" style=\"border-top:3px solid rgb({cr},{cg},{cb})\"></span>")
-            } else {
-                String::new()
-            },
-            html_escape(&r.name),
-            last.epoch,
-            last.test_acc,
-            best,
-            last.test_loss,
-            last.train_loss,
-            last.samples_per_s
-        );
-    }
-    h.push_str("</table>");
-
-    let n_alarms: usize = runs.iter().map(|r| r.alarms.len()).sum();
-    h.push_str("<h2>Alarms</h2>");
-    if n_alarms == 0 {
-        h.push_str("<p>none</p>");
-    } else {
-        h.push_str("<table id=\"alarms\"><tr>");
-        if multi {
-            h.push_str("<th>run</th>");
-        }
-        h.push_str("<th>epoch</th><th>layer</th><th>kind</th><th>channels</th><th>message</th></tr>");
-        for r in &runs {
-            let mut alarms: Vec<&Alarm> = r.alarms.iter().collect();
-            alarms.sort_by_key(|a| a.epoch);
-            for a in alarms {
-                h.push_str("<tr class=\"alarm\">");
-                if multi {
-                    let _ = write!(h, "<td>{}</td>", html_escape(&r.name));
-                }
-                let _ = write!(
-                    h,
-                    "<td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-                    a.epoch,
-                    html_escape(&a.layer),
-                    a.kind,
-                    if a.channels.is_empty() {
-                        "-".to_string()
-                    } else {
-                        html_escape(&crate::analyses::sentinel::channel_list(&a.channels, 24))
-                    },
-                    html_escape(&a.message)
-                );
-            }
-        }
-        h.push_str("</table>");
-    }
-
-    h.push_str("<h2>Plots</h2><div class=\"plots\">");
-    for f in &figs {
-        let _ = write!(
-            h,
-            "<figure id=\"{}\">{}{}<figcaption>{}</figcaption></figure>",
-            f.id,
-            f.svg,
-            f.legend,
-            html_escape(&f.caption)
-        );
-    }
-    h.push_str("</div>");
-
-    // Slope classes at the last sentinel epoch.
-    let rows: Vec<(&RunData, usize, &LayerReport)> = runs
-        .iter()
-        .filter_map(|r| r.sentinel.last().map(|(e, ls)| (r, *e, ls)))
-        .flat_map(|(r, e, ls)| ls.iter().filter(|l| !l.slopes.is_empty()).map(move |l| (r, e, l)))
-        .collect();
-    if !rows.is_empty() {
-        h.push_str(
-            "<h2>Slope classes, last epoch</h2><p>Counts of channels by slope (band 0.05 unless the run's \
-             <code>slope_tol</code> says otherwise). a &lt; 0: non-monotone, |x|-like; a ~ 0: ReLU-like; \
-             a ~ 1: linear, foldable; a &gt; 1: steeper negative side; a &lt;= 0: the layer is not invertible \
-             at these channels.</p><table id=\"slope-classes\"><tr>",
-        );
-        if multi {
-            h.push_str("<th>run</th>");
-        }
-        h.push_str(
-            "<th>epoch</th><th>layer</th><th>slopes</th><th>mean [min, max]</th><th>a &lt; 0</th><th>a ~ 0</th>\
-             <th>a ~ 1</th><th>a &gt; 1</th><th>not invertible (a &lt;= 0) at</th></tr>",
-        );
-        for (r, e, l) in rows {
-            let c = classes(l);
-            let fin = l.slopes.iter().copied().filter(|v| v.is_finite());
-            let (mn, mx) = fin
-                .clone()
-                .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
-            let mean = fin.clone().sum::<f64>() / fin.count().max(1) as f64;
-            h.push_str("<tr>");
-            if multi {
-                let _ = write!(h, "<td>{}</td>", html_escape(&r.name));
-            }
-            let _ = write!(
-                h,
-                "<td>{e}</td><td>{}</td><td>{}</td><td>{mean:.3} [{mn:.3}, {mx:.3}]</td><td>{}</td><td>{}</td>\
-                 <td>{}</td><td>{}</td><td>{}</td></tr>",
-                html_escape(&l.layer),
-                l.slopes.len(),
-                c.negative.len(),
-                c.near_zero.len(),
-                c.near_one.len(),
-                c.above_one.len(),
-                if c.non_invertible.is_empty() {
-                    "-".to_string()
-                } else {
-                    format!(
-                        "{} channel(s): {}",
-                        c.non_invertible.len(),
-                        crate::analyses::sentinel::channel_list(&c.non_invertible, 24)
-                    )
-                }
-            );
-        }
-        h.push_str("</table>");
-    }
-
-    let mut n_plots = figs.len();
-    for (ri, v) in &heat {
-        n_plots += v.len();
-        if multi {
-            let _ = write!(
-                h,
-                "<details><summary>{}: negative-share heatmaps</summary><div class=\"plots\">",
-                html_escape(&runs[*ri].name)
-            );
-        } else {
-            h.push_str("<h2>Negative share per channel</h2><div class=\"plots\">");
-        }
-        for f in v {
-            let _ = write!(
-                h,
-                "<figure id=\"{}\">{}<figcaption>{}</figcaption></figure>",
-                f.id,
-                f.svg,
-                html_escape(&f.caption)
-            );
-        }
-        h.push_str(if multi { "</div></details>" } else { "</div>" });
-    }
-    for r in &runs {
-        if let Some(v) = read_json_beside(&r.dir, "attack.json")? {
-            if multi {
-                let _ = write!(h, "<p>{}</p>", html_escape(&r.name));
-            }
-            h.push_str(&attack_table(&v)?);
-        }
-    }
-    h.push_str("<h2>Configuration</h2>");
-    for r in &runs {
-        if multi {
-            let _ = write!(
-                h,
-                "<details><summary>{}</summary><pre>{}</pre></details>",
-                html_escape(&r.name),
-                html_escape(&r.config)
-            );
-        } else {
-            let _ = write!(h, "<pre>{}</pre>", html_escape(&r.config));
-        }
-    }
-    h.push_str("</body></html>");
-    crate::fs::write_atomic(out, h.as_bytes())?;
+    let figs = figures(&v)?;
+    let heat = heatmaps(&v)?;
+    let page = [
+        head(&v),
+        summary_table(&v),
+        alarms_table(&v),
+        plots_section(&figs),
+        slope_classes_table(&v),
+        heatmap_sections(&v, &heat),
+        attack_sections(&v),
+        config_section(&v),
+        "</body></html>".into(),
+    ]
+    .concat();
+    crate::fs::write_atomic(out, page.as_bytes())?;
     Ok(ReportSummary {
         out: out.to_path_buf(),
         runs: runs.len(),
         epochs: runs[0].epochs.len(),
-        plots: n_plots,
-        alarms: n_alarms,
+        plots: figs.len() + heat.iter().map(|(_, f)| f.len()).sum::<usize>(),
+        alarms: runs.iter().map(|r| r.alarms.len()).sum(),
         final_test_acc: runs[0].epochs.last().map(|m| m.test_acc),
     })
 }

@@ -4,9 +4,11 @@
 use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
-use prelu::analyses::attack::PgdOptions;
+use prelu::analyses::attack::{self, AttackResult, AttackedModel, PgdOptions};
 use prelu::model::{Arch, Model, ModelSpec};
 use prelu::Activation;
+
+mod common;
 
 fn tiny(act: Activation, hidden: usize) -> Model {
     let spec = ModelSpec::new(Arch::Mlp { hidden: vec![hidden] }, act, [1, 2, 2], 3);
@@ -266,4 +268,96 @@ fn fused_passes_match_autograd() {
             );
         }
     }
+}
+
+/// An attack result written with its type reads back through the report:
+/// every eps and the norm quantiles in its tables, a NaN (written as null)
+/// read back as NaN.
+#[test]
+fn attack_result_file_round_trips_through_the_report() {
+    let m = tiny(Activation::PRelu { shared: false }, 4);
+    let (x, _) = batch();
+    let ds = prelu::data::Dataset {
+        images: x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        labels: vec![0, 1, 2],
+        rows: 2,
+        cols: 2,
+    };
+    let mut report = attack::evaluate(
+        &m,
+        &ds,
+        &[0.05, 0.1],
+        (true, true),
+        &PgdOptions::default(),
+        3,
+        |_, _| {},
+    )
+    .unwrap();
+    report.clean_loss = f64::NAN;
+    let result = AttackResult {
+        models: vec![AttackedModel {
+            checkpoint: "models/<prelu>".into(),
+            data: "tiny".into(),
+            act: "prelu".into(),
+            report,
+        }],
+        pgd: PgdOptions::default(),
+    };
+    let text = serde_json::to_string(&result).unwrap();
+    let back: AttackResult = serde_json::from_str(&text).unwrap();
+    assert!(back.models[0].report.clean_loss.is_nan());
+    assert_eq!(
+        back.models[0].report.masking.grad_norm,
+        result.models[0].report.masking.grad_norm
+    );
+    assert_eq!(back.to_string(), result.to_string(), "the same text");
+
+    let dir = common::tmp("attack-round-trip");
+    common::epoch_run(&dir);
+    std::fs::write(dir.join(attack::RESULT_FILE), &text).unwrap();
+    let out = dir.join("report.html");
+    prelu::report::write(&dir, &out).unwrap();
+    let html = std::fs::read_to_string(&out).unwrap();
+    let r = &result.models[0].report;
+    for e in &r.results {
+        let row = format!(
+            "<tr><td>models/&lt;prelu&gt;</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            e.eps,
+            e.fgsm_acc.unwrap(),
+            e.pgd_acc.unwrap()
+        );
+        assert!(html.contains(&row), "{row}");
+    }
+    let q = &r.masking.grad_norm;
+    let norms: String = [q.min, q.p10, q.median, q.p90, q.max]
+        .iter()
+        .map(|v| format!("<td>{}</td>", prelu::page::num(*v, 4)))
+        .collect();
+    assert!(html.contains(&format!("<td>models/&lt;prelu&gt;</td>{norms}")), "norms");
+}
+
+/// An `attack.json` that is not an attack result is refused with an error
+/// that names the file and what is wrong where.
+#[test]
+fn malformed_attack_result_is_an_error_naming_the_file() {
+    let dir = common::tmp("attack-malformed");
+    common::epoch_run(&dir);
+    let file = dir.join(attack::RESULT_FILE);
+    let out = dir.join("report.html");
+    for (text, want) in [
+        ("{\"models\": [", "EOF while parsing"),
+        ("not json", "expected ident"),
+        ("{\"models\": 3, \"pgd\": {}}", "expected a sequence"),
+        ("{\"models\": []}", "missing field `pgd`"),
+    ] {
+        std::fs::write(&file, text).unwrap();
+        let e = prelu::report::write(&dir, &out).unwrap_err();
+        assert!(matches!(e, prelu::Error::Invalid(_)), "{e:?}");
+        let e = e.to_string();
+        assert!(
+            e.starts_with(&format!("{}: not an attack result: ", file.display())) && e.contains(want),
+            "{text}: {e}"
+        );
+    }
+    assert!(!out.exists(), "no page from a bad file");
 }

@@ -430,3 +430,74 @@ fn compare_json_uses_the_common_accuracy_names() -> Result<()> {
     ensure!(Path::new(v["out"].as_str().unwrap()) == dir);
     Ok(())
 }
+
+/// The result files the command line writes (`attack --json`, `stability
+/// --json`, with and without `--checkpoint`) are what the report reads.
+#[test]
+fn result_files_from_the_cli_read_back_in_the_report() -> Result<()> {
+    let r = tiny_run("result-files", &[])?;
+    let r_s = r.to_str().unwrap();
+    let save = |args: &[&str], name: &str| -> Result<()> {
+        let o = run(args)?;
+        ensure!(o.status.success(), "{args:?}: {}", stderr(&o));
+        std::fs::write(r.join(name), &o.stdout)?;
+        Ok(())
+    };
+    let report = || -> Result<(Value, String)> {
+        let o = run(&["report", r_s, "--json"])?;
+        ensure!(o.status.success(), "{}", stderr(&o));
+        Ok((json(&o)?, std::fs::read_to_string(r.join("report.html"))?))
+    };
+    let (plain, _) = report()?;
+    save(
+        &[
+            "attack",
+            r_s,
+            "--limit",
+            "8",
+            "--eps",
+            "0.05,0.1",
+            "--steps",
+            "1",
+            "--threads",
+            "1",
+            "--json",
+        ],
+        "attack.json",
+    )?;
+    let random = [
+        "stability",
+        "--depth",
+        "3",
+        "--width",
+        "4",
+        "--batch",
+        "4",
+        "--draws",
+        "1",
+        "--threads",
+        "1",
+        "--json",
+    ];
+    save(&random, "stability.json")?;
+    let (v, html) = report()?;
+    ensure!(v["plots"].as_u64() == plain["plots"].as_u64().map(|p| p + 1), "{v}");
+    ensure!(html.contains("<h2>Attack results</h2>") && html.contains("<td>0.05</td>"));
+    ensure!(html.contains("id=\"plot-stability\"") && html.contains("he-relu / prelu"));
+    save(
+        &[
+            "stability",
+            "--checkpoint",
+            r_s,
+            "--limit",
+            "8",
+            "--threads",
+            "1",
+            "--json",
+        ],
+        "stability.json",
+    )?;
+    let (v, html) = report()?;
+    ensure!(v["plots"] == plain["plots"] && !html.contains("plot-stability"), "{v}");
+    Ok(())
+}

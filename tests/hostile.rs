@@ -190,37 +190,65 @@ fn fake_run(dir: &Path) {
     std::fs::write(dir.join("config.toml"), "act = \"<script>alert('config')</script>\"\n").unwrap();
 }
 
+/// Writes `v` as JSON to `name` in `dir`.
+fn write_json(dir: &Path, name: &str, v: &serde_json::Value) {
+    std::fs::write(dir.join(name), v.to_string()).unwrap();
+}
+
 #[test]
 fn item2_report_escapes_and_type_checks_hostile_files() {
     let dir = tmp("markup");
     fake_run(&dir);
     let out = dir.join("r.html");
-    // Values of the wrong type are refused, naming the field.
-    std::fs::write(
-        dir.join("attack.json"),
-        r#"{"models":[{"checkpoint":"x","report":{"results":[{"eps":"<script>alert(1)</script>","fgsm_acc":0.5,"pgd_acc":0.4}]}}]}"#,
-    )
-    .unwrap();
-    let e = prelu::report::write(&dir, &out).unwrap_err().to_string();
-    assert!(e.contains("`eps` must be a number"), "{e}");
-    std::fs::write(
-        dir.join("attack.json"),
-        r#"{"models":[{"checkpoint":"x","report":{"results":[{"eps":0.1,"fgsm_acc":{"a":"<img src=x onerror=alert(1)>"},"pgd_acc":0.4}]}}]}"#,
-    )
-    .unwrap();
-    let e = prelu::report::write(&dir, &out).unwrap_err().to_string();
-    assert!(e.contains("`fgsm_acc` must be a number"), "{e}");
+    let attack = serde_json::to_value(common::attack_result("x")).unwrap();
+    // Values of the wrong type are refused, naming the file and, by the text
+    // before the place, the field.
+    for (field, bad) in [
+        ("eps", serde_json::json!("<script>alert(1)</script>")),
+        ("fgsm_acc", serde_json::json!({"a": "<img src=x onerror=alert(1)>"})),
+    ] {
+        let mut v = attack.clone();
+        v["models"][0]["report"]["results"][0][field] = bad;
+        write_json(&dir, "attack.json", &v);
+        let e = prelu::report::write(&dir, &out).unwrap_err().to_string();
+        assert!(
+            e.contains("attack.json: not an attack result")
+                && e.contains("expected f64")
+                && e.contains(&format!("\"{field}\":")),
+            "{e}"
+        );
+    }
     // Strings where strings belong: escaped everywhere.
-    std::fs::write(
-        dir.join("attack.json"),
-        r#"{"models":[{"checkpoint":"<script>alert('ck')</script>","report":{"results":[{"eps":0.1,"fgsm_acc":0.5,"pgd_acc":0.4}]}}]}"#,
+    let ck = serde_json::to_value(common::attack_result("<script>alert('ck')</script>")).unwrap();
+    write_json(&dir, "attack.json", &ck);
+    let mut curve = prelu::analyses::stability::propagate(
+        prelu::InitScheme::HePrelu,
+        prelu::Activation::PRelu { shared: false },
+        0.25,
+        &prelu::analyses::stability::PropagationOptions {
+            depth: 3,
+            width: 4,
+            batch: 4,
+            draws: 1,
+            ..Default::default()
+        },
     )
     .unwrap();
-    std::fs::write(
-        dir.join("stability.json"),
-        r#"{"curves":[{"init":"<script>alert('init')</script>","act":"\"><svg onload=alert(1)>","forward":[1.0,2.0,4.0]}]}"#,
-    )
-    .unwrap();
+    curve.init = "<script>alert('init')</script>".into();
+    curve.act = "\"><svg onload=alert(1)>".into();
+    let stability = prelu::analyses::stability::PropagationResult {
+        chain: prelu::analyses::stability::chain(&[1.0; 3], 0.25, 1e-3, 1e3),
+        depth: 3,
+        width: 4,
+        draws: 1,
+        batch: 4,
+        seed: 0,
+        sds: 4.0,
+        curves: vec![curve],
+        out: None,
+    };
+    let stability = serde_json::to_value(stability).unwrap();
+    write_json(&dir, "stability.json", &stability);
     prelu::report::write(&dir, &out).unwrap();
     let html = std::fs::read_to_string(&out).unwrap();
     for bad in ["<script", "<svg onload", "<img"] {
@@ -228,42 +256,56 @@ fn item2_report_escapes_and_type_checks_hostile_files() {
     }
     assert!(html.contains("&lt;script&gt;alert("), "escaped text is shown");
     // Not a number in stability.json either.
-    std::fs::write(
-        dir.join("stability.json"),
-        r#"{"curves":[{"init":"a","act":"b","forward":["<script>"]}]}"#,
-    )
-    .unwrap();
+    let mut v = stability.clone();
+    v["curves"][0]["forward"][0] = serde_json::json!("<script>");
+    write_json(&dir, "stability.json", &v);
     let e = prelu::report::write(&dir, &out).unwrap_err().to_string();
-    assert!(e.contains("`forward` must be a number"), "{e}");
+    assert!(
+        e.contains("stability.json: not a stability result") && e.contains("\"forward\":"),
+        "{e}"
+    );
 }
 
 /// The report reads the input-gradient norms of `attack.json` from the
-/// labelled object, and from the two shapes older versions wrote; a
-/// non-number is refused, naming the field.
+/// labelled object, and from the list earlier versions wrote (beside a
+/// model-level object, which is not read); a file without them, or with a
+/// non-number in them, is refused, naming the field.
 #[test]
 fn item2_report_reads_labelled_and_old_grad_norms() {
-    let table = |json: &str| prelu::report::attack_table(&serde_json::from_str(json).unwrap());
-    let results = r#""results":[{"eps":0.1,"fgsm_acc":0.5,"pgd_acc":0.4}]"#;
-    let now = format!(
-        r#"{{"models":[{{"checkpoint":"a","report":{{{results},"masking":{{"grad_norm":{{"min":0.5,"p10":1.5,"median":2.5,"p90":3.5,"max":4.5}}}}}}}}]}}"#
+    use prelu::analyses::attack::AttackResult;
+    let now = serde_json::to_value(common::attack_result("a")).unwrap();
+    let mut old = now.clone();
+    let masking = old["models"][0]["report"]["masking"].as_object_mut().unwrap();
+    let labelled = masking.remove("grad_norm").unwrap();
+    masking.insert(
+        "grad_norm_quantiles".into(),
+        serde_json::json!([0.5, 1.5, 2.5, 3.5, 4.5]),
     );
-    let model_level = format!(
-        r#"{{"models":[{{"checkpoint":"a","grad_norm":{{"min":0.5,"p10":1.5,"median":2.5,"p90":3.5,"max":4.5}},"report":{{{results}}}}}]}}"#
-    );
-    let array = format!(
-        r#"{{"models":[{{"checkpoint":"a","report":{{{results},"masking":{{"grad_norm_quantiles":[0.5,1.5,2.5,3.5,4.5]}}}}}}]}}"#
-    );
+    old["models"][0]["grad_norm"] = labelled;
     let want = "<td>a</td><td>0.5000</td><td>1.5000</td><td>2.5000</td><td>3.5000</td><td>4.5000</td>";
-    for j in [&now, &model_level, &array] {
-        let h = table(j).unwrap();
-        assert!(h.contains(want), "{j}: {h}");
+    for v in [&now, &old] {
+        let r: AttackResult = serde_json::from_value(v.clone()).unwrap();
+        let h = prelu::report::attack_table(&r);
+        assert!(h.contains(want), "{v}: {h}");
     }
-    // Without norms: no norm table.
-    let none = format!(r#"{{"models":[{{"checkpoint":"a","report":{{{results}}}}}]}}"#);
-    assert!(!table(&none).unwrap().contains("input-gradient norm"));
-    let bad = now.replace("2.5", "\"<b>\"");
-    let e = table(&bad).unwrap_err().to_string();
-    assert!(e.contains("`median` must be a number"), "{e}");
+    let dir = tmp("old-norms");
+    fake_run(&dir);
+    let out = dir.join("r.html");
+    let mut none = now.clone();
+    none["models"][0]["report"]["masking"]
+        .as_object_mut()
+        .unwrap()
+        .remove("grad_norm");
+    let mut bad = now.clone();
+    bad["models"][0]["report"]["masking"]["grad_norm"]["median"] = serde_json::json!("<b>");
+    for (v, want) in [(none, "missing field `grad_norm`"), (bad, "\"median\":")] {
+        write_json(&dir, "attack.json", &v);
+        let e = prelu::report::write(&dir, &out).unwrap_err().to_string();
+        assert!(
+            e.contains("attack.json: not an attack result") && e.contains(want),
+            "{e}"
+        );
+    }
 }
 
 // ---------------------------------------------------------------- item 3

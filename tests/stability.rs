@@ -7,6 +7,8 @@ use prelu::InitScheme;
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 
+mod common;
+
 #[test]
 fn chain_gain_equals_closed_form_and_backprop() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(3);
@@ -335,4 +337,87 @@ fn per_layer_analysis_works_per_channel_with_slopes_of_both_signs() {
         table.contains("act.1: slopes 2 negative") && table.contains("warning: act.0: 4 of 8"),
         "{table}"
     );
+}
+
+/// Both forms of a stability result written with their types read back
+/// through the report: the random-net form's curves become the stability
+/// plot (an infinite variance, written as null, reads back as NaN and is
+/// left out); a trained model's form reads, with nothing to plot.
+#[test]
+fn stability_result_files_round_trip_through_the_report() {
+    use prelu::analyses::stability;
+    use prelu::analyses::stability::ModelStability;
+    use prelu::analyses::stability::PropagationResult;
+    use prelu::analyses::stability::StabilityResult;
+    let o = PropagationOptions {
+        depth: 3,
+        width: 4,
+        batch: 4,
+        draws: 1,
+        ..Default::default()
+    };
+    let mut curve = stability::propagate(InitScheme::HePrelu, Activation::PRelu { shared: false }, 0.25, &o).unwrap();
+    curve.forward[2] = f64::INFINITY;
+    let result = PropagationResult {
+        chain: stability::chain(&[1.0; 3], 0.25, 1e-3, 1e3),
+        depth: 3,
+        width: 4,
+        draws: 1,
+        batch: 4,
+        seed: 0,
+        sds: 4.0,
+        curves: vec![curve.clone()],
+        out: None,
+    };
+    let text = serde_json::to_string(&result).unwrap();
+    let back = StabilityResult::from_json(&text).unwrap();
+    let StabilityResult::Propagation(r) = &back else {
+        panic!("read as a trained model's result")
+    };
+    assert_eq!(r.curves[0].forward[..2], curve.forward[..2]);
+    assert!(r.curves[0].forward[2].is_nan());
+    assert_eq!(
+        (r.curves[0].verdict.as_str(), r.chain.gain),
+        (curve.verdict.as_str(), result.chain.gain)
+    );
+    let series = prelu::report::stability_series(&back);
+    assert_eq!(series.len(), 1);
+    assert_eq!(series[0].0, "he-prelu / prelu");
+    assert_eq!(series[0].1[1], (2.0, curve.forward[1].log10()));
+
+    let dir = common::tmp("stability-round-trip");
+    common::epoch_run(&dir);
+    let file = dir.join(stability::RESULT_FILE);
+    std::fs::write(&file, &text).unwrap();
+    let out = dir.join("report.html");
+    let with_curves = prelu::report::write(&dir, &out).unwrap();
+    let html = std::fs::read_to_string(&out).unwrap();
+    assert!(html.contains("id=\"plot-stability\"") && html.contains("he-prelu / prelu</span>"));
+
+    // A trained model's result: read back whole, nothing to plot.
+    let dev = candle_core::Device::Cpu;
+    let spec = prelu::model::ModelSpec::new(
+        prelu::model::Arch::Mlp { hidden: vec![6] },
+        Activation::PRelu { shared: false },
+        [1, 2, 2],
+        3,
+    );
+    let m = prelu::model::Model::new(&spec, 1, &dev).unwrap();
+    let x = candle_core::Tensor::rand(0f32, 1.0, (5, 4), &dev).unwrap();
+    let y = candle_core::Tensor::from_iter((0..5u32).map(|i| i % 3), &dev).unwrap();
+    let model = ModelStability {
+        checkpoint: "m.safetensors".into(),
+        data: "tiny".into(),
+        examples: 5,
+        layers: stability::model_layers(&m, &x, &y, 4.0).unwrap(),
+    };
+    let text = serde_json::to_string(&model).unwrap();
+    let StabilityResult::Model(back) = StabilityResult::from_json(&text).unwrap() else {
+        panic!("read as the random-net form")
+    };
+    assert_eq!(back.to_string(), model.to_string(), "the same table");
+    std::fs::write(&file, &text).unwrap();
+    let without = prelu::report::write(&dir, &out).unwrap();
+    assert_eq!(without.plots + 1, with_curves.plots);
+    assert!(!std::fs::read_to_string(&out).unwrap().contains("plot-stability"));
 }

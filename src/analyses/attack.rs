@@ -9,15 +9,26 @@
 //! from candle's autograd through our fused op otherwise. Inputs live in pixel space `[0, 1]`
 //! (the model normalises internally), and every adversarial input is clipped
 //! to it.
+//!
+//! [`AttackResult`] is what `prelu attack --json` prints and what the
+//! report reads from [`RESULT_FILE`] beside a run.
+
+use std::fmt;
+use std::path::PathBuf;
 
 use candle_core::{Result, Tensor};
 use rand::SeedableRng;
 use rand_distr::{Distribution, Uniform};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::data::Dataset;
 use crate::engine::{Engine, EngineOptions};
+use crate::json::{null_as_nan, nulls_as_nan};
 use crate::model::Model;
+use crate::page::num;
+
+/// The file beside a run that holds an [`AttackResult`].
+pub const RESULT_FILE: &str = crate::layout::ATTACK;
 
 pub use crate::engine::{autograd_input_gradient as input_gradient, losses};
 
@@ -73,7 +84,7 @@ pub fn fgsm(model: &Model, x: &Tensor, y: &Tensor, eps: f64) -> Result<Tensor> {
 }
 
 /// PGD options.
-#[derive(Clone, Copy, Debug, Serialize)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 pub struct PgdOptions {
     pub steps: usize,
     /// Step size; `None` means `eps / 4`.
@@ -140,7 +151,7 @@ pub fn pgd_with(passes: &mut Passes<'_>, x: &Tensor, y: &Tensor, eps: f64, o: &P
 }
 
 /// Robust accuracy at one epsilon.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct EpsResult {
     pub eps: f64,
     pub fgsm_acc: Option<f64>,
@@ -153,39 +164,148 @@ pub struct EpsResult {
 }
 
 /// Gradient-masking measures on clean inputs.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Masking {
     /// Share of input-gradient entries that are exactly zero.
+    #[serde(deserialize_with = "null_as_nan")]
     pub zero_entry_share: f64,
     /// Share of examples whose whole input gradient is zero.
+    #[serde(deserialize_with = "null_as_nan")]
     pub zero_example_share: f64,
-    /// Quantiles of the L2 norm of the per-example input gradient.
+    /// Quantiles of the L2 norm of the per-example input gradient (files of
+    /// earlier versions hold them as the list `grad_norm_quantiles`).
+    #[serde(alias = "grad_norm_quantiles")]
     pub grad_norm: Quantiles,
     /// Mean loss at `x + t * sign(grad)` for t in `loss_curve_t`: flat
     /// stretches show where the gradient direction carries no signal.
+    #[serde(deserialize_with = "nulls_as_nan")]
     pub loss_curve_t: Vec<f64>,
+    #[serde(deserialize_with = "nulls_as_nan")]
     pub loss_curve: Vec<f64>,
 }
 
 /// Quantiles of a distribution (the nearest-rank value at each share).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+/// Read from an object or from the list `[min, p10, median, p90, max]`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Quantiles {
+    #[serde(deserialize_with = "null_as_nan")]
     pub min: f64,
+    #[serde(deserialize_with = "null_as_nan")]
     pub p10: f64,
+    #[serde(deserialize_with = "null_as_nan")]
     pub median: f64,
+    #[serde(deserialize_with = "null_as_nan")]
     pub p90: f64,
+    #[serde(deserialize_with = "null_as_nan")]
     pub max: f64,
 }
 
 /// Everything `prelu attack` reports for one model.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct AttackReport {
     pub examples: usize,
+    #[serde(deserialize_with = "null_as_nan")]
     pub clean_acc: f64,
+    #[serde(deserialize_with = "null_as_nan")]
     pub clean_loss: f64,
     pub results: Vec<EpsResult>,
     pub masking: Masking,
     pub pgd: PgdOptions,
+}
+
+/// One attacked model of an [`AttackResult`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AttackedModel {
+    pub checkpoint: PathBuf,
+    pub data: String,
+    pub act: String,
+    pub report: AttackReport,
+}
+
+/// The result of attacking one or more models (`prelu attack --json`,
+/// [`RESULT_FILE`] beside a run).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AttackResult {
+    pub models: Vec<AttackedModel>,
+    pub pgd: PgdOptions,
+}
+
+impl fmt::Display for AttackResult {
+    /// Per model: clean accuracy, the table of robust accuracy and loss per
+    /// eps, the masking measures; then the PGD options.
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        for m in &self.models {
+            write_model(f, m)?;
+        }
+        writeln!(
+            f,
+            "PGD: {} steps, step {}, {} restart(s), random start {}",
+            self.pgd.steps,
+            self.pgd
+                .step_size
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| "eps/4".into()),
+            self.pgd.restarts,
+            self.pgd.random_start
+        )
+    }
+}
+
+/// One model's lines of [`AttackResult`]'s text.
+fn write_model(f: &mut fmt::Formatter, m: &AttackedModel) -> fmt::Result {
+    let o = |v: Option<f64>| v.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
+    let r = &m.report;
+    writeln!(
+        f,
+        "{} ({}) on {} {} test images: clean accuracy {:.4}, loss {:.4}",
+        m.checkpoint.display(),
+        m.act,
+        r.examples,
+        m.data,
+        r.clean_acc,
+        r.clean_loss
+    )?;
+    writeln!(
+        f,
+        "  {:>6} {:>9} {:>9} {:>10} {:>10} {:>9}",
+        "eps", "FGSM acc", "PGD acc", "FGSM loss", "PGD loss", "FGSM-PGD"
+    )?;
+    for e in &r.results {
+        writeln!(
+            f,
+            "  {:>6} {:>9} {:>9} {:>10} {:>10} {:>9}",
+            e.eps,
+            o(e.fgsm_acc),
+            o(e.pgd_acc),
+            o(e.fgsm_loss),
+            o(e.pgd_loss),
+            o(e.fgsm_minus_pgd)
+        )?;
+    }
+    let k = &r.masking;
+    writeln!(
+        f,
+        "  masking: {:.4}% of input-gradient entries exactly zero; {:.2}% of examples with an all-zero gradient",
+        100.0 * k.zero_entry_share,
+        100.0 * k.zero_example_share
+    )?;
+    let q = &k.grad_norm;
+    writeln!(
+        f,
+        "  input-gradient L2 norm: min {}, p10 {}, median {}, p90 {}, max {}",
+        num(q.min, 3),
+        num(q.p10, 3),
+        num(q.median, 3),
+        num(q.p90, 3),
+        num(q.max, 3)
+    )?;
+    let curve: Vec<String> = k
+        .loss_curve_t
+        .iter()
+        .zip(&k.loss_curve)
+        .map(|(t, l)| format!("{t:.2}:{l:.3}"))
+        .collect();
+    writeln!(f, "  loss along sign(grad), t:loss  {}", curve.join(" "))
 }
 
 /// Correct predictions and summed loss of a batch.

@@ -590,7 +590,7 @@ impl fmt::Display for SculptReport {
             self.before.test_acc,
             self.after.test_acc,
             self.test_examples,
-            crate::report::num(self.max_output_diff, 3)
+            crate::page::num(self.max_output_diff, 3)
         )?;
         for l in self.layers.iter().filter(|l| l.bypass_would_save.is_some()) {
             writeln!(
@@ -638,7 +638,7 @@ impl fmt::Display for CanonReport {
             f,
             "  max |output difference| over every head on {} test images: {}",
             self.examples,
-            crate::report::num(self.max_output_diff, 3)
+            crate::page::num(self.max_output_diff, 3)
         )?;
         for r in &self.identifiability {
             let n = r.gamma.len().min(4);

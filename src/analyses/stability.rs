@@ -11,27 +11,43 @@
 //!   `s^2 = 2 / (1 + a0^2)`, so `chi = 1`; He-for-ReLU (`s^2 = 2`) gives
 //!   `chi = 1 + a^2` (about 430x over 100 layers at `a = 0.25`); Xavier
 //!   (`s^2 = 1` for square layers) gives `(1 + a^2) / 2`.
+//!
+//! [`PropagationResult`] (random nets) and [`ModelStability`] (a trained
+//! model) are what `prelu stability --json` prints; the report reads either
+//! from [`RESULT_FILE`] beside a run ([`StabilityResult`]).
+
+use std::path::PathBuf;
 
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
 use rand::SeedableRng;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
+use crate::json::null_as_nan;
+use crate::json::nulls_as_nan;
 use crate::model::{Block, Model};
 use crate::nn::activation::Activation;
 use crate::nn::activation::ActivationLayer;
 use crate::nn::activation::PReLUConfig;
 use crate::nn::init::InitScheme;
+use crate::page::{self, Axes, Band, Chart, Line, YAxis};
+
+/// The file beside a run that holds a [`StabilityResult`].
+pub const RESULT_FILE: &str = crate::layout::STABILITY;
 
 /// Result of the scalar-chain analysis.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ChainReport {
     pub depth: usize,
+    #[serde(deserialize_with = "null_as_nan")]
     pub slope: f64,
     /// `prod (a w_i)`: the negative-path gain of the whole chain.
+    #[serde(deserialize_with = "null_as_nan")]
     pub gain: f64,
     /// `|gain|^(1/L)`: the gain per layer (geometric mean).
+    #[serde(deserialize_with = "null_as_nan")]
     pub gain_per_layer: f64,
     /// The slope that makes `|gain| = 1`: `(prod |w_i|)^(-1/L)`.
+    #[serde(deserialize_with = "null_as_nan")]
     pub a_star: f64,
     /// First depth at which `|gain|` falls below `vanish_below`, if it does.
     pub vanishes_at: Option<usize>,
@@ -254,15 +270,22 @@ impl Default for PropagationOptions {
 }
 
 /// Distribution of a per-sample statistic.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Spread {
     pub n: usize,
+    #[serde(deserialize_with = "null_as_nan")]
     pub mean: f64,
+    #[serde(deserialize_with = "null_as_nan")]
     pub sd: f64,
+    #[serde(deserialize_with = "null_as_nan")]
     pub min: f64,
+    #[serde(deserialize_with = "null_as_nan")]
     pub p05: f64,
+    #[serde(deserialize_with = "null_as_nan")]
     pub median: f64,
+    #[serde(deserialize_with = "null_as_nan")]
     pub p95: f64,
+    #[serde(deserialize_with = "null_as_nan")]
     pub max: f64,
 }
 
@@ -308,23 +331,30 @@ impl Spread {
 /// The band of the mean per-sample log-ratio that counts as stable: where it
 /// falls with probability beyond `sds` standard deviations when the true
 /// per-layer factor is `chi = 1`.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StableBand {
     /// Half-width in standard deviations.
+    #[serde(deserialize_with = "null_as_nan")]
     pub sds: f64,
     /// Predicted per-sample mean and sd of `ln(q_L / q_1)` at `chi = 1`.
+    #[serde(deserialize_with = "null_as_nan")]
     pub mean: f64,
+    #[serde(deserialize_with = "null_as_nan")]
     pub sd: f64,
     /// The band for the mean over all samples and draws:
     /// `mean +- sds * sd / sqrt(draws)`. Samples of one draw share its
     /// weights, so they are not independent; dividing by `sqrt(draws)` only
     /// (not by the number of samples) keeps the band conservative.
+    #[serde(deserialize_with = "null_as_nan")]
     pub lo: f64,
+    #[serde(deserialize_with = "null_as_nan")]
     pub hi: f64,
     /// The same band as a range of the measured per-layer factor
     /// (`exp(band / (L - 1))`, after the finite-width drift is taken out):
     /// per-layer factors in it are consistent with `chi = 1`.
+    #[serde(deserialize_with = "null_as_nan")]
     pub factor_lo: f64,
+    #[serde(deserialize_with = "null_as_nan")]
     pub factor_hi: f64,
 }
 
@@ -368,44 +398,60 @@ impl StableBand {
 }
 
 /// Per-layer variances of one init scheme and activation.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PropagationCurve {
     pub init: String,
     pub act: String,
     /// Slope of the activation on the negative side.
+    #[serde(deserialize_with = "null_as_nan")]
     pub slope: f64,
     /// Infinite-width per-layer factor `chi = n Var(W) (1 + a^2) / 2`.
+    #[serde(deserialize_with = "null_as_nan")]
     pub predicted_factor: f64,
     /// Measured per-layer factor with the finite-width drift taken out:
     /// `exp(mean log-ratio / (L - 1) - E ln R)`; estimates `chi`.
+    #[serde(deserialize_with = "null_as_nan")]
     pub measured_factor: f64,
     /// Measured mean log-ratio per layer, raw (`mean / (L - 1)`, exponentiated).
+    #[serde(deserialize_with = "null_as_nan")]
     pub measured_factor_raw: f64,
     /// `c` of the finite-width theory at this slope.
+    #[serde(deserialize_with = "null_as_nan")]
     pub c: f64,
     /// Mean over samples and draws of `q_l = |h_l|^2 / n`, layer 1..L (forward).
+    #[serde(deserialize_with = "nulls_as_nan")]
     pub forward: Vec<f64>,
     /// Mean over samples and draws of `|g_l|^2 / n`, layer 1..L (backward).
+    #[serde(deserialize_with = "nulls_as_nan")]
     pub backward: Vec<f64>,
     /// Per layer `l`, the mean, 5% and 95% quantile over samples of
     /// `ln(q_l / q_1)` (per-sample forward log-ratio).
+    #[serde(deserialize_with = "nulls_as_nan")]
     pub forward_log_ratio_mean: Vec<f64>,
+    #[serde(deserialize_with = "nulls_as_nan")]
     pub forward_log_ratio_p05: Vec<f64>,
+    #[serde(deserialize_with = "nulls_as_nan")]
     pub forward_log_ratio_p95: Vec<f64>,
     /// Per-sample `ln(q_L / q_1)` over all samples and draws.
     pub forward_samples: Spread,
     /// Per-sample `ln(|g_1|^2 / |g_L|^2)`.
     pub backward_samples: Spread,
     /// Per-draw mean of the forward log-ratio (the draws are independent).
+    #[serde(deserialize_with = "nulls_as_nan")]
     pub forward_draw_means: Vec<f64>,
     /// Finite-width prediction of the per-sample forward log-ratio for this
     /// scheme's own `chi`: mean and sd.
+    #[serde(deserialize_with = "null_as_nan")]
     pub predicted_mean: f64,
+    #[serde(deserialize_with = "null_as_nan")]
     pub predicted_sd: f64,
     /// `exp` of the mean per-sample log-ratios (geometric means of the
     /// per-sample ratios), and the infinite-width prediction `chi^(L-1)`.
+    #[serde(deserialize_with = "null_as_nan")]
     pub forward_ratio: f64,
+    #[serde(deserialize_with = "null_as_nan")]
     pub backward_ratio: f64,
+    #[serde(deserialize_with = "null_as_nan")]
     pub predicted_ratio: f64,
     /// The band of the mean log-ratio consistent with `chi = 1`.
     pub band: StableBand,
@@ -580,7 +626,7 @@ pub fn propagate(
 /// which depends on `a_i^2`, and the negative-path gain is `|a_i| g_i`; a
 /// mean slope near 0 can hide slopes of -0.3 and 0.3. So everything is
 /// computed per channel and then summarised.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LayerStability {
     /// The activation layer (`act.i`) after the weight layer.
     pub layer: String,
@@ -589,8 +635,11 @@ pub struct LayerStability {
     /// Channels (output units of the weight layer).
     pub channels: usize,
     /// Mean, min and max of the channel slopes (0 for ReLU).
+    #[serde(deserialize_with = "null_as_nan")]
     pub slope: f64,
+    #[serde(deserialize_with = "null_as_nan")]
     pub slope_min: f64,
+    #[serde(deserialize_with = "null_as_nan")]
     pub slope_max: f64,
     /// Channels with a negative slope (|x|-like on the negative side).
     pub slopes_negative: usize,
@@ -601,34 +650,47 @@ pub struct LayerStability {
     /// The slopes in words: how many are negative, zero, in (0, 1], above 1.
     pub description: String,
     /// RMS gain of the whole weight layer, `sqrt(fan_in * mean(w^2))`.
+    #[serde(deserialize_with = "null_as_nan")]
     pub weight_gain: f64,
     /// Negative-path optimal slope magnitude of the whole layer,
     /// `1 / weight_gain`; per channel (what matters when rows differ) in
     /// `channel_a_star`.
+    #[serde(deserialize_with = "null_as_nan")]
     pub a_star: f64,
     /// Min and max of the per-channel `a*_i = 1 / g_i`.
+    #[serde(deserialize_with = "null_as_nan")]
     pub a_star_min: f64,
+    #[serde(deserialize_with = "null_as_nan")]
     pub a_star_max: f64,
     /// Variance-preserving slope of the layer, `sqrt(2 / weight_gain^2 - 1)`, when it exists.
     pub a_variance: Option<f64>,
     /// Forward variance factor, the mean over channels of `chi_i`.
+    #[serde(deserialize_with = "null_as_nan")]
     pub chi: f64,
+    #[serde(deserialize_with = "null_as_nan")]
     pub chi_min: f64,
+    #[serde(deserialize_with = "null_as_nan")]
     pub chi_max: f64,
     /// What the layer-mean slope would predict, `weight_gain^2 (1 + mean(a)^2) / 2`
     /// (for comparison: it is wrong when slopes have both signs or spread).
+    #[serde(deserialize_with = "null_as_nan")]
     pub chi_from_mean_slope: f64,
     /// Negative-path gain per channel `|a_i| g_i`: RMS over channels.
+    #[serde(deserialize_with = "null_as_nan")]
     pub negative_gain_rms: f64,
     /// Per channel: slope, weight-row gain, `chi_i`, variance-preserving
     /// slope `sqrt(2 / g_i^2 - 1)` (None when `g_i > sqrt 2`).
+    #[serde(deserialize_with = "nulls_as_nan")]
     pub channel_slopes: Vec<f64>,
+    #[serde(deserialize_with = "nulls_as_nan")]
     pub channel_gains: Vec<f64>,
+    #[serde(deserialize_with = "nulls_as_nan")]
     pub channel_chi: Vec<f64>,
     pub channel_a_variance: Vec<Option<f64>>,
     /// Per channel: the negative-path optimal slope magnitude `a*_i = 1 / g_i`
     /// (`|a_i| g_i = 1`; a negative slope of that magnitude works as well,
     /// mirrored), and whether the channel's PReLU is invertible (`a_i > 0`).
+    #[serde(deserialize_with = "nulls_as_nan")]
     pub channel_a_star: Vec<f64>,
     pub channel_invertible: Vec<bool>,
     /// Measured on real data: RMS of the gradient at this activation's input
@@ -892,125 +954,182 @@ impl std::fmt::Display for LayersTable<'_> {
     }
 }
 
+/// The result of the random-net analysis (`prelu stability --json`): the
+/// scalar chain, and one propagation curve per init and activation.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PropagationResult {
+    pub chain: ChainReport,
+    pub depth: usize,
+    pub width: usize,
+    pub draws: usize,
+    pub batch: usize,
+    pub seed: u64,
+    #[serde(deserialize_with = "null_as_nan")]
+    pub sds: f64,
+    pub curves: Vec<PropagationCurve>,
+    /// The SVG plot written, if any.
+    pub out: Option<PathBuf>,
+}
+
+/// The result of the analysis of a trained model (`prelu stability
+/// --checkpoint --json`): [`model_layers`] on `examples` test examples.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ModelStability {
+    pub checkpoint: PathBuf,
+    pub data: String,
+    pub examples: usize,
+    pub layers: Vec<LayerStability>,
+}
+
+impl std::fmt::Display for ModelStability {
+    /// A line naming the model and data, then [`LayersTable`].
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        writeln!(
+            f,
+            "{}: per-layer, per-channel stability on {} {} test images",
+            self.checkpoint.display(),
+            self.examples,
+            self.data
+        )?;
+        write!(f, "{}", LayersTable(&self.layers))
+    }
+}
+
+/// What [`RESULT_FILE`] holds: either form of the analysis's result.
+#[derive(Clone, Debug, Serialize)]
+#[serde(untagged)]
+pub enum StabilityResult {
+    Propagation(PropagationResult),
+    Model(ModelStability),
+}
+
+impl StabilityResult {
+    /// Parses either form from JSON text. When it is neither, the error is
+    /// the random-net form's (the one with curves to plot), with its place.
+    pub fn from_json(text: &str) -> serde_json::Result<Self> {
+        match serde_json::from_str(text) {
+            Ok(r) => Ok(StabilityResult::Propagation(r)),
+            Err(e) => serde_json::from_str(text).map(StabilityResult::Model).map_err(|_| e),
+        }
+    }
+
+    /// The propagation curves (none for a trained model's result).
+    pub fn curves(&self) -> &[PropagationCurve] {
+        match self {
+            StabilityResult::Propagation(r) => &r.curves,
+            StabilityResult::Model(_) => &[],
+        }
+    }
+}
+
 /// Writes an SVG plot: left, the mean forward variance against depth per
 /// curve (log scale), the infinite-width prediction dashed; right, the
 /// per-sample log-ratio `ln(q_l / q_1)` (mean line, 5-95% area) against the
-/// stable band of `chi = 1` at this width (grey), zoomed to the band.
+/// stable band of `chi = 1` at this width (grey), zoomed to the band; under
+/// both, the legend (init / activation: verdict).
 pub fn plot_svg(curves: &[PropagationCurve], path: &std::path::Path) -> crate::error::Result<()> {
+    let variance = variance_lines(curves);
+    let left = Chart {
+        axes: Axes {
+            int_x: true,
+            y_axis: YAxis::Log10,
+            ..Axes::new(
+                "mean pre-activation variance vs depth (dashed: chi^(l-1))",
+                "layer",
+                "Var(pre-activation), log scale",
+            )
+        },
+        bands: &[],
+        lines: &variance,
+    };
+    let legend: Vec<Line> = curves
+        .iter()
+        .enumerate()
+        .map(|(k, c)| Line::new(format!("{} / {}: {}", c.init, c.act, c.verdict), vec![], k, false))
+        .collect();
+    let svg = match log_ratio_parts(curves) {
+        None => page::panels((1300, 560), &[left], &legend)?,
+        Some(r) => {
+            let title = format!("per-sample ln(q_l / q_1); grey: stable band (chi = 1, +-{} sd)", r.sds);
+            let right = Chart {
+                axes: Axes {
+                    int_x: true,
+                    y_range: Some((-r.ymax, r.ymax)),
+                    ..Axes::new(&title, "layer", "ln ratio")
+                },
+                bands: &r.bands,
+                lines: &r.lines,
+            };
+            page::panels((1300, 560), &[left, right], &legend)?
+        }
+    };
     // Drawn into memory, then saved by the atomic writer (a temporary file
     // created exclusively, renamed over `path`): a planted link is never followed.
-    let mut svg = String::new();
-    plot_svg_into(curves, &mut svg)?;
     crate::fs::write_atomic(path, svg.as_bytes())
 }
 
-fn plot_svg_into(curves: &[PropagationCurve], svg: &mut String) -> anyhow::Result<()> {
-    use plotters::prelude::*;
-    let root = SVGBackend::with_string(svg, (1300, 560)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let (left, right) = root.split_horizontally(700);
-    let depth = curves.iter().map(|c| c.forward.len()).max().unwrap_or(2).max(2);
-    let vals = curves
-        .iter()
-        .flat_map(|c| c.forward.iter().copied().chain([c.forward[0] * c.predicted_ratio]));
-    let (lo, hi) = vals
-        .filter(|v| *v > 0.0 && v.is_finite())
-        .fold((f64::MAX, f64::MIN), |(a, b), v| (a.min(v), b.max(v)));
-    let (lo, hi) = if lo < hi { (lo / 2.0, hi * 2.0) } else { (1e-3, 1e3) };
-    let mut chart = ChartBuilder::on(&left)
-        .caption(
-            "mean pre-activation variance vs depth (dashed: chi^(l-1))",
-            ("sans-serif", 18),
-        )
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(70)
-        .build_cartesian_2d(1usize..depth, (lo..hi).log_scale())?;
-    chart
-        .configure_mesh()
-        .x_desc("layer")
-        .y_desc("Var(pre-activation), log scale")
-        .y_label_formatter(&|v| format!("{v:.0e}"))
-        .draw()?;
+/// Per curve, the mean forward variance by layer and (dashed) its
+/// infinite-width prediction `q_1 chi^(l-1)`.
+fn variance_lines(curves: &[PropagationCurve]) -> Vec<Line> {
+    let mut lines = Vec::new();
     for (k, c) in curves.iter().enumerate() {
-        let color = Palette99::pick(k).to_rgba();
-        let label = format!("{} / {}: {}", c.init, c.act, c.verdict);
-        chart
-            .draw_series(LineSeries::new(
-                c.forward.iter().enumerate().map(|(l, v)| (l + 1, *v)),
-                color.stroke_width(2),
-            ))?
-            .label(label)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
-        let q1 = c.forward[0];
-        let pred = (1..=c.forward.len()).map(|l| (l, q1 * c.predicted_factor.powi(l as i32 - 1)));
-        chart.draw_series(DashedLineSeries::new(pred, 4, 4, color.stroke_width(1)))?;
+        let measured = c.forward.iter().enumerate().map(|(l, v)| ((l + 1) as f64, *v));
+        lines.push(Line::new("measured", measured.collect(), k, false).plain());
+        let q1 = c.forward.first().copied().unwrap_or(f64::NAN);
+        let pred = (1..=c.forward.len()).map(|l| (l as f64, q1 * c.predicted_factor.powi(l as i32 - 1)));
+        lines.push(Line::new("predicted", pred.collect(), k, true).plain().width(1));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerLeft)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()?;
+    lines
+}
 
-    // Right: per-sample log-ratios against the band of chi = 1.
-    let Some(first) = curves.first() else {
-        root.present()?;
-        return Ok(());
-    };
-    let band = &first.band;
-    let steps = (depth - 1).max(1) as f64;
-    // The band (of the first curve's slope) at layer l:
-    // (l-1) E ln R +- sds sd(l) / sqrt(draws), with sd(l) ~ sqrt(l-1).
+/// The right panel of [`plot_svg`]: the grey band of `chi = 1` (of the
+/// first curve's slope) and per curve its 5-95% area and mean line, cut
+/// where they leave the panel's range `-ymax..ymax`.
+struct LogRatioParts {
+    bands: Vec<Band>,
+    lines: Vec<Line>,
+    ymax: f64,
+    sds: f64,
+}
+
+fn log_ratio_parts(curves: &[PropagationCurve]) -> Option<LogRatioParts> {
+    let band = &curves.first()?.band;
+    let depth = curves.iter().map(|c| c.forward.len()).max().unwrap_or(2).max(2);
+    let steps = (depth - 1) as f64;
+    // At layer l: (l-1) E ln R +- sds sd(l) / sqrt(draws), with sd(l) ~ sqrt(l-1).
     let half_at_end = (band.hi - band.lo) / 2.0;
-    let band_at = |l: usize| {
+    let at = |l: usize, side: f64| {
         let f = (l - 1) as f64 / steps;
-        (
-            band.mean * f - half_at_end * f.sqrt(),
-            band.mean * f + half_at_end * f.sqrt(),
-        )
+        (l as f64, band.mean * f + side * half_at_end * f.sqrt())
     };
+    let mut bands = vec![Band {
+        lower: (1..=depth).map(|l| at(l, -1.0)).collect(),
+        upper: (1..=depth).map(|l| at(l, 1.0)).collect(),
+        color: None,
+    }];
     let ymax = (band.hi.abs().max(band.lo.abs()) * 2.5).max(3.0);
-    let mut chart = ChartBuilder::on(&right)
-        .caption(
-            format!(
-                "per-sample ln(q_l / q_1); grey: stable band (chi = 1, +-{} sd)",
-                band.sds
-            ),
-            ("sans-serif", 18),
-        )
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(50)
-        .build_cartesian_2d(1usize..depth, -ymax..ymax)?;
-    chart.configure_mesh().x_desc("layer").y_desc("ln ratio").draw()?;
-    let upper: Vec<(usize, f64)> = (1..=depth).map(|l| (l, band_at(l).1)).collect();
-    let lower: Vec<(usize, f64)> = (1..=depth).rev().map(|l| (l, band_at(l).0)).collect();
-    chart.draw_series(std::iter::once(Polygon::new(
-        upper.into_iter().chain(lower).collect::<Vec<_>>(),
-        BLACK.mix(0.15).filled(),
-    )))?;
-    let inside = |v: f64| v.is_finite() && v.abs() <= ymax;
+    let inside = |v: &[f64], l: usize| v.get(l).is_some_and(|x| x.is_finite() && x.abs() <= ymax);
+    let mut lines = Vec::new();
     for (k, c) in curves.iter().enumerate() {
-        let color = Palette99::pick(k).to_rgba();
+        let pts = |v: &[f64], keep: usize| (0..keep).map(|l| ((l + 1) as f64, v[l])).collect::<Vec<_>>();
         let n = c.forward_log_ratio_mean.len();
         let keep = (0..n)
-            .take_while(|&l| inside(c.forward_log_ratio_p05[l]) && inside(c.forward_log_ratio_p95[l]))
+            .take_while(|&l| inside(&c.forward_log_ratio_p05, l) && inside(&c.forward_log_ratio_p95, l))
             .count();
         if keep >= 2 {
-            let up: Vec<(usize, f64)> = (0..keep).map(|l| (l + 1, c.forward_log_ratio_p95[l])).collect();
-            let dn: Vec<(usize, f64)> = (0..keep).rev().map(|l| (l + 1, c.forward_log_ratio_p05[l])).collect();
-            chart.draw_series(std::iter::once(Polygon::new(
-                up.into_iter().chain(dn).collect::<Vec<_>>(),
-                color.mix(0.18).filled(),
-            )))?;
+            bands.push(Band {
+                lower: pts(&c.forward_log_ratio_p05, keep),
+                upper: pts(&c.forward_log_ratio_p95, keep),
+                color: Some(k),
+            });
         }
-        let keep = (0..n).take_while(|&l| inside(c.forward_log_ratio_mean[l])).count();
-        chart.draw_series(LineSeries::new(
-            (0..keep).map(|l| (l + 1, c.forward_log_ratio_mean[l])),
-            color.stroke_width(2),
-        ))?;
+        let keep = (0..n).take_while(|&l| inside(&c.forward_log_ratio_mean, l)).count();
+        lines.push(Line::new("mean", pts(&c.forward_log_ratio_mean, keep), k, false).plain());
     }
-    root.present()?;
-    Ok(())
+    Some(LogRatioParts {
+        bands,
+        lines,
+        ymax,
+        sds: band.sds,
+    })
 }

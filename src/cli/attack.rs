@@ -1,15 +1,12 @@
 //! `attack`: FGSM/PGD robustness and gradient-masking measures.
 
-use std::fmt;
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
-use prelu::analyses::attack::AttackReport;
-use prelu::analyses::attack::PgdOptions;
-use serde::Serialize;
+use prelu::analyses::attack::{AttackResult, AttackedModel, PgdOptions};
 
-use super::common::{data_for, emit, load_ckpt, model_data, num, DataArgs, JsonArg, Progress, SpecArg};
+use super::common::{data_for, emit, load_ckpt, model_data, DataArgs, JsonArg, Progress, SpecArg};
 
 /// An attack.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -68,93 +65,6 @@ pub struct AttackArgs {
     pub spec: SpecArg,
     #[command(flatten)]
     pub json: JsonArg,
-}
-
-/// One attacked model.
-#[derive(Serialize)]
-pub struct AttackedModel {
-    pub checkpoint: PathBuf,
-    pub data: String,
-    pub act: String,
-    pub report: AttackReport,
-}
-
-/// `prelu attack`'s result.
-#[derive(Serialize)]
-pub struct AttackOutput {
-    pub models: Vec<AttackedModel>,
-    pub pgd: PgdOptions,
-}
-
-impl fmt::Display for AttackOutput {
-    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        let o = |v: Option<f64>| v.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
-        for m in &self.models {
-            let r = &m.report;
-            writeln!(
-                f,
-                "{} ({}) on {} {} test images: clean accuracy {:.4}, loss {:.4}",
-                m.checkpoint.display(),
-                m.act,
-                r.examples,
-                m.data,
-                r.clean_acc,
-                r.clean_loss
-            )?;
-            writeln!(
-                f,
-                "  {:>6} {:>9} {:>9} {:>10} {:>10} {:>9}",
-                "eps", "FGSM acc", "PGD acc", "FGSM loss", "PGD loss", "FGSM-PGD"
-            )?;
-            for e in &r.results {
-                writeln!(
-                    f,
-                    "  {:>6} {:>9} {:>9} {:>10} {:>10} {:>9}",
-                    e.eps,
-                    o(e.fgsm_acc),
-                    o(e.pgd_acc),
-                    o(e.fgsm_loss),
-                    o(e.pgd_loss),
-                    o(e.fgsm_minus_pgd)
-                )?;
-            }
-            let k = &r.masking;
-            writeln!(
-                f,
-                "  masking: {:.4}% of input-gradient entries exactly zero; {:.2}% of examples with an all-zero gradient",
-                100.0 * k.zero_entry_share,
-                100.0 * k.zero_example_share
-            )?;
-            let q = &k.grad_norm;
-            writeln!(
-                f,
-                "  input-gradient L2 norm: min {}, p10 {}, median {}, p90 {}, max {}",
-                num(q.min, 3),
-                num(q.p10, 3),
-                num(q.median, 3),
-                num(q.p90, 3),
-                num(q.max, 3)
-            )?;
-            let curve: Vec<String> = k
-                .loss_curve_t
-                .iter()
-                .zip(&k.loss_curve)
-                .map(|(t, l)| format!("{t:.2}:{l:.3}"))
-                .collect();
-            writeln!(f, "  loss along sign(grad), t:loss  {}", curve.join(" "))?;
-        }
-        writeln!(
-            f,
-            "PGD: {} steps, step {}, {} restart(s), random start {}",
-            self.pgd.steps,
-            self.pgd
-                .step_size
-                .map(|s| s.to_string())
-                .unwrap_or_else(|| "eps/4".into()),
-            self.pgd.restarts,
-            self.pgd.random_start
-        )
-    }
 }
 
 pub fn cmd_attack(a: &AttackArgs) -> Result<()> {
@@ -225,5 +135,5 @@ pub fn cmd_attack(a: &AttackArgs) -> Result<()> {
             report: r,
         });
     }
-    emit(a.json.json, &AttackOutput { models, pgd: opts })
+    emit(a.json.json, &AttackResult { models, pgd: opts })
 }

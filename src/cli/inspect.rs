@@ -9,6 +9,7 @@ use clap::{Args, ValueEnum};
 use prelu::analyses::diagnose::Histogram;
 use prelu::analyses::sentinel::Alarm;
 use prelu::analyses::sentinel::LayerReport;
+use prelu::analyses::stability;
 use serde::Serialize;
 
 use super::common::{data_for, emit, list, load_ckpt, num, DataArgs, JsonArg, Progress, SpecArg};
@@ -274,41 +275,12 @@ pub struct StabilityArgs {
     pub json: JsonArg,
 }
 
-/// `prelu stability --checkpoint`'s result.
+/// `prelu stability`'s result for random nets, with what its text shows
+/// beside the result (the chain's weight and slope).
 #[derive(Serialize)]
-pub struct ModelStability {
-    pub checkpoint: PathBuf,
-    pub data: String,
-    pub examples: usize,
-    pub layers: Vec<prelu::analyses::stability::LayerStability>,
-}
-
-impl fmt::Display for ModelStability {
-    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        writeln!(
-            f,
-            "{}: per-layer, per-channel stability on {} {} test images",
-            self.checkpoint.display(),
-            self.examples,
-            self.data
-        )?;
-        write!(f, "{}", prelu::analyses::stability::LayersTable(&self.layers))
-    }
-}
-
-/// `prelu stability`'s result for random nets.
-#[derive(Serialize)]
+#[serde(transparent)]
 pub struct StabilityOutput {
-    pub chain: prelu::analyses::stability::ChainReport,
-    pub depth: usize,
-    pub width: usize,
-    pub draws: usize,
-    pub batch: usize,
-    pub seed: u64,
-    pub sds: f64,
-    pub curves: Vec<prelu::analyses::stability::PropagationCurve>,
-    /// The SVG plot written, if any.
-    pub out: Option<PathBuf>,
+    result: stability::PropagationResult,
     #[serde(skip)]
     chain_weight: f64,
     #[serde(skip)]
@@ -317,7 +289,8 @@ pub struct StabilityOutput {
 
 impl fmt::Display for StabilityOutput {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        let ch = &self.chain;
+        let r = &self.result;
+        let ch = &r.chain;
         let limits = match (ch.vanishes_at, ch.explodes_at) {
             (None, None) => format!("|gain| stays within [1e-3, 1e3] over all {} layers", ch.depth),
             (Some(v), None) => format!("|gain| < 1e-3 from depth {v}"),
@@ -336,7 +309,7 @@ impl fmt::Display for StabilityOutput {
         writeln!(
             f,
             "deep MLP, depth {}, width {}, {} independent weight draw(s) per scheme x {} Gaussian inputs;",
-            self.depth, self.width, self.draws, self.batch
+            r.depth, r.width, r.draws, r.batch
         )?;
         writeln!(
             f,
@@ -347,7 +320,7 @@ impl fmt::Display for StabilityOutput {
             "{:<10} {:<13} {:>8} {:>8} {:>17} {:>32} {:>16} {:>9}  verdict",
             "init", "act", "chi pred", "chi meas", "band for chi", "ln ratio measured", "predicted", "bwd mean"
         )?;
-        for c in &self.curves {
+        for c in &r.curves {
             let s = &c.forward_samples;
             writeln!(
                 f,
@@ -364,7 +337,7 @@ impl fmt::Display for StabilityOutput {
             )?;
         }
         let mut seen = Vec::new();
-        for c in &self.curves {
+        for c in &r.curves {
             if seen.contains(&c.slope.to_bits()) {
                 continue;
             }
@@ -373,14 +346,14 @@ impl fmt::Display for StabilityOutput {
                 f,
                 "stable band (slope {}): chi = 1 predicts ln ratio {:.2} ± {:.2} per sample at this width (c = {:.3}); \
                  the mean over samples is stable in [{:.2}, {:.2}] (± {} sd / sqrt({} draws))",
-                c.slope, c.band.mean, c.band.sd, c.c, c.band.lo, c.band.hi, c.band.sds, self.draws
+                c.slope, c.band.mean, c.band.sd, c.c, c.band.lo, c.band.hi, c.band.sds, r.draws
             )?;
         }
         writeln!(
             f,
             "chi meas = exp(mean ln ratio / (L-1) + c/n) (finite-width drift taken out); verdict: forward and backward mean vs band."
         )?;
-        if let Some(p) = &self.out {
+        if let Some(p) = &r.out {
             writeln!(f, "plot: {}", p.display())?;
         }
         Ok(())
@@ -399,7 +372,7 @@ pub fn cmd_stability(a: &StabilityArgs) -> Result<()> {
         let layers = prelu::analyses::stability::model_layers(&loaded.model, &x, &y, 4.0)?;
         return emit(
             a.json.json,
-            &ModelStability {
+            &stability::ModelStability {
                 checkpoint: ck.clone(),
                 data,
                 examples: test.len(),
@@ -464,15 +437,17 @@ pub fn cmd_stability(a: &StabilityArgs) -> Result<()> {
     emit(
         a.json.json,
         &StabilityOutput {
-            chain: ch,
-            depth: a.depth,
-            width: a.width,
-            draws: a.draws,
-            batch: a.batch,
-            seed: a.seed,
-            sds: a.sds,
-            curves,
-            out: a.out.clone(),
+            result: stability::PropagationResult {
+                chain: ch,
+                depth: a.depth,
+                width: a.width,
+                draws: a.draws,
+                batch: a.batch,
+                seed: a.seed,
+                sds: a.sds,
+                curves,
+                out: a.out.clone(),
+            },
             chain_weight: a.chain_weight,
             alpha: a.alpha,
         },

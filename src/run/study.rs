@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::fail;
 use crate::error::Result;
+use crate::page::{self, esc, Axes, Chart, Line};
 use anyhow::Context;
 use serde::Serialize;
 
@@ -342,9 +343,6 @@ pub fn set_key(cfg: &TrainConfig, key: &str, value: &str) -> Result<TrainConfig>
 
 /// A cell of the grid: its (key, value) pairs and its resolved config.
 pub type Cell = (Vec<(String, String)>, TrainConfig);
-
-/// One line of an accuracy plot: name, (epoch, accuracy) points, drawn thick.
-type PlotLine = (String, Vec<(usize, f64)>, bool);
 
 /// What a study is.
 #[derive(Clone, Debug, Serialize)]
@@ -946,78 +944,45 @@ pub fn contrasts(vary: &[Vary], cells: &[StudyCell]) -> Vec<Contrast> {
 // ---------------------------------------------------------------------------
 // The report page
 
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-        .replace('\'', "&#39;")
+/// Mean test accuracy per epoch over the runs of a cell that finished (a
+/// diverged run's curve stops early), as (epoch, accuracy) points.
+fn mean_curve(c: &StudyCell) -> Vec<(f64, f64)> {
+    let ok: Vec<&StudyRun> = c.runs.iter().filter(|r| r.test_acc.is_finite()).collect();
+    let epochs = ok.iter().map(|r| r.curve.len()).min().unwrap_or(0);
+    (0..epochs)
+        .map(|e| {
+            let v: f64 = ok.iter().map(|r| r.curve[e].test_acc).sum::<f64>() / ok.len() as f64;
+            (ok[0].curve[e].epoch as f64, v)
+        })
+        .collect()
 }
 
-/// An SVG of test accuracy against epoch: one line per (label, curve).
-fn acc_plot(title: &str, lines: &[PlotLine], size: (u32, u32), legend: bool) -> anyhow::Result<String> {
-    use plotters::prelude::*;
-    // Text goes into the SVG as is: keep markup characters out of it.
-    let plain = |s: &str| s.replace(['<', '>', '&', '"', '\''], "_");
-    let title = plain(title);
-    let mut out = String::new();
-    {
-        let root = SVGBackend::with_string(&mut out, size).into_drawing_area();
-        root.fill(&WHITE)?;
-        let max_epoch = lines
-            .iter()
-            .flat_map(|(_, c, _)| c.iter().map(|p| p.0))
-            .max()
-            .unwrap_or(1)
-            .max(2);
-        let mut chart = ChartBuilder::on(&root)
-            .caption(title.as_str(), ("sans-serif", if legend { 18 } else { 13 }))
-            .margin(8)
-            .x_label_area_size(30)
-            .y_label_area_size(45)
-            .build_cartesian_2d(1usize..max_epoch, 0.0f64..1.0)?;
-        chart
-            .configure_mesh()
-            .x_desc("epoch")
-            .y_desc("test accuracy")
-            .x_labels(max_epoch.min(10))
-            .draw()?;
-        for (k, (name, curve, thick)) in lines.iter().enumerate() {
-            let color = Palette99::pick(k).to_rgba();
-            let style = color.stroke_width(if *thick { 2 } else { 1 });
-            let s = chart.draw_series(LineSeries::new(curve.iter().copied(), style))?;
-            if legend {
-                s.label(plain(name))
-                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2)));
-            }
-        }
-        if legend {
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::LowerRight)
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK)
-                .label_font(("sans-serif", 12))
-                .draw()?;
-        }
-        root.present()?;
-    }
-    Ok(out)
+/// An SVG of test accuracy (0 to 1) against epoch.
+fn acc_chart(title: &str, lines: &[Line], size: (u32, u32)) -> Result<String> {
+    let axes = Axes {
+        int_x: true,
+        y_range: Some((0.0, 1.0)),
+        ..Axes::new(title, "epoch", "test accuracy")
+    };
+    page::svg(
+        size,
+        &Chart {
+            axes,
+            bands: &[],
+            lines,
+        },
+    )
 }
 
-/// Writes a self-contained HTML page (inline SVG, no scripts): the table of
-/// cells, the contrasts, the mean test-accuracy curve of every cell, and each
-/// cell's per-seed curves.
-pub fn write_report(r: &StudyResult, path: &Path) -> Result<()> {
-    let mut h = String::new();
-    h.push_str("<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>prelu study</title><style>");
-    h.push_str(
-        "body{font-family:sans-serif;margin:1.5em;max-width:1400px} table{border-collapse:collapse;margin:1em 0} ",
-    );
-    h.push_str("td,th{border:1px solid #bbb;padding:3px 8px;text-align:right} td.l,th.l{text-align:left} ");
-    h.push_str(".grid{display:flex;flex-wrap:wrap;gap:6px} pre{background:#f4f4f4;padding:6px}</style></head><body>");
-    h.push_str(&format!(
-        "<h1>prelu study</h1><p>{} cells &times; {} seeds ({}); varied: {}. Data <code>{}</code>, model <code>{}</code>, {} epochs.</p>",
+/// The page's head and the study in one sentence.
+fn report_head(r: &StudyResult) -> String {
+    format!(
+        "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>prelu study</title><style>\
+         body{{font-family:sans-serif;margin:1.5em;max-width:1400px}} table{{border-collapse:collapse;margin:1em 0}} \
+         td,th{{border:1px solid #bbb;padding:3px 8px;text-align:right}} td.l,th.l{{text-align:left}} \
+         .grid{{display:flex;flex-wrap:wrap;gap:6px}} pre{{background:#f4f4f4;padding:6px}} {}</style></head><body>\
+         <h1>prelu study</h1><p>{} cells &times; {} seeds ({}); varied: {}. Data <code>{}</code>, model <code>{}</code>, {} epochs.</p>",
+        page::CSS,
         r.cells.len(),
         r.seeds.len(),
         esc(&r.seeds.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", ")),
@@ -1025,8 +990,12 @@ pub fn write_report(r: &StudyResult, path: &Path) -> Result<()> {
         esc(&r.base.data),
         esc(&r.base.model),
         r.base.epochs
-    ));
-    h.push_str("<h2>Cells: final test accuracy</h2><table><tr>");
+    )
+}
+
+/// The table of cells: final test accuracy over seeds, and training time.
+fn cells_table(r: &StudyResult) -> String {
+    let mut h = String::from("<h2>Cells: final test accuracy</h2><table><tr>");
     for v in &r.vary {
         h.push_str(&format!("<th class=l>{}</th>", esc(&v.key)));
     }
@@ -1057,62 +1026,80 @@ pub fn write_report(r: &StudyResult, path: &Path) -> Result<()> {
         ));
     }
     h.push_str("</table>");
-    if !r.contrasts.is_empty() {
-        h.push_str(&format!(
-            "<h2>Paired contrasts of <code>{}</code> (b &minus; a, same seeds)</h2><table><tr><th class=l>a</th><th class=l>b</th>\
-             <th class=l>other keys</th><th>n</th><th>mean a</th><th>mean b</th><th>diff</th><th>95% t-interval</th><th>p</th></tr>",
-            esc(&r.contrasts[0].key)
-        ));
-        for c in &r.contrasts {
-            h.push_str(&format!(
-                "<tr><td class=l>{}</td><td class=l>{}</td><td class=l>{}</td><td>{}</td><td>{:.4}</td><td>{:.4}</td><td>{:+.4}</td><td>{}</td><td>{}</td></tr>",
-                esc(&c.a),
-                esc(&c.b),
-                esc(&c.context.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")),
-                c.n,
-                c.a_mean,
-                c.b_mean,
-                c.diff_mean,
-                c.ci95.map(|[lo, hi]| format!("[{lo:+.4}, {hi:+.4}]")).unwrap_or_else(|| "-".into()),
-                c.p_value.map(|p| format!("{p:.3}")).unwrap_or_else(|| "-".into())
-            ));
-        }
-        h.push_str("</table>");
-    }
-    // Mean curve of every cell.
-    // Mean over the runs that finished (a diverged run's curve stops early).
-    let mean_curve = |c: &StudyCell| -> Vec<(usize, f64)> {
-        let ok: Vec<&StudyRun> = c.runs.iter().filter(|r| r.test_acc.is_finite()).collect();
-        let max_e = ok.iter().map(|r| r.curve.len()).min().unwrap_or(0);
-        (0..max_e)
-            .map(|e| {
-                let v: f64 = ok.iter().map(|r| r.curve[e].test_acc).sum::<f64>() / ok.len() as f64;
-                (ok[0].curve[e].epoch, v)
-            })
-            .collect()
+    h
+}
+
+/// The table of paired contrasts (empty without any).
+fn contrasts_table(r: &StudyResult) -> String {
+    let Some(first) = r.contrasts.first() else {
+        return String::new();
     };
-    let lines: Vec<PlotLine> = r.cells.iter().map(|c| (c.label.clone(), mean_curve(c), true)).collect();
-    h.push_str("<h2>Test accuracy by epoch, mean over seeds, every cell</h2>");
-    h.push_str(&acc_plot("mean test accuracy per cell", &lines, (1000, 560), true)?);
+    let mut h = format!(
+        "<h2>Paired contrasts of <code>{}</code> (b &minus; a, same seeds)</h2><table><tr><th class=l>a</th><th class=l>b</th>\
+         <th class=l>other keys</th><th>n</th><th>mean a</th><th>mean b</th><th>diff</th><th>95% t-interval</th><th>p</th></tr>",
+        esc(&first.key)
+    );
+    for c in &r.contrasts {
+        h.push_str(&format!(
+            "<tr><td class=l>{}</td><td class=l>{}</td><td class=l>{}</td><td>{}</td><td>{:.4}</td><td>{:.4}</td><td>{:+.4}</td><td>{}</td><td>{}</td></tr>",
+            esc(&c.a),
+            esc(&c.b),
+            esc(&c.context.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")),
+            c.n,
+            c.a_mean,
+            c.b_mean,
+            c.diff_mean,
+            c.ci95.map(|[lo, hi]| format!("[{lo:+.4}, {hi:+.4}]")).unwrap_or_else(|| "-".into()),
+            c.p_value.map(|p| format!("{p:.3}")).unwrap_or_else(|| "-".into())
+        ));
+    }
+    h.push_str("</table>");
+    h
+}
+
+/// The plots: the mean curve of every cell (with its legend), then each
+/// cell's per-seed curves and their mean (thick).
+fn curves_section(r: &StudyResult) -> Result<String> {
+    let lines: Vec<Line> = r
+        .cells
+        .iter()
+        .enumerate()
+        .map(|(k, c)| Line::new(c.label.clone(), mean_curve(c), k, false).plain())
+        .collect();
+    let mut h = String::from("<h2>Test accuracy by epoch, mean over seeds, every cell</h2>");
+    h.push_str(&acc_chart("mean test accuracy per cell", &lines, (1000, 560))?);
+    h.push_str(&page::legend(&lines));
     h.push_str("<h2>Every cell, every seed</h2><div class=grid>");
     for c in &r.cells {
-        let mut lines: Vec<PlotLine> = c
+        let mut lines: Vec<Line> = c
             .runs
             .iter()
-            .map(|run| {
-                (
-                    format!("seed {}", run.seed),
-                    run.curve.iter().map(|p| (p.epoch, p.test_acc)).collect(),
-                    false,
-                )
+            .enumerate()
+            .map(|(k, run)| {
+                let pts = run.curve.iter().map(|p| (p.epoch as f64, p.test_acc)).collect();
+                Line::new(format!("seed {}", run.seed), pts, k, false).plain().width(1)
             })
             .collect();
-        lines.push(("mean".into(), mean_curve(c), true));
-        h.push_str(&acc_plot(&c.label, &lines, (340, 230), false)?);
+        lines.push(Line::new("mean", mean_curve(c), lines.len(), false).plain());
+        h.push_str(&acc_chart(&c.label, &lines, (340, 230))?);
     }
-    h.push_str("</div><h2>Base config</h2><pre>");
-    h.push_str(&esc(&toml::to_string(&r.base).unwrap_or_default()));
-    h.push_str("</pre></body></html>\n");
+    h.push_str("</div>");
+    Ok(h)
+}
+
+/// Writes a self-contained HTML page (inline SVG, no scripts): the table of
+/// cells, the contrasts, the mean test-accuracy curve of every cell, and each
+/// cell's per-seed curves.
+pub fn write_report(r: &StudyResult, path: &Path) -> Result<()> {
+    let config = esc(&toml::to_string(&r.base).unwrap_or_default());
+    let h = [
+        report_head(r),
+        cells_table(r),
+        contrasts_table(r),
+        curves_section(r)?,
+        format!("<h2>Base config</h2><pre>{config}</pre></body></html>\n"),
+    ]
+    .concat();
     crate::fs::write_atomic(path, h.as_bytes())
 }
 

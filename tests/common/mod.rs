@@ -168,3 +168,71 @@ pub fn small_cnn(padding: usize) -> Arch {
         hidden: 6,
     }
 }
+
+/// A run folder the report can read: one epoch in its `metrics.jsonl`, no
+/// checkpoint.
+pub fn epoch_run(dir: &std::path::Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let m = prelu::run::EpochMetrics {
+        epoch: 1,
+        step: 10,
+        lr: 0.1,
+        train_loss: 1.0,
+        train_acc: 0.5,
+        test_loss: 1.0,
+        test_acc: 0.5,
+        seconds: 1.0,
+        samples_per_s: 100.0,
+        slopes: vec![],
+    };
+    let line = serde_json::to_string(&prelu::run::MetricsLine::Epoch(m)).unwrap();
+    std::fs::write(dir.join("metrics.jsonl"), line + "\n").unwrap();
+}
+
+/// An attack result of one model named `checkpoint` (one eps, norm
+/// quantiles 0.5, 1.5, ..., 4.5), as `prelu attack --json` writes it.
+pub fn attack_result(checkpoint: &str) -> prelu::analyses::attack::AttackResult {
+    use prelu::analyses::attack::AttackReport;
+    use prelu::analyses::attack::AttackResult;
+    use prelu::analyses::attack::AttackedModel;
+    use prelu::analyses::attack::EpsResult;
+    use prelu::analyses::attack::Masking;
+    use prelu::analyses::attack::PgdOptions;
+    use prelu::analyses::attack::Quantiles;
+    let report = AttackReport {
+        examples: 8,
+        clean_acc: 0.5,
+        clean_loss: 1.0,
+        results: vec![EpsResult {
+            eps: 0.1,
+            fgsm_acc: Some(0.5),
+            pgd_acc: Some(0.4),
+            fgsm_loss: Some(1.2),
+            pgd_loss: Some(1.3),
+            fgsm_minus_pgd: Some(0.1),
+        }],
+        masking: Masking {
+            zero_entry_share: 0.0,
+            zero_example_share: 0.0,
+            grad_norm: Quantiles {
+                min: 0.5,
+                p10: 1.5,
+                median: 2.5,
+                p90: 3.5,
+                max: 4.5,
+            },
+            loss_curve_t: vec![0.0, 0.02],
+            loss_curve: vec![1.0, 1.1],
+        },
+        pgd: PgdOptions::default(),
+    };
+    AttackResult {
+        models: vec![AttackedModel {
+            checkpoint: checkpoint.into(),
+            data: "mnist-small".into(),
+            act: "prelu".into(),
+            report,
+        }],
+        pgd: PgdOptions::default(),
+    }
+}
