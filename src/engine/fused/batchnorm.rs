@@ -24,7 +24,7 @@ pub(super) struct Bn {
     /// The activation that reads this BatchNorm's output and nothing else,
     /// fused in: its slopes and its activation node (the sentinel's index).
     /// The normalised values are then never stored; backward recomputes them.
-    pub(super) act: Option<(super::Slopes, usize)>,
+    pub(super) act: Option<(super::slopes::Slopes, usize)>,
 }
 
 /// The activation of a fused BatchNorm stage in one pass: one slope per
