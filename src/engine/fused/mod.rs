@@ -72,7 +72,6 @@ use dense::{matmul, parallelism, view};
 use loss::softmax_xent;
 pub use loss::StepOutput;
 // `Bn::act` (in batchnorm.rs) names the slopes as `super::Slopes`.
-use slopes::Slopes;
 use stage::{Kind, Pass, Scratch, Stage};
 
 use crate::model::Model;
