@@ -33,6 +33,7 @@ use crate::error::Result;
 use anyhow::Context;
 use serde::Serialize;
 
+use crate::analyses::sentinel::LayerReport;
 use crate::analyses::symmetry::weight_dims;
 use crate::analyses::symmetry::weight_op;
 use crate::analyses::symmetry::Blocker;
@@ -369,11 +370,7 @@ pub fn sculpt_with_progress(
     o: &SculptOptions,
     on: &mut dyn FnMut(usize, usize),
 ) -> Result<Sculpted> {
-    for (what, v) in [("dead_slope_tol", o.dead_slope_tol), ("slope_tol", o.slope_tol)] {
-        if !(v >= 0.0) || !v.is_finite() {
-            fail!("sculpt: {what} must be finite and >= 0, got {v}");
-        }
-    }
+    check_options(o)?;
     let total = stats_data.len() + 2 * test.len();
     let diag =
         crate::analyses::diagnose::diagnose_with_progress(model, stats_data, 500, Default::default(), &mut |d, _| {
@@ -383,142 +380,245 @@ pub fn sculpt_with_progress(
     let mut net = GraphNet::from_model(model)?;
     let macs_before = net.macs()?;
     let bn = net.fold_bn()?;
+    let (mut layers, identity) = prune(&mut net, &diag.layers, o)?;
+    fold_identities(&mut net, &identity, &mut layers)?;
+    let out = net.to_model()?;
+    let mut step = |n: usize| {
+        done += n;
+        on(done, total)
+    };
+    let v = verify(model, &out, test, &mut step)?;
+    let report = SculptReport {
+        before: ModelMeasure {
+            params: model.num_params(),
+            macs: macs_before,
+            test_acc: v.acc_before,
+        },
+        after: ModelMeasure {
+            params: out.num_params(),
+            macs: net.macs()?,
+            test_acc: v.acc_after,
+        },
+        bn,
+        layers,
+        test_examples: test.len(),
+        max_output_diff: v.max_output_diff,
+    };
+    Ok(Sculpted { model: out, report })
+}
+
+/// Refuses tolerances that are negative, NaN or infinite.
+fn check_options(o: &SculptOptions) -> Result<()> {
+    for (what, v) in [("dead_slope_tol", o.dead_slope_tol), ("slope_tol", o.slope_tol)] {
+        if !(v >= 0.0) || !v.is_finite() {
+            fail!("sculpt: {what} must be finite and >= 0, got {v}");
+        }
+    }
+    Ok(())
+}
+
+/// What the pruning step decided for one activation layer.
+struct LayerPlan {
+    /// The layer's line of the report (before the folding step).
+    sculpt: LayerSculpt,
+    /// The dead channels to remove.
+    pruned: Vec<usize>,
+    /// Every channel left acts linearly: the activation is the identity.
+    identity: bool,
+}
+
+/// The pruning step: per activation layer (with the sentinel's `reports`,
+/// one per layer), which dead channels go and which units act linearly; then
+/// removes the pruned channels from `net`. Returns the layers' lines of the
+/// report and the names of the activations that became the identity.
+fn prune(net: &mut GraphNet, reports: &[LayerReport], o: &SculptOptions) -> Result<(Vec<LayerSculpt>, Vec<String>)> {
     let r = net.resolve()?;
     let ch = Channels::new(&net.graph, &r);
     let acts: Vec<usize> = (0..net.graph.nodes.len())
         .filter(|&i| matches!(net.graph.nodes[i].op, Op::Act { .. }))
         .collect();
-    if diag.layers.len() != acts.len() {
+    if reports.len() != acts.len() {
         fail!(
             "sentinel saw {} activation layers, the model has {}",
-            diag.layers.len(),
+            reports.len(),
             acts.len()
         );
     }
     let mut remove = vec![false; ch.len()];
     let mut layers = Vec::new();
     let mut identity = Vec::new();
-    for (&t, rep) in acts.iter().zip(&diag.layers) {
-        let (slopes, _) = net.slopes(&r, t)?;
-        let nc = slopes.len();
-        let dead: Vec<usize> = rep.dead.iter().copied().filter(|&c| c < nc).collect();
-        let mut pruned = Vec::new();
-        let (mut kept_residual, mut kept_other) = (0, 0);
-        for &c in &dead {
-            if slopes[c].abs() > o.dead_slope_tol {
-                kept_other += 1;
-                continue;
-            }
-            match prune_blocker(&r, &ch, t, c) {
-                None => pruned.push(c),
-                Some(Blocker::Residual) => kept_residual += 1,
-                Some(_) => kept_other += 1,
-            }
-        }
-        if pruned.len() == nc {
-            pruned.pop(); // keep one channel so the layer still exists
-            kept_other += 1;
-        }
-        let linear: Vec<usize> = (0..nc)
-            .filter(|c| !pruned.contains(c))
-            .filter(|&c| rep.linear.contains(&c) || (slopes[c] - 1.0).abs() <= o.slope_tol)
-            .collect();
-        let all_linear = !linear.is_empty() && linear.len() + pruned.len() == nc;
-        for &c in &pruned {
+    for (&t, rep) in acts.iter().zip(reports) {
+        let plan = plan_layer(net, &r, &ch, t, rep, o)?;
+        for &c in &plan.pruned {
             for k in [ch.class_of(r.inputs[t][0], c), ch.class_of(t + 1, c)] {
                 for &s in &ch.info[k].slots {
                     remove[s] = true;
                 }
             }
         }
-        // A bypass of L linear units between linear layers (m inputs, q outputs):
-        // saves L (m + 1 + q) parameters, costs a direct m x q map.
-        let bypass = (|| {
-            let v = r.inputs[t][0];
-            let readers = r.consumers(t + 1);
-            if all_linear || linear.is_empty() || v == 0 || readers.len() != 1 {
-                return None;
-            }
-            let (p, q) = (v - 1, readers[0]);
-            let lin = |i: usize| matches!(net.graph.nodes[i].op, Op::Linear { .. });
-            if !lin(p) || !lin(q) {
-                return None;
-            }
-            let (m, qo) = (r.shapes[r.inputs[p][0]][0], r.shapes[q + 1][0]);
-            (linear.len() * (m + 1 + qo)).checked_sub(m * qo).filter(|&s| s > 0)
-        })();
-        if all_linear {
+        if plan.identity {
             identity.push(net.graph.nodes[t].name.clone());
         }
-        layers.push(LayerSculpt {
-            layer: net.graph.nodes[t].name.clone(),
-            channels_before: nc,
-            channels_after: nc - pruned.len(),
-            dead: dead.len(),
-            pruned: pruned.len(),
-            kept_residual,
-            kept_other,
-            linear: linear.len(),
-            removed: false,
-            merge: None,
-            bypass_would_save: bypass,
-        });
+        layers.push(plan.sculpt);
     }
-    remove_slots(&mut net, &r, &ch, &remove)?;
+    remove_slots(net, &r, &ch, &remove)?;
     net.resolve()
         .context("sculpt: the pruned graph does not resolve (a bug)")?;
+    Ok((layers, identity))
+}
+
+/// The plan for activation node `t` from its sentinel report `rep`.
+fn plan_layer(
+    net: &GraphNet,
+    r: &Resolved,
+    ch: &Channels,
+    t: usize,
+    rep: &LayerReport,
+    o: &SculptOptions,
+) -> Result<LayerPlan> {
+    let (slopes, _) = net.slopes(r, t)?;
+    let nc = slopes.len();
+    let dead: Vec<usize> = rep.dead.iter().copied().filter(|&c| c < nc).collect();
+    let (pruned, kept_residual, kept_other) = choose_pruned(r, ch, t, &dead, &slopes, o.dead_slope_tol);
+    let linear: Vec<usize> = (0..nc)
+        .filter(|c| !pruned.contains(c))
+        .filter(|&c| rep.linear.contains(&c) || (slopes[c] - 1.0).abs() <= o.slope_tol)
+        .collect();
+    let all_linear = !linear.is_empty() && linear.len() + pruned.len() == nc;
+    let sculpt = LayerSculpt {
+        layer: net.graph.nodes[t].name.clone(),
+        channels_before: nc,
+        channels_after: nc - pruned.len(),
+        dead: dead.len(),
+        pruned: pruned.len(),
+        kept_residual,
+        kept_other,
+        linear: linear.len(),
+        removed: false,
+        merge: None,
+        bypass_would_save: bypass_saving(net, r, t, linear.len(), all_linear),
+    };
+    Ok(LayerPlan {
+        sculpt,
+        pruned,
+        identity: all_linear,
+    })
+}
+
+/// Which of the `dead` channels of activation node `t` are removed: those
+/// with |slope| <= `dead_slope_tol` that nothing ties to other channels, but
+/// never every channel. Returns them and the counts kept for a residual add
+/// and for another reason.
+fn choose_pruned(
+    r: &Resolved,
+    ch: &Channels,
+    t: usize,
+    dead: &[usize],
+    slopes: &[f64],
+    dead_slope_tol: f64,
+) -> (Vec<usize>, usize, usize) {
+    let mut pruned = Vec::new();
+    let (mut kept_residual, mut kept_other) = (0, 0);
+    for &c in dead {
+        if slopes[c].abs() > dead_slope_tol {
+            kept_other += 1;
+            continue;
+        }
+        match prune_blocker(r, ch, t, c) {
+            None => pruned.push(c),
+            Some(Blocker::Residual) => kept_residual += 1,
+            Some(_) => kept_other += 1,
+        }
+    }
+    if pruned.len() == slopes.len() {
+        pruned.pop(); // keep one channel so the layer still exists
+        kept_other += 1;
+    }
+    (pruned, kept_residual, kept_other)
+}
+
+/// What a low-rank bypass of the `linear` linear units of activation node
+/// `t` would save, where it sits between two linear layers and saves any: L
+/// units between m inputs and q outputs save L (m + 1 + q) parameters and
+/// cost a direct m x q map.
+fn bypass_saving(net: &GraphNet, r: &Resolved, t: usize, linear: usize, all_linear: bool) -> Option<usize> {
+    let v = r.inputs[t][0];
+    let readers = r.consumers(t + 1);
+    if all_linear || linear == 0 || v == 0 || readers.len() != 1 {
+        return None;
+    }
+    let (p, q) = (v - 1, readers[0]);
+    let lin = |i: usize| matches!(net.graph.nodes[i].op, Op::Linear { .. });
+    if !lin(p) || !lin(q) {
+        return None;
+    }
+    let (m, qo) = (r.shapes[r.inputs[p][0]][0], r.shapes[q + 1][0]);
+    (linear * (m + 1 + qo)).checked_sub(m * qo).filter(|&s| s > 0)
+}
+
+/// The folding step: removes each activation named in `identity` and
+/// merges the layers around it where it can, noting it in `layers`.
+fn fold_identities(net: &mut GraphNet, identity: &[String], layers: &mut [LayerSculpt]) -> Result<()> {
     for name in identity {
-        let t = net.index(&name)?;
+        let t = net.index(name)?;
         let r = net.resolve()?;
         let l = layers
             .iter_mut()
-            .find(|l| l.layer == name)
+            .find(|l| l.layer == *name)
             .context("sculpt: lost a layer")?;
-        if r.outputs.contains(&(t + 1)) || r.inputs[t][0] == 0 {
-            l.merge = Some("kept: the identity activation is a head or reads the input".into());
-            continue;
-        }
-        let v = r.inputs[t][0];
-        let readers = r.consumers(t + 1);
-        net.bypass_node(t);
-        l.removed = true;
-        let (p, merge_ok) = (
-            v - 1,
-            readers.len() == 1 && r.consumers(v) == vec![t] && !r.outputs.contains(&v),
-        );
-        if !merge_ok || !weight_op(&net.graph.nodes[p].op) || !weight_op(&net.graph.nodes[readers[0] - 1].op) {
-            l.merge = Some("activation removed; the layers around it were not merged (not a conv/linear pair reading only each other)".into());
-            continue;
-        }
-        // After removing node t, the reader's index dropped by one.
-        l.merge = Some(match merge_pair(&mut net, p, readers[0] - 1)? {
-            Ok(s) | Err(s) => s,
-        });
+        fold_identity(net, &r, t, l)?;
     }
-    let out = net.to_model()?;
-    let mut step = |n: usize| {
-        done += n;
-        on(done, total)
-    };
-    let (la, acc_before) = outputs(model, test, &mut step)?;
-    let (lb, acc_after) = outputs(&out, test, &mut step)?;
-    let report = SculptReport {
-        before: ModelMeasure {
-            params: model.num_params(),
-            macs: macs_before,
-            test_acc: acc_before,
-        },
-        after: ModelMeasure {
-            params: out.num_params(),
-            macs: net.macs()?,
-            test_acc: acc_after,
-        },
-        bn,
-        layers,
-        test_examples: test.len(),
+    Ok(())
+}
+
+/// Removes the identity activation node `t` of `net` (resolved as `r`)
+/// unless it is a head or reads the input, then merges the weight layers
+/// before and after it when they read only each other.
+fn fold_identity(net: &mut GraphNet, r: &Resolved, t: usize, l: &mut LayerSculpt) -> Result<()> {
+    if r.outputs.contains(&(t + 1)) || r.inputs[t][0] == 0 {
+        l.merge = Some("kept: the identity activation is a head or reads the input".into());
+        return Ok(());
+    }
+    let v = r.inputs[t][0];
+    let readers = r.consumers(t + 1);
+    net.bypass_node(t);
+    l.removed = true;
+    let (p, merge_ok) = (
+        v - 1,
+        readers.len() == 1 && r.consumers(v) == vec![t] && !r.outputs.contains(&v),
+    );
+    if !merge_ok || !weight_op(&net.graph.nodes[p].op) || !weight_op(&net.graph.nodes[readers[0] - 1].op) {
+        l.merge = Some(
+            "activation removed; the layers around it were not merged (not a conv/linear pair reading only each other)"
+                .into(),
+        );
+        return Ok(());
+    }
+    // After removing node t, the reader's index dropped by one.
+    l.merge = Some(match merge_pair(net, p, readers[0] - 1)? {
+        Ok(s) | Err(s) => s,
+    });
+    Ok(())
+}
+
+/// What the verification step measured on the test data.
+struct Verified {
+    acc_before: f64,
+    acc_after: f64,
+    /// Max |output difference| over the test examples and every head.
+    max_output_diff: f64,
+}
+
+/// The verification step: runs the original `model` and the sculpted `out`
+/// on `test`, calling `step(examples)` after each batch.
+fn verify(model: &Model, out: &Model, test: &Dataset, step: &mut dyn FnMut(usize)) -> Result<Verified> {
+    let (la, acc_before) = outputs(model, test, step)?;
+    let (lb, acc_after) = outputs(out, test, step)?;
+    Ok(Verified {
+        acc_before,
+        acc_after,
         max_output_diff: max_diff(&la, &lb),
-    };
-    Ok(Sculpted { model: out, report })
+    })
 }
 
 /// The canonical form of a model (see [`GraphNet::canonicalize`]) and the

@@ -337,6 +337,90 @@ impl Layer {
             }
         }
     }
+
+    /// Takes the epoch's forward statistics, leaving fresh ones.
+    fn take_stats(&self) -> Result<ForwardStats> {
+        let mut s = self
+            .stats
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("sentinel lock poisoned".into()))?;
+        Ok(std::mem::replace(&mut *s, ForwardStats::new(self.channels)))
+    }
+
+    /// The layer's report on the epoch's statistics `st` (the slopes read
+    /// from its activation `a`); advances the idle streaks.
+    fn report(&mut self, a: &ActivationLayer, st: &ForwardStats, cfg: &SentinelConfig) -> Result<LayerReport> {
+        let channels = st.negative.len();
+        if self.idle_streak.len() != channels {
+            self.idle_streak = vec![0; channels.max(1)];
+        }
+        let per_channel = (st.count / channels.max(1) as u64).max(1) as f64;
+        let share: Vec<f64> = st.negative.iter().map(|&n| n as f64 / per_channel).collect();
+        let seen = st.count > 0;
+        let dead: Vec<usize> = (0..channels).filter(|&c| seen && st.positive[c] == 0).collect();
+        let linear: Vec<usize> = (0..channels).filter(|&c| seen && st.negative[c] == 0).collect();
+        let slopes = match a.prelu() {
+            Some(p) => p.slope()?.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?,
+            None => vec![],
+        };
+        let steps = self.steps.max(1) as f64;
+        let slope_grad: Vec<f64> = self.slope_abs.iter().map(|s| s / steps).collect();
+        let stuck = stuck_channels(&dead, &slopes, cfg.stuck_slope);
+        let idle = self.idle_slopes(&share, slopes.len(), &slope_grad, cfg);
+        let n = st.count.max(1) as f64;
+        let mean = st.sum / n;
+        Ok(LayerReport {
+            layer: self.name.clone(),
+            kind: self.kind.clone(),
+            channels,
+            negative_share: st.negative.iter().sum::<u64>() as f64 / n,
+            negative_share_per_channel: share,
+            dead,
+            linear,
+            stuck,
+            idle,
+            slope_classes: SlopeClasses::of(&slopes, cfg.slope_tol),
+            slopes,
+            slope_grad,
+            weight_grad_norm: (self.steps > 0 && self.weight.is_some()).then(|| self.grad_norm_sum / steps),
+            slope_grad_norm: (self.steps > 0 && self.slope.is_some()).then(|| self.slope_norm_sum / steps),
+            act_mean: mean,
+            act_var: st.sum_sq / n - mean * mean,
+        })
+    }
+
+    /// Idle slopes: a per-channel slope with too few negative inputs (`share`,
+    /// per channel) or a zero gradient, epoch after epoch; a shared slope by
+    /// the layer's mean share. Advances the idle streaks.
+    fn idle_slopes(&mut self, share: &[f64], n_slopes: usize, slope_grad: &[f64], cfg: &SentinelConfig) -> Vec<usize> {
+        let channels = share.len();
+        let mut idle = Vec::new();
+        if n_slopes == channels && channels > 0 {
+            for c in 0..channels {
+                let quiet = share[c] < cfg.idle_share || (self.steps > 0 && slope_grad[c] == 0.0);
+                self.idle_streak[c] = if quiet { self.idle_streak[c] + 1 } else { 0 };
+                if self.idle_streak[c] >= cfg.idle_epochs {
+                    idle.push(c);
+                }
+            }
+        } else if n_slopes == 1 {
+            let total_share = share.iter().sum::<f64>() / channels.max(1) as f64;
+            let quiet = total_share < cfg.idle_share || (self.steps > 0 && slope_grad[0] == 0.0);
+            self.idle_streak[0] = if quiet { self.idle_streak[0] + 1 } else { 0 };
+            if self.idle_streak[0] >= cfg.idle_epochs {
+                idle.push(0);
+            }
+        }
+        idle
+    }
+
+    /// Resets the step accumulators for the next epoch.
+    fn reset(&mut self) {
+        self.grad_norm_sum = 0.0;
+        self.slope_norm_sum = 0.0;
+        self.slope_abs.iter_mut().for_each(|s| *s = 0.0);
+        self.steps = 0;
+    }
 }
 
 /// Collects statistics while a model trains (or is diagnosed).
@@ -596,227 +680,212 @@ impl Sentinel {
         self.close(&acts, epoch)
     }
 
+    /// Closes an epoch over the activations `acts` (one per layer): the
+    /// layer reports and the alarms raised for the first time; resets the
+    /// accumulators.
     fn close(
         &mut self,
         acts: &[ActivationLayer],
         epoch: usize,
     ) -> crate::error::Result<(Vec<LayerReport>, Vec<Alarm>)> {
-        let mut reports = Vec::new();
-        let mut alarms = Vec::new();
-        let raise = |raised: &mut HashSet<RaisedKey>,
-                     alarms: &mut Vec<Alarm>,
-                     layer: &str,
-                     kind: AlarmKind,
-                     message: String| {
-            if raised.insert((layer.to_string(), kind, None)) {
-                alarms.push(Alarm {
-                    epoch,
-                    layer: layer.into(),
-                    kind,
-                    message,
-                    channels: vec![],
-                });
-            }
+        let mut new = EpochAlarms {
+            epoch,
+            cfg: self.cfg,
+            raised: &mut self.raised,
+            alarms: Vec::new(),
         };
+        let mut reports = Vec::new();
         for (l, a) in self.layers.iter_mut().zip(acts) {
-            let st = {
-                let mut s = l
-                    .stats
-                    .lock()
-                    .map_err(|_| candle_core::Error::Msg("sentinel lock poisoned".into()))?;
-                std::mem::replace(&mut *s, ForwardStats::new(l.channels))
-            };
-            let channels = st.negative.len();
-            if l.idle_streak.len() != channels {
-                l.idle_streak = vec![0; channels.max(1)];
-            }
-            let per_channel = (st.count / channels.max(1) as u64).max(1) as f64;
-            let share: Vec<f64> = st.negative.iter().map(|&n| n as f64 / per_channel).collect();
-            let seen = st.count > 0;
-            let dead: Vec<usize> = (0..channels).filter(|&c| seen && st.positive[c] == 0).collect();
-            let linear: Vec<usize> = (0..channels).filter(|&c| seen && st.negative[c] == 0).collect();
-            let slopes = match a.prelu() {
-                Some(p) => p.slope()?.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?,
-                None => vec![],
-            };
-            let slope_of = |c: usize| {
-                if slopes.len() == 1 {
-                    slopes[0]
-                } else {
-                    slopes.get(c).copied().unwrap_or(0.0)
-                }
-            };
-            let steps = l.steps.max(1) as f64;
-            let slope_grad: Vec<f64> = l.slope_abs.iter().map(|s| s / steps).collect();
-            let stuck: Vec<usize> = if slopes.is_empty() {
-                vec![]
-            } else {
-                dead.iter()
-                    .copied()
-                    .filter(|&c| slope_of(c).abs() < self.cfg.stuck_slope)
-                    .collect()
-            };
-            // Idle slopes: a per-channel slope with too few negative inputs or a
-            // zero gradient, epoch after epoch.
-            let mut idle = Vec::new();
-            if slopes.len() == channels && channels > 0 {
-                for c in 0..channels {
-                    let quiet = share[c] < self.cfg.idle_share || (l.steps > 0 && slope_grad[c] == 0.0);
-                    l.idle_streak[c] = if quiet { l.idle_streak[c] + 1 } else { 0 };
-                    if l.idle_streak[c] >= self.cfg.idle_epochs {
-                        idle.push(c);
-                    }
-                }
-            } else if slopes.len() == 1 {
-                let total_share = share.iter().sum::<f64>() / channels.max(1) as f64;
-                let quiet = total_share < self.cfg.idle_share || (l.steps > 0 && slope_grad[0] == 0.0);
-                l.idle_streak[0] = if quiet { l.idle_streak[0] + 1 } else { 0 };
-                if l.idle_streak[0] >= self.cfg.idle_epochs {
-                    idle.push(0);
-                }
-            }
-            let n = st.count.max(1) as f64;
-            let mean = st.sum / n;
-            let r = LayerReport {
-                layer: l.name.clone(),
-                kind: l.kind.clone(),
-                channels,
-                negative_share: st.negative.iter().sum::<u64>() as f64 / n,
-                negative_share_per_channel: share,
-                dead,
-                linear,
-                stuck,
-                idle,
-                slope_classes: SlopeClasses::of(&slopes, self.cfg.slope_tol),
-                slopes,
-                slope_grad,
-                weight_grad_norm: (l.steps > 0 && l.weight.is_some()).then(|| l.grad_norm_sum / steps),
-                slope_grad_norm: (l.steps > 0 && l.slope.is_some()).then(|| l.slope_norm_sum / steps),
-                act_mean: mean,
-                act_var: st.sum_sq / n - mean * mean,
-            };
-            // Alarms for this layer.
-            let is_prelu = !r.slopes.is_empty();
-            let bad = if is_prelu { r.stuck.len() } else { r.dead.len() };
-            if seen && channels > 0 && bad as f64 / channels as f64 > self.cfg.dead_share {
-                let what = if is_prelu {
-                    format!("stuck (never positive, |slope| < {})", self.cfg.stuck_slope)
-                } else {
-                    "dead (never positive)".to_string()
-                };
-                raise(
-                    &mut self.raised,
-                    &mut alarms,
-                    &r.layer,
-                    AlarmKind::DeadUnits,
-                    format!(
-                        "{}: {} of {} units ({:.1}%) are {what}",
-                        r.layer,
-                        bad,
-                        channels,
-                        100.0 * bad as f64 / channels as f64
-                    ),
-                );
-            }
-            if !r.idle.is_empty() {
-                raise(
-                    &mut self.raised,
-                    &mut alarms,
-                    &r.layer,
-                    AlarmKind::IdleSlope,
-                    format!(
-                        "{}: {} slope(s) idle {} (negative share < {}% or zero gradient)",
-                        r.layer,
-                        r.idle.len(),
-                        match self.cfg.idle_epochs {
-                            1 => "on this pass".to_string(),
-                            n => format!("for {n} epochs in a row"),
-                        },
-                        100.0 * self.cfg.idle_share
-                    ),
-                );
-            }
-            // Non-positive slopes, per channel: a channel raises once, and
-            // one alarm lists the channels newly found <= 0 in this epoch. A
-            // layer-wide alarm read back from an older run covers every channel.
-            let layer_wide = (r.layer.clone(), AlarmKind::NonPositiveSlope, None);
-            if !self.raised.contains(&layer_wide) {
-                let new: Vec<usize> = r
-                    .slope_classes
-                    .non_invertible
-                    .iter()
-                    .copied()
-                    .filter(|&c| {
-                        self.raised
-                            .insert((r.layer.clone(), AlarmKind::NonPositiveSlope, Some(c)))
-                    })
-                    .collect();
-                if !new.is_empty() {
-                    let shown: Vec<String> = new.iter().take(8).map(|&c| short_num(r.slopes[c])).collect();
-                    let what = if r.slopes.len() == 1 {
-                        "the shared slope".to_string()
-                    } else {
-                        format!("channel(s) {}", channel_list(&new, 16))
-                    };
-                    let neg = new.iter().filter(|c| r.slope_classes.negative.contains(c)).count();
-                    alarms.push(Alarm {
-                        epoch,
-                        layer: r.layer.clone(),
-                        kind: AlarmKind::NonPositiveSlope,
-                        message: format!(
-                            "{}: slope(s) <= 0 at {what} (a = {}{}); {} of {} slopes are now <= 0: the layer is \
-                             not invertible there{}",
-                            r.layer,
-                            shown.join(", "),
-                            if new.len() > 8 { ", ..." } else { "" },
-                            r.slope_classes.non_invertible.len(),
-                            r.slopes.len(),
-                            if neg > 0 {
-                                format!(
-                                    "; {neg} clearly negative (< -{}): non-monotone, |x|-like units",
-                                    self.cfg.slope_tol
-                                )
-                            } else {
-                                String::new()
-                            }
-                        ),
-                        channels: new,
-                    });
-                }
-            }
-            let finite = r.act_mean.is_finite()
-                && r.act_var.is_finite()
-                && r.weight_grad_norm.is_none_or(f64::is_finite)
-                && r.slopes.iter().all(|a| a.is_finite());
-            if !finite {
-                raise(
-                    &mut self.raised,
-                    &mut alarms,
-                    &r.layer,
-                    AlarmKind::NonFinite,
-                    format!("{}: NaN or infinity in activations, slopes or gradients", r.layer),
-                );
-            }
-            l.grad_norm_sum = 0.0;
-            l.slope_norm_sum = 0.0;
-            l.slope_abs.iter_mut().for_each(|s| *s = 0.0);
-            l.steps = 0;
+            let st = l.take_stats()?;
+            let r = l.report(a, &st, &self.cfg)?;
+            new.check_layer(&r, st.count > 0);
+            l.reset();
             reports.push(r);
         }
+        new.gradient_flow(&reports);
+        Ok((reports, new.alarms))
+    }
+}
+
+/// The dead channels whose |slope| is below `stuck_slope` (none without
+/// slopes; a shared slope counts for every channel).
+fn stuck_channels(dead: &[usize], slopes: &[f64], stuck_slope: f64) -> Vec<usize> {
+    if slopes.is_empty() {
+        return vec![];
+    }
+    let slope_of = |c: usize| {
+        if slopes.len() == 1 {
+            slopes[0]
+        } else {
+            slopes.get(c).copied().unwrap_or(0.0)
+        }
+    };
+    dead.iter()
+        .copied()
+        .filter(|&c| slope_of(c).abs() < stuck_slope)
+        .collect()
+}
+
+/// The message of a non-positive-slope alarm about the channels `new` of
+/// report `r`.
+fn non_positive_message(r: &LayerReport, new: &[usize], slope_tol: f64) -> String {
+    let shown: Vec<String> = new.iter().take(8).map(|&c| short_num(r.slopes[c])).collect();
+    let what = if r.slopes.len() == 1 {
+        "the shared slope".to_string()
+    } else {
+        format!("channel(s) {}", channel_list(new, 16))
+    };
+    let neg = new.iter().filter(|c| r.slope_classes.negative.contains(c)).count();
+    format!(
+        "{}: slope(s) <= 0 at {what} (a = {}{}); {} of {} slopes are now <= 0: the layer is \
+         not invertible there{}",
+        r.layer,
+        shown.join(", "),
+        if new.len() > 8 { ", ..." } else { "" },
+        r.slope_classes.non_invertible.len(),
+        r.slopes.len(),
+        if neg > 0 {
+            format!("; {neg} clearly negative (< -{slope_tol}): non-monotone, |x|-like units")
+        } else {
+            String::new()
+        }
+    )
+}
+
+/// The alarms raised while an epoch closes; each is raised once per run.
+struct EpochAlarms<'a> {
+    epoch: usize,
+    cfg: SentinelConfig,
+    /// What this run has raised so far.
+    raised: &'a mut HashSet<RaisedKey>,
+    /// The alarms raised for the first time, in order.
+    alarms: Vec<Alarm>,
+}
+
+impl EpochAlarms<'_> {
+    /// Raises a layer-wide alarm unless it was raised before.
+    fn raise(&mut self, layer: &str, kind: AlarmKind, message: String) {
+        if self.raised.insert((layer.to_string(), kind, None)) {
+            self.alarms.push(Alarm {
+                epoch: self.epoch,
+                layer: layer.into(),
+                kind,
+                message,
+                channels: vec![],
+            });
+        }
+    }
+
+    /// Every alarm about one layer's report (`seen`: the layer saw inputs).
+    fn check_layer(&mut self, r: &LayerReport, seen: bool) {
+        self.dead_units(r, seen);
+        self.idle_slopes(r);
+        self.non_positive_slopes(r);
+        self.non_finite(r);
+    }
+
+    /// Too many dead (ReLU) or stuck (PReLU) units.
+    fn dead_units(&mut self, r: &LayerReport, seen: bool) {
+        let is_prelu = !r.slopes.is_empty();
+        let (bad, channels) = (if is_prelu { r.stuck.len() } else { r.dead.len() }, r.channels);
+        if seen && channels > 0 && bad as f64 / channels as f64 > self.cfg.dead_share {
+            let what = if is_prelu {
+                format!("stuck (never positive, |slope| < {})", self.cfg.stuck_slope)
+            } else {
+                "dead (never positive)".to_string()
+            };
+            let message = format!(
+                "{}: {} of {} units ({:.1}%) are {what}",
+                r.layer,
+                bad,
+                channels,
+                100.0 * bad as f64 / channels as f64
+            );
+            self.raise(&r.layer, AlarmKind::DeadUnits, message);
+        }
+    }
+
+    /// Slopes idle for `idle_epochs` epochs in a row.
+    fn idle_slopes(&mut self, r: &LayerReport) {
+        if r.idle.is_empty() {
+            return;
+        }
+        let message = format!(
+            "{}: {} slope(s) idle {} (negative share < {}% or zero gradient)",
+            r.layer,
+            r.idle.len(),
+            match self.cfg.idle_epochs {
+                1 => "on this pass".to_string(),
+                n => format!("for {n} epochs in a row"),
+            },
+            100.0 * self.cfg.idle_share
+        );
+        self.raise(&r.layer, AlarmKind::IdleSlope, message);
+    }
+
+    /// Non-positive slopes, per channel: a channel raises once, and one
+    /// alarm lists the channels newly found <= 0 in this epoch. A layer-wide
+    /// alarm read back from an older run covers every channel.
+    fn non_positive_slopes(&mut self, r: &LayerReport) {
+        let layer_wide = (r.layer.clone(), AlarmKind::NonPositiveSlope, None);
+        if self.raised.contains(&layer_wide) {
+            return;
+        }
+        let new: Vec<usize> = r
+            .slope_classes
+            .non_invertible
+            .iter()
+            .copied()
+            .filter(|&c| {
+                self.raised
+                    .insert((r.layer.clone(), AlarmKind::NonPositiveSlope, Some(c)))
+            })
+            .collect();
+        if new.is_empty() {
+            return;
+        }
+        self.alarms.push(Alarm {
+            epoch: self.epoch,
+            layer: r.layer.clone(),
+            kind: AlarmKind::NonPositiveSlope,
+            message: non_positive_message(r, &new, self.cfg.slope_tol),
+            channels: new,
+        });
+    }
+
+    /// NaN or infinity in the activations, slopes or gradients.
+    fn non_finite(&mut self, r: &LayerReport) {
+        let finite = r.act_mean.is_finite()
+            && r.act_var.is_finite()
+            && r.weight_grad_norm.is_none_or(f64::is_finite)
+            && r.slopes.iter().all(|a| a.is_finite());
+        if !finite {
+            let message = format!("{}: NaN or infinity in activations, slopes or gradients", r.layer);
+            self.raise(&r.layer, AlarmKind::NonFinite, message);
+        }
+    }
+
+    /// The first-to-last layer weight-gradient norm ratio outside
+    /// `[1/grad_ratio, grad_ratio]`.
+    fn gradient_flow(&mut self, reports: &[LayerReport]) {
         let norms: Vec<f64> = reports.iter().filter_map(|r| r.weight_grad_norm).collect();
-        if let (Some(&first), Some(&last)) = (norms.first(), norms.last()) {
-            if norms.len() >= 2 && last > 0.0 {
-                let ratio = first / last;
-                if ratio < 1.0 / self.cfg.grad_ratio {
-                    raise(&mut self.raised, &mut alarms, "model", AlarmKind::VanishingGradient, format!(
-                        "first-layer gradient norm is {ratio:.2e} x the last layer's: gradients vanish towards the input"));
-                } else if ratio > self.cfg.grad_ratio {
-                    raise(&mut self.raised, &mut alarms, "model", AlarmKind::ExplodingGradient, format!(
-                        "first-layer gradient norm is {ratio:.2e} x the last layer's: gradients explode towards the input"));
-                }
+        let (Some(&first), Some(&last)) = (norms.first(), norms.last()) else {
+            return;
+        };
+        if norms.len() >= 2 && last > 0.0 {
+            let ratio = first / last;
+            if ratio < 1.0 / self.cfg.grad_ratio {
+                let message = format!(
+                    "first-layer gradient norm is {ratio:.2e} x the last layer's: gradients vanish towards the input"
+                );
+                self.raise("model", AlarmKind::VanishingGradient, message);
+            } else if ratio > self.cfg.grad_ratio {
+                let message = format!(
+                    "first-layer gradient norm is {ratio:.2e} x the last layer's: gradients explode towards the input"
+                );
+                self.raise("model", AlarmKind::ExplodingGradient, message);
             }
         }
-        Ok((reports, alarms))
     }
 }
 
