@@ -316,16 +316,25 @@ impl Frame {
 type Area<'a> = DrawingArea<SVGBackend<'a>, Shift>;
 type Plot<'a, 'b> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
 
+/// The largest magnitude an axis reaches.
+const AXIS_LIMIT: f64 = 1e100;
+
 /// The data range of `vals` with 5% padding (a unit range around a single
 /// value, 0..1 without values).
 fn range(vals: impl Iterator<Item = f64>) -> (f64, f64) {
     let (lo, hi) = vals
         .filter(|v| v.is_finite())
         .fold((f64::MAX, f64::MIN), |(a, b), v| (a.min(v), b.max(v)));
+    // Axes stop at +-AXIS_LIMIT: beyond, a range's width overflows (a
+    // hostile file's +-1e308) and the tick search never ends.
+    let (lo, hi) = (lo.clamp(-AXIS_LIMIT, AXIS_LIMIT), hi.clamp(-AXIS_LIMIT, AXIS_LIMIT));
     if lo > hi {
         (0.0, 1.0)
-    } else if (hi - lo).abs() < 1e-12 {
-        (lo - 0.5, hi + 0.5)
+    } else if (hi - lo).abs() < 1e-12 * hi.abs().max(1.0) {
+        // A unit range around a single value (wider where a unit is below
+        // the float resolution).
+        let pad = (hi.abs() * 1e-6).max(0.5);
+        (lo - pad, hi + pad)
     } else {
         let pad = (hi - lo) * 0.05;
         (lo - pad, hi + pad)
@@ -538,6 +547,9 @@ pub struct Heatmap<'a> {
     pub zero: &'a str,
 }
 
+/// The most rows a heatmap draws (channels beyond are binned).
+pub const MAX_HEATMAP_ROWS: usize = 256;
+
 /// The heatmap as an SVG of 650 x 330 pixels.
 pub fn heatmap(h: &Heatmap) -> Result<String> {
     let mut out = String::new();
@@ -571,13 +583,16 @@ fn draw_heatmap(out: &mut String, h: &Heatmap) -> anyhow::Result<()> {
         .y_label_formatter(&fmt)
         .axis_desc_style(("sans-serif", 14))
         .draw()?;
+    // At most MAX_HEATMAP_ROWS rows are drawn: with more channels, each row
+    // is a bin of channels showing the largest share in it (a dead channel
+    // stays visible), so the work is bounded by the picture, not the file.
+    let bin = rows.div_ceil(MAX_HEATMAP_ROWS);
     chart.draw_series(h.columns.iter().zip(h.cells).flat_map(|(&e, col)| {
         let e = e as f64;
-        col.iter().enumerate().map(move |(c, &v)| {
-            Rectangle::new(
-                [(e - 0.5, c as f64), (e + 0.5, c as f64 + 1.0)],
-                share_color(v).filled(),
-            )
+        col.chunks(bin).enumerate().map(move |(b, vs)| {
+            let v = vs.iter().copied().filter(|v| !v.is_nan()).fold(f64::NAN, f64::max);
+            let (lo, hi) = ((b * bin) as f64, ((b * bin + vs.len()) as f64).min(rows as f64));
+            Rectangle::new([(e - 0.5, lo), (e + 0.5, hi)], share_color(v).filled())
         })
     }))?;
     draw_share_scale(&right, h)?;

@@ -107,3 +107,43 @@ fn a_resume_refuses_a_config_edited_against_its_checkpoint() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let _ = std::fs::remove_dir_all(&run);
 }
+
+/// Rewrites every JSON line of a run's metrics.jsonl with `f`.
+fn edit_metrics(run: &Path, f: impl Fn(&mut serde_json::Value)) {
+    let path = run.join("metrics.jsonl");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut out = String::new();
+    for line in text.lines() {
+        let mut v: serde_json::Value = serde_json::from_str(line).unwrap();
+        f(&mut v);
+        out.push_str(&v.to_string());
+        out.push('\n');
+    }
+    std::fs::write(&path, out).unwrap();
+}
+
+#[test]
+fn the_report_is_bounded_by_what_it_draws_not_by_what_the_metrics_hold() {
+    let run = tmp("hostile-metrics");
+    assert!(train_tiny(&run, &["--epochs", "2"]).status.success());
+    // Extreme values and a layer of 200,000 channels.
+    edit_metrics(&run, |v| {
+        if v["kind"] == "epoch" {
+            v["train_loss"] = serde_json::json!(1e308);
+            v["test_loss"] = serde_json::json!(-1e308);
+            v["lr"] = serde_json::json!(1e307);
+        }
+        if v["kind"] == "sentinel" {
+            let shares: Vec<f64> = (0..200_000).map(|c| (c % 7) as f64 / 6.0).collect();
+            v["layers"][0]["negative_share_per_channel"] = serde_json::json!(shares);
+        }
+    });
+    let out = run.join("hostile.html");
+    let o = bin().arg("report").arg(&run).arg("-o").arg(&out).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let html = std::fs::read_to_string(&out).unwrap();
+    // Two epochs of at most 256 rows each, plus the scale and the frames.
+    let rects = html.matches("<rect").count();
+    assert!(rects < 2_000, "{rects} rectangles for 200,000 channels");
+    let _ = std::fs::remove_dir_all(&run);
+}
