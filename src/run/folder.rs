@@ -96,25 +96,23 @@ impl CheckpointProgress {
     }
 }
 
-/// The top-level keys of JSON object `saved` (text) and `now` whose values
-/// differ, each as `key (checkpoint V, now W)`, but for `skip`.
-fn json_diff(saved: &str, now: &serde_json::Value, skip: &[&str]) -> Result<Vec<String>> {
-    let saved: serde_json::Value = serde_json::from_str(saved)?;
+/// The top-level keys of JSON objects `saved` and `now` whose values
+/// differ, each as `key (checkpoint V, config.toml W)`, but for `skip`.
+fn json_diff(saved: &serde_json::Value, now: &serde_json::Value, skip: &[&str]) -> Vec<String> {
     let (Some(a), Some(b)) = (saved.as_object(), now.as_object()) else {
-        return Ok(Vec::new());
+        return Vec::new();
     };
     let null = serde_json::Value::Null;
     let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
     keys.sort();
     keys.dedup();
-    Ok(keys
-        .into_iter()
+    keys.into_iter()
         .filter(|k| !skip.contains(&k.as_str()))
         .filter_map(|k| {
             let (x, y) = (a.get(k).unwrap_or(&null), b.get(k).unwrap_or(&null));
             (x != y).then(|| format!("`{k}` (checkpoint {}, config.toml {})", short_json(x), short_json(y)))
         })
-        .collect())
+        .collect()
 }
 
 /// A JSON value in at most 60 characters.
@@ -309,14 +307,14 @@ impl RunFolder {
             let now = TrainConfig::from_toml_file(&self.dir.join(crate::layout::CONFIG))?;
             // Extending a run (more epochs) and the testing faults are allowed.
             let skip = ["epochs", "fault_nan_step", "fault_inf_step"];
-            diffs.extend(json_diff(saved, &serde_json::to_value(&now)?, &skip)?);
+            let saved: TrainConfig = serde_json::from_str(saved)?;
+            diffs.extend(json_diff(&serde_json::to_value(&saved)?, &serde_json::to_value(&now)?, &skip));
         }
         if let Some(saved) = meta.get(SPEC_KEY) {
-            diffs.extend(
-                json_diff(saved, &serde_json::to_value(spec)?, &[])?
-                    .into_iter()
-                    .map(|d| format!("model {d}")),
-            );
+            // Through the type, so that both sides' numbers are written alike.
+            let saved: ModelSpec = serde_json::from_str(saved)?;
+            let d = json_diff(&serde_json::to_value(&saved)?, &serde_json::to_value(spec)?, &[]);
+            diffs.extend(d.into_iter().map(|d| format!("model {d}")));
         }
         if !diffs.is_empty() {
             fail!(
