@@ -88,6 +88,7 @@ pub mod fs;
 pub mod json;
 pub mod layout;
 pub mod memory;
+pub mod term;
 
 pub mod analyses;
 pub mod bench;

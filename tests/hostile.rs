@@ -1,7 +1,8 @@
 //! Issue 15: run folders and untrusted files. Nothing lost (alarms, runs,
 //! checkpoints), nothing injected (markup in reports, planted symlinks),
-//! nothing unbounded (special files, memory). Each test names the item of the
-//! issue it checks.
+//! nothing unbounded (special files, memory). Issue 28, round two: graph
+//! files, `.npy` headers, error texts, terminal escaping, checkpoint bytes.
+//! Each test names the issue's item it checks (`issue28_` for the second).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -877,3 +878,66 @@ fn item9_export_never_overwrites_the_checkpoint_it_reads() {
     assert_refused(&o, "refusing to overwrite");
     assert_eq!(std::fs::read(&ck).unwrap(), before);
 }
+
+// ------------------------------------------------------- issue 28, item 8
+
+/// Control characters (ESC, BEL, newline) in names the user gives.
+const HOSTILE_NAME: &str = "x\u{1b}]0;pwned\u{7}\u{1b}[2J\n";
+
+fn assert_no_controls(what: &str, bytes: &[u8]) {
+    let text = String::from_utf8_lossy(bytes);
+    let bad = text.lines().find(|l| l.chars().any(|c| c.is_control() && c != '\t'));
+    assert!(bad.is_none(), "{what} prints a control character: {bad:?}");
+}
+
+#[test]
+fn issue28_item8_names_are_escaped_in_the_terminal() {
+    use prelu::term::terminal_safe;
+    assert_eq!(terminal_safe(HOSTILE_NAME), "x\\x1b]0;pwned\\x07\\x1b[2J\\x0a");
+    assert_eq!(terminal_safe("\u{9b}31m\u{7f}"), "\\x9b31m\\x7f");
+    assert_eq!(terminal_safe("ants/ä b.png"), "ants/ä b.png");
+
+    // An image folder whose class and file names hold escape sequences.
+    let d = tmp("term-names");
+    let folder = d.join("images");
+    for class in ["ants", &format!("b{HOSTILE_NAME}")] {
+        let c = folder.join(class);
+        std::fs::create_dir_all(&c).unwrap();
+        let mut png = Vec::new();
+        image::GrayImage::from_pixel(2, 2, image::Luma([128]))
+            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        std::fs::write(c.join("a.png"), &png).unwrap();
+        std::fs::write(c.join(format!("n{HOSTILE_NAME}.txt")), "not an image").unwrap();
+    }
+    let spec = prelu::model::ModelSpec::new(
+        prelu::model::Arch::Mlp { hidden: vec![4] },
+        prelu::Activation::Relu,
+        [1, 2, 2],
+        2,
+    );
+    let m = prelu::model::Model::new(&spec, 1, &candle_core::Device::Cpu).unwrap();
+    let ck = d.join("m.safetensors");
+    prelu::store::checkpoint::save_model(&ck, &m, HashMap::new(), HashMap::new()).unwrap();
+    let o = run(&["diagnose"], &[ck.as_os_str(), "--data".as_ref(), folder.as_os_str()]);
+    assert_ok(&o);
+    let err = stderr(&o);
+    assert!(
+        err.contains("2 images in 2 classes") && err.contains("\\x1b]0;pwned\\x07"),
+        "{err}"
+    );
+    assert_no_controls("diagnose (stderr)", &o.stderr);
+    assert_no_controls("diagnose (stdout)", &o.stdout);
+
+    // A path in an error.
+    let missing = d.join(format!("{HOSTILE_NAME}.safetensors"));
+    let o = run(&["diagnose"], &[missing.as_os_str()]);
+    assert_refused(&o, "\\x1b]0;pwned\\x07");
+    assert_no_controls("an error", &o.stderr);
+    // clap's usage errors quote the argument: escaped too.
+    let flag = format!("--{HOSTILE_NAME}");
+    let o = run(&["train", flag.as_str()], &[]);
+    assert!(!o.status.success());
+    assert_no_controls("a usage error", &o.stderr);
+}
+

@@ -9,7 +9,7 @@ use prelu::analyses::attack::AttackReport;
 use prelu::analyses::attack::PgdOptions;
 use serde::Serialize;
 
-use super::common::{data_for, emit, load_ckpt, model_data, num, DataArgs, JsonArg, Progress, SpecArg};
+use super::common::{data_for, emit, load_ckpt, model_data, num, shown, DataArgs, JsonArg, Progress, SpecArg};
 
 /// An attack.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -94,10 +94,10 @@ impl fmt::Display for AttackOutput {
             writeln!(
                 f,
                 "{} ({}) on {} {} test images: clean accuracy {:.4}, loss {:.4}",
-                m.checkpoint.display(),
+                shown(m.checkpoint.display()),
                 m.act,
                 r.examples,
-                m.data,
+                shown(&m.data),
                 r.clean_acc,
                 r.clean_loss
             )?;
