@@ -879,6 +879,123 @@ fn item9_export_never_overwrites_the_checkpoint_it_reads() {
     assert_eq!(std::fs::read(&ck).unwrap(), before);
 }
 
+// ------------------------------------------------------- issue 28, item 7
+
+/// Graph text of one conv node with `extra` keys, and a head (TOML).
+fn conv_graph(extra: &str) -> String {
+    format!(
+        "[[nodes]]\nname = \"c1\"\nop = \"conv2d\"\nout_channels = 2\nkernel = 3\n{extra}\n\
+         [[nodes]]\nname = \"flat\"\nop = \"flatten\"\n[[nodes]]\nname = \"fc\"\nop = \"linear\"\nout_features = 10\n"
+    )
+}
+
+fn graph_error(text: &str) -> String {
+    match prelu::graph::Graph::parse(text) {
+        Ok(g) => panic!("accepted: {g:?}"),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn issue28_item7_graph_files_refuse_unknown_keys_naming_key_and_node() {
+    for (extra, key, hint) in [
+        ("strides = 2", "`strides`", Some("`stride`")),
+        ("dilations = 2", "`dilations`", Some("`dilation`")),
+        ("stirde = 2", "`stirde`", Some("`stride`")),
+        ("groups = 2", "`groups`", None),
+    ] {
+        let e = graph_error(&conv_graph(extra));
+        assert!(e.contains("node `c1`") && e.contains(key), "{extra}: {e}");
+        assert!(
+            e.contains("out_channels, kernel, stride, padding, dilation, bias"),
+            "{e}"
+        );
+        if let Some(h) = hint {
+            assert!(e.contains(&format!("did you mean {h}")), "{extra}: {e}");
+        }
+        // One line, with the place in the file.
+        assert!(!e.contains('\n') && e.contains("line 1, column 1"), "{e}");
+    }
+    // JSON alike; every unknown key is named; ops without fields take none.
+    let e = graph_error(r#"{"nodes":[{"name":"p","op":"max_pool","kernel":2,"strides":2,"pad":1}]}"#);
+    assert!(
+        e.contains("node `p`")
+            && e.contains("unknown keys")
+            && e.contains("`strides` (did you mean `stride`?)")
+            && e.contains("`pad`"),
+        "{e}"
+    );
+    let e = graph_error(r#"{"nodes":[{"name":"f","op":"flatten","kernel":2}]}"#);
+    assert!(e.contains("node `f`") && e.contains("`kernel`"), "{e}");
+    let e = graph_error(r#"{"nodes":[{"name":"f","op":"flaten"}]}"#);
+    assert!(e.contains("node `f`") && e.contains("unknown op `flaten`"), "{e}");
+    // A misspelt top-level key is refused, not trained with the defaults.
+    let e = graph_error(&format!("output = [\"fc\"]\n{}", conv_graph("")));
+    assert!(e.contains("`output`"), "{e}");
+    // The keys a graph file for a state dict may hold stay accepted.
+    let text = format!(
+        "input = [1, 8, 8]\ninput_mean = 0.5\ninput_std = 0.25\n{}",
+        conv_graph("")
+    );
+    prelu::graph::Graph::parse(&text).unwrap();
+    let file = prelu::graph::GraphFile::parse(&text).unwrap();
+    assert_eq!(
+        (file.input, file.input_mean, file.input_std),
+        (Some([1, 8, 8]), Some(0.5), Some(0.25))
+    );
+
+    // End to end: `train` refuses the file before training.
+    let dir = tmp("graph-strides");
+    std::fs::create_dir_all(&dir).unwrap();
+    let g = dir.join("g.toml");
+    std::fs::write(&g, conv_graph("strides = 2")).unwrap();
+    let o = bin()
+        .args([
+            "train",
+            "--model",
+            g.to_str().unwrap(),
+            "--epochs",
+            "1",
+            "--threads",
+            "1",
+        ])
+        .arg("--out")
+        .arg(dir.join("run"))
+        .output()
+        .unwrap();
+    assert_refused(&o, "unknown key `strides`");
+    assert!(!dir.join("run").join("checkpoint.safetensors").exists());
+}
+
+#[test]
+fn issue28_item7_bad_values_say_which_field_is_wrong() {
+    for (extra, key, want) in [
+        ("padding = -1", "`padding`", "-1"),
+        ("padding = [1, 2, 3]", "`padding`", "length 3"),
+        ("padding = \"full\"", "`padding`", "\"full\""),
+        ("stride = -2", "`stride`", "-2"),
+        ("stride = [1, 2, 3]", "`stride`", "length 3"),
+        ("dilation = 1.5", "`dilation`", "1.5"),
+        ("bias = 1", "`bias`", "boolean"),
+    ] {
+        let e = graph_error(&conv_graph(extra));
+        assert!(
+            e.contains("node `c1`") && e.contains(key) && e.contains(want),
+            "{extra}: {e}"
+        );
+        assert!(!e.contains("untagged"), "{extra}: {e}");
+    }
+    let e = graph_error(&conv_graph("padding = -1"));
+    assert!(
+        e.contains("[top, left, bottom, right]") && e.contains("\"same\""),
+        "{e}"
+    );
+    let e = graph_error(r#"{"nodes":[{"name":"c","op":"conv2d","kernel":3}]}"#);
+    assert!(e.contains("node `c`") && e.contains("no `out_channels`"), "{e}");
+    let e = graph_error(r#"{"nodes":[{"op":"flatten"}]}"#);
+    assert!(e.contains("no `name`"), "{e}");
+}
+
 // ------------------------------------------------------- issue 28, item 8
 
 /// Control characters (ESC, BEL, newline) in names the user gives.

@@ -334,33 +334,18 @@ pub fn is_graph_file(text: &str) -> bool {
     serde_json::from_str::<serde_json::Value>(t).is_ok_and(|v| v.get("nodes").is_some())
 }
 
-/// What a graph file may say besides its nodes, for weights without a spec:
-/// the input shape and the input normalisation.
-#[derive(serde::Deserialize)]
-struct GraphExtras {
-    #[serde(default)]
-    input: Option<[usize; 3]>,
-    #[serde(default)]
-    input_mean: Option<f32>,
-    #[serde(default)]
-    input_std: Option<f32>,
-}
-
 /// The model spec of a state dict described by a graph file (the format of
 /// `train`'s graph files; node names are the module paths, so a tensor
 /// `<node>.weight` belongs to node `<node>`). The input shape comes from
 /// the file's `input = [C, H, W]`, or, when the first layer is dense, from
 /// its weight. Checks nothing about the other tensors (see [`check_state_dict`]).
 pub fn spec_from_graph(text: &str, tensors: &HashMap<String, Tensor>) -> Result<ModelSpec> {
-    use crate::graph::{Graph, Op, INPUT};
-    let graph = Graph::parse(text).map_err(crate::error::Error::Invalid)?;
-    let extras: GraphExtras = if text.trim_start().starts_with('{') {
-        serde_json::from_str(text).map_err(|e| crate::error::Error::Invalid(format!("graph (JSON): {e}")))?
-    } else {
-        toml::from_str(text).map_err(|e| crate::error::Error::Invalid(format!("graph (TOML): {e}")))?
-    };
+    use crate::graph::{GraphFile, Op, INPUT};
+    let file = GraphFile::parse(text).map_err(crate::error::Error::Invalid)?;
+    let (input, input_mean, input_std) = (file.input, file.input_mean, file.input_std);
+    let graph = file.into_graph();
     let reads = |k: usize, v: &str| graph.input_names(k).contains(&v);
-    let input = match extras.input {
+    let input = match input {
         Some(i) => i,
         None => {
             let Some(first) = (0..graph.nodes.len()).find(|&k| reads(k, INPUT)) else {
@@ -406,8 +391,8 @@ pub fn spec_from_graph(text: &str, tensors: &HashMap<String, Tensor>) -> Result<
     let r = graph.resolve(input)?;
     let classes = r.len(r.outputs[0]);
     let spec = ModelSpec {
-        input_mean: extras.input_mean.unwrap_or(0.0),
-        input_std: extras.input_std.unwrap_or(1.0),
+        input_mean: input_mean.unwrap_or(0.0),
+        input_std: input_std.unwrap_or(1.0),
         ..ModelSpec::new(crate::model::Arch::Graph { graph }, act, input, classes)
     };
     spec.validate()?;
