@@ -1058,3 +1058,104 @@ fn issue28_item8_names_are_escaped_in_the_terminal() {
     assert_no_controls("a usage error", &o.stderr);
 }
 
+// ------------------------------------------- issue 28, items 8 and 9 (.npy)
+
+/// An `.npy` file (version 1) with header text `h` and data `body`.
+fn npy_with_header(h: &str, body: &[u8]) -> Vec<u8> {
+    let mut b = b"\x93NUMPY\x01\x00".to_vec();
+    b.extend((h.len() as u16).to_le_bytes());
+    b.extend(h.as_bytes());
+    b.extend(body);
+    b
+}
+
+fn npy_error(h: &str, body: &[u8]) -> String {
+    match prelu::data::npy::parse_npy(&npy_with_header(h, body), "f.npy") {
+        Ok(a) => panic!("{h}: accepted as {:?}", a.shape),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn issue28_item8_npy_with_trailing_bytes_says_so() {
+    let h = "{'descr': '<f4', 'fortran_order': False, 'shape': (2,), }";
+    let e = npy_error(h, &[0; 12]);
+    assert!(e.starts_with("f.npy") && e.contains("4 trailing bytes"), "{e}");
+    assert!(!e.contains("truncated"), "{e}");
+    let e = npy_error(h, &[0; 4]);
+    assert!(e.contains("truncated") && e.contains("needs 8 bytes"), "{e}");
+}
+
+#[test]
+fn issue28_item9_npy_headers_are_read_as_numpy_reads_them() {
+    use prelu::data::npy::parse_npy;
+    let ok = |h: &str, body: &[u8]| parse_npy(&npy_with_header(h, body), "f.npy").map(|a| a.shape);
+    // What numpy writes, and other spellings it reads.
+    for h in [
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 1), }          \n",
+        "{\"shape\": (2, 1), \"fortran_order\": False, \"descr\": \"<f4\"}",
+        "{'descr':'<f4','fortran_order':False,'shape':(2,1,)}",
+    ] {
+        assert_eq!(ok(h, &[0; 8]).unwrap(), [2, 1], "{h}");
+    }
+    assert_eq!(
+        ok("{'descr': '|u1', 'fortran_order': False, 'shape': (), }", &[7]).unwrap(),
+        Vec::<usize>::new()
+    );
+    for (h, want) in [
+        // A key given twice.
+        (
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (2,), 'shape': (1,)}",
+            "'shape' twice",
+        ),
+        // A `descr` inside another value: no descr of its own.
+        (
+            "{'fortran_order': False, 'shape': (2,), 'x': \"'descr': '<f4'\"}",
+            "the key 'x'",
+        ),
+        (
+            "{'fortran_order': False, 'shape': (2,), 'note': \"'descr': '<f4', \"}",
+            "the key 'note'",
+        ),
+        // A quoted dtype string is that string, not `<f4`.
+        (
+            "{'descr': \"'<f4'\", 'fortran_order': False, 'shape': (2,)}",
+            "not supported",
+        ),
+        ("{'descr': '<f4', 'fortran_order': 0, 'shape': (2,)}", "fortran_order"),
+        ("{'descr': '<f4', 'fortran_order': False, 'shape': (2)}", "not a tuple"),
+        (
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (-2,)}",
+            "not a tuple",
+        ),
+        (
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (True,)}",
+            "not a tuple",
+        ),
+        (
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (02,)}",
+            "not a tuple",
+        ),
+        ("{'descr': '<f4', 'fortran_order': False}", "no `shape`"),
+        (
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (2,)} x",
+            "follows the dict",
+        ),
+        ("{'descr': '<f4' 'fortran_order': False, 'shape': (2,)}", "expected `,`"),
+        ("['descr', '<f4']", "not a Python dict"),
+        (
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (2,), 3: 4}",
+            "the key 3",
+        ),
+    ] {
+        let e = npy_error(h, &[0; 8]);
+        assert!(e.starts_with("f.npy") && e.contains(want), "{h}: {e}");
+    }
+    // Deep nesting is refused, not a stack overflow.
+    let deep = format!(
+        "{{'descr': '<f4', 'fortran_order': False, 'shape': {}}}",
+        "(".repeat(20_000)
+    );
+    assert!(npy_error(&deep, &[]).contains("nested deeper"));
+}
+
