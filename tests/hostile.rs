@@ -1159,3 +1159,80 @@ fn issue28_item9_npy_headers_are_read_as_numpy_reads_them() {
     assert!(npy_error(&deep, &[]).contains("nested deeper"));
 }
 
+// ------------------------------------------------------ issue 28, item 10
+
+#[test]
+fn issue28_item10_num_batches_tracked_counts_the_optimiser_steps() {
+    use candle_core::DType;
+    let dir = tmp("bn-count");
+    // 256 examples in batches of 64: 4 steps an epoch.
+    assert_ok(&train_tiny(&dir, &["--batch-norm", "--epochs", "2"]));
+    let count = |dir: &Path| {
+        let (t, _) = prelu::store::checkpoint::load_safetensors(&dir.join("checkpoint.safetensors")).unwrap();
+        let c = &t["bn.0.num_batches_tracked"];
+        assert_eq!(c.dtype(), DType::I64);
+        c.to_scalar::<i64>().unwrap()
+    };
+    assert_eq!(count(&dir), 8);
+    let o = bin()
+        .args(["train", "--resume", "--epochs", "3", "--threads", "1", "--out"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert_ok(&o);
+    assert_eq!(count(&dir), 12);
+}
+
+#[test]
+fn issue28_item10_the_same_model_gives_the_same_bytes() {
+    let spec = prelu::model::ModelSpec {
+        batch_norm: true,
+        ..prelu::model::ModelSpec::new(
+            prelu::model::Arch::Mlp { hidden: vec![4] },
+            prelu::Activation::PRelu { shared: false },
+            [1, 2, 2],
+            3,
+        )
+    };
+    let m = prelu::model::Model::new(&spec, 1, &candle_core::Device::Cpu).unwrap();
+    let d = tmp("same-bytes");
+    std::fs::create_dir_all(&d).unwrap();
+    // Many keys: two hash maps of the same content iterate them differently.
+    let meta = || {
+        (0..40)
+            .map(|i| (format!("key{i}"), format!("v{i}")))
+            .collect::<HashMap<_, _>>()
+    };
+    let (a, b) = (d.join("a.safetensors"), d.join("b.safetensors"));
+    prelu::store::checkpoint::save_model(&a, &m, HashMap::new(), meta()).unwrap();
+    prelu::store::checkpoint::save_model(&b, &m, HashMap::new(), meta()).unwrap();
+    let bytes = std::fs::read(&a).unwrap();
+    assert_eq!(bytes, std::fs::read(&b).unwrap());
+    // Still a safetensors file that reads back whole.
+    let (t, md) = prelu::store::checkpoint::load_safetensors(&a).unwrap();
+    assert_eq!(md.len(), 41);
+    assert_eq!(md["key7"], "v7");
+    assert_eq!(t["bn.0.num_batches_tracked"].to_scalar::<i64>().unwrap(), 0);
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    assert_eq!(n % 8, 0);
+    assert!(std::str::from_utf8(&bytes[8..8 + n])
+        .unwrap()
+        .starts_with("{\"__metadata__\":{\"key0\""));
+
+    // A training run at 1 and at 2 threads writes the same checkpoint.
+    let runs: Vec<Vec<u8>> = ["1", "2"]
+        .iter()
+        .map(|threads| {
+            let dir = d.join(format!("run{threads}"));
+            let o = bin()
+                .args(&TINY[..TINY.len() - 3])
+                .args(["--batch-norm", "--epochs", "1", "--threads", threads, "--out"])
+                .arg(&dir)
+                .output()
+                .unwrap();
+            assert_ok(&o);
+            std::fs::read(dir.join("checkpoint.safetensors")).unwrap()
+        })
+        .collect();
+    assert!(runs[0] == runs[1], "the checkpoints at 1 and 2 threads differ");
+}

@@ -294,15 +294,21 @@ impl RunFolder {
         Ok(())
     }
 
-    /// Writes the checkpoint of `progress.epoch` atomically; on failure the
-    /// error says which checkpoint is kept.
+    /// Writes the checkpoint of `progress.epoch` atomically, each BatchNorm's
+    /// `num_batches_tracked` at the run's optimiser steps (the training
+    /// batches it has seen, as PyTorch counts them); on failure the error
+    /// says which checkpoint is kept.
     pub fn save_checkpoint(
         &mut self,
         model: &Model,
-        extra: HashMap<String, candle_core::Tensor>,
+        mut extra: HashMap<String, candle_core::Tensor>,
         progress: &CheckpointProgress,
     ) -> Result<()> {
         let epoch = progress.epoch;
+        extra.extend(crate::store::checkpoint::batch_counters(
+            model,
+            progress.optimizer_steps,
+        )?);
         let meta = HashMap::from([(
             crate::store::checkpoint::PROGRESS_KEY.to_string(),
             serde_json::to_string(progress)?,

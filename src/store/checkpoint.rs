@@ -21,14 +21,52 @@ pub const SPEC_KEY: &str = "prelu.spec";
 pub const PROGRESS_KEY: &str = "prelu.progress";
 
 /// Serialises tensors (sorted by name) with string metadata as safetensors.
+/// The same tensors and metadata always give the same bytes: the metadata's
+/// keys are written sorted ([`with_sorted_metadata`]).
 pub fn safetensors_bytes(tensors: &HashMap<String, Tensor>, metadata: HashMap<String, String>) -> Result<Vec<u8>> {
     let mut items: Vec<(&String, Tensor)> = Vec::with_capacity(tensors.len());
     for (k, t) in tensors {
         items.push((k, t.contiguous()?));
     }
     items.sort_by(|a, b| a.0.cmp(b.0));
-    safetensors::serialize(items.iter().map(|(k, t)| (k.as_str(), t)), Some(metadata))
-        .map_err(|e| crate::error::Error::Invalid(format!("cannot serialise tensors: {e}")))
+    let bytes = safetensors::serialize(items.iter().map(|(k, t)| (k.as_str(), t)), None)
+        .map_err(|e| crate::error::Error::Invalid(format!("cannot serialise tensors: {e}")))?;
+    with_sorted_metadata(&bytes, &metadata)
+}
+
+/// Safetensors bytes written without metadata, with `metadata` put first
+/// into their header as `__metadata__`, keys sorted: what
+/// `safetensors::serialize` writes with metadata, except that it writes a
+/// `HashMap`'s order, which differs between two maps of the same content.
+fn with_sorted_metadata(bytes: &[u8], metadata: &HashMap<String, String>) -> Result<Vec<u8>> {
+    let malformed = || crate::error::Error::Invalid("cannot serialise tensors: a malformed header".into());
+    let n = bytes
+        .get(..8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_le_bytes)
+        .and_then(|n| usize::try_from(n).ok())
+        .ok_or_else(malformed)?;
+    let header = bytes
+        .get(8..8 + n)
+        .and_then(|h| std::str::from_utf8(h).ok())
+        .ok_or_else(malformed)?;
+    let rest = header.trim_end().strip_prefix('{').ok_or_else(malformed)?;
+    let sorted: std::collections::BTreeMap<&str, &str> =
+        metadata.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut head = format!(
+        "{{\"__metadata__\":{}{}{rest}",
+        serde_json::to_string(&sorted).map_err(anyhow::Error::from)?,
+        if rest == "}" { "" } else { "," }
+    );
+    // Safetensors pads its header with spaces to a multiple of 8 bytes.
+    while head.len() % 8 != 0 {
+        head.push(' ');
+    }
+    let mut out = Vec::with_capacity(8 + head.len() + bytes.len() - 8 - n);
+    out.extend((head.len() as u64).to_le_bytes());
+    out.extend(head.as_bytes());
+    out.extend(&bytes[8 + n..]);
+    Ok(out)
 }
 
 /// Refuses tensors holding NaN or an infinity (naming the first one): only
@@ -123,8 +161,29 @@ pub fn check_tensors(spec: &ModelSpec, tensors: &HashMap<String, Tensor>) -> Res
     Ok(())
 }
 
+/// The `{node}.num_batches_tracked` counter of each BatchNorm of `model`
+/// (PyTorch's count of the training batches it has seen, read by PyTorch
+/// when `momentum=None`), all at `batches`.
+pub fn batch_counters(model: &Model, batches: u64) -> Result<HashMap<String, Tensor>> {
+    let count = i64::try_from(batches).unwrap_or(i64::MAX);
+    let mut out = HashMap::new();
+    for (node, block) in model.graph.nodes.iter().zip(&model.blocks) {
+        if let crate::model::Block::BatchNorm(_) = block {
+            out.insert(
+                format!("{}.num_batches_tracked", node.name),
+                Tensor::new(count, &Device::Cpu)?,
+            );
+        }
+    }
+    Ok(out)
+}
+
 /// Saves a model's weights (PyTorch names) and spec, plus any extra tensors
 /// and metadata (training checkpoints add optimiser state and progress).
+/// Each BatchNorm's `num_batches_tracked` (with it the file loads into the
+/// PyTorch twin with `load_state_dict(strict=True)`) is the one `extra`
+/// gives ([`batch_counters`]: a training run gives its optimiser steps),
+/// else 0: a model carries no count of its own.
 pub fn save_model(
     path: &Path,
     model: &Model,
@@ -132,17 +191,7 @@ pub fn save_model(
     mut metadata: HashMap<String, String>,
 ) -> Result<()> {
     let mut tensors = model.state_dict()?;
-    // PyTorch's BatchNorm also stores a batch counter; with it the file loads
-    // into the PyTorch twin with `load_state_dict(strict=True)`. It is only
-    // read by PyTorch when `momentum=None`, so 0 is written.
-    for (node, block) in model.graph.nodes.iter().zip(&model.blocks) {
-        if let crate::model::Block::BatchNorm(_) = block {
-            tensors.insert(
-                format!("{}.num_batches_tracked", node.name),
-                Tensor::new(0i64, &Device::Cpu)?,
-            );
-        }
-    }
+    tensors.extend(batch_counters(model, 0)?);
     tensors.extend(extra);
     metadata.insert(
         SPEC_KEY.into(),
