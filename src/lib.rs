@@ -89,6 +89,7 @@ pub mod json;
 pub mod layout;
 pub mod memory;
 pub mod page;
+pub mod term;
 
 pub mod analyses;
 pub mod bench;

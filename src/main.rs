@@ -11,6 +11,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
+use prelu::term::{terminal_safe, terminal_safe_lines};
 
 mod cli;
 
@@ -156,13 +157,16 @@ fn main() -> ExitCode {
         Err(e) => {
             let wants_json = std::env::args_os().any(|a| a == "--json");
             let is_error = e.use_stderr();
+            let text = e.render().to_string();
             if wants_json && is_error {
-                let text = e.render().to_string();
                 json_error("usage", text.trim_end().trim_start_matches("error: "));
-                eprint!("{text}");
+            }
+            if is_error {
+                // The arguments it quotes are the user's: printed escaped.
+                eprint!("{}", terminal_safe_lines(&text));
                 return ExitCode::from(2);
             }
-            // --help and --version print and succeed; usage errors exit 2.
+            // --help and --version print and succeed.
             e.exit()
         }
     };
@@ -176,7 +180,7 @@ fn main() -> ExitCode {
             if json {
                 json_error("error", &msg);
             }
-            eprintln!("error: {msg}");
+            eprintln!("error: {}", terminal_safe(&msg));
             ExitCode::FAILURE
         }
     }

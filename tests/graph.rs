@@ -405,3 +405,58 @@ fn fused_batchnorm_residual_sums_match_autograd() {
         check_against_autograd_tol(&m, 6, 1e-4, 1.0);
     }
 }
+
+/// `OP_KEYS` (the keys a graph file may give an op) are exactly the keys
+/// each op is written with, every optional one present; and every op reads
+/// back from what it writes.
+#[test]
+fn op_keys_match_the_ops_as_written() {
+    use graph::{Padding, Pair, OP_KEYS};
+    let pool = Some(Pair([2, 1]));
+    let ops = [
+        Op::conv(4, 3, 2, 1, false),
+        Op::Linear {
+            out_features: 3,
+            bias: false,
+        },
+        Op::BatchNorm {
+            eps: 1e-3,
+            momentum: 0.2,
+        },
+        Op::Act {
+            act: Activation::LeakyRelu(0.1),
+        },
+        Op::MaxPool {
+            kernel: Pair::both(2),
+            stride: pool,
+            padding: Padding::SameLower,
+            ceil_mode: true,
+        },
+        Op::AvgPool {
+            kernel: Pair([3, 2]),
+            stride: pool,
+            padding: Padding::Explicit([1, 0, 1, 0]),
+            ceil_mode: false,
+            count_include_pad: false,
+        },
+        Op::GlobalAvgPool,
+        Op::Flatten,
+        Op::Add,
+    ];
+    assert_eq!(ops.len(), OP_KEYS.len());
+    for (op, (kind, keys)) in ops.iter().zip(OP_KEYS) {
+        assert_eq!(op.kind(), kind);
+        let v = serde_json::to_value(op).unwrap();
+        let written: Vec<&str> = v
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .filter(|k| *k != "op")
+            .collect();
+        let mut want = keys.to_vec();
+        want.sort();
+        assert_eq!(written, want, "{kind}");
+        assert_eq!(&serde_json::from_value::<Op>(v).unwrap(), op);
+    }
+}

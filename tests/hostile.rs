@@ -1,7 +1,8 @@
 //! Issue 15: run folders and untrusted files. Nothing lost (alarms, runs,
 //! checkpoints), nothing injected (markup in reports, planted symlinks),
-//! nothing unbounded (special files, memory). Each test names the item of the
-//! issue it checks.
+//! nothing unbounded (special files, memory). Issue 28, round two: graph
+//! files, `.npy` headers, error texts, terminal escaping, checkpoint bytes.
+//! Each test names the issue's item it checks (`issue28_` for the second).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -918,4 +919,362 @@ fn item9_export_never_overwrites_the_checkpoint_it_reads() {
     let o = run(&["sculpt"], &[ck.as_os_str(), "-o".as_ref(), ck.as_os_str()]);
     assert_refused(&o, "refusing to overwrite");
     assert_eq!(std::fs::read(&ck).unwrap(), before);
+}
+
+// ------------------------------------------------------- issue 28, item 7
+
+/// Graph text of one conv node with `extra` keys, and a head (TOML).
+fn conv_graph(extra: &str) -> String {
+    format!(
+        "[[nodes]]\nname = \"c1\"\nop = \"conv2d\"\nout_channels = 2\nkernel = 3\n{extra}\n\
+         [[nodes]]\nname = \"flat\"\nop = \"flatten\"\n[[nodes]]\nname = \"fc\"\nop = \"linear\"\nout_features = 10\n"
+    )
+}
+
+fn graph_error(text: &str) -> String {
+    match prelu::graph::Graph::parse(text) {
+        Ok(g) => panic!("accepted: {g:?}"),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn issue28_item7_graph_files_refuse_unknown_keys_naming_key_and_node() {
+    for (extra, key, hint) in [
+        ("strides = 2", "`strides`", Some("`stride`")),
+        ("dilations = 2", "`dilations`", Some("`dilation`")),
+        ("stirde = 2", "`stirde`", Some("`stride`")),
+        ("groups = 2", "`groups`", None),
+    ] {
+        let e = graph_error(&conv_graph(extra));
+        assert!(e.contains("node `c1`") && e.contains(key), "{extra}: {e}");
+        assert!(
+            e.contains("out_channels, kernel, stride, padding, dilation, bias"),
+            "{e}"
+        );
+        if let Some(h) = hint {
+            assert!(e.contains(&format!("did you mean {h}")), "{extra}: {e}");
+        }
+        // One line, with the place in the file.
+        assert!(!e.contains('\n') && e.contains("line 1, column 1"), "{e}");
+    }
+    // JSON alike; every unknown key is named; ops without fields take none.
+    let e = graph_error(r#"{"nodes":[{"name":"p","op":"max_pool","kernel":2,"strides":2,"pad":1}]}"#);
+    assert!(
+        e.contains("node `p`")
+            && e.contains("unknown keys")
+            && e.contains("`strides` (did you mean `stride`?)")
+            && e.contains("`pad`"),
+        "{e}"
+    );
+    let e = graph_error(r#"{"nodes":[{"name":"f","op":"flatten","kernel":2}]}"#);
+    assert!(e.contains("node `f`") && e.contains("`kernel`"), "{e}");
+    let e = graph_error(r#"{"nodes":[{"name":"f","op":"flaten"}]}"#);
+    assert!(e.contains("node `f`") && e.contains("unknown op `flaten`"), "{e}");
+    // A misspelt top-level key is refused, not trained with the defaults.
+    let e = graph_error(&format!("output = [\"fc\"]\n{}", conv_graph("")));
+    assert!(e.contains("`output`"), "{e}");
+    // The keys a graph file for a state dict may hold stay accepted.
+    let text = format!(
+        "input = [1, 8, 8]\ninput_mean = 0.5\ninput_std = 0.25\n{}",
+        conv_graph("")
+    );
+    prelu::graph::Graph::parse(&text).unwrap();
+    let file = prelu::graph::GraphFile::parse(&text).unwrap();
+    assert_eq!(
+        (file.input, file.input_mean, file.input_std),
+        (Some([1, 8, 8]), Some(0.5), Some(0.25))
+    );
+
+    // End to end: `train` refuses the file before training.
+    let dir = tmp("graph-strides");
+    std::fs::create_dir_all(&dir).unwrap();
+    let g = dir.join("g.toml");
+    std::fs::write(&g, conv_graph("strides = 2")).unwrap();
+    let o = bin()
+        .args([
+            "train",
+            "--model",
+            g.to_str().unwrap(),
+            "--epochs",
+            "1",
+            "--threads",
+            "1",
+        ])
+        .arg("--out")
+        .arg(dir.join("run"))
+        .output()
+        .unwrap();
+    assert_refused(&o, "unknown key `strides`");
+    assert!(!dir.join("run").join("checkpoint.safetensors").exists());
+}
+
+#[test]
+fn issue28_item7_bad_values_say_which_field_is_wrong() {
+    for (extra, key, want) in [
+        ("padding = -1", "`padding`", "-1"),
+        ("padding = [1, 2, 3]", "`padding`", "length 3"),
+        ("padding = \"full\"", "`padding`", "\"full\""),
+        ("stride = -2", "`stride`", "-2"),
+        ("stride = [1, 2, 3]", "`stride`", "length 3"),
+        ("dilation = 1.5", "`dilation`", "1.5"),
+        ("bias = 1", "`bias`", "boolean"),
+    ] {
+        let e = graph_error(&conv_graph(extra));
+        assert!(
+            e.contains("node `c1`") && e.contains(key) && e.contains(want),
+            "{extra}: {e}"
+        );
+        assert!(!e.contains("untagged"), "{extra}: {e}");
+    }
+    let e = graph_error(&conv_graph("padding = -1"));
+    assert!(
+        e.contains("[top, left, bottom, right]") && e.contains("\"same\""),
+        "{e}"
+    );
+    let e = graph_error(r#"{"nodes":[{"name":"c","op":"conv2d","kernel":3}]}"#);
+    assert!(e.contains("node `c`") && e.contains("no `out_channels`"), "{e}");
+    let e = graph_error(r#"{"nodes":[{"op":"flatten"}]}"#);
+    assert!(e.contains("no `name`"), "{e}");
+}
+
+// ------------------------------------------------------- issue 28, item 8
+
+/// Control characters (ESC, BEL, newline) in names the user gives.
+const HOSTILE_NAME: &str = "x\u{1b}]0;pwned\u{7}\u{1b}[2J\n";
+
+fn assert_no_controls(what: &str, bytes: &[u8]) {
+    let text = String::from_utf8_lossy(bytes);
+    let bad = text.lines().find(|l| l.chars().any(|c| c.is_control() && c != '\t'));
+    assert!(bad.is_none(), "{what} prints a control character: {bad:?}");
+}
+
+#[test]
+fn issue28_item8_names_are_escaped_in_the_terminal() {
+    use prelu::term::terminal_safe;
+    assert_eq!(terminal_safe(HOSTILE_NAME), "x\\x1b]0;pwned\\x07\\x1b[2J\\x0a");
+    assert_eq!(terminal_safe("\u{9b}31m\u{7f}"), "\\x9b31m\\x7f");
+    assert_eq!(terminal_safe("ants/ä b.png"), "ants/ä b.png");
+
+    // An image folder whose class and file names hold escape sequences.
+    let d = tmp("term-names");
+    let folder = d.join("images");
+    for class in ["ants", &format!("b{HOSTILE_NAME}")] {
+        let c = folder.join(class);
+        std::fs::create_dir_all(&c).unwrap();
+        let mut png = Vec::new();
+        image::GrayImage::from_pixel(2, 2, image::Luma([128]))
+            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        std::fs::write(c.join("a.png"), &png).unwrap();
+        std::fs::write(c.join(format!("n{HOSTILE_NAME}.txt")), "not an image").unwrap();
+    }
+    let spec = prelu::model::ModelSpec::new(
+        prelu::model::Arch::Mlp { hidden: vec![4] },
+        prelu::Activation::Relu,
+        [1, 2, 2],
+        2,
+    );
+    let m = prelu::model::Model::new(&spec, 1, &candle_core::Device::Cpu).unwrap();
+    let ck = d.join("m.safetensors");
+    prelu::store::checkpoint::save_model(&ck, &m, HashMap::new(), HashMap::new()).unwrap();
+    let o = run(&["diagnose"], &[ck.as_os_str(), "--data".as_ref(), folder.as_os_str()]);
+    assert_ok(&o);
+    let err = stderr(&o);
+    assert!(
+        err.contains("2 images in 2 classes") && err.contains("\\x1b]0;pwned\\x07"),
+        "{err}"
+    );
+    assert_no_controls("diagnose (stderr)", &o.stderr);
+    assert_no_controls("diagnose (stdout)", &o.stdout);
+
+    // A path in an error.
+    let missing = d.join(format!("{HOSTILE_NAME}.safetensors"));
+    let o = run(&["diagnose"], &[missing.as_os_str()]);
+    assert_refused(&o, "\\x1b]0;pwned\\x07");
+    assert_no_controls("an error", &o.stderr);
+    // clap's usage errors quote the argument: escaped too.
+    let flag = format!("--{HOSTILE_NAME}");
+    let o = run(&["train", flag.as_str()], &[]);
+    assert!(!o.status.success());
+    assert_no_controls("a usage error", &o.stderr);
+}
+
+// ------------------------------------------- issue 28, items 8 and 9 (.npy)
+
+/// An `.npy` file (version 1) with header text `h` and data `body`.
+fn npy_with_header(h: &str, body: &[u8]) -> Vec<u8> {
+    let mut b = b"\x93NUMPY\x01\x00".to_vec();
+    b.extend((h.len() as u16).to_le_bytes());
+    b.extend(h.as_bytes());
+    b.extend(body);
+    b
+}
+
+fn npy_error(h: &str, body: &[u8]) -> String {
+    match prelu::data::npy::parse_npy(&npy_with_header(h, body), "f.npy") {
+        Ok(a) => panic!("{h}: accepted as {:?}", a.shape),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn issue28_item8_npy_with_trailing_bytes_says_so() {
+    let h = "{'descr': '<f4', 'fortran_order': False, 'shape': (2,), }";
+    let e = npy_error(h, &[0; 12]);
+    assert!(e.starts_with("f.npy") && e.contains("4 trailing bytes"), "{e}");
+    assert!(!e.contains("truncated"), "{e}");
+    let e = npy_error(h, &[0; 4]);
+    assert!(e.contains("truncated") && e.contains("needs 8 bytes"), "{e}");
+}
+
+#[test]
+fn issue28_item9_npy_headers_are_read_as_numpy_reads_them() {
+    use prelu::data::npy::parse_npy;
+    let ok = |h: &str, body: &[u8]| parse_npy(&npy_with_header(h, body), "f.npy").map(|a| a.shape);
+    // What numpy writes, and other spellings it reads.
+    for h in [
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 1), }          \n",
+        "{\"shape\": (2, 1), \"fortran_order\": False, \"descr\": \"<f4\"}",
+        "{'descr':'<f4','fortran_order':False,'shape':(2,1,)}",
+    ] {
+        assert_eq!(ok(h, &[0; 8]).unwrap(), [2, 1], "{h}");
+    }
+    assert_eq!(
+        ok("{'descr': '|u1', 'fortran_order': False, 'shape': (), }", &[7]).unwrap(),
+        Vec::<usize>::new()
+    );
+    for (h, want) in [
+        // A key given twice.
+        (
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (2,), 'shape': (1,)}",
+            "'shape' twice",
+        ),
+        // A `descr` inside another value: no descr of its own.
+        (
+            "{'fortran_order': False, 'shape': (2,), 'x': \"'descr': '<f4'\"}",
+            "the key 'x'",
+        ),
+        (
+            "{'fortran_order': False, 'shape': (2,), 'note': \"'descr': '<f4', \"}",
+            "the key 'note'",
+        ),
+        // A quoted dtype string is that string, not `<f4`.
+        (
+            "{'descr': \"'<f4'\", 'fortran_order': False, 'shape': (2,)}",
+            "not supported",
+        ),
+        ("{'descr': '<f4', 'fortran_order': 0, 'shape': (2,)}", "fortran_order"),
+        ("{'descr': '<f4', 'fortran_order': False, 'shape': (2)}", "not a tuple"),
+        (
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (-2,)}",
+            "not a tuple",
+        ),
+        (
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (True,)}",
+            "not a tuple",
+        ),
+        (
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (02,)}",
+            "not a tuple",
+        ),
+        ("{'descr': '<f4', 'fortran_order': False}", "no `shape`"),
+        (
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (2,)} x",
+            "follows the dict",
+        ),
+        ("{'descr': '<f4' 'fortran_order': False, 'shape': (2,)}", "expected `,`"),
+        ("['descr', '<f4']", "not a Python dict"),
+        (
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (2,), 3: 4}",
+            "the key 3",
+        ),
+    ] {
+        let e = npy_error(h, &[0; 8]);
+        assert!(e.starts_with("f.npy") && e.contains(want), "{h}: {e}");
+    }
+    // Deep nesting is refused, not a stack overflow.
+    let deep = format!(
+        "{{'descr': '<f4', 'fortran_order': False, 'shape': {}}}",
+        "(".repeat(20_000)
+    );
+    assert!(npy_error(&deep, &[]).contains("nested deeper"));
+}
+
+// ------------------------------------------------------ issue 28, item 10
+
+#[test]
+fn issue28_item10_num_batches_tracked_counts_the_optimiser_steps() {
+    use candle_core::DType;
+    let dir = tmp("bn-count");
+    // 256 examples in batches of 64: 4 steps an epoch.
+    assert_ok(&train_tiny(&dir, &["--batch-norm", "--epochs", "2"]));
+    let count = |dir: &Path| {
+        let (t, _) = prelu::store::checkpoint::load_safetensors(&dir.join("checkpoint.safetensors")).unwrap();
+        let c = &t["bn.0.num_batches_tracked"];
+        assert_eq!(c.dtype(), DType::I64);
+        c.to_scalar::<i64>().unwrap()
+    };
+    assert_eq!(count(&dir), 8);
+    let o = bin()
+        .args(["train", "--resume", "--epochs", "3", "--threads", "1", "--out"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert_ok(&o);
+    assert_eq!(count(&dir), 12);
+}
+
+#[test]
+fn issue28_item10_the_same_model_gives_the_same_bytes() {
+    let spec = prelu::model::ModelSpec {
+        batch_norm: true,
+        ..prelu::model::ModelSpec::new(
+            prelu::model::Arch::Mlp { hidden: vec![4] },
+            prelu::Activation::PRelu { shared: false },
+            [1, 2, 2],
+            3,
+        )
+    };
+    let m = prelu::model::Model::new(&spec, 1, &candle_core::Device::Cpu).unwrap();
+    let d = tmp("same-bytes");
+    std::fs::create_dir_all(&d).unwrap();
+    // Many keys: two hash maps of the same content iterate them differently.
+    let meta = || {
+        (0..40)
+            .map(|i| (format!("key{i}"), format!("v{i}")))
+            .collect::<HashMap<_, _>>()
+    };
+    let (a, b) = (d.join("a.safetensors"), d.join("b.safetensors"));
+    prelu::store::checkpoint::save_model(&a, &m, HashMap::new(), meta()).unwrap();
+    prelu::store::checkpoint::save_model(&b, &m, HashMap::new(), meta()).unwrap();
+    let bytes = std::fs::read(&a).unwrap();
+    assert_eq!(bytes, std::fs::read(&b).unwrap());
+    // Still a safetensors file that reads back whole.
+    let (t, md) = prelu::store::checkpoint::load_safetensors(&a).unwrap();
+    assert_eq!(md.len(), 41);
+    assert_eq!(md["key7"], "v7");
+    assert_eq!(t["bn.0.num_batches_tracked"].to_scalar::<i64>().unwrap(), 0);
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    assert_eq!(n % 8, 0);
+    assert!(std::str::from_utf8(&bytes[8..8 + n])
+        .unwrap()
+        .starts_with("{\"__metadata__\":{\"key0\""));
+
+    // A training run at 1 and at 2 threads writes the same checkpoint.
+    let runs: Vec<Vec<u8>> = ["1", "2"]
+        .iter()
+        .map(|threads| {
+            let dir = d.join(format!("run{threads}"));
+            let o = bin()
+                .args(&TINY[..TINY.len() - 3])
+                .args(["--batch-norm", "--epochs", "1", "--threads", threads, "--out"])
+                .arg(&dir)
+                .output()
+                .unwrap();
+            assert_ok(&o);
+            std::fs::read(dir.join("checkpoint.safetensors")).unwrap()
+        })
+        .collect();
+    assert!(runs[0] == runs[1], "the checkpoints at 1 and 2 threads differ");
 }

@@ -11,6 +11,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use prelu::run::TrainConfig;
+use prelu::term::{terminal_safe, terminal_safe_lines};
 
 /// `--json`: one JSON object on stdout at the end instead of text.
 #[derive(Args, Clone, Copy, Debug, Default)]
@@ -107,7 +108,7 @@ impl DataArgs {
         if let Some(s) = src.as_ref().filter(|s| !s.classes.is_empty()) {
             let [c, h, w] = model.spec.input;
             let names = s.classes.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
-            eprintln!(
+            let listing = format!(
                 "{d}: {} images in {} classes ({names}{}), resized (bilinear, antialiased) to {c}x{h}x{w}{}{}",
                 s.data.len(),
                 s.classes.len(),
@@ -128,6 +129,8 @@ impl DataArgs {
                     )
                 }
             );
+            // Folder, class and file names are the user's: printed escaped.
+            eprintln!("{}", terminal_safe(&listing));
         }
         Ok(src)
     }
@@ -158,12 +161,19 @@ pub struct SpecArg {
     pub spec: Option<PathBuf>,
 }
 
-/// Prints `v` as one JSON line or as its text.
+/// A user-given name or path (`p.display()`) as printed for people: every
+/// control character written out ([`terminal_safe`]).
+pub fn shown(v: impl fmt::Display) -> String {
+    terminal_safe(&v.to_string()).into_owned()
+}
+
+/// Prints `v` as one JSON line or as its text (control characters written
+/// out, line breaks kept: [`terminal_safe_lines`]).
 pub fn emit<T: serde::Serialize + fmt::Display>(json: bool, v: &T) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string(v)?);
     } else {
-        print!("{v}");
+        print!("{}", terminal_safe_lines(&v.to_string()));
     }
     Ok(())
 }
@@ -304,6 +314,7 @@ pub struct Progress {
 
 impl Progress {
     pub fn new(what: &str, len: u64, unit: &'static str) -> Self {
+        let what = terminal_safe(what);
         let pb = std::io::stderr().is_terminal().then(|| {
             let pb = ProgressBar::new(len);
             pb.set_style(
@@ -363,6 +374,7 @@ impl Progress {
 /// A spinner with elapsed time for work that reports no count (hidden when
 /// stderr is not a terminal; a start line is printed instead).
 pub fn spinner(msg: &str) -> ProgressBar {
+    let msg = terminal_safe(msg);
     if !std::io::stderr().is_terminal() {
         eprintln!("{msg}");
         return ProgressBar::hidden();

@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 use serde::Serialize;
 
-use super::common::{check_out, data_for, emit, load_ckpt, DataArgs, JsonArg, SpecArg};
+use super::common::{check_out, data_for, emit, load_ckpt, shown, DataArgs, JsonArg, SpecArg};
 
 #[derive(Args)]
 pub struct ExportArgs {
@@ -56,15 +56,15 @@ impl fmt::Display for ExportOutput {
             "ONNX model (opset {}, {} bytes) written to {}",
             self.opset,
             self.bytes,
-            self.out.display()
+            shown(self.out.display())
         )?;
         if let Some(r) = &self.reference {
             writeln!(
                 f,
                 "reference inputs and logits for {} {} test images beside it ({}.ref.json)",
                 r.n,
-                r.data,
-                self.out.display()
+                shown(&r.data),
+                shown(self.out.display())
             )?;
         }
         Ok(())
@@ -177,8 +177,8 @@ impl fmt::Display for ImportOutput {
         writeln!(
             f,
             "{}: input `{}` {:?} ({:?}), outputs {:?}; {} nodes, {} activation layers, {} parameters",
-            self.model.display(),
-            self.input,
+            shown(self.model.display()),
+            shown(&self.input),
             self.io.input_dims(self.input_shape),
             self.io.input_layout,
             self.outputs,
@@ -187,9 +187,9 @@ impl fmt::Display for ImportOutput {
             self.params
         )?;
         for n in &self.notes {
-            writeln!(f, "  note: {n}")?;
+            writeln!(f, "  note: {}", shown(n))?;
         }
-        writeln!(f, "checkpoint written to {}", self.out.display())
+        writeln!(f, "checkpoint written to {}", shown(self.out.display()))
     }
 }
 
@@ -259,7 +259,7 @@ impl fmt::Display for ReportOutput {
             r.epochs,
             r.plots,
             r.alarms,
-            r.out.display()
+            shown(r.out.display())
         )
     }
 }

@@ -12,7 +12,7 @@ use prelu::analyses::sentinel::LayerReport;
 use prelu::analyses::stability;
 use serde::Serialize;
 
-use super::common::{data_for, emit, list, load_ckpt, num, DataArgs, JsonArg, Progress, SpecArg};
+use super::common::{data_for, emit, list, load_ckpt, num, shown, DataArgs, JsonArg, Progress, SpecArg};
 
 /// Which split of a data set.
 #[derive(Clone, Copy, Debug, ValueEnum, Serialize)]
@@ -77,9 +77,9 @@ impl fmt::Display for DiagnoseOutput {
             writeln!(
                 f,
                 "{}: {} {}{} examples, accuracy {:.4}, loss {:.4}",
-                self.checkpoint.display(),
+                shown(self.checkpoint.display()),
                 self.examples,
-                self.data,
+                shown(&self.data),
                 match self.split {
                     Some(SplitArg::Train) => " train",
                     Some(SplitArg::Test) => " test",
@@ -93,9 +93,9 @@ impl fmt::Display for DiagnoseOutput {
                 f,
                 "{}: {} {} examples, no labels: no accuracy or loss; gradient columns use the model's own \
                  predictions as targets",
-                self.checkpoint.display(),
+                shown(self.checkpoint.display()),
                 self.examples,
-                self.data
+                shown(&self.data)
             )?;
         }
         let lw = self.layers.iter().map(|l| l.layer.len()).max().unwrap_or(0).max(7);
@@ -354,7 +354,7 @@ impl fmt::Display for StabilityOutput {
             "chi meas = exp(mean ln ratio / (L-1) + c/n) (finite-width drift taken out); verdict: forward and backward mean vs band."
         )?;
         if let Some(p) = &r.out {
-            writeln!(f, "plot: {}", p.display())?;
+            writeln!(f, "plot: {}", shown(p.display()))?;
         }
         Ok(())
     }

@@ -11,7 +11,7 @@ use prelu::analyses::sculpt::SculptOptions;
 use prelu::analyses::sculpt::SculptReport;
 use serde::Serialize;
 
-use super::common::{check_out, data_for, data_metadata, emit, load_ckpt, DataArgs, JsonArg, Progress, SpecArg};
+use super::common::{check_out, data_for, data_metadata, emit, load_ckpt, shown, DataArgs, JsonArg, Progress, SpecArg};
 
 #[derive(Args)]
 pub struct CanonArgs {
@@ -41,7 +41,7 @@ pub struct CanonOutput {
 
 impl fmt::Display for CanonOutput {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        writeln!(f, "canonical form written to {}", self.out.display())?;
+        writeln!(f, "canonical form written to {}", shown(self.out.display()))?;
         write!(f, "{}", self.report)
     }
 }
@@ -99,7 +99,7 @@ pub struct SculptOutput {
 
 impl fmt::Display for SculptOutput {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        writeln!(f, "sculpted model written to {}", self.out.display())?;
+        writeln!(f, "sculpted model written to {}", shown(self.out.display()))?;
         write!(f, "{}", self.report)
     }
 }

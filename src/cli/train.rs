@@ -9,9 +9,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use prelu::run::CompareRow;
 use prelu::run::Event;
 use prelu::run::TrainConfig;
+use prelu::term::terminal_safe;
 use serde::Serialize;
 
-use super::common::{emit, mean_sd, DataArgs, JsonArg};
+use super::common::{emit, mean_sd, shown, DataArgs, JsonArg};
 
 /// Hidden widths as given on the command line (`512,512` or `256x30`).
 #[derive(Clone, Debug)]
@@ -392,7 +393,7 @@ impl TrainProgress {
     pub fn new(label: &str) -> Self {
         Self {
             pb: ProgressBar::hidden(),
-            label: label.to_string(),
+            label: terminal_safe(label).into_owned(),
             epochs: 0,
         }
     }
@@ -446,7 +447,7 @@ impl TrainProgress {
                     slopes
                 );
             }
-            Event::Message(s) => eprintln!("{s}"),
+            Event::Message(s) => eprintln!("{}", terminal_safe(&s)),
         }
     }
 }
@@ -487,6 +488,7 @@ mod interrupt {
 
     /// Installs the handler with the resume hint for `cmd`.
     pub fn on_ctrl_c(hint: String) {
+        let hint = prelu::term::terminal_safe(&hint);
         if MESSAGE.set(format!("\ninterrupted: {hint}\n").into_bytes()).is_ok() {
             #[cfg(unix)]
             // SAFETY: installing a handler that only calls async-signal-safe functions.
@@ -625,7 +627,7 @@ impl fmt::Display for CompareOutput {
             if self.seeds == 1 { "" } else { "s" }
         )?;
         write!(f, "{}", CompareTable(&self.rows))?;
-        writeln!(f, "run folders under {}", self.out.display())
+        writeln!(f, "run folders under {}", shown(self.out.display()))
     }
 }
 
@@ -766,9 +768,9 @@ impl fmt::Display for DemoOutput {
             writeln!(f, "  {:<6} test acc {:.4}  {}", r.act, r.test_acc_mean, per.join(", "))?;
         }
         for r in &self.dying {
-            writeln!(f, "{:<6} run folder: {}", r.act, r.run_dirs[0].display())?;
+            writeln!(f, "{:<6} run folder: {}", r.act, shown(r.run_dirs[0].display()))?;
         }
-        let reports: Vec<String> = self.reports.iter().map(|p| p.display().to_string()).collect();
+        let reports: Vec<String> = self.reports.iter().map(|p| shown(p.display())).collect();
         writeln!(f, "reports: {}", reports.join(" and "))
     }
 }

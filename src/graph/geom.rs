@@ -2,7 +2,10 @@
 //! ([`Pair`], [`Padding`]) and the windows of a convolution or pooling on one
 //! map ([`ConvGeom`], [`PoolGeom`]), with their validation.
 
+use std::fmt;
+
 use candle_core::{bail, Result};
+use serde::de::{self, SeqAccess, Unexpected, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// A per-sample tensor shape: channels, rows, cols (flat features are `[f, 1, 1]`).
@@ -37,18 +40,81 @@ impl Serialize for Pair {
     }
 }
 
+/// A size from an unsigned number of a graph file.
+fn size_u64<E: de::Error>(v: u64, exp: &dyn de::Expected) -> std::result::Result<usize, E> {
+    usize::try_from(v).map_err(|_| E::invalid_value(Unexpected::Unsigned(v), exp))
+}
+
+/// A size from a signed number of a graph file (refused when negative).
+fn size_i64<E: de::Error>(v: i64, exp: &dyn de::Expected) -> std::result::Result<usize, E> {
+    u64::try_from(v)
+        .map_err(|_| E::invalid_value(Unexpected::Signed(v), exp))
+        .and_then(|v| size_u64(v, exp))
+}
+
+/// A size as written in a graph file: a whole number `>= 0`.
+struct Size(usize);
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Size;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a size (a whole number >= 0)")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> std::result::Result<Size, E> {
+                size_u64(v, &self).map(Size)
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> std::result::Result<Size, E> {
+                size_i64(v, &self).map(Size)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The sizes of a sequence, refused unless their number is one of `lens`
+/// (ascending).
+fn sizes<'de, A: SeqAccess<'de>>(
+    mut seq: A,
+    lens: &[usize],
+    exp: &dyn de::Expected,
+) -> std::result::Result<Vec<usize>, A::Error> {
+    let most = lens.last().copied().unwrap_or(0);
+    let mut v = Vec::new();
+    while let Some(Size(s)) = seq.next_element()? {
+        if v.len() == most {
+            return Err(de::Error::invalid_length(most + 1, exp));
+        }
+        v.push(s);
+    }
+    if !lens.contains(&v.len()) {
+        return Err(de::Error::invalid_length(v.len(), exp));
+    }
+    Ok(v)
+}
+
 impl<'de> Deserialize<'de> for Pair {
     fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            One(usize),
-            Two([usize; 2]),
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Pair;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a size (a whole number >= 0) or [h, w]")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> std::result::Result<Pair, E> {
+                size_u64(v, &self).map(Pair::both)
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> std::result::Result<Pair, E> {
+                size_i64(v, &self).map(Pair::both)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> std::result::Result<Pair, A::Error> {
+                let v = sizes(seq, &[2], &self)?;
+                Ok(Pair([v[0], v[1]]))
+            }
         }
-        Ok(match Raw::deserialize(d)? {
-            Raw::One(v) => Pair([v, v]),
-            Raw::Two(v) => Pair(v),
-        })
+        d.deserialize_any(V)
     }
 }
 
@@ -101,31 +167,41 @@ impl Serialize for Padding {
     }
 }
 
+/// What a padding is written as, for errors.
+const PADDING_FORMS: &str =
+    "a padding: a size (a whole number >= 0), [h, w], [top, left, bottom, right], \"same\", \"same-lower\" or \"valid\"";
+
 impl<'de> Deserialize<'de> for Padding {
     fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            One(usize),
-            Two([usize; 2]),
-            Four([usize; 4]),
-            Name(String),
-        }
-        Ok(match Raw::deserialize(d)? {
-            Raw::One(v) => Padding::Explicit([v; 4]),
-            Raw::Two([h, w]) => Padding::Explicit([h, w, h, w]),
-            Raw::Four(p) => Padding::Explicit(p),
-            Raw::Name(n) => match n.to_ascii_lowercase().as_str() {
-                "same" | "same-upper" | "same_upper" => Padding::SameUpper,
-                "same-lower" | "same_lower" => Padding::SameLower,
-                "valid" => Padding::Explicit([0; 4]),
-                o => {
-                    return Err(serde::de::Error::custom(format!(
-                        "padding `{o}`: expected a number, [h, w], [top, left, bottom, right], \"same\", \"same-lower\" or \"valid\""
-                    )))
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Padding;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(PADDING_FORMS)
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> std::result::Result<Padding, E> {
+                size_u64(v, &self).map(Padding::uniform)
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> std::result::Result<Padding, E> {
+                size_i64(v, &self).map(Padding::uniform)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> std::result::Result<Padding, A::Error> {
+                let v = sizes(seq, &[2, 4], &self)?;
+                Ok(match v[..] {
+                    [h, w] => Padding::Explicit([h, w, h, w]),
+                    _ => Padding::Explicit([v[0], v[1], v[2], v[3]]),
+                })
+            }
+            fn visit_str<E: de::Error>(self, n: &str) -> std::result::Result<Padding, E> {
+                match n.to_ascii_lowercase().as_str() {
+                    "same" | "same-upper" | "same_upper" => Ok(Padding::SameUpper),
+                    "same-lower" | "same_lower" => Ok(Padding::SameLower),
+                    "valid" => Ok(Padding::Explicit([0; 4])),
+                    _ => Err(E::invalid_value(Unexpected::Str(n), &self)),
                 }
-            },
-        })
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 

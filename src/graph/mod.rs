@@ -34,7 +34,12 @@
 //! out_features = 10
 //! ```
 //!
-//! and the presets (`mlp`, `cnn`, `resnet-N`, `plain-N`) are built as graphs
+//! A node has exactly the keys `name`, `inputs`, `op` and its op's fields
+//! ([`OP_KEYS`]); a file has `nodes`, `outputs` and the keys of a state
+//! dict's description ([`GraphFile`]). Any other key is refused, naming it
+//! and its node, and so is a value of the wrong kind, naming the field.
+//!
+//! The presets (`mlp`, `cnn`, `resnet-N`, `plain-N`) are built as graphs
 //! by the functions of this module.
 
 use std::collections::HashMap;
@@ -55,12 +60,6 @@ pub const INPUT: &str = "input";
 const MAX_NODES: usize = 10_000;
 const MAX_DIM: usize = 1 << 20;
 
-fn one() -> Pair {
-    Pair::both(1)
-}
-fn yes() -> bool {
-    true
-}
 fn bn_eps() -> f64 {
     1e-5
 }
@@ -68,74 +67,59 @@ fn bn_momentum() -> f64 {
     0.1
 }
 
+/// An activation written as its name (`prelu`, `leaky:0.1`).
 mod act_str {
     use super::Activation;
-    use serde::{Deserialize, Deserializer, Serializer};
+    use serde::Serializer;
     pub fn serialize<S: Serializer>(a: &Activation, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&a.to_string())
     }
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Activation, D::Error> {
-        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
-    }
 }
 
-/// What a node computes.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// What a node computes. Graph files write the op's name under `op` and its
+/// fields beside it; the fields with a default may be left out (see
+/// [`OP_KEYS`] and the module docs), any other key is refused.
+#[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Op {
-    /// 2-D convolution over NCHW maps (PyTorch `nn.Conv2d`, no groups).
+    /// 2-D convolution over NCHW maps (PyTorch `nn.Conv2d`, no groups);
+    /// stride and dilation default to 1, padding to 0, bias to true.
     Conv2d {
         out_channels: usize,
         kernel: Pair,
-        #[serde(default = "one")]
         stride: Pair,
-        #[serde(default)]
         padding: Padding,
-        #[serde(default = "one")]
         dilation: Pair,
-        #[serde(default = "yes")]
         bias: bool,
     },
-    /// Fully connected layer on flat features (`nn.Linear`).
-    Linear {
-        out_features: usize,
-        #[serde(default = "yes")]
-        bias: bool,
-    },
-    /// BatchNorm over channels (`nn.BatchNorm1d/2d`).
-    BatchNorm {
-        #[serde(default = "bn_eps")]
-        eps: f64,
-        #[serde(default = "bn_momentum")]
-        momentum: f64,
-    },
+    /// Fully connected layer on flat features (`nn.Linear`); bias defaults to true.
+    Linear { out_features: usize, bias: bool },
+    /// BatchNorm over channels (`nn.BatchNorm1d/2d`); eps defaults to 1e-5,
+    /// momentum to 0.1.
+    BatchNorm { eps: f64, momentum: f64 },
     /// ReLU, Leaky ReLU or PReLU (per channel or shared).
     Act {
         #[serde(with = "act_str")]
         act: Activation,
     },
-    /// Max pooling (`nn.MaxPool2d`; padding never wins).
+    /// Max pooling (`nn.MaxPool2d`; padding never wins); padding defaults to
+    /// 0, ceil mode to false.
     MaxPool {
         kernel: Pair,
         /// Defaults to the kernel, as in PyTorch.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[serde(skip_serializing_if = "Option::is_none")]
         stride: Option<Pair>,
-        #[serde(default)]
         padding: Padding,
-        #[serde(default)]
         ceil_mode: bool,
     },
-    /// Average pooling (`nn.AvgPool2d`).
+    /// Average pooling (`nn.AvgPool2d`), defaults as for max pooling.
     AvgPool {
         kernel: Pair,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[serde(skip_serializing_if = "Option::is_none")]
         stride: Option<Pair>,
-        #[serde(default)]
         padding: Padding,
-        #[serde(default)]
         ceil_mode: bool,
-        /// Whether padded zeros count in the average (PyTorch's default).
-        #[serde(default = "yes")]
+        /// Whether padded zeros count in the average (PyTorch's default: true).
         count_include_pad: bool,
     },
     /// Mean over each channel's map: `[N, C, H, W] -> [N, C, 1, 1]`.
@@ -145,6 +129,28 @@ pub enum Op {
     /// Element-wise sum of its inputs (residual connections).
     Add,
 }
+
+/// Every op's name in graph files and the keys its fields take there.
+pub const OP_KEYS: [(&str, &[&str]); 9] = [
+    (
+        "conv2d",
+        &["out_channels", "kernel", "stride", "padding", "dilation", "bias"],
+    ),
+    ("linear", &["out_features", "bias"]),
+    ("batch_norm", &["eps", "momentum"]),
+    ("act", &["act"]),
+    ("max_pool", &["kernel", "stride", "padding", "ceil_mode"]),
+    (
+        "avg_pool",
+        &["kernel", "stride", "padding", "ceil_mode", "count_include_pad"],
+    ),
+    ("global_avg_pool", &[]),
+    ("flatten", &[]),
+    ("add", &[]),
+];
+
+/// The keys of a node in graph files besides its op's fields.
+const NODE_KEYS: [&str; 3] = ["name", "inputs", "op"];
 
 impl Op {
     /// A square-kernel convolution with uniform stride and zero padding
@@ -177,13 +183,15 @@ impl Op {
 }
 
 /// A node: a name (the PyTorch module path of its parameters), its inputs,
-/// and its op.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// and its op. Read from a table of exactly the keys `name`, `inputs`
+/// (optional), `op` and the op's fields; an unknown key is refused, naming
+/// it and the node.
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Node {
     pub name: String,
     /// Names of the nodes (or `"input"`) this one reads; empty: the previous
     /// node (the input for the first).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub inputs: Vec<String>,
     #[serde(flatten)]
     pub op: Op,
@@ -191,11 +199,210 @@ pub struct Node {
 
 /// A network as a graph of named nodes (see the module docs).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Graph {
     pub nodes: Vec<Node>,
     /// The heads; empty: the last node. The first is the one trained.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub outputs: Vec<String>,
+}
+
+/// A graph file: the graph, and what it may say besides it for weights
+/// saved without a spec (a PyTorch state dict): the input shape and the
+/// input normalisation. Any other top-level key is refused.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GraphFile {
+    pub nodes: Vec<Node>,
+    #[serde(default)]
+    pub outputs: Vec<String>,
+    /// `input = [C, H, W]`.
+    #[serde(default)]
+    pub input: Option<[usize; 3]>,
+    #[serde(default)]
+    pub input_mean: Option<f32>,
+    #[serde(default)]
+    pub input_std: Option<f32>,
+}
+
+impl GraphFile {
+    /// Parses a graph file, JSON (`{`) or TOML; an error is one line that
+    /// says where (line and column) and what is wrong.
+    pub fn parse(text: &str) -> std::result::Result<Self, String> {
+        if text.trim_start().starts_with('{') {
+            serde_json::from_str(text).map_err(|e| format!("graph (JSON): {e}"))
+        } else {
+            toml::from_str(text).map_err(|e: toml::de::Error| {
+                let at = e
+                    .span()
+                    .and_then(|s| text.get(..s.start))
+                    .map(|before| {
+                        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+                        format!(
+                            " at line {}, column {}",
+                            before.matches('\n').count() + 1,
+                            before[line_start..].chars().count() + 1
+                        )
+                    })
+                    .unwrap_or_default();
+                format!("graph (TOML){at}: {}", e.message().trim_end().replace('\n', "; "))
+            })
+        }
+    }
+
+    /// The graph the file describes.
+    pub fn into_graph(self) -> Graph {
+        Graph {
+            nodes: self.nodes,
+            outputs: self.outputs,
+        }
+    }
+}
+
+/// The keys of one table of a graph file, taken out one by one as typed
+/// values; errors name the key.
+struct Keys(serde_json::Map<String, serde_json::Value>);
+
+impl Keys {
+    /// The value of `key`, if there is one.
+    fn get<T: serde::de::DeserializeOwned>(&mut self, key: &str) -> std::result::Result<Option<T>, String> {
+        self.0
+            .remove(key)
+            .map(|v| T::deserialize(v).map_err(|e| format!("`{key}`: {e}")))
+            .transpose()
+    }
+
+    /// The value of `key`, which must be there.
+    fn need<T: serde::de::DeserializeOwned>(&mut self, key: &str) -> std::result::Result<T, String> {
+        self.get(key)?.ok_or_else(|| format!("no `{key}`"))
+    }
+
+    /// The value of `key`, or `default` when it is left out.
+    fn or<T: serde::de::DeserializeOwned>(&mut self, key: &str, default: T) -> std::result::Result<T, String> {
+        Ok(self.get(key)?.unwrap_or(default))
+    }
+
+    /// Refuses the keys still there that are not `allowed`, naming each
+    /// (with the allowed key it is closest to, for a typo).
+    fn refuse_unknown(&self, kind: &str, allowed: &[&str]) -> std::result::Result<(), String> {
+        let unknown: Vec<String> = self
+            .0
+            .keys()
+            .filter(|k| !allowed.contains(&k.as_str()))
+            .map(|k| match closest(k, allowed) {
+                Some(c) => format!("`{k}` (did you mean `{c}`?)"),
+                None => format!("`{k}`"),
+            })
+            .collect();
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        Err(format!(
+            "unknown key{} {}; a {kind} node has the keys {}",
+            if unknown.len() == 1 { "" } else { "s" },
+            unknown.join(", "),
+            allowed.join(", ")
+        ))
+    }
+}
+
+/// The key of `known` nearest to `key`, if at most two edits away.
+fn closest<'a>(key: &str, known: &[&'a str]) -> Option<&'a str> {
+    known
+        .iter()
+        .map(|k| (edit_distance(key, k), *k))
+        .filter(|&(d, _)| d <= 2)
+        .min_by_key(|&(d, _)| d)
+        .map(|(_, k)| k)
+}
+
+/// Levenshtein distance (insertions, deletions, substitutions of chars).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diag = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let next = (diag + usize::from(ca != cb)).min(row[j] + 1).min(row[j + 1] + 1);
+            diag = row[j + 1];
+            row[j + 1] = next;
+        }
+    }
+    row[b.len()]
+}
+
+/// The op of a table whose other keys (`name`, `inputs`) are taken: its
+/// `op` and exactly that op's keys ([`OP_KEYS`]), with their defaults.
+fn op_from_keys(k: &mut Keys) -> std::result::Result<Op, String> {
+    let kind: String = k.need("op")?;
+    let Some(&(kind, fields)) = OP_KEYS.iter().find(|(name, _)| *name == kind) else {
+        let names: Vec<&str> = OP_KEYS.iter().map(|(n, _)| *n).collect();
+        return Err(format!("unknown op `{kind}` (one of {})", names.join(", ")));
+    };
+    let allowed: Vec<&str> = NODE_KEYS.iter().chain(fields).copied().collect();
+    k.refuse_unknown(kind, &allowed)?;
+    let one = Pair::both(1);
+    Ok(match kind {
+        "conv2d" => Op::Conv2d {
+            out_channels: k.need("out_channels")?,
+            kernel: k.need("kernel")?,
+            stride: k.or("stride", one)?,
+            padding: k.or("padding", Padding::default())?,
+            dilation: k.or("dilation", one)?,
+            bias: k.or("bias", true)?,
+        },
+        "linear" => Op::Linear {
+            out_features: k.need("out_features")?,
+            bias: k.or("bias", true)?,
+        },
+        "batch_norm" => Op::BatchNorm {
+            eps: k.or("eps", bn_eps())?,
+            momentum: k.or("momentum", bn_momentum())?,
+        },
+        "act" => Op::Act {
+            act: k.need::<String>("act")?.parse().map_err(|e| format!("`act`: {e}"))?,
+        },
+        "max_pool" => Op::MaxPool {
+            kernel: k.need("kernel")?,
+            stride: k.or("stride", None)?,
+            padding: k.or("padding", Padding::default())?,
+            ceil_mode: k.or("ceil_mode", false)?,
+        },
+        "avg_pool" => Op::AvgPool {
+            kernel: k.need("kernel")?,
+            stride: k.or("stride", None)?,
+            padding: k.or("padding", Padding::default())?,
+            ceil_mode: k.or("ceil_mode", false)?,
+            count_include_pad: k.or("count_include_pad", true)?,
+        },
+        "global_avg_pool" => Op::GlobalAvgPool,
+        "flatten" => Op::Flatten,
+        _ => Op::Add,
+    })
+}
+
+impl<'de> Deserialize<'de> for Op {
+    /// An op from a table of `op` and the op's fields ([`OP_KEYS`]).
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let mut k = Keys(serde_json::Map::deserialize(d)?);
+        op_from_keys(&mut k).map_err(serde::de::Error::custom)
+    }
+}
+
+impl<'de> Deserialize<'de> for Node {
+    /// A node from a table of `name`, `inputs` (optional), `op` and the op's
+    /// fields; errors name the node and the key.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let mut k = Keys(serde_json::Map::deserialize(d)?);
+        let name: String = k
+            .need("name")
+            .map_err(|e| serde::de::Error::custom(format!("a node: {e}")))?;
+        let at = |e: String| -> D::Error { serde::de::Error::custom(format!("node `{name}`: {e}")) };
+        let inputs = k.or("inputs", Vec::new()).map_err(at)?;
+        let op = op_from_keys(&mut k).map_err(at)?;
+        Ok(Node { name, inputs, op })
+    }
 }
 
 /// What a tensor of a node is; its PyTorch name is `{node}.{suffix}`.
@@ -319,14 +526,9 @@ impl Resolved {
 }
 
 impl Graph {
-    /// Parses a graph file, JSON (`{`) or TOML.
+    /// Parses a graph file, JSON (`{`) or TOML ([`GraphFile`]), for its graph.
     pub fn parse(text: &str) -> std::result::Result<Self, String> {
-        let g: Graph = if text.trim_start().starts_with('{') {
-            serde_json::from_str(text).map_err(|e| format!("graph (JSON): {e}"))?
-        } else {
-            toml::from_str(text).map_err(|e| format!("graph (TOML): {e}"))?
-        };
-        Ok(g)
+        GraphFile::parse(text).map(GraphFile::into_graph)
     }
 
     /// The index of the node called `name`.

@@ -308,7 +308,11 @@ impl RunFolder {
             // Extending a run (more epochs) and the testing faults are allowed.
             let skip = ["epochs", "fault_nan_step", "fault_inf_step"];
             let saved: TrainConfig = serde_json::from_str(saved)?;
-            diffs.extend(json_diff(&serde_json::to_value(&saved)?, &serde_json::to_value(&now)?, &skip));
+            diffs.extend(json_diff(
+                &serde_json::to_value(&saved)?,
+                &serde_json::to_value(&now)?,
+                &skip,
+            ));
         }
         if let Some(saved) = meta.get(SPEC_KEY) {
             // Through the type, so that both sides' numbers are written alike.
@@ -358,15 +362,21 @@ impl RunFolder {
         Ok(())
     }
 
-    /// Writes the checkpoint of `progress.epoch` atomically; on failure the
-    /// error says which checkpoint is kept.
+    /// Writes the checkpoint of `progress.epoch` atomically, each BatchNorm's
+    /// `num_batches_tracked` at the run's optimiser steps (the training
+    /// batches it has seen, as PyTorch counts them); on failure the error
+    /// says which checkpoint is kept.
     pub fn save_checkpoint(
         &mut self,
         model: &Model,
-        extra: HashMap<String, candle_core::Tensor>,
+        mut extra: HashMap<String, candle_core::Tensor>,
         progress: &CheckpointProgress,
     ) -> Result<()> {
         let epoch = progress.epoch;
+        extra.extend(crate::store::checkpoint::batch_counters(
+            model,
+            progress.optimizer_steps,
+        )?);
         let mut meta = HashMap::from([(
             crate::store::checkpoint::PROGRESS_KEY.to_string(),
             serde_json::to_string(progress)?,

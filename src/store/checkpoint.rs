@@ -24,14 +24,52 @@ pub const CONFIG_KEY: &str = "prelu.config";
 pub const PROGRESS_KEY: &str = "prelu.progress";
 
 /// Serialises tensors (sorted by name) with string metadata as safetensors.
+/// The same tensors and metadata always give the same bytes: the metadata's
+/// keys are written sorted ([`with_sorted_metadata`]).
 pub fn safetensors_bytes(tensors: &HashMap<String, Tensor>, metadata: HashMap<String, String>) -> Result<Vec<u8>> {
     let mut items: Vec<(&String, Tensor)> = Vec::with_capacity(tensors.len());
     for (k, t) in tensors {
         items.push((k, t.contiguous()?));
     }
     items.sort_by(|a, b| a.0.cmp(b.0));
-    safetensors::serialize(items.iter().map(|(k, t)| (k.as_str(), t)), Some(metadata))
-        .map_err(|e| crate::error::Error::Invalid(format!("cannot serialise tensors: {e}")))
+    let bytes = safetensors::serialize(items.iter().map(|(k, t)| (k.as_str(), t)), None)
+        .map_err(|e| crate::error::Error::Invalid(format!("cannot serialise tensors: {e}")))?;
+    with_sorted_metadata(&bytes, &metadata)
+}
+
+/// Safetensors bytes written without metadata, with `metadata` put first
+/// into their header as `__metadata__`, keys sorted: what
+/// `safetensors::serialize` writes with metadata, except that it writes a
+/// `HashMap`'s order, which differs between two maps of the same content.
+fn with_sorted_metadata(bytes: &[u8], metadata: &HashMap<String, String>) -> Result<Vec<u8>> {
+    let malformed = || crate::error::Error::Invalid("cannot serialise tensors: a malformed header".into());
+    let n = bytes
+        .get(..8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_le_bytes)
+        .and_then(|n| usize::try_from(n).ok())
+        .ok_or_else(malformed)?;
+    let header = bytes
+        .get(8..8 + n)
+        .and_then(|h| std::str::from_utf8(h).ok())
+        .ok_or_else(malformed)?;
+    let rest = header.trim_end().strip_prefix('{').ok_or_else(malformed)?;
+    let sorted: std::collections::BTreeMap<&str, &str> =
+        metadata.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut head = format!(
+        "{{\"__metadata__\":{}{}{rest}",
+        serde_json::to_string(&sorted).map_err(anyhow::Error::from)?,
+        if rest == "}" { "" } else { "," }
+    );
+    // Safetensors pads its header with spaces to a multiple of 8 bytes.
+    while head.len() % 8 != 0 {
+        head.push(' ');
+    }
+    let mut out = Vec::with_capacity(8 + head.len() + bytes.len() - 8 - n);
+    out.extend((head.len() as u64).to_le_bytes());
+    out.extend(head.as_bytes());
+    out.extend(&bytes[8 + n..]);
+    Ok(out)
 }
 
 /// Refuses tensors holding NaN or an infinity (naming the first one): only
@@ -126,8 +164,29 @@ pub fn check_tensors(spec: &ModelSpec, tensors: &HashMap<String, Tensor>) -> Res
     Ok(())
 }
 
+/// The `{node}.num_batches_tracked` counter of each BatchNorm of `model`
+/// (PyTorch's count of the training batches it has seen, read by PyTorch
+/// when `momentum=None`), all at `batches`.
+pub fn batch_counters(model: &Model, batches: u64) -> Result<HashMap<String, Tensor>> {
+    let count = i64::try_from(batches).unwrap_or(i64::MAX);
+    let mut out = HashMap::new();
+    for (node, block) in model.graph.nodes.iter().zip(&model.blocks) {
+        if let crate::model::Block::BatchNorm(_) = block {
+            out.insert(
+                format!("{}.num_batches_tracked", node.name),
+                Tensor::new(count, &Device::Cpu)?,
+            );
+        }
+    }
+    Ok(out)
+}
+
 /// Saves a model's weights (PyTorch names) and spec, plus any extra tensors
 /// and metadata (training checkpoints add optimiser state and progress).
+/// Each BatchNorm's `num_batches_tracked` (with it the file loads into the
+/// PyTorch twin with `load_state_dict(strict=True)`) is the one `extra`
+/// gives ([`batch_counters`]: a training run gives its optimiser steps),
+/// else 0: a model carries no count of its own.
 pub fn save_model(
     path: &Path,
     model: &Model,
@@ -135,17 +194,7 @@ pub fn save_model(
     mut metadata: HashMap<String, String>,
 ) -> Result<()> {
     let mut tensors = model.state_dict()?;
-    // PyTorch's BatchNorm also stores a batch counter; with it the file loads
-    // into the PyTorch twin with `load_state_dict(strict=True)`. It is only
-    // read by PyTorch when `momentum=None`, so 0 is written.
-    for (node, block) in model.graph.nodes.iter().zip(&model.blocks) {
-        if let crate::model::Block::BatchNorm(_) = block {
-            tensors.insert(
-                format!("{}.num_batches_tracked", node.name),
-                Tensor::new(0i64, &Device::Cpu)?,
-            );
-        }
-    }
+    tensors.extend(batch_counters(model, 0)?);
     tensors.extend(extra);
     metadata.insert(
         SPEC_KEY.into(),
@@ -337,33 +386,18 @@ pub fn is_graph_file(text: &str) -> bool {
     serde_json::from_str::<serde_json::Value>(t).is_ok_and(|v| v.get("nodes").is_some())
 }
 
-/// What a graph file may say besides its nodes, for weights without a spec:
-/// the input shape and the input normalisation.
-#[derive(serde::Deserialize)]
-struct GraphExtras {
-    #[serde(default)]
-    input: Option<[usize; 3]>,
-    #[serde(default)]
-    input_mean: Option<f32>,
-    #[serde(default)]
-    input_std: Option<f32>,
-}
-
 /// The model spec of a state dict described by a graph file (the format of
 /// `train`'s graph files; node names are the module paths, so a tensor
 /// `<node>.weight` belongs to node `<node>`). The input shape comes from
 /// the file's `input = [C, H, W]`, or, when the first layer is dense, from
 /// its weight. Checks nothing about the other tensors (see [`check_state_dict`]).
 pub fn spec_from_graph(text: &str, tensors: &HashMap<String, Tensor>) -> Result<ModelSpec> {
-    use crate::graph::{Graph, Op, INPUT};
-    let graph = Graph::parse(text).map_err(crate::error::Error::Invalid)?;
-    let extras: GraphExtras = if text.trim_start().starts_with('{') {
-        serde_json::from_str(text).map_err(|e| crate::error::Error::Invalid(format!("graph (JSON): {e}")))?
-    } else {
-        toml::from_str(text).map_err(|e| crate::error::Error::Invalid(format!("graph (TOML): {e}")))?
-    };
+    use crate::graph::{GraphFile, Op, INPUT};
+    let file = GraphFile::parse(text).map_err(crate::error::Error::Invalid)?;
+    let (input, input_mean, input_std) = (file.input, file.input_mean, file.input_std);
+    let graph = file.into_graph();
     let reads = |k: usize, v: &str| graph.input_names(k).contains(&v);
-    let input = match extras.input {
+    let input = match input {
         Some(i) => i,
         None => {
             let Some(first) = (0..graph.nodes.len()).find(|&k| reads(k, INPUT)) else {
@@ -409,8 +443,8 @@ pub fn spec_from_graph(text: &str, tensors: &HashMap<String, Tensor>) -> Result<
     let r = graph.resolve(input)?;
     let classes = r.len(r.outputs[0]);
     let spec = ModelSpec {
-        input_mean: extras.input_mean.unwrap_or(0.0),
-        input_std: extras.input_std.unwrap_or(1.0),
+        input_mean: input_mean.unwrap_or(0.0),
+        input_std: input_std.unwrap_or(1.0),
         ..ModelSpec::new(crate::model::Arch::Graph { graph }, act, input, classes)
     };
     spec.validate()?;
