@@ -19,7 +19,7 @@ pub(super) struct Bn {
     pub(super) eps: f64,
     pub(super) momentum: f64,
     pub(super) channels: usize,
-    /// As in [`Stage::Act`]: values per channel and sample, 0 for feature-major.
+    /// As in [`Kind::Act`](super::stage::Kind::Act): values per channel and sample, 0 for feature-major.
     pub(super) inner: usize,
     /// The activation that reads this BatchNorm's output and nothing else,
     /// fused in: its slopes and its activation node (the sentinel's index).
