@@ -109,7 +109,7 @@ fn declared_dims(input: &ValueInfoProto) -> Vec<Option<usize>> {
 /// Whether the input (after element-wise scaling, e.g. Keras' Rescaling)
 /// is transposed to NCHW: Keras/TensorFlow models take [N, H, W, C] and
 /// transpose it for their first convolution (tf2onnx writes `Transpose`
-/// perm [0,3,1,2]).
+/// perm `[0,3,1,2]`).
 fn transposed_to_nchw(g: &GraphProto, input: &str) -> bool {
     let mut scaled = HashSet::from([input]);
     for n in &g.node {
