@@ -81,6 +81,7 @@ impl Builder {
             name: format!("{op}_{}", self.n),
             op_type: op.into(),
             attribute: attrs,
+            domain: String::new(),
         });
         out
     }
@@ -409,6 +410,7 @@ fn write_head(
         name: format!("output_{k}"),
         op_type: op.into(),
         attribute,
+        domain: String::new(),
     });
     b.g.output.push(value_info(&oi.name, &with_batch(dims)));
     Ok(())

@@ -66,7 +66,7 @@ pub struct OnnxIo {
 }
 
 impl OnnxIo {
-    /// What [`export`](crate::store::onnx::export) writes for a model of ours: `input` `[N, C*H*W]`,
+    /// What [`export`](crate::store::onnx::export()) writes for a model of ours: `input` `[N, C*H*W]`,
     /// first output `logits`, others named after their node.
     pub fn native(model: &crate::model::Model) -> Self {
         let r = &model.resolved;

@@ -1,5 +1,5 @@
-//! ONNX in and out: [`export`] writes the model as a standard ONNX graph
-//! (opset 13) that onnxruntime and other runtimes execute; [`import`] reads a
+//! ONNX in and out: [`export`](export()) writes the model as a standard ONNX graph
+//! (opset 13) that onnxruntime and other runtimes execute; [`import`](import()) reads a
 //! PReLU network exported elsewhere (PyTorch's `torch.onnx.export`) into the
 //! layer graph.
 //!

@@ -34,23 +34,19 @@ pub(super) fn activation(ctx: &mut Ctx, at: &At) -> Result<()> {
     };
     let name = ctx.name(at, weight.as_ref().and(at.wname()));
     if let Some(values) = weight {
-        let t = Const {
-            dims: vec![values.len()],
-            values,
-        };
+        let t = Const::floats(vec![values.len()], values);
         ctx.weights
             .insert(format!("{name}.weight"), tensor(&t, &[t.values.len()])?);
     }
     ctx.first_act.get_or_insert(act);
-    ctx.push(&at.out, name, vec![x], Op::Act { act });
-    Ok(())
+    ctx.push(at, name, vec![x], Op::Act { act })
 }
 
 /// A PRelu's slope in our order: one value, or one per channel (feature of
 /// a flat value).
 fn prelu_slope(ctx: &Ctx, at: &At, x: &str) -> Result<Vec<f64>> {
     let w = &at.w;
-    let s = ctx.constant(at, 1)?;
+    let s = ctx.weight(at, 1)?;
     let (shape, flat) = ctx.shape_of(x)?;
     if s.values.len() == 1 {
         return Ok(s.values);

@@ -1,19 +1,33 @@
 //! The state of one import, shared by the converters: what each ONNX value
-//! stands for, the nodes and weights of our graph so far, and the input; and
-//! the node being converted ([`At`]) with the lookups of its inputs.
+//! stands for, the nodes and weights of our graph so far, and each value of
+//! ours ([`Ours`]: its shape, known as soon as its node is added, and its
+//! readers); and the node being converted ([`At`]) with the lookups of its
+//! inputs.
+//!
+//! Shapes are tracked node by node: a new node's output shape comes from
+//! its input's known shape (by resolving that one node), so an import is
+//! linear in the node count; the whole graph is resolved once, at the end.
+//!
+//! Readers: `uses` counts, once, the nodes reading each ONNX value and the
+//! graph outputs naming it. Each value of ours adds up the uses of the ONNX
+//! names bound to it, less the reads of nodes that only rename it (Identity,
+//! a Transpose, a flatten of a flat value, ...) or only read its shape. A
+//! fold that removes a value (an Add folded into a MatMul's bias, an input
+//! normalisation or reshape folded into the input) first checks that the
+//! value has no other reader ([`Ctx::sole_reader`]).
 
 use std::collections::HashMap;
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use candle_core::Tensor;
 
 use super::layout::Perm;
 use super::naming::our_name;
 use super::values::{Const, Val};
-use crate::graph::{Graph, Node, Op, INPUT};
+use crate::graph::{Graph, Node, Op, Resolved, INPUT};
 use crate::nn::activation::Activation;
 use crate::store::onnx::interface::SoftmaxIo;
-use crate::store::onnx::proto::{GraphProto, NodeProto};
+use crate::store::onnx::proto::{GraphProto, NodeProto, FLOAT, INT64};
 
 /// The import so far.
 pub(super) struct Ctx<'g> {
@@ -24,9 +38,13 @@ pub(super) struct Ctx<'g> {
     pub(super) vals: HashMap<String, Val>,
     /// ONNX values whose layout differs from ours (NHWC and its flattening).
     pub(super) perm: HashMap<String, Perm>,
-    /// How many nodes read each value (for folding an Add into a MatMul).
+    /// How many nodes read each ONNX value, plus the graph outputs naming it.
     pub(super) uses: HashMap<&'g str, usize>,
+    /// How many graph outputs name each ONNX value.
+    pub(super) outputs: HashMap<&'g str, usize>,
     pub(super) nodes: Vec<Node>,
+    /// The values of our graph: the input and each node's output.
+    pub(super) ours: HashMap<String, Ours>,
     pub(super) weights: HashMap<String, Tensor>,
     /// Our node names given so far, with their counts (for unique names).
     pub(super) taken: HashMap<String, usize>,
@@ -36,10 +54,19 @@ pub(super) struct Ctx<'g> {
     /// The input normalisation so far, per channel: `(x - m) / s`.
     pub(super) norm: Option<(Vec<f64>, Vec<f64>)>,
     pub(super) first_act: Option<Activation>,
-    /// Our input's shape `[C, H, W]`.
-    pub(super) in_shape: [usize; 3],
-    /// Whether our input is flat features (prelu's own export reshapes it to maps).
-    pub(super) input_flat: bool,
+}
+
+/// A value of our graph.
+pub(super) struct Ours {
+    /// The node computing it (`None` for the input).
+    pub(super) index: Option<usize>,
+    /// Its shape `[C, H, W]` (`[F, 1, 1]` for flat features).
+    pub(super) shape: [usize; 3],
+    /// Whether it is flat features (`[N, F]`, after a flatten or a linear
+    /// layer, or a flat input) rather than maps.
+    pub(super) flat: bool,
+    /// The ONNX reads of it (see the module docs).
+    pub(super) readers: usize,
 }
 
 /// The ONNX node being converted.
@@ -156,36 +183,166 @@ impl<'g> Ctx<'g> {
         our_name(at.n, at.i, weight, &mut self.taken)
     }
 
-    /// Adds a node of ours computing ONNX value `out`.
-    pub(super) fn push(&mut self, out: &str, name: String, inputs: Vec<String>, op: Op) {
-        self.nodes.push(Node {
-            name: name.clone(),
-            inputs,
-            op,
-        });
-        self.vals.insert(out.to_string(), Val::Node(name));
+    /// Input `k` as a float constant (a weight, a bias, a normalisation).
+    pub(super) fn weight(&self, at: &At, k: usize) -> Result<Const> {
+        let c = self.constant(at, k)?;
+        check_float(at, k, &c)?;
+        Ok(c)
     }
 
-    /// The shape of one of our values and whether it is flat features
-    /// (`[N, F]`, after a flatten or a linear layer) rather than maps.
-    pub(super) fn shape_of(&self, v: &str) -> Result<([usize; 3], bool)> {
-        if v == INPUT {
-            return Ok((self.in_shape, self.input_flat));
+    /// Optional input `k` as a float constant.
+    pub(super) fn opt_weight(&self, at: &At, k: usize) -> Result<Option<Const>> {
+        let c = self.opt_const(at, k)?;
+        if let Some(c) = &c {
+            check_float(at, k, c)?;
         }
-        let r = Graph {
-            nodes: self.nodes.to_vec(),
-            outputs: vec![v.to_string()],
-        }
-        .resolve(self.in_shape)?;
-        let mut flat = vec![self.input_flat];
-        for (k, nd) in self.nodes.iter().enumerate() {
-            flat.push(match nd.op {
-                Op::Flatten | Op::Linear { .. } => true,
-                Op::Conv2d { .. } | Op::MaxPool { .. } | Op::AvgPool { .. } | Op::GlobalAvgPool => false,
-                Op::Act { .. } | Op::BatchNorm { .. } | Op::Add => flat[r.inputs[k][0]],
-            });
-        }
-        let k = r.outputs[0];
-        Ok((r.shapes[k], flat[k]))
+        Ok(c)
     }
+
+    /// The node's axes: its `axes` attribute, or (opset 13 on) its int64
+    /// input 1; none when neither is given.
+    pub(super) fn axes(&self, at: &At) -> Result<Vec<i64>> {
+        if let Some(a) = super::attrs::attr(at.n, "axes") {
+            return Ok(a.ints.clone());
+        }
+        match self.opt_const(at, 1)? {
+            Some(c) if c.data_type != INT64 => {
+                bail!("{}: axes of ONNX data type {}; they are int64", at.w, c.data_type)
+            }
+            Some(c) => Ok(c.values.iter().map(|&v| v as i64).collect()),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Our value `v`.
+    fn ours(&self, v: &str) -> Result<&Ours> {
+        self.ours
+            .get(v)
+            .ok_or_else(|| anyhow!("`{v}` is not a value of the graph being built"))
+    }
+
+    /// The shape of our value `v` and whether it is flat features.
+    pub(super) fn shape_of(&self, v: &str) -> Result<([usize; 3], bool)> {
+        self.ours(v).map(|o| (o.shape, o.flat))
+    }
+
+    /// The node of ours computing `v` (`None` for the input).
+    pub(super) fn node_of(&self, v: &str) -> Option<&Node> {
+        self.ours.get(v).and_then(|o| o.index).map(|j| &self.nodes[j])
+    }
+
+    /// Our input's shape.
+    pub(super) fn in_shape(&self) -> [usize; 3] {
+        self.ours.get(INPUT).map_or([1, 1, 1], |o| o.shape)
+    }
+
+    /// Whether our input is flat features (prelu's own export reshapes it to maps).
+    pub(super) fn input_flat(&self) -> bool {
+        self.ours.get(INPUT).is_some_and(|o| o.flat)
+    }
+
+    /// Whether ONNX value `v` is a graph output that no node reads.
+    pub(super) fn output_only(&self, v: &str) -> bool {
+        let outputs = self.outputs.get(v).copied().unwrap_or(0);
+        outputs > 0 && self.uses.get(v) == Some(&outputs)
+    }
+
+    /// Whether the node being folded away is the only reader of our value
+    /// `v` (nothing else reads it, under any name, and it is no output).
+    pub(super) fn sole_reader(&self, v: &str) -> bool {
+        self.ours.get(v).is_some_and(|o| o.readers == 1)
+    }
+
+    /// ONNX value `out` stands for our value `v`: its readers are `v`'s.
+    pub(super) fn bind(&mut self, out: &str, v: &str) {
+        let uses = self.uses.get(out).copied().unwrap_or(0);
+        if let Some(o) = self.ours.get_mut(v) {
+            o.readers += uses;
+        }
+        self.vals.insert(out.to_string(), Val::Node(v.to_string()));
+    }
+
+    /// A node read our value `v` without computing on its values (to rename
+    /// it, or for its shape): not a reader of its own.
+    pub(super) fn unread(&mut self, v: &str) {
+        if let Some(o) = self.ours.get_mut(v) {
+            o.readers = o.readers.saturating_sub(1);
+        }
+    }
+
+    /// The node's output is another name for our value `v` (read as input 0).
+    pub(super) fn alias(&mut self, at: &At, v: &str) {
+        self.unread(v);
+        self.bind(&at.out, v);
+    }
+
+    /// Adds a node of ours computing ONNX value `at.out`.
+    pub(super) fn push(&mut self, at: &At, name: String, inputs: Vec<String>, op: Op) -> Result<()> {
+        self.add_node(at, name.clone(), inputs, op)?;
+        self.bind(&at.out, &name);
+        Ok(())
+    }
+
+    /// Adds a node of ours with its output's shape: resolved for this one
+    /// node on its first input's known shape (the checks of
+    /// `Graph::resolve` on a node and its output; the final resolve checks
+    /// how the nodes fit together).
+    pub(super) fn add_node(&mut self, at: &At, name: String, inputs: Vec<String>, op: Op) -> Result<()> {
+        let first = inputs
+            .first()
+            .ok_or_else(|| anyhow!("{}: a node of ours without inputs", at.w))?;
+        let (shape, flat_in) = self.shape_of(first)?;
+        let alone = Node {
+            name: name.clone(),
+            inputs: vec![INPUT.to_string(); inputs.len()],
+            op: op.clone(),
+        };
+        let alone = Graph {
+            nodes: vec![alone],
+            outputs: vec![],
+        };
+        let r = resolve(&alone, shape).with_context(|| at.w.clone())?;
+        let flat = match op {
+            Op::Flatten | Op::Linear { .. } => true,
+            Op::Conv2d { .. } | Op::MaxPool { .. } | Op::AvgPool { .. } | Op::GlobalAvgPool => false,
+            Op::Act { .. } | Op::BatchNorm { .. } | Op::Add => flat_in,
+        };
+        let value = Ours {
+            index: Some(self.nodes.len()),
+            shape: r.shapes[1],
+            flat,
+            readers: 0,
+        };
+        if self.ours.insert(name.clone(), value).is_some() {
+            bail!("{}: a second node of ours called `{name}`", at.w);
+        }
+        self.nodes.push(Node { name, inputs, op });
+        Ok(())
+    }
+}
+
+/// `graph.resolve(input)`; in tests, the nodes resolved are counted (an
+/// import resolves each node once as it is added and once at the end).
+pub(super) fn resolve(graph: &Graph, input: [usize; 3]) -> candle_core::Result<Resolved> {
+    #[cfg(test)]
+    RESOLVED_NODES.with(|c| c.set(c.get() + graph.nodes.len()));
+    graph.resolve(input)
+}
+
+#[cfg(test)]
+thread_local! {
+    /// The nodes [`resolve`] resolved on this thread.
+    pub(super) static RESOLVED_NODES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// A constant read as a weight must be float, as the input is.
+fn check_float(at: &At, k: usize, c: &Const) -> Result<()> {
+    if c.data_type != FLOAT {
+        bail!(
+            "{}: input {k} is of ONNX data type {}; a float tensor (type 1) is expected",
+            at.w,
+            c.data_type
+        );
+    }
+    Ok(())
 }

@@ -11,19 +11,21 @@ use super::context::{At, Ctx};
 use super::layout::{flat_index_map, hwc_to_chw, to_our_order, Perm};
 use super::values::{tensor, Const, Val};
 use crate::graph::Op;
+use crate::store::onnx::proto::FLOAT;
 
 /// `Gemm` / `MatMul`: a linear layer with a bias (zero when none).
 pub(super) fn gemm(ctx: &mut Ctx, at: &At) -> Result<()> {
     let (w, n) = (&at.w, at.n);
     let x = ctx.node_in(at, 0)?;
     let perm_in = ctx.perm_in(at);
-    if perm_in == Some(Perm::Nhwc) || !ctx.shape_of(&x)?.1 {
+    let (shape, flat) = ctx.shape_of(&x)?;
+    if perm_in == Some(Perm::Nhwc) || !flat {
         bail!(
             "{w}: {} on a 4-D value (a dense layer per pixel) is not supported; flatten first",
             n.op_type
         );
     }
-    let b = ctx.constant(at, 1)?;
+    let b = ctx.weight(at, 1)?;
     let is_gemm = n.op_type == "Gemm";
     if is_gemm && attr_i(n, "transA", 0) != 0 {
         bail!("{w}: transA is not supported");
@@ -51,36 +53,46 @@ pub(super) fn gemm(ctx: &mut Ctx, at: &At) -> Result<()> {
         }
     }
     permute_columns(ctx, at, perm_in, &mut wv, in_f)?;
+    let features = shape.iter().product::<usize>();
+    if in_f != features {
+        bail!("{w}: weight of shape {:?} for {features} input features", b.dims);
+    }
     let mut bias = vec![0.0f64; out_f];
     if is_gemm {
-        if let Some(cb) = ctx.opt_const(at, 2)? {
-            if cb.values.len() == out_f {
-                bias = cb.values.iter().map(|v| v * beta).collect();
-            } else if cb.values.len() == 1 {
-                bias = vec![cb.values[0] * beta; out_f];
-            } else {
-                bail!("{w}: bias of shape {:?} for {out_f} outputs", cb.dims);
-            }
+        if let Some(cb) = ctx.opt_weight(at, 2)? {
+            bias = bias_values(at, &cb, out_f)?.iter().map(|v| v * beta).collect();
         }
     }
     let name = ctx.name(at, at.wname());
-    let weight = Const {
-        dims: vec![out_f, in_f],
-        values: wv,
-    };
+    let weight = Const::floats(vec![out_f, in_f], wv);
     ctx.weights
         .insert(format!("{name}.weight"), tensor(&weight, &[out_f, in_f])?);
-    let bias = Const {
-        dims: vec![out_f],
-        values: bias,
-    };
+    let bias = Const::floats(vec![out_f], bias);
     ctx.weights.insert(format!("{name}.bias"), tensor(&bias, &[out_f])?);
     let op = Op::Linear {
         out_features: out_f,
         bias: true,
     };
-    ctx.push(&at.out, name, vec![x], op);
-    Ok(())
+    ctx.push(at, name, vec![x], op)
+}
+
+/// A bias added to `[N, out]`: one value or one per output, shaped so
+/// that broadcasting keeps `[N, out]` (`[]`, `[1]`, `[out]`, `[1, 1]`,
+/// `[1, out]`); `[out, 1]` or a per-example bias is refused.
+fn bias_values(at: &At, c: &Const, out: usize) -> Result<Vec<f64>> {
+    let fits = match c.dims[..] {
+        [] => true,
+        [d] | [1, d] => d == 1 || d == out,
+        _ => false,
+    };
+    if !fits || c.values.is_empty() {
+        bail!("{}: bias of shape {:?} for {out} outputs", at.w, c.dims);
+    }
+    Ok(if c.values.len() == 1 {
+        vec![c.values[0]; out]
+    } else {
+        c.values.clone()
+    })
 }
 
 /// The weight's columns (rows of `wv`, `in_f` each) moved to our C, H, W
@@ -132,44 +144,41 @@ pub(super) fn add(ctx: &mut Ctx, at: &At) -> Result<()> {
             }
             let name = ctx.name(at, None);
             ctx.keep_perm(at);
-            ctx.push(&at.out, name, vec![a, b], Op::Add);
-            Ok(())
+            ctx.push(at, name, vec![a, b], Op::Add)
         }
         (Val::Node(a), Val::Const(c)) | (Val::Const(c), Val::Node(a)) => fold_bias(ctx, at, a, &c),
         _ => bail!("{w}: adding two constants is not supported"),
     }
 }
 
-/// A bias after MatMul (our linear layer `a`): added to its bias.
+/// A bias after MatMul (our linear layer `a`): added to its bias. The Add
+/// must be the only reader of the MatMul's output (under any name: another
+/// reader would see the bias too).
 fn fold_bias(ctx: &mut Ctx, at: &At, a: String, c: &Const) -> Result<()> {
     let w = &at.w;
-    let lin = ctx.nodes.iter().find_map(|nd| match nd.op {
-        Op::Linear { out_features, .. } if nd.name == a => Some((nd.name.clone(), out_features)),
+    let lin = match ctx.node_of(&a).map(|nd| &nd.op) {
+        Some(Op::Linear { out_features, .. }) if ctx.sole_reader(&a) => Some((a.clone(), *out_features)),
         _ => None,
-    });
-    let src =
-        at.n.input
-            .iter()
-            .find(|s| matches!(ctx.vals.get(*s), Some(Val::Node(_))))
-            .map(String::as_str);
-    let single = src.is_some_and(|s| ctx.uses.get(s) == Some(&1));
-    let Some((layer, out_features)) = lin.filter(|_| single) else {
-        bail!("{w}: adding a constant is only supported as the bias of a MatMul");
     };
+    let Some((layer, out_features)) = lin else {
+        bail!("{w}: adding a constant is only supported as the bias of a MatMul that nothing else reads");
+    };
+    if c.data_type != FLOAT {
+        bail!(
+            "{w}: a bias of ONNX data type {}; a float tensor (type 1) is expected",
+            c.data_type
+        );
+    }
     let key = format!("{layer}.bias");
     let old = ctx
         .weights
         .get(&key)
         .ok_or_else(|| anyhow!("{w}: `{layer}` has no bias"))?
         .to_vec1::<f32>()?;
-    let add: Vec<f32> = match c.values.len() {
-        1 => vec![c.values[0] as f32; out_features],
-        k if k == out_features => c.values.iter().map(|&v| v as f32).collect(),
-        _ => bail!("{w}: bias of shape {:?} for {out_features} outputs", c.dims),
-    };
-    let sum: Vec<f32> = old.iter().zip(&add).map(|(a, b)| a + b).collect();
+    let add = bias_values(at, c, out_features)?;
+    let sum: Vec<f32> = old.iter().zip(&add).map(|(a, &b)| a + b as f32).collect();
     ctx.weights
         .insert(key, Tensor::from_vec(sum, out_features, &candle_core::Device::Cpu)?);
-    ctx.vals.insert(at.out.clone(), Val::Node(a));
+    ctx.alias(at, &a);
     Ok(())
 }

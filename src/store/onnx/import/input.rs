@@ -1,14 +1,18 @@
 //! The graph's image input: which graph input it is, its shape and its
 //! layout (NCHW, NHWC as Keras/TensorFlow models take it, or flat features).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use anyhow::{anyhow, bail, Result};
 
 use super::attrs::attr;
 use super::values::Val;
 use crate::store::onnx::interface::Layout;
-use crate::store::onnx::proto::{GraphProto, ValueInfoProto};
+use crate::store::onnx::proto::{GraphProto, ValueInfoProto, FLOAT};
+
+/// Most channels (features of a flat input) of the input: the bound a
+/// model's spec puts on every size.
+const MAX_CHANNELS: usize = 1 << 20;
 
 /// The model's input as our graph takes it.
 pub(super) struct Input {
@@ -31,6 +35,17 @@ pub(super) fn find(g: &GraphProto, vals: &HashMap<String, Val>, input_size: Opti
         bail!(
             "the graph has a second input `{}` besides `{}`; only one input is supported",
             other.name,
+            input.name
+        );
+    }
+    let elem_type = input
+        .r#type
+        .as_ref()
+        .and_then(|t| t.tensor_type.as_ref())
+        .map(|t| t.elem_type);
+    if let Some(t) = elem_type.filter(|&t| t != FLOAT) {
+        bail!(
+            "input `{}` has ONNX element type {t}; only float (type 1) inputs are supported",
             input.name
         );
     }
@@ -59,6 +74,15 @@ pub(super) fn find(g: &GraphProto, vals: &HashMap<String, Val>, input_size: Opti
             input.name,
         ),
     };
+    // Sizes are bounded by the layers that read them; the channels (or
+    // features) here, as the input normalisation allocates per channel.
+    let count = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    if shape[0] > MAX_CHANNELS || count.is_none() {
+        bail!(
+            "input `{}` of shape {shown} is too large (at most {MAX_CHANNELS} channels or features)",
+            input.name
+        );
+    }
     Ok(Input {
         name: input.name.clone(),
         shape,
@@ -85,9 +109,9 @@ fn declared_dims(input: &ValueInfoProto) -> Vec<Option<usize>> {
 /// Whether the input (after element-wise scaling, e.g. Keras' Rescaling)
 /// is transposed to NCHW: Keras/TensorFlow models take [N, H, W, C] and
 /// transpose it for their first convolution (tf2onnx writes `Transpose`
-/// perm [0,3,1,2]).
+/// perm `[0,3,1,2]`).
 fn transposed_to_nchw(g: &GraphProto, input: &str) -> bool {
-    let mut scaled = vec![input];
+    let mut scaled = HashSet::from([input]);
     for n in &g.node {
         if matches!(n.op_type.as_str(), "Sub" | "Div" | "Mul" | "Add" | "Identity")
             && n.input.first().is_some_and(|s| scaled.contains(&s.as_str()))

@@ -4,28 +4,40 @@
 
 use anyhow::{bail, Result};
 
-use super::attrs::{attr, attr_f, attr_i, attr_ints, padding, pair};
+use super::attrs::{attr_f, attr_i, attr_ints, padding, pair};
 use super::context::{At, Ctx};
 use super::layout::Perm;
 use super::values::tensor;
-use crate::graph::{Node, Op, Pair};
+use crate::graph::{Op, Pair};
 
 /// `Conv` with a constant weight (and bias), one group.
 pub(super) fn conv(ctx: &mut Ctx, at: &At) -> Result<()> {
     let (w, n) = (&at.w, at.n);
     ctx.native_only(at)?;
     let x = ctx.node_in(at, 0)?;
-    let wt = ctx.constant(at, 1)?;
+    let wt = ctx.weight(at, 1)?;
     if attr_i(n, "group", 1) != 1 {
         bail!(
             "{w}: grouped convolutions (group {}) are not supported",
             attr_i(n, "group", 1)
         );
     }
-    let [co, _, kh, kw] = wt.dims[..] else {
+    let [co, ci, kh, kw] = wt.dims[..] else {
         bail!("{w}: weight of shape {:?} is not a 2-D convolution's", wt.dims);
     };
-    let bias = ctx.opt_const(at, 2)?;
+    if let Some(k) = attr_ints(n, "kernel_shape", w)? {
+        if k != [kh, kw] {
+            bail!(
+                "{w}: kernel_shape {k:?} disagrees with the weight of shape {:?}",
+                wt.dims
+            );
+        }
+    }
+    let channels = ctx.shape_of(&x)?.0[0];
+    if ci != channels {
+        bail!("{w}: weight of shape {:?} for an input of {channels} channels", wt.dims);
+    }
+    let bias = ctx.opt_weight(at, 2)?;
     if bias.as_ref().is_some_and(|b| b.values.len() != co) {
         bail!(
             "{w}: bias of {} values for {co} channels",
@@ -45,8 +57,7 @@ pub(super) fn conv(ctx: &mut Ctx, at: &At) -> Result<()> {
         dilation: pair(attr_ints(n, "dilations", w)?, 1, w)?,
         bias: bias.is_some(),
     };
-    ctx.push(&at.out, name, vec![x], op);
-    Ok(())
+    ctx.push(at, name, vec![x], op)
 }
 
 /// `BatchNormalization` in inference mode, one value per channel.
@@ -61,9 +72,9 @@ pub(super) fn batch_norm(ctx: &mut Ctx, at: &At) -> Result<()> {
     let name = ctx.name(at, at.wname());
     let parts = ["weight", "bias", "running_mean", "running_var"];
     for (k, p) in parts.iter().enumerate() {
-        let t = ctx.constant(at, k + 1)?;
-        if t.values.len() != channels {
-            bail!("{w}: {p} of {} values for {channels} channels", t.values.len());
+        let t = ctx.weight(at, k + 1)?;
+        if t.dims != [channels] {
+            bail!("{w}: {p} of shape {:?} for {channels} channels", t.dims);
         }
         ctx.weights
             .insert(format!("{name}.{p}"), tensor(&t, &[t.values.len()])?);
@@ -72,8 +83,7 @@ pub(super) fn batch_norm(ctx: &mut Ctx, at: &At) -> Result<()> {
         eps: attr_f(n, "epsilon", 1e-5) as f64,
         momentum: 1.0 - attr_f(n, "momentum", 0.9) as f64,
     };
-    ctx.push(&at.out, name, vec![x], op);
-    Ok(())
+    ctx.push(at, name, vec![x], op)
 }
 
 /// `MaxPool` / `AveragePool` (pads, strides, ceil mode, `auto_pad`).
@@ -81,7 +91,10 @@ pub(super) fn pool(ctx: &mut Ctx, at: &At) -> Result<()> {
     let (w, n) = (&at.w, at.n);
     ctx.native_only(at)?;
     let x = ctx.node_in(at, 0)?;
-    let kernel = pair(attr_ints(n, "kernel_shape", w)?, 1, w)?;
+    let Some(kernel) = attr_ints(n, "kernel_shape", w)? else {
+        bail!("{w}: {} without its required kernel_shape", n.op_type);
+    };
+    let kernel = pair(Some(kernel), 1, w)?;
     if attr_ints(n, "dilations", w)?.is_some_and(|d| d.iter().any(|&v| v != 1)) {
         bail!("{w}: dilated pooling is not supported");
     }
@@ -108,8 +121,7 @@ pub(super) fn pool(ctx: &mut Ctx, at: &At) -> Result<()> {
         }
     };
     let name = ctx.name(at, None);
-    ctx.push(&at.out, name, vec![x], op);
-    Ok(())
+    ctx.push(at, name, vec![x], op)
 }
 
 /// `ReduceMean` over the spatial axes: global average pooling (and a
@@ -117,13 +129,7 @@ pub(super) fn pool(ctx: &mut Ctx, at: &At) -> Result<()> {
 pub(super) fn reduce_mean(ctx: &mut Ctx, at: &At) -> Result<()> {
     let (w, n) = (&at.w, at.n);
     let x = ctx.node_in(at, 0)?;
-    let axes: Vec<i64> = match attr(n, "axes") {
-        Some(a) => a.ints.clone(),
-        None => ctx
-            .opt_const(at, 1)?
-            .map(|c| c.values.iter().map(|&v| v as i64).collect())
-            .unwrap_or_default(),
-    };
+    let axes = ctx.axes(at)?;
     let mut axes: Vec<i64> = axes.iter().map(|&a| if a < 0 { a + 4 } else { a }).collect();
     axes.sort();
     let perm_in = ctx.perm_in(at);
@@ -142,17 +148,12 @@ pub(super) fn reduce_mean(ctx: &mut Ctx, at: &At) -> Result<()> {
         if nhwc {
             ctx.perm.insert(at.out.clone(), Perm::Nhwc);
         }
-        ctx.push(&at.out, name, vec![x], Op::GlobalAvgPool);
+        ctx.push(at, name, vec![x], Op::GlobalAvgPool)
     } else {
         let pooled = format!("{name}.pool");
-        ctx.nodes.push(Node {
-            name: pooled.clone(),
-            inputs: vec![x],
-            op: Op::GlobalAvgPool,
-        });
-        ctx.push(&at.out, name, vec![pooled], Op::Flatten);
+        ctx.add_node(at, pooled.clone(), vec![x], Op::GlobalAvgPool)?;
+        ctx.push(at, name, vec![pooled], Op::Flatten)
     }
-    Ok(())
 }
 
 /// `GlobalAveragePool`.
@@ -160,6 +161,5 @@ pub(super) fn global_pool(ctx: &mut Ctx, at: &At) -> Result<()> {
     ctx.native_only(at)?;
     let x = ctx.node_in(at, 0)?;
     let name = ctx.name(at, None);
-    ctx.push(&at.out, name, vec![x], Op::GlobalAvgPool);
-    Ok(())
+    ctx.push(at, name, vec![x], Op::GlobalAvgPool)
 }

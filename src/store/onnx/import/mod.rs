@@ -4,10 +4,11 @@
 //!
 //! Covered: `Conv` (pads, strides, dilations, `auto_pad`, one group), `Gemm`
 //! (`transB`, `alpha`/`beta` folded), `MatMul` with a constant weight (and a
-//! following `Add` of a constant folded in as its bias),
-//! `BatchNormalization`, `PRelu` (one slope, or one per channel whose non-1
-//! axis broadcasts onto the channels: `[C]` on flat values, `[C,1,1]`,
-//! `[1,C,1,1]`, `[1,1,C]` on NHWC maps), `Relu`, `LeakyRelu`, `MaxPool` /
+//! following `Add` of a constant folded in as its bias when nothing else
+//! reads the MatMul's output), `BatchNormalization`, `PRelu` (one slope, or
+//! one per channel whose non-1 axis broadcasts onto the channels: `[C]` on
+//! flat values, `[C,1,1]`, `[1,C,1,1]`, `[1,1,C]` on NHWC maps), `Relu`,
+//! `LeakyRelu`, `MaxPool` /
 //! `AveragePool` (pads, strides, ceil mode, `auto_pad`), `GlobalAveragePool`
 //! and `ReduceMean` over H and W, `Flatten` / `Reshape` / `Squeeze` to
 //! `[N, features]` (the target constant or computed by `Shape`, `Gather`,
@@ -15,22 +16,32 @@
 //! permutation keeping the batch first), `Add` of two computed values,
 //! `Identity`, `Dropout`, `Constant`s and initializers; on the input only,
 //! `Reshape` to `[N, C, H, W]` and `Sub`/`Add`/`Div`/`Mul` by one constant or
-//! one per channel (the input normalisation: folded into the first layer
-//! where that is exact, else kept as the model's per-channel step). NHWC and
-//! other transposed values are tracked as views of ours; a flatten in
-//! another order than C, H, W permutes the next linear layer's weight columns.
-//! A `Softmax` on an output is dropped and kept in the [`OnnxIo`] (with the
-//! input/output names and layouts) so that export writes it back. Anything
-//! else is an error naming the node and its op, never a wrong model.
+//! one per channel, each the only reader of the input (the input
+//! normalisation: folded into the first layer where that is exact, else
+//! kept as the model's per-channel step). NHWC and other transposed values
+//! are tracked as views of ours; a flatten in another order than C, H, W
+//! permutes the next linear layer's weight columns.
+//! A `Softmax` writing an output that no node reads is dropped and kept in
+//! the [`OnnxIo`] (with the input/output names and layouts) so that export
+//! writes it back. Anything else is an error naming the node and its op,
+//! never a wrong model; so is what `onnx.checker` or onnxruntime refuse
+//! (no opset for the ONNX domain, two initializers of one name, raw data of
+//! the wrong length, an op of another domain, a non-float input, weights
+//! that are not float, a kernel_shape unlike the weight's, ...).
 //!
-//! This file is the driver: it reads the model, finds the input
-//! (`input`), converts the nodes in order, each by the converter of its op
+//! Converting the nodes is linear in their count: each node's output shape
+//! comes from its input's known one, and the graph is resolved once at the
+//! end.
+//!
+//! This file is the driver: it checks the file as a whole (`check`), finds
+//! the input (`input`), converts the nodes in order, each by the converter of its op
 //! family (`plumbing`, `shapes`, `reshape`, `norm`, `maps`, `dense`, `act`),
 //! which share the import's state (`context`), then collects the outputs
 //! (`outputs`), finishes the input normalisation and builds the model.
 
 mod act;
 mod attrs;
+mod check;
 mod context;
 mod dense;
 mod input;
@@ -55,7 +66,7 @@ use crate::model::{Arch, Model, ModelSpec};
 use crate::nn::activation::Activation;
 use crate::store::onnx::interface::{Layout, OnnxIo};
 use crate::store::onnx::proto::{GraphProto, ModelProto, NodeProto};
-use context::{At, Ctx};
+use context::{At, Ctx, Ours};
 use values::{tensor_values, Val};
 
 /// An imported model and what the import had to say about it.
@@ -79,10 +90,6 @@ pub struct ImportOptions {
     /// is built for this size. Must agree with sizes the file fixes.
     pub input_size: Option<[usize; 2]>,
 }
-
-/// Most nodes read from an ONNX graph (a resource bound; our own graphs
-/// allow 10,000 nodes).
-const MAX_ONNX_NODES: usize = 40_000;
 
 /// Reads an ONNX file (bounded, regular files only) into a model.
 pub fn import(path: &std::path::Path) -> crate::error::Result<Imported> {
@@ -108,22 +115,6 @@ pub fn import_bytes_with(bytes: &[u8], opts: &ImportOptions) -> crate::error::Re
     import_model(bytes, opts).map_err(crate::error::Error::from)
 }
 
-/// The default domain's opset (13 when the model names none).
-fn opset_of(m: &ModelProto) -> Result<i64> {
-    let mut opset = 13;
-    if let Some(op) = m
-        .opset_import
-        .iter()
-        .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
-    {
-        if !(7..=21).contains(&op.version) {
-            bail!("opset {} is outside the supported 7-21", op.version);
-        }
-        opset = op.version;
-    }
-    Ok(opset)
-}
-
 /// The import state before the first node: the initializers as constants,
 /// the input as our input.
 fn start<'g>(g: &'g GraphProto, opset: i64, opts: &ImportOptions) -> Result<(Ctx<'g>, String, Layout)> {
@@ -137,30 +128,39 @@ fn start<'g>(g: &'g GraphProto, opset: i64, opts: &ImportOptions) -> Result<(Ctx
     if input.layout == Layout::Nhwc {
         perm.insert(input.name.clone(), layout::Perm::Nhwc);
     }
+    // The readers of each value, counted once (see `context`).
     let mut uses: HashMap<&str, usize> = HashMap::new();
     for n in &g.node {
         for i in &n.input {
             *uses.entry(i.as_str()).or_default() += 1;
         }
     }
+    let mut outputs: HashMap<&str, usize> = HashMap::new();
     for o in &g.output {
         *uses.entry(o.name.as_str()).or_default() += 1;
+        *outputs.entry(o.name.as_str()).or_default() += 1;
     }
+    let ours = Ours {
+        index: None,
+        shape: input.shape,
+        flat: input.layout == Layout::Flat,
+        readers: uses.get(input.name.as_str()).copied().unwrap_or(0),
+    };
     let ctx = Ctx {
         g,
         opset,
         vals,
         perm,
         uses,
+        outputs,
         nodes: Vec::new(),
+        ours: HashMap::from([(INPUT.to_string(), ours)]),
         weights: HashMap::new(),
         taken: HashMap::new(),
         notes: Vec::new(),
         softmax: HashMap::new(),
         norm: None,
         first_act: None,
-        in_shape: input.shape,
-        input_flat: input.layout == Layout::Flat,
     };
     Ok((ctx, input.name, input.layout))
 }
@@ -171,7 +171,7 @@ fn convert_node<'g>(ctx: &mut Ctx<'g>, i: usize, n: &'g NodeProto) -> Result<()>
     match n.op_type.as_str() {
         "Constant" => plumbing::constant(ctx, &at),
         "Identity" | "Dropout" => plumbing::identity(ctx, &at),
-        "Softmax" | "LogSoftmax" if ctx.g.output.iter().any(|o| o.name == at.out) => plumbing::softmax(ctx, &at),
+        "Softmax" | "LogSoftmax" if ctx.output_only(&at.out) => plumbing::softmax(ctx, &at),
         "Shape" => shapes::shape(ctx, &at),
         "Gather" | "Unsqueeze" | "Concat" | "Cast" | "Squeeze" if shapes::reads_shape(ctx, &at) => {
             shapes::arith(ctx, &at)
@@ -201,26 +201,21 @@ fn convert_node<'g>(ctx: &mut Ctx<'g>, i: usize, n: &'g NodeProto) -> Result<()>
 
 fn import_model(bytes: &[u8], opts: &ImportOptions) -> Result<Imported> {
     let m = ModelProto::decode(bytes).map_err(|e| anyhow!("not an ONNX model ({e})"))?;
-    let opset = opset_of(&m)?;
+    let opset = check::opset(&m)?;
     let g = m.graph.as_ref().ok_or_else(|| anyhow!("the model has no graph"))?;
-    if g.node.len() > MAX_ONNX_NODES {
-        bail!(
-            "the graph has {} nodes, over the limit of {MAX_ONNX_NODES}",
-            g.node.len()
-        );
-    }
+    check::graph(g)?;
     let (mut ctx, input_name, input_layout) = start(g, opset, opts)?;
     for (i, n) in g.node.iter().enumerate() {
         convert_node(&mut ctx, i, n)?;
     }
     let (outputs, outs_io) = outputs::collect(&ctx)?;
-    let (mean, std, input_norm) = norm::finish(&mut ctx, &outputs)?;
-    let input = ctx.in_shape;
+    let (mean, std, input_norm) = norm::finish(&mut ctx)?;
+    let input = ctx.in_shape();
     let graph = Graph {
         nodes: ctx.nodes,
         outputs,
     };
-    let r = graph.resolve(input)?;
+    let r = context::resolve(&graph, input)?;
     let classes = r.len(r.outputs[0]);
     let spec = ModelSpec {
         input_mean: mean,
@@ -253,4 +248,92 @@ fn import_model(bytes: &[u8], opts: &ImportOptions) -> Result<Imported> {
         },
         notes: ctx.notes,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    use super::context::RESOLVED_NODES;
+    use crate::store::onnx::proto::*;
+
+    /// A chain of `n` nodes on a flat input `[N, 4]`: PRelu, Flatten and
+    /// Gemm in turn (the ops that used to resolve the graph built so far).
+    fn chain(n: usize) -> Vec<u8> {
+        let value = |name: &str| ValueInfoProto {
+            name: name.into(),
+            r#type: Some(TypeProto {
+                tensor_type: Some(TypeProtoTensor {
+                    elem_type: FLOAT,
+                    shape: Some(TensorShapeProto {
+                        dim: [1, 4]
+                            .map(|v| Dimension {
+                                dim_value: Some(v),
+                                dim_param: None,
+                            })
+                            .to_vec(),
+                    }),
+                }),
+            }),
+        };
+        let floats = |name: String, dims: Vec<i64>, v: Vec<f32>| TensorProto {
+            dims,
+            data_type: FLOAT,
+            name,
+            float_data: v,
+            ..Default::default()
+        };
+        let (mut node, mut initializer) = (Vec::new(), Vec::new());
+        for k in 0..n {
+            let input = if k == 0 { "x".to_string() } else { format!("v{}", k - 1) };
+            let (op, inputs) = match k % 3 {
+                0 => {
+                    initializer.push(floats(format!("s{k}"), vec![1], vec![0.5]));
+                    ("PRelu", vec![input, format!("s{k}")])
+                }
+                1 => ("Flatten", vec![input]),
+                _ => {
+                    let eye = (0..16).map(|i| if i % 5 == 0 { 1.0 } else { 0.0 }).collect();
+                    initializer.push(floats(format!("w{k}"), vec![4, 4], eye));
+                    ("Gemm", vec![input, format!("w{k}")])
+                }
+            };
+            node.push(NodeProto {
+                input: inputs,
+                output: vec![if k + 1 == n { "y".into() } else { format!("v{k}") }],
+                op_type: op.into(),
+                ..Default::default()
+            });
+        }
+        ModelProto {
+            graph: Some(GraphProto {
+                node,
+                initializer,
+                input: vec![value("x")],
+                output: vec![value("y")],
+                ..Default::default()
+            }),
+            opset_import: vec![OperatorSetIdProto {
+                domain: String::new(),
+                version: 13,
+            }],
+            ..Default::default()
+        }
+        .encode_to_vec()
+    }
+
+    /// An import resolves each node of ours twice: once alone as it is
+    /// added (its shape from its input's), once in the final graph. Linear
+    /// in the node count; the graph built so far used to be resolved again
+    /// for each PRelu, Flatten and Gemm.
+    #[test]
+    fn an_import_resolves_each_node_twice() {
+        for n in [3, 30, 300, 3000] {
+            RESOLVED_NODES.with(|c| c.set(0));
+            let im = super::import_bytes(&chain(n)).unwrap();
+            let ours = im.model.graph.nodes.len();
+            assert_eq!(ours, n - n / 3, "{n}: PRelu and Gemm nodes");
+            assert_eq!(RESOLVED_NODES.with(|c| c.get()), 2 * ours, "{n}");
+        }
+    }
 }

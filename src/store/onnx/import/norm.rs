@@ -4,25 +4,30 @@
 //! mean and std, per channel it is folded into the first layer where that
 //! is exact, else kept as the model's per-channel step.
 
-use std::collections::HashMap;
-
 use anyhow::{anyhow, bail, Result};
 use candle_core::Tensor;
 
 use super::context::{At, Ctx};
 use super::layout::{axes_of, Perm};
 use super::values::{show_dims, Const};
-use crate::graph::{Node, Op, INPUT};
+use crate::graph::{Op, INPUT};
 use crate::model::ChannelNorm;
 use crate::store::onnx::interface::{dims_in, Layout};
 
 /// One normalisation step on the input: composed into the normalisation
-/// so far; the output is still our input.
+/// so far; the output is still our input. The step must be the input's only
+/// reader: the normalisation applies to every reader of our input.
 pub(super) fn step(ctx: &mut Ctx, at: &At) -> Result<()> {
     let w = &at.w;
     let op = at.n.op_type.as_str();
-    let c = ctx.constant(at, if ctx.reads_input(at, 0) { 1 } else { 0 })?;
-    let ch = ctx.in_shape[0];
+    let c = ctx.weight(at, if ctx.reads_input(at, 0) { 1 } else { 0 })?;
+    if !ctx.sole_reader(INPUT) {
+        bail!(
+            "{w}: {op} of the input, which another node also reads as it is (or which is an output); \
+             an input normalisation must be the only reader of the input"
+        );
+    }
+    let ch = ctx.in_shape()[0];
     let per = per_channel(ctx, at, &c)?;
     // The value so far is (x - m) / s per channel; compose.
     let (m, s) = ctx.norm.get_or_insert_with(|| (vec![0.0; ch], vec![1.0; ch]));
@@ -44,18 +49,18 @@ pub(super) fn step(ctx: &mut Ctx, at: &At) -> Result<()> {
         }
     }
     ctx.keep_perm(at);
-    ctx.vals.insert(at.out.clone(), super::values::Val::Node(INPUT.into()));
+    ctx.alias(at, INPUT);
     Ok(())
 }
 
 /// The constant `c` of a step, one value per channel: one value for all, or
 /// one per channel on the axis holding the channels (features of a flat input).
 fn per_channel(ctx: &Ctx, at: &At, c: &Const) -> Result<Vec<f64>> {
-    let [ch, ih, iw] = ctx.in_shape;
+    let [ch, ih, iw] = ctx.in_shape();
     if c.values.len() == 1 {
         return Ok(vec![c.values[0]; ch]);
     }
-    let input_flat = ctx.input_flat;
+    let input_flat = ctx.input_flat();
     let perm_in = ctx.perm_in(at);
     let rank = if input_flat { 2 } else { 4 };
     // The ONNX axis holding the channels (features of a flat input).
@@ -93,14 +98,14 @@ fn per_channel(ctx: &Ctx, at: &At, c: &Const) -> Result<Vec<f64>> {
 /// The input normalisation at the end: `(mean, std, per-channel step)` of
 /// the model; a per-channel one folded into the first layer (changing its
 /// weights) where that is exact, noted either way.
-pub(super) fn finish(ctx: &mut Ctx, outputs: &[String]) -> Result<(f32, f32, Option<ChannelNorm>)> {
+pub(super) fn finish(ctx: &mut Ctx) -> Result<(f32, f32, Option<ChannelNorm>)> {
     let Some((m, s)) = ctx.norm.take() else {
         return Ok((0.0, 1.0, None));
     };
     if m.iter().all(|&v| v == m[0]) && s.iter().all(|&v| v == s[0]) {
         return Ok((m[0] as f32, s[0] as f32, None));
     }
-    if let Some(layer) = fold_norm(&mut ctx.nodes, &mut ctx.weights, outputs, ctx.in_shape, &m, &s)? {
+    if let Some(layer) = fold_norm(ctx, &m, &s)? {
         ctx.notes.push(format!(
             "the per-channel input normalisation is folded into `{layer}` (exact: no zero padding there)"
         ));
@@ -123,25 +128,14 @@ pub(super) fn finish(ctx: &mut Ctx, outputs: &[String]) -> Result<(f32, f32, Opt
 /// (directly or after a flatten), or a convolution without zero padding (a
 /// padded border would see `-m/s` instead of 0). Returns that layer's name,
 /// or `None` (nothing changed) when it cannot be folded.
-fn fold_norm(
-    nodes: &mut [Node],
-    weights: &mut HashMap<String, Tensor>,
-    outputs: &[String],
-    [c, h, w]: [usize; 3],
-    m: &[f64],
-    s: &[f64],
-) -> Result<Option<String>> {
-    let readers = |v: &str| -> Vec<usize> {
-        (0..nodes.len())
-            .filter(|&k| nodes[k].inputs.iter().any(|i| i == v))
-            .collect()
-    };
-    let [j] = readers(INPUT)[..] else {
+fn fold_norm(ctx: &mut Ctx, m: &[f64], s: &[f64]) -> Result<Option<String>> {
+    let [c, h, w] = ctx.in_shape();
+    let Some(j) = sole_node_reading(ctx, INPUT) else {
         return Ok(None);
     };
-    let target = match &nodes[j].op {
-        Op::Flatten if !outputs.contains(&nodes[j].name) => match readers(&nodes[j].name)[..] {
-            [k] if matches!(nodes[k].op, Op::Linear { .. }) => k,
+    let target = match &ctx.nodes[j].op {
+        Op::Flatten => match sole_node_reading(ctx, &ctx.nodes[j].name) {
+            Some(k) if matches!(ctx.nodes[k].op, Op::Linear { .. }) => k,
             _ => return Ok(None),
         },
         Op::Linear { .. } => j,
@@ -154,7 +148,8 @@ fn fold_norm(
         } if padding.resolve(h, w, *kernel, *stride, *dilation) == [0; 4] => j,
         _ => return Ok(None),
     };
-    let name = nodes[target].name.clone();
+    let name = ctx.nodes[target].name.clone();
+    let weights = &mut ctx.weights;
     let wt = weights
         .get(&format!("{name}.weight"))
         .ok_or_else(|| anyhow!("`{name}` has no weight"))?;
@@ -193,9 +188,18 @@ fn fold_norm(
     let wv: Vec<f32> = wv.iter().map(|&v| v as f32).collect();
     weights.insert(format!("{name}.weight"), Tensor::from_vec(wv, dims.as_slice(), &dev)?);
     weights.insert(bias_key, Tensor::from_vec(bias, out, &dev)?);
-    match &mut nodes[target].op {
+    match &mut ctx.nodes[target].op {
         Op::Conv2d { bias, .. } | Op::Linear { bias, .. } => *bias = true,
         _ => {}
     }
     Ok(Some(name))
+}
+
+/// The node of ours reading our value `v`, when it is `v`'s only reader (no
+/// other node reads it, under any name, and it is no output).
+fn sole_node_reading(ctx: &Ctx, v: &str) -> Option<usize> {
+    if !ctx.sole_reader(v) {
+        return None;
+    }
+    ctx.nodes.iter().position(|n| n.inputs.iter().any(|i| i == v))
 }

@@ -30,12 +30,17 @@ pub(super) fn identity(ctx: &mut Ctx, at: &At) -> Result<()> {
     }
     let v = ctx.get(at, 0)?.clone();
     ctx.keep_perm(at);
-    ctx.vals.insert(at.out.clone(), v);
+    match v {
+        Val::Node(x) => ctx.alias(at, &x),
+        other => {
+            ctx.vals.insert(at.out.clone(), other);
+        }
+    }
     Ok(())
 }
 
-/// `Softmax` / `LogSoftmax` writing a graph output, over the classes (or
-/// channels): dropped, and noted in the output's io.
+/// `Softmax` / `LogSoftmax` writing a graph output that no node reads, over
+/// the classes (or channels): dropped, and noted in the output's io.
 pub(super) fn softmax(ctx: &mut Ctx, at: &At) -> Result<()> {
     let w = &at.w;
     let x = ctx.node_in(at, 0)?;
@@ -69,6 +74,6 @@ pub(super) fn softmax(ctx: &mut Ctx, at: &At) -> Result<()> {
         },
     );
     ctx.keep_perm(at);
-    ctx.vals.insert(at.out.clone(), Val::Node(x));
+    ctx.alias(at, &x);
     Ok(())
 }

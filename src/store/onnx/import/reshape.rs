@@ -10,6 +10,7 @@ use super::context::{At, Ctx};
 use super::layout::{axes_of, flat_index_map, perm_of_axes, Perm};
 use super::values::{show_dims, Val};
 use crate::graph::{Op, INPUT};
+use crate::store::onnx::proto::INT64;
 
 /// `Transpose` keeping the batch axis first: the same value of ours, seen
 /// in another axis order.
@@ -40,7 +41,7 @@ pub(super) fn transpose(ctx: &mut Ctx, at: &At) -> Result<()> {
         }
         (false, None) => bail!("{w}: Transpose of a flattened value as a map"),
     }
-    ctx.vals.insert(at.out.clone(), Val::Node(x));
+    ctx.alias(at, &x);
     Ok(())
 }
 
@@ -64,6 +65,14 @@ pub(super) fn flatten(ctx: &mut Ctx, at: &At) -> Result<()> {
             }
         }
     }
+    // Our flatten first: its shape is checked before the index map below
+    // is built for it.
+    if flat_in {
+        ctx.alias(at, &x);
+    } else {
+        let name = ctx.name(at, None);
+        ctx.push(at, name, vec![x], Op::Flatten)?;
+    }
     match ctx.perm_in(at) {
         Some(Perm::Nhwc) if shape[1] * shape[2] > 1 => {
             ctx.perm.insert(at.out.clone(), Perm::FlatHwc(shape));
@@ -81,24 +90,12 @@ pub(super) fn flatten(ctx: &mut Ctx, at: &At) -> Result<()> {
         }
         _ => {}
     }
-    if flat_in {
-        ctx.vals.insert(at.out.clone(), Val::Node(x));
-    } else {
-        let name = ctx.name(at, None);
-        ctx.push(&at.out, name, vec![x], Op::Flatten);
-    }
     Ok(())
 }
 
 /// `Squeeze` must drop exactly the 1x1 spatial axes of a map.
 fn check_squeeze(ctx: &Ctx, at: &At, shape: [usize; 3], flat_in: bool) -> Result<()> {
-    let axes: Vec<i64> = match attr(at.n, "axes") {
-        Some(a) => a.ints.clone(),
-        None => ctx
-            .opt_const(at, 1)?
-            .map(|c| c.values.iter().map(|&v| v as i64).collect())
-            .unwrap_or_default(),
-    };
+    let axes = ctx.axes(at)?;
     let mut axes: Vec<i64> = axes.iter().map(|&a| if a < 0 { a + 4 } else { a }).collect();
     axes.sort();
     // The ONNX axes that hold our H and W.
@@ -121,26 +118,31 @@ fn reshape(ctx: &mut Ctx, at: &At, x: &str, shape: [usize; 3]) -> Result<bool> {
     // The target: constant, or computed from `Shape` (the
     // free batch size as `None`, e.g. `x.view(x.shape[0], -1)`).
     let s: Vec<Option<i64>> = match ctx.get(at, 1)? {
+        Val::Const(c) if c.data_type != INT64 => bail!(
+            "{w}: the target shape is of ONNX data type {}; Reshape takes int64",
+            c.data_type
+        ),
         Val::Const(c) => c.values.iter().map(|&v| Some(v as i64)).collect(),
         Val::Shape(d) => d.clone(),
         Val::Node(_) => bail!("{w}: the target shape must be a constant or computed from Shape"),
     };
     let features = (shape[0] * shape[1] * shape[2]) as i64;
     let batch_first = |a: &Option<i64>| a.is_none_or(|a| a >= 0);
-    let i = ctx.in_shape;
-    let input_flat = ctx.input_flat;
     match s.as_slice() {
         // [N, -1], [0, F], [-1, F], [1, -1] (a fixed batch)...
         [a, Some(b)] if batch_first(a) && (*b == -1 || *b == features) => Ok(false),
         [Some(-1), Some(b)] if *b == features => Ok(false),
-        [_, Some(c), Some(h), Some(wd)]
-            if x == INPUT
-                && ctx.perm_in(at).is_none()
-                && ((input_flat && (i[0] * i[1] * i[2]) as i64 == c * h * wd)
-                    || i.map(|v| v as i64) == [*c, *h, *wd]) =>
-        {
-            reshape_input(ctx, at, [*c as usize, *h as usize, *wd as usize])?;
-            Ok(true)
+        [_, Some(c), Some(h), Some(wd)] if x == INPUT && ctx.perm_in(at).is_none() => {
+            match input_as_images(ctx, [*c, *h, *wd]) {
+                Some(images) => {
+                    reshape_input(ctx, at, images)?;
+                    Ok(true)
+                }
+                None => bail!(
+                    "{w}: Reshape of a value of {features} features to {}; only reshapes to [N, features] are supported",
+                    show_dims(&s)
+                ),
+            }
         }
         o => bail!(
             "{w}: Reshape of a value of {features} features to {}; only reshapes to [N, features] are supported",
@@ -149,9 +151,29 @@ fn reshape(ctx: &mut Ctx, at: &At, x: &str, shape: [usize; 3]) -> Result<bool> {
     }
 }
 
+/// A reshape target `[c, h, w]` of the input: the images it makes, if the
+/// input has as many values (flat) or is of that shape already.
+fn input_as_images(ctx: &Ctx, target: [i64; 3]) -> Option<[usize; 3]> {
+    let t = target.map(|v| usize::try_from(v).ok().filter(|&v| v > 0));
+    let [Some(c), Some(h), Some(w)] = t else {
+        return None;
+    };
+    let i = ctx.in_shape();
+    let count = c.checked_mul(h).and_then(|v| v.checked_mul(w));
+    let fits = (ctx.input_flat() && count == Some(i[0] * i[1] * i[2])) || i == [c, h, w];
+    fits.then_some([c, h, w])
+}
+
 /// The input reshaped to images `[c, h, w]` (prelu's own export takes it
-/// flat): our input becomes those maps.
+/// flat): our input becomes those maps. The reshape must be the input's
+/// only reader (a node reading it as it is would see the images' shape).
 fn reshape_input(ctx: &mut Ctx, at: &At, [c, h, w]: [usize; 3]) -> Result<()> {
+    if !ctx.sole_reader(INPUT) {
+        bail!(
+            "{}: the input is reshaped to images, and another node also reads it as it is (or it is an output)",
+            at.w
+        );
+    }
     if let Some((m, s)) = &mut ctx.norm {
         if m.iter().any(|&v| v != m[0]) || s.iter().any(|&v| v != s[0]) {
             bail!(
@@ -162,8 +184,10 @@ fn reshape_input(ctx: &mut Ctx, at: &At, [c, h, w]: [usize; 3]) -> Result<()> {
         *m = vec![m[0]; c];
         *s = vec![s[0]; c];
     }
-    ctx.in_shape = [c, h, w];
-    ctx.input_flat = false;
-    ctx.vals.insert(at.out.clone(), Val::Node(INPUT.into()));
+    if let Some(input) = ctx.ours.get_mut(INPUT) {
+        input.shape = [c, h, w];
+        input.flat = false;
+    }
+    ctx.alias(at, INPUT);
     Ok(())
 }

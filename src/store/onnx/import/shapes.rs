@@ -8,6 +8,7 @@ use super::attrs::attr_i;
 use super::context::{At, Ctx};
 use super::layout::axes_of;
 use super::values::Val;
+use crate::store::onnx::proto::{INT32, INT64};
 
 /// `Shape` of one of our values, in its ONNX layout (`start`/`end` taken).
 pub(super) fn shape(ctx: &mut Ctx, at: &At) -> Result<()> {
@@ -27,6 +28,7 @@ pub(super) fn shape(ctx: &mut Ctx, at: &At) -> Result<()> {
     let end = clamp(attr_i(at.n, "end", rank));
     ctx.vals
         .insert(at.out.clone(), Val::Shape(d[start..end.max(start)].to_vec()));
+    ctx.unread(&x);
     Ok(())
 }
 
@@ -44,7 +46,8 @@ pub(super) fn arith(ctx: &mut Ctx, at: &At) -> Result<()> {
     let ints = |v: &Val| -> Result<Vec<Option<i64>>> {
         match v {
             Val::Shape(d) => Ok(d.clone()),
-            Val::Const(c) if c.dims.len() <= 1 && c.values.iter().all(|v| v.fract() == 0.0) => {
+            // A shape is int64; onnxruntime refuses other types mixed in.
+            Val::Const(c) if c.dims.len() <= 1 && c.data_type == INT64 => {
                 Ok(c.values.iter().map(|&v| Some(v as i64)).collect())
             }
             _ => bail!(
@@ -60,6 +63,12 @@ pub(super) fn arith(ctx: &mut Ctx, at: &At) -> Result<()> {
                 bail!("{w}: Gather of a shape along axis {}", attr_i(n, "axis", 0));
             }
             let idx = ctx.constant(at, 1)?;
+            if ![INT32, INT64].contains(&idx.data_type) {
+                bail!(
+                    "{w}: indices of ONNX data type {}; Gather takes int32 or int64",
+                    idx.data_type
+                );
+            }
             idx.values
                 .iter()
                 .map(|&k| {
@@ -82,8 +91,12 @@ pub(super) fn arith(ctx: &mut Ctx, at: &At) -> Result<()> {
             }
             d
         }
-        // Unsqueeze/Squeeze of a scalar or 1-D list, Cast to
-        // another integer type: the same values.
+        "Cast" if attr_i(n, "to", 0) != INT64 as i64 => bail!(
+            "{w}: Cast of a shape to ONNX type {}; only to int64 (a Reshape target) is supported",
+            attr_i(n, "to", 0)
+        ),
+        // Unsqueeze/Squeeze of a scalar or 1-D list, Cast to int64: the
+        // same values.
         _ => ints(ctx.get(at, 0)?)?,
     };
     if d.len() > 8 {

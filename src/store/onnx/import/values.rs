@@ -5,11 +5,24 @@ use candle_core::{Device, Tensor};
 
 use crate::store::onnx::proto::{TensorProto, DOUBLE, FLOAT, INT32, INT64};
 
-/// A constant tensor: dims and values (floats, or integers as f64).
+/// A constant tensor: dims and values (floats, or integers as f64), and
+/// the ONNX data type they were read from.
 #[derive(Clone, Debug)]
 pub(super) struct Const {
     pub(super) dims: Vec<usize>,
     pub(super) values: Vec<f64>,
+    pub(super) data_type: i32,
+}
+
+impl Const {
+    /// A float tensor of `dims`.
+    pub(super) fn floats(dims: Vec<usize>, values: Vec<f64>) -> Self {
+        Const {
+            dims,
+            values,
+            data_type: FLOAT,
+        }
+    }
 }
 
 /// What an ONNX value name stands for.
@@ -48,37 +61,63 @@ pub(super) fn tensor_values(t: &TensorProto) -> Result<Const> {
         .try_fold(1usize, |a, &d| a.checked_mul(d))
         .filter(|&n| n <= 1 << 28)
         .ok_or_else(|| anyhow!("tensor `{}` is too large ({:?})", t.name, dims))?;
-    let raw = &t.raw_data;
-    let values: Vec<f64> = match t.data_type {
-        FLOAT if !raw.is_empty() => raw
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64)
-            .collect(),
+    let values = if t.raw_data.is_empty() {
+        typed_values(t)?
+    } else {
+        raw_values(t, n)?
+    };
+    if values.len() != n {
+        bail!("tensor `{}` holds {} values for dims {:?}", t.name, values.len(), dims);
+    }
+    Ok(Const {
+        dims,
+        values,
+        data_type: t.data_type,
+    })
+}
+
+/// The values in the typed fields (`float_data`, `int64_data`, ...).
+fn typed_values(t: &TensorProto) -> Result<Vec<f64>> {
+    Ok(match t.data_type {
         FLOAT => t.float_data.iter().map(|&v| v as f64).collect(),
-        DOUBLE if !raw.is_empty() => raw
-            .chunks_exact(8)
-            .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")))
-            .collect(),
         DOUBLE => t.double_data.clone(),
-        INT64 if !raw.is_empty() => raw
-            .chunks_exact(8)
-            .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")) as f64)
-            .collect(),
         INT64 => t.int64_data.iter().map(|&v| v as f64).collect(),
-        INT32 if !raw.is_empty() => raw
-            .chunks_exact(4)
-            .map(|b| i32::from_le_bytes(b.try_into().expect("4 bytes")) as f64)
-            .collect(),
         INT32 => t.int32_data.iter().map(|&v| v as f64).collect(),
         d => bail!(
             "tensor `{}` has ONNX data type {d}; only float, double, int32 and int64 are read",
             t.name
         ),
+    })
+}
+
+/// The `n` values in `raw_data` (little-endian), which must hold exactly
+/// that many (onnxruntime refuses a longer or shorter one).
+fn raw_values(t: &TensorProto, n: usize) -> Result<Vec<f64>> {
+    let raw = &t.raw_data;
+    let (size, read): (usize, fn(&[u8]) -> f64) = match t.data_type {
+        FLOAT => (4, |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64),
+        DOUBLE => (8, |b| {
+            f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
+        }),
+        INT64 => (8, |b| {
+            i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f64
+        }),
+        INT32 => (4, |b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64),
+        d => bail!(
+            "tensor `{}` has ONNX data type {d}; only float, double, int32 and int64 are read",
+            t.name
+        ),
     };
-    if values.len() != n {
-        bail!("tensor `{}` holds {} values for dims {:?}", t.name, values.len(), dims);
+    if raw.len() != n * size {
+        bail!(
+            "tensor `{}` holds {} bytes of raw data for dims {:?} ({} expected)",
+            t.name,
+            raw.len(),
+            t.dims,
+            n * size
+        );
     }
-    Ok(Const { dims, values })
+    Ok(raw.chunks_exact(size).map(read).collect())
 }
 
 /// A constant as a float tensor of `shape` (on the CPU).
