@@ -349,31 +349,9 @@ fn a_diverged_run_is_recorded_and_the_study_goes_on() {
 #[test]
 fn the_cli_prints_one_json_object_with_cells_and_contrasts() {
     let dir = tmp("cli");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_prelu"))
-        .args([
-            "--threads",
-            "1",
-            "study",
-            "--vary",
-            "init=xavier,he-prelu",
-            "--seeds",
-            "2",
-            "--hidden",
-            "16",
-            "--epochs",
-            "1",
-            "--train-limit",
-            "256",
-            "--test-limit",
-            "128",
-            "--batch-size",
-            "64",
-            "--json",
-            "--out",
-        ])
-        .arg(&dir)
-        .output()
-        .unwrap();
+    let mut args = study_args("init=xavier,he-prelu", &dir);
+    args.push("--json".into());
+    let out = prelu_cmd(&args);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let cells = v["cells"].as_array().unwrap();
@@ -400,13 +378,13 @@ fn the_cli_prints_one_json_object_with_cells_and_contrasts() {
 }
 
 /// The study's command line for the tests of `--plan` / `--cell`.
-fn study_args(out: &std::path::Path) -> Vec<String> {
+fn study_args(vary: &str, out: &std::path::Path) -> Vec<String> {
     let mut v: Vec<String> = [
         "--threads",
         "1",
         "study",
         "--vary",
-        "act=relu,prelu",
+        vary,
         "--seeds",
         "2",
         "--hidden",
@@ -461,10 +439,10 @@ fn study_numbers(dir: &std::path::Path) -> Vec<(String, Vec<(u64, String)>)> {
 #[test]
 fn a_planned_study_run_by_two_parallel_workers_merges_into_the_serial_result() {
     let (serial, planned) = (tmp("plan-serial"), tmp("plan-jobs"));
-    let out = prelu_cmd(&study_args(&serial));
+    let out = prelu_cmd(&study_args("act=relu,prelu", &serial));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // The plan: one command per cell and seed, each starting with `prelu`.
-    let mut args = study_args(&planned);
+    let mut args = study_args("act=relu,prelu", &planned);
     args.push("--plan".into());
     let out = prelu_cmd(&args);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -504,7 +482,7 @@ fn a_planned_study_run_by_two_parallel_workers_merges_into_the_serial_result() {
         w.join().unwrap();
     }
     // The merge: the same command without --cell trains nothing new.
-    let mut args = study_args(&planned);
+    let mut args = study_args("act=relu,prelu", &planned);
     args.push("--json".into());
     let out = prelu_cmd(&args);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -540,7 +518,7 @@ fn a_study_refuses_a_second_process_and_restarts_a_run_killed_before_its_checkpo
     assert_eq!(r.runs_trained, 2);
     // A second study on a study folder another process holds is told so.
     let held = prelu::fs::lock_run_dir(&dir).unwrap();
-    let other = prelu_cmd(&study_args(&dir));
+    let other = prelu_cmd(&study_args("act=relu,prelu", &dir));
     drop(held);
     let err = String::from_utf8_lossy(&other.stderr);
     assert!(
