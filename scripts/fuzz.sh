@@ -9,7 +9,11 @@
 #   run_json    JSON beside a run (stability.json, attack.json) as the report reads it
 #   npy         .npy files (header and data)
 #   graph       graph files (TOML or JSON), resolved on a few inputs
-#     bash scripts/fuzz.sh 600
+#   onnx_import ONNX models (import, with and without an input size, and
+#               the export of what was imported, imported again)
+#     bash scripts/fuzz.sh 600                  # every target
+#     bash scripts/fuzz.sh 300 npy graph onnx_import   # only these
+# An input that takes over 10 s counts as a failure (libFuzzer's -timeout).
 # Seeds are the committed real files in fuzz/corpus/<target>; what the fuzzer
 # finds goes to fuzz/target/corpus-<target> (not committed). A crash stops
 # with the input in fuzz/artifacts/<target>/: turn it into a regression test.
@@ -26,17 +30,23 @@ run() {
     local t=$1
     mkdir -p "fuzz/target/corpus-$t"
     cargo fuzz run -s none -O "$t" "fuzz/target/corpus-$t" "fuzz/corpus/$t" -- \
-        -max_total_time="$secs" -rss_limit_mb=4096 -timeout=20 -print_final_stats=1 > "fuzz/target/$t.log" 2>&1
+        -max_total_time="$secs" -rss_limit_mb=4096 -timeout=10 -print_final_stats=1 > "fuzz/target/$t.log" 2>&1
     local execs
     execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "fuzz/target/$t.log" | grep -o '[0-9]*$' || echo "?")
     echo "$t: $execs executions in ${secs}s, no crash"
 }
+shift || true
+targets=("$@")
+[ ${#targets[@]} -gt 0 ] || targets=(idx checkpoint run_config model_spec metrics run_json npy graph onnx_import)
 status=0
-for pair in "idx checkpoint" "run_config model_spec" "metrics run_json" "npy graph"; do
-    set -- $pair
-    run "$1" & a=$!
-    run "$2" & b=$!
-    wait $a || { echo "$1: CRASH or error, see fuzz/target/$1.log" >&2; status=1; }
-    wait $b || { echo "$2: CRASH or error, see fuzz/target/$2.log" >&2; status=1; }
+# Two at a time: one per core.
+for ((i = 0; i < ${#targets[@]}; i += 2)); do
+    pids=()
+    for t in "${targets[@]:i:2}"; do
+        run "$t" & pids+=("$!:$t")
+    done
+    for p in "${pids[@]}"; do
+        wait "${p%%:*}" || { echo "${p#*:}: CRASH or error, see fuzz/target/${p#*:}.log" >&2; status=1; }
+    done
 done
 exit $status
