@@ -62,6 +62,8 @@ enum Command {
     Import(files::ImportArgs),
     /// Depth stability: negative-path gain, optimal slope, signal and gradient variance by depth.
     Stability(inspect::StabilityArgs),
+    /// The learned slope profile: per PReLU layer, by depth, mean and spread of the slopes (and a plot).
+    Slopes(inspect::SlopesArgs),
     /// Controlled experiment: the grid of --vary values x seeds, mean ± sd per cell, paired t-intervals.
     Study(train::StudyArgs),
     /// Measure speed.
@@ -84,6 +86,7 @@ impl Command {
             Command::Export(a) => a.json.json,
             Command::Import(a) => a.json.json,
             Command::Stability(a) => a.json.json,
+            Command::Slopes(a) => a.json.json,
             Command::Study(a) => a.json.json,
             Command::Bench(bench::BenchCommand::Kernels(a)) => a.json.json,
             Command::Bench(bench::BenchCommand::Train(a)) => a.json.json,
@@ -99,6 +102,7 @@ impl Command {
             Command::Sculpt(a) => Some(&mut a.spec),
             Command::Export(a) => Some(&mut a.spec),
             Command::Stability(a) => Some(&mut a.spec),
+            Command::Slopes(a) => Some(&mut a.spec),
             _ => None,
         }
     }
@@ -113,7 +117,7 @@ fn run(mut cli: Cli) -> Result<()> {
             Some(_) => bail!("--spec is given twice"),
             None => bail!(
                 "--spec describes a checkpoint's weights; this command reads no checkpoint \
-                 (diagnose, attack, canonicalize, sculpt, export and stability --checkpoint take it)"
+                 (diagnose, attack, canonicalize, sculpt, export, slopes and stability --checkpoint take it)"
             ),
         }
     }
@@ -123,6 +127,7 @@ fn run(mut cli: Cli) -> Result<()> {
         Command::Compare(a) => train::cmd_compare(a),
         Command::Study(a) => train::cmd_study(a),
         Command::Stability(a) => inspect::cmd_stability(a),
+        Command::Slopes(a) => inspect::cmd_slopes(a),
         Command::Diagnose(a) => inspect::cmd_diagnose(a),
         Command::Attack(a) => attack::cmd_attack(a),
         Command::Canonicalize(a) => symmetry::cmd_canonicalize(a),

@@ -147,6 +147,7 @@ fn every_flag_of_every_command_is_described() -> Result<()> {
         "export",
         "import",
         "stability",
+        "slopes",
         "study",
         "bench kernels",
         "bench train",
@@ -171,7 +172,7 @@ fn every_flag_of_every_command_is_described() -> Result<()> {
         let has_spec = help.contains("--spec");
         let reads_ckpt = matches!(
             cmd,
-            "diagnose" | "attack" | "canonicalize" | "sculpt" | "export" | "stability"
+            "diagnose" | "attack" | "canonicalize" | "sculpt" | "export" | "stability" | "slopes"
         );
         ensure!(has_spec == reads_ckpt, "`prelu {cmd}` offers --spec: {has_spec}");
     }
@@ -499,5 +500,73 @@ fn result_files_from_the_cli_read_back_in_the_report() -> Result<()> {
     )?;
     let (v, html) = report()?;
     ensure!(v["plots"] == plain["plots"] && !html.contains("plot-stability"), "{v}");
+    Ok(())
+}
+
+/// `prelu slopes`: the profile of trained third-party slopes (MTCNN's
+/// RNet, facenet-pytorch's weights), of a run folder next to it, a plot of
+/// both, and no plot over a run's own files.
+#[test]
+fn slopes_profiles_real_and_trained_models_and_plots_them() -> Result<()> {
+    let dir = tiny_run("slopes-run", &["--act", "prelu-shared"])?;
+    let rnet = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors/onnx_mtcnn/rnet.onnx");
+    let svg = dir.join("profile.svg");
+    let rnet_s = rnet.to_string_lossy().into_owned();
+    let run_s = dir.to_string_lossy().into_owned();
+    let svg_s = svg.to_string_lossy().into_owned();
+    let o = run(&["slopes", &rnet_s, &run_s, "-o", &svg_s, "--json"])?;
+    ensure!(o.status.success(), "{}", stderr(&o));
+    let v = json(&o)?;
+    let models = v["models"].as_array().context("models")?;
+    ensure!(models.len() == 2, "{v}");
+    // RNet: conv 28, 48, 64 then dense 128, each followed by a channel-wise PReLU.
+    let layers = models[0]["layers"].as_array().context("layers")?;
+    let sizes: Vec<u64> = layers.iter().filter_map(|l| l["slopes"].as_u64()).collect();
+    ensure!(sizes == [28, 48, 64, 128], "{sizes:?}");
+    let after: Vec<&str> = layers.iter().filter_map(|l| l["after"].as_str()).collect();
+    ensure!(after == ["conv", "conv", "conv", "linear"], "{after:?}");
+    for l in layers {
+        let (mean, min, max) = (l["mean"].as_f64(), l["min"].as_f64(), l["max"].as_f64());
+        ensure!(
+            matches!((mean, min, max), (Some(m), Some(lo), Some(hi)) if lo <= m && m <= hi),
+            "{l}"
+        );
+        ensure!(l["sd"].as_f64().is_some_and(|s| s > 0.0), "trained slopes spread: {l}");
+    }
+    ensure!(models[0]["pattern"]["deeper_layers"] == 3, "{v}");
+    // The run: one hidden layer, its PReLU slope shared.
+    let run_layers = models[1]["layers"].as_array().context("run layers")?;
+    ensure!(
+        run_layers.len() == 1 && run_layers.iter().all(|l| l["slopes"] == 1 && l["sd"] == 0.0),
+        "{v}"
+    );
+    let text = std::fs::read_to_string(&svg)?;
+    ensure!(
+        text.starts_with("<svg") && text.contains("rnet.onnx"),
+        "the plot names both models"
+    );
+    // Text output: a table per model and the pattern line.
+    let o = run(&["slopes", &rnet_s])?;
+    ensure!(
+        o.status.success() && stdout(&o).contains("He et al.'s pattern"),
+        "{}",
+        stdout(&o)
+    );
+    // PNet leaves its input size free: named as a flag, then given.
+    let pnet = rnet_s.replace("rnet.onnx", "pnet.onnx");
+    refused(&run(&["slopes", &pnet])?, "(--input-size HxW)")?;
+    let o = run(&["slopes", &pnet, "--input-size", "12x12", "--json"])?;
+    ensure!(o.status.success(), "{}", stderr(&o));
+    let sizes: Vec<u64> = json(&o)?["models"][0]["layers"]
+        .as_array()
+        .context("pnet layers")?
+        .iter()
+        .filter_map(|l| l["slopes"].as_u64())
+        .collect();
+    ensure!(sizes == [10, 16, 32], "{sizes:?}");
+    // The plot may not replace a run's metrics.
+    let metrics = dir.join("metrics.jsonl").to_string_lossy().into_owned();
+    refused(&run(&["slopes", &rnet_s, "-o", &metrics])?, "metrics.jsonl")?;
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

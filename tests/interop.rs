@@ -113,13 +113,13 @@ fn report_is_one_self_contained_page_with_its_plots() {
     prelu::run::train(&cfg, &dir, false, &mut |_| {}).unwrap();
     let out = dir.join("report.html");
     let r = prelu::report::write(&dir, &out).unwrap();
-    // loss, accuracy, slopes, slope histogram, dead/idle counts, two
-    // negative-share heatmaps
-    assert_eq!(r.plots, 7);
+    // loss, accuracy, slopes, slope profile by depth, slope histogram,
+    // dead/idle counts, two negative-share heatmaps
+    assert_eq!(r.plots, 8);
     let html = std::fs::read_to_string(&out).unwrap();
-    assert_eq!(html.matches("<svg").count(), 7);
+    assert_eq!(html.matches("<svg").count(), 8);
     // Every plot says what to look for; the legends are HTML under the plots.
-    assert_eq!(html.matches("<figcaption>").count(), 7);
+    assert_eq!(html.matches("<figcaption>").count(), 8);
     assert!(html.contains("class=\"legend\""));
     for svg in html.split("<svg").skip(1) {
         let body = &svg[..svg.find("</svg>").expect("closed svg")];
@@ -455,6 +455,10 @@ fn report_overlays_runs_and_describes_slopes_of_any_sign() {
     // The histogram's range covers the negative slopes (and 1.8).
     let hist = &html[html.find("id=\"plot-slope-histogram\"").unwrap()..];
     assert!(hist.contains("from -1.06 to 1.86"), "histogram range");
+    // One slope profile by depth, a line per run (legend entries by run name).
+    let profile = &html[html.find("id=\"plot-slope-profile\"").unwrap()..];
+    let profile = &profile[..profile.find("</figure>").unwrap()];
+    assert!(profile.contains("a-seed0") && profile.contains("b-seed0"), "profile legend");
     // The same runs given one by one make the same page.
     let out2 = root.join("overlay2.html");
     prelu::report::write_runs(&[root.join("a-seed0"), root.join("b-seed0")], &out2).unwrap();

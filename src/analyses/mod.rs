@@ -1,11 +1,12 @@
 //! The analyses of a model: the diagnostic sentinel (live in training, and
 //! [`diagnose`] over a data set), depth [`stability`], adversarial [`attack`]s
-//! and gradient masking, exact [`symmetry`] and the canonical form, and the
-//! network [`sculpt`]or.
+//! and gradient masking, exact [`symmetry`] and the canonical form, the
+//! network [`sculpt`]or, and the learned [`slopes`] profile by depth.
 
 pub mod attack;
 pub mod diagnose;
 pub mod sculpt;
 pub mod sentinel;
+pub mod slopes;
 pub mod stability;
 pub mod symmetry;

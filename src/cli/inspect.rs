@@ -9,10 +9,11 @@ use clap::{Args, ValueEnum};
 use prelu::analyses::diagnose::Histogram;
 use prelu::analyses::sentinel::Alarm;
 use prelu::analyses::sentinel::LayerReport;
+use prelu::analyses::slopes;
 use prelu::analyses::stability;
 use serde::Serialize;
 
-use super::common::{data_for, emit, list, load_ckpt, num, shown, DataArgs, JsonArg, Progress, SpecArg};
+use super::common::{check_out, data_for, emit, list, load_ckpt, num, shown, DataArgs, JsonArg, Progress, SpecArg};
 
 /// Which split of a data set.
 #[derive(Clone, Copy, Debug, ValueEnum, Serialize)]
@@ -450,6 +451,138 @@ pub fn cmd_stability(a: &StabilityArgs) -> Result<()> {
             },
             chain_weight: a.chain_weight,
             alpha: a.alpha,
+        },
+    )
+}
+
+#[derive(Args)]
+pub struct SlopesArgs {
+    /// Checkpoints (.safetensors), run folders or .onnx models; one profile each.
+    #[arg(required = true)]
+    pub models: Vec<PathBuf>,
+    /// Write the profiles as one plot here (SVG) [default: no plot].
+    #[arg(long, short, value_name = "FILE.svg")]
+    pub out: Option<PathBuf>,
+    /// Input height and width (HxW) to build an .onnx model whose input
+    /// leaves them free (fully convolutional, e.g. MTCNN's PNet); the
+    /// slopes do not depend on it [default: the model's own].
+    #[arg(long, value_parser = prelu::data::parse_image_size, value_name = "HxW")]
+    pub input_size: Option<[usize; 2]>,
+    #[command(flatten)]
+    pub spec: SpecArg,
+    #[command(flatten)]
+    pub json: JsonArg,
+}
+
+/// One model's slope profile in `prelu slopes`.
+#[derive(Serialize)]
+pub struct ModelSlopes {
+    pub model: PathBuf,
+    #[serde(flatten)]
+    pub profile: slopes::SlopeProfile,
+}
+
+/// `prelu slopes`'s result.
+#[derive(Serialize)]
+pub struct SlopesOutput {
+    pub models: Vec<ModelSlopes>,
+    pub out: Option<PathBuf>,
+}
+
+impl fmt::Display for SlopesOutput {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        for m in &self.models {
+            writeln!(
+                f,
+                "{}: {} PReLU layers",
+                shown(m.model.display()),
+                m.profile.layers.len()
+            )?;
+            if m.profile.layers.is_empty() {
+                continue;
+            }
+            writeln!(
+                f,
+                "  {:>5}  {:<24} {:<6} {:>6} {:>8} {:>8} {:>8} {:>8} {:>5}",
+                "depth", "layer", "after", "slopes", "mean", "sd", "min", "max", "a<0"
+            )?;
+            for l in &m.profile.layers {
+                writeln!(
+                    f,
+                    "  {:>5}  {:<24} {:<6} {:>6} {:>8} {:>8} {:>8} {:>8} {:>5}",
+                    l.depth,
+                    shown(&l.layer),
+                    l.after,
+                    l.slopes,
+                    num(l.mean, 3),
+                    num(l.sd, 3),
+                    num(l.min, 3),
+                    num(l.max, 3),
+                    l.negative
+                )?;
+            }
+            if let Some(p) = m.profile.pattern {
+                writeln!(
+                    f,
+                    "  first layer's mean {} vs {} for the deeper layers ({} of {} deeper layers below the first): \
+                     He et al.'s pattern (first layer largest) {}",
+                    num(p.first_mean, 3),
+                    num(p.deeper_mean, 3),
+                    p.deeper_below_first,
+                    p.deeper_layers,
+                    if p.first_largest { "holds" } else { "does not hold" }
+                )?;
+            }
+        }
+        if let Some(o) = &self.out {
+            writeln!(f, "plot: {}", shown(o.display()))?;
+        }
+        Ok(())
+    }
+}
+
+pub fn cmd_slopes(a: &SlopesArgs) -> Result<()> {
+    if let Some(o) = &a.out {
+        check_out(None, o)?;
+    }
+    let mut models = Vec::new();
+    for m in &a.models {
+        let onnx = m.extension().is_some_and(|e| e.eq_ignore_ascii_case("onnx"));
+        let model = match a.input_size {
+            Some(size) if onnx => {
+                prelu::store::onnx::import_with(m, &prelu::store::onnx::ImportOptions { input_size: Some(size) })?.model
+            }
+            _ => {
+                load_ckpt(m, &a.spec)
+                    .map_err(|e| {
+                        // The library names no flags: the input size is `--input-size`.
+                        let msg = format!("{e:#}");
+                        if msg.contains("the input size") {
+                            anyhow::anyhow!("{msg} (--input-size HxW)")
+                        } else {
+                            e
+                        }
+                    })?
+                    .model
+            }
+        };
+        models.push(ModelSlopes {
+            model: m.clone(),
+            profile: slopes::profile(&model)?,
+        });
+    }
+    if let Some(o) = &a.out {
+        let named: Vec<(String, &slopes::SlopeProfile)> = models
+            .iter()
+            .map(|m| (m.model.display().to_string(), &m.profile))
+            .collect();
+        prelu::fs::write_atomic(o, slopes::chart(&named, (900, 480))?.as_bytes())?;
+    }
+    emit(
+        a.json.json,
+        &SlopesOutput {
+            models,
+            out: a.out.clone(),
         },
     )
 }
