@@ -555,9 +555,14 @@ fn slopes_profiles_real_and_trained_models_and_plots_them() -> Result<()> {
     // PNet leaves its input size free: named as a flag, then given.
     let pnet = rnet_s.replace("rnet.onnx", "pnet.onnx");
     refused(&run(&["slopes", &pnet])?, "(--input-size HxW)")?;
-    let o = run(&["slopes", &pnet, "--input-size", "12x12", "--json"])?;
+    let o = run(&["slopes", &pnet, &rnet_s, "--input-size", "12x12", "--json"])?;
     ensure!(o.status.success(), "{}", stderr(&o));
-    let sizes: Vec<u64> = json(&o)?["models"][0]["layers"]
+    let v = json(&o)?;
+    ensure!(
+        v["models"][1]["layers"].as_array().is_some_and(|l| l.len() == 4),
+        "rnet keeps its size: {v}"
+    );
+    let sizes: Vec<u64> = v["models"][0]["layers"]
         .as_array()
         .context("pnet layers")?
         .iter()

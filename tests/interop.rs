@@ -458,7 +458,10 @@ fn report_overlays_runs_and_describes_slopes_of_any_sign() {
     // One slope profile by depth, a line per run (legend entries by run name).
     let profile = &html[html.find("id=\"plot-slope-profile\"").unwrap()..];
     let profile = &profile[..profile.find("</figure>").unwrap()];
-    assert!(profile.contains("a-seed0") && profile.contains("b-seed0"), "profile legend");
+    assert!(
+        profile.contains("a-seed0") && profile.contains("b-seed0"),
+        "profile legend"
+    );
     // The same runs given one by one make the same page.
     let out2 = root.join("overlay2.html");
     prelu::report::write_runs(&[root.join("a-seed0"), root.join("b-seed0")], &out2).unwrap();

@@ -463,9 +463,10 @@ pub struct SlopesArgs {
     /// Write the profiles as one plot here (SVG) [default: no plot].
     #[arg(long, short, value_name = "FILE.svg")]
     pub out: Option<PathBuf>,
-    /// Input height and width (HxW) to build an .onnx model whose input
-    /// leaves them free (fully convolutional, e.g. MTCNN's PNet); the
-    /// slopes do not depend on it [default: the model's own].
+    /// Input height and width (HxW) to build the .onnx models whose input
+    /// leaves them free (fully convolutional, e.g. MTCNN's PNet); models of
+    /// a fixed size keep theirs, and the slopes do not depend on it
+    /// [default: none: such a model is refused].
     #[arg(long, value_parser = prelu::data::parse_image_size, value_name = "HxW")]
     pub input_size: Option<[usize; 2]>,
     #[command(flatten)]
@@ -547,24 +548,18 @@ pub fn cmd_slopes(a: &SlopesArgs) -> Result<()> {
     }
     let mut models = Vec::new();
     for m in &a.models {
-        let onnx = m.extension().is_some_and(|e| e.eq_ignore_ascii_case("onnx"));
-        let model = match a.input_size {
-            Some(size) if onnx => {
-                prelu::store::onnx::import_with(m, &prelu::store::onnx::ImportOptions { input_size: Some(size) })?.model
-            }
-            _ => {
-                load_ckpt(m, &a.spec)
-                    .map_err(|e| {
-                        // The library names no flags: the input size is `--input-size`.
-                        let msg = format!("{e:#}");
-                        if msg.contains("the input size") {
-                            anyhow::anyhow!("{msg} (--input-size HxW)")
-                        } else {
-                            e
-                        }
-                    })?
-                    .model
-            }
+        let model = match load_ckpt(m, &a.spec) {
+            Ok(loaded) => loaded.model,
+            // A free input size (fully convolutional): built at --input-size.
+            Err(e) if format!("{e:#}").contains("the input size") => match a.input_size {
+                Some(size) => {
+                    let opts = prelu::store::onnx::ImportOptions { input_size: Some(size) };
+                    prelu::store::onnx::import_with(m, &opts)?.model
+                }
+                // The library names no flags.
+                None => bail!("{e:#} (--input-size HxW)"),
+            },
+            Err(e) => return Err(e),
         };
         models.push(ModelSlopes {
             model: m.clone(),
