@@ -3,7 +3,7 @@
 # vs channel-shared PReLU in ResNet-20 and plain-20 with BatchNorm on a slice
 # of Fashion-MNIST, 3 seeds, the schedule of the README's 16-epoch ResNet-20
 # run (SGD 0.1, momentum 0.9, weight decay 5e-4 never on the slopes, cosine,
-# batch 128) over 8 epochs of the first 6,000 training images, tested on the
+# batch 128) over 6 epochs of the first 4,000 training images, tested on the
 # first 2,000 test images.
 #
 #   PRELU_DATA=../shared/data bash scripts/convnet_study.sh [OUT] [WORKERS]
@@ -24,7 +24,7 @@ PRELU=${PRELU:-target/release/prelu}
 PYTHON=${PYTHON:-python3}
 ARGS=(--vary act=relu,prelu,prelu-shared --vary model=resnet-20,plain-20 --seeds 3
       --data fashion-mnist --batch-norm --optimizer sgd --lr 0.1 --momentum 0.9 --weight-decay 5e-4
-      --schedule cosine --epochs 8 --batch-size 128 --train-limit 6000 --test-limit 2000 --log-every 0
+      --schedule cosine --epochs 6 --batch-size 128 --train-limit 4000 --test-limit 2000 --log-every 0
       --out "$OUT")
 # One thread per job, WORKERS jobs at a time; each planned line starts with `prelu`.
 "$PRELU" --threads 1 study "${ARGS[@]}" --plan \

@@ -10,10 +10,10 @@ const TAGS: [&str; 12] = [
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
-    if let Ok(s) = prelu::stability::StabilityResult::from_json(text) {
+    if let Ok(s) = prelu::analyses::stability::StabilityResult::from_json(text) {
         let _ = prelu::report::stability_series(&s);
     }
-    if let Ok(a) = serde_json::from_str::<prelu::attack::AttackResult>(text) {
+    if let Ok(a) = serde_json::from_str::<prelu::analyses::attack::AttackResult>(text) {
         let html = prelu::report::attack_table(&a);
         let mut rest = html.clone();
         for t in TAGS {
