@@ -9,7 +9,7 @@ use prelu::{Error, Result};
 /// The values of `float32` little-endian bytes; an error when the length is
 /// not a whole number of values.
 fn floats(data: &[u8]) -> Result<Vec<f32>> {
-    if data.len() % 4 != 0 {
+    if !data.len().is_multiple_of(4) {
         return Err(Error::Invalid(format!(
             "{} bytes are not a whole number of float32 values",
             data.len()

@@ -58,7 +58,11 @@ fn candle_message(e: &candle_core::Error) -> String {
         other => {
             let s = other.to_string();
             // Any other variant that carries a backtrace prints it after a newline.
-            s.split("\nstack backtrace:").next().unwrap_or(&s).trim_end().to_string()
+            s.split("\nstack backtrace:")
+                .next()
+                .unwrap_or(&s)
+                .trim_end()
+                .to_string()
         }
     }
 }

@@ -25,6 +25,9 @@ use pyo3::types::PyBytes;
 /// A tensor's shape and its values as `float32` bytes, for Python.
 type Array = (Vec<usize>, Py<PyBytes>);
 
+/// A named tensor for Python: name, shape, `float32` bytes.
+type Named = (String, Vec<usize>, Py<PyBytes>);
+
 fn to_py(py: Python<'_>, t: &candle_core::Tensor) -> PyResult<Array> {
     let bytes = arrays::tensor_bytes(t).map_err(py_err)?;
     Ok((t.dims().to_vec(), PyBytes::new(py, &bytes).unbind()))
@@ -112,8 +115,13 @@ impl PyModel {
 
     /// Every tensor by its PyTorch name (parameters and buffers, prelu's
     /// names), sorted by name: `(name, shape, bytes)`.
-    fn state_dict(&self, py: Python<'_>) -> PyResult<Vec<(String, Vec<usize>, Py<PyBytes>)>> {
-        let sd: BTreeMap<String, candle_core::Tensor> = self.model.state_dict().map_err(|e| py_err(e.into()))?.into_iter().collect();
+    fn state_dict(&self, py: Python<'_>) -> PyResult<Vec<Named>> {
+        let sd: BTreeMap<String, candle_core::Tensor> = self
+            .model
+            .state_dict()
+            .map_err(|e| py_err(e.into()))?
+            .into_iter()
+            .collect();
         sd.iter()
             .map(|(k, t)| {
                 let (shape, bytes) = to_py(py, t)?;
@@ -165,8 +173,7 @@ impl PyModel {
             if !labeled {
                 prelu::data::label_by_model(&self.model, &mut ds, batch_size)?;
             }
-            let d =
-                prelu::analyses::diagnose::diagnose(&self.model, &ds, batch_size, Default::default())?;
+            let d = prelu::analyses::diagnose::diagnose(&self.model, &ds, batch_size, Default::default())?;
             let out = serde_json::json!({
                 "checkpoint": self.source,
                 "data": data_name,
