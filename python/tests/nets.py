@@ -46,6 +46,39 @@ class ResNet(nn.Module):
         return self.fc(x)
 
 
+class Vgg(nn.Module):
+    """Sequential features and classifier: max and average pooling, a Leaky
+    ReLU, a shared PReLU, Dropout, nn.Flatten, BatchNorm1d."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.PReLU(8),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.LeakyReLU(0.1),
+            nn.AvgPool2d(2),
+            nn.Conv2d(16, 16, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(16),
+            nn.PReLU(),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Dropout(0.5),
+            nn.Linear(16 * 4 * 4, 32),
+            nn.BatchNorm1d(32),
+            nn.PReLU(32),
+            nn.Linear(32, 10),
+        )
+
+    def forward(self, x):
+        x = (x - 0.1307) / 0.3081
+        return self.classifier(self.features(x))
+
+
 class Mlp(nn.Module):
     """An MLP with a BatchNorm1d, PReLUs and a biased first layer."""
 

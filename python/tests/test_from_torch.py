@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import prelu
-from nets import Mlp, ResNet, negative_shares, randomize
+from nets import Mlp, ResNet, Vgg, negative_shares, randomize
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +93,30 @@ def test_canonicalize_checks_on_given_inputs(resnet, images):
     assert report["examples"] == 8
 
 
+def test_a_sequential_network_with_pools_and_leaky_relu():
+    torch.manual_seed(6)
+    net = randomize(Vgg(), seed=3)
+    x = torch.rand(32, 1, 28, 28, generator=torch.Generator().manual_seed(7))
+    model = prelu.from_torch(net, x[:1])
+    with torch.no_grad():
+        want = net(x).numpy()
+    np.testing.assert_allclose(model(x), want, rtol=1e-4, atol=1e-5)
+    hooks = negative_shares(net, x)
+    d = prelu.diagnose(model, x)
+    got = {l["layer"]: l["negative_share"] for l in d["layers"]}
+    # The Leaky ReLU is an activation layer of prelu's too; the hooks watch the PReLUs.
+    assert set(got) == set(hooks) | {"features.6"}
+    for k in hooks:
+        assert got[k] == pytest.approx(hooks[k], abs=1e-3), k
+    canon, report = prelu.canonicalize(model, x, return_report=True)
+    assert len(report["bn"]["folded"]) == 4
+    twin = Vgg()
+    twin.load_state_dict(canon.torch_state_dict(), strict=True)
+    with torch.no_grad():
+        np.testing.assert_allclose(twin.eval()(x).numpy(), want, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(prelu.to_torch(canon)(x).numpy(), want, rtol=1e-4, atol=1e-5)
+
+
 def test_a_flat_network_with_biases():
     torch.manual_seed(3)
     net = randomize(Mlp())
@@ -126,3 +150,37 @@ def test_an_op_prelu_cannot_hold_names_the_op_and_module():
 
     with pytest.raises(prelu.PreluError, match=r"Sigmoid.*`gate`"):
         prelu.from_torch(Gated(), torch.rand(2, 4))
+
+
+class PerChannel(torch.nn.Module):
+    """A per-channel input normalisation before a conv (padded or not)."""
+
+    def __init__(self, padding):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=padding)
+        self.act = torch.nn.PReLU(4)
+        self.fc = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        mean = torch.tensor([0.4, 0.5, 0.6]).reshape(1, 3, 1, 1)
+        std = torch.tensor([0.2, 0.25, 0.3]).reshape(1, 3, 1, 1)
+        x = self.act(self.conv((x - mean) / std))
+        return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def test_a_per_channel_normalisation_before_a_padded_conv_is_kept():
+    torch.manual_seed(5)
+    net = randomize(PerChannel(padding=1))
+    x = torch.rand(6, 3, 8, 8)
+    model = prelu.from_torch(net, x[:1])
+    assert model.graph()["input_norm"]["std"] == pytest.approx([0.2, 0.25, 0.3])
+    twin = PerChannel(padding=1)
+    twin.load_state_dict(prelu.canonicalize(model, x).torch_state_dict(), strict=True)
+    with torch.no_grad():
+        np.testing.assert_allclose(twin.eval()(x).numpy(), net(x).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_per_channel_normalisation_folded_into_the_first_layer_is_refused():
+    net = randomize(PerChannel(padding=0))
+    with pytest.raises(prelu.PreluError, match=r"the import changed `conv\.(weight|bias)`"):
+        prelu.from_torch(net, torch.rand(1, 3, 8, 8))
