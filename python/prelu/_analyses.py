@@ -20,7 +20,7 @@ def diagnose(model: Model, inputs, labels=None, batch_size: int = 256) -> dict:
     of the loss against the model's own predictions, and ``acc`` and
     ``loss`` are ``None``, as the CLI's are null."""
     x, y = _arrays.gather(inputs, labels)
-    data, n = _arrays.examples_bytes(x, model.input_shape)
+    data, n = _arrays.examples_bytes(x, model.input_shape, model.input_layout)
     y = None if y is None else [int(v) for v in y.reshape(-1)]
     return json.loads(model._core.diagnose(data, n, y, batch_size))
 
@@ -36,7 +36,7 @@ def canonicalize(model: Model, inputs=None, return_report: bool = False, example
         x = np.random.default_rng(0).random((examples, *model.input_shape), dtype=np.float32)
     else:
         x, _ = _arrays.gather(inputs)
-    data, n = _arrays.examples_bytes(x, model.input_shape)
+    data, n = _arrays.examples_bytes(x, model.input_shape, model.input_layout)
     core, report = model._core.canonicalize(data, n)
     out = Model(core, model._torch)
     return (out, json.loads(report)) if return_report else out

@@ -47,15 +47,23 @@ def gather(inputs, labels=None):
     return x, (np.concatenate(ys) if len(ys) == len(xs) else None)
 
 
-def examples_bytes(x: np.ndarray, input_shape) -> tuple[bytes, int]:
+def examples_bytes(x: np.ndarray, input_shape, layout: str = "nchw") -> tuple[bytes, int]:
     """The examples as float32 bytes in C, H, W order and their count; a
-    single example of the model's input shape counts as a batch of one."""
+    single example of the model's input shape counts as a batch of one. For
+    a model whose original input is NHWC (``layout`` ``nhwc`` or
+    ``flat-hwc``, a Keras model) the examples are in H, W, C order, as the
+    CLI's ``.npy`` files are, and are transposed here."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim == 0:
         raise ValueError("a scalar is not a batch of examples")
-    if tuple(x.shape) == tuple(input_shape):
+    c, h, w = input_shape
+    one = (h, w, c) if layout in ("nhwc", "flat-hwc") else (c, h, w)
+    if tuple(x.shape) == one:
         x = x[None]
-    return x.astype("<f4", copy=False).tobytes(), int(x.shape[0])
+    if layout in ("nhwc", "flat-hwc") and x[0].size == c * h * w:
+        x = x.reshape(x.shape[0], h, w, c).transpose(0, 3, 1, 2)
+    x = np.ascontiguousarray(x, dtype="<f4")
+    return x.tobytes(), int(x.shape[0])
 
 
 def from_bytes(shape, data: bytes) -> np.ndarray:

@@ -43,14 +43,21 @@ class Model:
         return self._core.classes
 
     @property
+    def input_layout(self) -> str:
+        """How examples are laid out: ``nchw`` (also taking ``[N, C*H*W]``),
+        or an imported ONNX model's own (``nhwc``, ``flat``, ``flat-hwc``)."""
+        return self._core.input_layout
+
+    @property
     def notes(self) -> list:
         """What the ONNX import had to say (foldings done, ops dropped)."""
         return list(self._core.notes)
 
     def outputs(self, x) -> list:
         """Every head's output ``[N, F]`` (evaluation mode) for examples
-        ``[N, C, H, W]`` or ``[N, C*H*W]`` (numpy, torch or lists)."""
-        data, n = _arrays.examples_bytes(_arrays.to_numpy(x, np.float32), self.input_shape)
+        ``[N, C, H, W]`` or ``[N, C*H*W]`` (numpy, torch or lists; ``[N, H,
+        W, C]`` for an imported model whose input is NHWC, ``input_layout``)."""
+        data, n = _arrays.examples_bytes(_arrays.to_numpy(x, np.float32), self.input_shape, self.input_layout)
         return [_arrays.from_bytes(shape, b) for shape, b in self._core.forward(data, n)]
 
     def forward(self, x) -> np.ndarray:

@@ -19,6 +19,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
 use prelu::model::Model;
+use prelu::store::onnx::{Layout, OnnxIo, IO_KEY};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
@@ -42,6 +43,9 @@ struct PyModel {
     source: Option<String>,
     /// Remarks of the ONNX import (foldings done, ops dropped).
     notes: Vec<String>,
+    /// The original ONNX model's input and outputs (names, layouts), for an
+    /// imported model; kept in what `save` writes, as `prelu import` does.
+    io: Option<OnnxIo>,
 }
 
 #[pymethods]
@@ -54,10 +58,12 @@ impl PyModel {
         let loaded = py
             .detach(|| prelu::store::checkpoint::load_model_with_spec(&path, spec.as_deref()))
             .map_err(py_err)?;
+        let io = OnnxIo::from_metadata(&loaded.metadata).map_err(py_err)?;
         Ok(Self {
             model: loaded.model,
             source: Some(path.display().to_string()),
             notes: Vec::new(),
+            io,
         })
     }
 
@@ -74,6 +80,7 @@ impl PyModel {
             model: im.model,
             source: None,
             notes: im.notes,
+            io: Some(im.io),
         })
     }
 
@@ -93,6 +100,17 @@ impl PyModel {
     #[getter]
     fn source(&self) -> Option<String> {
         self.source.clone()
+    }
+
+    /// How examples are laid out: the original ONNX input's layout for an
+    /// imported model (`nchw`, `nhwc`, `flat`, `flat-hwc`), else `nchw`.
+    #[getter]
+    fn input_layout(&self) -> String {
+        let l = self.io.as_ref().map_or(Layout::Nchw, |io| io.input_layout);
+        serde_json::to_value(l)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_else(|| "nchw".into())
     }
 
     /// The ONNX import's remarks.
@@ -141,14 +159,20 @@ impl PyModel {
         serde_json::to_string(&self.model.spec).map_err(other)
     }
 
-    /// Writes the model as a checkpoint (.safetensors) the CLI reads.
+    /// Writes the model as a checkpoint (.safetensors) the CLI reads (with
+    /// an imported model's original input and outputs, as `prelu import`).
     fn save(&self, path: PathBuf) -> PyResult<()> {
-        prelu::store::checkpoint::save_model(&path, &self.model, HashMap::new(), HashMap::new()).map_err(py_err)
+        let mut metadata = HashMap::new();
+        if let Some(io) = &self.io {
+            metadata.insert(IO_KEY.to_string(), serde_json::to_string(io).map_err(other)?);
+        }
+        prelu::store::checkpoint::save_model(&path, &self.model, HashMap::new(), metadata).map_err(py_err)
     }
 
-    /// The model as an ONNX file's bytes (opset 13).
+    /// The model as an ONNX file's bytes (opset 13; an imported model's
+    /// original input and output names and layouts).
     fn to_onnx<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
-        let bytes = prelu::store::onnx::export(&self.model).map_err(py_err)?;
+        let bytes = prelu::store::onnx::export_with(&self.model, self.io.as_ref()).map_err(py_err)?;
         Ok(PyBytes::new(py, &bytes))
     }
 
@@ -203,12 +227,12 @@ impl PyModel {
                 Ok((c.model, report))
             })
             .map_err(py_err)?;
-        let notes = self.notes.clone();
         Ok((
             Self {
                 model,
                 source: None,
-                notes,
+                notes: self.notes.clone(),
+                io: self.io.clone(),
             },
             report,
         ))

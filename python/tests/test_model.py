@@ -2,6 +2,7 @@
 
 import json
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -148,3 +149,21 @@ def test_to_torch_pads_asymmetric_windows(tmp_path):
     assert len(got) == 2
     for g, want in zip(got, m.outputs(x)):
         np.testing.assert_allclose(g.numpy(), want, rtol=1e-4, atol=1e-5)
+
+
+VECTORS = Path(__file__).resolve().parents[2] / "tests" / "vectors"
+
+
+def test_a_keras_model_takes_its_own_nhwc_examples():
+    case = json.loads((VECTORS / "onnx_keras" / "keras_cnn_opset17.json").read_text())["cases"][0]
+    m = prelu.load(VECTORS / "onnx_keras" / "keras_cnn_opset17.onnx")
+    assert m.input_layout == "nhwc"
+    x = np.array(case["input"], np.float32).reshape(case["input_shape"])
+    logits = m(x)
+    # onnxruntime's outputs are after the model's softmax, which the import drops.
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    want = case["outputs"][0]
+    np.testing.assert_allclose(p, np.array(want["data"]).reshape(want["shape"]), rtol=1e-4, atol=1e-5)
+    # diagnose reads the same layout.
+    assert prelu.diagnose(m, x)["examples"] == 4
