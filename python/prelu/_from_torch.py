@@ -94,5 +94,5 @@ def from_torch(module, example_input) -> Model:
         raise _explain(e) from None
     model = Model(core)
     mine = {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
-    model._torch = TorchNames.from_import(mine, model.state_dict(), model.graph())
+    model._torch = TorchNames.from_import(mine, model.state_dict(), model.graph(), model.notes, model.input_shape)
     return model

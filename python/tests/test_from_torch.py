@@ -180,7 +180,21 @@ def test_a_per_channel_normalisation_before_a_padded_conv_is_kept():
         np.testing.assert_allclose(twin.eval()(x).numpy(), net(x).numpy(), rtol=1e-4, atol=1e-5)
 
 
-def test_a_per_channel_normalisation_folded_into_the_first_layer_is_refused():
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_per_channel_normalisation_folded_into_the_first_layer_is_taken_back_out(bias):
+    torch.manual_seed(8)
     net = randomize(PerChannel(padding=0))
-    with pytest.raises(prelu.PreluError, match=r"the import changed `conv\.(weight|bias)`"):
-        prelu.from_torch(net, torch.rand(1, 3, 8, 8))
+    if not bias:
+        net.conv.bias = None
+    x = torch.rand(6, 3, 8, 8)
+    model = prelu.from_torch(net, x[:1])
+    assert any("folded into `conv`" in n for n in model.notes)
+    with torch.no_grad():
+        want = net(x).numpy()
+    for m in (model, prelu.canonicalize(model, x)):
+        twin = PerChannel(padding=0)
+        if not bias:
+            twin.conv.bias = None
+        twin.load_state_dict(m.torch_state_dict(), strict=True)
+        with torch.no_grad():
+            np.testing.assert_allclose(twin.eval()(x).numpy(), want, rtol=1e-4, atol=1e-5)
