@@ -1,11 +1,11 @@
 """prelu from Python: the Rust core of prelu (a Parametric-ReLU toolkit)
-on numpy arrays and PyTorch modules.
+on numpy arrays and PyTorch modules::
 
->>> import prelu
->>> model = prelu.from_torch(net, torch.rand(8, 3, 32, 32))   # a PyTorch module
->>> report = prelu.diagnose(model, images)                     # the CLI's diagnose JSON, as a dict
->>> canon = prelu.canonicalize(model)                          # the same function, canonical weights
->>> net.load_state_dict(canon.torch_state_dict(), strict=True)
+    import prelu
+    model = prelu.from_torch(net, torch.rand(8, 3, 32, 32))  # a PyTorch module
+    report = prelu.diagnose(model, images)                    # the CLI's diagnose JSON, as a dict
+    canon = prelu.canonicalize(model)                         # the same function, canonical weights
+    net.load_state_dict(canon.torch_state_dict(), strict=True)
 
 ``prelu.Model.load(path)`` reads checkpoints, run folders and ONNX files;
 ``prelu.to_torch(model)`` builds an ``nn.Module`` for any prelu graph.

@@ -29,6 +29,7 @@ type Array = (Vec<usize>, Py<PyBytes>);
 /// A named tensor for Python: name, shape, `float32` bytes.
 type Named = (String, Vec<usize>, Py<PyBytes>);
 
+/// A tensor as `(shape, float32 bytes)` for Python.
 fn to_py(py: Python<'_>, t: &candle_core::Tensor) -> PyResult<Array> {
     let bytes = arrays::tensor_bytes(t).map_err(py_err)?;
     Ok((t.dims().to_vec(), PyBytes::new(py, &bytes).unbind()))
