@@ -167,3 +167,12 @@ def test_a_keras_model_takes_its_own_nhwc_examples():
     np.testing.assert_allclose(p, np.array(want["data"]).reshape(want["shape"]), rtol=1e-4, atol=1e-5)
     # diagnose reads the same layout.
     assert prelu.diagnose(m, x)["examples"] == 4
+
+
+def test_import_prelu_loads_neither_torch_nor_prelu_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, prelu; print('torch' in sys.modules, 'prelu.torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
+    assert out.stdout.split() == ["False", "False"]
