@@ -28,7 +28,9 @@ def contrasts_table(study):
     print("|---|---|---|---|---|---|")
     for k in study["contrasts"]:
         lo, hi = k["ci95"]
-        print(f"| {k['b']} - {k['a']} | {k['context']} | {k['n']} | {k['diff_mean']:+.4f} | "
+        ctx = k["context"]
+        where = ", ".join(f"{a}={b}" for a, b in ctx.items()) if isinstance(ctx, dict) else str(ctx)
+        print(f"| {k['b']} - {k['a']} | {where} | {k['n']} | {k['diff_mean']:+.4f} | "
               f"[{lo:+.4f}, {hi:+.4f}] | {k['p_value']:.3f} |")
 
 

@@ -263,7 +263,7 @@ pub fn svg(size: (u32, u32), chart: &Chart) -> Result<String> {
 /// `legend` entries drawn under them (the SVG grows by the legend's rows):
 /// for an SVG that stands on its own.
 pub fn panels(size: (u32, u32), charts: &[Chart], legend: &[Line]) -> Result<String> {
-    let rows = legend.len().div_ceil(LEGEND_PER_ROW) as u32;
+    let rows = legend.len().div_ceil(legend_per_row(size.0, legend)) as u32;
     let extra = if rows == 0 { 0 } else { rows * LEGEND_ROW + 8 };
     let mut out = String::new();
     draw_panels(&mut out, (size.0, size.1 + extra), size.1, charts, legend)?;
@@ -468,14 +468,24 @@ fn draw_line(plot: &mut Plot, l: &Line, y: YAxis) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Legend entries per row for a legend `width` pixels wide: at most
+/// [`LEGEND_PER_ROW`], fewer when the longest name would not fit its column
+/// (about 7 pixels a character at 13 px, after the 50-pixel sample).
+fn legend_per_row(width: u32, legend: &[Line]) -> usize {
+    let longest = legend.iter().map(|l| l.name.chars().count()).max().unwrap_or(0);
+    let need = 50 + 7 * longest;
+    (width as usize / need.max(1)).clamp(1, LEGEND_PER_ROW)
+}
+
 /// Draws legend entries (a line sample and the name) into `area`, in rows
-/// of [`LEGEND_PER_ROW`].
+/// of [`legend_per_row`].
 fn draw_legend(area: &Area, legend: &[Line]) -> anyhow::Result<()> {
-    let col_w = (area.dim_in_pixel().0 as usize / LEGEND_PER_ROW) as i32;
+    let per_row = legend_per_row(area.dim_in_pixel().0, legend);
+    let col_w = (area.dim_in_pixel().0 as usize / per_row) as i32;
     let font = ("sans-serif", 13).into_font();
     for (k, l) in legend.iter().enumerate() {
-        let x = 20 + col_w * (k % LEGEND_PER_ROW) as i32;
-        let y = 4 + LEGEND_ROW as i32 * (k / LEGEND_PER_ROW) as i32 + LEGEND_ROW as i32 / 2;
+        let x = 20 + col_w * (k % per_row) as i32;
+        let y = 4 + LEGEND_ROW as i32 * (k / per_row) as i32 + LEGEND_ROW as i32 / 2;
         let style = color(l.color).stroke_width(l.width.max(2));
         let sample = vec![(x, y), (x + 22, y)];
         if l.dashed {

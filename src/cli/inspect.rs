@@ -542,6 +542,32 @@ impl fmt::Display for SlopesOutput {
     }
 }
 
+/// The plot's names of the models: each path without the folders all of
+/// them share (`study/act-prelu__model-resnet-20/seed0` and
+/// `study/act-relu__model-resnet-20/seed0` become the cell folders), so a
+/// legend names what differs; one model keeps its file or folder name.
+fn short_names(paths: &[PathBuf]) -> Vec<String> {
+    let parts: Vec<Vec<String>> = paths
+        .iter()
+        .map(|p| {
+            p.components()
+                .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                .collect()
+        })
+        .collect();
+    let shortest = parts.iter().map(Vec::len).min().unwrap_or(0);
+    // Shared leading folders, keeping at least the last component of each.
+    let mut common = 0;
+    while common + 1 < shortest && parts.iter().all(|p| p[common] == parts[0][common]) {
+        common += 1;
+    }
+    // Nothing or only the root in common: the paths stay whole.
+    if common == 0 || (common == 1 && parts[0][0] == "/") {
+        return paths.iter().map(|p| p.display().to_string()).collect();
+    }
+    parts.iter().map(|p| p[common..].join("/")).collect()
+}
+
 pub fn cmd_slopes(a: &SlopesArgs) -> Result<()> {
     if let Some(o) = &a.out {
         check_out(None, o)?;
@@ -567,9 +593,10 @@ pub fn cmd_slopes(a: &SlopesArgs) -> Result<()> {
         });
     }
     if let Some(o) = &a.out {
-        let named: Vec<(String, &slopes::SlopeProfile)> = models
-            .iter()
-            .map(|m| (m.model.display().to_string(), &m.profile))
+        let named: Vec<(String, &slopes::SlopeProfile)> = short_names(&a.models)
+            .into_iter()
+            .zip(&models)
+            .map(|(n, m)| (n, &m.profile))
             .collect();
         prelu::fs::write_atomic(o, slopes::chart(&named, (900, 480))?.as_bytes())?;
     }
