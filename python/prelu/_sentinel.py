@@ -1,8 +1,8 @@
 """prelu's diagnostic sentinel for PyTorch models: forward hooks count, per
 activation layer and channel, the negative and positive inputs and the
-output moments on the tensors' own device; gradient hooks add up the
-PReLU slope gradients and the gradient norm of the weight layer feeding
-each activation. ``epoch_end`` merges the counters across ranks (when
+output moments on the tensors' own device; an optimiser step pre-hook (or,
+without an optimiser, gradient hooks) adds up the PReLU slope gradients and
+the gradient norm of the weight layer feeding each activation. ``epoch_end`` merges the counters across ranks (when
 ``torch.distributed`` is initialised), and rank 0 writes prelu's
 ``metrics.jsonl`` lines, so that ``prelu report RUN`` renders the run.
 
@@ -28,40 +28,91 @@ def _rank():
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-class _Watch:
-    """The counters of one watched activation over the current epoch."""
+#: Below this many elements per channel, a float32 sum of 0/1 values is exact.
+_EXACT_F32 = 2**24
 
-    def __init__(self, name, act, weight):
+
+class _Scratch:
+    """One float32 buffer per device, shared by the layers of a sentinel
+    (grown to the largest input): the 0/1 masks are written into it. The
+    layers run one after another on a device's stream, so one buffer serves
+    them all."""
+
+    def __init__(self):
+        self.buffers = {}
+
+    def masks(self, x):
+        """A float32 tensor of shape ``(2, *x.shape)`` on ``x``'s device
+        (contents undefined)."""
+        n = 2 * x.numel()
+        b = self.buffers.get(x.device)
+        if b is None or b.numel() < n:
+            b = torch.empty(n, dtype=torch.float32, device=x.device)
+            self.buffers[x.device] = b
+        return b[:n].view(2, *x.shape)
+
+
+def _signs(x, scratch):
+    """Per channel (dim 1 of ``x``, rank >= 2): how many elements are
+    negative (row 0) and how many positive (row 1), a ``(2, C)`` tensor on
+    ``x``'s device. The 0/1 masks are summed as float32: exact while a
+    channel has fewer than 2^24 elements (bool sums, several times slower
+    on the CPU, count larger ones)."""
+    dims = [0, *range(2, x.dim())]
+    if x.numel() // x.shape[1] >= _EXACT_F32:
+        return torch.stack(((x < 0).sum(dim=dims), (x > 0).sum(dim=dims)))
+    m = scratch.masks(x)
+    torch.lt(x, 0, out=m[0])
+    torch.gt(x, 0, out=m[1])
+    return m.sum(dim=[d + 1 for d in dims])
+
+
+class _Watch:
+    """The counters of one watched activation over the current epoch: all
+    float64 tensors on the device of the tensors they count (integer counts
+    stay exact below 2^53)."""
+
+    def __init__(self, name, act, weight, scratch):
         self.name = name
+        self.scratch = scratch
         self.act = act
         self.weight = weight
         self.n_slopes = act.num_parameters if isinstance(act, nn.PReLU) else 0
         # PReLU with a slope per channel knows its channels before any input.
         self.channels = self.n_slopes if self.n_slopes > 1 else None
         self.warned = False
+        self.counted = False
         self.handles = []
         self.reset()
 
     def reset(self):
         """Empties the counters (they are allocated again on the next input's device)."""
-        self.neg = self.pos = self.out_sum = self.out_sum_sq = None
+        self.signs = self.out_sum = self.out_sum_sq = None
         self.count = 0
         self.slope_abs = self.slope_norm_sum = self.grad_norm_sum = None
         self.slope_steps = self.grad_steps = 0
 
-    def attach(self):
+    def attach(self, grad_hooks):
         """Registers the forward hooks (a pre-hook counts the input of an
-        in-place activation before it is overwritten) and the gradient hooks."""
+        in-place activation before it is overwritten) and, with
+        ``grad_hooks``, the gradient hooks of the slope and feeding weight."""
         if getattr(self.act, "inplace", False):
             self.handles.append(self.act.register_forward_pre_hook(self._pre_hook))
             self.handles.append(self.act.register_forward_hook(self._out_hook))
         else:
             self.handles.append(self.act.register_forward_hook(self._hook))
+        if not grad_hooks:
+            return
         if self.n_slopes and self.act.weight.requires_grad:
             self.handles.append(self.act.weight.register_hook(self._slope_grad))
-        w = getattr(self.weight, "weight", None)
-        if isinstance(w, torch.Tensor) and w.requires_grad:
+        w = self.weight_param()
+        if w is not None and w.requires_grad:
             self.handles.append(w.register_hook(self._weight_grad))
+
+    def weight_param(self):
+        """The feeding layer's weight, if there is one."""
+        w = getattr(self.weight, "weight", None)
+        return w if isinstance(w, torch.Tensor) else None
 
     def detach(self):
         """Removes every hook."""
@@ -74,12 +125,12 @@ class _Watch:
             self._count_output(output)
 
     def _pre_hook(self, mod, inputs):
-        self._counted = self._count_input(mod, inputs)
+        self.counted = self._count_input(mod, inputs)
 
     def _out_hook(self, mod, inputs, output):
-        if getattr(self, "_counted", False):
+        if self.counted:
             self._count_output(output)
-            self._counted = False
+            self.counted = False
 
     def _count_input(self, mod, inputs):
         """Adds the signs of a training-mode input per channel (dim 1 for
@@ -87,7 +138,9 @@ class _Watch:
         if not mod.training or not inputs or not isinstance(inputs[0], torch.Tensor):
             return False
         x = inputs[0].detach()
-        c = x.shape[1] if x.dim() >= 2 else 1
+        if x.dim() < 2:
+            x = x.reshape(1, 1, -1)
+        c = x.shape[1]
         if self.channels is None:
             self.channels = c
         if c != self.channels:
@@ -99,63 +152,66 @@ class _Watch:
                 )
                 self.warned = True
             return False
-        if self.neg is None or self.neg.device != x.device:
+        if self.signs is None or self.signs.device != x.device:
             self._allocate(x.device)
         with torch.no_grad():
-            if x.dim() >= 2:
-                dims = [0, *range(2, x.dim())]
-                self.neg += (x < 0).sum(dim=dims)
-                self.pos += (x > 0).sum(dim=dims)
-            else:
-                self.neg += (x < 0).sum().reshape(1)
-                self.pos += (x > 0).sum().reshape(1)
+            self.signs.add_(_signs(x, self.scratch))
         self.count += x.numel()
         return True
 
     def _count_output(self, output):
         with torch.no_grad():
             y = output.detach()
-            self.out_sum += y.sum(dtype=torch.float64)
-            self.out_sum_sq += torch.linalg.vector_norm(y, dtype=torch.float64).square()
+            dtype = torch.float64 if y.dtype == torch.float64 else torch.float32
+            self.out_sum.add_(y.sum(dtype=dtype))
+            n = torch.linalg.vector_norm(y, dtype=dtype)
+            self.out_sum_sq.addcmul_(n, n)
 
     def _allocate(self, device):
         """Counters on ``device`` (keeping what an earlier device counted)."""
-        z = torch.zeros(self.channels, dtype=torch.int64, device=device)
-        s = torch.zeros((), dtype=torch.float64, device=device)
-        old = (self.neg, self.pos, self.out_sum, self.out_sum_sq)
-        self.neg, self.pos, self.out_sum, self.out_sum_sq = z, z.clone(), s, s.clone()
+        old = (self.signs, self.out_sum, self.out_sum_sq)
+        self.signs = torch.zeros(2, self.channels, dtype=torch.float64, device=device)
+        self.out_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.out_sum_sq = torch.zeros((), dtype=torch.float64, device=device)
         if old[0] is not None:
-            self.neg += old[0].to(device)
-            self.pos += old[1].to(device)
-            self.out_sum += old[2].to(device)
-            self.out_sum_sq += old[3].to(device)
+            self.signs += old[0].to(device)
+            self.out_sum += old[1].to(device)
+            self.out_sum_sq += old[2].to(device)
+
+    def slope_accumulators(self, device):
+        """``(|grad| sums per slope, grad norm sum)`` on ``device``."""
+        if self.slope_abs is None or self.slope_abs.device != device:
+            self.slope_abs = torch.zeros(self.n_slopes, dtype=torch.float64, device=device)
+            self.slope_norm_sum = torch.zeros((), dtype=torch.float64, device=device)
+        return self.slope_abs, self.slope_norm_sum
+
+    def weight_accumulator(self, device):
+        """The feeding weight's grad norm sum on ``device``."""
+        if self.grad_norm_sum is None or self.grad_norm_sum.device != device:
+            self.grad_norm_sum = torch.zeros((), dtype=torch.float64, device=device)
+        return self.grad_norm_sum
 
     def _slope_grad(self, g):
         with torch.no_grad():
             g = g.detach()
-            a = g.abs().flatten().to(torch.float64)
-            n = torch.linalg.vector_norm(g, dtype=torch.float64)
-            if self.slope_abs is None:
-                self.slope_abs, self.slope_norm_sum = a, n
-            else:
-                self.slope_abs += a.to(self.slope_abs.device)
-                self.slope_norm_sum += n.to(self.slope_abs.device)
+            abs_sum, norm_sum = self.slope_accumulators(g.device)
+            abs_sum.add_(g.abs().flatten())
+            norm_sum.add_(torch.linalg.vector_norm(g))
             self.slope_steps += 1
 
     def _weight_grad(self, g):
         with torch.no_grad():
-            n = torch.linalg.vector_norm(g.detach(), dtype=torch.float64)
-            self.grad_norm_sum = n if self.grad_norm_sum is None else self.grad_norm_sum + n.to(self.grad_norm_sum.device)
+            self.weight_accumulator(g.device).add_(torch.linalg.vector_norm(g.detach()))
             self.grad_steps += 1
+
 
     def pack(self, channels, device):
         """The counters as one int64 and one float64 vector on ``device``
         (zeros for what this process did not see), for summing across ranks."""
         ints = torch.zeros(2 * channels + 3, dtype=torch.int64, device=device)
         floats = torch.zeros(self.n_slopes + 4, dtype=torch.float64, device=device)
-        if self.neg is not None and self.neg.numel() == channels:
-            ints[:channels] = self.neg.to(device)
-            ints[channels : 2 * channels] = self.pos.to(device)
+        if self.signs is not None and self.signs.shape[1] == channels:
+            ints[: 2 * channels] = self.signs.flatten().to(device=device, dtype=torch.int64)
             floats[0] = self.out_sum.to(device)
             floats[1] = self.out_sum_sq.to(device)
         ints[2 * channels :] = torch.tensor([self.count, self.slope_steps, self.grad_steps], device=device)
@@ -185,6 +241,32 @@ class _Watch:
         )
 
 
+def _tally_step(watches):
+    """Adds the gradients an optimiser is about to step with (``.grad``:
+    after backward, DDP's averaging and AMP's unscaling) to the watches'
+    accumulators, with a few multi-tensor ops for all layers together."""
+    norm_accs, norms_of, abs_accs, abs_of = [], [], [], []
+    for w in watches:
+        g = w.act.weight.grad if w.n_slopes else None
+        if g is not None:
+            abs_sum, norm_sum = w.slope_accumulators(g.device)
+            abs_accs.append(abs_sum)
+            abs_of.append(g.detach().flatten())
+            norm_accs.append(norm_sum)
+            norms_of.append(g.detach())
+            w.slope_steps += 1
+        p = w.weight_param()
+        if p is not None and p.grad is not None:
+            norm_accs.append(w.weight_accumulator(p.grad.device))
+            norms_of.append(p.grad.detach())
+            w.grad_steps += 1
+    with torch.no_grad():
+        if norms_of:
+            torch._foreach_add_(norm_accs, torch._foreach_norm(norms_of))
+        if abs_of:
+            torch._foreach_add_(abs_accs, torch._foreach_abs(abs_of))
+
+
 class Sentinel:
     """prelu's sentinel on a PyTorch model, writing a prelu run folder.
 
@@ -192,18 +274,23 @@ class Sentinel:
     and ``nn.ReLU`` of ``module`` (a ``DistributedDataParallel`` wrapper is
     looked through), in module order, named by their ``named_modules()``
     paths. Only forward passes in training mode are counted; a module
-    applied several times per step counts every application. Gradient
-    hooks add up |d loss / d slope| per PReLU slope and the L2 norm of the
-    gradient of the feeding weight layer (the Linear/Conv right before the
-    activation in module order) once per backward pass; under DDP these
-    are the rank's own gradients before averaging, added over the ranks.
+    applied several times per step counts every application.
+
+    Gradients: per PReLU slope the mean |d loss / d slope|, and the mean L2
+    norm of the gradient of the feeding weight layer (the Linear/Conv right
+    before the activation in module order). With an ``optimizer`` they are
+    read from ``.grad`` just before each ``optimizer.step()`` (a step
+    pre-hook: the gradients the step uses, after gradient accumulation,
+    DDP's averaging and AMP's unscaling), with a few multi-tensor ops for
+    all layers. Without one, hooks on the parameters see every backward
+    pass's own gradient (under DDP: the rank's, before averaging).
 
     Call :meth:`epoch_end` after each epoch (1-based epochs, as prelu
     counts them) and :meth:`close` at the end. ``alarms``: prelu's alarm
     thresholds to change (``dead_share``, ``idle_share``, ``idle_epochs``,
-    ``grad_ratio``, ``stuck_slope``, ``slope_tol``); ``optimizer``: gives
-    ``lr`` for the epoch lines and the optimiser keys of ``config.toml``;
-    ``config``: more keys of prelu's config (``epochs``, ``batch_size``,
+    ``grad_ratio``, ``stuck_slope``, ``slope_tol``); ``optimizer``: where
+    gradients are read (above), ``lr`` for the epoch lines and the
+    optimiser keys of ``config.toml``; ``config``: more keys of prelu's config (``epochs``, ``batch_size``,
     ``seed``, ...). A ``run_dir`` that already holds ``metrics.jsonl`` is
     refused unless ``overwrite``.
     """
@@ -217,7 +304,8 @@ class Sentinel:
         if not acts:
             raise ValueError("prelu sentinel: the module has no nn.PReLU, nn.LeakyReLU or nn.ReLU to watch")
         feeding = _modules.feeding_weight(self.model)
-        self.watches = [_Watch(name or "act", m, feeding.get(id(m))) for name, m in acts]
+        scratch = _Scratch()
+        self.watches = [_Watch(name or "act", m, feeding.get(id(m)), scratch) for name, m in acts]
         self.states = [_report.LayerState(w.name, _modules.kind_of(w.act)) for w in self.watches]
         self.alarms = _report.Alarms(self.cfg)
         self.steps = 0
@@ -226,8 +314,10 @@ class Sentinel:
         self.closed = False
         if _rank() == 0:
             self._start_folder(config or {}, overwrite)
+        step_hook = getattr(optimizer, "register_step_pre_hook", None)
+        self.step_handle = step_hook(lambda *_: _tally_step(self.watches)) if step_hook else None
         for w in self.watches:
-            w.attach()
+            w.attach(grad_hooks=self.step_handle is None)
         self.root_handle = self.model.register_forward_hook(self._root_hook)
 
     def _start_folder(self, config, overwrite):
@@ -255,6 +345,12 @@ class Sentinel:
             for k in ("lr", "momentum", "weight_decay"):
                 if isinstance(group.get(k), (int, float)) and not isinstance(group.get(k), bool):
                     cfg[k] = float(group[k])
+        model = extra.get("model", cfg["model"])
+        if not (isinstance(model, str) and model.startswith("pytorch:")):
+            raise ValueError(
+                f"config: model must stay `pytorch:NAME` (got {model!r}), so that prelu never takes "
+                "this folder for a run it can resume"
+            )
         cfg.update(extra)
         return cfg
 
@@ -281,8 +377,8 @@ class Sentinel:
         if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
             return torch.device("cuda", torch.cuda.current_device())
         for w in self.watches:
-            if w.neg is not None:
-                return w.neg.device
+            if w.signs is not None:
+                return w.signs.device
         return torch.device("cpu")
 
     def _merged(self):
@@ -370,6 +466,8 @@ class Sentinel:
         for w in self.watches:
             w.detach()
         self.root_handle.remove()
+        if self.step_handle is not None:
+            self.step_handle.remove()
         self.closed = True
 
     def __enter__(self):

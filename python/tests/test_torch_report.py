@@ -108,3 +108,24 @@ def test_alarms_and_an_epoch_without_metrics_render(tmp_path):
     summary, page = report(tmp_path)
     assert summary["alarms"] == 2
     assert "dead-units" in page and "non-positive-slope" in page
+
+
+def test_prelus_config_reader_accepts_the_config_and_resume_leaves_the_run_alone(tmp_path):
+    m = net()
+    opt = torch.optim.SGD(pt.param_groups(m, 1e-4), lr=0.1, momentum=0.9)
+    s = pt.Sentinel(m, tmp_path, optimizer=opt, config={"epochs": 1, "batch_size": 16, "seed": 3})
+    m(torch.randn(16, 1, 12, 12))
+    s.epoch_end(1)
+    s.close()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    out = subprocess.run(
+        [prelu_bin(), "train", "--out", str(tmp_path), "--resume", "--epochs", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    # config.toml parsed (an unknown key would be "invalid run config"); the
+    # model name stops the resume before the folder is touched.
+    assert out.returncode != 0
+    assert "unknown model `pytorch:Sequential`" in out.stderr, out.stderr
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

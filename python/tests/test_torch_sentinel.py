@@ -295,7 +295,7 @@ def test_close_removes_the_hooks(tmp_path):
     with pt.Sentinel(m, tmp_path) as s:
         pass
     m(X).sum().backward()
-    assert all(w.neg is None and w.slope_abs is None for w in s.watches)
+    assert all(w.signs is None and w.slope_abs is None for w in s.watches)
     with pytest.raises(RuntimeError, match="after close"):
         s.epoch_end(1)
 
@@ -312,8 +312,32 @@ def test_counts_on_cuda_without_host_syncs(tmp_path):
             m(x).sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert s.watches[0].neg.device.type == "cuda"
+    assert s.watches[0].signs.device.type == "cuda"
     r = s.epoch_end(1)[0][0]
     s.close()
     assert r["negative_share_per_channel"] == [0.5, 0.5, 1.0]
     assert r["slope_grad"] == pytest.approx([4.0, 3.0, 40.0])
+
+
+def test_with_an_optimizer_gradients_are_read_before_each_step(tmp_path):
+    m = tiny()
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)
+    s = pt.Sentinel(m, tmp_path, optimizer=opt)
+    assert all(len(w.handles) == 1 for w in s.watches)  # no gradient hooks
+    # Two backward passes accumulate into one step: read once, as their sum.
+    m(X).sum().backward()
+    m(X).sum().backward()
+    opt.step()
+    r = s.epoch_end(1)[0][0]
+    s.close()
+    assert r["slope_grad"] == pytest.approx([8.0, 6.0, 80.0])
+    assert r["slope_grad_norm"] == pytest.approx(2 * math.sqrt(1625.0))
+    assert r["weight_grad_norm"] == pytest.approx(2 * math.sqrt(15.1875))
+    assert r["negative_share_per_channel"] == [0.5, 0.5, 1.0]
+
+
+def test_the_model_key_stays_a_pytorch_name(tmp_path):
+    with pytest.raises(ValueError, match="pytorch:NAME"):
+        pt.Sentinel(tiny(), tmp_path, config={"model": "mlp"})
+    pt.Sentinel(tiny(), tmp_path, config={"model": "pytorch:tiny"}).close()
+    assert 'model = "pytorch:tiny"' in (tmp_path / "config.toml").read_text()
