@@ -34,9 +34,8 @@ _EXACT_F32 = 2**24
 
 class _Scratch:
     """One float32 buffer per device, shared by the layers of a sentinel
-    (grown to the largest input): the 0/1 masks are written into it. The
-    layers run one after another on a device's stream, so one buffer serves
-    them all."""
+    (grown to twice the largest input): the 0/1 masks are written into it.
+    The layers run one after another, so one buffer serves them all."""
 
     def __init__(self):
         self.buffers = {}
@@ -55,11 +54,12 @@ class _Scratch:
 def _signs(x, scratch):
     """Per channel (dim 1 of ``x``, rank >= 2): how many elements are
     negative (row 0) and how many positive (row 1), a ``(2, C)`` tensor on
-    ``x``'s device. The 0/1 masks are summed as float32: exact while a
-    channel has fewer than 2^24 elements (bool sums, several times slower
-    on the CPU, count larger ones)."""
+    ``x``'s device. On the CPU, where bool sums are several times slower
+    than the forward pass, the 0/1 masks go into the float32 scratch buffer
+    and one reduction sums both (exact while a channel has fewer than 2^24
+    elements); elsewhere, and for larger channels, bool masks are summed."""
     dims = [0, *range(2, x.dim())]
-    if x.numel() // x.shape[1] >= _EXACT_F32:
+    if x.device.type != "cpu" or x.numel() // x.shape[1] >= _EXACT_F32:
         return torch.stack(((x < 0).sum(dim=dims), (x > 0).sum(dim=dims)))
     m = scratch.masks(x)
     torch.lt(x, 0, out=m[0])

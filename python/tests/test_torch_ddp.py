@@ -14,7 +14,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "ddp_sentinel.py")
 
 # Summed counts: equal exactly. Output moments: equal up to the order of the sums.
-EXACT = ["layer", "kind", "channels", "negative_share", "negative_share_per_channel", "dead", "linear", "stuck", "slopes"]
+EXACT = [
+    "layer",
+    "kind",
+    "channels",
+    "negative_share",
+    "negative_share_per_channel",
+    "dead",
+    "linear",
+    "stuck",
+    "slopes",
+]
 
 
 def free_port():

@@ -341,3 +341,11 @@ def test_the_model_key_stays_a_pytorch_name(tmp_path):
         pt.Sentinel(tiny(), tmp_path, config={"model": "mlp"})
     pt.Sentinel(tiny(), tmp_path, config={"model": "pytorch:tiny"}).close()
     assert 'model = "pytorch:tiny"' in (tmp_path / "config.toml").read_text()
+
+
+def test_the_bool_count_path_gives_the_same_counts(tmp_path, monkeypatch):
+    # Channels of 2^24 elements or more (and devices other than the CPU) sum bool masks.
+    from prelu import _sentinel
+
+    monkeypatch.setattr(_sentinel, "_EXACT_F32", 1)
+    test_counts_match_a_hand_computation(tmp_path)
