@@ -174,7 +174,8 @@ def stuck_channels(dead, slopes, stuck_slope):
 class EpochCounts:
     """One layer's merged statistics of an epoch (plain Python numbers).
 
-    ``negative``/``positive``: inputs ``x < 0`` / ``x > 0`` per channel;
+    ``negative``: inputs ``x < 0`` per channel; ``max_input``: the largest
+    input per channel (a channel is never positive when it is <= 0);
     ``count``: elements seen; ``out_sum``/``out_sum_sq``: sum and sum of
     squares of the outputs; ``slopes``: the PReLU slopes (empty otherwise);
     ``slope_abs``: sum over backward passes of |d loss / d slope| per slope,
@@ -184,7 +185,7 @@ class EpochCounts:
 
     def __init__(self, **kw):
         self.negative = kw["negative"]
-        self.positive = kw["positive"]
+        self.max_input = kw["max_input"]
         self.count = kw["count"]
         self.out_sum = kw["out_sum"]
         self.out_sum_sq = kw["out_sum_sq"]
@@ -214,7 +215,7 @@ class LayerState:
         per_channel = float(max(st.count // max(channels, 1), 1))
         share = [n / per_channel for n in st.negative]
         seen = st.count > 0
-        dead = [c for c in range(channels) if seen and st.positive[c] == 0]
+        dead = [c for c in range(channels) if seen and st.max_input[c] <= 0]
         linear = [c for c in range(channels) if seen and st.negative[c] == 0]
         slopes = [float(a) for a in st.slopes]
         slope_grad = [s / max(st.slope_steps, 1) for s in st.slope_abs]

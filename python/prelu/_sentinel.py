@@ -1,10 +1,11 @@
 """prelu's diagnostic sentinel for PyTorch models: forward hooks count, per
-activation layer and channel, the negative and positive inputs and the
+activation layer and channel, the negative inputs, the largest input and the
 output moments on the tensors' own device; an optimiser step pre-hook (or,
 without an optimiser, gradient hooks) adds up the PReLU slope gradients and
-the gradient norm of the weight layer feeding each activation. ``epoch_end`` merges the counters across ranks (when
-``torch.distributed`` is initialised), and rank 0 writes prelu's
-``metrics.jsonl`` lines, so that ``prelu report RUN`` renders the run.
+the gradient norm of the weight layer feeding each activation.
+``epoch_end`` merges the counters across ranks (when ``torch.distributed``
+is initialised), and rank 0 writes prelu's ``metrics.jsonl`` lines, so that
+``prelu report RUN`` renders the run.
 
 Nothing in a hook reads a value back to the host: the counters stay on the
 device until ``epoch_end``, which reads them back once.
@@ -34,43 +35,39 @@ _EXACT_F32 = 2**24
 
 class _Scratch:
     """One float32 buffer per device, shared by the layers of a sentinel
-    (grown to twice the largest input): the 0/1 masks are written into it.
-    The layers run one after another, so one buffer serves them all."""
+    (grown to the largest input): the 0/1 mask of the negative inputs is
+    written into it. The layers run one after another, so one buffer
+    serves them all."""
 
     def __init__(self):
         self.buffers = {}
 
-    def masks(self, x):
-        """A float32 tensor of shape ``(2, *x.shape)`` on ``x``'s device
-        (contents undefined)."""
-        n = 2 * x.numel()
+    def like(self, x):
+        """A float32 tensor of ``x``'s shape on its device (contents undefined)."""
         b = self.buffers.get(x.device)
-        if b is None or b.numel() < n:
-            b = torch.empty(n, dtype=torch.float32, device=x.device)
+        if b is None or b.numel() < x.numel():
+            b = torch.empty(x.numel(), dtype=torch.float32, device=x.device)
             self.buffers[x.device] = b
-        return b[:n].view(2, *x.shape)
+        return b[: x.numel()].view(x.shape)
 
 
-def _signs(x, scratch):
-    """Per channel (dim 1 of ``x``, rank >= 2): how many elements are
-    negative (row 0) and how many positive (row 1), a ``(2, C)`` tensor on
-    ``x``'s device. On the CPU, where bool sums are several times slower
-    than the forward pass, the 0/1 masks go into the float32 scratch buffer
-    and one reduction sums both (exact while a channel has fewer than 2^24
-    elements); elsewhere, and for larger channels, bool masks are summed."""
-    dims = [0, *range(2, x.dim())]
+def _negatives(x, dims, scratch):
+    """How many elements of ``x`` are negative per channel (the dims not in
+    ``dims``), on ``x``'s device. On the CPU, where bool sums are several
+    times slower than the forward pass, the 0/1 mask goes into the float32
+    scratch buffer and is summed as float32 (exact while a channel has
+    fewer than 2^24 elements); elsewhere, and for larger channels, the bool
+    mask is summed."""
     if x.device.type != "cpu" or x.numel() // x.shape[1] >= _EXACT_F32:
-        return torch.stack(((x < 0).sum(dim=dims), (x > 0).sum(dim=dims)))
-    m = scratch.masks(x)
-    torch.lt(x, 0, out=m[0])
-    torch.gt(x, 0, out=m[1])
-    return m.sum(dim=[d + 1 for d in dims])
+        return (x < 0).sum(dim=dims)
+    return torch.lt(x, 0, out=scratch.like(x)).sum(dim=dims)
 
 
 class _Watch:
     """The counters of one watched activation over the current epoch: all
     float64 tensors on the device of the tensors they count (integer counts
-    stay exact below 2^53)."""
+    stay exact below 2^53). A channel is never positive when its largest
+    input is <= 0, so a running maximum stands for the positive count."""
 
     def __init__(self, name, act, weight, scratch):
         self.name = name
@@ -87,7 +84,7 @@ class _Watch:
 
     def reset(self):
         """Empties the counters (they are allocated again on the next input's device)."""
-        self.signs = self.out_sum = self.out_sum_sq = None
+        self.neg = self.max = self.out_sum = self.out_sum_sq = None
         self.count = 0
         self.slope_abs = self.slope_norm_sum = self.grad_norm_sum = None
         self.slope_steps = self.grad_steps = 0
@@ -133,8 +130,9 @@ class _Watch:
             self.counted = False
 
     def _count_input(self, mod, inputs):
-        """Adds the signs of a training-mode input per channel (dim 1 for
-        rank >= 2, one channel otherwise); False when not counted."""
+        """Adds a training-mode input's negative count and maximum per
+        channel (dim 1 for rank >= 2, one channel otherwise); False when not
+        counted."""
         if not mod.training or not inputs or not isinstance(inputs[0], torch.Tensor):
             return False
         x = inputs[0].detach()
@@ -152,10 +150,12 @@ class _Watch:
                 )
                 self.warned = True
             return False
-        if self.signs is None or self.signs.device != x.device:
+        if self.neg is None or self.neg.device != x.device:
             self._allocate(x.device)
+        dims = [0, *range(2, x.dim())]
         with torch.no_grad():
-            self.signs.add_(_signs(x, self.scratch))
+            self.neg.add_(_negatives(x, dims, self.scratch))
+            torch.maximum(self.max, x.amax(dim=dims), out=self.max)
         self.count += x.numel()
         return True
 
@@ -169,14 +169,17 @@ class _Watch:
 
     def _allocate(self, device):
         """Counters on ``device`` (keeping what an earlier device counted)."""
-        old = (self.signs, self.out_sum, self.out_sum_sq)
-        self.signs = torch.zeros(2, self.channels, dtype=torch.float64, device=device)
-        self.out_sum = torch.zeros((), dtype=torch.float64, device=device)
-        self.out_sum_sq = torch.zeros((), dtype=torch.float64, device=device)
+        old = (self.neg, self.max, self.out_sum, self.out_sum_sq)
+        f64 = {"dtype": torch.float64, "device": device}
+        self.neg = torch.zeros(self.channels, **f64)
+        self.max = torch.full((self.channels,), -math.inf, **f64)
+        self.out_sum = torch.zeros((), **f64)
+        self.out_sum_sq = torch.zeros((), **f64)
         if old[0] is not None:
-            self.signs += old[0].to(device)
-            self.out_sum += old[1].to(device)
-            self.out_sum_sq += old[2].to(device)
+            self.neg += old[0].to(device)
+            torch.maximum(self.max, old[1].to(device), out=self.max)
+            self.out_sum += old[2].to(device)
+            self.out_sum_sq += old[3].to(device)
 
     def slope_accumulators(self, device):
         """``(|grad| sums per slope, grad norm sum)`` on ``device``."""
@@ -206,38 +209,42 @@ class _Watch:
 
 
     def pack(self, channels, device):
-        """The counters as one int64 and one float64 vector on ``device``
-        (zeros for what this process did not see), for summing across ranks."""
-        ints = torch.zeros(2 * channels + 3, dtype=torch.int64, device=device)
+        """The counters on ``device`` as an int64 vector and a float64 one
+        to sum across ranks, and the per-channel maxima to take the maximum
+        of (zeros and -inf for what this process did not see)."""
+        ints = torch.zeros(channels + 3, dtype=torch.int64, device=device)
         floats = torch.zeros(self.n_slopes + 4, dtype=torch.float64, device=device)
-        if self.signs is not None and self.signs.shape[1] == channels:
-            ints[: 2 * channels] = self.signs.flatten().to(device=device, dtype=torch.int64)
+        maxes = torch.full((channels,), -math.inf, dtype=torch.float64, device=device)
+        if self.neg is not None and self.neg.numel() == channels:
+            ints[:channels] = self.neg.to(device=device, dtype=torch.int64)
+            maxes[:] = self.max.to(device)
             floats[0] = self.out_sum.to(device)
             floats[1] = self.out_sum_sq.to(device)
-        ints[2 * channels :] = torch.tensor([self.count, self.slope_steps, self.grad_steps], device=device)
+        ints[channels:] = torch.tensor([self.count, self.slope_steps, self.grad_steps], device=device)
         if self.slope_abs is not None and self.slope_abs.numel() == self.n_slopes:
             floats[2 : 2 + self.n_slopes] = self.slope_abs.to(device)
             floats[2 + self.n_slopes] = self.slope_norm_sum.to(device)
         if self.grad_norm_sum is not None:
             floats[3 + self.n_slopes] = self.grad_norm_sum.to(device)
-        return ints, floats
+        return ints, floats, maxes
 
-    def unpack(self, channels, ints, floats):
-        """An epoch's :class:`_report.EpochCounts` from the (summed) vectors."""
-        k = self.n_slopes
+    def unpack(self, ints, floats, maxes):
+        """An epoch's :class:`_report.EpochCounts` from the merged vectors
+        (as lists)."""
+        k, c = self.n_slopes, len(maxes)
         slopes = self.act.weight.detach().double().flatten().cpu().tolist() if k else []
         return _report.EpochCounts(
-            negative=ints[:channels],
-            positive=ints[channels : 2 * channels],
-            count=ints[2 * channels],
+            negative=ints[:c],
+            max_input=maxes,
+            count=ints[c],
             out_sum=floats[0],
             out_sum_sq=floats[1],
             slopes=slopes,
             slope_abs=floats[2 : 2 + k],
             slope_norm_sum=floats[2 + k],
-            slope_steps=ints[2 * channels + 1],
+            slope_steps=ints[c + 1],
             grad_norm_sum=floats[3 + k] if self.weight is not None else None,
-            grad_steps=ints[2 * channels + 2],
+            grad_steps=ints[c + 2],
         )
 
 
@@ -377,12 +384,12 @@ class Sentinel:
         if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
             return torch.device("cuda", torch.cuda.current_device())
         for w in self.watches:
-            if w.signs is not None:
-                return w.signs.device
+            if w.neg is not None:
+                return w.neg.device
         return torch.device("cpu")
 
     def _merged(self):
-        """Every layer's epoch counts, summed across ranks when
+        """Every layer's epoch counts, merged across ranks when
         ``torch.distributed`` is initialised; the samples seen."""
         dev = self._device()
         reduce = dist.is_available() and dist.is_initialized()
@@ -393,17 +400,19 @@ class Sentinel:
         packed = [w.pack(c, dev) for w, c in zip(self.watches, channels)]
         ints = torch.cat([p[0] for p in packed] + [torch.tensor([self.samples], device=dev)])
         floats = torch.cat([p[1] for p in packed])
+        maxes = torch.cat([p[2] for p in packed])
         if reduce:
             dist.all_reduce(ints)
             dist.all_reduce(floats)
-        ints, floats = ints.cpu().tolist(), floats.cpu().tolist()
-        out, i, f = [], 0, 0
+            dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
+        ints, floats, maxes = ints.cpu().tolist(), floats.cpu().tolist(), maxes.cpu().tolist()
+        out, i, f, m = [], 0, 0, 0
         for w, c in zip(self.watches, channels):
-            ni, nf = 2 * c + 3, w.n_slopes + 4
-            out.append(w.unpack(c, ints[i : i + ni], floats[f : f + nf]))
+            ni, nf = c + 3, w.n_slopes + 4
+            out.append(w.unpack(ints[i : i + ni], floats[f : f + nf], maxes[m : m + c]))
             if w.channels is None and c > 0:
                 w.channels = c
-            i, f = i + ni, f + nf
+            i, f, m = i + ni, f + nf, m + c
         return out, ints[-1]
 
     def epoch_end(self, epoch, **metrics):

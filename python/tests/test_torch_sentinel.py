@@ -295,7 +295,7 @@ def test_close_removes_the_hooks(tmp_path):
     with pt.Sentinel(m, tmp_path) as s:
         pass
     m(X).sum().backward()
-    assert all(w.signs is None and w.slope_abs is None for w in s.watches)
+    assert all(w.neg is None and w.slope_abs is None for w in s.watches)
     with pytest.raises(RuntimeError, match="after close"):
         s.epoch_end(1)
 
@@ -312,7 +312,7 @@ def test_counts_on_cuda_without_host_syncs(tmp_path):
             m(x).sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert s.watches[0].signs.device.type == "cuda"
+    assert s.watches[0].neg.device.type == "cuda"
     r = s.epoch_end(1)[0][0]
     s.close()
     assert r["negative_share_per_channel"] == [0.5, 0.5, 1.0]
