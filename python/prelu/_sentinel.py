@@ -136,6 +136,8 @@ class _Watch:
         if not mod.training or not inputs or not isinstance(inputs[0], torch.Tensor):
             return False
         x = inputs[0].detach()
+        if x.numel() == 0:
+            return False
         if x.dim() < 2:
             x = x.reshape(1, 1, -1)
         c = x.shape[1]
@@ -183,15 +185,19 @@ class _Watch:
 
     def slope_accumulators(self, device):
         """``(|grad| sums per slope, grad norm sum)`` on ``device``."""
-        if self.slope_abs is None or self.slope_abs.device != device:
+        if self.slope_abs is None:
             self.slope_abs = torch.zeros(self.n_slopes, dtype=torch.float64, device=device)
             self.slope_norm_sum = torch.zeros((), dtype=torch.float64, device=device)
+        elif self.slope_abs.device != device:
+            self.slope_abs, self.slope_norm_sum = self.slope_abs.to(device), self.slope_norm_sum.to(device)
         return self.slope_abs, self.slope_norm_sum
 
     def weight_accumulator(self, device):
         """The feeding weight's grad norm sum on ``device``."""
-        if self.grad_norm_sum is None or self.grad_norm_sum.device != device:
+        if self.grad_norm_sum is None:
             self.grad_norm_sum = torch.zeros((), dtype=torch.float64, device=device)
+        elif self.grad_norm_sum.device != device:
+            self.grad_norm_sum = self.grad_norm_sum.to(device)
         return self.grad_norm_sum
 
     def _slope_grad(self, g):
@@ -206,7 +212,6 @@ class _Watch:
         with torch.no_grad():
             self.weight_accumulator(g.device).add_(torch.linalg.vector_norm(g.detach()))
             self.grad_steps += 1
-
 
     def pack(self, channels, device):
         """The counters on ``device`` as an int64 vector and a float64 one

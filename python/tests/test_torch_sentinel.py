@@ -349,3 +349,16 @@ def test_the_bool_count_path_gives_the_same_counts(tmp_path, monkeypatch):
 
     monkeypatch.setattr(_sentinel, "_EXACT_F32", 1)
     test_counts_match_a_hand_computation(tmp_path)
+
+
+def test_empty_batches_and_other_widths_are_not_counted(tmp_path):
+    relu = nn.ReLU()
+    s = pt.Sentinel(relu, tmp_path)
+    relu(torch.zeros(0, 3))
+    relu(torch.tensor([[1.0, -1.0, 2.0]]))
+    with pytest.warns(UserWarning, match="got 2 channels after 3"):
+        relu(torch.ones(4, 2))
+    relu(torch.ones(4, 2))
+    r = s.epoch_end(1)[0][0]
+    s.close()
+    assert (r["channels"], r["negative_share_per_channel"], r["dead"]) == (3, [0.0, 1.0, 0.0], [1])
