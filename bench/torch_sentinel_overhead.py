@@ -1,16 +1,18 @@
 #!/usr/bin/env python3
 """What prelu.torch.Sentinel costs a PyTorch training step.
 
-    PYTHONPATH=python python3 bench/torch_sentinel_overhead.py --threads 1,2 [--json]
+    python3 bench/torch_sentinel_overhead.py --threads 1,2 [--every N] [--json]
 
 Two models with per-channel PReLU: an MLP 784-256-256-10 (batch 128) and a
 ResNet-20-like CNN (3 stages of 3 basic blocks, 16/32/64 channels, 19 PReLU
 layers; batch 64, 3x32x32 unless --input). One step is forward, cross-entropy,
 backward and an SGD update. Rounds alternate the order (plain then watched,
 watched then plain, ...) so drift in the machine's load hits both alike; each
-round times --steps steps of each after one untimed step. Reported: the median
-step time of each, the overhead of the watched step in percent, and the time
+round times --mlp-steps (--cnn-steps) steps of each after one untimed step. Reported: the median
+over rounds of each round's mean step time (a mean, so that --every > 1 counts
+its counted steps), the overhead of the watched step in percent, and the time
 of one epoch_end (the counters read back once and a line written).
+--every N measures the sentinel counting every N-th step only.
 """
 
 import argparse
@@ -85,7 +87,7 @@ def step_times(model, opt, x, y, steps):
     return out
 
 
-def measure(name, model, x, y, rounds, steps):
+def measure(name, model, x, y, rounds, steps, every):
     """Median step times without and with the sentinel, and one epoch_end."""
     torch.manual_seed(0)
     pt.init_he_prelu_(model)
@@ -95,10 +97,10 @@ def measure(name, model, x, y, rounds, steps):
         for r in range(rounds):
             for watch in (r % 2 == 1, r % 2 == 0):
                 if not watch:
-                    plain += step_times(model, opt, x, y, steps)
+                    plain.append(statistics.mean(step_times(model, opt, x, y, steps)))
                     continue
-                s = pt.Sentinel(model, d, optimizer=opt, overwrite=True)
-                watched += step_times(model, opt, x, y, steps)
+                s = pt.Sentinel(model, d, optimizer=opt, every=every, overwrite=True)
+                watched.append(statistics.mean(step_times(model, opt, x, y, steps)))
                 t = time.perf_counter()
                 s.epoch_end(r + 1)
                 closes.append(time.perf_counter() - t)
@@ -108,11 +110,12 @@ def measure(name, model, x, y, rounds, steps):
         "model": name,
         "threads": torch.get_num_threads(),
         "batch": x.shape[0],
+        "every": every,
         "plain_ms": 1e3 * p,
         "sentinel_ms": 1e3 * w,
         "overhead_pct": 100.0 * (w - p) / p,
         "epoch_end_ms": 1e3 * statistics.median(closes),
-        "steps_each": len(plain),
+        "steps_each": len(plain) * steps,
     }
 
 
@@ -123,6 +126,7 @@ def main():
     ap.add_argument("--mlp-steps", type=int, default=30)
     ap.add_argument("--cnn-steps", type=int, default=4)
     ap.add_argument("--input", default="3x32x32", help="the CNN's input, CxHxW")
+    ap.add_argument("--every", type=int, default=1, help="count every N-th step")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     c, h, w = (int(v) for v in a.input.split("x"))
@@ -131,13 +135,13 @@ def main():
     for threads in (int(t) for t in a.threads.split(",")):
         torch.set_num_threads(threads)
         x, y = torch.randn(128, 784, generator=g), torch.randint(0, 10, (128,), generator=g)
-        rows.append(measure("mlp 784-256-256-10", mlp(), x, y, a.rounds, a.mlp_steps))
+        rows.append(measure("mlp 784-256-256-10", mlp(), x, y, a.rounds, a.mlp_steps, a.every))
         x, y = torch.randn(64, c, h, w, generator=g), torch.randint(0, 10, (64,), generator=g)
-        rows.append(measure(f"resnet-20 {a.input}", resnet20(c), x, y, a.rounds, a.cnn_steps))
+        rows.append(measure(f"resnet-20 {a.input}", resnet20(c), x, y, a.rounds, a.cnn_steps, a.every))
     if a.json:
         print(json.dumps(rows, indent=1))
         return
-    print(f"torch {torch.__version__}; medians over {a.rounds} alternating rounds")
+    print(f"torch {torch.__version__}; medians over {a.rounds} alternating rounds; counting every {a.every} step(s)")
     head = ("model", "threads", "batch", "plain ms", "sentinel ms", "overhead", "epoch_end ms")
     print(f"{head[0]:<22} {head[1]:>7} {head[2]:>5} {head[3]:>9} {head[4]:>11} {head[5]:>8} {head[6]:>12}")
     for r in rows:

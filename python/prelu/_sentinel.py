@@ -63,15 +63,23 @@ def _negatives(x, dims, scratch):
     return torch.lt(x, 0, out=scratch.like(x)).sum(dim=dims)
 
 
+class _Gate:
+    """Whether the current training pass is one the sentinel counts."""
+
+    def __init__(self):
+        self.active = True
+
+
 class _Watch:
     """The counters of one watched activation over the current epoch: all
     float64 tensors on the device of the tensors they count (integer counts
     stay exact below 2^53). A channel is never positive when its largest
     input is <= 0, so a running maximum stands for the positive count."""
 
-    def __init__(self, name, act, weight, scratch):
+    def __init__(self, name, act, weight, scratch, gate):
         self.name = name
         self.scratch = scratch
+        self.gate = gate
         self.act = act
         self.weight = weight
         self.n_slopes = act.num_parameters if isinstance(act, nn.PReLU) else 0
@@ -133,7 +141,7 @@ class _Watch:
         """Adds a training-mode input's negative count and maximum per
         channel (dim 1 for rank >= 2, one channel otherwise); False when not
         counted."""
-        if not mod.training or not inputs or not isinstance(inputs[0], torch.Tensor):
+        if not (mod.training and self.gate.active and inputs and isinstance(inputs[0], torch.Tensor)):
             return False
         x = inputs[0].detach()
         if x.numel() == 0:
@@ -201,6 +209,8 @@ class _Watch:
         return self.grad_norm_sum
 
     def _slope_grad(self, g):
+        if not self.gate.active:
+            return
         with torch.no_grad():
             g = g.detach()
             abs_sum, norm_sum = self.slope_accumulators(g.device)
@@ -209,6 +219,8 @@ class _Watch:
             self.slope_steps += 1
 
     def _weight_grad(self, g):
+        if not self.gate.active:
+            return
         with torch.no_grad():
             self.weight_accumulator(g.device).add_(torch.linalg.vector_norm(g.detach()))
             self.grad_steps += 1
@@ -302,12 +314,19 @@ class Sentinel:
     thresholds to change (``dead_share``, ``idle_share``, ``idle_epochs``,
     ``grad_ratio``, ``stuck_slope``, ``slope_tol``); ``optimizer``: where
     gradients are read (above), ``lr`` for the epoch lines and the
-    optimiser keys of ``config.toml``; ``config``: more keys of prelu's config (``epochs``, ``batch_size``,
-    ``seed``, ...). A ``run_dir`` that already holds ``metrics.jsonl`` is
-    refused unless ``overwrite``.
+    optimiser keys of ``config.toml``; ``config``: more keys of prelu's
+    config (``epochs``, ``batch_size``, ``seed``, ...); ``every``: count
+    only every ``every``-th training pass of ``module`` and its gradients
+    (the cost divides by it; dead then means never positive in the passes
+    counted). A ``run_dir`` that already holds ``metrics.jsonl`` is refused
+    unless ``overwrite``.
     """
 
-    def __init__(self, module, run_dir, *, alarms=None, optimizer=None, config=None, overwrite=False):
+    def __init__(self, module, run_dir, *, alarms=None, optimizer=None, config=None, every=1, overwrite=False):
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be an integer >= 1, got {every!r}")
+        self.every = every
+        self.gate = _Gate()
         self.model = _modules.unwrap(module)
         self.run_dir = os.fspath(run_dir)
         self.cfg = _report.check_alarms(alarms)
@@ -317,7 +336,7 @@ class Sentinel:
             raise ValueError("prelu sentinel: the module has no nn.PReLU, nn.LeakyReLU or nn.ReLU to watch")
         feeding = _modules.feeding_weight(self.model)
         scratch = _Scratch()
-        self.watches = [_Watch(name or "act", m, feeding.get(id(m)), scratch) for name, m in acts]
+        self.watches = [_Watch(name or "act", m, feeding.get(id(m)), scratch, self.gate) for name, m in acts]
         self.states = [_report.LayerState(w.name, _modules.kind_of(w.act)) for w in self.watches]
         self.alarms = _report.Alarms(self.cfg)
         self.steps = 0
@@ -327,10 +346,13 @@ class Sentinel:
         if _rank() == 0:
             self._start_folder(config or {}, overwrite)
         step_hook = getattr(optimizer, "register_step_pre_hook", None)
-        self.step_handle = step_hook(lambda *_: _tally_step(self.watches)) if step_hook else None
+        self.step_handle = step_hook(self._before_step) if step_hook else None
         for w in self.watches:
             w.attach(grad_hooks=self.step_handle is None)
-        self.root_handle = self.model.register_forward_hook(self._root_hook)
+        self.root_handles = [
+            self.model.register_forward_pre_hook(self._root_pre_hook),
+            self.model.register_forward_hook(self._root_hook),
+        ]
 
     def _start_folder(self, config, overwrite):
         os.makedirs(self.run_dir, exist_ok=True)
@@ -376,6 +398,14 @@ class Sentinel:
         if self.optimizer is not None:
             lines.append(f"Optimizer: {type(self.optimizer).__name__}")
         return lines
+
+    def _root_pre_hook(self, mod, inputs):
+        if mod.training:
+            self.gate.active = self.steps % self.every == 0
+
+    def _before_step(self, *_):
+        if self.gate.active:
+            _tally_step(self.watches)
 
     def _root_hook(self, mod, inputs, output):
         if mod.training:
@@ -479,7 +509,8 @@ class Sentinel:
             return
         for w in self.watches:
             w.detach()
-        self.root_handle.remove()
+        for h in self.root_handles:
+            h.remove()
         if self.step_handle is not None:
             self.step_handle.remove()
         self.closed = True

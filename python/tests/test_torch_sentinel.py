@@ -362,3 +362,22 @@ def test_empty_batches_and_other_widths_are_not_counted(tmp_path):
     r = s.epoch_end(1)[0][0]
     s.close()
     assert (r["channels"], r["negative_share_per_channel"], r["dead"]) == (3, [0.0, 1.0, 0.0], [1])
+
+
+@pytest.mark.parametrize("with_optimizer", [True, False])
+def test_every_counts_every_nth_training_pass(tmp_path, with_optimizer):
+    m = tiny()
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)
+    s = pt.Sentinel(m, tmp_path, optimizer=opt if with_optimizer else None, every=2)
+    for i in range(5):
+        opt.zero_grad()
+        # Passes 0, 2, 4 count (X); passes 1, 3 would make every channel positive.
+        m(X if i % 2 == 0 else torch.full((4, 2), 50.0)).sum().backward()
+        opt.step()
+    r = s.epoch_end(1)[0][0]
+    s.close()
+    assert r["negative_share_per_channel"] == [0.5, 0.5, 1.0] and r["dead"] == [2]
+    assert r["slope_grad"] == pytest.approx([4.0, 3.0, 40.0])
+    assert lines(tmp_path)[0]["step"] == 5
+    with pytest.raises(ValueError, match="every"):
+        pt.Sentinel(tiny(), tmp_path / "x", every=0)
