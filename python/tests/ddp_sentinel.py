@@ -13,15 +13,12 @@ the single process exactly (``test_torch_ddp.py`` compares them).
 
 import argparse
 import os
-import sys
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-import prelu.torch as pt  # noqa: E402
+import prelu.torch as pt
 
 EPOCHS = 2
 STEPS = 3

@@ -1,16 +1,12 @@
 """prelu.torch.param_groups, init_he_prelu_ and clamp_slopes_."""
 
 import math
-import os
-import sys
 
 import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-import prelu.torch as pt  # noqa: E402
+import prelu.torch as pt
 
 
 class Net(nn.Module):

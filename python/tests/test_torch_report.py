@@ -8,15 +8,12 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-import prelu.torch as pt  # noqa: E402
+import prelu.torch as pt
 
 
 def prelu_bin():

@@ -4,16 +4,13 @@ format and alarm rules."""
 import json
 import math
 import os
-import sys
 
 import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-import prelu.torch as pt  # noqa: E402
-from prelu import _report  # noqa: E402
+import prelu.torch as pt
+from prelu import _report
 
 # The field order of prelu's LayerReport and EpochMetrics (src/analyses/sentinel.rs,
 # src/run/metrics.rs).
