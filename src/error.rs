@@ -104,6 +104,55 @@ impl From<serde_json::Error> for Error {
     }
 }
 
+impl Error {
+    /// The text for people (what the CLI prints and the Python package
+    /// raises): the message chain, each part once, without the backtrace
+    /// candle attaches when `RUST_BACKTRACE` is set.
+    pub fn message(&self) -> String {
+        match self {
+            Error::Candle(c) => candle_message(c),
+            Error::Other(a) => message(a),
+            other => other.to_string(),
+        }
+    }
+}
+
+/// [`Error::message`] of any error chain: the causes joined by `: `.
+pub fn message(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let s = match (
+            cause.downcast_ref::<candle_core::Error>(),
+            cause.downcast_ref::<Error>(),
+        ) {
+            (Some(c), _) => candle_message(c),
+            (_, Some(p)) => p.message(),
+            _ => cause.to_string(),
+        };
+        // anyhow's chain repeats a transparent source's text; keep it once.
+        if parts.last().is_none_or(|l| !l.ends_with(&s)) {
+            parts.push(s);
+        }
+    }
+    parts.join(": ")
+}
+
+fn candle_message(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => candle_message(inner),
+        candle_core::Error::Context { inner, context } => format!("{context}: {}", candle_message(inner)),
+        other => {
+            let s = other.to_string();
+            // Any other variant that carries a backtrace prints it after a newline.
+            s.split("\nstack backtrace:")
+                .next()
+                .unwrap_or(&s)
+                .trim_end()
+                .to_string()
+        }
+    }
+}
+
 /// `Result` with the library's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

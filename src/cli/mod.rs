@@ -11,4 +11,6 @@ pub mod inspect;
 pub mod symmetry;
 pub mod train;
 
-pub use common::{error_message, SpecArg};
+pub use common::SpecArg;
+/// The text of an error for people (the library's, so Python raises the same).
+pub use prelu::error::message as error_message;
