@@ -33,7 +33,7 @@ use crate::analyses::slopes::{self, SlopeProfile};
 use crate::analyses::stability::StabilityResult;
 use crate::error::fail;
 use crate::error::Result;
-use crate::page::{self, esc, tick, Axes, Chart, Line, YAxis};
+use crate::page::{self, esc, tick, Axes, Band, Chart, Line, YAxis};
 use crate::run::read_metrics;
 use crate::run::EpochMetrics;
 use crate::run::MetricsLine;
@@ -357,16 +357,14 @@ struct Figure {
 impl Figure {
     /// A line chart of `lines` with its legend.
     fn chart(id: &str, axes: Axes, lines: &[Line], caption: String) -> Result<Self> {
+        Self::banded(id, axes, &[], lines, caption)
+    }
+
+    /// A line chart over shaded bands, with its legend.
+    fn banded(id: &str, axes: Axes, bands: &[Band], lines: &[Line], caption: String) -> Result<Self> {
         Ok(Figure {
             id: id.into(),
-            svg: page::svg(
-                CHART,
-                &Chart {
-                    axes,
-                    bands: &[],
-                    lines,
-                },
-            )?,
+            svg: page::svg(CHART, &Chart { axes, bands, lines })?,
             legend: page::legend(lines),
             caption,
         })
@@ -505,22 +503,19 @@ fn slope_profile_figure(v: &View) -> Result<Option<Figure>> {
     }
     let refs: Vec<(String, &SlopeProfile)> = named.iter().map(|(n, p)| (n.clone(), p)).collect();
     let (bands, lines) = slopes::series(&refs);
-    let chart = Chart {
-        axes: slopes::axes(&bands),
-        bands: &bands,
-        lines: &lines,
-    };
     let caption =
         "The learned slope profile at the last sentinel epoch (prelu slopes RUN prints it): per PReLU layer, \
                    first to last, the mean slope and a band of ± one standard deviation over its channels. He et al. \
                    (2015, Table 1) found the first conv layer's slopes far from 0 (0.60-0.68) and the deeper layers' \
                    smaller.";
-    Ok(Some(Figure {
-        id: "plot-slope-profile".into(),
-        svg: page::svg(CHART, &chart)?,
-        legend: page::legend(&lines),
-        caption: caption.into(),
-    }))
+    Figure::banded(
+        "plot-slope-profile",
+        slopes::axes(&bands),
+        &bands,
+        &lines,
+        caption.into(),
+    )
+    .map(Some)
 }
 
 /// Histogram of the slopes (any sign) at the last sentinel epoch.

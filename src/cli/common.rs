@@ -254,6 +254,23 @@ pub fn data_for(
     Ok((name, split))
 }
 
+/// An import error that asks for the input size, with the flag that gives
+/// it named (the library names no flags), for the commands that have
+/// `--input-size`; other errors as they are.
+pub fn with_input_size_flag(e: anyhow::Error) -> anyhow::Error {
+    if needs_input_size(&e) {
+        anyhow::anyhow!("{e:#} (--input-size HxW)")
+    } else {
+        e
+    }
+}
+
+/// Whether an import failed only for want of an input size (a model whose
+/// input leaves its spatial size free).
+pub fn needs_input_size(e: &anyhow::Error) -> bool {
+    format!("{e:#}").contains("the input size")
+}
+
 /// Checks, before any work, that `out` can be written: its folder exists and
 /// it is not the input checkpoint.
 pub fn check_out(input: Option<&Path>, out: &Path) -> Result<()> {

@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 use serde::Serialize;
 
-use super::common::{check_out, data_for, emit, load_ckpt, shown, DataArgs, JsonArg, SpecArg};
+use super::common::{check_out, data_for, emit, load_ckpt, shown, with_input_size_flag, DataArgs, JsonArg, SpecArg};
 
 #[derive(Args)]
 pub struct ExportArgs {
@@ -201,15 +201,7 @@ pub fn cmd_import(a: &ImportArgs) -> Result<()> {
             input_size: a.input_size,
         },
     )
-    .map_err(|e| {
-        // The library names no flags: the input size is `--input-size`.
-        let m = format!("{e}");
-        if m.contains("the input size") {
-            anyhow::anyhow!("{m} (--input-size HxW)")
-        } else {
-            e.into()
-        }
-    })?;
+    .map_err(|e| with_input_size_flag(e.into()))?;
     let meta =
         std::collections::HashMap::from([(prelu::store::onnx::IO_KEY.to_string(), serde_json::to_string(&im.io)?)]);
     prelu::store::checkpoint::save_model(&a.out, &im.model, Default::default(), meta)?;

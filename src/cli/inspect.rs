@@ -13,7 +13,10 @@ use prelu::analyses::slopes;
 use prelu::analyses::stability;
 use serde::Serialize;
 
-use super::common::{check_out, data_for, emit, list, load_ckpt, num, shown, DataArgs, JsonArg, Progress, SpecArg};
+use super::common::{
+    check_out, data_for, emit, list, load_ckpt, needs_input_size, num, shown, with_input_size_flag, DataArgs, JsonArg,
+    Progress, SpecArg,
+};
 
 /// Which split of a data set.
 #[derive(Clone, Copy, Debug, ValueEnum, Serialize)]
@@ -577,15 +580,13 @@ pub fn cmd_slopes(a: &SlopesArgs) -> Result<()> {
         let model = match load_ckpt(m, &a.spec) {
             Ok(loaded) => loaded.model,
             // A free input size (fully convolutional): built at --input-size.
-            Err(e) if format!("{e:#}").contains("the input size") => match a.input_size {
-                Some(size) => {
-                    let opts = prelu::store::onnx::ImportOptions { input_size: Some(size) };
-                    prelu::store::onnx::import_with(m, &opts)?.model
-                }
-                // The library names no flags.
-                None => bail!("{e:#} (--input-size HxW)"),
-            },
-            Err(e) => return Err(e),
+            Err(e) if needs_input_size(&e) && a.input_size.is_some() => {
+                let opts = prelu::store::onnx::ImportOptions {
+                    input_size: a.input_size,
+                };
+                prelu::store::onnx::import_with(m, &opts)?.model
+            }
+            Err(e) => return Err(with_input_size_flag(e)),
         };
         models.push(ModelSlopes {
             model: m.clone(),
