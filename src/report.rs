@@ -906,6 +906,15 @@ pub fn write(run_dir: &Path, out: &Path) -> Result<ReportSummary> {
 /// colour per run); a folder of runs (a `compare` folder) stands for the runs
 /// inside it ([`expand_runs`]). One run gives the single-run page.
 pub fn write_runs(paths: &[PathBuf], out: &Path) -> Result<ReportSummary> {
+    let (page, mut summary) = render_runs(paths)?;
+    crate::fs::write_atomic(out, page.as_bytes())?;
+    summary.out = out.to_path_buf();
+    Ok(summary)
+}
+
+/// The page [`write_runs`] writes, as text (a notebook shows it inline),
+/// and its summary (with an empty `out`).
+pub fn render_runs(paths: &[PathBuf]) -> Result<(String, ReportSummary)> {
     let dirs = expand_runs(paths)?;
     let mut runs = dirs.iter().map(|d| load_run(d)).collect::<Result<Vec<_>>>()?;
     for (r, n) in runs.iter_mut().zip(run_names(&dirs)) {
@@ -929,13 +938,13 @@ pub fn write_runs(paths: &[PathBuf], out: &Path) -> Result<ReportSummary> {
         "</body></html>".into(),
     ]
     .concat();
-    crate::fs::write_atomic(out, page.as_bytes())?;
-    Ok(ReportSummary {
-        out: out.to_path_buf(),
+    let summary = ReportSummary {
+        out: PathBuf::new(),
         runs: runs.len(),
         epochs: runs[0].epochs.len(),
         plots: figs.len() + heat.iter().map(|(_, f)| f.len()).sum::<usize>(),
         alarms: runs.iter().map(|r| r.alarms.len()).sum(),
         final_test_acc: runs[0].epochs.last().map(|m| m.test_acc),
-    })
+    };
+    Ok((page, summary))
 }

@@ -7,6 +7,9 @@ on numpy arrays and PyTorch modules::
     canon = prelu.canonicalize(model)                         # the same function, canonical weights
     net.load_state_dict(canon.torch_state_dict(), strict=True)
 
+``prelu.stability``, ``prelu.attack`` and ``prelu.sculpt`` are the CLI's
+commands of those names; ``prelu.report(run_dir)`` its report page, shown
+inline in a notebook as every result is.
 ``prelu.Model.load(path)`` reads checkpoints, run folders and ONNX files;
 ``prelu.to_torch(model)`` builds an ``nn.Module`` for any prelu graph.
 ``prelu.torch`` (a submodule, imported on its own) holds the PyTorch-side
@@ -15,7 +18,8 @@ tools. See docs/python.md.
 
 from ._prelu import PreluError, set_threads, __version__
 from ._model import Model
-from ._analyses import canonicalize, diagnose
+from ._analyses import attack, canonicalize, diagnose, sculpt, stability
+from ._display import Report, report
 from ._from_torch import from_torch
 from ._to_torch import to_torch
 
@@ -24,10 +28,15 @@ load = Model.load
 __all__ = [
     "Model",
     "PreluError",
+    "Report",
+    "attack",
     "canonicalize",
     "diagnose",
     "from_torch",
     "load",
+    "report",
+    "sculpt",
     "set_threads",
+    "stability",
     "to_torch",
 ]

@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 
-from . import _arrays
+from . import _arrays, _display
 from ._prelu import Model as _Core
 from ._torch_names import TorchNames
 
@@ -112,6 +112,21 @@ class Model:
 
     def __repr__(self) -> str:
         return repr(self._core)
+
+    def _repr_html_(self) -> str:
+        nodes = [
+            {"name": n["name"], "op": n["op"], "inputs": n.get("inputs", [])}
+            for n in self.graph()["nodes"]
+        ]
+        summary = {
+            "input": list(self.input_shape),
+            "layout": self.input_layout,
+            "classes": self.classes,
+            "source": self._core.source,
+            "notes": self.notes,
+            "nodes": nodes,
+        }
+        return _display.table_html(repr(self), summary)
 
 
 def _as_torch(sd: dict) -> dict:

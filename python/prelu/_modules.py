@@ -14,7 +14,7 @@ it in several places gets the pairing of its declaration order.
 import torch
 from torch import nn
 
-from ._report import rust_display
+from ._prelu import leaky_kind
 
 #: The activations the sentinel watches and He init reads slopes from.
 ACTIVATIONS = (nn.PReLU, nn.LeakyReLU, nn.ReLU)
@@ -79,5 +79,5 @@ def kind_of(act):
     if isinstance(act, nn.PReLU):
         return "prelu-shared" if act.num_parameters == 1 else "prelu"
     if isinstance(act, nn.LeakyReLU):
-        return f"leaky:{rust_display(act.negative_slope)}"
+        return leaky_kind(float(act.negative_slope))
     return "relu"

@@ -4,13 +4,17 @@ output moments on the tensors' own device; an optimiser step pre-hook (or,
 without an optimiser, gradient hooks) adds up the PReLU slope gradients and
 the gradient norm of the weight layer feeding each activation.
 ``epoch_end`` merges the counters across ranks (when ``torch.distributed``
-is initialised), and rank 0 writes prelu's ``metrics.jsonl`` lines, so that
-``prelu report RUN`` renders the run.
+is initialised) and hands them to the library (``_prelu.SentinelRun``):
+its sentinel rules make the layer reports and alarms, and on rank 0 its
+run folder writes ``config.toml`` and the ``metrics.jsonl`` lines, so that
+``prelu report RUN`` renders the run as one of prelu's own.
 
 Nothing in a hook reads a value back to the host: the counters stay on the
 device until ``epoch_end``, which reads them back once.
 """
 
+import html
+import json
 import math
 import os
 import time
@@ -20,8 +24,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import _display
 from . import _modules
-from . import _report
+from . import _prelu
+
+#: The epoch line's numbers ``epoch_end`` takes (besides ``step``).
+EPOCH_FIELDS = ("lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds", "samples_per_s")
 
 
 def _rank():
@@ -246,23 +254,23 @@ class _Watch:
         return ints, floats, maxes
 
     def unpack(self, ints, floats, maxes):
-        """An epoch's :class:`_report.EpochCounts` from the merged vectors
-        (as lists)."""
+        """An epoch's counts from the merged vectors (as lists), as the
+        library's ``EpochCounts`` takes them."""
         k, c = self.n_slopes, len(maxes)
         slopes = self.act.weight.detach().double().flatten().cpu().tolist() if k else []
-        return _report.EpochCounts(
-            negative=ints[:c],
-            max_input=maxes,
-            count=ints[c],
-            out_sum=floats[0],
-            out_sum_sq=floats[1],
-            slopes=slopes,
-            slope_abs=floats[2 : 2 + k],
-            slope_norm_sum=floats[2 + k],
-            slope_steps=ints[c + 1],
-            grad_norm_sum=floats[3 + k] if self.weight is not None else None,
-            grad_steps=ints[c + 2],
-        )
+        return {
+            "negative": ints[:c],
+            "positive": [m > 0 for m in maxes],
+            "count": ints[c],
+            "out_sum": floats[0],
+            "out_sum_sq": floats[1],
+            "slopes": slopes,
+            "slope_abs": floats[2 : 2 + k],
+            "slope_norm_sum": floats[2 + k] if k else None,
+            "slope_steps": ints[c + 1],
+            "weight_norm_sum": floats[3 + k] if self.weight is not None else None,
+            "weight_steps": ints[c + 2],
+        }
 
 
 def _tally_step(watches):
@@ -329,7 +337,6 @@ class Sentinel:
         self.gate = _Gate()
         self.model = _modules.unwrap(module)
         self.run_dir = os.fspath(run_dir)
-        self.cfg = _report.check_alarms(alarms)
         self.optimizer = optimizer
         acts = _modules.activations(self.model)
         if not acts:
@@ -337,14 +344,13 @@ class Sentinel:
         feeding = _modules.feeding_weight(self.model)
         scratch = _Scratch()
         self.watches = [_Watch(name or "act", m, feeding.get(id(m)), scratch, self.gate) for name, m in acts]
-        self.states = [_report.LayerState(w.name, _modules.kind_of(w.act)) for w in self.watches]
-        self.alarms = _report.Alarms(self.cfg)
+        self.kinds = [_modules.kind_of(w.act) for w in self.watches]
         self.steps = 0
         self.samples = 0
         self.started = time.perf_counter()
         self.closed = False
-        if _rank() == 0:
-            self._start_folder(config or {}, overwrite)
+        self.run = self._start(alarms or {}, config or {}, overwrite)
+        self.cfg = json.loads(self.run.alarms_json())
         step_hook = getattr(optimizer, "register_step_pre_hook", None)
         self.step_handle = step_hook(self._before_step) if step_hook else None
         for w in self.watches:
@@ -354,20 +360,26 @@ class Sentinel:
             self.model.register_forward_hook(self._root_hook),
         ]
 
-    def _start_folder(self, config, overwrite):
-        os.makedirs(self.run_dir, exist_ok=True)
-        metrics = os.path.join(self.run_dir, "metrics.jsonl")
-        if os.path.exists(metrics) and not overwrite:
-            raise FileExistsError(f"{metrics} exists: pass overwrite=True to replace that run")
-        text = _report.config_toml(self._config(config), self.cfg, self._config_comment())
-        _report.write_atomic(os.path.join(self.run_dir, "config.toml"), text)
-        _report.write_atomic(metrics, "")
+    def _start(self, alarms, config, overwrite):
+        """The library's side of the run: its rules on every rank, and on
+        rank 0 the run folder (created, locked, ``config.toml`` written)."""
+        layers = [(w.name, k) for w, k in zip(self.watches, self.kinds)]
+        if _rank() != 0:
+            return _prelu.SentinelRun(layers, json.dumps(alarms))
+        return _prelu.SentinelRun(
+            layers,
+            json.dumps(alarms),
+            self.run_dir,
+            json.dumps(self._config(config)),
+            self._config_comment(),
+            overwrite,
+        )
 
     def _config(self, extra):
         """The ``TrainConfig`` keys this run can tell: the model, the common
         activation kind, the optimiser's, then ``extra``."""
         cfg = {"model": f"pytorch:{type(self.model).__name__}", "sentinel": True}
-        kinds = {s.kind for s in self.states}
+        kinds = set(self.kinds)
         if len(kinds) == 1:
             cfg["act"] = kinds.pop()
         opt = self.optimizer
@@ -379,17 +391,11 @@ class Sentinel:
             for k in ("lr", "momentum", "weight_decay"):
                 if isinstance(group.get(k), (int, float)) and not isinstance(group.get(k), bool):
                     cfg[k] = float(group[k])
-        model = extra.get("model", cfg["model"])
-        if not (isinstance(model, str) and model.startswith("pytorch:")):
-            raise ValueError(
-                f"config: model must stay `pytorch:NAME` (got {model!r}), so that prelu never takes "
-                "this folder for a run it can resume"
-            )
         cfg.update(extra)
         return cfg
 
     def _config_comment(self):
-        layers = ", ".join(f"{s.name} ({s.kind})" for s in self.states)
+        layers = ", ".join(f"{w.name} ({k})" for w, k in zip(self.watches, self.kinds))
         lines = [
             "A PyTorch run, written by prelu.torch.Sentinel: read it with `prelu report`.",
             "Keys not written here take prelu's defaults, which do not describe this run.",
@@ -467,41 +473,30 @@ class Sentinel:
             raise RuntimeError("prelu sentinel: epoch_end after close()")
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"epoch must be an integer >= 0, got {epoch!r}")
-        unknown = set(metrics) - set(_report.EPOCH_FIELDS) - {"step"}
+        unknown = set(metrics) - set(EPOCH_FIELDS) - {"step"}
         if unknown:
-            raise TypeError(f"epoch_end: unknown metrics {sorted(unknown)}; expected {_report.EPOCH_FIELDS} or step")
+            raise TypeError(f"epoch_end: unknown metrics {sorted(unknown)}; expected {EPOCH_FIELDS} or step")
         counts, samples = self._merged()
-        layers = [s.report(c, self.cfg) for s, c in zip(self.states, counts)]
-        new = self.alarms.check(epoch, layers, [c.count > 0 for c in counts])
         values = self._epoch_values(metrics, samples)
+        values["step"] = int(metrics.get("step", self.steps))
         for w in self.watches:
             w.reset()
         self.samples = 0
-        if _rank() == 0:
-            summaries = [_report.slope_summary(r["layer"], r["slopes"]) for r in layers if r["slopes"]]
-            step = int(metrics.get("step", self.steps))
-            text = _report.epoch_line(epoch, step, values, summaries) + _report.sentinel_line(epoch, layers)
-            self._append(text + "".join(_report.alarm_line(a) for a in new))
-        return layers, new
+        layers, new = self.run.epoch_end(epoch, counts, values)
+        return json.loads(layers), json.loads(new)
 
     def _epoch_values(self, metrics, samples):
         """The epoch line's numbers: the given ones, else what the sentinel knows."""
-        v = dict(metrics)
+        v = {k: metrics.get(k) for k in EPOCH_FIELDS}
         now = time.perf_counter()
-        v.setdefault("seconds", now - self.started)
+        if v["seconds"] is None:
+            v["seconds"] = now - self.started
         self.started = now
-        if "samples_per_s" not in v and v["seconds"] and samples:
+        if v["samples_per_s"] is None and v["seconds"] and samples:
             v["samples_per_s"] = samples / v["seconds"]
-        if "lr" not in v and self.optimizer is not None:
+        if v["lr"] is None and self.optimizer is not None:
             v["lr"] = self.optimizer.param_groups[0].get("lr")
         return {k: (None if x is None or not math.isfinite(float(x)) else float(x)) for k, x in v.items()}
-
-    def _append(self, text):
-        path = os.path.join(self.run_dir, "metrics.jsonl")
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
 
     def close(self):
         """Removes the hooks; the run folder stays as written. Idempotent."""
@@ -513,7 +508,20 @@ class Sentinel:
             h.remove()
         if self.step_handle is not None:
             self.step_handle.remove()
+        self.run.close()
         self.closed = True
+
+    def report(self):
+        """``prelu report`` of this run's folder (on rank 0, which writes it)."""
+        if _rank() != 0:
+            raise RuntimeError("prelu sentinel: only rank 0 writes the run folder")
+        return _display.Report(self.run_dir)
+
+    def _repr_html_(self):
+        try:
+            return self.report()._repr_html_()
+        except (RuntimeError, ValueError) as e:
+            return f"<p>prelu sentinel on {html.escape(self.run_dir)}: {html.escape(str(e))}</p>"
 
     def __enter__(self):
         return self

@@ -6,12 +6,14 @@
 //!
 //! The files: `arrays` (bytes to and from tensors and data sets), `errors`
 //! (library errors as `PreluError`), `graph` (the graph description
-//! `to_torch` builds a module from) and this one, the `Model` class and the
+//! `to_torch` builds a module from), `sentinel` (the rules and run folder
+//! behind `prelu.torch.Sentinel`) and this one, the `Model` class and the
 //! module.
 
 mod arrays;
 mod errors;
 mod graph;
+mod sentinel;
 
 use errors::{other, py_err, PreluError};
 
@@ -47,6 +49,18 @@ struct PyModel {
     /// The original ONNX model's input and outputs (names, layouts), for an
     /// imported model; kept in what `save` writes, as `prelu import` does.
     io: Option<OnnxIo>,
+}
+
+impl PyModel {
+    /// `n` examples with their labels, or labelled by the model's own
+    /// predictions (batches of `batch`).
+    fn labeled(&self, data: &[u8], n: usize, labels: Option<&[i64]>, batch: usize) -> prelu::Result<prelu::data::Dataset> {
+        let mut ds = arrays::dataset(&self.model, data, n, labels)?;
+        if labels.is_none() {
+            prelu::data::label_by_model(&self.model, &mut ds, batch)?;
+        }
+        Ok(ds)
+    }
 }
 
 #[pymethods]
@@ -191,13 +205,10 @@ impl PyModel {
     ) -> PyResult<String> {
         py.detach(|| -> prelu::Result<String> {
             let labeled = labels.is_some();
-            let mut ds = arrays::dataset(&self.model, data, n, labels.as_deref())?;
             if batch_size == 0 {
                 return Err(prelu::Error::Invalid("a batch size of 0".into()));
             }
-            if !labeled {
-                prelu::data::label_by_model(&self.model, &mut ds, batch_size)?;
-            }
+            let ds = self.labeled(data, n, labels.as_deref(), batch_size)?;
             let d = prelu::analyses::diagnose::diagnose(&self.model, &ds, batch_size, Default::default())?;
             let out = serde_json::json!({
                 "checkpoint": self.source,
@@ -239,6 +250,102 @@ impl PyModel {
         ))
     }
 
+    /// `prelu stability --checkpoint` on `n` examples (labels, or the
+    /// model's own predictions): per activation layer the measured gain,
+    /// optimal slope and verdict, as JSON.
+    #[pyo3(signature = (data, n, labels = None))]
+    fn stability(&self, py: Python<'_>, data: &[u8], n: usize, labels: Option<Vec<i64>>) -> PyResult<String> {
+        py.detach(|| -> prelu::Result<String> {
+            let ds = self.labeled(data, n, labels.as_deref(), 256)?;
+            let dev = candle_core::Device::Cpu;
+            let x = candle_core::Tensor::from_slice(&ds.images, (ds.len(), ds.features()), &dev)?;
+            let y = candle_core::Tensor::from_iter(ds.labels.iter().map(|&l| l as u32), &dev)?;
+            let layers = prelu::analyses::stability::model_layers(&self.model, &x, &y, 4.0)?;
+            let out = serde_json::json!({ "examples": ds.len(), "layers": layers });
+            serde_json::to_string(&out).map_err(|e| prelu::Error::Invalid(e.to_string()))
+        })
+        .map_err(py_err)
+    }
+
+    /// `prelu attack`: FGSM and/or PGD at each `eps` on `n` labelled
+    /// examples (inputs in [0, 1]), with the gradient-masking measures;
+    /// the CLI's per-model `report`, as JSON.
+    #[pyo3(signature = (data, n, labels, eps, fgsm = true, pgd = true, steps = 10, step_size = None, restarts = 1, seed = 0, batch_size = 256))]
+    #[allow(clippy::too_many_arguments)]
+    fn attack(
+        &self,
+        py: Python<'_>,
+        data: &[u8],
+        n: usize,
+        labels: Vec<i64>,
+        eps: Vec<f64>,
+        fgsm: bool,
+        pgd: bool,
+        steps: usize,
+        step_size: Option<f64>,
+        restarts: usize,
+        seed: u64,
+        batch_size: usize,
+    ) -> PyResult<String> {
+        py.detach(|| -> prelu::Result<String> {
+            if batch_size == 0 {
+                return Err(prelu::Error::Invalid("a batch size of 0".into()));
+            }
+            let ds = arrays::dataset(&self.model, data, n, Some(&labels))?;
+            let opts = prelu::analyses::attack::PgdOptions {
+                steps,
+                step_size,
+                random_start: true,
+                restarts,
+                seed,
+            };
+            let r = prelu::analyses::attack::evaluate(&self.model, &ds, &eps, (fgsm, pgd), &opts, batch_size, |_, _| {})?;
+            serde_json::to_string(&r).map_err(|e| prelu::Error::Invalid(e.to_string()))
+        })
+        .map_err(py_err)
+    }
+
+    /// `prelu sculpt`: dead units pruned and linear ones folded, by the
+    /// statistics of `n_stats` examples, checked on `n_test` examples
+    /// (labels, or the model's own predictions): the sculpted model and
+    /// the CLI's `report`, as JSON.
+    #[pyo3(signature = (stats, n_stats, test, n_test, labels = None, dead_slope_tol = 0.0, slope_tol = 0.0))]
+    #[allow(clippy::too_many_arguments)]
+    fn sculpt(
+        &self,
+        py: Python<'_>,
+        stats: &[u8],
+        n_stats: usize,
+        test: &[u8],
+        n_test: usize,
+        labels: Option<Vec<i64>>,
+        dead_slope_tol: f64,
+        slope_tol: f64,
+    ) -> PyResult<(Self, String)> {
+        let (model, report) = py
+            .detach(|| -> prelu::Result<(Model, String)> {
+                let stats = arrays::dataset(&self.model, stats, n_stats, None)?;
+                let test = self.labeled(test, n_test, labels.as_deref(), 256)?;
+                let opts = prelu::analyses::sculpt::SculptOptions {
+                    dead_slope_tol,
+                    slope_tol,
+                };
+                let s = prelu::analyses::sculpt::sculpt(&self.model, &stats, &test, &opts)?;
+                let report = serde_json::to_string(&s.report).map_err(|e| prelu::Error::Invalid(e.to_string()))?;
+                Ok((s.model, report))
+            })
+            .map_err(py_err)?;
+        Ok((
+            Self {
+                model,
+                source: None,
+                notes: self.notes.clone(),
+                io: self.io.clone(),
+            },
+            report,
+        ))
+    }
+
     fn __repr__(&self) -> String {
         let [c, h, w] = self.model.spec.input;
         format!(
@@ -251,6 +358,14 @@ impl PyModel {
 }
 
 /// Sets the number of worker threads (0: every core); call before any work.
+/// `prelu report RUN...`: the HTML page of one or more run folders
+/// (overlaid), as text.
+#[pyfunction]
+fn report_html(py: Python<'_>, runs: Vec<PathBuf>) -> PyResult<String> {
+    py.detach(|| prelu::report::render_runs(&runs).map(|(page, _)| page))
+        .map_err(py_err)
+}
+
 #[pyfunction]
 fn set_threads(n: usize) -> PyResult<()> {
     prelu::set_threads(n).map_err(py_err)
@@ -259,7 +374,10 @@ fn set_threads(n: usize) -> PyResult<()> {
 #[pymodule]
 fn _prelu(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyModel>()?;
+    m.add_class::<sentinel::PySentinelRun>()?;
     m.add_function(wrap_pyfunction!(set_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(report_html, m)?)?;
+    m.add_function(wrap_pyfunction!(sentinel::leaky_kind, m)?)?;
     m.add("PreluError", m.py().get_type::<PreluError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import prelu.torch as pt
-from prelu import _report
+from prelu import _prelu
 
 # The field order of prelu's LayerReport and EpochMetrics (src/analyses/sentinel.rs,
 # src/run/metrics.rs).
@@ -208,23 +208,28 @@ def test_idle_slopes_after_idle_epochs(tmp_path):
     ]
 
 
-def test_gradient_flow_and_non_finite_rules():
-    def report(norm, mean=0.0):
-        return {
-            "layer": "l",
-            "channels": 1,
-            "slopes": [],
-            "stuck": [],
-            "dead": [],
-            "idle": [],
-            "slope_classes": _report.slope_classes([], 0.05),
-            "weight_grad_norm": norm,
-            "act_mean": mean,
-            "act_var": 0.0,
-        }
+def counts(norm, out_sum=0.0):
+    """One ReLU layer's epoch counts, as the Python side hands them to the library."""
+    return {
+        "negative": [1],
+        "positive": [True],
+        "count": 2,
+        "out_sum": out_sum,
+        "out_sum_sq": 1.0,
+        "slopes": [],
+        "slope_abs": [],
+        "slope_norm_sum": None,
+        "slope_steps": 1,
+        "weight_norm_sum": norm,
+        "weight_steps": 1,
+    }
 
-    a = _report.Alarms(dict(_report.DEFAULT_ALARMS))
-    out = a.check(3, [report(1e-5), report(1.0, mean=float("nan"))], [True, True])
+
+def test_gradient_flow_and_non_finite_rules_are_the_librarys():
+    run = _prelu.SentinelRun([("a", "relu"), ("b", "relu")], "{}")
+    epoch = {"step": 1}
+    _, out = run.epoch_end(3, [counts(1e-5), counts(1.0, out_sum=float("nan"))], epoch)
+    out = json.loads(out)
     assert [x["kind"] for x in out] == ["non-finite", "vanishing-gradient"]
     assert out[1] == {
         "epoch": 3,
@@ -232,21 +237,14 @@ def test_gradient_flow_and_non_finite_rules():
         "kind": "vanishing-gradient",
         "message": "first-layer gradient norm is 1.00e-5 x the last layer's: gradients vanish towards the input",
     }
-    assert a.check(4, [report(1e5), report(1.0)], [True, True])[0]["kind"] == "exploding-gradient"
-
-
-def test_numbers_are_written_as_rust_writes_them():
-    assert [_report.rust_display(v) for v in (0.01, 1.0, 1e-7, -0.0, float("nan"))] == [
-        "0.01",
-        "1",
-        "0.0000001",
-        "-0",
-        "NaN",
-    ]
-    assert _report.rust_exp(12345.0, 2) == "1.23e4"
-    assert _report.short_num(1.23e-5) == "1.2e-5"
-    line = _report.json_line({"a": float("nan"), "b": [float("inf"), 1.5]})
-    assert line == '{"a":null,"b":[null,1.5]}\n'
+    run = _prelu.SentinelRun([("a", "relu"), ("b", "relu")], "{}")
+    _, out = run.epoch_end(4, [counts(1e5), counts(1.0)], epoch)
+    assert json.loads(out)[0]["kind"] == "exploding-gradient"
+    with pytest.raises(_prelu.PreluError, match="1 layers' counts for 2 layers"):
+        run.epoch_end(5, [counts(1.0)], epoch)
+    bad = dict(counts(1.0), positive=[True, False])
+    with pytest.raises(_prelu.PreluError, match="1 negative counts but 2 positive flags"):
+        run.epoch_end(5, [bad, counts(1.0)], epoch)
 
 
 def test_epoch_metrics_and_config(tmp_path):
@@ -264,17 +262,21 @@ def test_epoch_metrics_and_config(tmp_path):
     assert "epochs = 3\nbatch_size = 4\n" in text and "dead_share = 0.5\n" in text
     tomllib = pytest.importorskip("tomllib")
     cfg = tomllib.loads(text)
-    assert set(cfg) - {"alarms"} <= set(_report.CONFIG_KEYS)
-    assert set(cfg["alarms"]) == set(_report.DEFAULT_ALARMS)
+    assert cfg["model"] == "pytorch:Sequential"
+    assert cfg["alarms"] == s.cfg and s.cfg["dead_share"] == 0.5
 
 
 def test_refusals(tmp_path):
     with pytest.raises(ValueError, match="no nn.PReLU"):
         pt.Sentinel(nn.Linear(2, 2), tmp_path / "none")
-    with pytest.raises(ValueError, match="unknown alarm threshold"):
+    with pytest.raises(ValueError, match="alarms: unknown field `dead`"):
         pt.Sentinel(tiny(), tmp_path / "bad", alarms={"dead": 1})
-    with pytest.raises(ValueError, match="not a key of prelu's config.toml"):
+    with pytest.raises(ValueError, match="alarms: dead_share must be in"):
+        pt.Sentinel(tiny(), tmp_path / "bad", alarms={"dead_share": 2})
+    with pytest.raises(ValueError, match="config: unknown field `layers`"):
         pt.Sentinel(tiny(), tmp_path / "bad", config={"layers": 3})
+    with pytest.raises(ValueError, match="model must stay `pytorch:NAME`"):
+        pt.Sentinel(tiny(), tmp_path / "bad", config={"model": "mlp"})
     s = pt.Sentinel(tiny(), tmp_path / "run")
     with pytest.raises(ValueError, match="epoch must be"):
         s.epoch_end(-1)

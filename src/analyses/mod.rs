@@ -7,6 +7,7 @@ pub mod attack;
 pub mod diagnose;
 pub mod sculpt;
 pub mod sentinel;
+pub mod sentinel_rules;
 pub mod slopes;
 pub mod stability;
 pub mod symmetry;

@@ -18,6 +18,18 @@ pub struct SlopeSummary {
     pub max: f64,
 }
 
+impl SlopeSummary {
+    /// The summary of one layer's slopes.
+    pub fn of(layer: &str, slopes: &[f64]) -> Self {
+        Self {
+            layer: layer.to_string(),
+            mean: slopes.iter().sum::<f64>() / slopes.len() as f64,
+            min: slopes.iter().cloned().fold(f64::INFINITY, f64::min),
+            max: slopes.iter().cloned().fold(f64::NEG_INFINITY, f64::max),
+        }
+    }
+}
+
 /// One line of `metrics.jsonl`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "kind", rename_all = "kebab-case")]

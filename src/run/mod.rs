@@ -18,6 +18,7 @@ pub mod compare;
 pub mod config;
 pub mod event;
 pub mod folder;
+pub mod foreign;
 mod hooks;
 pub mod metrics;
 pub mod study;

@@ -95,12 +95,7 @@ fn slope_summaries(model: &Model) -> Result<Vec<SlopeSummary>> {
     for (i, a) in model.activations().iter().enumerate() {
         if let Some(p) = a.prelu() {
             let v = p.slope()?.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-            out.push(SlopeSummary {
-                layer: names[i].clone(),
-                mean: v.iter().sum::<f64>() / v.len() as f64,
-                min: v.iter().cloned().fold(f64::INFINITY, f64::min),
-                max: v.iter().cloned().fold(f64::NEG_INFINITY, f64::max),
-            });
+            out.push(SlopeSummary::of(&names[i], &v));
         }
     }
     Ok(out)
