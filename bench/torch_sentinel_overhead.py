@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """What prelu.torch.Sentinel costs a PyTorch training step.
 
+    pip install ./python   # into a Python with torch
     python3 bench/torch_sentinel_overhead.py --threads 1,2 [--every N] [--json]
 
 Two models with per-channel PReLU: an MLP 784-256-256-10 (batch 128) and a
@@ -26,9 +27,7 @@ import time
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
-
-import prelu.torch as pt  # noqa: E402
+import prelu.torch as pt  # the installed package: pip install ./python
 
 
 def mlp():

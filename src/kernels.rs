@@ -380,8 +380,13 @@ fn backward_serial<T: Float>(
 }
 
 fn check_geometry<T>(n: usize, slope: &[T], g: SlopeGeometry) {
-    assert!(g.channels >= 1 && g.inner >= 1, "invalid slope geometry {g:?}");
     assert_eq!(slope.len(), g.channels, "slope length does not match geometry");
+    check_layout(n, g);
+}
+
+/// Panics unless a tensor of `n` elements is whole runs of `g`'s channels.
+fn check_layout(n: usize, g: SlopeGeometry) {
+    assert!(g.channels >= 1 && g.inner >= 1, "invalid slope geometry {g:?}");
     if n > 0 {
         assert_eq!(
             n % (g.channels * g.inner),
@@ -450,12 +455,12 @@ impl ForwardStats {
 crate::kernels::simd_dispatch! {
     /// Counts signs of one chunk (already in cache from the forward pass)
     /// into `neg`/`pos` and returns the sum and sum of squares of its
-    /// outputs; compiled for AVX2 where the CPU has it, since this pass runs
+    /// outputs `y` (zeros without them); compiled for AVX2 where the CPU has it, since this pass runs
     /// beside every activation of a step and is the sentinel's overhead.
     /// Integer counts and the same f64 lane order: the same numbers.
     fn count_chunk<T: Float>(
         x: &[T],
-        y: &[T],
+        y: Option<&[T]>,
         g: SlopeGeometry,
         start: usize,
         neg: &mut [u64],
@@ -480,7 +485,7 @@ crate::kernels::simd_dispatch! {
                 }
             }
         }
-        moments(y)
+        y.map_or((0.0, 0.0), |y| moments(y))
     }
 }
 
@@ -563,7 +568,7 @@ pub fn forward_counting<T: Float>(x: &[T], slope: &[T], g: SlopeGeometry, y: &mu
     if chunks <= 1 || chunks.saturating_mul(c) > MAX_PARTIALS {
         for (k, (yc, xc)) in y.chunks_mut(CHUNK).zip(x.chunks(CHUNK)).enumerate() {
             forward_serial(xc, slope, g, k * CHUNK, yc);
-            let (s, q) = count_chunk(xc, yc, g, k * CHUNK, &mut stats.negative, &mut stats.positive);
+            let (s, q) = count_chunk(xc, Some(yc), g, k * CHUNK, &mut stats.negative, &mut stats.positive);
             stats.sum += s;
             stats.sum_sq += q;
         }
@@ -580,8 +585,15 @@ pub fn forward_counting<T: Float>(x: &[T], slope: &[T], g: SlopeGeometry, y: &mu
         .enumerate()
         .for_each(|(k, ((((yc, xc), nc), pc), m))| {
             forward_serial(xc, slope, g, k * CHUNK, yc);
-            *m = count_chunk(xc, yc, g, k * CHUNK, nc, pc);
+            *m = count_chunk(xc, Some(yc), g, k * CHUNK, nc, pc);
         });
+    merge_partials(stats, &neg, &pos, &moments);
+}
+
+/// Adds per-chunk partial counts (`c` channels per row) and moments into
+/// `stats`, in chunk order (deterministic).
+fn merge_partials(stats: &mut ForwardStats, neg: &[u64], pos: &[u64], moments: &[(f64, f64)]) {
+    let c = stats.negative.len().max(1);
     for (row_n, row_p) in neg.chunks_exact(c).zip(pos.chunks_exact(c)) {
         for ((a, b), (p, q)) in stats
             .negative
@@ -597,6 +609,42 @@ pub fn forward_counting<T: Float>(x: &[T], slope: &[T], g: SlopeGeometry, y: &mu
         stats.sum += s;
         stats.sum_sq += q;
     }
+}
+
+/// Per-channel sign counts of `x` and, with `y`, the moments of `y` (the
+/// activation of `x`, computed elsewhere: the Python package's PyTorch
+/// sentinel counts a PyTorch layer's input and output here), each read once
+/// in chunks, in parallel for large inputs. Deterministic for any thread
+/// count.
+pub fn count<T: Float>(x: &[T], y: Option<&[T]>, g: SlopeGeometry, stats: &mut ForwardStats) {
+    assert!(y.is_none_or(|y| y.len() == x.len()), "x and y differ in length");
+    assert_eq!(stats.negative.len(), g.channels, "stats have the wrong channel count");
+    check_layout(x.len(), g);
+    let c = g.channels;
+    let chunks = x.len().div_ceil(CHUNK);
+    stats.count += x.len() as u64;
+    let y_chunk = |k: usize, len: usize| y.map(|y| &y[k * CHUNK..k * CHUNK + len]);
+    if chunks <= 1 || chunks.saturating_mul(c) > MAX_PARTIALS {
+        for (k, xc) in x.chunks(CHUNK).enumerate() {
+            let yc = y_chunk(k, xc.len());
+            let (s, q) = count_chunk(xc, yc, g, k * CHUNK, &mut stats.negative, &mut stats.positive);
+            stats.sum += s;
+            stats.sum_sq += q;
+        }
+        return;
+    }
+    let mut neg = vec![0u64; chunks * c];
+    let mut pos = vec![0u64; chunks * c];
+    let mut moments = vec![(0.0f64, 0.0f64); chunks];
+    x.par_chunks(CHUNK)
+        .zip(neg.par_chunks_mut(c))
+        .zip(pos.par_chunks_mut(c))
+        .zip(moments.par_iter_mut())
+        .enumerate()
+        .for_each(|(k, (((xc, nc), pc), m))| {
+            *m = count_chunk(xc, y_chunk(k, xc.len()), g, k * CHUNK, nc, pc);
+        });
+    merge_partials(stats, &neg, &pos, &moments);
 }
 
 /// Sign counts of `x` per channel and the moments of `relu(x)`, for ReLU

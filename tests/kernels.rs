@@ -302,3 +302,45 @@ proptest! {
         check_f64(outer * channels * inner, SlopeGeometry { channels, inner }, seed);
     }
 }
+
+/// `kernels::count` (the PyTorch sentinel's pass over a layer's input and
+/// output) gives the counts and moments `forward_counting` gathers while it
+/// computes the same output, on odd shapes, both layouts, both parallel
+/// strategies, with NaN and infinities, and the counts alone without `y`.
+#[test]
+fn count_of_input_and_output_equals_the_counting_forward() {
+    for (numel, g) in [
+        (0, SlopeGeometry { channels: 3, inner: 5 }),
+        (3 * 7 * 11, SlopeGeometry { channels: 3, inner: 11 }),
+        (12 * 14_000, SlopeGeometry { channels: 3, inner: 4 }),
+        (64 * 2_100, SlopeGeometry { channels: 64, inner: 1 }),
+        (2 * CHUNK + 2, SlopeGeometry::shared(2 * CHUNK + 2)),
+    ] {
+        let mut x: Vec<f32> = rand_vec(numel, numel as u64).iter().map(|&v| v as f32).collect();
+        if numel > 10 {
+            x[3] = f32::NAN;
+            x[7] = f32::INFINITY;
+            x[9] = 0.0;
+        }
+        let slope: Vec<f32> = (0..g.channels).map(|c| 0.25 - 0.1 * c as f32).collect();
+        let (mut y, mut want) = (vec![0.0f32; numel], kernels::ForwardStats::new(g.channels));
+        kernels::forward_counting(&x, &slope, g, &mut y, &mut want);
+        let mut got = kernels::ForwardStats::new(g.channels);
+        kernels::count(&x, Some(&y), g, &mut got);
+        assert_eq!(
+            (&got.negative, &got.positive, got.count),
+            (&want.negative, &want.positive, want.count)
+        );
+        assert!(
+            same_bits(&[got.sum, got.sum_sq], &[want.sum, want.sum_sq]),
+            "{numel} {g:?}"
+        );
+        let mut signs = kernels::ForwardStats::new(g.channels);
+        kernels::count(&x, None, g, &mut signs);
+        assert_eq!(
+            (signs.negative, signs.positive, signs.count),
+            (want.negative, want.positive, want.count)
+        );
+        assert_eq!((signs.sum, signs.sum_sq), (0.0, 0.0));
+    }
+}

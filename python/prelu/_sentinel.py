@@ -71,6 +71,26 @@ def _negatives(x, dims, scratch):
     return torch.lt(x, 0, out=scratch.like(x)).sum(dim=dims)
 
 
+def _cpu_inner(x):
+    """The elements of one channel's run in ``x``'s memory when the
+    library's counter can read ``x`` (``[N, C, ...]``, a dense float32 CPU
+    tensor): the spatial size for a contiguous tensor, 1 for channels-last;
+    else ``None`` (PyTorch's reductions count it)."""
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return None
+    if x.is_contiguous():
+        return x.numel() // (x.shape[0] * x.shape[1])
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return 1
+    return None
+
+
+def _dense_like(y, x):
+    """Whether ``y`` (an output) is a dense float32 CPU tensor of ``x``'s size."""
+    dense = y.is_contiguous() or (y.dim() == 4 and y.is_contiguous(memory_format=torch.channels_last))
+    return y.device.type == "cpu" and y.dtype == torch.float32 and y.numel() == x.numel() and dense
+
+
 class _Gate:
     """Whether the current training pass is one the sentinel counts."""
 
@@ -101,6 +121,7 @@ class _Watch:
     def reset(self):
         """Empties the counters (they are allocated again on the next input's device)."""
         self.neg = self.max = self.out_sum = self.out_sum_sq = None
+        self.cpu = None
         self.count = 0
         self.slope_abs = self.slope_norm_sum = self.grad_norm_sum = None
         self.slope_steps = self.grad_steps = 0
@@ -134,26 +155,47 @@ class _Watch:
         self.handles = []
 
     def _hook(self, mod, inputs, output):
-        if self._count_input(mod, inputs):
-            self._count_output(output)
+        x = self._countable(mod, inputs)
+        if x is None:
+            return
+        inner = _cpu_inner(x)
+        if inner is not None and isinstance(output, torch.Tensor) and _dense_like(output, x):
+            self._counter().add(x.data_ptr(), output.data_ptr(), x.numel(), inner, torch.get_num_threads() > 1)
+            return
+        self._count_input(x)
+        self._count_output(output)
 
     def _pre_hook(self, mod, inputs):
-        self.counted = self._count_input(mod, inputs)
+        x = self._countable(mod, inputs)
+        self.counted = None
+        if x is None:
+            return
+        inner = _cpu_inner(x)
+        if inner is not None:
+            self._counter().add(x.data_ptr(), None, x.numel(), inner, torch.get_num_threads() > 1)
+            self.counted = "cpu"
+        else:
+            self._count_input(x)
+            self.counted = "torch"
 
     def _out_hook(self, mod, inputs, output):
-        if self.counted:
+        counted, self.counted = self.counted, None
+        if counted == "cpu" and isinstance(output, torch.Tensor) and _dense_like(output, output):
+            self._counter().add_outputs(output.data_ptr(), output.numel())
+        elif counted == "cpu":
+            self._count_output(output, allocate=True)
+        elif counted == "torch":
             self._count_output(output)
-            self.counted = False
 
-    def _count_input(self, mod, inputs):
-        """Adds a training-mode input's negative count and maximum per
-        channel (dim 1 for rank >= 2, one channel otherwise); False when not
-        counted."""
+    def _countable(self, mod, inputs):
+        """A training-mode input to count, as ``[N, C, ...]`` (one channel
+        for rank < 2), or ``None`` (not counted: evaluation mode, a pass the
+        gate skips, an empty input, or one of another width)."""
         if not (mod.training and self.gate.active and inputs and isinstance(inputs[0], torch.Tensor)):
-            return False
+            return None
         x = inputs[0].detach()
         if x.numel() == 0:
-            return False
+            return None
         if x.dim() < 2:
             x = x.reshape(1, 1, -1)
         c = x.shape[1]
@@ -164,10 +206,21 @@ class _Watch:
                 warnings.warn(
                     f"prelu sentinel: `{self.name}` got {c} channels after {self.channels}; "
                     "inputs of another width are not counted",
-                    stacklevel=2,
+                    stacklevel=3,
                 )
                 self.warned = True
-            return False
+            return None
+        return x
+
+    def _counter(self):
+        """The library's counter of this epoch's CPU inputs."""
+        if self.cpu is None:
+            self.cpu = _prelu.Counter(self.channels)
+        return self.cpu
+
+    def _count_input(self, x):
+        """Adds an input's negative count and maximum per channel with
+        PyTorch's reductions, on its own device."""
         if self.neg is None or self.neg.device != x.device:
             self._allocate(x.device)
         dims = [0, *range(2, x.dim())]
@@ -175,9 +228,10 @@ class _Watch:
             self.neg.add_(_negatives(x, dims, self.scratch))
             torch.maximum(self.max, x.amax(dim=dims), out=self.max)
         self.count += x.numel()
-        return True
 
-    def _count_output(self, output):
+    def _count_output(self, output, allocate=False):
+        if allocate and (self.out_sum is None or self.out_sum.device != output.device):
+            self._allocate(output.device)
         with torch.no_grad():
             y = output.detach()
             dtype = torch.float64 if y.dtype == torch.float64 else torch.float32
@@ -234,42 +288,54 @@ class _Watch:
             self.grad_steps += 1
 
     def pack(self, channels, device):
-        """The counters on ``device`` as an int64 vector and a float64 one
-        to sum across ranks, and the per-channel maxima to take the maximum
-        of (zeros and -inf for what this process did not see)."""
-        ints = torch.zeros(channels + 3, dtype=torch.int64, device=device)
+        """The counters on ``device`` as an int64 vector and a float64 one,
+        both summed across ranks: ints are the negative counts, a 0/1 flag
+        per channel for a positive input seen, the element count and the
+        gradient steps; floats the output moments and gradient sums. What
+        PyTorch's reductions counted (on any device) and what the library's
+        CPU counter counted are added up here."""
+        ints = torch.zeros(2 * channels + 3, dtype=torch.int64, device=device)
         floats = torch.zeros(self.n_slopes + 4, dtype=torch.float64, device=device)
-        maxes = torch.full((channels,), -math.inf, dtype=torch.float64, device=device)
+        count = self.count
         if self.neg is not None and self.neg.numel() == channels:
             ints[:channels] = self.neg.to(device=device, dtype=torch.int64)
-            maxes[:] = self.max.to(device)
+            ints[channels : 2 * channels] = (self.max.to(device) > 0).to(torch.int64)
+        if self.out_sum is not None:
             floats[0] = self.out_sum.to(device)
             floats[1] = self.out_sum_sq.to(device)
-        ints[channels:] = torch.tensor([self.count, self.slope_steps, self.grad_steps], device=device)
+        if self.cpu is not None and channels == self.channels:
+            neg, pos, n, s, q = self.cpu.take()
+            ints[:channels] += torch.tensor(neg, dtype=torch.int64, device=device)
+            pos = torch.tensor(pos, dtype=torch.int64, device=device) > 0
+            ints[channels : 2 * channels] |= pos.to(torch.int64)
+            count += n
+            floats[0] += s
+            floats[1] += q
+        ints[2 * channels :] = torch.tensor([count, self.slope_steps, self.grad_steps], device=device)
         if self.slope_abs is not None and self.slope_abs.numel() == self.n_slopes:
             floats[2 : 2 + self.n_slopes] = self.slope_abs.to(device)
             floats[2 + self.n_slopes] = self.slope_norm_sum.to(device)
         if self.grad_norm_sum is not None:
             floats[3 + self.n_slopes] = self.grad_norm_sum.to(device)
-        return ints, floats, maxes
+        return ints, floats
 
-    def unpack(self, ints, floats, maxes):
+    def unpack(self, ints, floats, channels):
         """An epoch's counts from the merged vectors (as lists), as the
         library's ``EpochCounts`` takes them."""
-        k, c = self.n_slopes, len(maxes)
+        k, c = self.n_slopes, channels
         slopes = self.act.weight.detach().double().flatten().cpu().tolist() if k else []
         return {
             "negative": ints[:c],
-            "positive": [m > 0 for m in maxes],
-            "count": ints[c],
+            "positive": [p > 0 for p in ints[c : 2 * c]],
+            "count": ints[2 * c],
             "out_sum": floats[0],
             "out_sum_sq": floats[1],
             "slopes": slopes,
             "slope_abs": floats[2 : 2 + k],
             "slope_norm_sum": floats[2 + k] if k else None,
-            "slope_steps": ints[c + 1],
+            "slope_steps": ints[2 * c + 1],
             "weight_norm_sum": floats[3 + k] if self.weight is not None else None,
-            "weight_steps": ints[c + 2],
+            "weight_steps": ints[2 * c + 2],
         }
 
 
@@ -441,19 +507,17 @@ class Sentinel:
         packed = [w.pack(c, dev) for w, c in zip(self.watches, channels)]
         ints = torch.cat([p[0] for p in packed] + [torch.tensor([self.samples], device=dev)])
         floats = torch.cat([p[1] for p in packed])
-        maxes = torch.cat([p[2] for p in packed])
         if reduce:
             dist.all_reduce(ints)
             dist.all_reduce(floats)
-            dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
-        ints, floats, maxes = ints.cpu().tolist(), floats.cpu().tolist(), maxes.cpu().tolist()
-        out, i, f, m = [], 0, 0, 0
+        ints, floats = ints.cpu().tolist(), floats.cpu().tolist()
+        out, i, f = [], 0, 0
         for w, c in zip(self.watches, channels):
-            ni, nf = c + 3, w.n_slopes + 4
-            out.append(w.unpack(ints[i : i + ni], floats[f : f + nf], maxes[m : m + c]))
+            ni, nf = 2 * c + 3, w.n_slopes + 4
+            out.append(w.unpack(ints[i : i + ni], floats[f : f + nf], c))
             if w.channels is None and c > 0:
                 w.channels = c
-            i, f, m = i + ni, f + nf, m + c
+            i, f = i + ni, f + nf
         return out, ints[-1]
 
     def epoch_end(self, epoch, **metrics):

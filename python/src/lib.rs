@@ -375,6 +375,7 @@ fn set_threads(n: usize) -> PyResult<()> {
 fn _prelu(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyModel>()?;
     m.add_class::<sentinel::PySentinelRun>()?;
+    m.add_class::<sentinel::PyCounter>()?;
     m.add_function(wrap_pyfunction!(set_threads, m)?)?;
     m.add_function(wrap_pyfunction!(report_html, m)?)?;
     m.add_function(wrap_pyfunction!(sentinel::leaky_kind, m)?)?;

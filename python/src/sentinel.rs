@@ -3,10 +3,12 @@
 //! epoch's merged counts come here, where the library's rules
 //! ([`SentinelRules`]) make the layer reports and alarms and its run
 //! folder ([`ForeignRun`]) writes them. Nothing here reimplements either.
+//! On the CPU the counting itself is the library's too ([`PyCounter`]).
 
 use std::path::PathBuf;
 
 use prelu::analyses::sentinel::{EpochCounts, SentinelConfig, SentinelRules};
+use prelu::kernels::{ForwardStats, SlopeGeometry};
 use prelu::run::foreign::ForeignRun;
 use prelu::run::{EpochMetrics, TrainConfig};
 use pyo3::exceptions::PyFileExistsError;
@@ -173,4 +175,104 @@ impl PySentinelRun {
 #[pyfunction]
 pub fn leaky_kind(slope: f64) -> String {
     prelu::Activation::LeakyRelu(slope).to_string()
+}
+
+/// One watched activation's counts on the CPU, gathered by the library's
+/// counting kernel ([`prelu::kernels::count`]) straight from a PyTorch
+/// tensor's memory: one read of the input and one of the output, instead
+/// of the several passes PyTorch's own reductions take.
+#[pyclass(name = "Counter", module = "prelu._prelu")]
+pub struct PyCounter {
+    stats: ForwardStats,
+}
+
+/// The largest channel count a counter takes.
+const MAX_CHANNELS: usize = 1 << 24;
+
+/// `numel` float32 values at address `ptr`, checked for what can be checked.
+///
+/// # Safety
+/// `ptr` must be the data of a live, dense float32 tensor of `numel`
+/// elements that nothing writes while the slice is used: the Python side
+/// passes a CPU tensor's `data_ptr()` and holds the tensor (and the GIL)
+/// for the call.
+unsafe fn floats<'a>(ptr: usize, numel: usize) -> PyResult<&'a [f32]> {
+    if ptr == 0 || ptr % std::mem::align_of::<f32>() != 0 || numel > isize::MAX as usize / 4 {
+        return Err(other(format!("sentinel: not a float32 buffer (address {ptr:#x}, {numel} elements)")));
+    }
+    // SAFETY: the caller's contract above; the address is non-null and aligned.
+    Ok(unsafe { std::slice::from_raw_parts(ptr as *const f32, numel) })
+}
+
+/// A rayon pool of one thread, for counting when PyTorch runs on one.
+fn serial_pool() -> PyResult<&'static rayon::ThreadPool> {
+    static POOL: std::sync::OnceLock<rayon::ThreadPool> = std::sync::OnceLock::new();
+    if let Some(p) = POOL.get() {
+        return Ok(p);
+    }
+    let p = rayon::ThreadPoolBuilder::new().num_threads(1).build().map_err(other)?;
+    Ok(POOL.get_or_init(|| p))
+}
+
+#[pymethods]
+impl PyCounter {
+    #[new]
+    fn new(channels: usize) -> PyResult<Self> {
+        if channels == 0 || channels > MAX_CHANNELS {
+            return Err(other(format!("sentinel: {channels} channels (1 to {MAX_CHANNELS})")));
+        }
+        Ok(Self {
+            stats: ForwardStats::new(channels),
+        })
+    }
+
+    /// Counts the signs of `numel` float32 inputs at address `x` per
+    /// channel (`inner` consecutive elements per channel in memory: the
+    /// spatial size for NCHW, 1 for channels-last), and the moments of the
+    /// outputs at `y` when given. `parallel`: on the library's threads
+    /// (else on one, as PyTorch runs). Private to `prelu.torch`, which
+    /// passes the `data_ptr()` of dense float32 CPU tensors it holds.
+    #[pyo3(signature = (x, y, numel, inner, parallel))]
+    fn add(&mut self, x: usize, y: Option<usize>, numel: usize, inner: usize, parallel: bool) -> PyResult<()> {
+        let c = self.stats.negative.len();
+        if inner == 0 || numel % (c * inner).max(1) != 0 {
+            return Err(other(format!(
+                "sentinel: {numel} elements are not whole channels ({c} channels of {inner})"
+            )));
+        }
+        // SAFETY: prelu.torch passes the data of tensors it holds (see `floats`).
+        let xs = unsafe { floats(x, numel)? };
+        let ys = match y {
+            // SAFETY: as for `x`.
+            Some(y) => Some(unsafe { floats(y, numel)? }),
+            None => None,
+        };
+        let g = SlopeGeometry { channels: c, inner };
+        let stats = &mut self.stats;
+        if parallel {
+            prelu::kernels::count(xs, ys, g, stats);
+        } else {
+            serial_pool()?.install(|| prelu::kernels::count(xs, ys, g, stats));
+        }
+        Ok(())
+    }
+
+    /// Adds the moments of `numel` float32 outputs at address `y` (an
+    /// in-place activation, whose input was counted before it ran).
+    fn add_outputs(&mut self, y: usize, numel: usize) -> PyResult<()> {
+        // SAFETY: prelu.torch passes the data of a tensor it holds (see `floats`).
+        let ys = unsafe { floats(y, numel)? };
+        let (s, q) = prelu::kernels::moments(ys);
+        self.stats.sum += s;
+        self.stats.sum_sq += q;
+        Ok(())
+    }
+
+    /// The counts so far — `(negative, positive, count, sum, sum of
+    /// squares)` — and a fresh start.
+    fn take(&mut self) -> (Vec<u64>, Vec<u64>, u64, f64, f64) {
+        let c = self.stats.negative.len();
+        let s = std::mem::replace(&mut self.stats, ForwardStats::new(c));
+        (s.negative, s.positive, s.count, s.sum, s.sum_sq)
+    }
 }

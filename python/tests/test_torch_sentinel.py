@@ -350,6 +350,55 @@ def test_the_bool_count_path_gives_the_same_counts(tmp_path, monkeypatch):
     test_counts_match_a_hand_computation(tmp_path)
 
 
+def conv_reports(tmp_path, name, x, channels_last=False):
+    """Layer reports of a small conv net (PReLU and an in-place ReLU) over
+    two training passes of ``x``."""
+    torch.manual_seed(5)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.PReLU(4), nn.Conv2d(4, 5, 1), nn.ReLU(inplace=True))
+    if channels_last:
+        m, x = m.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    s = pt.Sentinel(m, tmp_path / name)
+    for _ in range(2):
+        m(x).sum().backward()
+    layers, _ = s.epoch_end(1)
+    s.close()
+    return layers
+
+
+def test_the_librarys_counter_gives_pytorchs_counts(tmp_path, monkeypatch):
+    # Dense float32 CPU tensors (NCHW or channels-last) are counted by the
+    # library's kernel; anything else by PyTorch's reductions. Same reports.
+    from prelu import _sentinel
+
+    x = torch.randn(6, 3, 9, 7, generator=torch.Generator().manual_seed(6))
+    fast = conv_reports(tmp_path, "fast", x)
+    last = conv_reports(tmp_path, "last", x, channels_last=True)
+    monkeypatch.setattr(_sentinel, "_cpu_inner", lambda x: None)
+    slow = conv_reports(tmp_path, "slow", x)
+    for a, b, c in zip(fast, last, slow):
+        for k in ("negative_share_per_channel", "dead", "linear", "channels"):
+            assert a[k] == b[k] == c[k], k
+        assert a["slope_grad"] == c["slope_grad"] and b["slope_grad"] == pytest.approx(c["slope_grad"], rel=1e-5)
+        for k in ("act_mean", "act_var"):
+            assert a[k] == pytest.approx(c[k], rel=1e-5) and b[k] == pytest.approx(c[k], rel=1e-5), k
+    assert fast[1]["kind"] == "relu" and 0 < fast[0]["negative_share"] < 1
+
+
+def test_a_bad_buffer_is_refused_not_read():
+    c = _prelu.Counter(2)
+    with pytest.raises(_prelu.PreluError, match="not a float32 buffer"):
+        c.add(0, None, 4, 1, False)
+    with pytest.raises(_prelu.PreluError, match="not whole channels"):
+        c.add(4096, None, 3, 1, False)
+    with pytest.raises(_prelu.PreluError, match="channels"):
+        _prelu.Counter(0)
+    t = torch.tensor([-1.0, 2.0, 0.0, -3.0])
+    c.add(t.data_ptr(), t.data_ptr(), 4, 1, False)
+    # Channels alternate (inner 1): channel 0 holds -1, 0; channel 1 holds 2, -3.
+    assert c.take() == ([1, 1], [0, 1], 4, -2.0, 14.0)
+    assert c.take() == ([0, 0], [0, 0], 0, 0.0, 0.0)
+
+
 def test_empty_batches_and_other_widths_are_not_counted(tmp_path):
     relu = nn.ReLU()
     s = pt.Sentinel(relu, tmp_path)
