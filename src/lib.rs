@@ -83,6 +83,11 @@
 // as "not positive".
 #![allow(clippy::neg_cmp_op_on_partial_ord)]
 
+// The command-line modules name the library `prelu::`, as the binary they
+// once were part of did (and as a user's code does).
+#[cfg(feature = "cli")]
+extern crate self as prelu;
+
 pub mod error;
 pub mod fs;
 pub mod json;
@@ -93,6 +98,8 @@ pub mod term;
 
 pub mod analyses;
 pub mod bench;
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod data;
 pub mod engine;
 pub mod graph;

@@ -201,7 +201,7 @@ fn tails(rest: &str) -> Vec<Vec<String>> {
     vec![segs]
 }
 
-/// The `crate::`/`super::`/`self::` paths of a file's code, resolved to
+/// The `crate::`/`prelu::`/`super::`/`self::` paths of a file's code, resolved to
 /// module segments, with their line numbers.
 fn references(code: &str, module: &[String]) -> Vec<(usize, Vec<String>)> {
     let mut refs = Vec::new();
@@ -221,7 +221,8 @@ fn references(code: &str, module: &[String]) -> Vec<(usize, Vec<String>)> {
             continue; // the middle of a longer path
         }
         let base: Vec<String> = match &code[head_start..start] {
-            "crate" | "$crate" => Vec::new(),
+            // `prelu::` is the crate itself inside it (`extern crate self as prelu`).
+            "crate" | "$crate" | "prelu" => Vec::new(),
             "super" if start > inline_from => module.to_vec(),
             "super" => module[..module.len().saturating_sub(1)].to_vec(),
             "self" if start > inline_from => module.to_vec(),
@@ -266,24 +267,22 @@ fn the_layer_table_lists_every_source_file_once() {
 #[test]
 fn every_import_points_down_the_layers() {
     let table = layer_table();
-    let is_cli = |f: &str| f == "src/main.rs" || f.starts_with("src/cli/");
+    // The binary's root (main.rs) names only the library; every other file
+    // is a library module (the command line too, under `cli`).
+    let is_bin = |f: &str| f == "src/main.rs";
     let order: HashMap<&str, usize> = table.iter().enumerate().map(|(i, f)| (f.as_str(), i)).collect();
-    // The library's modules, and the binary's (main.rs is its root).
     let mut lib = HashMap::new();
-    let mut bin = HashMap::new();
-    for f in &table {
-        if is_cli(f) {
-            let m = if f == "src/main.rs" { Vec::new() } else { module_of(f) };
-            bin.insert(m, f.clone());
-        } else {
-            lib.insert(module_of(f), f.clone());
-        }
+    for f in table.iter().filter(|f| !is_bin(f)) {
+        lib.insert(module_of(f), f.clone());
     }
     let mut upward = Vec::new();
     for f in &table {
         let Ok(src) = std::fs::read_to_string(f) else { continue };
-        let module = if f == "src/main.rs" { Vec::new() } else { module_of(f) };
-        let modules = if is_cli(f) { &bin } else { &lib };
+        if is_bin(f) {
+            continue;
+        }
+        let module = module_of(f);
+        let modules = &lib;
         for (line, path) in references(&code_only(&src), &module) {
             let target = file_of(&path, modules);
             if target != *f && order[target.as_str()] > order[f.as_str()] {

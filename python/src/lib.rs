@@ -366,6 +366,14 @@ fn report_html(py: Python<'_>, runs: Vec<PathBuf>) -> PyResult<String> {
         .map_err(py_err)
 }
 
+/// The `prelu` command line with `args` (the program name first), as the
+/// binary runs it: output on stdout/stderr, the exit status returned.
+#[pyfunction]
+fn cli_main(py: Python<'_>, args: Vec<String>) -> u8 {
+    let args = args.into_iter().map(std::ffi::OsString::from).collect();
+    py.detach(|| prelu::cli::main_with_args(args))
+}
+
 #[pyfunction]
 fn set_threads(n: usize) -> PyResult<()> {
     prelu::set_threads(n).map_err(py_err)
@@ -378,6 +386,7 @@ fn _prelu(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<sentinel::PyCounter>()?;
     m.add_function(wrap_pyfunction!(set_threads, m)?)?;
     m.add_function(wrap_pyfunction!(report_html, m)?)?;
+    m.add_function(wrap_pyfunction!(cli_main, m)?)?;
     m.add_function(wrap_pyfunction!(sentinel::leaky_kind, m)?)?;
     m.add("PreluError", m.py().get_type::<PreluError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

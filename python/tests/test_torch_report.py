@@ -1,13 +1,14 @@
 """A run folder written by prelu.torch.Sentinel renders with `prelu report`.
 
-The binary comes from $PRELU_BIN, else `prelu` on PATH (build it with
-`cargo build --release`: target/release/prelu); without either the tests
-skip."""
+The command is the one this package installs (beside the Python running
+the tests), else $PRELU_BIN (e.g. target/release/prelu from `cargo build
+--release`), else `prelu` on PATH."""
 
 import json
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,11 +17,17 @@ from torch import nn
 import prelu.torch as pt
 
 
+def installed_command():
+    """The `prelu` command pip installed beside this Python, if it is there."""
+    path = os.path.join(os.path.dirname(sys.executable), "prelu")
+    return path if os.access(path, os.X_OK) else None
+
+
 def prelu_bin():
-    """The prelu binary, or skip."""
-    path = os.environ.get("PRELU_BIN") or shutil.which("prelu")
+    """The prelu command, or skip."""
+    path = installed_command() or os.environ.get("PRELU_BIN") or shutil.which("prelu")
     if not path:
-        pytest.skip("no prelu binary: set PRELU_BIN (e.g. target/release/prelu) or put `prelu` on PATH")
+        pytest.skip("no prelu command: pip install ./python, set PRELU_BIN or put `prelu` on PATH")
     if not os.access(path, os.X_OK):
         pytest.fail(f"PRELU_BIN={path} is not an executable file")
     return path
